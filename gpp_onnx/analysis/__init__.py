@@ -1,0 +1,92 @@
+"""Channel analysis: run every node's channel rule, then group tied channels.
+
+The result, `Analysis`, is what criteria score, plans index and surgery cuts.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import onnx
+
+from ..graph import GraphView
+from ..model import opset_version
+from ..ops import AnalysisContext, NodeChannels, OpRule, ParamSlice, Tie, lookup
+from .groups import ChannelGroup, ElementIndex, Member, build_groups
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Analysis", "ChannelGroup", "Member", "analyze_model"]
+
+
+@dataclass(eq=False)
+class Analysis:
+    view: GraphView
+    opset: int
+    axes: dict[str, int | None]
+    rules: dict[str, OpRule]
+    params: list[ParamSlice]
+    groups: list[ChannelGroup]
+    blocked: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def prunable(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def group(self, key: str) -> ChannelGroup:
+        for g in self.groups:
+            if g.key == key:
+                return g
+        raise KeyError(key)
+
+
+def analyze_model(model: onnx.ModelProto, input_shape=None) -> Analysis:
+    """Run every node's rule over a normalised model and build its channel groups."""
+    view = GraphView(model, input_shape)
+    opset = opset_version(model)
+    ctx = AnalysisContext(view, opset)
+    ties: list[Tie] = []
+    params: list[ParamSlice] = []
+    blocked: dict[str, str] = {}
+    rules: dict[str, OpRule] = {}
+    for spec in view.inputs:
+        if len(spec.shape) >= 2:
+            ctx.axes[spec.name] = 1
+            blocked[spec.name] = "model input"
+    for node in view.nodes:
+        rule = lookup(node, opset)
+        rules[node.name] = rule
+        res = _run_rule(rule, node, ctx)
+        for name in node.output:
+            if name:
+                ctx.axes[name] = res.out_axes.get(name)
+        ties.extend(res.ties)
+        params.extend(res.params)
+        for value, reason in res.blocked:
+            blocked.setdefault(value, f"{reason} (node {node.name})")
+    for name in view.output_names:
+        blocked.setdefault(name, "model output")
+    widths = _widths(ctx)
+    ties = [t for t in ties if t.a in widths and t.b in widths]
+    params = [p for p in params if p.value in widths]
+    groups = build_groups(ElementIndex(widths), ties, params, blocked, ctx.axes)
+    return Analysis(view, opset, dict(ctx.axes), rules, params, groups, blocked)
+
+
+def _run_rule(rule: OpRule, node: onnx.NodeProto, ctx: AnalysisContext) -> NodeChannels:
+    """A rule that cannot make sense of a node blocks its channels instead of guessing."""
+    try:
+        return rule.analyze(node, ctx)
+    except (ValueError, IndexError, KeyError, TypeError) as err:
+        logger.debug("rule for %s (%s) failed: %s", node.name, node.op_type, err)
+        from ..ops.base import block_all
+        return block_all(node, ctx, f"{node.op_type} has a form gpp-onnx cannot follow ({err})")
+
+
+def _widths(ctx: AnalysisContext) -> dict[str, int]:
+    widths = {}
+    for name, axis in ctx.axes.items():
+        shape = ctx.view.shape(name)
+        if axis is not None and shape is not None and axis < len(shape):
+            widths[name] = int(shape[axis])
+    return widths

@@ -1,0 +1,157 @@
+"""A read-only index over an ONNX graph, with concrete shapes of every value.
+
+Shapes come from one onnxruntime run at batch 1 with every intermediate value exposed
+as an output ("probe"). That works for models without shape information and for shape
+arithmetic that static inference cannot follow. Symbolic dims of the inputs are fixed
+first: the batch dim to 1, the others from ``input_shape`` (or 224 for image dims).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_SIDE = 224
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+class GraphView:
+    """Producers, consumers, initializer arrays and probed shapes of one model."""
+
+    def __init__(self, model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None):
+        self.model = model
+        self.graph = model.graph
+        self.nodes = list(model.graph.node)
+        self.init_protos = {t.name: t for t in model.graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.nodes:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers.setdefault(inp, []).append(node)
+        init = set(self.init_protos)
+        self.input_names = [v.name for v in model.graph.input if v.name not in init]
+        self.output_names = [v.name for v in model.graph.output]
+        self.inputs = [_input_spec(v, input_shape) for v in model.graph.input if v.name not in init]
+        self._arrays: dict[str, np.ndarray] = {}
+
+    # -- constants ---------------------------------------------------------------
+    def is_const(self, name: str) -> bool:
+        return name in self.init_protos
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name not in self.init_protos:
+            return None
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.init_protos[name])
+        return self._arrays[name]
+
+    def input(self, node: onnx.NodeProto, i: int) -> str | None:
+        return node.input[i] if len(node.input) > i and node.input[i] else None
+
+    # -- shapes ------------------------------------------------------------------
+    @cached_property
+    def _probed(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return probe(self.model, self.inputs)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if name in self.init_protos:
+            return tuple(self.init_protos[name].dims)
+        hit = self._probed.get(name)
+        return None if hit is None else hit[0]
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def is_float(self, name: str) -> bool:
+        if name in self.init_protos:
+            return self.init_protos[name].data_type in _FLOAT_TYPES
+        hit = self._probed.get(name)
+        return hit is not None and hit[1] == "f"
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16}
+
+
+def _input_spec(value: onnx.ValueInfoProto, input_shape) -> InputSpec:
+    ttype = value.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type) if ttype.elem_type else np.float32
+    dims = list(ttype.shape.dim)
+    if input_shape is not None:
+        if len(input_shape) != len(dims):
+            raise InputError(f"--input-shape {tuple(input_shape)} has rank {len(input_shape)} but "
+                             f"input '{value.name}' has rank {len(dims)} - give one size per dim")
+        return InputSpec(value.name, tuple(int(d) for d in input_shape), np.dtype(dtype))
+    shape = []
+    for axis, dim in enumerate(dims):
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            shape.append(dim.dim_value)
+        elif axis == 0:
+            shape.append(1)
+        elif len(dims) == 4 and axis >= 2 or len(dims) == 3 and axis >= 1:
+            shape.append(DEFAULT_IMAGE_SIDE)
+        else:
+            raise InputError(f"input '{value.name}' has a symbolic dim at axis {axis} - "
+                             "pass --input-shape with concrete sizes, e.g. 1,3,224,224")
+    return InputSpec(value.name, tuple(shape), np.dtype(dtype))
+
+
+def random_feeds(inputs: list[InputSpec], batch: int | None = None, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in inputs:
+        shape = (batch, *spec.shape[1:]) if batch else spec.shape
+        if np.issubdtype(spec.dtype, np.floating):
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
+    return feeds
+
+
+def _probe(model: onnx.ModelProto, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    from .verify import make_session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for out in node.output:
+            if out and out not in known:
+                probe.graph.output.append(onnx.ValueInfoProto(name=out))
+                known.add(out)
+    session = make_session(probe, where="shape probe")
+    names = [o.name for o in session.get_outputs()]
+    try:
+        values = session.run(names, random_feeds(inputs))
+    except Exception as err:
+        raise InputError(f"the model fails to run on inputs of shape "
+                         f"{[s.shape for s in inputs]} ({str(err).splitlines()[0][:160]}) - "
+                         "pass --input-shape with the size the model expects") from None
+    return dict(zip(names, values))
+
+
+def probe(model: onnx.ModelProto, inputs: list[InputSpec]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype kind ('f', 'i', 'b', ...) of every value of the model at batch 1."""
+    meta = {name: (tuple(np.shape(v)), np.asarray(v).dtype.kind)
+            for name, v in _probe(model, inputs).items()}
+    meta.update({s.name: (s.shape, s.dtype.kind) for s in inputs})
+    return meta

@@ -1,0 +1,41 @@
+"""Channel importance criteria. A criterion scores every channel of every prunable group
+(higher = more important); plans remove the lowest scored channels.
+
+A criterion is any object with ``name`` and ``score(analysis) -> {group key: scores}``;
+``get_criterion`` resolves the names the CLI accepts. Data-driven criteria (the
+discriminant criterion of Grow-Push-Prune, Taylor) plug in through the same interface.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import InputError
+from .magnitude import Magnitude
+from .random import RandomCriterion
+
+
+class Criterion(Protocol):
+    name: str
+
+    def score(self, analysis) -> dict[str, np.ndarray]: ...
+
+
+_DATA_FREE = {"l1": lambda seed: Magnitude(1), "l2": lambda seed: Magnitude(2),
+              "random": lambda seed: RandomCriterion(seed)}
+
+
+def criterion_names() -> list[str]:
+    return sorted(_DATA_FREE)
+
+
+def get_criterion(name: str, seed: int = 0) -> Criterion:
+    try:
+        return _DATA_FREE[name](seed)
+    except KeyError:
+        raise InputError(f"unknown criterion '{name}' - choose one of "
+                         f"{', '.join(criterion_names())}") from None
+
+
+__all__ = ["Criterion", "Magnitude", "RandomCriterion", "criterion_names", "get_criterion"]

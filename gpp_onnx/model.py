@@ -1,0 +1,227 @@
+"""Load, validate, normalise and save ONNX models.
+
+Loading accepts any valid ONNX file: external data beside the file, weights held in
+Constant nodes, initializers shared between nodes (directly or behind Identity), opsets
+11 and newer, symbolic batch/spatial dims and models without shape information.
+
+`normalize` rewrites the graph once, without changing what it computes:
+
+* Constant nodes holding tensors become initializers;
+* constant sub-graphs are folded (onnx-graphsurgeon, evaluated by onnxruntime), which
+  also removes Identity nodes in front of initializers and folds static shape arithmetic;
+* channel shuffles ``Reshape(N,g,C/g,H,W) -> Transpose(0,2,1,3,4) -> Reshape(N,C,H,W)``
+  become one ``Gather(axis=1, indices=pi)`` with ``pi[j*g+i] = i*(C/g)+j`` (the same
+  permutation as one op whose channels can be followed one by one);
+* nodes are sorted topologically.
+
+`save` writes atomically: a temporary file in the destination folder, then a rename.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import helper, numpy_helper
+
+from .errors import InputError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+MIN_OPSET = 11
+CONTROL_FLOW = {"If", "Loop", "Scan"}
+QUANTIZED = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul",
+             "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm"}
+_TWO_GB = 2 ** 31 - 1
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and validate an ONNX file (external data included); raise InputError on bad input."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"model file not found: {p} - pass the path of an existing .onnx file")
+    if not p.is_file():
+        raise InputError(f"{p} is not a file - pass the path of an .onnx model file")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise InputError(f"{p} is not a readable ONNX model ({_short(err)}) - "
+                         "check the file is complete or export it again") from None
+    if model.ir_version == 0 or not model.graph.node:
+        raise InputError(f"{p} is not an ONNX model (no graph found) - "
+                         "pass a model exported to .onnx")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as err:
+        raise InputError(f"{p}: external data could not be read ({_short(err)}) - "
+                         "keep the model's data files beside it") from None
+    validate(model, str(p))
+    return model
+
+
+def validate(model: onnx.ModelProto, where: str = "model") -> None:
+    """Checker, opset range, and ops gpp-onnx refuses (quantized, control flow)."""
+    try:
+        if model.ByteSize() < _TWO_GB:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as err:
+        raise InputError(f"{where} fails the ONNX checker ({_short(err)}) - "
+                         "fix or re-export the model") from None
+    opset = opset_version(model)
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"{where} uses opset {opset}; gpp-onnx needs opset >= {MIN_OPSET} - "
+            "convert it with onnx.version_converter.convert_version(model, 17)")
+    ops = {n.op_type for n in model.graph.node}
+    if ops & CONTROL_FLOW:
+        raise UnsupportedModelError(
+            f"{where} contains control flow ({', '.join(sorted(ops & CONTROL_FLOW))}) - "
+            "export the classifier without data-dependent branches or loops")
+    if ops & QUANTIZED:
+        raise UnsupportedModelError(
+            f"{where} is quantized ({', '.join(sorted(ops & QUANTIZED))}) - "
+            "prune the float model first, then quantize the pruned model")
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return an equivalent model with constants as initializers, folded, sorted."""
+    import onnx_graphsurgeon as gs
+
+    model = _constants_to_initializers(model)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as err:  # shape inference is a help, not a requirement
+        logger.debug("shape inference failed before folding: %s", err)
+    graph = gs.import_onnx(model)
+    graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+    folded = gs.export_onnx(graph, do_type_check=False)
+    _copy_model_fields(model, folded)
+    del folded.graph.value_info[:]
+    _name_nodes(folded)
+    return folded
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name: plans, rules and reports refer to nodes by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+            while node.name in seen:
+                node.name += "_"
+        seen.add(node.name)
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    model = _copy(model)
+    keep = []
+    for node in model.graph.node:
+        tensor = _constant_value(node)
+        if tensor is None:
+            keep.append(node)
+            continue
+        tensor.name = node.output[0]
+        model.graph.initializer.append(tensor)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    attr = node.attribute[0] if len(node.attribute) == 1 else None
+    if attr is None:
+        return None
+    if attr.name == "value":
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(attr.t)
+        return tensor
+    scalars = {"value_float": (np.float32, attr.f), "value_int": (np.int64, attr.i),
+               "value_floats": (np.float32, list(attr.floats)),
+               "value_ints": (np.int64, list(attr.ints))}
+    if attr.name in scalars:
+        dtype, value = scalars[attr.name]
+        return numpy_helper.from_array(np.array(value, dtype=dtype))
+    return None
+
+
+def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    """Keep the input model's identity (producer, metadata, opsets, docs) on a rebuilt one."""
+    dst.ir_version = src.ir_version
+    dst.producer_name, dst.producer_version = src.producer_name, src.producer_version
+    dst.domain, dst.model_version, dst.doc_string = src.domain, src.model_version, src.doc_string
+    del dst.metadata_props[:]
+    dst.metadata_props.extend(src.metadata_props)
+    del dst.opset_import[:]
+    dst.opset_import.extend(src.opset_import)
+    dst.graph.name = src.graph.name
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def dedupe_initializers(model: onnx.ModelProto) -> int:
+    """Share byte-identical initializers again (slicing may have split shared ones)."""
+    seen: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    graph_io = {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+    keep = []
+    for init in model.graph.initializer:
+        key = (init.data_type, tuple(init.dims), numpy_helper.to_array(init).tobytes())
+        if key in seen and init.name not in graph_io:
+            rename[init.name] = seen[key]
+        else:
+            seen.setdefault(key, init.name)
+            keep.append(init)
+    if not rename:
+        return 0
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    return len(rename)
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write `model` to `path` atomically (temp file in the same folder, then rename)."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        if model.ByteSize() >= _TWO_GB:
+            data_name = dest.name + ".data"
+            onnx.save(model, tmp, save_as_external_data=True, location=data_name)
+        else:
+            onnx.save(model, tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:200] + ("..." if len(text) > 200 else "") if text else type(err).__name__
+
+
+def make_node(op: str, inputs, outputs, name: str, **attrs) -> onnx.NodeProto:
+    return helper.make_node(op, list(inputs), list(outputs), name=name, **attrs)

@@ -1,0 +1,76 @@
+"""Element-wise ops.
+
+Unary (Relu, Clip, Sigmoid, HardSwish, Erf, Cast, Dropout, ...): ``y[c] = f(x[c])``,
+so channel c of the output is tied to channel c of the input.
+
+Broadcasting n-ary ops (Add, Sub, Mul, Div, Pow, Max, Min, Sum, Where, PRelu, ...):
+inputs are aligned from the right (numpy rules). With output channel axis A and width
+C, an input whose aligned dim is C is tied element by element to the output (a residual
+Add couples both branches; a squeeze-excitation Mul couples the scale branch); an input
+whose aligned dim is 1 broadcasts and is not tied; a constant input with dim C is a
+per-channel parameter and is sliced with the channel.
+"""
+from __future__ import annotations
+
+from .base import ROLE_CHAN, NodeChannels, OpRule, ParamSlice, block_all, register
+
+UNARY = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu",
+         "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Clip",
+         "Identity", "Cast", "Dropout", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal",
+         "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Not", "IsNaN", "IsInf",
+         "Shrink", "CastLike")
+BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
+             "PRelu", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And",
+             "Or", "Xor", "Mod", "BitShift")
+
+
+@register(*UNARY)
+class Unary(OpRule):
+    def analyze(self, node, ctx):
+        res = NodeChannels()
+        x = node.input[0]
+        axis = ctx.axis(x)
+        for i, out in enumerate(node.output):
+            if not out:
+                continue
+            if axis is None or ctx.shape(out) != ctx.shape(x):
+                res.out_axes[out] = None
+                continue
+            res.out_axes[out] = axis
+            res.tie(x, out, width=ctx.width(x))
+        return res
+
+
+@register(*BROADCAST)
+class Broadcast(OpRule):
+    def analyze(self, node, ctx):
+        out = node.output[0]
+        out_shape = ctx.shape(out)
+        if out_shape is None:
+            return block_all(node, ctx, f"{node.op_type} output shape is unknown")
+        rank = len(out_shape)
+        aligned = {ctx.axis(x) + rank - len(ctx.shape(x))
+                   for x in node.input if ctx.has_channels(x)}
+        if not aligned:
+            return NodeChannels(out_axes={out: None})
+        if len(aligned) > 1:
+            return block_all(node, ctx, f"{node.op_type} mixes inputs whose channel axes differ")
+        axis = aligned.pop()
+        width = out_shape[axis]
+        res = NodeChannels(out_axes={out: axis})
+        for i, x in enumerate(node.input):
+            if not x:
+                continue
+            shape = ctx.shape(x)
+            offset = rank - len(shape)
+            dim = shape[axis - offset] if axis - offset >= 0 else 1
+            if dim == 1 and width != 1:
+                continue
+            if ctx.is_const_param(x):
+                res.params.append(ParamSlice(node.name, i, x, axis - offset, out, ROLE_CHAN))
+            elif ctx.has_channels(x):
+                res.tie(x, out, width=width)
+            else:
+                return block_all(node, ctx, f"{node.op_type} input '{x}' varies along the "
+                                            "channel axis in a way gpp-onnx cannot follow")
+        return res

@@ -1,0 +1,173 @@
+"""Ops that move the channel axis or reinterpret it: Flatten, Reshape, Transpose,
+Squeeze, Unsqueeze, Expand, Tile, Shape.
+
+Flatten / Reshape keep row-major order. With the channel axis at ``a`` of input shape
+``s`` and the dims before it unchanged, flat position t of the trailing block belongs
+to input channel ``(t // prod(s[a+1:])) % s[a]`` and to output element
+``t // prod(s_out[a+1:])``; those two are tied. ``(N,C,H,W) -> (N, C*H*W)`` thus ties
+channel c with features ``c*H*W ..``, and a reshape into heads ties a head's channels.
+Surgery writes the new width into the Reshape's shape constant (``-1`` entries stay).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import NodeChannels, OpRule, attr, block_all, norm_axis, register
+
+
+def _flat_ties(res, x, y, s_in, a, start, s_out_inner):
+    """Tie x's channel elements to y's elements over the flat block s_in[start:]."""
+    inner = int(np.prod(s_in[a + 1:], dtype=np.int64))
+    t = np.arange(int(np.prod(s_in[start:], dtype=np.int64)))
+    pairs = np.unique(np.stack([(t // inner) % s_in[a], t // s_out_inner]), axis=1)
+    res.tie(x, y, ia=pairs[0], ib=pairs[1])
+
+
+@register("Flatten")
+class FlattenRule(OpRule):
+    def analyze(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        a = ctx.axis(x)
+        if a is None:
+            return NodeChannels(out_axes={y: None})
+        s = ctx.shape(x)
+        start = norm_axis(attr(node, "axis", 1), len(s))
+        if a < start:
+            return block_all(node, ctx, "Flatten merges the channel axis into the batch axis")
+        res = NodeChannels(out_axes={y: 1})
+        _flat_ties(res, x, y, s, a, start, 1)
+        return res
+
+
+@register("Reshape")
+class ReshapeRule(OpRule):
+    def analyze(self, node, ctx):
+        x, shp, y = node.input[0], node.input[1], node.output[0]
+        a = ctx.axis(x)
+        if a is None:
+            return NodeChannels(out_axes={y: None})
+        s_in, s_out = ctx.shape(x), ctx.shape(y)
+        if len(s_out) <= a or tuple(s_out[:a]) != tuple(s_in[:a]):
+            return block_all(node, ctx, "Reshape moves the channel axis into leading axes")
+        if not ctx.is_const_param(shp) and not _dynamic_minus_one(ctx, shp, a, len(s_out)):
+            return block_all(node, ctx, "Reshape target shape is computed, not constant")
+        res = NodeChannels(out_axes={y: a})
+        _flat_ties(res, x, y, s_in, a, a, int(np.prod(s_out[a + 1:], dtype=np.int64)))
+        return res
+
+    def rewrite(self, node, edit):
+        y = node.output[0]
+        kept = edit.kept(y)
+        shape = edit.view.const(node.input[1])
+        if kept is None or shape is None:
+            return
+        a = edit.axis(y)
+        if shape[a] > 0:
+            new = shape.copy()
+            new[a] = len(kept)
+            edit.set_input_const(node, 1, new)
+
+
+def _dynamic_minus_one(ctx, shp, a, rank) -> bool:
+    """True when a computed shape is Concat(..) whose entry `a` is the constant -1."""
+    prod = ctx.view.producer.get(shp)
+    if prod is None or prod.op_type != "Concat" or len(prod.input) != rank:
+        return False
+    piece = ctx.const(prod.input[a])
+    return piece is not None and piece.size == 1 and int(piece.ravel()[0]) == -1 and a == rank - 1
+
+
+@register("Transpose")
+class TransposeRule(OpRule):
+    def analyze(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        a = ctx.axis(x)
+        if a is None:
+            return NodeChannels(out_axes={y: None})
+        perm = attr(node, "perm", list(range(len(ctx.shape(x))))[::-1])
+        res = NodeChannels(out_axes={y: list(perm).index(a)})
+        res.tie(x, y, width=ctx.width(x))
+        return res
+
+
+def _axes(node, ctx, index):
+    if len(node.input) > index and node.input[index]:
+        const = ctx.const(node.input[index])
+        return None if const is None else [int(v) for v in np.ravel(const)]
+    return attr(node, "axes")
+
+
+@register("Squeeze", "Unsqueeze")
+class SqueezeRule(OpRule):
+    def analyze(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        a = ctx.axis(x)
+        if a is None:
+            return NodeChannels(out_axes={y: None})
+        axes = _axes(node, ctx, 1)
+        s_in, s_out = ctx.shape(x), ctx.shape(y)
+        if node.op_type == "Squeeze":
+            axes = [i for i, d in enumerate(s_in) if d == 1] if axes is None else axes
+            axes = {norm_axis(v, len(s_in)) for v in axes}
+            if a in axes:
+                return NodeChannels(out_axes={y: None})
+            out_axis = a - sum(v < a for v in axes)
+        else:
+            if axes is None:
+                return block_all(node, ctx, "Unsqueeze axes are computed, not constant")
+            axes = {norm_axis(v, len(s_out)) for v in axes}
+            out_axis = [i for i in range(len(s_out)) if i not in axes][a]
+        res = NodeChannels(out_axes={y: out_axis})
+        res.tie(x, y, width=ctx.width(x))
+        return res
+
+
+@register("Expand", "Tile")
+class ExpandRule(OpRule):
+    def analyze(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        a = ctx.axis(x)
+        if a is None:
+            return NodeChannels(out_axes={y: None})
+        s_in, s_out = ctx.shape(x), ctx.shape(y)
+        out_axis = a + len(s_out) - len(s_in)
+        if s_out[out_axis] != s_in[a] or not ctx.is_const_param(node.input[1]):
+            return block_all(node, ctx, f"{node.op_type} repeats the channel axis")
+        res = NodeChannels(out_axes={y: out_axis})
+        res.tie(x, y, width=ctx.width(x))
+        return res
+
+    def rewrite(self, node, edit):
+        x = node.input[0]
+        kept = edit.kept(x)
+        shape = edit.view.const(node.input[1])
+        if kept is None or node.op_type == "Tile":
+            return
+        pos = edit.axis(x) + len(shape) - len(edit.view.shape(x))
+        if pos >= 0 and shape[pos] == edit.view.shape(x)[edit.axis(x)] and shape[pos] != 1:
+            new = shape.copy()
+            new[pos] = len(kept)
+            edit.set_input_const(node, 1, new)
+
+
+@register("Shape")
+class ShapeRule(OpRule):
+    """Shape is harmless when only other axes' sizes are read from it."""
+
+    def analyze(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        a = ctx.axis(x)
+        res = NodeChannels(out_axes={y: None})
+        if a is None:
+            return res
+        start = norm_axis(attr(node, "start", 0), len(ctx.shape(x)))
+        n_out = ctx.shape(y)[0]
+        for user in ctx.view.consumers.get(y, []):
+            idx = ctx.const(user.input[1]) if user.op_type == "Gather" else None
+            picked = set() if idx is None else {start + norm_axis(int(i), n_out)
+                                                for i in np.ravel(idx)}
+            if idx is None or a in picked:
+                res.blocked.append((x, "the channel count is read by Shape and used "
+                                       "in computation"))
+                break
+        return res

@@ -1,0 +1,63 @@
+"""Gemm and MatMul with a constant weight (fully connected layers).
+
+Gemm: ``Y = alpha * A' B' + beta * C`` with ``A' = A`` (transA = 0), ``B'`` of shape
+``(K, N)``: input feature k is read by row k of ``B'``; output feature n is produced by
+column n and bias ``C[n]``. After ``Flatten`` of an ``(N, C, H, W)`` map, features
+``c*H*W .. (c+1)*H*W - 1`` are channel c's (the Flatten rule ties them), so removing a
+channel removes its H*W rows.
+
+MatMul ``Y = A @ B`` with constant 2-D ``B (K, N)``: the channel axis of A is its last
+axis; the same row/column rule. MatMul of two computed tensors (attention) blocks.
+"""
+from __future__ import annotations
+
+from .base import (ROLE_CHAN, ROLE_IN, ROLE_OUT, NodeChannels, OpRule, ParamSlice, attr,
+                   block_all, register)
+
+
+@register("Gemm")
+class GemmRule(OpRule):
+    def analyze(self, node, ctx):
+        a, b, y = node.input[0], node.input[1], node.output[0]
+        if not ctx.is_const_param(b) or attr(node, "transA", 0):
+            return block_all(node, ctx, "Gemm needs a constant B and transA = 0")
+        trans_b = attr(node, "transB", 0)
+        in_axis, out_axis = (1, 0) if trans_b else (0, 1)
+        res = NodeChannels(out_axes={y: 1})
+        res.params.append(ParamSlice(node.name, 1, b, out_axis, y, ROLE_OUT))
+        _bias(node, ctx, res, 2, y)
+        if ctx.axis(a) == 1:
+            res.params.append(ParamSlice(node.name, 1, b, in_axis, a, ROLE_IN))
+        elif ctx.has_channels(a):
+            res.blocked.append((a, "Gemm reads features on axis 1"))
+        return res
+
+
+@register("MatMul")
+class MatMulRule(OpRule):
+    def analyze(self, node, ctx):
+        a, b, y = node.input[0], node.input[1], node.output[0]
+        if not ctx.is_const_param(b) or len(ctx.shape(b)) != 2:
+            return block_all(node, ctx, "MatMul of two computed tensors (or a batched "
+                                        "constant) mixes channels gpp-onnx cannot follow")
+        rank = len(ctx.shape(y))
+        res = NodeChannels(out_axes={y: rank - 1})
+        res.params.append(ParamSlice(node.name, 1, b, 1, y, ROLE_OUT))
+        if ctx.axis(a) == len(ctx.shape(a)) - 1:
+            res.params.append(ParamSlice(node.name, 1, b, 0, a, ROLE_IN))
+        elif ctx.has_channels(a):
+            res.blocked.append((a, "MatMul reads features on the last axis, but channels "
+                                   f"arrive on axis {ctx.axis(a)}"))
+        return res
+
+
+def _bias(node, ctx, res: NodeChannels, index: int, y: str) -> None:
+    c = ctx.view.input(node, index)
+    if not c:
+        return
+    shape = ctx.shape(c)
+    width = ctx.shape(y)[-1]
+    if not ctx.is_const_param(c):
+        res.blocked.append((y, "Gemm bias is computed, not constant"))
+    elif shape and shape[-1] == width and width != 1:
+        res.params.append(ParamSlice(node.name, index, c, len(shape) - 1, y, ROLE_CHAN))

@@ -1,0 +1,136 @@
+"""PrunePlan: which channels of which group go. Round-trips through JSON.
+
+Building a plan from scores:
+
+* ``--ratio r``: each prunable group of width C loses ``floor(r*C)`` channels, the lowest
+  scored, but keeps at least ``min_keep`` (never a whole group); with ``round_to = q``
+  the kept width is rounded up to a multiple of q (capped at C).
+* ``--target-macs f`` / ``--target-params f``: bisection on r until the estimated cost of
+  the pruned model is at most f times the original (the cost falls as r grows).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    removed: dict[str, tuple[int, ...]]
+    widths: dict[str, int]
+    model_digest: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def removed_channels(self) -> int:
+        return sum(len(v) for v in self.removed.values())
+
+    def to_json(self) -> str:
+        return json.dumps({"format": "gpp-onnx-plan/1", "model_digest": self.model_digest,
+                           "meta": self.meta, "widths": self.widths,
+                           "removed": {k: list(v) for k, v in self.removed.items()}}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrunePlan":
+        data = json.loads(text)
+        if data.get("format") != "gpp-onnx-plan/1":
+            raise ValueError("not a gpp-onnx plan (format gpp-onnx-plan/1 expected)")
+        return cls({k: tuple(int(i) for i in v) for k, v in data["removed"].items()},
+                   {k: int(v) for k, v in data["widths"].items()}, data["model_digest"],
+                   data.get("meta", {}))
+
+    @classmethod
+    def load(cls, path) -> "PrunePlan":
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise InputError(f"cannot read plan {path} ({err}) - pass a file written by "
+                             "--plan-out") from None
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """Fingerprint of a normalised graph's structure (ops, wiring, weight shapes)."""
+    h = hashlib.sha256()
+    for node in model.graph.node:
+        h.update(f"{node.op_type}|{','.join(node.input)}|{','.join(node.output)};".encode())
+    for init in model.graph.initializer:
+        h.update(f"{init.name}{tuple(init.dims)};".encode())
+    return h.hexdigest()[:16]
+
+
+def check_plan(plan: PrunePlan, analysis, digest: str) -> None:
+    if plan.model_digest != digest:
+        raise InputError("the plan was made for a different model (digest "
+                         f"{plan.model_digest}, this model {digest}) - make a new plan")
+    for key, removed in plan.removed.items():
+        try:
+            group = analysis.group(key)
+        except KeyError:
+            raise InputError(f"plan names unknown group '{key}' - make a new plan") from None
+        if not group.prunable or plan.widths.get(key) != group.width:
+            raise InputError(f"plan does not fit group '{key}' - make a new plan")
+        if removed and (len(set(removed)) >= group.width or min(removed) < 0
+                        or max(removed) >= group.width):
+            raise InputError(f"plan removes invalid channels of group '{key}'")
+
+
+def keep_count(width: int, ratio: float, min_keep: int = 1, round_to: int = 1) -> int:
+    keep = width - math.floor(ratio * width + 1e-9)
+    keep = max(keep, min(min_keep, width), 1)
+    if round_to > 1:
+        keep = min(width, int(math.ceil(keep / round_to) * round_to))
+    return keep
+
+
+def plan_by_ratio(analysis, scores: dict[str, np.ndarray], ratio: float, digest: str,
+                  min_keep: int = 1, round_to: int = 1, meta: dict | None = None) -> PrunePlan:
+    removed, widths = {}, {}
+    for group in analysis.prunable:
+        keep = keep_count(group.width, ratio, min_keep, round_to)
+        order = np.argsort(scores[group.key], kind="stable")
+        removed[group.key] = tuple(sorted(int(i) for i in order[: group.width - keep]))
+        widths[group.key] = group.width
+    return PrunePlan(removed, widths, digest, dict(meta or {}, ratio=ratio))
+
+
+def plan_for_target(analysis, scores, digest: str, cost, fraction: float, min_keep: int = 1,
+                    round_to: int = 1, meta: dict | None = None) -> PrunePlan:
+    """Smallest uniform ratio whose plan has cost(plan) <= fraction * cost(empty plan)."""
+    goal = fraction * cost(plan_by_ratio(analysis, scores, 0.0, digest))
+    lo, hi = 0.0, 0.999
+    best = plan_by_ratio(analysis, scores, hi, digest, min_keep, round_to, meta)
+    if cost(best) > goal:
+        return best  # the floors stop us short of the target; the report says so
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        plan = plan_by_ratio(analysis, scores, mid, digest, min_keep, round_to, meta)
+        if cost(plan) <= goal:
+            hi, best = mid, plan
+        else:
+            lo = mid
+    return best
+
+
+def kept_elements(analysis, plan: PrunePlan) -> dict[str, np.ndarray]:
+    """Kept local channel indices of every value that loses channels."""
+    removed_by_value: dict[str, list[np.ndarray]] = {}
+    for key, channels in plan.removed.items():
+        if not channels:
+            continue
+        group = analysis.group(key)
+        idx = np.asarray(channels, dtype=np.int64)
+        for m in group.members:
+            removed_by_value.setdefault(m.value, []).append(m.elements[idx].ravel())
+    kept = {}
+    for value, parts in removed_by_value.items():
+        width = int(analysis.view.shape(value)[analysis.axes[value]])
+        kept[value] = np.setdiff1d(np.arange(width), np.concatenate(parts))
+    return kept

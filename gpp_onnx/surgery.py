@@ -1,0 +1,181 @@
+"""Apply a PrunePlan to a normalised model.
+
+``cut``: every ParamSlice whose value loses channels keeps ``W.take(positions, axis)``
+(positions owned by the kept elements); then each node's rule rewrites its attributes
+and shape constants (Conv ``group``, Reshape shape, Split sizes, Slice bounds, Gather
+indices, Resize sizes). An initializer shared with another consumer is never shrunk in
+place: the cutting node gets its own copy (identical copies are shared again at the end).
+
+``mask``: the same architecture, with the removed channels' consumer weights (role
+``in``) set to 0. ``cut(model) == mask(model)`` numerically is the invariant verified
+before anything is written.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import VerificationError
+from .model import dedupe_initializers
+from .ops import ROLE_IN
+
+logger = logging.getLogger(__name__)
+
+
+class Edit:
+    """What a rule's `rewrite` may read and change during surgery."""
+
+    def __init__(self, analysis, model: onnx.ModelProto, kept: dict[str, np.ndarray]):
+        self.view = analysis.view
+        self.opset = analysis.opset
+        self._axes = analysis.axes
+        self._kept = kept
+        self.model = model
+        self.new_inits: dict[str, np.ndarray] = {}
+        self._taken = {t.name for t in model.graph.initializer} | set(analysis.view.producer)
+
+    def axis(self, value: str) -> int | None:
+        return self._axes.get(value)
+
+    def kept(self, value: str) -> np.ndarray | None:
+        return self._kept.get(value)
+
+    def kept_or_all(self, value: str) -> np.ndarray:
+        kept = self._kept.get(value)
+        return np.arange(self.view.shape(value)[self._axes[value]]) if kept is None else kept
+
+    def const(self, name: str | None) -> np.ndarray | None:
+        return None if name is None else self.view.const(name)
+
+    def fresh_name(self, base: str) -> str:
+        name, i = base, 0
+        while name in self._taken:
+            i += 1
+            name = f"{base}.pruned{i}"
+        self._taken.add(name)
+        return name
+
+    def set_input_const(self, node: onnx.NodeProto, index: int, array: np.ndarray) -> None:
+        name = self.fresh_name(f"{node.name}.in{index}")
+        self.new_inits[name] = np.asarray(array)
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+
+    def set_attr(self, node: onnx.NodeProto, name: str, value) -> None:
+        self.remove_attr(node, name)
+        node.attribute.append(helper.make_attribute(name, value))
+
+    def remove_attr(self, node: onnx.NodeProto, name: str) -> None:
+        keep = [a for a in node.attribute if a.name != name]
+        if len(keep) != len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(keep)
+
+
+def _cuts(analysis, kept) -> dict[tuple[str, int], dict[int, np.ndarray]]:
+    """(node, input index) -> {axis: kept positions} for every weight that shrinks."""
+    cuts: dict[tuple[str, int], dict[int, np.ndarray]] = defaultdict(dict)
+    for p in analysis.params:
+        if p.value not in kept:
+            continue
+        pos = p.positions(kept[p.value])
+        slot = cuts[(p.node, p.input_index)]
+        if p.axis in slot and not np.array_equal(slot[p.axis], pos):
+            raise VerificationError(f"node {p.node}: conflicting cuts of {p.param} on axis "
+                                    f"{p.axis}; nothing was written - please report this model")
+        slot[p.axis] = pos
+    return cuts
+
+
+def _masks(analysis, kept) -> dict[tuple[str, int], dict[int, np.ndarray]]:
+    """(node, input index) -> {axis: positions to zero} for removed channels' consumers."""
+    masks: dict[tuple[str, int], dict[int, np.ndarray]] = defaultdict(dict)
+    for p in analysis.params:
+        if p.role != ROLE_IN or p.value not in kept:
+            continue
+        width = analysis.view.shape(p.value)[analysis.axes[p.value]]
+        removed = np.setdiff1d(np.arange(width), kept[p.value])
+        if len(removed):
+            masks[(p.node, p.input_index)][p.axis] = p.positions(removed)
+    return masks
+
+
+def _apply(analysis, kept, changes, transform, rewrite: bool) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.CopyFrom(analysis.view.model)
+    edit = Edit(analysis, model, kept)
+    uses = defaultdict(int)
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] += 1
+    nodes = {n.name: n for n in model.graph.node}
+    for (node_name, index), axes in changes.items():
+        node = nodes[node_name]
+        param = node.input[index]
+        array = transform(analysis.view.const(param), axes)
+        if uses[param] > 1 or param in edit.new_inits:
+            edit.set_input_const(node, index, array)
+        else:
+            edit.new_inits[param] = array
+    if rewrite:
+        for node in model.graph.node:
+            analysis.rules[node.name].rewrite(node, edit)
+    _replace_initializers(model, edit.new_inits)
+    return model
+
+
+def _take(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
+    for axis, pos in axes.items():
+        array = np.take(array, pos, axis=axis)
+    return np.ascontiguousarray(array)
+
+
+def _zero(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
+    array = array.copy()
+    for axis, pos in axes.items():
+        index = [slice(None)] * array.ndim
+        index[axis] = pos
+        array[tuple(index)] = 0
+    return array
+
+
+def _replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> None:
+    used = {name for node in model.graph.node for name in node.input}
+    used |= {o.name for o in model.graph.output}
+    old = {t.name: t for t in model.graph.initializer}
+    inits = []
+    for name in list(old) + [n for n in arrays if n not in old]:
+        if name not in used:
+            continue
+        if name in arrays:
+            dtype = numpy_helper.to_array(old[name]).dtype if name in old else arrays[name].dtype
+            inits.append(numpy_helper.from_array(arrays[name].astype(dtype, copy=False), name))
+        else:
+            inits.append(old[name])
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    graph_inputs = [v for v in model.graph.input if v.name not in old or v.name in used]
+    del model.graph.input[:]
+    model.graph.input.extend(graph_inputs)
+    del model.graph.value_info[:]
+
+
+def cut(analysis, kept: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The physically smaller model."""
+    model = _apply(analysis, kept, _cuts(analysis, kept), _take, rewrite=True)
+    dedupe_initializers(model)
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as err:  # a model without inferable shapes is still a valid model
+        logger.debug("shape inference after surgery failed: %s", err)
+        return model
+
+
+def mask(analysis, kept: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The original architecture with removed channels' consumer weights zeroed."""
+    return _apply(analysis, kept, _masks(analysis, kept), _zero, rewrite=False)
