@@ -108,8 +108,60 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     folded = gs.export_onnx(graph, do_type_check=False)
     _copy_model_fields(model, folded)
     del folded.graph.value_info[:]
+    _shuffles_to_gather(folded)
     _name_nodes(folded)
     return folded
+
+
+def _shuffles_to_gather(model: onnx.ModelProto) -> int:
+    """Reshape(N,g,C/g,H,W) -> Transpose(0,2,1,3,4) -> Reshape(N,C,H,W) => Gather(axis 1)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    replaced = 0
+    for last in list(graph.node):
+        chain = _shuffle_chain(last, producer, users, inits, outputs)
+        if chain is None:
+            continue
+        first, transpose, groups, per_group = chain
+        perm = np.arange(groups * per_group).reshape(groups, per_group).T.ravel()
+        idx_name = f"{last.name or last.output[0]}.shuffle_indices"
+        graph.initializer.append(numpy_helper.from_array(perm.astype(np.int64), idx_name))
+        gather = helper.make_node("Gather", [first.input[0], idx_name], [last.output[0]],
+                                  name=f"{last.name or last.output[0]}.shuffle", axis=1)
+        position = list(graph.node).index(first)
+        for node in (first, transpose, last):
+            graph.node.remove(node)
+        graph.node.insert(position, gather)
+        replaced += 1
+    return replaced
+
+
+def _shuffle_chain(last, producer, users, inits, outputs):
+    if last.op_type != "Reshape" or last.input[1] not in inits:
+        return None
+    transpose = producer.get(last.input[0])
+    if transpose is None or transpose.op_type != "Transpose":
+        return None
+    perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+    first = producer.get(transpose.input[0])
+    if perm != [0, 2, 1, 3, 4] or first is None or first.op_type != "Reshape" \
+            or first.input[1] not in inits:
+        return None
+    if any(users.get(v, 0) != 1 or v in outputs for v in (first.output[0], transpose.output[0])):
+        return None
+    s1 = numpy_helper.to_array(inits[first.input[1]])
+    s2 = numpy_helper.to_array(inits[last.input[1]])
+    if s1.shape != (5,) or s2.shape != (4,) or s1[1] <= 0 or s1[2] <= 0:
+        return None
+    if s2[1] not in (-1, s1[1] * s1[2]) or list(s1[3:]) != list(s2[2:]):
+        return None
+    return first, transpose, int(s1[1]), int(s1[2])
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:

@@ -218,3 +218,14 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30) -> Comparison:
     la, lb, _ = verify.latency_ratio(a, b, feeds, repeats=repeats)
     return Comparison(count(view_a), count(view_b), Path(path_a).stat().st_size,
                       Path(path_b).stat().st_size, la, lb)
+
+
+def demo(folder: Path, ratio: float = 0.5) -> PruneResult:
+    """Write the embedded sample CNN to `folder` and prune it (the README's main job)."""
+    from .samples import sample_cnn
+
+    folder.mkdir(parents=True, exist_ok=True)
+    src = model_io.save(sample_cnn(), folder / "sample_cnn.onnx")
+    logger.info("wrote the embedded sample CNN to %s", src)
+    return prune(src, folder / "sample_cnn.pruned.onnx", PruneConfig(ratio=ratio),
+                 plan_out=folder / "sample_cnn.plan.json")
