@@ -113,6 +113,8 @@ class GraphBuilder:
 
     def reduce_mean(self, x):
         n, c = self.shapes[x][:2]
+        if self.opset < 18:
+            return self.op("ReduceMean", [x], (n, c, 1, 1), axes=[2, 3], keepdims=1)
         axes = self.const(np.array([2, 3], dtype=np.int64))
         return self.op("ReduceMean", [x, axes], (n, c, 1, 1), keepdims=1)
 

@@ -1,0 +1,169 @@
+"""Every supported graph family: the pruned model equals the masked original (fp32, ORT)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import assert_pruned_equals_masked, feeds_for, run_model
+from gpp_onnx import prune, PruneConfig
+from gpp_onnx.analysis import analyze_model
+from gpp_onnx.model import normalize
+from gpp_onnx.samples import GraphBuilder
+
+
+def _head(b: GraphBuilder, x: str, classes: int = 5) -> onnx.ModelProto:
+    return b.build(b.gemm(b.flatten(b.gap(x)), classes))
+
+
+def plain(b):
+    x = b.act(b.bn(b.conv("input", 16)), "Relu")
+    return _head(b, b.act(b.conv(x, 16), "LeakyRelu", alpha=0.1))
+
+
+def residual(b):
+    x = b.act(b.conv("input", 16), "Relu")
+    y = b.conv(b.act(b.conv(x, 8), "Relu"), 16)
+    return _head(b, b.act(b.binary("Add", x, y), "Relu"))
+
+
+def residual_sub(b):
+    x = b.act(b.conv("input", 12), "Relu")
+    return _head(b, b.binary("Sub", b.conv(x, 12), x))
+
+
+def inception(b):
+    x = b.act(b.conv("input", 16), "Relu")
+    branches = [b.conv(x, 8, k=1), b.conv(b.conv(x, 6, k=1), 10),
+                b.conv(b.conv(b.conv(x, 4, k=1), 6), 6), b.conv(b.pool(b.pad(x), k=3, stride=1), 4, k=1)]
+    return _head(b, b.act(b.concat(branches), "Relu"))
+
+
+def depthwise(b):
+    x = b.act(b.conv("input", 16, k=1), "Clip")
+    x = b.act(b.conv(x, 16, groups=16), "HardSwish")
+    return _head(b, b.conv(x, 12, k=1))
+
+
+def depthwise_multiplier(b):
+    x = b.act(b.conv("input", 8, k=1), "Relu")
+    return _head(b, b.conv(b.conv(x, 16, groups=8), 12, k=1))
+
+
+def grouped(b):
+    x = b.act(b.conv("input", 16), "Relu")
+    return _head(b, b.conv(b.act(b.conv(x, 24, groups=4), "Relu"), 8))
+
+
+def squeeze_excitation(b):
+    x = b.act(b.conv("input", 16), "Sigmoid")
+    return _head(b, b.conv(b.se(x), 8, k=1))
+
+
+def channel_shuffle(b):
+    x = b.act(b.conv("input", 16), "Relu")
+    left, right = b.split(x, [8, 8])
+    right = b.act(b.conv(b.conv(right, 8, k=1), 8, groups=8), "Relu")
+    return _head(b, b.conv(b.shuffle(b.concat([left, right]), 2), 8, k=1))
+
+
+def slice_branches(b):
+    x = b.act(b.conv("input", 16), "Relu")
+    return _head(b, b.concat([b.conv(b.slice(x, 0, 6), 4), b.conv(b.slice(x, 6, 16), 4)]))
+
+
+def flatten_gemm(b):
+    x = b.pool(b.act(b.conv("input", 8), "Relu"))
+    x = b.act(b.gemm(b.flatten(x), 20), "Relu")
+    return b.build(b.gemm(x, 4))
+
+
+def reshape_gemm(b):
+    x = b.pool(b.act(b.conv("input", 8), "Tanh"))
+    return b.build(b.gemm(b.reshape_flatten(x), 4))
+
+
+def norms_and_slopes(b):
+    x = b.act(b.instance_norm(b.conv("input", 12)), "PRelu")
+    x = b.channel_const("Mul", b.channel_const("Add", x))
+    return _head(b, b.act(b.conv(x, 10), "Erf"))
+
+
+def resize_and_transpose_conv(b):
+    x = b.act(b.conv("input", 12, stride=2), "Relu")
+    x = b.resize(b.conv_transpose(x, 10), 1)
+    return _head(b, b.conv(b.act(x, "Sigmoid"), 6))
+
+
+def reduce_mean_matmul(b):
+    x = b.act(b.conv("input", 12), "Relu")
+    x = b.op("Flatten", [b.reduce_mean(x)], (1, 12), axis=1)
+    b.shapes[x] = (1, 12)
+    return b.build(b.matmul(b.act(b.matmul(x, 16), "Relu"), 3))
+
+
+FAMILIES = [plain, residual, residual_sub, inception, depthwise, depthwise_multiplier, grouped,
+            squeeze_excitation, channel_shuffle, slice_branches, flatten_gemm, reshape_gemm,
+            norms_and_slopes, resize_and_transpose_conv, reduce_mean_matmul]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("criterion", ["l1", "random"])
+def test_family_pruned_equals_masked(family, criterion, tmp_path):
+    model = family(GraphBuilder((1, 3, 16, 16), seed=3))
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion=criterion)
+    assert result.plan.removed_channels > 0
+    assert result.after.macs < result.before.macs
+
+
+def test_sample_cnn_every_group_prunable_but_io(sample_model, tmp_path):
+    analysis = analyze_model(normalize(sample_model))
+    blocked = {g.key for g in analysis.groups if not g.prunable}
+    assert blocked == {"input", analysis.view.output_names[0]}
+    assert_pruned_equals_masked(sample_model, tmp_path, ratio=0.5)
+
+
+def test_conv_chain_matches_hand_computed_channel_removal(tmp_path):
+    """Independent reference: delete channels by hand in numpy and compare."""
+    b = GraphBuilder((1, 2, 5, 5), seed=0)
+    h = b.act(b.conv("input", 6, k=1), "Relu")
+    model = b.build(b.conv(h, 3, k=1))
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, latency=False))
+    removed = list(result.plan.removed["conv1"])
+    w1, b1, w2, b2 = (numpy_helper.to_array(t) for t in model.graph.initializer)
+    keep = [c for c in range(6) if c not in removed]
+    x = feeds_for(model)["input"]
+    hidden = np.maximum(np.einsum("oc,nchw->nohw", w1[keep, :, 0, 0], x)
+                        + b1[keep, None, None], 0)
+    expected = np.einsum("oc,nchw->nohw", w2[:, keep, 0, 0], hidden) + b2[:, None, None]
+    got = run_model(tmp_path / "p.onnx", {"input": x})[0]
+    assert len(removed) == 3
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ratio_zero_changes_nothing(sample_model, tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(sample_model, src)
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.0, latency=False))
+    feeds = feeds_for(sample_model)
+    assert result.plan.removed_channels == 0
+    np.testing.assert_allclose(run_model(tmp_path / "p.onnx", feeds)[0],
+                               run_model(src, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_over_channels_blocks_only_its_channels():
+    b = GraphBuilder((1, 4, 8), seed=0)
+    b.shapes["input"] = (1, 4, 8)
+    h = b.act(b.matmul("input", 16), "Relu")           # prunable hidden layer
+    y = b.matmul(h, 8)
+    scale, bias = b.const(np.ones(8, np.float32)), b.const(np.zeros(8, np.float32))
+    y = b.op("LayerNormalization", [y, scale, bias], (1, 4, 8), axis=-1)
+    model = b.build(b.matmul(y, 3))
+    analysis = analyze_model(normalize(model))
+    prunable = [g for g in analysis.groups if g.prunable]
+    assert [g.width for g in prunable] == [16]
+    ln_group = next(g for g in analysis.groups if y in g.values)
+    assert not ln_group.prunable and "LayerNormalization" in ln_group.reason
