@@ -50,11 +50,14 @@ def prune_summary(result) -> str:
     if result.latency_ratio is not None:
         rows.append(["latency (onnxruntime)", "", "", f"{result.latency_ratio:.3f}"])
     removed = result.plan.removed_channels
-    lines = [table(["", "before", "after", "after/before"], rows),
-             f"removed {removed} channels in "
-             f"{sum(1 for v in result.plan.removed.values() if v)} groups; "
-             f"pruned == masked original (relative error {result.equivalence_error:.1e})",
-             f"wrote {result.output} (report: {result.report_path})"]
+    lines = [table(["", "before", "after", "after/before"], rows)]
+    if rep["config"]["mask_only"]:
+        lines.append("mask-only: the written model keeps the original shapes with the removed "
+                     "channels zeroed; 'after' counts the equivalent pruned model")
+    groups = sum(1 for v in result.plan.removed.values() if v)
+    lines += [f"removed {removed} channels in {groups} groups; pruned == masked original "
+              f"(relative error {result.equivalence_error:.1e})",
+              f"wrote {result.output} (report: {result.report_path})"]
     return "\n".join(lines)
 
 

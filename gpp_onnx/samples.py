@@ -125,8 +125,12 @@ class GraphBuilder:
 
     def split(self, x, sizes):
         n, _, h, w = self.shapes[x]
-        outs = self.op("Split", [x, self.const(np.array(sizes, dtype=np.int64))],
-                       self.shapes[x], n_out=len(sizes), axis=1)
+        if self.opset < 13:
+            outs = self.op("Split", [x], self.shapes[x], n_out=len(sizes), axis=1,
+                           split=list(sizes))
+        else:
+            outs = self.op("Split", [x, self.const(np.array(sizes, dtype=np.int64))],
+                           self.shapes[x], n_out=len(sizes), axis=1)
         for out, s in zip(outs, sizes):
             self.shapes[out] = (n, s, h, w)
         return outs

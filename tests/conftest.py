@@ -38,9 +38,12 @@ def rel_err(a, b) -> float:
 
 
 def n_params(path) -> int:
+    """Float weights held in initializers or Constant nodes."""
     model = onnx.load(str(path))
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer
-               if t.data_type == onnx.TensorProto.FLOAT)
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
+        if a.name == "value"]
+    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type == onnx.TensorProto.FLOAT)
 
 
 def prune_both(model: onnx.ModelProto, tmp_path: Path, **config):

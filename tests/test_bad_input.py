@@ -1,0 +1,135 @@
+"""Bad input: a one-line error naming the problem and the fix, exit code 2, no output file,
+input untouched."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from gpp_onnx.cli import main
+from gpp_onnx.samples import GraphBuilder, sample_cnn
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def _run_cli(capsys, args):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+def _model_with(nodes, inputs, outputs, inits=(), opset=17):
+    graph = helper.make_graph(nodes, "bad", inputs, outputs, list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _quantized():
+    w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.uint8), "w")
+    return _model_with([helper.make_node("ConvInteger", ["x", "w"], ["y"], name="ci")],
+                       [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 3, 4, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 4, 4, 4])],
+                       [w])
+
+
+def _control_flow():
+    def branch(value):
+        out = helper.make_tensor_value_info("o", TensorProto.FLOAT, [1])
+        const = helper.make_node("Constant", [], ["o"], value=numpy_helper.from_array(
+            np.array([value], np.float32)))
+        return helper.make_graph([const], f"b{value}", [], [out])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch(1.0), else_branch=branch(0.0))
+    return _model_with([node], [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+
+
+def _fails_checker():
+    return _model_with([helper.make_node("Relu", ["missing"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+
+
+def _nothing_prunable():
+    b = GraphBuilder((1, 6), seed=0)
+    return b.build(b.gemm("input", 3))
+
+
+def _write(kind, path):
+    good = sample_cnn().SerializeToString()
+    if kind == "text":
+        path.write_text("this is not a model\n")
+    elif kind == "truncated":
+        path.write_bytes(good[: len(good) // 3])
+    else:
+        onnx.save({"quantized": _quantized, "control_flow": _control_flow,
+                   "checker": _fails_checker, "nothing": _nothing_prunable}[kind](), path)
+
+
+CASES = [
+    ("text", [], "not"),
+    ("truncated", [], "not a readable ONNX model"),
+    ("checker", [], "checker"),
+    ("quantized", [], "quantized"),
+    ("control_flow", [], "control flow"),
+    ("nothing", [], "nothing can be pruned"),
+    ("good", ["--ratio", "1.0"], "outside [0, 1)"),
+    ("good", ["--ratio", "-0.1"], "outside [0, 1)"),
+    ("good", ["--criterion", "magic"], "unknown criterion"),
+    ("good", ["--target-macs", "0"], "outside (0, 1]"),
+]
+
+
+@pytest.mark.parametrize("kind,extra,message", CASES, ids=[f"{c[0]}{c[1]}" for c in CASES])
+def test_bad_input_is_one_line_exit_2_no_output(kind, extra, message, tmp_path, capsys):
+    src = tmp_path / "model.onnx"
+    if kind == "good":
+        onnx.save(sample_cnn(), src)
+    else:
+        _write(kind, src)
+    before = _digest(src)
+    out = tmp_path / "out.onnx"
+    code, err = _run_cli(capsys, ["prune", str(src), "-o", str(out), *extra])
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("gpp-onnx: error:") and message in err[0]
+    assert " - " in err[0]  # the message says what to do
+    assert not out.exists() and not (tmp_path / "out.report.json").exists()
+    assert _digest(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_missing_file(tmp_path, capsys):
+    code, err = _run_cli(capsys, ["prune", str(tmp_path / "nope.onnx"), "-o",
+                                  str(tmp_path / "o.onnx")])
+    assert code == 2 and len(err) == 1 and "not found" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_equal_to_input_is_refused(tmp_path, capsys):
+    src = tmp_path / "model.onnx"
+    onnx.save(sample_cnn(), src)
+    before = _digest(src)
+    code, err = _run_cli(capsys, ["prune", str(src), "-o", str(src)])
+    assert code == 2 and "is the input model" in err[0]
+    assert _digest(src) == before
+
+
+def test_analyze_bad_file_exit_2(tmp_path, capsys):
+    bad = tmp_path / "m.onnx"
+    bad.write_text("nope")
+    code, err = _run_cli(capsys, ["analyze", str(bad)])
+    assert code == 2 and len(err) == 1
+
+
+def test_python_dash_m_reports_errors_with_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gpp_onnx", "prune", str(tmp_path / "x.onnx"),
+                           "-o", str(tmp_path / "y.onnx")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("gpp-onnx: error: model file not found")

@@ -1,0 +1,132 @@
+"""The CLI's commands end to end: analyze, prune (ratio, targets, round-to, mask-only,
+plans), compare, demo."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import feeds_for, run_model
+from gpp_onnx.cli import main
+from gpp_onnx.samples import GraphBuilder, sample_cnn
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(sample_cnn(), path)
+    return path
+
+
+def _inits(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_analyze_lists_groups_and_reasons(model_path, capsys):
+    assert main(["analyze", str(model_path)]) == 0
+    out = capsys.readouterr().out
+    assert "11 channel groups, 9 prunable" in out
+    assert "model input" in out and "model output" in out
+    header = next(line for line in out.splitlines() if line.startswith("group"))
+    assert header.split() == ["group", "width", "members", "prunable", "params", "MACs", "why", "not"]
+
+
+def test_prune_writes_model_report_and_summary(model_path, tmp_path, capsys):
+    out = tmp_path / "small.onnx"
+    assert main(["-q", "prune", str(model_path), "--ratio", "0.5", "-o", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "params" in summary and "MACs" in summary and "latency" in summary
+    report = json.loads((tmp_path / "small.report.json").read_text())
+    assert report["after"]["macs"] < report["before"]["macs"]
+    assert report["equivalence_relative_error"] < 1e-5
+    assert report["ratios"]["latency"] > 0
+    assert {g["key"] for g in report["groups"]} >= {"conv1", "gemm41"}
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_mask_only_keeps_shapes_and_zeroes_channels(model_path, tmp_path):
+    out = tmp_path / "masked.onnx"
+    assert main(["-q", "prune", str(model_path), "--mask-only", "--no-latency", "-o", str(out)]) == 0
+    before, after = _inits(model_path), _inits(out)
+    def float_shapes(inits):
+        return sorted(v.shape for v in inits.values() if v.dtype == np.float32)
+    assert float_shapes(before) == float_shapes(after)
+    zeros = sum(int((v == 0).sum()) for v in after.values() if v.dtype == np.float32)
+    assert zeros > sum(int((v == 0).sum()) for v in before.values() if v.dtype == np.float32)
+
+
+def test_plan_round_trip_reproduces_the_same_cut(model_path, tmp_path):
+    plan = tmp_path / "plan.json"
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert main(["-q", "prune", str(model_path), "--criterion", "random", "--seed", "7",
+                 "--no-latency", "--plan-out", str(plan), "-o", str(first)]) == 0
+    assert main(["-q", "prune", str(model_path), "--plan", str(plan), "--no-latency",
+                 "-o", str(second)]) == 0
+    a, b = _inits(first), _inits(second)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    data = json.loads(plan.read_text())
+    assert data["format"] == "gpp-onnx-plan/1" and data["meta"]["criterion"] == "random"
+
+
+def test_plan_for_another_model_is_refused(model_path, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    main(["-q", "prune", str(model_path), "--no-latency", "--plan-out", str(plan),
+          "-o", str(tmp_path / "a.onnx")])
+    other = tmp_path / "other.onnx"
+    onnx.save(sample_cnn(num_classes=7), other)
+    code = main(["prune", str(other), "--plan", str(plan), "-o", str(tmp_path / "b.onnx")])
+    assert code == 2 and "different model" in capsys.readouterr().err
+    assert not (tmp_path / "b.onnx").exists()
+
+
+def test_round_to_keeps_hardware_friendly_widths(model_path, tmp_path):
+    out = tmp_path / "r.onnx"
+    assert main(["-q", "prune", str(model_path), "--ratio", "0.6", "--round-to", "8",
+                 "--no-latency", "-o", str(out)]) == 0
+    report = json.loads((tmp_path / "r.report.json").read_text())
+    for g in report["groups"]:
+        if g["prunable"] and g["width"] >= 8:
+            assert g["kept"] % 8 == 0 or g["kept"] == g["width"], g
+
+
+@pytest.mark.parametrize("flag,field", [("--target-macs", "macs"), ("--target-params", "params")])
+def test_targets_reach_the_requested_fraction(model_path, tmp_path, flag, field):
+    out = tmp_path / "t.onnx"
+    assert main(["-q", "prune", str(model_path), flag, "0.4", "--no-latency", "-o", str(out)]) == 0
+    report = json.loads((tmp_path / "t.report.json").read_text())
+    frac = report["after"][field] / report["before"][field]
+    assert 0.3 < frac <= 0.4
+
+
+def test_compare_prints_ratios(model_path, tmp_path, capsys):
+    out = tmp_path / "small.onnx"
+    main(["-q", "prune", str(model_path), "--no-latency", "-o", str(out)])
+    capsys.readouterr()
+    assert main(["compare", str(model_path), str(out), "--repeats", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    params = next(line for line in lines if line.startswith("params")).split()
+    assert float(params[-1]) < 0.5
+    assert any(line.startswith("latency") for line in lines)
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["-q", "demo", "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out
+    pruned = tmp_path / "d" / "sample_cnn.pruned.onnx"
+    model = onnx.load(str(tmp_path / "d" / "sample_cnn.onnx"))
+    assert run_model(pruned, feeds_for(model))[0].shape == (2, 10)
+
+
+def test_prune_api_accepts_min_keep(tmp_path):
+    from gpp_onnx import PruneConfig, prune
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    model = b.build(b.gemm(b.flatten(b.gap(b.act(b.conv("input", 4), "Relu"))), 2))
+    onnx.save(model, tmp_path / "m.onnx")
+    result = prune(tmp_path / "m.onnx", tmp_path / "p.onnx",
+                   PruneConfig(ratio=0.9, min_keep=3, latency=False))
+    assert result.plan.removed == {"conv1": (int(result.plan.removed["conv1"][0]),)}

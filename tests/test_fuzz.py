@@ -1,0 +1,98 @@
+"""Random CNN graphs (hypothesis): pruned == masked original, for any mix of blocks."""
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import assert_pruned_equals_masked
+from gpp_onnx.samples import GraphBuilder
+
+ACTS = ["Relu", "Sigmoid", "HardSwish", "Tanh", "LeakyRelu", "PRelu", "Clip"]
+
+
+def _even(n: int) -> int:
+    return max(2, n - n % 2)
+
+
+def block_conv(b, x, w, act):
+    return b.act(b.conv(x, w), act)
+
+
+def block_bn(b, x, w, act):
+    return b.act(b.bn(b.conv(x, w, k=1)), act)
+
+
+def block_residual(b, x, w, act):
+    c = b.channels(x)
+    return b.act(b.binary("Add", x, b.conv(b.act(b.conv(x, w), act), c)), act)
+
+
+def block_inception(b, x, w, act):
+    return b.concat([b.conv(x, w, k=1), b.conv(b.conv(x, w, k=1), w + 1),
+                     b.conv(b.pool(b.pad(x), k=3, stride=1), 2, k=1)])
+
+
+def block_depthwise(b, x, w, act):
+    c = b.channels(x)
+    return b.act(b.conv(b.act(b.conv(x, c, groups=c), act), w, k=1), act)
+
+
+def block_se(b, x, w, act):
+    return b.se(b.act(b.conv(x, w), act), reduction=2)
+
+
+def block_shuffle(b, x, w, act):
+    w = _even(w)
+    left, right = b.split(b.act(b.conv(x, 2 * w, k=1), act), [w, w])
+    right = b.act(b.conv(b.conv(right, w, groups=w), w, k=1), act)
+    return b.shuffle(b.concat([left, right]), 2)
+
+
+def block_grouped(b, x, w, act):
+    return b.act(b.conv(b.conv(x, 2 * w, k=1), 2 * w, groups=2), act)
+
+
+def block_slices(b, x, w, act):
+    x = b.act(b.conv(x, 2 * w), act)
+    return b.concat([b.conv(b.slice(x, 0, w), w, k=1), b.slice(x, w, 2 * w)])
+
+
+def block_norm(b, x, w, act):
+    return b.channel_const("Mul", b.act(b.instance_norm(b.conv(x, w)), act))
+
+
+BLOCKS = [block_conv, block_bn, block_residual, block_inception, block_depthwise, block_se,
+          block_shuffle, block_grouped, block_slices, block_norm]
+
+
+def head_gap(b, x):
+    return b.gemm(b.flatten(b.gap(x)), 4)
+
+
+def head_flatten(b, x):
+    return b.gemm(b.act(b.gemm(b.flatten(b.pool(x)), 6), "Relu"), 4)
+
+
+def head_reshape(b, x):
+    return b.gemm(b.reshape_flatten(b.pool(x, "AveragePool")), 4)
+
+
+HEADS = [head_gap, head_flatten, head_reshape]
+
+
+@st.composite
+def cnn_graphs(draw):
+    b = GraphBuilder((1, 3, 8, 8), seed=draw(st.integers(0, 2 ** 16)))
+    x = b.act(b.conv("input", draw(st.integers(2, 8))), "Relu")
+    for _ in range(draw(st.integers(1, 4))):
+        block = draw(st.sampled_from(BLOCKS))
+        x = block(b, x, draw(st.integers(2, 8)), draw(st.sampled_from(ACTS)))
+    return b.build(draw(st.sampled_from(HEADS))(b, x))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model=cnn_graphs(), ratio=st.sampled_from([0.25, 0.5, 0.75]),
+       criterion=st.sampled_from(["l1", "l2", "random"]))
+def test_random_graphs_pruned_equals_masked(model, ratio, criterion, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    assert_pruned_equals_masked(model, tmp, ratio=ratio, criterion=criterion)

@@ -1,0 +1,124 @@
+"""Loading real-world model forms: external data, Constant-node weights, shared
+initializers (also behind Identity), old opsets, symbolic dims, no shape information."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from conftest import assert_pruned_equals_masked, feeds_for, run_model
+from gpp_onnx import PruneConfig, prune
+from gpp_onnx.samples import GraphBuilder, sample_cnn
+
+
+def _weights_as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Paddle-style: every initializer becomes a Constant node."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    consts = [helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
+              for t in out.graph.initializer]
+    del out.graph.initializer[:]
+    nodes = consts + list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def test_external_data(tmp_path):
+    model = sample_cnn()
+    src = tmp_path / "ext.onnx"
+    onnx.save(model, src, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    assert (tmp_path / "ext.onnx.data").exists() and src.stat().st_size < 20_000
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, latency=False))
+    assert result.after.params < result.before.params
+    feeds = feeds_for(model)
+    assert run_model(tmp_path / "p.onnx", feeds)[0].shape == (2, 10)
+
+
+def test_weights_in_constant_nodes(tmp_path):
+    model = _weights_as_constant_nodes(sample_cnn())
+    assert not model.graph.initializer
+    assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
+
+
+def test_shared_initializers_and_identity(tmp_path):
+    """Two convs read one weight (one directly, one behind Identity); cut both, differently."""
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    x = b.act(b.conv("input", 8), "Relu")
+    w = b.weight(8, 8, 3, 3)
+    alias = b.op("Identity", [w], (8, 8, 3, 3))
+    y1 = b.op("Conv", [x, w], (1, 8, 8, 8), kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    y2 = b.op("Conv", [b.act(y1, "Relu"), alias], (1, 8, 8, 8), kernel_shape=[3, 3],
+              pads=[1, 1, 1, 1])
+    model = b.build(b.gemm(b.flatten(b.gap(b.act(y2, "Relu"))), 3))
+    assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
+
+
+def test_opset_11_model(tmp_path):
+    b = GraphBuilder((1, 3, 8, 8), seed=0, opset=11)
+    x = b.act(b.bn(b.conv("input", 8)), "Relu")
+    left, right = b.split(x, [4, 4])
+    x = b.shuffle(b.concat([left, b.act(b.conv(right, 4), "Clip")]), 2)
+    x = b.binary("Add", x, b.conv(b.slice(x, 0, 8), 8, k=1))
+    model = b.build(b.gemm(b.flatten(b.reduce_mean(x)), 3))
+    assert model.opset_import[0].version == 11
+    assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
+
+
+def test_symbolic_spatial_dims_and_no_shape_info(tmp_path):
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    x = b.act(b.conv(b.act(b.conv("input", 8), "Relu"), 8), "Relu")
+    model = b.build(b.gemm(b.flatten(b.gap(x)), 3))
+    for i, dim in enumerate(model.graph.input[0].type.tensor_type.shape.dim):
+        if i >= 2:
+            dim.dim_param = f"s{i}"
+    del model.graph.value_info[:]
+    for i, dim in enumerate(model.graph.output[0].type.tensor_type.shape.dim):
+        dim.dim_param = f"o{i}"
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, latency=False, input_shape=(1, 3, 12, 12)))
+    x = np.random.default_rng(0).standard_normal((2, 3, 20, 12)).astype(np.float32)
+    assert run_model(tmp_path / "p.onnx", {"input": x})[0].shape == (2, 3)
+
+
+def test_output_keeps_names_dtypes_and_metadata(tmp_path):
+    model = sample_cnn()
+    helper.set_model_props(model, {"author": "someone", "task": "demo"})
+    model.doc_string = "my model"
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, latency=False))
+    out = onnx.load(str(tmp_path / "p.onnx"))
+    assert [i.name for i in out.graph.input] == ["input"]
+    assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
+    assert out.graph.input[0].type == model.graph.input[0].type
+    assert {p.key: p.value for p in out.metadata_props} == {"author": "someone", "task": "demo"}
+    assert out.doc_string == "my model" and out.opset_import == model.opset_import
+
+
+def test_dynamic_batch_survives(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(sample_cnn(), src)
+    prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, latency=False))
+    for batch in (1, 5):
+        x = np.zeros((batch, 3, 32, 32), np.float32)
+        assert run_model(tmp_path / "p.onnx", {"input": x})[0].shape == (batch, 10)
+
+
+def test_shared_initializer_used_by_unpruned_consumer_is_not_shrunk(tmp_path):
+    """A bias shared by a pruned conv and the (blocked) classifier must stay whole for the
+    classifier."""
+    b = GraphBuilder((1, 3, 4, 4), seed=0)
+    bias = b.const(np.linspace(-1, 1, 4).astype(np.float32))
+    h = b.op("Conv", ["input", b.weight(4, 3, 1, 1), bias], (1, 4, 4, 4), kernel_shape=[1, 1])
+    h = b.flatten(b.gap(b.act(h, "Relu")))
+    out = b.op("Gemm", [h, b.weight(4, 4), bias], (1, 4), transB=1)
+    model = b.build(out)
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
+    pruned = onnx.load(str(tmp_path / "pruned.onnx"))
+    gemm = next(n for n in pruned.graph.node if n.op_type == "Gemm")
+    inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert inits[gemm.input[2]].shape == (4,)
+    assert result.plan.removed_channels == 2
