@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from . import pipeline, report
-from .config import PruneConfig
-from .errors import GppError
+from .config import DataOptions, PruneConfig, TrainOptions
+from .errors import GppError, InputError
+from .progress import ProgressHandler
 from .importance import criterion_names
 
 logger = logging.getLogger("gpp_onnx")
@@ -43,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "group's channels (default 0.5)")
     target.add_argument("--target-macs", type=float, help="keep this fraction of the MACs")
     target.add_argument("--target-params", type=float, help="keep this fraction of the params")
-    pr.add_argument("--criterion", default="l1", help=f"one of {', '.join(criterion_names())}")
+    pr.add_argument("--criterion", default="auto",
+                    help=f"one of {', '.join(criterion_names())} (default: gpp with --data, "
+                    "else l1)")
+    pr.add_argument("--eta", type=float, help="threshold factor: remove channels whose utility "
+                    "is below eta * std of their group's (METHOD 3)")
+    pr.add_argument("--rounds", type=int, default=1, help="prune in this many rounds")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--min-keep", type=int, default=1, help="channels every group keeps")
     pr.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of this")
@@ -53,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--plan-out", help="write the plan (JSON) here")
     pr.add_argument("--input-shape", type=_shape, help="concrete input shape, e.g. 1,3,224,224")
     pr.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    _data_args(pr)
+    pr.add_argument("--feature-tensor", help="value name of the final hidden layer "
+                    "(default: the input of the last Gemm/MatMul)")
+    pr.add_argument("--finetune-epochs", type=float, default=0.0,
+                    help="cross-entropy fine-tuning after each cut (needs --data)")
+    pr.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pr.add_argument("--no-repair", action="store_true",
+                    help="do not fold removed channels' means into the next biases")
+
+    ev = sub.add_parser("evaluate", help="top-1 accuracy through onnxruntime")
+    ev.add_argument("model")
+    _data_args(ev)
 
     cmp = sub.add_parser("compare", help="params, MACs, file size and latency of two models")
     cmp.add_argument("model_a")
@@ -66,18 +85,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list like 0.5,0.5,0.5") from None
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="labelled images: a class-per-folder directory, an .npz "
+                   "with x/y, IDX files, 'fashion-mnist[:test]' or 'digits'")
+    p.add_argument("--val-split", type=float, default=0.1, help="held-out fraction (prune)")
+    p.add_argument("--limit", type=int, help="use at most this many images")
+    p.add_argument("--per-class", type=int, default=32, help="images per class for scoring")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--mean", type=_floats, help="per-channel mean subtracted after /255")
+    p.add_argument("--std", type=_floats, help="per-channel std divided after the mean")
+    p.add_argument("--no-resize", action="store_true",
+                   help="refuse images whose size differs from the model input")
+
+
+def _data_options(args) -> DataOptions | None:
+    if not args.data:
+        return None
+    return DataOptions(args.data, args.mean, args.std, not args.no_resize, args.limit,
+                       args.val_split, args.per_class, args.batch_size)
+
+
+def _prune_config(args) -> PruneConfig:
+    train = TrainOptions(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
+                         device=args.device)
+    return PruneConfig(ratio=args.ratio, target_macs=args.target_macs,
+                       target_params=args.target_params, criterion=args.criterion,
+                       eta=args.eta, rounds=args.rounds, seed=args.seed, min_keep=args.min_keep,
+                       round_to=args.round_to, mask_only=args.mask_only,
+                       input_shape=args.input_shape, latency=not args.no_latency,
+                       data=_data_options(args), train=train,
+                       feature_tensor=args.feature_tensor, repair=not args.no_repair)
+
+
 def _run(args) -> int:
     if args.command == "analyze":
         print(report.analysis_table(pipeline.analyze(args.model, args.input_shape)))
     elif args.command == "prune":
-        config = PruneConfig(ratio=args.ratio, target_macs=args.target_macs,
-                             target_params=args.target_params, criterion=args.criterion,
-                             seed=args.seed, min_keep=args.min_keep, round_to=args.round_to,
-                             mask_only=args.mask_only, input_shape=args.input_shape,
-                             latency=not args.no_latency)
-        result = pipeline.prune(args.model, args.output, config, plan_path=args.plan,
-                                plan_out=args.plan_out)
+        result = pipeline.prune(args.model, args.output, _prune_config(args),
+                                plan_path=args.plan, plan_out=args.plan_out)
         print(report.prune_summary(result))
+    elif args.command == "evaluate":
+        if not args.data:
+            raise InputError("evaluate needs --data (labelled images)")
+        acc, n = pipeline.evaluate(args.model, _data_options(args))
+        print(f"top-1 accuracy {acc:.4f} on {n} images")
     elif args.command == "compare":
         cmp = pipeline.compare(args.model_a, args.model_b, args.input_shape, args.repeats)
         print(report.comparison_table(cmp, Path(args.model_a).name, Path(args.model_b).name))
@@ -90,7 +148,9 @@ def _run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="gpp-onnx: %(message)s", stream=sys.stderr)
+    handler = ProgressHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("gpp-onnx: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     try:
         return _run(args)
     except GppError as err:

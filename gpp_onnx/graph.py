@@ -68,8 +68,27 @@ class GraphView:
 
     # -- shapes ------------------------------------------------------------------
     @cached_property
+    def _probe_run(self) -> tuple[dict, dict[str, np.ndarray]]:
+        feeds = random_feeds(self.inputs)
+        return feeds, _probe(self.model, self.inputs, feeds)
+
+    @cached_property
     def _probed(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return probe(self.model, self.inputs)
+        meta = {name: (tuple(np.shape(v)), np.asarray(v).dtype.kind)
+                for name, v in self._probe_run[1].items()}
+        meta.update({s.name: (s.shape, s.dtype.kind) for s in self.inputs})
+        return meta
+
+    @property
+    def probe_feeds(self) -> dict:
+        """The random inputs of the shape probe (batch 1 unless the input fixes it)."""
+        return self._probe_run[0]
+
+    @property
+    def probe_outputs(self) -> list[np.ndarray]:
+        """The model's outputs on `probe_feeds`, in graph output order."""
+        values = self._probe_run[1]
+        return [values[name] for name in self.output_names]
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         if name in self.init_protos:
@@ -127,31 +146,24 @@ def random_feeds(inputs: list[InputSpec], batch: int | None = None, seed: int = 
     return feeds
 
 
-def _probe(model: onnx.ModelProto, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+def _probe(model: onnx.ModelProto, inputs: list[InputSpec], feeds: dict) -> dict[str, np.ndarray]:
+    """Run the model once with every value exposed as an output."""
     from .verify import make_session
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for node in probe.graph.node:
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    known = {o.name for o in exposed.graph.output}
+    for node in exposed.graph.node:
         for out in node.output:
             if out and out not in known:
-                probe.graph.output.append(onnx.ValueInfoProto(name=out))
+                exposed.graph.output.append(onnx.ValueInfoProto(name=out))
                 known.add(out)
-    session = make_session(probe, where="shape probe")
+    session = make_session(exposed, where="shape probe")
     names = [o.name for o in session.get_outputs()]
     try:
-        values = session.run(names, random_feeds(inputs))
+        values = session.run(names, feeds)
     except Exception as err:
         raise InputError(f"the model fails to run on inputs of shape "
                          f"{[s.shape for s in inputs]} ({str(err).splitlines()[0][:160]}) - "
                          "pass --input-shape with the size the model expects") from None
     return dict(zip(names, values))
-
-
-def probe(model: onnx.ModelProto, inputs: list[InputSpec]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shape and dtype kind ('f', 'i', 'b', ...) of every value of the model at batch 1."""
-    meta = {name: (tuple(np.shape(v)), np.asarray(v).dtype.kind)
-            for name, v in _probe(model, inputs).items()}
-    meta.update({s.name: (s.shape, s.dtype.kind) for s in inputs})
-    return meta

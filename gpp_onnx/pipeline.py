@@ -1,7 +1,6 @@
 """The one-way pipeline: load -> analyse -> score -> plan -> cut -> verify -> save."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -12,14 +11,18 @@ import numpy as np
 import onnx
 
 from . import model as model_io
-from . import surgery, verify
+from . import repair, report, surgery, verify
 from .analysis import Analysis, analyze_model
-from .config import PruneConfig
+from .analysis.features import final_hidden_layer
+from .config import DataOptions, PruneConfig
+from .data import iter_batches, split
 from .errors import InputError
-from .graph import GraphView, random_feeds
-from .importance import get_criterion
+from .evaluation import accuracy, dataset_for
+from .finetune import train_model
+from .graph import GraphView
+from .importance import Evidence, get_criterion
 from .plan import (PrunePlan, check_plan, kept_elements, model_digest, plan_by_ratio,
-                   plan_for_target)
+                   plan_by_threshold, plan_for_target)
 from .stats import Estimator, ModelStats, count, param_sizes
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ class PruneResult:
     equivalence_error: float
     latency_ratio: float | None
     report: dict = field(repr=False)
+    rounds: tuple = field(default=(), repr=False)
+    accuracy_before: float | None = None
 
 
 def load_normalized(path, input_shape=None) -> tuple[onnx.ModelProto, onnx.ModelProto, Analysis]:
@@ -80,20 +85,128 @@ def group_shares(analysis: Analysis) -> dict[str, GroupShare]:
     return shares
 
 
-def make_plan(analysis: Analysis, config: PruneConfig, digest: str) -> PrunePlan:
-    scores = get_criterion(config.criterion, config.seed).score(analysis)
-    meta = {"criterion": config.criterion, "seed": config.seed}
+def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Evidence,
+              round_no: int = 1, base: ModelStats | None = None
+              ) -> tuple[PrunePlan, dict[str, np.ndarray]]:
+    """Score with the criterion and turn the scores into this round's plan.
+
+    Over K rounds: ratio r removes ``1 - (1-r)^(1/K)`` of the current widths per round;
+    eta grows linearly (``eta * k``); a target fraction f of the original cost is reached
+    as ``f^(k/K)`` after round k."""
+    scores = get_criterion(config.criterion, config.seed).score(analysis, evidence)
+    meta = {"criterion": config.criterion, "seed": config.seed, "round": round_no}
     common = dict(min_keep=config.min_keep, round_to=config.round_to, meta=meta)
+    k, rounds = round_no, config.rounds
+    if config.eta is not None:
+        return plan_by_threshold(analysis, scores, config.eta * k, digest, **common), scores
     if config.ratio is not None:
-        return plan_by_ratio(analysis, scores, config.ratio, digest, **common)
+        ratio = 1 - (1 - config.ratio) ** (1 / rounds)
+        return plan_by_ratio(analysis, scores, ratio, digest, **common), scores
     est = Estimator(analysis)
     field_name, fraction = (("macs", config.target_macs) if config.target_macs is not None
                             else ("params", config.target_params))
+    now = getattr(est.estimate({}), field_name)
+    original = getattr(base, field_name) if base is not None else now
+    goal = min(1.0, fraction ** (k / rounds) * original / max(now, 1))
 
     def cost(plan: PrunePlan) -> float:
         return getattr(est.estimate(kept_elements(analysis, plan)), field_name)
 
-    return plan_for_target(analysis, scores, digest, cost, fraction, **common)
+    return plan_for_target(analysis, scores, digest, cost, goal, **common), scores
+
+
+@dataclass(frozen=True)
+class Round:
+    number: int
+    plan: PrunePlan
+    groups: list[dict]
+    model: onnx.ModelProto
+    masked: onnx.ModelProto
+    error: float
+    params: int
+    macs: int
+    accuracy_cut: float | None = None
+    accuracy_tuned: float | None = None
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: object
+    val: object
+
+
+def load_data(view: GraphView, config: PruneConfig) -> Splits | None:
+    if config.data is None:
+        return None
+    opts = config.data
+    ds = dataset_for(view, opts.source, opts.mean, opts.std, opts.resize, opts.limit, config.seed)
+    if opts.val_split > 0:
+        train, val = split(ds, opts.val_split, config.seed)
+    else:
+        train = val = ds
+    logger.info("data: %d training and %d held-out images, %d classes from %s",
+                len(train.y), len(val.y), ds.num_classes, ds.source)
+    return Splits(train, val)
+
+
+def _evidence(analysis: Analysis, config: PruneConfig, data: Splits | None) -> Evidence:
+    if data is None:
+        return Evidence(seed=config.seed)
+    per_class = config.data.per_class
+    scoring = _per_class(data.train, per_class, config.seed)
+    feature = final_hidden_layer(analysis.view, config.feature_tensor)
+    return Evidence(scoring, feature, config.train.device, config.data.batch_size, config.seed)
+
+
+def _per_class(ds, per_class: int, seed: int):
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.permutation(np.flatnonzero(ds.y == c))[:per_class]
+                          for c in np.unique(ds.y)])
+    return ds.subset(np.sort(idx))
+
+
+def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
+    if data is None or not config.repair or not kept:
+        return None
+    values = repair.values_to_measure(analysis, kept)
+    sample = _per_class(data.train, config.data.per_class, config.seed)
+    batches = (x for x, _ in iter_batches(sample, config.data.batch_size))
+    means = repair.channel_means(analysis.view.model, values, batches)
+    return repair.bias_deltas(analysis, kept, means)
+
+
+def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: int,
+               plan_path, base: ModelStats) -> Round:
+    digest = model_digest(analysis.view.model)
+    scores: dict[str, np.ndarray] = {}
+    if plan_path is not None:
+        plan = PrunePlan.load(plan_path)
+        check_plan(plan, analysis, digest)
+    else:
+        evidence = _evidence(analysis, config, data)
+        plan, scores = make_plan(analysis, config, digest, evidence, k, base)
+    kept = kept_elements(analysis, plan)
+    deltas = _repair(analysis, kept, data, config)
+    pruned, masked = surgery.cut(analysis, kept, deltas), surgery.mask(analysis, kept, deltas)
+    logger.info("round %d: cut %d channels in %d groups", k, plan.removed_channels,
+                sum(1 for v in plan.removed.values() if v))
+    verify.check(pruned)
+    feeds = analysis.view.probe_feeds
+    err = verify.check_equivalent(verify.run(pruned, feeds, "pruned model"),
+                                  verify.run(masked, feeds, "masked model"))
+    logger.info("verified: pruned == masked original (relative error %.1e)", err)
+    stats = Estimator(analysis).estimate(kept)
+    acc_cut = acc_tuned = None
+    if data is not None:
+        acc_cut = accuracy(pruned, data.val)
+        logger.info("round %d: accuracy right after the cut %.4f", k, acc_cut)
+        if config.train.epochs > 0:
+            pruned = train_model(pruned, data.train, config.train, config.seed + k)
+            acc_tuned = accuracy(pruned, data.val)
+            logger.info("round %d: accuracy after fine-tuning %.4f", k, acc_tuned)
+    params = sum(param_sizes(pruned).values())
+    groups = report.group_rows(analysis, plan, scores)
+    return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned)
 
 
 def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
@@ -102,37 +215,50 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
     config = config.checked()
     src, dst = Path(path), Path(output)
     _check_output(src, dst)
+    if (plan_path or plan_out) and config.rounds > 1:
+        raise InputError("a plan describes one round - use --rounds 1 with --plan/--plan-out")
     t0 = time.perf_counter()
     original, normalized, analysis = load_normalized(src, config.input_shape)
     if not analysis.prunable:
         raise InputError(f"{src}: nothing can be pruned ({_first_reasons(analysis)}) - "
                          "run 'gpp-onnx analyze' to see why each channel group is kept")
-    digest = model_digest(normalized)
-    if plan_path is not None:
-        plan = PrunePlan.load(plan_path)
-        check_plan(plan, analysis, digest)
-    else:
-        plan = make_plan(analysis, config, digest)
-    kept = kept_elements(analysis, plan)
-    pruned, masked = surgery.cut(analysis, kept), surgery.mask(analysis, kept)
-    logger.info("cut %d channels in %d groups", plan.removed_channels,
-                sum(1 for v in plan.removed.values() if v))
-    feeds = random_feeds(analysis.view.inputs, seed=config.seed)
-    verify.check(pruned)
-    verify.equivalence(normalized, original, feeds, where="normalised model")
-    err = verify.equivalence(pruned, masked, feeds)
-    logger.info("verified: pruned == masked original (relative error %.1e)", err)
+    original_session = _check_normalized(analysis.view, original)
+    data = load_data(analysis.view, config)
     before = count(analysis.view)
-    after = ModelStats(sum(param_sizes(pruned).values()), Estimator(analysis).estimate(kept).macs)
-    ratio = _latency(original, pruned, feeds) if config.latency else None
-    result_model = masked if config.mask_only else pruned
-    model_io.save(result_model, dst)
-    report = _report(src, dst, config, plan, before, after, err, ratio, analysis,
-                     time.perf_counter() - t0)
-    report_path = _write_json(dst.with_suffix(".report.json"), report)
+    acc_before = accuracy(normalized, data.val) if data is not None else None
+    rounds: list[Round] = []
+    for k in range(1, config.rounds + 1):
+        if k > 1:
+            analysis = analyze_model(rounds[-1].model, config.input_shape)
+            if not analysis.prunable:
+                break
+        rounds.append(_one_round(analysis, config, data, k, plan_path, before))
+    last = rounds[-1]
+    ratio = _latency(original_session, last.model, analysis.view.probe_feeds) \
+        if config.latency else None
+    model_io.save(last.masked if config.mask_only else last.model, dst)
+    after = ModelStats(last.params, last.macs)
+    data_report = report.json_report(src, dst, config, rounds, before, after, ratio, acc_before,
+                                     time.perf_counter() - t0)
+    report_path = write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
     if plan_out is not None:
-        _write_text(Path(plan_out), plan.to_json())
-    return PruneResult(dst, report_path, plan, before, after, err, ratio, report)
+        write_text(Path(plan_out), last.plan.to_json())
+    return PruneResult(dst, report_path, last.plan, before, after, last.error, ratio,
+                       data_report, tuple(rounds), acc_before)
+
+
+def _check_normalized(view: GraphView, original: onnx.ModelProto):
+    """normalize() must not change what the model computes; returns the input's session."""
+    session = verify.make_session(original, "input model")
+    verify.check_equivalent(view.probe_outputs, verify.outputs(session, view.probe_feeds),
+                            "normalised model", "the input model")
+    return session
+
+
+def _latency(original_session, pruned: onnx.ModelProto, feeds) -> float:
+    pruned_session = verify.make_session(pruned, "pruned model")
+    t_original, t_pruned = verify.latency([original_session, pruned_session], feeds)
+    return t_pruned / t_original
 
 
 def _check_output(src: Path, dst: Path) -> None:
@@ -150,46 +276,8 @@ def _first_reasons(analysis: Analysis) -> str:
     return "; ".join(reasons[:3]) or "no channel groups"
 
 
-def _latency(original, pruned, feeds) -> float | None:
-    try:
-        return verify.latency_ratio(original, pruned, feeds, repeats=20)[2]
-    except Exception as err:  # latency is information, never a reason to fail
-        logger.warning("latency not measured: %s", err)
-        return None
-
-
-def _report(src, dst, config, plan, before, after, err, latency, analysis, seconds) -> dict:
-    kept = {k: plan.widths[k] - len(v) for k, v in plan.removed.items()}
-    return {
-        "input": str(src), "output": str(dst), "config": config.to_dict(),
-        "seconds": round(seconds, 3),
-        "before": {"params": before.params, "macs": before.macs,
-                   "file_bytes": src.stat().st_size},
-        "after": {"params": after.params, "macs": after.macs,
-                  "file_bytes": dst.stat().st_size},
-        "ratios": {"params": after.params / max(before.params, 1),
-                   "macs": after.macs / max(before.macs, 1),
-                   "latency": latency},
-        "equivalence_relative_error": err,
-        "groups": [{"key": g.key, "width": g.width, "kept": kept.get(g.key, g.width),
-                    "prunable": g.prunable, "reason": g.reason} for g in analysis.groups],
-        "plan": json.loads(plan.to_json()),
-    }
-
-
-def _write_json(path: Path, data: dict) -> Path:
-    return _write_text(path, json.dumps(data, indent=1, default=_jsonable))
-
-
-def _jsonable(obj):
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, (tuple, set)):
-        return list(obj)
-    return str(obj)
-
-
-def _write_text(path: Path, text: str) -> Path:
+def write_text(path: Path, text: str) -> Path:
+    """Atomic text write (temporary file in the same folder, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -214,10 +302,18 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30) -> Comparison:
     """Params, MACs, file size and onnxruntime latency of two models, and their ratios."""
     a, b = model_io.load(path_a), model_io.load(path_b)
     view_a, view_b = GraphView(a, input_shape), GraphView(b, input_shape)
-    feeds = random_feeds(view_a.inputs)
-    la, lb, _ = verify.latency_ratio(a, b, feeds, repeats=repeats)
+    sessions = [verify.make_session(a, str(path_a)), verify.make_session(b, str(path_b))]
+    la, lb = verify.latency(sessions, view_a.probe_feeds, min_runs=repeats, max_runs=repeats)
     return Comparison(count(view_a), count(view_b), Path(path_a).stat().st_size,
                       Path(path_b).stat().st_size, la, lb)
+
+
+def evaluate(path, data: DataOptions) -> tuple[float, int]:
+    """Top-1 accuracy of the model at `path` on all of `data` (onnxruntime)."""
+    model = model_io.load(path)
+    ds = dataset_for(GraphView(model), data.source, data.mean, data.std, data.resize,
+                     data.limit)
+    return accuracy(model, ds, data.batch_size), len(ds.y)
 
 
 def demo(folder: Path, ratio: float = 0.5) -> PruneResult:

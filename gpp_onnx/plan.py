@@ -7,6 +7,9 @@ Building a plan from scores:
   the kept width is rounded up to a multiple of q (capped at C).
 * ``--target-macs f`` / ``--target-params f``: bisection on r until the estimated cost of
   the pruned model is at most f times the original (the cost falls as r grows).
+* ``--eta e`` (data-driven criteria, METHOD section 3): per group, the threshold is
+  ``t = e * std(u[u > 0])`` (sample std); channels with ``u < t`` and all zero-utility
+  channels go, the floors still apply.
 """
 from __future__ import annotations
 
@@ -99,6 +102,24 @@ def plan_by_ratio(analysis, scores: dict[str, np.ndarray], ratio: float, digest:
         removed[group.key] = tuple(sorted(int(i) for i in order[: group.width - keep]))
         widths[group.key] = group.width
     return PrunePlan(removed, widths, digest, dict(meta or {}, ratio=ratio))
+
+
+def plan_by_threshold(analysis, scores: dict[str, np.ndarray], eta: float, digest: str,
+                      min_keep: int = 1, round_to: int = 1, meta: dict | None = None) -> PrunePlan:
+    """METHOD section 3: per group, remove channels with u < eta * std(non-zero u); zeros go."""
+    removed, widths = {}, {}
+    for group in analysis.prunable:
+        u = np.asarray(scores[group.key], dtype=np.float64)
+        nonzero = u[u > 0]
+        t = eta * float(np.std(nonzero, ddof=1)) if len(nonzero) > 1 else 0.0
+        drop = (u < t) | (u <= 0)
+        keep = max(int((~drop).sum()), min(min_keep, group.width), 1)
+        if round_to > 1:
+            keep = min(group.width, int(math.ceil(keep / round_to) * round_to))
+        order = np.argsort(u, kind="stable")
+        removed[group.key] = tuple(sorted(int(i) for i in order[: group.width - keep]))
+        widths[group.key] = group.width
+    return PrunePlan(removed, widths, digest, dict(meta or {}, eta=eta))
 
 
 def plan_for_target(analysis, scores, digest: str, cost, fraction: float, min_keep: int = 1,

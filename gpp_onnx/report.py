@@ -1,5 +1,9 @@
-"""Plain-text tables for the CLI (analysis, prune summary, comparison)."""
+"""Reports: plain-text tables for the CLI and the JSON report written beside a model."""
 from __future__ import annotations
+
+import json
+
+import numpy as np
 
 
 def human(n: float, unit: str = "") -> str:
@@ -49,8 +53,13 @@ def prune_summary(result) -> str:
              f"{a['file_bytes'] / b['file_bytes']:.3f}"]]
     if result.latency_ratio is not None:
         rows.append(["latency (onnxruntime)", "", "", f"{result.latency_ratio:.3f}"])
+    if b.get("accuracy") is not None:
+        rows.append(["top-1 accuracy (held-out)", f"{b['accuracy']:.4f}", f"{a['accuracy']:.4f}",
+                     f"{a['accuracy'] - b['accuracy']:+.4f}"])
     removed = result.plan.removed_channels
     lines = [table(["", "before", "after", "after/before"], rows)]
+    if len(rep["rounds"]) > 1 or b.get("accuracy") is not None:
+        lines.append(rounds_table(rep["rounds"], b["macs"]))
     if rep["config"]["mask_only"]:
         lines.append("mask-only: the written model keeps the original shapes with the removed "
                      "channels zeroed; 'after' counts the equivalent pruned model")
@@ -59,6 +68,15 @@ def prune_summary(result) -> str:
               f"(relative error {result.equivalence_error:.1e})",
               f"wrote {result.output} (report: {result.report_path})"]
     return "\n".join(lines)
+
+
+def rounds_table(rounds: list[dict], macs_before: int) -> str:
+    def acc(v):
+        return "" if v is None else f"{v:.4f}"
+    rows = [[r["round"], r["removed_channels"], f"{r['macs'] / max(macs_before, 1):.3f}",
+             acc(r["accuracy_after_cut"]), acc(r["accuracy_after_finetune"])] for r in rounds]
+    return table(["round", "channels cut", "MACs kept", "acc. after cut", "acc. after fine-tune"],
+                 rows)
 
 
 def comparison_table(cmp, name_a: str, name_b: str) -> str:
@@ -70,3 +88,52 @@ def comparison_table(cmp, name_a: str, name_b: str) -> str:
             ["latency (median)", f"{cmp.latency_a * 1e3:.2f} ms", f"{cmp.latency_b * 1e3:.2f} ms",
              f"{cmp.latency_ratio:.3f}"]]
     return table(["", name_a, name_b, "b/a"], rows)
+
+
+def group_rows(analysis, plan, scores: dict) -> list[dict]:
+    """One JSON row per channel group: width, kept width, why kept whole, utilities."""
+    rows = []
+    for g in analysis.groups:
+        removed = plan.removed.get(g.key, ())
+        row = {"key": g.key, "width": g.width, "kept": g.width - len(removed),
+               "prunable": g.prunable, "reason": g.reason}
+        if g.key in scores:
+            row["utility"] = [float(f"{v:.4g}") for v in np.asarray(scores[g.key]).tolist()]
+        rows.append(row)
+    return rows
+
+
+def json_report(src, dst, config, rounds, before, after, latency, acc_before, seconds) -> dict:
+    last = rounds[-1]
+    return {
+        "input": str(src), "output": str(dst), "config": config.to_dict(),
+        "seconds": round(seconds, 3),
+        "before": {"params": before.params, "macs": before.macs,
+                   "file_bytes": src.stat().st_size, "accuracy": acc_before},
+        "after": {"params": after.params, "macs": after.macs,
+                  "file_bytes": dst.stat().st_size,
+                  "accuracy": last.accuracy_tuned if last.accuracy_tuned is not None
+                  else last.accuracy_cut},
+        "ratios": {"params": after.params / max(before.params, 1),
+                   "macs": after.macs / max(before.macs, 1), "latency": latency},
+        "equivalence_relative_error": max(r.error for r in rounds),
+        "rounds": [{"round": r.number, "params": r.params, "macs": r.macs,
+                    "removed_channels": r.plan.removed_channels,
+                    "accuracy_after_cut": r.accuracy_cut,
+                    "accuracy_after_finetune": r.accuracy_tuned,
+                    "equivalence_relative_error": r.error} for r in rounds],
+        "groups": rounds[0].groups,
+        "plan": json.loads(last.plan.to_json()),
+    }
+
+
+def to_json(data: dict) -> str:
+    return json.dumps(data, indent=1, default=_jsonable)
+
+
+def _jsonable(obj):
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    return str(obj)

@@ -105,7 +105,29 @@ def _masks(analysis, kept) -> dict[tuple[str, int], dict[int, np.ndarray]]:
     return masks
 
 
-def _apply(analysis, kept, changes, transform, rewrite: bool) -> onnx.ModelProto:
+BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
+
+
+def _bias_array(analysis, node, delta: np.ndarray, kept, cut: bool) -> np.ndarray:
+    """The consumer's bias plus `delta` (original output indexing), sliced when cutting."""
+    index = BIAS_INPUT[node.op_type]
+    name = analysis.view.input(node, index)
+    scale = 1.0
+    if node.op_type == "Gemm":
+        scale = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
+    base = np.zeros_like(delta) if name is None else analysis.view.const(name)
+    bias = np.broadcast_to(base.reshape(-1) if base.size == delta.size else base,
+                           delta.shape).astype(np.float32) + (delta / scale).astype(np.float32)
+    out = node.output[0]
+    if cut and out in kept:
+        bias = bias[kept[out]]
+    if base.ndim == 2:  # Gemm C of shape (1, N)
+        bias = bias.reshape(1, -1)
+    return np.ascontiguousarray(bias)
+
+
+def _apply(analysis, kept, changes, transform, rewrite: bool,
+           bias_deltas: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(analysis.view.model)
     edit = Edit(analysis, model, kept)
@@ -122,6 +144,10 @@ def _apply(analysis, kept, changes, transform, rewrite: bool) -> onnx.ModelProto
             edit.set_input_const(node, index, array)
         else:
             edit.new_inits[param] = array
+    for node_name, delta in (bias_deltas or {}).items():
+        node = nodes[node_name]
+        edit.set_input_const(node, BIAS_INPUT[node.op_type],
+                             _bias_array(analysis, node, delta, kept, cut=rewrite))
     if rewrite:
         for node in model.graph.node:
             analysis.rules[node.name].rewrite(node, edit)
@@ -165,9 +191,10 @@ def _replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray])
     del model.graph.value_info[:]
 
 
-def cut(analysis, kept: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """The physically smaller model."""
-    model = _apply(analysis, kept, _cuts(analysis, kept), _take, rewrite=True)
+def cut(analysis, kept: dict[str, np.ndarray],
+        bias_deltas: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """The physically smaller model (with repaired consumer biases when given)."""
+    model = _apply(analysis, kept, _cuts(analysis, kept), _take, True, bias_deltas)
     dedupe_initializers(model)
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False)
@@ -176,6 +203,7 @@ def cut(analysis, kept: dict[str, np.ndarray]) -> onnx.ModelProto:
         return model
 
 
-def mask(analysis, kept: dict[str, np.ndarray]) -> onnx.ModelProto:
+def mask(analysis, kept: dict[str, np.ndarray],
+         bias_deltas: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """The original architecture with removed channels' consumer weights zeroed."""
-    return _apply(analysis, kept, _masks(analysis, kept), _zero, rewrite=False)
+    return _apply(analysis, kept, _masks(analysis, kept), _zero, False, bias_deltas)

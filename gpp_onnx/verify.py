@@ -57,12 +57,15 @@ def check(model: onnx.ModelProto, where: str = "pruned model") -> None:
                                 f"({' '.join(str(err).split())[:200]})") from None
 
 
-def run(model: onnx.ModelProto, feeds: dict, where: str = "model") -> list[np.ndarray]:
-    session = make_session(model, where)
+def outputs(session, feeds: dict, where: str = "model") -> list[np.ndarray]:
     try:
         return session.run(None, feeds)
     except Exception as err:
         raise VerificationError(f"{where} fails to run ({str(err).splitlines()[0][:200]})") from None
+
+
+def run(model: onnx.ModelProto, feeds: dict, where: str = "model") -> list[np.ndarray]:
+    return outputs(make_session(model, where), feeds, where)
 
 
 def relative_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -77,29 +80,28 @@ def relative_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return worst
 
 
-def equivalence(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: dict,
-                where: str = "pruned model") -> float:
-    """Relative error of `model` against `reference` on `feeds`; raise if over tolerance."""
-    err = relative_error(run(model, feeds, where), run(reference, feeds, "reference model"))
+def check_equivalent(got: list[np.ndarray], reference: list[np.ndarray],
+                     where: str = "pruned model", against: str = "the masked original") -> float:
+    """Relative error of `got` against `reference`; raise if over tolerance."""
+    err = relative_error(got, reference)
     if not err < EQUIVALENCE_TOLERANCE:
-        raise VerificationError(f"{where} differs from the masked original "
-                                f"(relative error {err:.2e} >= {EQUIVALENCE_TOLERANCE:.0e}); "
-                                "nothing was written - please report this model")
+        raise VerificationError(f"{where} differs from {against} (relative error {err:.2e} >= "
+                                f"{EQUIVALENCE_TOLERANCE:.0e}); nothing was written - please "
+                                "report this model")
     return err
 
 
-def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dict,
-                  repeats: int = 30, threads: int = 0) -> tuple[float, float, float]:
-    """Median latency of a and b (seconds), measured interleaved, and b/a."""
-    sessions = [make_session(m, threads=threads) for m in (model_a, model_b)]
+def latency(sessions: list, feeds: dict, budget_s: float = 3.0, min_runs: int = 5,
+            max_runs: int = 50) -> list[float]:
+    """Median latency (seconds) of each session, runs interleaved, within a time budget."""
     for s in sessions:  # warm-up
-        for _ in range(3):
-            s.run(None, feeds)
-    times: list[list[float]] = [[], []]
-    for _ in range(repeats):
+        s.run(None, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    while len(times[0]) < max_runs and (len(times[0]) < min_runs
+                                        or time.perf_counter() - start < budget_s):
         for i, s in enumerate(sessions):
             t0 = time.perf_counter()
             s.run(None, feeds)
             times[i].append(time.perf_counter() - t0)
-    a, b = statistics.median(times[0]), statistics.median(times[1])
-    return a, b, b / a
+    return [statistics.median(t) for t in times]

@@ -57,7 +57,8 @@ def prune_both(model: onnx.ModelProto, tmp_path: Path, **config):
     return src, tmp_path / "pruned.onnx", tmp_path / "masked.onnx", result
 
 
-def assert_pruned_equals_masked(model: onnx.ModelProto, tmp_path: Path, **config):
+def assert_pruned_equals_masked(model: onnx.ModelProto, tmp_path: Path, expect_change=True,
+                                **config):
     """The central invariant, checked here independently of the tool's own verification."""
     src, pruned, masked, result = prune_both(model, tmp_path, **config)
     feeds = feeds_for(model, batch=3)
@@ -65,7 +66,8 @@ def assert_pruned_equals_masked(model: onnx.ModelProto, tmp_path: Path, **config
     assert rel_err(out_pruned, out_masked) < 1e-5
     if result.plan.removed_channels:
         assert n_params(pruned) < n_params(src)
-        assert rel_err(run_model(src, feeds), out_masked) > 1e-6  # masking really removed something
+        if expect_change:  # masking really removed something (random graphs may cut dead units)
+            assert rel_err(run_model(src, feeds), out_masked) > 1e-6
     return result
 
 

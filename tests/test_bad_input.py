@@ -20,9 +20,13 @@ def _digest(path):
 
 
 def _run_cli(capsys, args):
+    """Exit code and the error lines (progress lines before them are allowed)."""
     code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.err.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in lines)
+    errors = [line for line in lines if line.startswith("gpp-onnx: error:")]
+    assert not errors or lines[-1] == errors[-1]
+    return code, errors
 
 
 def _model_with(nodes, inputs, outputs, inits=(), opset=17):

@@ -1,12 +1,14 @@
 """Channel importance criteria. A criterion scores every channel of every prunable group
 (higher = more important); plans remove the lowest scored channels.
 
-A criterion is any object with ``name`` and ``score(analysis) -> {group key: scores}``;
-``get_criterion`` resolves the names the CLI accepts. Data-driven criteria (the
-discriminant criterion of Grow-Push-Prune, Taylor) plug in through the same interface.
+A criterion is any object with ``name`` and
+``score(analysis, evidence) -> {group key: scores}``; ``get_criterion`` resolves the
+names the CLI accepts. ``Evidence`` carries what data-driven criteria (the discriminant
+criterion of Grow-Push-Prune, Taylor) need; data-free criteria ignore it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -16,10 +18,19 @@ from .magnitude import Magnitude
 from .random import RandomCriterion
 
 
+@dataclass(frozen=True, eq=False)
+class Evidence:
+    data: object | None = None        # gpp_onnx.data.Dataset: labelled images to score with
+    feature: str | None = None        # value name of the final hidden layer
+    device: str = "auto"
+    batch_size: int = 64
+    seed: int = 0
+
+
 class Criterion(Protocol):
     name: str
 
-    def score(self, analysis) -> dict[str, np.ndarray]: ...
+    def score(self, analysis, evidence: Evidence | None = None) -> dict[str, np.ndarray]: ...
 
 
 _DATA_FREE = {"l1": lambda seed: Magnitude(1), "l2": lambda seed: Magnitude(2),
@@ -38,4 +49,4 @@ def get_criterion(name: str, seed: int = 0) -> Criterion:
                          f"{', '.join(criterion_names())}") from None
 
 
-__all__ = ["Criterion", "Magnitude", "RandomCriterion", "criterion_names", "get_criterion"]
+__all__ = ["Criterion", "Evidence", "Magnitude", "RandomCriterion", "criterion_names", "get_criterion"]

@@ -22,7 +22,7 @@ class Magnitude:
         moved = np.moveaxis(np.abs(w.astype(np.float64)), axis, 0).reshape(w.shape[axis], -1)
         return moved.sum(axis=1) if self.p == 1 else np.sqrt((moved ** 2).sum(axis=1))
 
-    def score(self, analysis) -> dict[str, np.ndarray]:
+    def score(self, analysis, evidence=None) -> dict[str, np.ndarray]:
         scores = {}
         for group in analysis.prunable:
             total = np.zeros(group.width)

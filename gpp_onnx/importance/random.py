@@ -10,6 +10,6 @@ class RandomCriterion:
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def score(self, analysis) -> dict[str, np.ndarray]:
+    def score(self, analysis, evidence=None) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(self.seed)
         return {g.key: rng.random(g.width) for g in analysis.prunable}

@@ -1,0 +1,51 @@
+"""Labelled data for a model, and top-1 accuracy through onnxruntime (the deployment path)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from .data import DataSpec, Dataset, check_labels, iter_batches, load_dataset
+from .errors import DataError
+from .graph import GraphView
+from .verify import make_session, outputs
+
+logger = logging.getLogger(__name__)
+
+
+def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool = True,
+                limit: int | None = None, seed: int = 0) -> Dataset:
+    """Load `source` shaped for the model's (first) input and check labels fit its output."""
+    spec = view.inputs[0]
+    if len(spec.shape) != 4:
+        raise DataError(f"input '{spec.name}' has shape {spec.shape}; image data needs an "
+                        "N,C,H,W input - use a CNN classifier")
+    _, c, h, w = spec.shape
+    ds = load_dataset(DataSpec(source, c, h, w, mean=mean, std=std, resize=resize,
+                               limit=limit, seed=seed))
+    out_shape = view.shape(view.output_names[0])
+    if out_shape is None or len(out_shape) != 2:
+        raise DataError(f"output '{view.output_names[0]}' has shape {out_shape}; a classifier "
+                        "gives (N, classes) - pass a classification model")
+    check_labels(ds, int(out_shape[1]))
+    return ds
+
+
+def accuracy(model: onnx.ModelProto, ds: Dataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy of `model` on `ds` through onnxruntime."""
+    session = make_session(model, "model under evaluation")
+    name = session.get_inputs()[0].name
+    fixed_batch = session.get_inputs()[0].shape[0]
+    if isinstance(fixed_batch, int) and fixed_batch > 0:
+        batch_size = fixed_batch
+    correct = 0
+    for x, y in iter_batches(ds, batch_size):
+        if len(x) != batch_size and isinstance(fixed_batch, int):
+            x = np.concatenate([x, np.zeros((batch_size - len(x), *x.shape[1:]), x.dtype)])
+        logits = outputs(session, {name: x})[0][: len(y)]
+        if not np.all(np.isfinite(logits)):
+            raise DataError("the model produced NaN/inf outputs on the data - check the "
+                            "input scaling (--mean/--std)")
+        correct += int((logits.argmax(axis=1) == y).sum())
+    return correct / len(ds.y)
