@@ -1,0 +1,379 @@
+"""Run an ONNX graph as a trainable ``torch.nn.Module`` and write trained weights back.
+
+Weights (see ``WEIGHT_SLOTS``) become ``nn.Parameter`` s in ``module.params`` (an
+``nn.ParameterDict`` keyed by a sanitized name; ``onnx_name(key)`` maps back); every other
+constant (shape tensors, int tensors, BatchNormalization running mean / var, scalars) is
+a buffer in ``module.consts``. The legacy exporter de-duplicates byte-identical
+initializers into ``Identity`` nodes fed by one shared initializer (all-zero biases, BN
+running means, ...); such Identity outputs are untied here: each becomes its own
+Parameter / buffer (so one BN's running mean is never another's, nor a bias), and
+``write_back`` replaces each written Identity by an initializer of its output name.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from gpp_onnx.errors import InputError, UnsupportedModelError
+
+from .ops import Node, check_for, parse_attrs, registry, tensor_from_proto
+from .ops_tensor import constant_value
+
+logger = logging.getLogger(__name__)
+
+# op_type -> input slots that hold weights when fed by a float constant.
+WEIGHT_SLOTS = {
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1),
+    "BatchNormalization": (1, 2), "InstanceNormalization": (1, 2),
+    "LayerNormalization": (1, 2), "PRelu": (1,), "Add": (0, 1), "Mul": (0, 1),
+    "Expand": (0,),  # learned tokens broadcast over the batch (ViT class token)
+}
+PER_CHANNEL_ONLY = {"Add", "Mul", "Expand"}  # scalar (1-element) operands stay buffers
+STAT_SLOTS = {"BatchNormalization": (3, 4)}  # running mean / var: buffers, written back
+_DOMAINS = ("", "ai.onnx")
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when torch sees a GPU, else CPU; 'cpu', 'cuda', 'cuda:N' as given.
+
+    Raises InputError for an unknown name or a CUDA device torch cannot use."""
+    text = str(name).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise InputError(f"unknown device '{name}'; use 'auto', 'cpu' or 'cuda[:N]'") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise InputError(f"device '{name}' is not supported; use 'auto', 'cpu' or 'cuda[:N]'")
+    if not torch.cuda.is_available():
+        raise InputError(f"device '{name}' requested but torch sees no CUDA GPU; "
+                         "use device 'cpu' or 'auto', or install a CUDA build of torch")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"device '{name}' does not exist ({torch.cuda.device_count()} GPUs visible)")
+    return device
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in _DOMAINS:
+            return entry.version
+    return onnx.defs.onnx_opset_version()
+
+
+def _sanitize(name: str, taken: Container[str]) -> str:
+    """``name`` as a unique ParameterDict / buffer key ([A-Za-z0-9_], no leading digit)."""
+    key = re.sub(r"\W", "_", name) or "t"
+    key = f"t_{key}" if key[0].isdigit() else key
+    unique, n = key, 1
+    while unique in taken:
+        unique, n = f"{key}_{n}", n + 1
+    return unique
+
+
+def _node_name(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"{node.op_type}_{index}"
+
+
+def _collect_constants(graph: onnx.GraphProto, opset: int) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """(initializers, Constant-node and Identity-of-constant outputs by ONNX name,
+    names of those Identity outputs); each Identity output is its own copy."""
+    tensors = {init.name: tensor_from_proto(init) for init in graph.initializer}
+    copies: set[str] = set()
+    for index, node in enumerate(graph.node):
+        if node.domain not in _DOMAINS:
+            continue
+        if node.op_type == "Constant":
+            ctx = Node(_node_name(node, index), node.op_type, tuple(node.input),
+                       tuple(node.output), parse_attrs(node), opset)
+            tensors[node.output[0]] = constant_value(ctx)
+        elif node.op_type == "Identity" and node.input and node.input[0] in tensors:
+            tensors[node.output[0]] = tensors[node.input[0]].clone()
+            copies.add(node.output[0])
+    return tensors, copies
+
+
+def _classify(graph, constants, initializers) -> tuple[set[str], set[str]]:
+    """(weight names, BN running-stat names) among the constants."""
+    weights: set[str] = set()
+    stats: set[str] = set()
+    for node in graph.node:
+        for slots, bucket in ((WEIGHT_SLOTS.get(node.op_type, ()), weights),
+                              (STAT_SLOTS.get(node.op_type, ()), stats)):
+            for slot in slots:
+                if slot >= len(node.input) or not node.input[slot]:
+                    continue
+                name = node.input[slot]
+                tensor = constants.get(name)
+                if tensor is None or not tensor.is_floating_point():
+                    continue
+                if name not in initializers and tensor.dim() == 0:
+                    continue
+                if bucket is weights and node.op_type in PER_CHANNEL_ONLY and tensor.numel() < 2:
+                    continue
+                bucket.add(name)
+    return weights, stats - weights
+
+
+class OnnxModule(nn.Module):
+    """An ONNX graph executed node by node with torch ops; trainable.
+
+    ``forward(*inputs)`` returns the graph outputs (one tensor, or a tuple);
+    ``run(inputs, outputs)`` returns any named values (graph inputs, intermediates,
+    constants) as a dict. ``op_overrides`` replaces the implementation of some op types
+    for this module only (e.g. the deconvnet ReLU used for utility tracing). ``train()`` switches BatchNormalization to batch statistics
+    (running stats updated) and enables Dropout; ``eval()`` uses running stats."""
+
+    def __init__(self, model: onnx.ModelProto, device: str | torch.device = "cpu",
+                 op_overrides: Mapping[str, Callable] | None = None):
+        super().__init__()
+        graph, opset = model.graph, _opset(model)
+        self.opset = opset
+        constants, self.identity_copies = _collect_constants(graph, opset)
+        initializers = {init.name for init in graph.initializer} | self.identity_copies
+        weights, stats = _classify(graph, constants, initializers)
+        self.onnx_dtypes = {name: tensor.dtype for name, tensor in constants.items()}
+        self.params = nn.ParameterDict()
+        self.consts = nn.Module()
+        self._param_onnx: dict[str, str] = {}   # param key -> ONNX name
+        self._param_key: dict[str, str] = {}    # ONNX name -> param key
+        self._const_key: dict[str, str] = {}    # ONNX name -> buffer key
+        self.stat_names = sorted(stats)
+        for name, tensor in constants.items():
+            self._add_constant(name, tensor, name in weights)
+        self.input_names = [v.name for v in graph.input if v.name not in constants]
+        self.output_names = [v.name for v in graph.output]
+        self._overrides = dict(op_overrides or {})  # op_type -> fn(node, *args), this module only
+        self._nodes = self._build_nodes(graph, opset, constants)
+        self._produced = {name for node in self._nodes for name in node.outputs if name}
+        self._release = self._release_plan()
+        self.to(resolve_device(device))
+        logger.debug("OnnxModule: %d nodes, %d parameters, %d buffers (opset %d)",
+                     len(self._nodes), len(self.params), len(self._const_key), opset)
+
+    def _add_constant(self, name: str, tensor: torch.Tensor, trainable: bool) -> None:
+        if trainable:
+            key = _sanitize(name, self.params)
+            self.params[key] = nn.Parameter(tensor)
+            self._param_onnx[key], self._param_key[name] = name, key
+        else:
+            key = _sanitize(name, self.consts._buffers)
+            self.consts.register_buffer(key, tensor)
+            self._const_key[name] = key
+
+    def _build_nodes(self, graph, opset, constants) -> list[Node]:
+        table = {**registry(), **self._overrides}
+        known = set(self.input_names) | set(constants)
+        nodes = []
+        for index, proto in enumerate(graph.node):
+            node = Node(_node_name(proto, index), proto.op_type, tuple(proto.input),
+                        tuple(proto.output), parse_attrs(proto), opset, table.get(proto.op_type))
+            if proto.op_type == "Constant" or (node.outputs and node.outputs[0] in self.identity_copies):
+                continue
+            self._validate(node, proto.domain, known)
+            known.update(o for o in node.outputs if o)
+            nodes.append(node)
+        missing = [name for name in self.output_names if name not in known]
+        if missing:
+            raise UnsupportedModelError(f"graph output '{missing[0]}' is produced by no node; "
+                                        "check the model with onnx.checker")
+        return nodes
+
+    @staticmethod
+    def _validate(node: Node, domain: str, known: set[str]) -> None:
+        if domain not in _DOMAINS:
+            raise node.fail(f"domain '{domain}' is not supported; the torch backend runs "
+                            "standard ONNX ops only (export without custom/contrib ops)")
+        if node.fn is None:
+            raise node.fail("op is not supported by the torch backend; rewrite or "
+                            "decompose it into supported ops before pruning")
+        check = check_for(node.op_type)
+        if check is not None:
+            check(node)
+        for name in node.inputs:
+            if name and name not in known:
+                raise node.fail(f"input '{name}' is not produced before this node; "
+                                "topologically sort the graph (e.g. onnx-simplifier)")
+
+    def _release_plan(self) -> list[list[str]]:
+        """Per node: intermediate values whose last use it is (freed after it runs)."""
+        last: dict[str, int] = {}
+        for index, node in enumerate(self._nodes):
+            for name in node.inputs:
+                last[name] = index
+        keep = set(self.output_names) | set(self._param_key) | set(self._const_key)
+        for index, node in enumerate(self._nodes):
+            for name in node.outputs:
+                last.setdefault(name, index)  # never consumed: free right away
+        plan: list[list[str]] = [[] for _ in self._nodes]
+        for name, index in last.items():
+            if name and name not in keep:
+                plan[index].append(name)
+        return plan
+
+    def train(self, mode: bool = True) -> OnnxModule:
+        super().train(mode)
+        for node in self._nodes:
+            node.training = mode
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    def onnx_name(self, param_key: str) -> str:
+        """The exact ONNX initializer (or Constant output) name of parameter ``param_key``."""
+        return self._param_onnx[param_key]
+
+    def param_key(self, onnx_name: str) -> str:
+        """The ``params`` key of the weight called ``onnx_name`` in the ONNX graph."""
+        return self._param_key[onnx_name]
+
+    def named_onnx_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(ONNX name, Parameter) for every weight."""
+        for key, param in self.params.items():
+            yield self._param_onnx[key], param
+
+    def named_onnx_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Weights and BatchNormalization running stats by ONNX name (what write_back writes)."""
+        yield from self.named_onnx_parameters()
+        for name in self.stat_names:
+            yield name, self.consts.get_buffer(self._const_key[name])
+
+    def _environment(self) -> dict[str, torch.Tensor]:
+        env = {name: self.params[key] for name, key in self._param_key.items()}
+        env.update((name, self.consts.get_buffer(key)) for name, key in self._const_key.items())
+        return env
+
+    def _feed(self, inputs) -> dict[str, torch.Tensor]:
+        if not isinstance(inputs, Mapping):
+            inputs = list(inputs)
+            if len(inputs) != len(self.input_names):
+                raise InputError(f"the model takes {len(self.input_names)} inputs "
+                                 f"{self.input_names}, got {len(inputs)}")
+            inputs = dict(zip(self.input_names, inputs))
+        unknown = sorted(set(inputs) - set(self.input_names))
+        missing = sorted(set(self.input_names) - set(inputs))
+        if unknown or missing:
+            raise InputError(f"inputs must be exactly {self.input_names}; "
+                             f"unknown {unknown}, missing {missing}")
+        device = self.device
+        return {k: torch.as_tensor(v, device=device) for k, v in inputs.items()}
+
+    def run(self, inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+            outputs: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Execute the graph; return the values named in ``outputs`` (default: graph outputs).
+
+        Any value name works (graph input, node output, initializer), so intermediate
+        activations, e.g. the final hidden layer, can be read and differentiated."""
+        wanted = list(self.output_names if outputs is None else outputs)
+        env = self._environment()
+        env.update(self._feed(inputs))
+        absent = [name for name in wanted if name not in env and name not in self._produced]
+        if absent:
+            raise InputError(f"no value named '{absent[0]}' in the graph; "
+                             "ask for a graph input, node output or initializer name")
+        protect = set(wanted)
+        for node, release in zip(self._nodes, self._release):
+            self._execute(node, env)
+            for name in release:
+                if name not in protect:
+                    env.pop(name, None)
+        return {name: env[name] for name in wanted}
+
+    @staticmethod
+    def _execute(node: Node, env: dict[str, torch.Tensor]) -> None:
+        args = [env[name] if name else None for name in node.inputs]
+        try:
+            result = node.fn(node, *args)
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            raise RuntimeError(f"node '{node.name}' ({node.op_type}) failed: {err}") from err
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        for name, value in zip(node.outputs, results):
+            if name:
+                env[name] = value
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        values = self.run(inputs, self.output_names)
+        outs = tuple(values[name] for name in self.output_names)
+        return outs[0] if len(outs) == 1 else outs
+
+
+def _as_array(module: OnnxModule, name: str, value: torch.Tensor) -> np.ndarray:
+    dtype = module.onnx_dtypes.get(name, value.dtype)
+    return np.ascontiguousarray(value.detach().to("cpu", dtype).numpy())
+
+
+def _replace_tensor(proto: onnx.TensorProto, array: np.ndarray) -> None:
+    if tuple(proto.dims) != array.shape:
+        raise InputError(f"tensor '{proto.name}' has shape {tuple(proto.dims)} in the model but "
+                         f"{array.shape} in the module; write back into the model it was built from")
+    proto.CopyFrom(numpy_helper.from_array(array, proto.name))
+
+
+def _write_constant(node: onnx.NodeProto, array: np.ndarray) -> None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            _replace_tensor(attr.t, array)
+            return
+    del node.attribute[:]
+    node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(array)))
+
+
+def _materialize(graph: onnx.GraphProto, node: onnx.NodeProto, array: np.ndarray) -> None:
+    """Replace an Identity-of-constant node by an initializer named as its output."""
+    source = next((i for i in graph.initializer if i.name == node.input[0]), None)
+    if source is not None and tuple(source.dims) != array.shape:
+        raise InputError(f"tensor '{node.output[0]}' has shape {tuple(source.dims)} in the model "
+                         f"but {array.shape} in the module; write back into the model it was built from")
+    graph.node.remove(node)
+    graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+
+
+def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
+    used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+    for init in [i for i in graph.initializer if i.name in candidates and i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def write_back(module: OnnxModule, model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose weights and BN running stats hold the module's values.
+
+    Each tensor goes to the initializer (or Constant node) of the same ONNX name, keeping
+    its shape and element type; an untied Identity-of-constant becomes an initializer of
+    its output name (a source initializer left unused is dropped). A name missing from
+    ``model`` raises InputError."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {n.output[0]: n for n in graph.node if n.op_type in ("Constant", "Identity")}
+    sources: set[str] = set()
+    for name, value in module.named_onnx_tensors():
+        array = _as_array(module, name, value)
+        node = producers.get(name)
+        if name in initializers:
+            _replace_tensor(initializers[name], array)
+        elif node is not None and node.op_type == "Constant":
+            _write_constant(node, array)
+        elif node is not None and name in module.identity_copies:
+            _materialize(graph, node, array)
+            sources.add(node.input[0])
+        else:
+            raise InputError(f"module tensor '{name}' has no initializer of that name in the "
+                             "model; write back into the model the module was built from")
+    _drop_unused(graph, sources)
+    return out

@@ -1,0 +1,356 @@
+"""Layout, shape, indexing and constant ops, plus Pad and Resize."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .ops import ONNX_TO_TORCH_DTYPE, Node, ints, register
+from .ops_nn import torch_pad
+
+
+def constant_value(node: Node) -> torch.Tensor:
+    """The tensor a Constant node holds (value / value_float(s) / value_int(s))."""
+    attrs = node.attrs
+    if "value" in attrs:
+        return attrs["value"]
+    for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32),
+                       ("value_int", torch.int64), ("value_ints", torch.int64)):
+        if key in attrs:
+            return torch.tensor(attrs[key], dtype=dtype)
+    raise node.fail(f"attribute {sorted(attrs)} is not supported; use a 'value' tensor")
+
+
+register("Constant")(lambda node: constant_value(node))
+
+
+@register("Identity")
+def identity(node: Node, x):
+    return x
+
+
+def _check_cast(node: Node) -> None:
+    if node.attr("to") not in ONNX_TO_TORCH_DTYPE:
+        raise node.fail(f"cast to element type {node.attr('to')} is not supported; "
+                        "cast to a float, int or bool type")
+
+
+@register("Cast", check=_check_cast)
+def cast(node: Node, x):
+    return x.to(ONNX_TO_TORCH_DTYPE[node.attr("to")])
+
+
+@register("CastLike")
+def cast_like(node: Node, x, like):
+    return x.to(like.dtype)
+
+
+@register("Shape")
+def shape(node: Node, x):
+    dims = list(x.shape)[node.attr("start", 0):node.attr("end", x.dim())]
+    return torch.tensor(dims, dtype=torch.int64, device=x.device)
+
+
+@register("Size")
+def size(node: Node, x):
+    return torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
+
+
+@register("ConstantOfShape")
+def constant_of_shape(node: Node, dims):
+    value = node.attr("value")
+    value = torch.zeros(1, dtype=torch.float32) if value is None else value
+    return torch.full(ints(dims), value.reshape(-1)[0].item(), dtype=value.dtype, device=dims.device)
+
+
+@register("Flatten")
+def flatten(node: Node, x):
+    axis = node.attr("axis", 1) % (x.dim() + 1) if x.dim() else 0
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
+@register("Reshape")
+def reshape(node: Node, x, dims):
+    """0 copies the input dim (unless allowzero=1), -1 is inferred."""
+    target = ints(dims)
+    if not node.attr("allowzero", 0):
+        target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
+    return x.reshape(target)
+
+
+@register("Transpose")
+def transpose(node: Node, x):
+    return x.permute(node.attr("perm", list(range(x.dim() - 1, -1, -1))))
+
+
+@register("Concat")
+def concat(node: Node, *xs):
+    return torch.cat(xs, dim=node.attr("axis"))
+
+
+@register("Split")
+def split(node: Node, x, sizes=None):
+    """Sizes from the split input / attribute, else num_outputs (or one per output)
+    chunks of ceil(dim / n), the last one smaller."""
+    axis = node.attr("axis", 0) % x.dim()
+    chunks = ints(sizes) if sizes is not None else node.attr("split")
+    if not chunks:
+        count = node.attr("num_outputs", len(node.outputs))
+        step = -(-x.shape[axis] // count)
+        chunks = [step] * (count - 1) + [x.shape[axis] - step * (count - 1)]
+    return tuple(torch.split(x, chunks, dim=axis))
+
+
+def _slice_bounds(start: int, end: int, step: int, dim: int) -> tuple[int, int]:
+    start = start + dim if start < 0 else start
+    end = end + dim if end < 0 else end
+    if step > 0:
+        return min(max(start, 0), dim), min(max(end, 0), dim)
+    return min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+
+
+@register("Slice")
+def slice_(node: Node, x, starts=None, ends=None, axes=None, steps=None):
+    """ONNX slicing with clamped bounds; negative steps go through index_select."""
+    if node.opset < 10:
+        starts, ends, axes = node.attr("starts"), node.attr("ends"), node.attr("axes")
+    else:
+        starts, ends, axes = ints(starts), ints(ends), ints(axes)
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = ints(steps) or [1] * len(starts)
+    index = [slice(None)] * x.dim()
+    backward = []
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis %= x.dim()
+        start, end = _slice_bounds(start, end, step, x.shape[axis])
+        if step > 0:
+            index[axis] = slice(start, max(start, end), step)
+        else:
+            backward.append((axis, torch.arange(start, end, step, device=x.device)))
+    x = x[tuple(index)]
+    for axis, picks in backward:
+        x = x.index_select(axis, picks)
+    return x
+
+
+def _wrap(idx: torch.Tensor, dim: int) -> torch.Tensor:
+    idx = idx.long()
+    return torch.where(idx < 0, idx + dim, idx)
+
+
+@register("Gather")
+def gather(node: Node, x, idx):
+    axis = node.attr("axis", 0) % x.dim()
+    picked = x.index_select(axis, _wrap(idx, x.shape[axis]).reshape(-1))
+    return picked.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
+
+
+@register("GatherElements")
+def gather_elements(node: Node, x, idx):
+    axis = node.attr("axis", 0) % x.dim()
+    return torch.gather(x, axis, _wrap(idx, x.shape[axis]))
+
+
+def _check_scatter_nd(node: Node) -> None:
+    if node.attr("reduction", "none") not in ("none", "add"):
+        raise node.fail(f"reduction '{node.attr('reduction')}' is not supported; use none or add")
+
+
+@register("ScatterND", check=_check_scatter_nd)
+def scatter_nd(node: Node, x, idx, updates):
+    """Out-of-place: a copy of x with slices at ``idx[..., :k]`` replaced (or added to)."""
+    coords = tuple(_wrap(idx[..., k], x.shape[k]) for k in range(idx.shape[-1]))
+    return x.index_put(coords, updates, accumulate=node.attr("reduction", "none") == "add")
+
+
+def _axes(node: Node, axes_input) -> list[int] | None:
+    return ints(axes_input) if axes_input is not None else node.attr("axes")
+
+
+@register("Squeeze")
+def squeeze(node: Node, x, axes=None):
+    axes = _axes(node, axes)
+    if not axes:
+        return x.squeeze()
+    return x.squeeze(tuple(a % x.dim() for a in axes))
+
+
+@register("Unsqueeze")
+def unsqueeze(node: Node, x, axes=None):
+    axes = _axes(node, axes)
+    rank = x.dim() + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        x = x.unsqueeze(axis)
+    return x
+
+
+@register("Expand")
+def expand(node: Node, x, dims):
+    """Bidirectional broadcast of x with the requested shape."""
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(ints(dims))))
+
+
+@register("Tile")
+def tile(node: Node, x, repeats):
+    return x.repeat(ints(repeats))
+
+
+@register("Range")
+def range_(node: Node, start, limit, delta):
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype,
+                        device=start.device)
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def _check_pad(node: Node) -> None:
+    if node.attr("mode", "constant") not in _PAD_MODES:
+        raise node.fail(f"mode '{node.attr('mode')}' is not supported; use one of {sorted(_PAD_MODES)}")
+
+
+@register("Pad", check=_check_pad)
+def pad(node: Node, x, pads=None, value=None, axes=None):
+    """ONNX pads [b1..bn, e1..en] (negative crops); constant / reflect / edge / wrap."""
+    if node.opset < 11:
+        pads, value = node.attr("pads"), node.attr("value", 0.0)
+    else:
+        pads, value = ints(pads), (0.0 if value is None or value.numel() == 0 else value.item())
+    n = len(pads) // 2
+    axes = [a % x.dim() for a in ints(axes)] if axes is not None else list(range(n))
+    pairs = [(0, 0)] * x.dim()
+    for i, axis in enumerate(axes):
+        pairs[axis] = (pads[i], pads[i + n])
+    mode = _PAD_MODES[node.attr("mode", "constant")]
+    if mode == "constant":
+        return F.pad(x, torch_pad(pairs), value=value)
+    if any(p != (0, 0) for p in pairs[:2]) or not 3 <= x.dim() <= 5:
+        raise node.fail(f"mode '{node.attr('mode')}' is supported on the spatial dims of a 3-5-D "
+                        "tensor only; pad batch/channel dims in constant mode")
+    return F.pad(x, torch_pad(pairs[2:]), mode=mode)
+
+
+_COORD_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
+                "tf_half_pixel_for_nn", "half_pixel_symmetric")
+
+
+def _check_resize(node: Node) -> None:
+    if node.attr("mode", "nearest") not in ("nearest", "linear", "cubic"):
+        raise node.fail(f"mode '{node.attr('mode')}' is not supported; use nearest, linear or cubic")
+    coord = node.attr("coordinate_transformation_mode", "half_pixel")
+    if coord not in _COORD_MODES:
+        raise node.fail(f"coordinate_transformation_mode '{coord}' is not supported; "
+                        f"use one of {', '.join(_COORD_MODES)}")
+    if node.attr("antialias", 0):
+        raise node.fail("antialias=1 is not supported; export with antialias=False")
+
+
+def _legacy_or(node: Node, key: str, default: str, legacy: str) -> str:
+    """Upsample and Resize-10 have no such attribute and behave as ``legacy``."""
+    if node.op_type == "Upsample" or node.opset < 11:
+        return legacy
+    return node.attr(key, default)
+
+
+def _source_coords(node: Node, out: int, size: int, scale: float, device) -> torch.Tensor:
+    """Input coordinate of each output index (float32, as onnxruntime computes it)."""
+    x = torch.arange(out, dtype=torch.float32, device=device)
+    mode = _legacy_or(node, "coordinate_transformation_mode", "half_pixel", "asymmetric")
+    if mode == "asymmetric":
+        return x / scale
+    if mode == "align_corners":
+        return x * (size - 1) / (out - 1) if out > 1 else torch.zeros_like(x)
+    if mode == "tf_half_pixel_for_nn":
+        return (x + 0.5) / scale
+    if mode == "pytorch_half_pixel" and out == 1:
+        return torch.zeros_like(x)
+    offset = 0.0
+    if mode == "half_pixel_symmetric":
+        offset = size / 2.0 * (1.0 - out / (scale * size))
+    return offset + (x + 0.5) / scale - 0.5
+
+
+_ROUNDING = {
+    "round_prefer_floor": lambda c: torch.ceil(c - 0.5),
+    "round_prefer_ceil": lambda c: torch.floor(c + 0.5),
+    "floor": torch.floor,
+    "ceil": torch.ceil,
+}
+
+
+def _cubic_weights(t: torch.Tensor, a: float) -> list[torch.Tensor]:
+    """Keys cubic convolution weights of taps -1, 0, 1, 2 at fraction t."""
+
+    def near(d):
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d):
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def _taps(node: Node, coords: torch.Tensor, size: int):
+    """(indices, weights) pairs to blend along one axis."""
+    mode = node.attr("mode", "nearest")
+    if mode == "nearest":
+        rounding = _ROUNDING[_legacy_or(node, "nearest_mode", "round_prefer_floor", "floor")]
+        return [(rounding(coords).clamp(0, size - 1).long(), None)]
+    if mode == "linear":
+        coords = coords.clamp(0, size - 1)
+        low = torch.floor(coords)
+        return [(low.long(), 1.0 - (coords - low)), ((low + 1).clamp(max=size - 1).long(), coords - low)]
+    low = torch.floor(coords)
+    weights = _cubic_weights(coords - low, node.attr("cubic_coeff_a", -0.75))
+    raw = [low.long() + k for k in (-1, 0, 1, 2)]
+    if node.attr("exclude_outside", 0):
+        weights = [w * ((i >= 0) & (i < size)) for w, i in zip(weights, raw)]
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    return [(i.clamp(0, size - 1), w) for i, w in zip(raw, weights)]
+
+
+def _resize_axis(node: Node, x, axis: int, out: int, scale: float):
+    coords = _source_coords(node, out, x.shape[axis], scale, x.device)
+    result = None
+    for idx, weight in _taps(node, coords, x.shape[axis]):
+        part = x.index_select(axis, idx)
+        if weight is not None:
+            shape = [1] * x.dim()
+            shape[axis] = out
+            part = part * weight.to(x.dtype).reshape(shape)
+        result = part if result is None else result + part
+    return result
+
+
+def _targets(node: Node, x, scales, sizes) -> list[tuple[int, int, float]]:
+    """(axis, output size, scale) for every resized axis."""
+    rank = x.dim()
+    axes = [a % rank for a in node.attr("axes", list(range(rank)))]
+    in_sizes = [x.shape[a] for a in axes]
+    if sizes is not None and sizes.numel():
+        outs = ints(sizes)
+        factors = [float(np.float32(o) / np.float32(i)) for o, i in zip(outs, in_sizes)]
+        policy = node.attr("keep_aspect_ratio_policy", "stretch")
+        if policy != "stretch":
+            pick = min if policy == "not_larger" else max
+            factor = pick(factors)
+            factors = [factor] * len(axes)
+            outs = [int(math.floor(factor * i + 0.5)) for i in in_sizes]
+    else:
+        factors = [float(v) for v in scales.reshape(-1).tolist()]
+        outs = [int(math.floor(i * f)) for i, f in zip(in_sizes, factors)]
+    return list(zip(axes, outs, factors))
+
+
+@register("Resize", "Upsample", check=_check_resize)
+def resize(node: Node, x, roi=None, scales=None, sizes=None):
+    """Separable nearest / linear / cubic resampling with ONNX coordinate modes."""
+    if node.op_type == "Upsample" or node.opset < 11:
+        scales = roi if roi is not None else torch.tensor(node.attr("scales"))
+    for axis, out, scale in _targets(node, x, scales, sizes):
+        if out != x.shape[axis] or scale != 1.0:
+            x = _resize_axis(node, x, axis, out, scale)
+    return x
