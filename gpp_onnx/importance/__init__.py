@@ -33,17 +33,22 @@ class Criterion(Protocol):
     def score(self, analysis, evidence: Evidence | None = None) -> dict[str, np.ndarray]: ...
 
 
-_DATA_FREE = {"l1": lambda seed: Magnitude(1), "l2": lambda seed: Magnitude(2),
-              "random": lambda seed: RandomCriterion(seed)}
+def _discriminant(seed: int):
+    from .discriminant import DiscriminantCriterion  # torch is imported only when used
+    return DiscriminantCriterion()
+
+
+_CRITERIA = {"l1": lambda seed: Magnitude(1), "l2": lambda seed: Magnitude(2),
+             "random": lambda seed: RandomCriterion(seed), "gpp": _discriminant}
 
 
 def criterion_names() -> list[str]:
-    return sorted(_DATA_FREE)
+    return sorted(_CRITERIA)
 
 
 def get_criterion(name: str, seed: int = 0) -> Criterion:
     try:
-        return _DATA_FREE[name](seed)
+        return _CRITERIA[name](seed)
     except KeyError:
         raise InputError(f"unknown criterion '{name}' - choose one of "
                          f"{', '.join(criterion_names())}") from None

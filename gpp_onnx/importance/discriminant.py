@@ -1,0 +1,134 @@
+"""The Grow-Push-Prune criterion: LDA utility traced back through the net (METHOD 1-2).
+
+1. Final hidden layer h (N x M, spatial maps average-pooled) over labelled images;
+   per-neuron LDA utility v (``lda.lda_utility``), max-normalised to weights w in [0, 1];
+   dead and duplicate neurons get 0.
+2. Deconvnet tracing: the backward pass is seeded at h with the weighted activations
+   ``w * h`` and runs through the model with ReLU's backward replaced by the deconvnet
+   rule ``grad_in = relu(grad_out)``; max-pool routes through its forward switches, convs
+   apply their transposed filters, Concat splits, forks sum, Add feeds both inputs (all
+   plain autograd). The signal reaching value V is averaged over images,
+   ``U = (1/N) sum_n dV_n``, and a channel's utility is its maximum over space,
+   ``u_c = max_hw U_c`` (negative signals count as 0).
+3. A group's utility per channel is the sum over its members of the member utilities,
+   each max-normalised per member value.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ..errors import DataError, InputError
+from ..progress import track
+from .lda import LdaResult, lda_utility
+
+logger = logging.getLogger(__name__)
+
+
+class _DeconvRelu(torch.autograd.Function):
+    """ReLU forward; deconvnet backward: the signal itself is rectified."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp(min=0)
+
+
+def deconv_relu(node, x):
+    return _DeconvRelu.apply(x)
+
+
+def _pool(h: torch.Tensor) -> torch.Tensor:
+    return h.flatten(2).mean(dim=2) if h.dim() > 2 else h
+
+
+def _batches(data, batch_size: int):
+    for start in range(0, len(data.y), batch_size):
+        yield data.x[start:start + batch_size], data.y[start:start + batch_size]
+
+
+class DiscriminantCriterion:
+    name = "gpp"
+
+    def __init__(self, weight_by_utility: bool = True):
+        self.weight_by_utility = weight_by_utility
+        self.lda: LdaResult | None = None
+
+    def score(self, analysis, evidence=None) -> dict[str, np.ndarray]:
+        if evidence is None or evidence.data is None or evidence.feature is None:
+            raise InputError("the gpp criterion needs labelled data - pass --data")
+        from ..torch_backend import OnnxModule, resolve_device
+
+        device = resolve_device(evidence.device)
+        module = OnnxModule(analysis.view.model, device=device,
+                            op_overrides={"Relu": deconv_relu}).eval()
+        input_name = analysis.view.input_names[0]
+        batch = max(1, min(evidence.batch_size, 32))
+        self.lda = self._lda(module, input_name, evidence, batch, device)
+        weights = self.lda.utility / max(float(self.lda.utility.max()), 1e-30)
+        if not self.weight_by_utility:
+            weights = (self.lda.utility > 0).astype(np.float64)
+        values = sorted({m.value for g in analysis.prunable for m in g.members})
+        signal = self._trace(module, input_name, evidence, values, weights, batch, device)
+        utilities = {v: _channel_utility(signal[v], analysis.axes[v]) for v in values}
+        return {g.key: _group_utility(g, utilities) for g in analysis.prunable}
+
+    def _lda(self, module, input_name, evidence, batch, device) -> LdaResult:
+        feats = []
+        with torch.no_grad():
+            for x, _ in _batches(evidence.data, batch):
+                h = module.run({input_name: torch.from_numpy(x).to(device)},
+                               [evidence.feature])[evidence.feature]
+                feats.append(_pool(h).double().cpu().numpy())
+        features = np.concatenate(feats)
+        if not np.all(np.isfinite(features)):
+            raise DataError(f"the final hidden layer '{evidence.feature}' has NaN/inf "
+                            "activations on the data - check the input scaling (--mean/--std)")
+        result = lda_utility(features, evidence.data.y)
+        logger.info("LDA on '%s': %d neurons, %d dead/duplicate, S_w off-diagonal energy %.3f",
+                    evidence.feature, len(result.utility), result.dropped, result.offdiag_ratio)
+        return result
+
+    def _trace(self, module, input_name, evidence, values, weights, batch, device):
+        w = torch.as_tensor(weights, dtype=torch.float32, device=device)
+        sums: dict[str, torch.Tensor] = {}
+        n_batches = -(-len(evidence.data.y) // batch)
+        for x, _ in track(_batches(evidence.data, batch), "tracing", n_batches, logger):
+            out = module.run({input_name: torch.from_numpy(x).to(device)},
+                             [evidence.feature, *values])
+            h = out[evidence.feature]
+            seed = (h * w.view(1, -1, *([1] * (h.dim() - 2)))).detach()
+            targets = [out[v] for v in values]
+            grads = torch.autograd.grad(h, targets, grad_outputs=seed, allow_unused=True)
+            for v, g in zip(values, grads):
+                if g is not None:
+                    part = g.detach().sum(dim=0)
+                    sums[v] = part if v not in sums else sums[v] + part
+        n = len(evidence.data.y)
+        return {v: (sums[v] / n).cpu().numpy() if v in sums else None for v in values}
+
+
+def _channel_utility(mean_signal: np.ndarray | None, axis: int) -> np.ndarray | None:
+    """u_c = max over the non-channel axes of the image-averaged signal, floored at 0."""
+    if mean_signal is None:
+        return None
+    moved = np.moveaxis(mean_signal, axis - 1, 0)  # batch axis already summed away
+    return np.maximum(moved.reshape(moved.shape[0], -1).max(axis=1), 0.0)
+
+
+def _group_utility(group, utilities: dict) -> np.ndarray:
+    total = np.zeros(group.width)
+    for m in group.members:
+        u = utilities.get(m.value)
+        if u is None:
+            continue
+        per_channel = u[m.elements].sum(axis=1)
+        peak = per_channel.max()
+        if peak > 0:
+            total += per_channel / peak
+    return total
