@@ -79,9 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--input-shape", type=_shape)
     cmp.add_argument("--repeats", type=int, default=30)
 
-    demo = sub.add_parser("demo", help="prune the embedded sample CNN end to end")
+    demo = sub.add_parser("demo", help="train a small CNN on the bundled digits, prune it "
+                          "with the GPP criterion, fine-tune, report")
     demo.add_argument("--out", default="gpp-demo", help="folder for the demo's files")
     demo.add_argument("--ratio", type=float, default=0.5)
+    demo.add_argument("--epochs", type=float, default=20, help="training epochs")
+    demo.add_argument("--finetune-epochs", type=float, default=2)
     return parser
 
 
@@ -140,7 +143,7 @@ def _run(args) -> int:
         cmp = pipeline.compare(args.model_a, args.model_b, args.input_shape, args.repeats)
         print(report.comparison_table(cmp, Path(args.model_a).name, Path(args.model_b).name))
     elif args.command == "demo":
-        result = pipeline.demo(Path(args.out), args.ratio)
+        result = pipeline.demo(Path(args.out), args.ratio, args.epochs, args.finetune_epochs)
         print(report.prune_summary(result))
     return 0
 

@@ -30,7 +30,7 @@ class TrainOptions:
     device: str = "auto"                 # auto | cpu | cuda
 
 
-DATA_CRITERIA = ("gpp", "taylor")
+DATA_CRITERIA = ("gpp", "gpp-deconv", "taylor")
 
 
 @dataclass(frozen=True)

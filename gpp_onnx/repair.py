@@ -4,13 +4,15 @@ Exported graphs usually have BatchNorm folded into the convs, so nothing re-cent
 layer whose inputs lost channels. A consumer's output o receives ``sum_c W[o, c] * x_c``;
 replacing a removed ``x_c`` by its mean ``m_c`` over the data keeps that term on average:
 
-    Conv:           b[o] += sum_{c removed, c in o's group} m_c * sum_k W[o, c mod C/g, k]
+    Conv:           b[o] += mean over output positions of conv(x_m)[o], x_m holding m_c
+                    on the removed channels and 0 elsewhere (exact at padded borders;
+                    away from them ``sum_{c removed in o's group} m_c sum_k W[o, c mod C/g, k]``)
     ConvTranspose:  b[o] += sum_{c removed} m_c * sum_k W[c, o, k]            (group 1)
     Gemm:           C[o] += alpha / beta * sum_{c removed} m_c * W'[c, o]
 
 ``m_c`` is the mean of the consumer's input over images and all non-channel axes (for a
-Gemm after Flatten, per feature). Border effects of padded convolutions are ignored.
-MatMul consumers have no bias and are left as they are.
+Gemm after Flatten, per feature). Border effects of ConvTranspose are ignored. MatMul
+consumers have no bias and are left as they are.
 """
 from __future__ import annotations
 
@@ -62,7 +64,8 @@ def bias_deltas(analysis, kept: dict[str, np.ndarray],
         width = len(means[p.value])
         removed = np.setdiff1d(np.arange(width), kept[p.value])
         node = nodes[p.node]
-        delta = _delta(node, analysis.view.const(p.param), removed, means[p.value][removed], p)
+        delta = _delta(node, analysis.view.const(p.param), removed, means[p.value][removed], p,
+                       analysis.view.shape(p.value))
         if delta is None:
             logger.debug("no bias repair for %s (%s)", node.name, node.op_type)
             continue
@@ -75,10 +78,34 @@ def _attr(node, name, default):
                 default)
 
 
-def _delta(node, w: np.ndarray, removed: np.ndarray, m: np.ndarray, p) -> np.ndarray | None:
+def _conv_response(node, w: np.ndarray, removed, m, in_shape) -> np.ndarray | None:
+    """Mean over output positions of the conv applied to the removed channels' means."""
+    import torch
+    import torch.nn.functional as F
+
+    spatial = len(in_shape) - 2
+    if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or spatial not in (1, 2, 3):
+        return None
+    x = torch.zeros((1, *in_shape[1:]), dtype=torch.float64)
+    x[0, torch.as_tensor(removed)] = torch.as_tensor(m, dtype=torch.float64).view(
+        -1, *([1] * spatial))
+    pads = list(_attr(node, "pads", [0] * 2 * spatial))
+    torch_pads = [v for i in reversed(range(spatial)) for v in (pads[i], pads[i + spatial])]
+    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+    y = conv(F.pad(x, torch_pads), torch.as_tensor(w), stride=_attr(node, "strides", 1),
+             dilation=_attr(node, "dilations", 1), groups=_attr(node, "group", 1))
+    return y[0].flatten(1).mean(dim=1).numpy()
+
+
+def _delta(node, w: np.ndarray, removed: np.ndarray, m: np.ndarray, p,
+           in_shape=None) -> np.ndarray | None:
     if len(removed) == 0:
         return None
     w = w.astype(np.float64)
+    if node.op_type == "Conv" and in_shape is not None:
+        exact = _conv_response(node, w, removed, m, in_shape)
+        if exact is not None:
+            return exact
     if node.op_type == "Conv":
         wsum = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)   # (M, C/g)
         groups, cg = _attr(node, "group", 1), w.shape[1]

@@ -1,9 +1,10 @@
 """Small CNN graphs built directly in ONNX (no framework needed).
 
 `GraphBuilder` writes NCHW graphs op by op with seeded random weights and tracks
-shapes; `sample_cnn()` is the embedded default model of the README's demo: a residual
+shapes. `sample_cnn()` puts every channel-routing family in one small CNN: a residual
 stem, an Inception-style concat, a depthwise + squeeze-excitation block, a channel
-shuffle and a Flatten -> Gemm classifier (10 classes, 3x32x32 inputs).
+shuffle and a Flatten -> Gemm classifier (10 classes, 3x32x32 inputs). `digits_cnn()` is
+the model of the README's demo (trained there on the bundled 8x8 digits).
 """
 from __future__ import annotations
 
@@ -199,6 +200,20 @@ class GraphBuilder:
         model.ir_version = 8
         onnx.checker.check_model(model, full_check=True)
         return model
+
+
+def digits_cnn(seed: int = 0) -> onnx.ModelProto:
+    """An untrained CNN for the bundled 8x8 digits (1x8x8 input, 10 classes)."""
+    b = GraphBuilder((1, 1, 8, 8), seed=seed, name="digits_cnn")
+    x = b.act(b.conv("input", 16), "Relu")
+    x = b.act(b.conv(x, 32), "Relu")
+    x = b.pool(x)                                                           # 4x4
+    r = b.act(b.conv(x, 32), "Relu")
+    x = b.act(b.binary("Add", x, b.conv(r, 32)), "Relu")                    # residual
+    x = b.concat([b.act(b.conv(x, 24, k=1), "Relu"),                        # two branches
+                  b.act(b.conv(b.act(b.conv(x, 16, k=1), "Relu"), 24), "Relu")])
+    x = b.act(b.gemm(b.flatten(b.gap(x)), 64), "Relu")
+    return b.build(b.gemm(x, 10))
 
 
 def sample_cnn(seed: int = 0, num_classes: int = 10) -> onnx.ModelProto:

@@ -12,6 +12,14 @@
    ``u_c = max_hw U_c`` (negative signals count as 0).
 3. A group's utility per channel is the sum over its members of the member utilities,
    each max-normalised per member value.
+
+Variants ([design], chosen by measurement, see docs/fashion-mnist.md): the deconvnet
+signal ignores whether a channel fires on the data at all, so a dead channel with
+positive outgoing weights still looks useful. ``contribution=True`` weighs the signal
+by the channel's own activation, ``U_c = (1/N) sum_n dV_n * V_n`` (a first-order
+estimate of the channel's share of the weighted discriminant features), and
+``rule="guided"`` additionally gates the rectified signal by the forward ReLU mask.
+Criterion names: ``gpp-deconv`` is the literal rule above; ``gpp`` the default variant.
 """
 from __future__ import annotations
 
@@ -39,8 +47,29 @@ class _DeconvRelu(torch.autograd.Function):
         return grad.clamp(min=0)
 
 
+class _GuidedRelu(torch.autograd.Function):
+    """ReLU forward; guided backward: rectified signal, gated by the forward mask."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (x > 0)
+
+
 def deconv_relu(node, x):
     return _DeconvRelu.apply(x)
+
+
+def guided_relu(node, x):
+    return _GuidedRelu.apply(x)
+
+
+RULES = {"deconv": deconv_relu, "guided": guided_relu, "gradient": None}
 
 
 def _pool(h: torch.Tensor) -> torch.Tensor:
@@ -53,9 +82,9 @@ def _batches(data, batch_size: int):
 
 
 class DiscriminantCriterion:
-    name = "gpp"
-
-    def __init__(self, weight_by_utility: bool = True):
+    def __init__(self, name: str = "gpp", rule: str = "deconv", contribution: bool = False,
+                 weight_by_utility: bool = True):
+        self.name, self.rule, self.contribution = name, rule, contribution
         self.weight_by_utility = weight_by_utility
         self.lda: LdaResult | None = None
 
@@ -65,8 +94,9 @@ class DiscriminantCriterion:
         from ..torch_backend import OnnxModule, resolve_device
 
         device = resolve_device(evidence.device)
+        relu = RULES[self.rule]
         module = OnnxModule(analysis.view.model, device=device,
-                            op_overrides={"Relu": deconv_relu}).eval()
+                            op_overrides={"Relu": relu} if relu else None).eval()
         input_name = analysis.view.input_names[0]
         batch = max(1, min(evidence.batch_size, 32))
         self.lda = self._lda(module, input_name, evidence, batch, device)
@@ -107,6 +137,7 @@ class DiscriminantCriterion:
             grads = torch.autograd.grad(h, targets, grad_outputs=seed, allow_unused=True)
             for v, g in zip(values, grads):
                 if g is not None:
+                    g = g * out[v].detach() if self.contribution else g
                     part = g.detach().sum(dim=0)
                     sums[v] = part if v not in sums else sums[v] + part
         n = len(evidence.data.y)
