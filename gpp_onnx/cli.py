@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "with the GPP criterion, fine-tune, report")
     demo.add_argument("--out", default="gpp-demo", help="folder for the demo's files")
     demo.add_argument("--ratio", type=float, default=0.5)
-    demo.add_argument("--epochs", type=float, default=20, help="training epochs")
+    demo.add_argument("--epochs", type=float, default=10, help="training epochs")
     demo.add_argument("--finetune-epochs", type=float, default=2)
     return parser
 

@@ -316,7 +316,7 @@ def evaluate(path, data: DataOptions) -> tuple[float, int]:
     return accuracy(model, ds, data.batch_size), len(ds.y)
 
 
-def demo(folder: Path, ratio: float = 0.5, epochs: float = 20, finetune: float = 2,
+def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, finetune: float = 2,
          seed: int = 0) -> PruneResult:
     """The README's main job on embedded data: train the digits CNN, prune it with the
     GPP criterion, fine-tune, and report accuracy, params, MACs and latency."""
