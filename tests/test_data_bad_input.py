@@ -1,0 +1,110 @@
+"""Bad labelled data and unsuitable models for data-driven pruning: one-line error, exit 2,
+nothing written."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from gpp_onnx.cli import main
+from gpp_onnx.samples import GraphBuilder
+
+
+def _cnn(classes=3, size=8, channels=1, head="gemm"):
+    b = GraphBuilder((1, channels, size, size), seed=0)
+    x = b.act(b.conv("input", 6), "Relu")
+    if head == "gemm":
+        return b.build(b.gemm(b.flatten(b.gap(x)), classes))
+    return b.build(b.flatten(b.gap(b.conv(x, classes, k=1))))  # conv classifier, no Gemm
+
+
+def _npz(path, n=30, classes=3, size=8, channels=None, labels=True, nan=False):
+    rng = np.random.default_rng(0)
+    shape = (n, size, size) if channels is None else (n, size, size, channels)
+    x = rng.integers(0, 255, shape).astype(np.uint8 if not nan else np.float32)
+    if nan:
+        x[0, 0, 0] = np.nan
+    arrays = {"x": x}
+    if labels:
+        arrays["y"] = np.arange(n) % classes
+    np.savez(path, **arrays)
+    return path
+
+
+def _prune(tmp_path, capsys, model, data, extra=()):
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    code = main(["prune", str(src), "-o", str(out), "--data", str(data), "--no-latency",
+                 *extra])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in lines)
+    assert not out.exists() and not (tmp_path / "o.report.json").exists()
+    return code, lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("no_labels", "label"),
+    ("one_class", "class"),
+    ("labels_too_big", "label"),
+    ("wrong_channels", "channel"),
+    ("nan", "NaN"),
+])
+def test_bad_data(kind, message, tmp_path, capsys):
+    data = tmp_path / "d.npz"
+    if kind == "no_labels":
+        _npz(data, labels=False)
+    elif kind == "one_class":
+        _npz(data, classes=1)
+    elif kind == "labels_too_big":
+        _npz(data, classes=5)
+    elif kind == "wrong_channels":
+        _npz(data, channels=3)
+    else:
+        _npz(data, nan=True)
+    code, err = _prune(tmp_path, capsys, _cnn(), data)
+    assert code == 2 and err.startswith("gpp-onnx: error:") and message.lower() in err.lower()
+
+
+def test_wrong_image_size_without_resize(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz", size=12)
+    code, err = _prune(tmp_path, capsys, _cnn(), data, ["--no-resize"])
+    assert code == 2 and "12" in err and "8" in err
+
+
+def test_last_layer_not_linear_names_the_way_out(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    code, err = _prune(tmp_path, capsys, _cnn(head="conv"), data)
+    assert code == 2 and "--feature-tensor" in err
+
+
+def test_feature_tensor_override_unknown_name(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    code, err = _prune(tmp_path, capsys, _cnn(), data, ["--feature-tensor", "nope"])
+    assert code == 2 and "nope" in err
+
+
+def test_feature_tensor_override_makes_a_conv_classifier_usable(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_cnn(head="conv"), src)
+    assert main(["-q", "prune", str(src), "-o", str(out), "--data", str(data), "--no-latency",
+                 "--feature-tensor", "relu2"]) == 0
+    assert out.exists()
+
+
+def test_data_criterion_without_data(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(_cnn(), src)
+    assert main(["prune", str(src), "-o", str(tmp_path / "o.onnx"), "--criterion", "gpp"]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_evaluate_reports_accuracy(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    src = tmp_path / "m.onnx"
+    onnx.save(_cnn(), src)
+    assert main(["evaluate", str(src), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    acc = float(out.split()[2])
+    assert 0.0 <= acc <= 1.0 and "30 images" in out
