@@ -33,13 +33,28 @@ class Criterion(Protocol):
     def score(self, analysis, evidence: Evidence | None = None) -> dict[str, np.ndarray]: ...
 
 
-def _discriminant(seed: int):
-    from .discriminant import DiscriminantCriterion  # torch is imported only when used
-    return DiscriminantCriterion()
+def _discriminant(name: str, **variant):
+    def make(seed: int):
+        from .discriminant import DiscriminantCriterion  # torch is imported only when used
+        return DiscriminantCriterion(name, **variant)
+    return make
+
+
+def _taylor(seed: int):
+    from .taylor import TaylorCriterion  # torch is imported only when used
+    return TaylorCriterion()
+
+
+def _bn_scale(seed: int):
+    from .bn_scale import BnScaleCriterion
+    return BnScaleCriterion()
 
 
 _CRITERIA = {"l1": lambda seed: Magnitude(1), "l2": lambda seed: Magnitude(2),
-             "random": lambda seed: RandomCriterion(seed), "gpp": _discriminant}
+             "random": lambda seed: RandomCriterion(seed),
+             "gpp": _discriminant("gpp", rule="guided", contribution=True),
+             "gpp-deconv": _discriminant("gpp-deconv", rule="deconv"),
+             "taylor": _taylor, "bn": _bn_scale}
 
 
 def criterion_names() -> list[str]:
@@ -54,4 +69,5 @@ def get_criterion(name: str, seed: int = 0) -> Criterion:
                          f"{', '.join(criterion_names())}") from None
 
 
-__all__ = ["Criterion", "Evidence", "Magnitude", "RandomCriterion", "criterion_names", "get_criterion"]
+__all__ = ["Criterion", "Evidence", "Magnitude", "RandomCriterion", "criterion_names",
+           "get_criterion"]

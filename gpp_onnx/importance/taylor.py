@@ -1,0 +1,131 @@
+"""First-order Taylor importance (Molchanov et al., CVPR 2019, "Importance Estimation for
+Neural Network Pruning"), data-driven.
+
+For a mini-batch b with mean cross-entropy loss ``L_b`` (model in eval mode: BatchNorm
+uses its running statistics, Dropout is off; gradients on), the first-order estimate of
+the loss change when channel c goes is the gate derivative
+
+    s_b(c) = sum_{slices P of c} sum_{w in P} w * dL_b/dw
+
+over the group's weight slices that *produce* the channel (roles ``out`` and ``chan``: a
+conv filter ``W[m]`` with its bias ``B[m]``, BatchNorm scale/shift, PRelu slopes,
+per-channel Mul/Add constants; only tensors the torch backend trains, so BatchNorm
+running mean / var do not count). For a linear producer ``y = W x + B`` the sum is
+exactly ``dL/d alpha`` at ``alpha = 1`` for a gate ``y_c -> alpha * y_c``; when several
+layers produce the channel (the branches of a residual Add, or a conv and its BN) their
+gate derivatives add. A group channel owns the k elements of each member value
+(``Member.elements``), and its slices' positions (``ParamSlice.index``) are counted once
+each, even where grouped layers map several elements to one weight slice. The
+importance is the squared batch sum averaged over the B mini-batches:
+
+    I(c) = (1/B) sum_b s_b(c)^2
+
+Mini-batches of ``Evidence.batch_size`` are drawn in a seeded shuffle
+(``data.iter_batches(shuffle=True, seed=Evidence.seed)``). The loss reads the logits: the
+model's first output, or the input of a final Softmax / LogSoftmax.
+
+``roles=("in",)`` gives the consumer-side variant: the gate derivative of scaling the
+weights that read channel c (exactly what ``--mask-only`` zeroes).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import iter_batches
+from ..errors import DataError, InputError
+from ..ops import ROLE_CHAN, ROLE_OUT
+from ..progress import track
+
+logger = logging.getLogger(__name__)
+
+
+class TaylorCriterion:
+    name = "taylor"
+
+    def __init__(self, roles: tuple[str, ...] = (ROLE_OUT, ROLE_CHAN)):
+        self.roles = tuple(roles)
+
+    def score(self, analysis, evidence=None) -> dict[str, np.ndarray]:
+        if evidence is None or evidence.data is None:
+            raise InputError("the taylor criterion needs labelled data - pass --data")
+        data = evidence.data
+        if len(data.y) == 0:
+            raise DataError("the taylor criterion got no labelled images to score with")
+        from ..torch_backend import OnnxModule, resolve_device
+
+        device = resolve_device(evidence.device)
+        module = OnnxModule(analysis.view.model, device=device).eval()
+        params = dict(module.named_onnx_parameters())
+        plan = _plan(analysis, params, self.roles, device)
+        names = sorted({name for slices in plan.values() for name, _, _ in slices})
+        wanted = [params[n] for n in names]
+        input_name = analysis.view.input_names[0]
+        logits_name = _logits_name(analysis.view)
+        sums = {g.key: torch.zeros(g.width, dtype=torch.float64, device=device)
+                for g in analysis.prunable}
+        n_batches = -(-len(data.y) // evidence.batch_size)
+        batches = iter_batches(data, evidence.batch_size, shuffle=True, seed=evidence.seed)
+        for x, y in track(batches, "taylor", n_batches, logger):
+            logits = module.run({input_name: torch.from_numpy(x).to(device)},
+                                [logits_name])[logits_name]
+            target = torch.from_numpy(y).to(device)
+            _check_logits(logits, target, logits_name)
+            loss = F.cross_entropy(logits.flatten(1) if logits.dim() > 2 else logits, target)
+            grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
+            wg = {}
+            for name, p, g in zip(names, wanted, grads):
+                if g is not None:
+                    wg[name] = p.detach().double() * g.detach().double()
+            for key, slices in plan.items():
+                s = torch.zeros(sums[key].shape[0], dtype=torch.float64, device=device)
+                for name, axis, incidence in slices:
+                    if name in wg:
+                        prod = wg[name]
+                        per_pos = prod.movedim(axis, 0).reshape(prod.shape[axis], -1).sum(dim=1)
+                        s += incidence @ per_pos
+                sums[key] += s * s
+        return {key: (total / n_batches).cpu().numpy() for key, total in sums.items()}
+
+
+def _plan(analysis, params: dict, roles, device) -> dict[str, list]:
+    """Per prunable group: (parameter name, axis, incidence (width, positions)) with each
+    position of each parameter counted once per group channel."""
+    plan = {}
+    for group in analysis.prunable:
+        members = {m.value: m for m in group.members}
+        incidence: dict[tuple[str, int], np.ndarray] = {}
+        for p in group.params:
+            if p.role not in roles or p.param not in params:
+                continue
+            n_pos = params[p.param].shape[p.axis]
+            elements = members[p.value].elements
+            pos = elements if p.index is None else p.index[elements]
+            mat = incidence.setdefault((p.param, p.axis), np.zeros((group.width, n_pos)))
+            mat[np.repeat(np.arange(group.width), pos.shape[1]), pos.ravel()] = 1.0
+        plan[group.key] = [(name, axis, torch.as_tensor(mat, dtype=torch.float64, device=device))
+                           for (name, axis), mat in incidence.items()]
+        if not plan[group.key]:
+            logger.debug("taylor: group %s has no trainable %s weights; it scores 0",
+                         group.key, "/".join(roles))
+    return plan
+
+
+def _logits_name(view) -> str:
+    out = view.output_names[0]
+    node = view.producer.get(out)
+    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+        return node.input[0]
+    return out
+
+
+def _check_logits(logits: torch.Tensor, target: torch.Tensor, name: str) -> None:
+    if logits.dim() < 2 or logits.flatten(1).shape[1] <= int(target.max()):
+        raise DataError(f"output '{name}' has shape {tuple(logits.shape)}; the taylor criterion "
+                        f"needs (N, classes) logits with more than {int(target.max())} classes")
+    if not torch.isfinite(logits).all():
+        raise DataError(f"the model produced NaN/inf logits in '{name}' on the data - check the "
+                        "input scaling (--mean/--std)")
