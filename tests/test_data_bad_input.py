@@ -108,3 +108,11 @@ def test_evaluate_reports_accuracy(tmp_path, capsys):
     out = capsys.readouterr().out
     acc = float(out.split()[2])
     assert 0.0 <= acc <= 1.0 and "30 images" in out
+
+
+def test_conv_classifier_works_with_data_for_criteria_without_features(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_cnn(head="conv"), src)
+    assert main(["-q", "prune", str(src), "-o", str(out), "--data", str(data), "--no-latency",
+                 "--criterion", "taylor"]) == 0
