@@ -93,8 +93,11 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
     Over K rounds: ratio r removes ``1 - (1-r)^(1/K)`` of the current widths per round;
     eta grows linearly (``eta * k``); a target fraction f of the original cost is reached
     as ``f^(k/K)`` after round k."""
-    scores = get_criterion(config.criterion, config.seed).score(analysis, evidence)
+    criterion = get_criterion(config.criterion, config.seed)
+    scores = criterion.score(analysis, evidence)
     meta = {"criterion": config.criterion, "seed": config.seed, "round": round_no}
+    if getattr(criterion, "report", None):
+        meta["criterion_report"] = criterion.report
     common = dict(min_keep=config.min_keep, round_to=config.round_to, meta=meta)
     k, rounds = round_no, config.rounds
     if config.eta is not None:

@@ -87,6 +87,7 @@ class DiscriminantCriterion:
         self.name, self.rule, self.contribution = name, rule, contribution
         self.weight_by_utility = weight_by_utility
         self.lda: LdaResult | None = None
+        self.report: dict = {}
 
     def score(self, analysis, evidence=None) -> dict[str, np.ndarray]:
         if evidence is None or evidence.data is None or evidence.feature is None:
@@ -106,6 +107,9 @@ class DiscriminantCriterion:
         values = sorted({m.value for g in analysis.prunable for m in g.members})
         signal = self._trace(module, input_name, evidence, values, weights, batch, device)
         utilities = {v: _channel_utility(signal[v], analysis.axes[v]) for v in values}
+        self.report = {"feature_tensor": evidence.feature, "rule": self.rule,
+                       "contribution": self.contribution, "images": len(evidence.data.y),
+                       "lda": self.lda.summary()}
         return {g.key: _group_utility(g, utilities) for g in analysis.prunable}
 
     def _lda(self, module, input_name, evidence, batch, device) -> LdaResult:
