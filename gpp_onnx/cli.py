@@ -153,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     handler = ProgressHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("gpp-onnx: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
     try:
         return _run(args)
     except GppError as err:
@@ -162,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gpp-onnx: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        handler.close_line()
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 if __name__ == "__main__":

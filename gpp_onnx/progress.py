@@ -38,7 +38,7 @@ class ProgressHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         info = getattr(record, "progress", None)
         if info is None:
-            self._close_line()
+            self.close_line()
             return super().emit(record)
         desc, done, total = info
         tty = getattr(self.stream, "isatty", lambda: False)()
@@ -57,7 +57,7 @@ class ProgressHandler(logging.StreamHandler):
                 self.stream.write(f"gpp-onnx: {desc} {done}/{total}\n")
         self.flush()
 
-    def _close_line(self) -> None:
+    def close_line(self) -> None:
         if self._open:
             self.stream.write("\n")
             self._open = False
