@@ -34,10 +34,9 @@ class Analysis:
         return [g for g in self.groups if g.prunable]
 
     def group(self, key: str) -> ChannelGroup:
-        for g in self.groups:
-            if g.key == key:
-                return g
-        raise KeyError(key)
+        if not hasattr(self, "_by_key"):
+            self._by_key = {g.key: g for g in self.groups}
+        return self._by_key[key]
 
 
 def analyze_model(model: onnx.ModelProto, input_shape=None) -> Analysis:
