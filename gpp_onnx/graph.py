@@ -158,7 +158,7 @@ def _probe(model: onnx.ModelProto, inputs: list[InputSpec], feeds: dict) -> dict
             if out and out not in known:
                 exposed.graph.output.append(onnx.ValueInfoProto(name=out))
                 known.add(out)
-    session = make_session(exposed, where="shape probe")
+    session = make_session(exposed, where="shape probe", optimize=False)
     names = [o.name for o in session.get_outputs()]
     try:
         values = session.run(names, feeds)

@@ -226,7 +226,7 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
     if not analysis.prunable:
         raise InputError(f"{src}: nothing can be pruned ({_first_reasons(analysis)}) - "
                          "run 'gpp-onnx analyze' to see why each channel group is kept")
-    original_session = _check_normalized(analysis.view, original)
+    _check_normalized(analysis.view, original)
     data = load_data(analysis.view, config)
     before = count(analysis.view)
     acc_before = accuracy(normalized, data.val) if data is not None else None
@@ -238,8 +238,7 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
                 break
         rounds.append(_one_round(analysis, config, data, k, plan_path, before))
     last = rounds[-1]
-    ratio = _latency(original_session, last.model, analysis.view.probe_feeds) \
-        if config.latency else None
+    ratio = _latency(original, last.model, analysis.view.probe_feeds) if config.latency else None
     model_io.save(last.masked if config.mask_only else last.model, dst)
     after = ModelStats(last.params, last.macs)
     data_report = report.json_report(src, dst, config, rounds, before, after, ratio, acc_before,
@@ -251,18 +250,16 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
                        data_report, tuple(rounds), acc_before)
 
 
-def _check_normalized(view: GraphView, original: onnx.ModelProto):
-    """normalize() must not change what the model computes; returns the input's session."""
-    session = verify.make_session(original, "input model")
-    verify.check_equivalent(view.probe_outputs, verify.outputs(session, view.probe_feeds),
+def _check_normalized(view: GraphView, original: onnx.ModelProto) -> None:
+    """normalize() must not change what the model computes."""
+    verify.check_equivalent(view.probe_outputs, verify.run(original, view.probe_feeds),
                             "normalised model", "the input model")
-    return session
 
 
-def _latency(original_session, pruned: onnx.ModelProto, feeds) -> float:
-    pruned_session = verify.make_session(pruned, "pruned model")
-    t_original, t_pruned = verify.latency([original_session, pruned_session], feeds,
-                                          budget_s=1.0)
+def _latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds) -> float:
+    sessions = [verify.make_session(original, "input model"),
+                verify.make_session(pruned, "pruned model")]
+    t_original, t_pruned = verify.latency(sessions, feeds, budget_s=1.0)
     return t_pruned / t_original
 
 

@@ -34,11 +34,15 @@ def providers() -> list[str]:
 
 
 def make_session(model: onnx.ModelProto, where: str = "model", threads: int = 0,
-                 provider_list: list[str] | None = None):
+                 provider_list: list[str] | None = None, optimize: bool = True):
+    """An onnxruntime session. Numeric checks use ``optimize=False``: ORT's fusions round
+    differently from graph to graph, and a check compares graphs, not ORT's rewrites."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
     try:
@@ -65,7 +69,8 @@ def outputs(session, feeds: dict, where: str = "model") -> list[np.ndarray]:
 
 
 def run(model: onnx.ModelProto, feeds: dict, where: str = "model") -> list[np.ndarray]:
-    return outputs(make_session(model, where), feeds, where)
+    """Outputs of `model` on `feeds`, without ORT graph rewrites (for numeric checks)."""
+    return outputs(make_session(model, where, optimize=False), feeds, where)
 
 
 def relative_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
