@@ -80,6 +80,18 @@ class GraphView:
         return meta
 
     @property
+    def dynamic_batch(self) -> bool:
+        """True when the first input's batch dim is symbolic."""
+        init = set(self.init_protos)
+        first = next(v for v in self.graph.input if v.name not in init)
+        dims = first.type.tensor_type.shape.dim
+        return bool(dims) and not dims[0].HasField("dim_value")
+
+    def check_feeds(self, seed: int = 0) -> dict:
+        """Random inputs for numeric checks: batch 2 where the batch is dynamic."""
+        return random_feeds(self.inputs, batch=2 if self.dynamic_batch else None, seed=seed)
+
+    @property
     def probe_feeds(self) -> dict:
         """The random inputs of the shape probe (batch 1 unless the input fixes it)."""
         return self._probe_run[0]

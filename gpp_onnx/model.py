@@ -8,7 +8,8 @@ Constant nodes, initializers shared between nodes (directly or behind Identity),
 
 * Constant nodes holding tensors become initializers;
 * constant sub-graphs are folded (onnx-graphsurgeon, evaluated by onnxruntime), which
-  also removes Identity nodes in front of initializers and folds static shape arithmetic;
+  also removes Identity nodes in front of initializers and folds shape arithmetic on
+  static dims (symbolic shape inference first, so only the batch size stays dynamic);
 * channel shuffles ``Reshape(N,g,C/g,H,W) -> Transpose(0,2,1,3,4) -> Reshape(N,C,H,W)``
   become one ``Gather(axis=1, indices=pi)`` with ``pi[j*g+i] = i*(C/g)+j`` (the same
   permutation as one op whose channels can be followed one by one);
@@ -98,11 +99,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return an equivalent model with constants as initializers, folded, sorted."""
     import onnx_graphsurgeon as gs
 
-    model = _constants_to_initializers(model)
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as err:  # shape inference is a help, not a requirement
-        logger.debug("shape inference failed before folding: %s", err)
+    model = _infer_shapes(_constants_to_initializers(model))
     graph = gs.import_onnx(model)
     graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
     folded = gs.export_onnx(graph, do_type_check=False)
@@ -139,29 +136,66 @@ def _shuffles_to_gather(model: onnx.ModelProto) -> int:
             graph.node.remove(node)
         graph.node.insert(position, gather)
         replaced += 1
+    if replaced:
+        _drop_dead_nodes(model)
     return replaced
 
 
+def _shape_entries(name: str, producer, inits) -> list | None:
+    """Entries of a Reshape target: a constant, or a Concat of one-element pieces whose
+    dynamic pieces (e.g. the batch size read by Shape) are None."""
+    if name in inits:
+        return [int(v) for v in numpy_helper.to_array(inits[name]).ravel()]
+    node = producer.get(name)
+    if node is None or node.op_type != "Concat":
+        return None
+    entries = []
+    for piece in node.input:
+        value = numpy_helper.to_array(inits[piece]).ravel() if piece in inits else None
+        if value is not None and value.size != 1:
+            return None
+        entries.append(None if value is None else int(value[0]))
+    return entries
+
+
 def _shuffle_chain(last, producer, users, inits, outputs):
-    if last.op_type != "Reshape" or last.input[1] not in inits:
+    if last.op_type != "Reshape":
         return None
     transpose = producer.get(last.input[0])
     if transpose is None or transpose.op_type != "Transpose":
         return None
     perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
     first = producer.get(transpose.input[0])
-    if perm != [0, 2, 1, 3, 4] or first is None or first.op_type != "Reshape" \
-            or first.input[1] not in inits:
+    if perm != [0, 2, 1, 3, 4] or first is None or first.op_type != "Reshape":
         return None
     if any(users.get(v, 0) != 1 or v in outputs for v in (first.output[0], transpose.output[0])):
         return None
-    s1 = numpy_helper.to_array(inits[first.input[1]])
-    s2 = numpy_helper.to_array(inits[last.input[1]])
-    if s1.shape != (5,) or s2.shape != (4,) or s1[1] <= 0 or s1[2] <= 0:
+    s1 = _shape_entries(first.input[1], producer, inits)
+    s2 = _shape_entries(last.input[1], producer, inits)
+    if s1 is None or s2 is None or len(s1) != 5 or len(s2) != 4:
         return None
-    if s2[1] not in (-1, s1[1] * s1[2]) or list(s1[3:]) != list(s2[2:]):
+    if None in s1[1:] or None in s2[1:] or s1[1] <= 0 or s1[2] <= 0:
         return None
-    return first, transpose, int(s1[1]), int(s1[2])
+    if s2[1] not in (-1, s1[1] * s1[2]) or s1[3:] != s2[2:]:
+        return None
+    return first, transpose, s1[1], s1[2]
+
+
+def _drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """Remove nodes none of whose outputs is used (e.g. shape arithmetic left behind)."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    changed = True
+    while changed:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        for node in dead:
+            graph.node.remove(node)
+        changed = bool(dead)
+    used = {name for node in graph.node for name in node.input} | outputs
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -173,6 +207,22 @@ def _name_nodes(model: onnx.ModelProto) -> None:
             while node.name in seen:
                 node.name += "_"
         seen.add(node.name)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Symbolic shape inference (onnxruntime's: it follows Shape arithmetic, so the shape
+    computations of dynamic-batch exports fold to constants except the batch size);
+    onnx's own inference where that fails. Only a help for folding, never required."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as err:
+        logger.debug("symbolic shape inference failed: %s", err)
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as err:
+        logger.debug("shape inference failed before folding: %s", err)
+        return model
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

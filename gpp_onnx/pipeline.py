@@ -195,7 +195,7 @@ def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: 
     logger.info("round %d: cut %d channels in %d groups", k, plan.removed_channels,
                 sum(1 for v in plan.removed.values() if v))
     verify.check(pruned)
-    feeds = analysis.view.probe_feeds
+    feeds = analysis.view.check_feeds(config.seed)
     err = verify.check_equivalent(verify.run(pruned, feeds, "pruned model"),
                                   verify.run(masked, feeds, "masked model"))
     logger.info("verified: pruned == masked original (relative error %.1e)", err)

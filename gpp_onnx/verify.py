@@ -41,6 +41,8 @@ def make_session(model: onnx.ModelProto, where: str = "model", threads: int = 0,
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # spinning intra-op threads distort interleaved timings on few cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
