@@ -165,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gpp-onnx: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug: say so on one line; -v shows the traceback
+        if args.verbose:
+            raise
+        print(f"gpp-onnx: internal error: {type(err).__name__}: {err} - nothing was written; "
+              "rerun with -v for the traceback and please report it", file=sys.stderr)
+        return 1
     finally:
         handler.close_line()
         logger.removeHandler(handler)

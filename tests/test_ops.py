@@ -167,3 +167,13 @@ def test_layer_norm_over_channels_blocks_only_its_channels():
     assert [g.width for g in prunable] == [16]
     ln_group = next(g for g in analysis.groups if y in g.values)
     assert not ln_group.prunable and "LayerNormalization" in ln_group.reason
+
+
+def test_single_channel_map_with_lower_rank_broadcast_constant(tmp_path):
+    """A 1-channel map plus a (W,) constant: the constant broadcasts, it is not per-channel."""
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    x = b.conv(b.act(b.conv("input", 6), "Relu"), 1, k=1)
+    x = b.op("Add", [x, b.const(np.linspace(0, 1, 8).astype(np.float32))], (1, 1, 8, 8))
+    model = b.build(b.gemm(b.flatten(b.act(x, "Relu")), 3))
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
+    assert result.plan.removed["conv1"] and not result.plan.removed.get("conv3")

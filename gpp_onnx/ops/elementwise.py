@@ -64,11 +64,13 @@ class Broadcast(OpRule):
             shape = ctx.shape(x)
             offset = rank - len(shape)
             dim = shape[axis - offset] if axis - offset >= 0 else 1
+            if ctx.is_const_param(x):
+                if dim != 1:  # a per-channel constant; a broadcast one stays whole
+                    res.params.append(ParamSlice(node.name, i, x, axis - offset, out, ROLE_CHAN))
+                continue
             if dim == 1 and width != 1:
                 continue
-            if ctx.is_const_param(x):
-                res.params.append(ParamSlice(node.name, i, x, axis - offset, out, ROLE_CHAN))
-            elif ctx.has_channels(x):
+            if ctx.has_channels(x):
                 res.tie(x, out, width=width)
             else:
                 return block_all(node, ctx, f"{node.op_type} input '{x}' varies along the "
