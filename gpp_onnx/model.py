@@ -324,6 +324,3 @@ def _short(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text[:200] + ("..." if len(text) > 200 else "") if text else type(err).__name__
 
-
-def make_node(op: str, inputs, outputs, name: str, **attrs) -> onnx.NodeProto:
-    return helper.make_node(op, list(inputs), list(outputs), name=name, **attrs)

@@ -157,7 +157,8 @@ def _evidence(analysis: Analysis, config: PruneConfig, data: Splits | None) -> E
         return Evidence(seed=config.seed)
     per_class = config.data.per_class
     scoring = _per_class(data.train, per_class, config.seed)
-    needs_feature = config.criterion.startswith("gpp") or config.feature_tensor is not None
+    criterion = get_criterion(config.criterion, config.seed)
+    needs_feature = getattr(criterion, "needs_feature", False) or config.feature_tensor is not None
     feature = final_hidden_layer(analysis.view, config.feature_tensor) if needs_feature else None
     return Evidence(scoring, feature, config.train.device, config.data.batch_size, config.seed)
 

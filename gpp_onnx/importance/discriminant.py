@@ -82,6 +82,8 @@ def _batches(data, batch_size: int):
 
 
 class DiscriminantCriterion:
+    needs_feature = True  # reads the final hidden layer
+
     def __init__(self, name: str = "gpp", rule: str = "deconv", contribution: bool = False,
                  weight_by_utility: bool = True):
         self.name, self.rule, self.contribution = name, rule, contribution
