@@ -212,7 +212,10 @@ def _name_nodes(model: onnx.ModelProto) -> None:
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Symbolic shape inference (onnxruntime's: it follows Shape arithmetic, so the shape
     computations of dynamic-batch exports fold to constants except the batch size);
-    onnx's own inference where that fails. Only a help for folding, never required."""
+    onnx's own inference where that fails. Only a help for folding, never required: a graph
+    without Shape ops has no shape arithmetic to fold and skips it."""
+    if not any(n.op_type == "Shape" for n in model.graph.node):
+        return model
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
         return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
