@@ -114,6 +114,17 @@ class Blocker(OpRule):
         return block_all(node, ctx, self.reason)
 
 
+def pass_through(node: onnx.NodeProto, ctx: AnalysisContext,
+                 out_axis: int | None = None) -> NodeChannels:
+    """Output 0 carries input 0's channels one to one (on `out_axis`, default the same)."""
+    x, y = node.input[0], node.output[0]
+    axis = ctx.axis(x)
+    res = NodeChannels(out_axes={y: axis if out_axis is None else out_axis})
+    if axis is not None:
+        res.tie(x, y, width=ctx.width(x))
+    return res
+
+
 def block_all(node: onnx.NodeProto, ctx: AnalysisContext, reason: str) -> NodeChannels:
     res = NodeChannels()
     for name in node.input:

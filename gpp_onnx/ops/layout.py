@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import NodeChannels, OpRule, attr, block_all, norm_axis, register
+from .base import NodeChannels, OpRule, attr, block_all, norm_axis, pass_through, register
 
 
 def _flat_ties(res, x, y, s_in, a, start, s_out_inner):
@@ -85,9 +85,7 @@ class TransposeRule(OpRule):
         if a is None:
             return NodeChannels(out_axes={y: None})
         perm = attr(node, "perm", list(range(len(ctx.shape(x))))[::-1])
-        res = NodeChannels(out_axes={y: list(perm).index(a)})
-        res.tie(x, y, width=ctx.width(x))
-        return res
+        return pass_through(node, ctx, list(perm).index(a))
 
 
 def _axes(node, ctx, index):
@@ -117,9 +115,7 @@ class SqueezeRule(OpRule):
                 return block_all(node, ctx, "Unsqueeze axes are computed, not constant")
             axes = {norm_axis(v, len(s_out)) for v in axes}
             out_axis = [i for i in range(len(s_out)) if i not in axes][a]
-        res = NodeChannels(out_axes={y: out_axis})
-        res.tie(x, y, width=ctx.width(x))
-        return res
+        return pass_through(node, ctx, out_axis)
 
 
 @register("Expand", "Tile")
@@ -133,9 +129,7 @@ class ExpandRule(OpRule):
         out_axis = a + len(s_out) - len(s_in)
         if s_out[out_axis] != s_in[a] or not ctx.is_const_param(node.input[1]):
             return block_all(node, ctx, f"{node.op_type} repeats the channel axis")
-        res = NodeChannels(out_axes={y: out_axis})
-        res.tie(x, y, width=ctx.width(x))
-        return res
+        return pass_through(node, ctx, out_axis)
 
     def rewrite(self, node, edit):
         x = node.input[0]

@@ -14,16 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import (ROLE_CHAN, NodeChannels, OpRule, ParamSlice, attr, block_all, norm_axis,
-                   register)
-
-
-def _pass_through(node, ctx, out_axis=None) -> NodeChannels:
-    x, y = node.input[0], node.output[0]
-    axis = ctx.axis(x)
-    res = NodeChannels(out_axes={y: axis if out_axis is None else out_axis})
-    if axis is not None:
-        res.tie(x, y, width=ctx.width(x))
-    return res
+                   pass_through, register)
 
 
 @register("BatchNormalization", "InstanceNormalization")
@@ -35,7 +26,7 @@ class PerChannelNorm(OpRule):
         params = [p for p in node.input[1:] if p]
         if not all(ctx.is_const_param(p) for p in params):
             return block_all(node, ctx, f"{node.op_type} parameters are computed, not constant")
-        res = _pass_through(node, ctx)
+        res = pass_through(node, ctx)
         for extra in node.output[1:]:  # training-mode running stats outputs
             if extra:
                 res.out_axes[extra] = None
@@ -56,7 +47,7 @@ class CrossChannelNorm(OpRule):
         rank = len(ctx.shape(x))
         if axis in _normalised_axes(node, ctx, rank):
             return block_all(node, ctx, f"{node.op_type} mixes all channels of its input")
-        res = _pass_through(node, ctx)
+        res = pass_through(node, ctx)
         for extra in node.output[1:]:
             if extra:
                 res.out_axes[extra] = None
@@ -85,7 +76,7 @@ class Pool(OpRule):
             return block_all(node, ctx, f"{node.op_type} expects channels on axis 1")
         if len(node.output) > 1 and node.output[1] and node.output[1] in ctx.view.consumers:
             return block_all(node, ctx, "MaxPool indices encode channel positions")
-        res = _pass_through(node, ctx)
+        res = pass_through(node, ctx)
         for extra in node.output[1:]:
             if extra:
                 res.out_axes[extra] = None
@@ -112,10 +103,10 @@ class Reduce(OpRule):
             axes = const.tolist()
         if not axes:
             if attr(node, "noop_with_empty_axes", 0):
-                return _pass_through(node, ctx)
+                return pass_through(node, ctx)
             axes = list(range(rank))
         axes = {norm_axis(int(a), rank) for a in np.ravel(axes)}
         if axis in axes:
             return block_all(node, ctx, f"{node.op_type} reduces over the channel axis")
         out_axis = axis if attr(node, "keepdims", 1) else axis - sum(a < axis for a in axes)
-        return _pass_through(node, ctx, out_axis)
+        return pass_through(node, ctx, out_axis)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import ROLE_CHAN, NodeChannels, OpRule, ParamSlice, attr, block_all, norm_axis, register
+from .base import (ROLE_CHAN, NodeChannels, OpRule, ParamSlice, attr, block_all, norm_axis,
+                   pass_through, register)
 
 
 def _same_axis(node, ctx, res: NodeChannels, axis: int) -> NodeChannels:
@@ -116,10 +117,9 @@ class SliceRule(OpRule):
         if params is None:
             return block_all(node, ctx, "Slice bounds are computed, not constant")
         starts, ends, axes, steps = params
-        res = NodeChannels(out_axes={y: a})
         if a not in axes:
-            res.tie(x, y, width=ctx.width(x))
-            return res
+            return pass_through(node, ctx)
+        res = NodeChannels(out_axes={y: a})
         i = axes.index(a)
         if steps[i] != 1:
             return block_all(node, ctx, "Slice with a step along the channel axis")
@@ -193,9 +193,7 @@ class PadRule(OpRule):
             return NodeChannels(out_axes={y: None})
         if ctx.shape(y)[a] != ctx.shape(x)[a] or not ctx.is_const_param(node.input[1]):
             return block_all(node, ctx, "Pad changes (or may change) the channel axis")
-        res = NodeChannels(out_axes={y: a})
-        res.tie(x, y, width=ctx.width(x))
-        return res
+        return pass_through(node, ctx)
 
 
 @register("Resize", "Upsample")
@@ -209,9 +207,7 @@ class ResizeRule(OpRule):
         if ctx.shape(y)[a] != ctx.shape(x)[a] or (sizes and not ctx.is_const_param(sizes)) \
                 or attr(node, "axes") is not None:
             return block_all(node, ctx, "Resize changes (or may change) the channel axis")
-        res = NodeChannels(out_axes={y: a})
-        res.tie(x, y, width=ctx.width(x))
-        return res
+        return pass_through(node, ctx)
 
     def rewrite(self, node, edit):
         kept = edit.kept(node.input[0])
