@@ -338,6 +338,26 @@ def test_run_returns_intermediate_and_backprops_from_it():
         module.run([x], ["no_such_value"])
 
 
+def test_run_stops_once_the_asked_values_are_computed():
+    from gpp_onnx.samples import digits_cnn
+
+    calls = []
+
+    def counting_relu(node, x):
+        calls.append(node.name)
+        return x.clamp(min=0)
+
+    model = digits_cnn(0)
+    module = OnnxModule(model, op_overrides={"Relu": counting_relu}).eval()
+    first = next(n for n in model.graph.node if n.op_type == "Relu")
+    x = torch.zeros(1, 1, 8, 8)
+    module.run({module.input_names[0]: x}, [first.output[0]])
+    assert calls == [first.name]
+    calls.clear()
+    module.run({module.input_names[0]: x})
+    assert len(calls) == sum(n.op_type == "Relu" for n in model.graph.node)
+
+
 def test_dropout_identity_in_eval_random_in_train():
     model = make_model([N("Dropout", ["x", "r"], ["y"])], {"x": randn(64, 64)}, ["y"], {"r": f32(0.5)}, 13)
     module = OnnxModule(model)

@@ -287,8 +287,12 @@ class OnnxModule(nn.Module):
             raise InputError(f"no value named '{absent[0]}' in the graph; "
                              "ask for a graph input, node output or initializer name")
         protect = set(wanted)
+        pending = {name for name in protect if name not in env}
         for node, release in zip(self._nodes, self._release):
+            if not pending:
+                break  # everything asked for is computed: skip the rest of the graph
             self._execute(node, env)
+            pending.difference_update(node.outputs)
             for name in release:
                 if name not in protect:
                     env.pop(name, None)
