@@ -66,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cross-entropy fine-tuning after each cut (needs --data)")
     pr.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    pr.add_argument("--no-repair", action="store_true",
-                    help="do not fold removed channels' means into the next biases")
+    pr.add_argument("--repair", choices=["lsq", "bias", "none"], default="lsq",
+                    help="after the cut (needs --data): lsq refits the following layers "
+                    "to the original outputs (default), bias folds the removed channels' "
+                    "means into the next biases, none leaves the weights as they are")
+    pr.add_argument("--no-repair", action="store_const", const="none", dest="repair",
+                    help="same as --repair none")
 
     ev = sub.add_parser("evaluate", help="top-1 accuracy through onnxruntime")
     ev.add_argument("model")
@@ -124,7 +128,7 @@ def _prune_config(args) -> PruneConfig:
                        round_to=args.round_to, mask_only=args.mask_only,
                        input_shape=args.input_shape, latency=not args.no_latency,
                        data=_data_options(args), train=train,
-                       feature_tensor=args.feature_tensor, repair=not args.no_repair)
+                       feature_tensor=args.feature_tensor, repair=args.repair)
 
 
 def _run(args) -> int:

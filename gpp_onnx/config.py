@@ -31,6 +31,7 @@ class TrainOptions:
 
 
 DATA_CRITERIA = ("gpp", "gpp-deconv", "taylor")
+REPAIRS = ("lsq", "bias", "none")  # least-squares refit, mean fold into biases, nothing
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class PruneConfig:
     data: DataOptions | None = None
     train: TrainOptions = TrainOptions()
     feature_tensor: str | None = None   # final hidden layer override
-    repair: bool = True                 # fold removed channels' means into biases (needs data)
+    repair: str = "lsq"                 # after the cut (needs data): lsq | bias | none
 
     def checked(self) -> "PruneConfig":
         """Validate; default to ratio 0.5 when no target is given."""
@@ -70,6 +71,11 @@ class PruneConfig:
         if self.min_keep < 1 or self.round_to < 1:
             raise InputError("--min-keep and --round-to must be at least 1")
         changes = {}
+        if isinstance(self.repair, bool):  # older spelling: True / False
+            changes["repair"] = "lsq" if self.repair else "none"
+        elif self.repair not in REPAIRS:
+            raise InputError(f"--repair {self.repair} is unknown - use one of "
+                             f"{', '.join(REPAIRS)}")
         if not targets:
             changes["ratio"] = 0.5
         if self.criterion == "auto":

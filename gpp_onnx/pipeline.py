@@ -170,14 +170,26 @@ def _per_class(ds, per_class: int, seed: int):
     return ds.subset(np.sort(idx))
 
 
+REPAIR_IMAGES = 1024  # at most this many scoring images feed the least-squares repair
+
+
 def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
-    if data is None or not config.repair or not kept:
-        return None
+    """(bias deltas, weight replacements) for the cut, or (None, None) without repair."""
+    if data is None or config.repair == "none" or not kept:
+        return None, None
     values = repair.values_to_measure(analysis, kept)
     sample = _per_class(data.train, config.data.per_class, config.seed)
     batches = (x for x, _ in iter_batches(sample, config.data.batch_size))
     means = repair.channel_means(analysis.view.model, values, batches)
-    return repair.bias_deltas(analysis, kept, means)
+    deltas = repair.bias_deltas(analysis, kept, means)
+    if config.repair != "lsq":
+        return deltas, None
+    rng = np.random.default_rng(config.seed)
+    pick = np.sort(rng.permutation(len(sample.y))[:REPAIR_IMAGES])
+    weights, deltas = repair.reconstruct(analysis, kept, deltas, sample.x[pick],
+                                         config.train.device, batch_size=config.data.batch_size,
+                                         seed=config.seed)
+    return deltas, weights
 
 
 def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: int,
@@ -191,8 +203,9 @@ def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: 
         evidence = _evidence(analysis, config, data)
         plan, scores = make_plan(analysis, config, digest, evidence, k, base)
     kept = kept_elements(analysis, plan)
-    deltas = _repair(analysis, kept, data, config)
-    pruned, masked = surgery.cut(analysis, kept, deltas), surgery.mask(analysis, kept, deltas)
+    deltas, weights = _repair(analysis, kept, data, config)
+    pruned = surgery.cut(analysis, kept, deltas, weights)
+    masked = surgery.mask(analysis, kept, deltas, weights)
     logger.info("round %d: cut %d channels in %d groups", k, plan.removed_channels,
                 sum(1 for v in plan.removed.values() if v))
     verify.check(pruned)

@@ -13,6 +13,22 @@ replacing a removed ``x_c`` by its mean ``m_c`` over the data keeps that term on
 ``m_c`` is the mean of the consumer's input over images and all non-channel axes (for a
 Gemm after Flatten, per feature). Border effects of ConvTranspose are ignored. MatMul
 consumers have no bias and are left as they are.
+
+Least-squares reconstruction (``reconstruct``, the default ``--repair lsq``) goes one step
+further, in the spirit of channel-pruning reconstruction (He et al. 2017, ThiNet): the
+layers are visited in topological order, and every Conv (group 1) and Gemm from the first
+consumer of a removed channel on gets new weights and bias fitted so that its output on
+the *pruned* network's inputs matches the *original* network's output on the data:
+
+    min over W', b'   sum_rows || x_kept W' + b' - y ||^2 + lam || W' - W_kept ||^2
+
+(rows: images x sampled output positions; x_kept: the kept input channels' patch
+columns; y: the original pre-activation output). The ridge pulls towards the original
+weights, so with few rows the fit stays close to them; lam is chosen per layer on held-out
+images from ``lam = s * tr(G) / dim`` for s in 1e-4 .. 10 (G the centred Gram matrix), and a
+fit that does not beat the mean repair on the held-out images is not used. Later layers
+see the already repaired earlier ones, so errors do not pile up. Layers with more than
+``max_dim`` weight columns (e.g. a 25088-input FC) keep the mean repair.
 """
 from __future__ import annotations
 
@@ -123,3 +139,205 @@ def _delta(node, w: np.ndarray, removed: np.ndarray, m: np.ndarray, p,
         rows = w.T if _attr(node, "transB", 0) else w              # (K, N)
         return _attr(node, "alpha", 1.0) * (m @ rows[removed])
     return None
+
+
+LAMBDA_SCALES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def _fit_nodes(analysis, kept) -> list:
+    """Conv (group 1, 2-D, explicit pads) and Gemm (transA 0) nodes from the first consumer
+    of a removed channel on, in topological order."""
+    consumers = {p.node for p in analysis.params if p.role == ROLE_IN and p.value in kept}
+    nodes, started = [], False
+    for node in analysis.view.nodes:
+        started = started or node.name in consumers
+        if (not started or node.op_type not in ("Conv", "Gemm")
+                or analysis.view.const(node.input[1]) is None):
+            continue
+        if node.op_type == "Conv":
+            w = analysis.view.const(node.input[1])
+            if (w.ndim == 4 and _attr(node, "group", 1) == 1
+                    and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")):
+                nodes.append(node)
+        elif node.op_type == "Gemm" and not _attr(node, "transA", 0):
+            nodes.append(node)
+    return nodes
+
+
+def _rows_conv(node, x, w_shape, positions):
+    """Patch rows (B*p, C*kh*kw) of conv input x at the given output positions (B, p)."""
+    import torch
+    import torch.nn.functional as F
+
+    pads = list(_attr(node, "pads", [0] * 4))
+    x = F.pad(x, [pads[1], pads[3], pads[0], pads[2]])
+    cols = F.unfold(x, tuple(w_shape[2:]), dilation=_attr(node, "dilations", 1),
+                    stride=_attr(node, "strides", 1))            # (B, C*k, L)
+    idx = torch.as_tensor(positions, device=x.device)
+    picked = torch.gather(cols, 2, idx[:, None, :].expand(-1, cols.shape[1], -1))
+    return picked.permute(0, 2, 1).reshape(-1, cols.shape[1])
+
+
+def _rows_out(y, positions):
+    import torch
+
+    if y.dim() == 2:
+        return y
+    flat = y.flatten(2)
+    idx = torch.as_tensor(positions, device=y.device)
+    picked = torch.gather(flat, 2, idx[:, None, :].expand(-1, flat.shape[1], -1))
+    return picked.permute(0, 2, 1).reshape(-1, flat.shape[1])
+
+
+def _ridge(a, y, theta0, train, test):
+    """Ridge regression towards theta0 (lam picked on held-out rows); (theta, bias, gain).
+
+    gain = held-out error of the mean-only fit (theta0 with a refitted bias) divided by
+    that of the chosen fit (> 1: the fit helps)."""
+    def solve(rows, lams):
+        am, ym = a[rows].mean(axis=0), y[rows].mean(axis=0)
+        ac, yc = a[rows] - am, y[rows] - ym
+        g = ac.T @ ac
+        s, v = np.linalg.eigh(g)
+        r = ac.T @ yc
+        scale = max(np.trace(g) / len(g), 1e-12)
+        out = []
+        for lam in lams:
+            lam_abs = lam * scale
+            theta = v @ ((v.T @ (r + lam_abs * theta0)) / (np.maximum(s, 0) + lam_abs)[:, None])
+            out.append((theta, ym - am @ theta))
+        return out
+
+    def error(theta, bias):
+        return float(((a[test] @ theta + bias - y[test]) ** 2).sum())
+
+    fits = solve(train, LAMBDA_SCALES)
+    errors = [error(t, b) for t, b in fits]
+    best = int(np.argmin(errors))
+    base = error(theta0, (y[train] - a[train] @ theta0).mean(axis=0))
+    theta, bias = solve(np.concatenate([train, test]), [LAMBDA_SCALES[best]])[0]
+    return theta, bias, base / max(errors[best], 1e-30)
+
+
+def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndarray],
+                images: np.ndarray, device="cpu", rows: int = 16384, max_dim: int = 4096,
+                batch_size: int = 64, seed: int = 0):
+    """Least-squares repair (see the module docstring).
+
+    Returns ``(weights, deltas)``: (node, 1) -> new weight (original shape; removed input
+    channels 0), and node -> output-bias change, both for ``surgery.cut`` / ``mask``."""
+    import torch
+
+    from . import surgery
+    from .progress import track
+    from .torch_backend import OnnxModule, resolve_device
+
+    view = analysis.view
+    nodes = [n for n in _fit_nodes(analysis, kept) if view.const(n.input[1]).size > 0]
+    if not nodes or len(images) < 4:
+        return {}, deltas
+    given, deltas = set(deltas), dict(deltas)
+    for node in nodes:  # every fitted node gets its own bias input in the masked model
+        out = view.shape(node.output[0])[1]
+        deltas.setdefault(node.name, np.zeros(out))
+    device = resolve_device(device)
+    masked = surgery.mask(analysis, kept, deltas)
+    uses: dict[str, int] = {}
+    for n in masked.graph.node:
+        for name in n.input:
+            uses[name] = uses.get(name, 0) + 1
+    mnodes = {n.name: n for n in masked.graph.node}
+    work = OnnxModule(masked, device=device).eval()
+    original = OnnxModule(view.model, device=device).eval()
+    input_name = view.input_names[0]
+    rng = np.random.default_rng(seed)
+    n_img = len(images)
+    held_out = np.zeros(n_img, dtype=bool)
+    held_out[rng.permutation(n_img)[: max(1, n_img // 5)]] = True
+
+    plans = {}  # node -> (positions (N, p) or None, row image index)
+    for node in nodes:
+        shape = view.shape(node.output[0])
+        if len(shape) == 4:
+            count = int(np.prod(shape[2:]))
+            p = min(count, max(1, -(-rows // n_img)))
+            pos = np.stack([rng.choice(count, p, replace=False) for _ in range(n_img)])
+        else:
+            pos, p = None, 1
+        plans[node.name] = (pos, np.repeat(np.arange(n_img), p))
+
+    def batches():
+        for start in range(0, n_img, batch_size):
+            yield start, torch.from_numpy(images[start:start + batch_size]).to(device)
+
+    targets: dict[str, list] = {n.name: [] for n in nodes}
+    with torch.no_grad():
+        for start, x in batches():
+            out = original.run({input_name: x}, [n.output[0] for n in nodes])
+            for node in nodes:
+                pos = plans[node.name][0]
+                sl = None if pos is None else pos[start:start + len(x)]
+                targets[node.name].append(_rows_out(out[node.output[0]], sl).double().cpu())
+    weights: dict[tuple[str, int], np.ndarray] = {}
+    fitted = 0
+    for node in track(nodes, "repairing", len(nodes), logger):
+        mnode = mnodes[node.name]
+        wname, bname = mnode.input[1], mnode.input[2]
+        if uses.get(wname, 0) > 1 or uses.get(bname, 0) > 1:
+            continue
+        w_param = work.params[work.param_key(wname)]
+        b_param = work.params[work.param_key(bname)]
+        w = w_param.detach().double().cpu().numpy()
+        conv = node.op_type == "Conv"
+        alpha = 1.0 if conv else float(_attr(node, "alpha", 1.0))
+        beta = 1.0 if conv else float(_attr(node, "beta", 1.0))
+        trans_b = bool(_attr(node, "transB", 0))
+        in_value = node.input[0]
+        width = view.shape(in_value)[1]
+        kept_in = kept.get(in_value, np.arange(width))
+        k = int(np.prod(w.shape[2:])) if conv else 1
+        cols = (kept_in[:, None] * k + np.arange(k)).ravel()
+        if len(cols) > max_dim:
+            logger.debug("repair: %s keeps the mean repair (%d columns)", node.name, len(cols))
+            continue
+        if conv:
+            flat = w.reshape(w.shape[0], -1)                      # (O, C*k)
+        else:
+            flat = w if trans_b else w.T                          # (N_out, K)
+        theta0 = alpha * flat[:, cols].T                          # (cols, O)
+        pos = plans[node.name][0]
+        parts = []
+        with torch.no_grad():
+            for start, x in batches():
+                v = work.run({input_name: x}, [in_value])[in_value]
+                if conv:
+                    rows_x = _rows_conv(node, v, w.shape, pos[start:start + len(x)])
+                    rows_x = rows_x.reshape(rows_x.shape[0], width, k)[:, torch.as_tensor(
+                        kept_in, device=v.device)].reshape(rows_x.shape[0], -1)
+                else:
+                    rows_x = v.reshape(v.shape[0], -1)[:, torch.as_tensor(kept_in, device=v.device)]
+                parts.append(rows_x.double().cpu())
+        a = torch.cat(parts).numpy()
+        y = torch.cat(targets[node.name]).numpy()
+        img = plans[node.name][1]
+        theta, bias, gain = _ridge(a, y, theta0, np.flatnonzero(~held_out[img]),
+                                   np.flatnonzero(held_out[img]))
+        if not np.all(np.isfinite(theta)) or gain <= 1.0:
+            continue
+        new_flat = np.zeros_like(flat)
+        new_flat[:, cols] = theta.T / alpha
+        new_w = new_flat.reshape(w.shape) if conv else (new_flat if trans_b else new_flat.T)
+        base = view.const(view.input(node, 2)) if view.input(node, 2) else None
+        base_out = np.zeros(len(bias)) if base is None else beta * np.broadcast_to(
+            base.reshape(-1) if base.size == len(bias) else base, (len(bias),))
+        with torch.no_grad():
+            w_param.copy_(torch.as_tensor(new_w, dtype=w_param.dtype))
+            b_param.copy_(torch.as_tensor(bias / beta, dtype=b_param.dtype).view(b_param.shape))
+        weights[(node.name, 1)] = new_w.astype(np.float32)
+        deltas[node.name] = bias - base_out
+        fitted += 1
+    for node in nodes:  # the bias inputs added for the fit stay only where it was used
+        if node.name not in given and (node.name, 1) not in weights:
+            del deltas[node.name]
+    logger.info("repair: refitted %d of %d layers on %d images", fitted, len(nodes), n_img)
+    return weights, deltas

@@ -127,7 +127,8 @@ def _bias_array(analysis, node, delta: np.ndarray, kept, cut: bool) -> np.ndarra
 
 
 def _apply(analysis, kept, changes, transform, rewrite: bool,
-           bias_deltas: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+           bias_deltas: dict[str, np.ndarray] | None = None,
+           weights: dict[tuple[str, int], np.ndarray] | None = None) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(analysis.view.model)
     edit = Edit(analysis, model, kept)
@@ -136,10 +137,13 @@ def _apply(analysis, kept, changes, transform, rewrite: bool,
         for name in node.input:
             uses[name] += 1
     nodes = {n.name: n for n in model.graph.node}
-    for (node_name, index), axes in changes.items():
+    weights = weights or {}
+    for key in list(changes) + [k for k in weights if k not in changes]:
+        node_name, index = key
         node = nodes[node_name]
         param = node.input[index]
-        array = transform(analysis.view.const(param), axes)
+        array = weights[key] if key in weights else analysis.view.const(param)
+        array = transform(array, changes[key]) if key in changes else array
         if uses[param] > 1 or param in edit.new_inits:
             edit.set_input_const(node, index, array)
         else:
@@ -192,9 +196,12 @@ def _replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray])
 
 
 def cut(analysis, kept: dict[str, np.ndarray],
-        bias_deltas: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
-    """The physically smaller model (with repaired consumer biases when given)."""
-    model = _apply(analysis, kept, _cuts(analysis, kept), _take, True, bias_deltas)
+        bias_deltas: dict[str, np.ndarray] | None = None,
+        weights: dict[tuple[str, int], np.ndarray] | None = None) -> onnx.ModelProto:
+    """The physically smaller model. ``bias_deltas`` (node -> change of its output bias)
+    and ``weights`` ((node, input index) -> replacement, original shape) come from the
+    repair; the replacements are cut like the weights they replace."""
+    model = _apply(analysis, kept, _cuts(analysis, kept), _take, True, bias_deltas, weights)
     dedupe_initializers(model)
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False)
@@ -204,6 +211,8 @@ def cut(analysis, kept: dict[str, np.ndarray],
 
 
 def mask(analysis, kept: dict[str, np.ndarray],
-         bias_deltas: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
-    """The original architecture with removed channels' consumer weights zeroed."""
-    return _apply(analysis, kept, _masks(analysis, kept), _zero, False, bias_deltas)
+         bias_deltas: dict[str, np.ndarray] | None = None,
+         weights: dict[tuple[str, int], np.ndarray] | None = None) -> onnx.ModelProto:
+    """The original architecture with removed channels' consumer weights zeroed (after
+    the repair's replacements and bias changes, as in ``cut``)."""
+    return _apply(analysis, kept, _masks(analysis, kept), _zero, False, bias_deltas, weights)
