@@ -2,12 +2,15 @@
 tracing throughput relative to plain onnxruntime inference on the same machine.
 
     python tools/bench_backend.py [--models resnet18,mobilenet_v2] [--size 64] [--json out.json]
+                                  [--device cpu|cuda] [--threads 2]
 
 Parity: relative error ||torch - ort|| / ||ort|| of the logits (fp32, batch 4, random
 input, legacy export). Throughput: marginal images/s of the GPP criterion's scoring pass
 (LDA features + tracing to every channel group; from runs on 32 and 128 images, so the
 fixed cost of building the module and solving the LDA is reported apart) versus images/s
-of onnxruntime inference at the same batch size, measured in the same run.
+of onnxruntime inference at the same batch size, measured in the same run. ``--device``
+runs the torch side (parity and tracing) there; onnxruntime always runs on its CPU
+provider, so on a GPU machine the ratio compares torch-on-GPU with ORT-on-CPU.
 """
 from __future__ import annotations
 
@@ -45,12 +48,12 @@ def _export(name: str, size: int, folder: Path) -> onnx.ModelProto:
     return normalize(onnx.load(str(path)))
 
 
-def _parity(model: onnx.ModelProto, size: int) -> float:
+def _parity(model: onnx.ModelProto, size: int, device: str) -> float:
     x = np.random.default_rng(0).standard_normal((4, 3, size, size)).astype(np.float32)
     session = make_session(model)
     ref = session.run(None, {session.get_inputs()[0].name: x})[0]
     with torch.no_grad():
-        got = OnnxModule(model).eval()(torch.from_numpy(x)).numpy()
+        got = OnnxModule(model, device=device).eval()(torch.from_numpy(x).to(device)).cpu().numpy()
     return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
@@ -65,29 +68,30 @@ def _ort_rate(model: onnx.ModelProto, x: np.ndarray, repeats: int = 3) -> float:
     return repeats * len(x) / (time.perf_counter() - t0)
 
 
-def _trace_time(analysis, feature, x: np.ndarray) -> float:
+def _trace_time(analysis, feature, x: np.ndarray, device: str) -> float:
     y = np.arange(len(x)) % 4
     data = Dataset(x, y, tuple("abcd"), "random")
     t0 = time.perf_counter()
-    get_criterion("gpp").score(analysis, Evidence(data, feature, "cpu", 16))
+    get_criterion("gpp").score(analysis, Evidence(data, feature, device, 16))
     return time.perf_counter() - t0
 
 
-def _trace_rate(model: onnx.ModelProto, x: np.ndarray) -> tuple[float, float] | None:
+def _trace_rate(model: onnx.ModelProto, x: np.ndarray, device: str) -> tuple[float, float] | None:
     """Marginal images/s of GPP scoring (from runs on n/4 and n images) and its fixed cost."""
     analysis = analyze_model(model)
     try:
         feature = final_hidden_layer(analysis.view)
     except Exception:
         return None
-    small, full = _trace_time(analysis, feature, x[: len(x) // 4]), _trace_time(analysis, feature, x)
+    small = _trace_time(analysis, feature, x[: len(x) // 4], device)
+    full = _trace_time(analysis, feature, x, device)
     if full <= small:  # too noisy to separate: report the plain average rate
         return len(x) / full, 0.0
     rate = (len(x) - len(x) // 4) / (full - small)
     return rate, max(small - (len(x) // 4) / rate, 0.0)
 
 
-def run(names: list[str], size: int) -> list[dict]:
+def run(names: list[str], size: int, device: str = "cpu") -> list[dict]:
     rows = []
     x = np.random.default_rng(1).standard_normal((128, 3, size, size)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,9 +99,9 @@ def run(names: list[str], size: int) -> list[dict]:
             row = {"model": name}
             try:
                 model = _export(name, size, Path(tmp))
-                row["parity_rel_err"] = _parity(model, size)
+                row["parity_rel_err"] = _parity(model, size, device)
                 row["ort_img_s"] = _ort_rate(model, x)
-                traced = _trace_rate(model, x)
+                traced = _trace_rate(model, x, device)
                 if traced:
                     row["trace_img_s"], row["trace_fixed_s"] = traced
                     row["trace_vs_ort"] = row["trace_img_s"] / row["ort_img_s"]
@@ -118,9 +122,13 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(DEFAULT))
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--json")
+    parser.add_argument("--device", default="cpu", help="torch side: cpu or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    rows = run(args.models.split(","), args.size)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__} on {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+    rows = run(args.models.split(","), args.size, args.device)
     print(f"{'model':<22}{'parity rel.err':>15}{'ORT img/s':>11}{'trace img/s':>13}"
           f"{'trace/ORT':>11}{'fixed s':>9}  status")
     for r in rows:

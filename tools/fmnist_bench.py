@@ -231,6 +231,10 @@ def cmd_sweep(args) -> None:
     out_json = Path(args.json) if args.json else src.parent / "sweep.json"
     state = json.loads(out_json.read_text()) if out_json.exists() else {}
     rows = state.get("rows", [])
+    modes = {r.get("repair", "bias") for r in rows}  # rows before --repair existed used bias
+    if modes - {args.repair}:
+        sys.exit(f"{out_json} holds runs with --repair {','.join(sorted(modes))}; "
+                 f"pass another --json for --repair {args.repair}")
     done = {_key(r) for r in rows if "error" not in r}
     test = load_dataset(DataSpec(TEST_SOURCE, 1, 28, 28))
     base = state.get("base") or {"model": str(src),
@@ -259,9 +263,9 @@ def cmd_sweep(args) -> None:
                 config = PruneConfig(
                     target_macs=1 - m, criterion=c, seed=args.seed, latency=False,
                     data=DataOptions(SOURCE, val_split=VAL_SPLIT, per_class=args.per_class),
-                    train=TrainOptions(epochs=f))
+                    train=TrainOptions(epochs=f), repair=args.repair)
                 row = {"criterion": c, "removed_target": m, "finetune_epochs": f,
-                       "per_class": args.per_class, "output": str(dst)}
+                       "per_class": args.per_class, "repair": args.repair, "output": str(dst)}
                 t0 = time.perf_counter()
                 try:
                     res = gpp_onnx.prune(src, dst, config)
@@ -360,6 +364,8 @@ def main(argv=None) -> None:
                    help="comma list of fine-tune budgets; 0 = accuracy right after the cut")
     s.add_argument("--per-class", type=int, default=32, help="images per class for scoring")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--repair", default="lsq", choices=["lsq", "bias", "none"],
+                   help="repair after the cut (use one --json per repair mode)")
     s.add_argument("--threads", type=int, default=1,
                    help="torch threads for scoring and fine-tuning")
     s.add_argument("--work", help="folder for the pruned models (default <model dir>/sweep)")
