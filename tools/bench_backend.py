@@ -10,7 +10,8 @@ input, legacy export). Throughput: marginal images/s of the GPP criterion's scor
 fixed cost of building the module and solving the LDA is reported apart) versus images/s
 of onnxruntime inference at the same batch size, measured in the same run. ``--device``
 runs the torch side (parity and tracing) there; onnxruntime always runs on its CPU
-provider, so on a GPU machine the ratio compares torch-on-GPU with ORT-on-CPU.
+provider, so on a GPU machine the ratio compares torch-on-GPU with ORT-on-CPU. TF32 is
+switched off, so parity is measured in strict fp32 on GPUs too.
 """
 from __future__ import annotations
 
@@ -126,6 +127,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # strict fp32 on GPUs too (cuDNN would use TF32 for convs by default: ~1e-3 errors)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     print(f"torch {torch.__version__} on {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     rows = run(args.models.split(","), args.size, args.device)
