@@ -28,6 +28,7 @@ class TrainOptions:
     weight_decay: float = 1e-4
     batch_size: int = 64
     device: str = "auto"                 # auto | cpu | cuda
+    clip_grad: float = 2.0               # max global gradient norm per step (0: no clipping)
 
 
 DATA_CRITERIA = ("gpp", "gpp-deconv", "taylor")

@@ -1,8 +1,10 @@
 """Training an ONNX model through the torch backend: cross-entropy fine-tuning after a cut.
 
 SGD with momentum and weight decay, a cosine learning-rate schedule over
-``epochs * ceil(N / batch)`` steps (fractional epochs allowed), BatchNorm in training
-mode; the trained weights are written back to the ONNX initializers by name.
+``epochs * ceil(N / batch)`` steps (fractional epochs allowed), the gradient's global norm
+clipped to ``clip_grad`` (a repaired cut can leave large weights, and a sharp loss that
+plain SGD overshoots), BatchNorm in training mode; the trained weights are written back to
+the ONNX initializers by name.
 """
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ def train_model(model: onnx.ModelProto, data: Dataset, options: TrainOptions, se
         loss = F.cross_entropy(logits, torch.from_numpy(y).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if options.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, options.clip_grad)
         opt.step()
         schedule.step()
         losses.append(float(loss.detach()))

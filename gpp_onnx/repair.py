@@ -25,8 +25,11 @@ the *pruned* network's inputs matches the *original* network's output on the dat
 (rows: images x sampled output positions; x_kept: the kept input channels' patch
 columns; y: the original pre-activation output). The ridge pulls towards the original
 weights, so with few rows the fit stays close to them; lam is chosen per layer on held-out
-images from ``lam = s * tr(G) / dim`` for s in 1e-4 .. 10 (G the centred Gram matrix), and a
-fit that does not beat the mean repair on the held-out images is not used. Later layers
+images from ``lam = s * tr(G) / dim`` for s in 1e-4 .. 10 (G the centred Gram matrix): the
+largest lam within 5% of the best held-out error, and a fit that does not beat the mean
+repair on the held-out images is not used. The refit can grow weights a lot where few
+channels are left (an FC over 24 pooled features went from 2 to 52); fine-tuning clips
+gradient norms for that reason. Later layers
 see the already repaired earlier ones, so errors do not pile up. Layers with more than
 ``max_dim`` weight columns (e.g. a 25088-input FC) keep the mean repair.
 """
@@ -141,7 +144,8 @@ def _delta(node, w: np.ndarray, removed: np.ndarray, m: np.ndarray, p,
     return None
 
 
-LAMBDA_SCALES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+LAMBDA_SCALES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # increasing: later = closer to W
+ERROR_SLACK = 1.05   # accept up to 5% more held-out error for a stronger ridge
 
 
 def _fit_nodes(analysis, kept) -> list:
@@ -212,8 +216,9 @@ def _ridge(a, y, theta0, train, test):
         return float(((a[test] @ theta + bias - y[test]) ** 2).sum())
 
     fits = solve(train, LAMBDA_SCALES)
-    errors = [error(t, b) for t, b in fits]
-    best = int(np.argmin(errors))
+    errors = np.array([error(t, b) for t, b in fits])
+    # the strongest ridge (closest to the original weights) within ERROR_SLACK of the best
+    best = max(i for i in range(len(fits)) if errors[i] <= ERROR_SLACK * errors.min())
     base = error(theta0, (y[train] - a[train] @ theta0).mean(axis=0))
     theta, bias = solve(np.concatenate([train, test]), [LAMBDA_SCALES[best]])[0]
     return theta, bias, base / max(errors[best], 1e-30)
