@@ -193,35 +193,53 @@ def _rows_out(y, positions):
     return picked.permute(0, 2, 1).reshape(-1, flat.shape[1])
 
 
+class _Moments:
+    """Row count, sums and cross products of (a, y) rows: enough for any centred ridge fit."""
+
+    def __init__(self, a, y):
+        self.n, self.sa, self.sy = len(a), a.sum(axis=0), y.sum(axis=0)
+        self.aa, self.ay = a.T @ a, a.T @ y
+
+    def __add__(self, other):
+        out = object.__new__(_Moments)
+        out.n, out.sa, out.sy = self.n + other.n, self.sa + other.sa, self.sy + other.sy
+        out.aa, out.ay = self.aa + other.aa, self.ay + other.ay
+        return out
+
+    def centred(self):
+        am, ym = self.sa / self.n, self.sy / self.n
+        g = self.aa - self.n * np.outer(am, am)
+        r = self.ay - self.n * np.outer(am, ym)
+        return am, ym, g, r
+
+
 def _ridge(a, y, theta0, train, test):
     """Ridge regression towards theta0 (lam picked on held-out rows); (theta, bias, gain).
 
     gain = held-out error of the mean-only fit (theta0 with a refitted bias) divided by
-    that of the chosen fit (> 1: the fit helps)."""
-    def solve(rows, lams):
-        am, ym = a[rows].mean(axis=0), y[rows].mean(axis=0)
-        ac, yc = a[rows] - am, y[rows] - ym
-        g = ac.T @ ac
-        s, v = np.linalg.eigh(g)
-        r = ac.T @ yc
-        scale = max(np.trace(g) / len(g), 1e-12)
-        out = []
-        for lam in lams:
-            lam_abs = lam * scale
-            theta = v @ ((v.T @ (r + lam_abs * theta0)) / (np.maximum(s, 0) + lam_abs)[:, None])
-            out.append((theta, ym - am @ theta))
-        return out
+    that of the chosen fit (> 1: the fit helps). One pass over the rows builds the
+    moments of both parts; the final fit on all rows reuses them."""
+    fit_part, test_part = _Moments(a[train], y[train]), _Moments(a[test], y[test])
+    am, ym, g, r = fit_part.centred()
+    s, v = np.linalg.eigh(g)
+    scale = max(np.trace(g) / len(g), 1e-12)
+    fits = []
+    for lam in LAMBDA_SCALES:
+        lam_abs = lam * scale
+        theta = v @ ((v.T @ (r + lam_abs * theta0)) / (np.maximum(s, 0) + lam_abs)[:, None])
+        fits.append((theta, ym - am @ theta))
 
     def error(theta, bias):
         return float(((a[test] @ theta + bias - y[test]) ** 2).sum())
 
-    fits = solve(train, LAMBDA_SCALES)
     errors = np.array([error(t, b) for t, b in fits])
     # the strongest ridge (closest to the original weights) within ERROR_SLACK of the best
     best = max(i for i in range(len(fits)) if errors[i] <= ERROR_SLACK * errors.min())
     base = error(theta0, (y[train] - a[train] @ theta0).mean(axis=0))
-    theta, bias = solve(np.concatenate([train, test]), [LAMBDA_SCALES[best]])[0]
-    return theta, bias, base / max(errors[best], 1e-30)
+    am, ym, g, r = (fit_part + test_part).centred()
+    lam_abs = LAMBDA_SCALES[best] * max(np.trace(g) / len(g), 1e-12)
+    theta = np.linalg.solve(g + lam_abs * np.eye(len(g)), r + lam_abs * theta0)
+    return theta, ym - am @ theta, base / max(errors[best], 1e-30)
 
 
 def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndarray],
