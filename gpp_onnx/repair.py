@@ -28,8 +28,8 @@ weights, so with few rows the fit stays close to them; lam is chosen per layer o
 images from ``lam = s * tr(G) / dim`` for s in 1e-4 .. 10 (G the centred Gram matrix): the
 largest lam within 5% of the best held-out error, and a fit that does not beat the mean
 repair on the held-out images is not used. The refit can grow weights a lot where few
-channels are left (an FC over 24 pooled features went from 2 to 52); fine-tuning clips
-gradient norms for that reason. Later layers
+channels are left (an FC over 24 pooled features: largest weight 1.3 -> 52); fine-tuning
+clips gradient norms for that reason. Later layers
 see the already repaired earlier ones, so errors do not pile up. Layers with more than
 ``max_dim`` weight columns (e.g. a 25088-input FC) keep the mean repair.
 """
