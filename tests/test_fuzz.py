@@ -96,3 +96,33 @@ def cnn_graphs(draw):
 def test_random_graphs_pruned_equals_masked(model, ratio, criterion, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     assert_pruned_equals_masked(model, tmp, expect_change=False, ratio=ratio, criterion=criterion)
+
+
+@settings(max_examples=20, deadline=None)
+@given(model=cnn_graphs(), ratio=st.sampled_from([0.25, 0.5, 0.75]), seed=st.integers(0, 99))
+def test_random_graphs_repaired_pruned_equals_repaired_masked(model, ratio, seed):
+    """The invariant with the least-squares repair's new weights and biases on both sides."""
+    import numpy as np
+    from hypothesis import assume
+
+    from conftest import feeds_for, rel_err, run_model
+    from gpp_onnx import repair, surgery
+    from gpp_onnx.analysis import analyze_model
+    from gpp_onnx.model import normalize
+    from gpp_onnx.plan import kept_elements, model_digest, plan_by_ratio
+
+    model = normalize(model)
+    analysis = analyze_model(model)
+    assume(analysis.prunable)
+    rng = np.random.default_rng(seed)
+    scores = {g.key: rng.random(g.width) for g in analysis.prunable}
+    kept = kept_elements(analysis, plan_by_ratio(analysis, scores, ratio, model_digest(model)))
+    assume(kept)
+    images = rng.standard_normal((24, 3, 8, 8)).astype(np.float32)
+    means = repair.channel_means(model, repair.values_to_measure(analysis, kept), [images])
+    deltas = repair.bias_deltas(analysis, kept, means)
+    weights, deltas = repair.reconstruct(analysis, kept, deltas, images, "cpu", seed=seed)
+    feeds = feeds_for(model, batch=3)
+    pruned = surgery.cut(analysis, kept, deltas, weights)
+    masked = surgery.mask(analysis, kept, deltas, weights)
+    assert rel_err(run_model(pruned, feeds), run_model(masked, feeds)) < 1e-5
