@@ -152,6 +152,17 @@ def _run(args) -> int:
     return 0
 
 
+def _quiet_onnxruntime(verbose: bool) -> None:
+    """onnxruntime's optimizer logs warnings (e.g. "UnsqueezeElimination cannot remove
+    node", 80 lines on shufflenet) through its process-wide logger, not the session's;
+    the CLI shows them with -v only."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # reported where a session is needed
+        return
+    ort.set_default_logger_severity(2 if verbose else 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    _quiet_onnxruntime(args.verbose)
     try:
         return _run(args)
     except GppError as err:

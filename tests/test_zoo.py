@@ -80,3 +80,26 @@ def test_table_lists_failures():
              "status": "export failed: boom", "seconds": 1.0}]
     text = zoo.table(rows)
     assert "export failed: boom" in text and text.count("\n") == 2
+
+
+def test_cli_hides_onnxruntime_optimizer_warnings(tmp_path, capfd):
+    """shufflenet's normalised legacy export makes onnxruntime's optimizer warn once per
+    Unsqueeze it cannot remove (through its process-wide logger); the CLI must not print
+    that noise."""
+    import onnx
+    import onnxruntime as ort
+
+    from adapters.pytorch import export_torch, load_torchvision
+    from gpp_onnx.cli import main
+    from gpp_onnx.model import normalize
+
+    path = export_torch(load_torchvision("shufflenet_v2_x0_5"), tmp_path / "s.onnx",
+                        (1, 3, SIZE, SIZE), exporter="legacy")
+    ort.set_default_logger_severity(2)
+    capfd.readouterr()
+    ort.InferenceSession(normalize(onnx.load(str(path))).SerializeToString(),
+                         providers=["CPUExecutionProvider"])
+    assert "[W:onnxruntime" in capfd.readouterr().err  # the model does trigger warnings
+    assert main(["prune", str(path), "--ratio", "0.5", "--no-latency",
+                 "-o", str(tmp_path / "small.onnx")]) == 0
+    assert "[W:onnxruntime" not in capfd.readouterr().err
