@@ -130,6 +130,7 @@ class Round:
     macs: int
     accuracy_cut: float | None = None
     accuracy_tuned: float | None = None
+    repair: dict | None = None          # what the repair changed (None: no repair)
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,9 @@ def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: 
         plan, scores = make_plan(analysis, config, digest, evidence, k, base)
     kept = kept_elements(analysis, plan)
     deltas, weights = _repair(analysis, kept, data, config)
+    repaired = None if deltas is None else {
+        "mode": config.repair, "layers_refitted": len(weights or {}),
+        "biases_changed": len(deltas)}
     pruned = surgery.cut(analysis, kept, deltas, weights)
     masked = surgery.mask(analysis, kept, deltas, weights)
     logger.info("round %d: cut %d channels in %d groups", k, plan.removed_channels,
@@ -224,7 +228,8 @@ def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: 
             logger.info("round %d: accuracy after fine-tuning %.4f", k, acc_tuned)
     params = sum(param_sizes(pruned).values())
     groups = report.group_rows(analysis, plan, scores)
-    return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned)
+    return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned,
+                 repaired)
 
 
 def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,

@@ -121,7 +121,7 @@ def json_report(src, dst, config, rounds, before, after, latency, acc_before, se
                     "removed_channels": r.plan.removed_channels,
                     "accuracy_after_cut": r.accuracy_cut,
                     "accuracy_after_finetune": r.accuracy_tuned,
-                    "equivalence_relative_error": r.error,
+                    "equivalence_relative_error": r.error, "repair": r.repair,
                     "criterion": r.plan.meta.get("criterion_report")} for r in rounds],
         "groups": rounds[0].groups,
         "plan": json.loads(last.plan.to_json()),

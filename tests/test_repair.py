@@ -116,3 +116,24 @@ def test_repair_option_values():
     assert PruneConfig(repair=True).checked().repair == "lsq"
     with pytest.raises(InputError, match="--repair"):
         PruneConfig(repair="magic").checked()
+
+
+@pytest.mark.parametrize("mode", ["lsq", "bias", "none"])
+def test_prune_reports_what_the_repair_changed(tmp_path, mode):
+    import onnx
+
+    from gpp_onnx import prune
+    from gpp_onnx.config import DataOptions
+    from gpp_onnx.samples import digits_cnn
+
+    src = tmp_path / "digits.onnx"
+    onnx.save(digits_cnn(0), src)
+    result = prune(src, tmp_path / "small.onnx",
+                   PruneConfig(ratio=0.5, criterion="l1", repair=mode, latency=False,
+                               data=DataOptions("digits", per_class=8)))
+    info = result.report["rounds"][0]["repair"]
+    if mode == "none":
+        assert info is None
+    else:
+        assert info["mode"] == mode and info["biases_changed"] > 0
+        assert (info["layers_refitted"] > 0) == (mode == "lsq")
