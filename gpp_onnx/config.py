@@ -31,7 +31,7 @@ class TrainOptions:
     clip_grad: float = 2.0               # max global gradient norm per step (0: no clipping)
 
 
-DATA_CRITERIA = ("gpp", "gpp-deconv", "taylor")
+DATA_CRITERIA = ("gpp", "gpp-guided", "gpp-deconv", "taylor")
 REPAIRS = ("lsq", "bias", "none")  # least-squares refit, mean fold into biases, nothing
 
 

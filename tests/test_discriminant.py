@@ -73,3 +73,37 @@ def test_final_layer_utility_follows_lda():
     assert np.all(final[lda == 0] == 0)
     ranks = lambda v: np.argsort(np.argsort(v))
     assert np.corrcoef(ranks(final), ranks(lda))[0, 1] > 0.5
+
+
+def test_default_gpp_signal_is_the_lda_loss_change_per_image():
+    """gpp's per-channel signal at the final hidden layer equals an independent numpy
+    computation: (1/N) sum_n |dL_n/dp_c * p_{n,c}| with L_n the LDA classifier's
+    cross-entropy and p the pooled features (the layer feeds GAP, so the spatial sum of
+    dL/dh * h is dL/dp * p)."""
+    from gpp_onnx.torch_backend import OnnxModule
+    from gpp_onnx.verify import make_session
+
+    model = normalize(_two_layer(dead=0, cut_off=2))
+    analysis = analyze_model(model)
+    data = _data()
+    crit = get_criterion("gpp")
+    crit.score(analysis, Evidence(data, "relu4", device="cpu"))
+    module = OnnxModule(model).eval()
+    got = crit._trace(module, "input", Evidence(data, "relu4", device="cpu"), ["relu4"],
+                      None, 8, torch.device("cpu"), analysis.axes)["relu4"]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.extend([onnx.ValueInfoProto(name="relu4")])
+    session = make_session(exposed, optimize=False)
+    h = session.run(["relu4"], {"input": data.x})[0].astype(np.float64)
+    p = h.mean(axis=(2, 3))
+    lda = crit.lda
+    z = (p - lda.center) @ lda.directions
+    logits = -0.5 * ((z[:, None, :] - lda.class_means[None]) ** 2).sum(axis=2)
+    soft = np.exp(logits - logits.max(axis=1, keepdims=True))
+    soft /= soft.sum(axis=1, keepdims=True)
+    dz = soft @ lda.class_means - lda.class_means[data.y]       # dL/dz
+    dp = dz @ lda.directions.T                                   # dL/dp
+    expected = np.abs(dp * p).mean(axis=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+    assert expected.max() > 0

@@ -56,3 +56,20 @@ def test_fewer_samples_than_neurons_and_scale_invariance():
     scaled = x.copy()
     scaled[:, 3] *= 1000
     np.testing.assert_allclose(lda_utility(scaled, y).fisher[3], res.fisher[3], rtol=1e-6)
+
+
+def test_lda_classifier_whitens_and_separates_the_classes():
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), 300)
+    x = rng.standard_normal((900, 5)) @ rng.standard_normal((5, 5))  # correlated noise
+    x[:, :2] += 4.0 * np.stack([y == 1, y == 2], axis=1)              # classes apart
+    x = np.concatenate([x, np.zeros((900, 1))], axis=1)               # a dead neuron
+    res = lda_utility(x, y)
+    assert res.directions.shape == (6, 2) and np.all(res.directions[5] == 0)
+    z = (x - res.center) @ res.directions
+    within = np.concatenate([z[y == c] - z[y == c].mean(axis=0) for c in range(3)])
+    np.testing.assert_allclose(within.var(axis=0), 1.0, rtol=1e-3)   # unit within-class var
+    import torch
+    logits = res.logits(torch.as_tensor(x)).numpy()
+    assert (np.argmax(logits, axis=1) == y).mean() > 0.95
+    np.testing.assert_array_equal(res.classes, [0, 1, 2])

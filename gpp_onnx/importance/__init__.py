@@ -52,7 +52,9 @@ def _bn_scale(seed: int):
 
 _CRITERIA = {"l1": lambda seed: Magnitude(1), "l2": lambda seed: Magnitude(2),
              "random": lambda seed: RandomCriterion(seed),
-             "gpp": _discriminant("gpp", rule="guided", contribution=True),
+             "gpp": _discriminant("gpp", rule="gradient", contribution=True,
+                                  objective="lda-nll", aggregate="image"),
+             "gpp-guided": _discriminant("gpp-guided", rule="guided", contribution=True),
              "gpp-deconv": _discriminant("gpp-deconv", rule="deconv"),
              "taylor": _taylor, "bn": _bn_scale}
 

@@ -19,7 +19,20 @@ positive outgoing weights still looks useful. ``contribution=True`` weighs the s
 by the channel's own activation, ``U_c = (1/N) sum_n dV_n * V_n`` (a first-order
 estimate of the channel's share of the weighted discriminant features), and
 ``rule="guided"`` additionally gates the rectified signal by the forward ReLU mask.
-Criterion names: ``gpp-deconv`` is the literal rule above; ``gpp`` the default variant.
+
+``objective="lda-nll"`` seeds the backward pass with the class separation itself rather
+than with the weighted activations: the loss is the cross-entropy of the layer's LDA
+classifier (``LdaResult.logits``: nearest class mean in the whitened space of the top
+``classes - 1`` discriminants) on each image's true label, so a neuron matters as much as
+it moves images towards or away from their class in discriminant space. With
+``aggregate="image"`` a channel's utility is ``(1/N) sum_n |sum_{h,w} dL_n/dV * V|``:
+per image, the first-order change of the LDA loss when the channel is removed, summed
+over space, then its size averaged over images (``aggregate="max"`` is step 2's max over
+space of the image-averaged signal).
+
+Criterion names: ``gpp`` (default): lda-nll objective, plain gradient, image aggregate;
+``gpp-guided``: weighted-activation seed, guided rule, contribution, max over space;
+``gpp-deconv``: the literal METHOD 2 rule.
 """
 from __future__ import annotations
 
@@ -85,9 +98,13 @@ class DiscriminantCriterion:
     needs_feature = True  # reads the final hidden layer
 
     def __init__(self, name: str = "gpp", rule: str = "deconv", contribution: bool = False,
-                 weight_by_utility: bool = True):
+                 weight_by_utility: bool = True, objective: str = "activation",
+                 aggregate: str = "max"):
+        if objective not in ("activation", "lda-nll") or aggregate not in ("max", "image"):
+            raise ValueError(f"unknown objective {objective!r} or aggregate {aggregate!r}")
         self.name, self.rule, self.contribution = name, rule, contribution
         self.weight_by_utility = weight_by_utility
+        self.objective, self.aggregate = objective, aggregate
         self.lda: LdaResult | None = None
         self.report: dict = {}
 
@@ -103,14 +120,21 @@ class DiscriminantCriterion:
         input_name = analysis.view.input_names[0]
         batch = max(1, min(evidence.batch_size, 32))
         self.lda = self._lda(module, input_name, evidence, batch, device)
-        weights = self.lda.utility / max(float(self.lda.utility.max()), 1e-30)
-        if not self.weight_by_utility:
-            weights = (self.lda.utility > 0).astype(np.float64)
+        weights = None  # the lda-nll objective weighs neurons through the LDA classifier
+        if self.objective == "activation":
+            weights = self.lda.utility / max(float(self.lda.utility.max()), 1e-30)
+            if not self.weight_by_utility:
+                weights = (self.lda.utility > 0).astype(np.float64)
         values = sorted({m.value for g in analysis.prunable for m in g.members})
-        signal = self._trace(module, input_name, evidence, values, weights, batch, device)
-        utilities = {v: _channel_utility(signal[v], analysis.axes[v]) for v in values}
+        signal = self._trace(module, input_name, evidence, values, weights, batch, device,
+                             analysis.axes)
+        if self.aggregate == "image":
+            utilities = signal
+        else:
+            utilities = {v: _channel_utility(signal[v], analysis.axes[v]) for v in values}
         self.report = {"feature_tensor": evidence.feature, "rule": self.rule,
-                       "contribution": self.contribution, "images": len(evidence.data.y),
+                       "contribution": self.contribution, "objective": self.objective,
+                       "aggregate": self.aggregate, "images": len(evidence.data.y),
                        "lda": self.lda.summary()}
         return {g.key: _group_utility(g, utilities) for g in analysis.prunable}
 
@@ -130,24 +154,37 @@ class DiscriminantCriterion:
                     evidence.feature, len(result.utility), result.dropped, result.offdiag_ratio)
         return result
 
-    def _trace(self, module, input_name, evidence, values, weights, batch, device):
-        w = torch.as_tensor(weights, dtype=torch.float32, device=device)
+    def _trace(self, module, input_name, evidence, values, weights, batch, device, axes):
+        w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32,
+                                                          device=device)
         sums: dict[str, torch.Tensor] = {}
         n_batches = -(-len(evidence.data.y) // batch)
-        for x, _ in track(_batches(evidence.data, batch), "tracing", n_batches, logger):
+        for x, y in track(_batches(evidence.data, batch), "tracing", n_batches, logger):
             out = module.run({input_name: torch.from_numpy(x).to(device)},
                              [evidence.feature, *values])
             h = out[evidence.feature]
-            seed = (h * w.view(1, -1, *([1] * (h.dim() - 2)))).detach()
             targets = [out[v] for v in values]
-            grads = torch.autograd.grad(h, targets, grad_outputs=seed, allow_unused=True)
+            if self.objective == "lda-nll":
+                label = torch.as_tensor(np.searchsorted(self.lda.classes, y), device=device)
+                loss = torch.nn.functional.cross_entropy(self.lda.logits(_pool(h)), label,
+                                                         reduction="sum")
+                grads = torch.autograd.grad(loss, targets, allow_unused=True)
+            else:
+                seed = (h * w.view(1, -1, *([1] * (h.dim() - 2)))).detach()
+                grads = torch.autograd.grad(h, targets, grad_outputs=seed, allow_unused=True)
             for v, g in zip(values, grads):
-                if g is not None:
-                    g = g * out[v].detach() if self.contribution else g
+                if g is None:
+                    continue
+                g = g * out[v].detach() if self.contribution else g
+                if self.aggregate == "image":  # per image: sum over space, then |.|
+                    g = g.detach().movedim(axes[v], 1)
+                    part = g.reshape(g.shape[0], g.shape[1], -1).sum(dim=2).abs().sum(dim=0)
+                else:
                     part = g.detach().sum(dim=0)
-                    sums[v] = part if v not in sums else sums[v] + part
+                sums[v] = part if v not in sums else sums[v] + part
         n = len(evidence.data.y)
-        return {v: (sums[v] / n).cpu().numpy() if v in sums else None for v in values}
+        return {v: (sums[v] / n).cpu().numpy().astype(np.float64) if v in sums else None
+                for v in values}
 
 
 def _channel_utility(mean_signal: np.ndarray | None, axis: int) -> np.ndarray | None:

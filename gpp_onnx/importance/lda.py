@@ -13,6 +13,12 @@ Generalised eigenproblem ``S_b e = v S_w e`` with ``S_w`` regularised by
 ``classes - 1`` eigenpairs (unit-norm ``e_j``). It equals the Fisher ratio of the top
 neurons when the scatters are diagonal. ``offdiag_ratio`` = ``||offdiag(S_w)||_F^2 /
 ||S_w||_F^2`` reports how diagonal S_w is (0 = diagonal).
+
+The same eigenpairs define the LDA classifier of the layer ([design], used by the default
+``gpp`` criterion): ``z = D^T (x - mean(X))`` with the top ``classes - 1`` directions as the
+columns of D, each scaled to unit within-class variance (``d^T S_w d / N = 1``), and class
+means ``m_c`` of z; class c's logit is ``-||z - m_c||^2 / 2`` (nearest class mean in the
+whitened discriminant space). Dropped neurons have zero rows in D.
 """
 from __future__ import annotations
 
@@ -31,6 +37,18 @@ class LdaResult:
     eigenvalues: np.ndarray     # top (classes - 1) discriminant values
     offdiag_ratio: float
     dropped: int                # zero-variance or duplicate neurons
+    directions: np.ndarray | None = None   # (M, K) D: whitened discriminant directions
+    center: np.ndarray | None = None       # (M,) mean of X
+    class_means: np.ndarray | None = None  # (classes, K) m_c in z space
+    classes: np.ndarray | None = None      # the labels, in the order of class_means
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """LDA-classifier logits ``-||D^T (x - center) - m_c||^2 / 2`` for x (N, M)."""
+        d = torch.as_tensor(self.directions, dtype=x.dtype, device=x.device)
+        c = torch.as_tensor(self.center, dtype=x.dtype, device=x.device)
+        m = torch.as_tensor(self.class_means, dtype=x.dtype, device=x.device)
+        z = (x - c) @ d
+        return -0.5 * ((z[:, None, :] - m[None]) ** 2).sum(dim=2)
 
     def summary(self) -> dict:
         return {"neurons": int(len(self.utility)), "dropped": self.dropped,
@@ -81,7 +99,15 @@ def lda_utility(features: np.ndarray, labels: np.ndarray) -> LdaResult:
     utility[cols.numpy()] = ((vecs ** 2) * vals.clamp(min=0)).sum(dim=1).numpy()
     off = s_w - torch.diag(d_w)
     ratio = float((off ** 2).sum() / ((s_w ** 2).sum() + 1e-30))
-    return LdaResult(fisher, utility, vals.numpy(), ratio, int(m - cols.sum()))
+    scale = torch.sqrt(torch.diagonal(vecs.T @ s_w @ vecs) / len(x)).clamp(min=1e-12)
+    directions = np.zeros((m, top))
+    directions[cols.numpy()] = (vecs / scale).numpy()
+    center = x_all.mean(dim=0).numpy()
+    labels = torch.unique(y)
+    z = (x_all.numpy() - center) @ directions
+    means = np.stack([z[(y == c).numpy()].mean(axis=0) for c in labels])
+    return LdaResult(fisher, utility, vals.numpy(), ratio, int(m - cols.sum()), directions,
+                     center, means, labels.numpy())
 
 
 def _generalised_eig(s_w: torch.Tensor, s_b: torch.Tensor):
