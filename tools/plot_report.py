@@ -19,7 +19,8 @@ import json
 import re
 from pathlib import Path
 
-COLOURS = {"gpp": "tab:red", "taylor": "tab:blue", "l1": "tab:green", "l2": "tab:olive",
+COLOURS = {"gpp": "tab:red", "gpp-guided": "tab:orange", "gpp-deconv": "tab:purple",
+           "taylor": "tab:blue", "l1": "tab:green", "l2": "tab:olive",
            "random": "tab:gray"}
 STYLES = ["-", "--", ":", "-."]
 
