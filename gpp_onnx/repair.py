@@ -27,11 +27,11 @@ columns; y: the original pre-activation output). The ridge pulls towards the ori
 weights, so with few rows the fit stays close to them; lam is chosen per layer on held-out
 images from ``lam = s * tr(G) / dim`` for s in 1e-4 .. 10 (G the centred Gram matrix): the
 largest lam within 5% of the best held-out error, and a fit that does not beat the mean
-repair on the held-out images is not used. The refit can grow weights a lot where few
-channels are left (an FC over 24 pooled features: largest weight 1.3 -> 52); fine-tuning
-clips gradient norms for that reason. Later layers
-see the already repaired earlier ones, so errors do not pile up. Layers with more than
-``max_dim`` weight columns (e.g. a 25088-input FC) keep the mean repair.
+repair on the held-out images is not used. Later layers see the already repaired earlier
+ones, so errors do not pile up. Layers with more than ``max_dim`` weight columns (e.g. a
+25088-input FC) keep the mean repair. The refit can grow weights a lot where few channels
+are left (an FC over 24 pooled features: largest weight 1.3 -> 52); fine-tuning clips
+gradient norms for that reason.
 """
 from __future__ import annotations
 
@@ -300,7 +300,7 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
             for node in nodes:
                 pos = plans[node.name][0]
                 sl = None if pos is None else pos[start:start + len(x)]
-                targets[node.name].append(_rows_out(out[node.output[0]], sl).double().cpu())
+                targets[node.name].append(_rows_out(out[node.output[0]], sl).float().cpu())
     weights: dict[tuple[str, int], np.ndarray] = {}
     fitted = 0
     for node in track(nodes, "repairing", len(nodes), logger):
@@ -341,7 +341,7 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
                     rows_x = v.reshape(v.shape[0], -1)[:, torch.as_tensor(kept_in, device=v.device)]
                 parts.append(rows_x.double().cpu())
         a = torch.cat(parts).numpy()
-        y = torch.cat(targets[node.name]).numpy()
+        y = torch.cat(targets.pop(node.name)).double().numpy()
         img = plans[node.name][1]
         theta, bias, gain = _ridge(a, y, theta0, np.flatnonzero(~held_out[img]),
                                    np.flatnonzero(held_out[img]))
