@@ -145,6 +145,15 @@ def _delta(node, w: np.ndarray, removed: np.ndarray, m: np.ndarray, p,
 
 
 LAMBDA_SCALES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # increasing: later = closer to W
+STAGED_BYTES = 1 << 30  # keep the pruned net's live activations for all images up to this
+
+
+def _image_bytes(view):
+    """float32 bytes of one image's slice of a value (0 where the shape is unknown)."""
+    def size_of(name: str) -> int:
+        shape = view.shape(name)
+        return 4 * int(np.prod(shape[1:])) if shape else 0
+    return size_of
 ERROR_SLACK = 1.05   # accept up to 5% more held-out error for a stronger ridge
 
 
@@ -301,6 +310,13 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
                 pos = plans[node.name][0]
                 sl = None if pos is None else pos[start:start + len(x)]
                 targets[node.name].append(_rows_out(out[node.output[0]], sl).float().cpu())
+    # One staged pass of the pruned net per batch when its activations fit in memory
+    # (each layer's inputs then come from the already refitted layers before it); else a
+    # fresh pass up to each layer.
+    n_batches = -(-n_img // batch_size)
+    steppers = None
+    if work.peak_live(_image_bytes(view)) * n_img <= STAGED_BYTES:
+        steppers = [work.stepper({input_name: x}) for _, x in batches()]
     weights: dict[tuple[str, int], np.ndarray] = {}
     fitted = 0
     for node in track(nodes, "repairing", len(nodes), logger):
@@ -331,8 +347,9 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
         pos = plans[node.name][0]
         parts = []
         with torch.no_grad():
-            for start, x in batches():
-                v = work.run({input_name: x}, [in_value])[in_value]
+            for (start, x), step in zip(batches(), steppers or [None] * n_batches):
+                v = (step.advance_to(in_value) if step is not None
+                     else work.run({input_name: x}, [in_value])[in_value])
                 if conv:
                     rows_x = _rows_conv(node, v, w.shape, pos[start:start + len(x)])
                     rows_x = rows_x.reshape(rows_x.shape[0], width, k)[:, torch.as_tensor(

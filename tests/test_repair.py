@@ -137,3 +137,18 @@ def test_prune_reports_what_the_repair_changed(tmp_path, mode):
     else:
         assert info["mode"] == mode and info["biases_changed"] > 0
         assert (info["layers_refitted"] > 0) == (mode == "lsq")
+
+
+def test_staged_pass_gives_the_same_refit_as_a_pass_per_layer(monkeypatch):
+    import gpp_onnx.repair as repair_module
+
+    model = _net(6, depthwise=True)
+    monkeypatch.setattr(repair_module, "STAGED_BYTES", 1 << 40)
+    staged = _cut_and_repair(model, seed=6)
+    monkeypatch.setattr(repair_module, "STAGED_BYTES", 0)
+    per_layer = _cut_and_repair(model, seed=6)
+    assert staged[3] and set(staged[3]) == set(per_layer[3])
+    for key in staged[3]:
+        np.testing.assert_allclose(staged[3][key], per_layer[3][key], rtol=1e-5, atol=1e-6)
+    for key in staged[2]:
+        np.testing.assert_allclose(staged[2][key], per_layer[2][key], rtol=1e-5, atol=1e-6)

@@ -358,6 +358,41 @@ def test_run_stops_once_the_asked_values_are_computed():
     assert len(calls) == sum(n.op_type == "Relu" for n in model.graph.node)
 
 
+def test_stepper_matches_run_and_sees_weight_changes_for_later_nodes():
+    from gpp_onnx.samples import digits_cnn
+
+    model = digits_cnn(0)
+    module = OnnxModule(model).eval()
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    x = torch.from_numpy(RNG.standard_normal((2, 1, 8, 8)).astype(np.float32))
+    feed = {module.input_names[0]: x}
+    with torch.no_grad():
+        step = module.stepper(feed)
+        first = step.advance_to(convs[0].output[0])
+        assert torch.equal(first, module.run(feed, [convs[0].output[0]])[convs[0].output[0]])
+        # change the last conv's weights before the stepper reaches it
+        weight = module.params[module.param_key(convs[-1].input[1])]
+        weight.mul_(2.0)
+        last = step.advance_to(convs[-1].output[0])
+        assert torch.allclose(last, module.run(feed, [convs[-1].output[0]])[convs[-1].output[0]])
+        logits = step.advance_to(module.output_names[0])
+        assert torch.allclose(logits, module(x))
+        with pytest.raises(InputError, match="freed"):
+            step.advance_to(convs[0].output[0])
+
+
+def test_peak_live_counts_values_held_at_once():
+    from gpp_onnx.samples import GraphBuilder
+
+    b = GraphBuilder((1, 2, 4, 4))
+    chain = b.build(b.act(b.conv(b.act(b.conv("input", 2), "Relu"), 2), "Relu"))
+    assert OnnxModule(chain).peak_live(lambda name: 1) == 2  # a value and its consumer's
+    b = GraphBuilder((1, 2, 4, 4))
+    h = b.act(b.conv("input", 2), "Relu")
+    residual = b.build(b.binary("Add", h, b.act(b.conv(h, 2), "Relu")))
+    assert OnnxModule(residual).peak_live(lambda name: 1) == 3  # h waits for the Add
+
+
 def test_dropout_identity_in_eval_random_in_train():
     model = make_model([N("Dropout", ["x", "r"], ["y"])], {"x": randn(64, 64)}, ["y"], {"r": f32(0.5)}, 13)
     module = OnnxModule(model)

@@ -298,6 +298,22 @@ class OnnxModule(nn.Module):
                     env.pop(name, None)
         return {name: env[name] for name in wanted}
 
+    def peak_live(self, size_of: Callable[[str], int]) -> int:
+        """Largest total ``size_of(value)`` held at once by ``run`` over the whole graph
+        (inputs included, weights and constants not)."""
+        live = sum(size_of(name) for name in self.input_names)
+        peak = live
+        for node, release in zip(self._nodes, self._release):
+            live += sum(size_of(name) for name in node.outputs if name)
+            peak = max(peak, live)
+            live -= sum(size_of(name) for name in release if name in self._produced
+                        or name in self.input_names)
+        return peak
+
+    def stepper(self, inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> "Stepper":
+        """Execute the graph in stages on fixed inputs (see :class:`Stepper`)."""
+        return Stepper(self, inputs)
+
     @staticmethod
     def _execute(node: Node, env: dict[str, torch.Tensor]) -> None:
         args = [env[name] if name else None for name in node.inputs]
@@ -314,6 +330,37 @@ class OnnxModule(nn.Module):
         values = self.run(inputs, self.output_names)
         outs = tuple(values[name] for name in self.output_names)
         return outs[0] if len(outs) == 1 else outs
+
+
+class Stepper:
+    """One pass of an :class:`OnnxModule` over fixed inputs, run in stages.
+
+    ``advance_to(name)`` executes nodes, in graph order, until value ``name`` exists and
+    returns it; values no later node needs are freed as in ``run``. Weights changed in
+    place between two calls take effect for the nodes not yet executed, so a layer-by-
+    layer procedure (e.g. refitting each layer on its already refitted predecessors)
+    costs one pass instead of one pass per layer."""
+
+    def __init__(self, module: OnnxModule, inputs):
+        self.module = module
+        self.env = module._environment()
+        self.env.update(module._feed(inputs))
+        self.position = 0
+
+    def advance_to(self, name: str) -> torch.Tensor:
+        module = self.module
+        if name not in self.env and name not in module._produced:
+            raise InputError(f"no value named '{name}' in the graph")
+        while name not in self.env:
+            if self.position >= len(module._nodes):
+                raise InputError(f"value '{name}' was already freed; ask for values in "
+                                 "graph order")
+            module._execute(module._nodes[self.position], self.env)
+            for released in module._release[self.position]:
+                if released != name:
+                    self.env.pop(released, None)
+            self.position += 1
+        return self.env[name]
 
 
 def _as_array(module: OnnxModule, name: str, value: torch.Tensor) -> np.ndarray:
