@@ -16,6 +16,7 @@ import onnx
 
 from .config import TrainOptions
 from .data import Dataset, iter_batches
+from .errors import DataError
 from .progress import track
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ def train_model(model: onnx.ModelProto, data: Dataset, options: TrainOptions, se
         x, y = next(batches)
         logits = module(torch.from_numpy(x).to(device))
         loss = F.cross_entropy(logits, torch.from_numpy(y).to(device))
+        if not torch.isfinite(loss):
+            raise DataError(f"{desc} diverged (loss {float(loss.detach())} at step {len(losses) + 1} "
+                            f"of {steps}) - lower --lr (now {options.lr:g})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if options.clip_grad > 0:

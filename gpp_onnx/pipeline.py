@@ -226,6 +226,10 @@ def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: 
             pruned = train_model(pruned, data.train, config.train, config.seed + k)
             acc_tuned = accuracy(pruned, data.val)
             logger.info("round %d: accuracy after fine-tuning %.4f", k, acc_tuned)
+            if acc_tuned < acc_cut:
+                logger.warning("round %d: fine-tuning lowered the held-out accuracy (%.4f -> "
+                               "%.4f); the fine-tuned model is the one written - try a lower "
+                               "--lr or fewer --finetune-epochs", k, acc_cut, acc_tuned)
     params = sum(param_sizes(pruned).values())
     groups = report.group_rows(analysis, plan, scores)
     return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned,

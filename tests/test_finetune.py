@@ -31,3 +31,33 @@ def test_clipping_bounds_the_step_and_no_clipping_does_not():
     unclipped = _step_size(0.0)
     assert unclipped > 0.5  # the bound below is not met trivially
     assert _step_size(0.05) == pytest.approx(0.05, rel=1e-3)
+
+
+def test_prune_warns_when_fine_tuning_lowers_held_out_accuracy(tmp_path, caplog):
+    import logging
+
+    import onnx
+
+    from gpp_onnx import PruneConfig, prune
+    from gpp_onnx.config import DataOptions
+
+    data = load_dataset(DataSpec("digits", 1, 8, 8))
+    src = tmp_path / "digits.onnx"
+    onnx.save(train_model(digits_cnn(0), data, TrainOptions(epochs=5, lr=0.05, device="cpu")),
+              src)
+    with caplog.at_level(logging.WARNING, logger="gpp_onnx"):
+        result = prune(src, tmp_path / "small.onnx", PruneConfig(
+            ratio=0.25, criterion="l1", latency=False, data=DataOptions("digits"),
+            train=TrainOptions(epochs=1, lr=0.5, device="cpu")))
+    rnd = result.report["rounds"][0]
+    assert rnd["accuracy_after_finetune"] < rnd["accuracy_after_cut"]  # lr 0.5 overshoots
+    assert "fine-tuning lowered the held-out accuracy" in caplog.text
+
+
+def test_diverging_fine_tuning_is_a_clear_error():
+    from gpp_onnx.errors import DataError
+
+    data = load_dataset(DataSpec("digits", 1, 8, 8))
+    with pytest.raises(DataError, match="diverged .* lower --lr"):
+        train_model(digits_cnn(0), data, TrainOptions(epochs=1, lr=1e4, clip_grad=0.0,
+                                                      device="cpu"))
