@@ -107,3 +107,18 @@ def test_default_gpp_signal_is_the_lda_loss_change_per_image():
     expected = np.abs(dp * p).mean(axis=0)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
     assert expected.max() > 0
+
+
+@pytest.mark.parametrize("name", ["gpp", "gpp-guided", "gpp-deconv"])
+def test_constant_final_layer_is_a_clear_error(name):
+    from gpp_onnx.errors import DataError
+
+    model = _two_layer(dead=0, cut_off=2)
+    inits = {t.name: t for t in model.graph.initializer}
+    for w in ("w2", "w3"):  # the second conv outputs its (negative) bias only: relu -> 0
+        arr = numpy_helper.to_array(inits[w]).copy()
+        arr[...] = 0.0 if w == "w2" else -1.0
+        inits[w].CopyFrom(numpy_helper.from_array(arr, w))
+    analysis = analyze_model(normalize(model))
+    with pytest.raises(DataError, match="constant on the data"):
+        get_criterion(name).score(analysis, Evidence(_data(), "relu4", device="cpu"))

@@ -73,3 +73,21 @@ def test_lda_classifier_whitens_and_separates_the_classes():
     logits = res.logits(torch.as_tensor(x)).numpy()
     assert (np.argmax(logits, axis=1) == y).mean() > 0.95
     np.testing.assert_array_equal(res.classes, [0, 1, 2])
+
+
+def test_degenerate_lda_still_gives_a_classifier_with_no_directions():
+    import torch
+
+    x = np.ones((10, 3))                      # every neuron constant
+    res = lda_utility(x, np.repeat([0, 1], 5))
+    assert res.dropped == 3 and res.directions.shape == (3, 0)
+    assert np.all(res.logits(torch.as_tensor(x)).numpy() == 0)   # no class preferred
+
+
+def test_utility_does_not_depend_on_the_features_scale():
+    x, y = _two_class()
+    big, tiny = lda_utility(x, y), lda_utility(x * 1e-9, y)
+    assert tiny.dropped == big.dropped == 0
+    for a, b in ((tiny.utility, big.utility), (tiny.fisher, big.fisher)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9 * b.max())
+    assert big.utility[0] > 1.0

@@ -150,6 +150,11 @@ class DiscriminantCriterion:
             raise DataError(f"the final hidden layer '{evidence.feature}' has NaN/inf "
                             "activations on the data - check the input scaling (--mean/--std)")
         result = lda_utility(features, evidence.data.y)
+        if result.dropped == len(result.utility):
+            raise DataError(f"the final hidden layer '{evidence.feature}' is constant on the "
+                            f"data (all {len(result.utility)} neurons dead or duplicates), so "
+                            "it separates no classes - check that the model is trained and the "
+                            "input scaling (--mean/--std), or use --criterion l1")
         logger.info("LDA on '%s': %d neurons, %d dead/duplicate, S_w off-diagonal energy %.3f",
                     evidence.feature, len(result.utility), result.dropped, result.offdiag_ratio)
         return result

@@ -60,7 +60,8 @@ def _usable_columns(x: torch.Tensor) -> torch.Tensor:
     """Mask of columns with variance and not duplicating an earlier column."""
     var = x.var(dim=0, unbiased=False)
     keep = var > EPS * max(float(var.max()), 1e-30)
-    rounded = torch.round(x * 1e5) / 1e5
+    scale = float(x.abs().max()) or 1.0  # duplicates are judged relative to the data's scale
+    rounded = torch.round(x / scale * 1e5)
     _, first = np.unique(rounded.T.cpu().numpy(), axis=0, return_index=True)
     unique = torch.zeros_like(keep)
     unique[torch.as_tensor(first, device=x.device)] = True
@@ -88,8 +89,11 @@ def lda_utility(features: np.ndarray, labels: np.ndarray) -> LdaResult:
     classes = int(torch.unique(y).numel())
     fisher = np.zeros(m)
     utility = np.zeros(m)
-    if x.shape[1] == 0 or classes < 2:
-        return LdaResult(fisher, utility, np.zeros(0), 0.0, int(m - cols.sum()))
+    if x.shape[1] == 0 or classes < 2:  # nothing to separate: a classifier with no directions
+        labels = torch.unique(y).numpy()
+        return LdaResult(fisher, utility, np.zeros(0), 0.0, int(m - cols.sum()),
+                         np.zeros((m, 0)), x_all.mean(dim=0).numpy(),
+                         np.zeros((len(labels), 0)), labels)
     s_w, s_b = scatter(x, y)
     d_w, d_b = torch.diagonal(s_w), torch.diagonal(s_b)
     fisher[cols.numpy()] = (d_b / (d_w + EPS * float(d_w.mean()) + 1e-30)).numpy()
@@ -113,8 +117,9 @@ def lda_utility(features: np.ndarray, labels: np.ndarray) -> LdaResult:
 def _generalised_eig(s_w: torch.Tensor, s_b: torch.Tensor):
     """Eigenpairs of S_b e = v S_w_reg e (ascending), unit-norm e in neuron space."""
     m = s_w.shape[0]
-    reg = s_w + EPS * float(torch.trace(s_w)) / m * torch.eye(m, dtype=s_w.dtype) \
-        + 1e-12 * torch.eye(m, dtype=s_w.dtype)
+    # relative regularisation only, so the utility does not depend on the features' scale
+    ridge = max(EPS * float(torch.trace(s_w)) / m, 1e-300)
+    reg = s_w + ridge * torch.eye(m, dtype=s_w.dtype)
     chol = torch.linalg.cholesky(reg)
     inv = torch.linalg.solve_triangular(chol, torch.eye(m, dtype=s_w.dtype), upper=False)
     whitened = inv @ s_b @ inv.T
