@@ -97,6 +97,12 @@ def _attr(node, name, default):
                 default)
 
 
+def _torch_pads(node, spatial: int) -> list[int]:
+    """ONNX ``pads`` (all begins, then all ends) in ``torch.nn.functional.pad`` order."""
+    pads = list(_attr(node, "pads", [0] * 2 * spatial))
+    return [v for i in reversed(range(spatial)) for v in (pads[i], pads[i + spatial])]
+
+
 def _conv_response(node, w: np.ndarray, removed, m, in_shape) -> np.ndarray | None:
     """Mean over output positions of the conv applied to the removed channels' means."""
     import torch
@@ -108,10 +114,8 @@ def _conv_response(node, w: np.ndarray, removed, m, in_shape) -> np.ndarray | No
     x = torch.zeros((1, *in_shape[1:]), dtype=torch.float64)
     x[0, torch.as_tensor(removed)] = torch.as_tensor(m, dtype=torch.float64).view(
         -1, *([1] * spatial))
-    pads = list(_attr(node, "pads", [0] * 2 * spatial))
-    torch_pads = [v for i in reversed(range(spatial)) for v in (pads[i], pads[i + spatial])]
     conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
-    y = conv(F.pad(x, torch_pads), torch.as_tensor(w), stride=_attr(node, "strides", 1),
+    y = conv(F.pad(x, _torch_pads(node, spatial)), torch.as_tensor(w), stride=_attr(node, "strides", 1),
              dilation=_attr(node, "dilations", 1), groups=_attr(node, "group", 1))
     return y[0].flatten(1).mean(dim=1).numpy()
 
@@ -177,29 +181,27 @@ def _fit_nodes(analysis, kept) -> list:
     return nodes
 
 
+def _pick(flat, positions):
+    """Rows (B*p, C) of ``flat`` (B, C, L) at positions (B, p) along L."""
+    import torch
+
+    idx = torch.as_tensor(positions, device=flat.device)
+    picked = torch.gather(flat, 2, idx[:, None, :].expand(-1, flat.shape[1], -1))
+    return picked.permute(0, 2, 1).reshape(-1, flat.shape[1])
+
+
 def _rows_conv(node, x, w_shape, positions):
     """Patch rows (B*p, C*kh*kw) of conv input x at the given output positions (B, p)."""
-    import torch
     import torch.nn.functional as F
 
-    pads = list(_attr(node, "pads", [0] * 4))
-    x = F.pad(x, [pads[1], pads[3], pads[0], pads[2]])
-    cols = F.unfold(x, tuple(w_shape[2:]), dilation=_attr(node, "dilations", 1),
-                    stride=_attr(node, "strides", 1))            # (B, C*k, L)
-    idx = torch.as_tensor(positions, device=x.device)
-    picked = torch.gather(cols, 2, idx[:, None, :].expand(-1, cols.shape[1], -1))
-    return picked.permute(0, 2, 1).reshape(-1, cols.shape[1])
+    cols = F.unfold(F.pad(x, _torch_pads(node, 2)), tuple(w_shape[2:]),
+                    dilation=_attr(node, "dilations", 1), stride=_attr(node, "strides", 1))
+    return _pick(cols, positions)                                 # cols: (B, C*k, L)
 
 
 def _rows_out(y, positions):
-    import torch
-
-    if y.dim() == 2:
-        return y
-    flat = y.flatten(2)
-    idx = torch.as_tensor(positions, device=y.device)
-    picked = torch.gather(flat, 2, idx[:, None, :].expand(-1, flat.shape[1], -1))
-    return picked.permute(0, 2, 1).reshape(-1, flat.shape[1])
+    """Rows (B*p, O) of a layer output at the sampled positions (a Gemm's output as is)."""
+    return y if y.dim() == 2 else _pick(y.flatten(2), positions)
 
 
 class _Moments:

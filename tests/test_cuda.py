@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import rel_err
 from gpp_onnx.analysis import analyze_model
 from gpp_onnx.analysis.features import final_hidden_layer
 from gpp_onnx.config import DataOptions, PruneConfig, TrainOptions
-from gpp_onnx.data import Dataset
 from gpp_onnx.evaluation import accuracy
 from gpp_onnx.finetune import train_model
 from gpp_onnx.importance import Evidence, get_criterion
@@ -35,10 +35,6 @@ def strict_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _rel(a, b):
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def test_auto_device_is_cuda():
     assert resolve_device("auto").type == "cuda"
 
@@ -49,7 +45,7 @@ def test_forward_on_cuda_matches_onnxruntime():
     module = OnnxModule(model, device="cuda").eval()
     with torch.no_grad():
         got = module(torch.from_numpy(x).cuda()).cpu().numpy()
-    assert _rel(got, run(model, {"input": x})[0]) < 1e-5
+    assert rel_err([got], run(model, {"input": x})) < 1e-5
 
 
 def _digits():
@@ -68,10 +64,10 @@ def test_training_on_cuda_learns_and_writes_back():
     x = data.x[:16]
     with torch.no_grad():
         got = module(torch.from_numpy(x).cuda()).cpu().numpy()
-    assert _rel(got, run(trained, {"input": x})[0]) < 1e-5
+    assert rel_err([got], run(trained, {"input": x})) < 1e-5
     # write_back of an unchanged module is the identity
     again = write_back(module, trained)
-    assert _rel(run(again, {"input": x})[0], run(trained, {"input": x})[0]) < 1e-6
+    assert rel_err(run(again, {"input": x}), run(trained, {"input": x})) < 1e-6
 
 
 def test_gpp_scores_on_cuda_match_cpu():
@@ -99,7 +95,7 @@ def test_lsq_repair_on_cuda_matches_cpu():
     w_gpu, d_gpu = reconstruct(analysis, kept, {}, images, "cuda")
     assert w_cpu and set(w_cpu) == set(w_gpu)
     for key in w_cpu:
-        assert _rel(w_gpu[key], w_cpu[key]) < 1e-3
+        assert rel_err([w_gpu[key]], [w_cpu[key]]) < 1e-3
     for key in d_cpu:
         np.testing.assert_allclose(d_gpu[key], d_cpu[key], rtol=1e-3, atol=1e-4)
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adapters.pytorch import export_torch, load_torchvision  # noqa: E402
+import _bench_common as bc  # noqa: E402
 import gpp_onnx  # noqa: E402
 from gpp_onnx import PruneConfig  # noqa: E402
 from gpp_onnx.config import DataOptions  # noqa: E402
@@ -43,8 +44,7 @@ def main() -> None:
         data = DataOptions(str(folder / "data.npz"), val_split=0.0,
                            per_class=-(-args.images // 10))
         for name in args.models.split(","):
-            src = export_torch(load_torchvision(name), folder / f"{name}.onnx",
-                               (1, 3, args.size, args.size), exporter="legacy")
+            src = bc.export(name, folder / f"{name}.onnx", args.size)
             times = []
             for mode in repairs:
                 t0 = time.perf_counter()
@@ -53,6 +53,7 @@ def main() -> None:
                                            latency=False, data=data))
                 times.append(time.perf_counter() - t0)
             rows.append((name, times))
+    print(f"# {bc.machine()}")
     print(f"# {args.images} images at {args.size} px, ratio 0.5, criterion l1")
     print(f"{'model':<18}" + "".join(f"{m + ' s':>10}" for m in repairs)
           + "".join(f"{m + '/' + repairs[0]:>12}" for m in repairs[1:]))
