@@ -280,23 +280,11 @@ class OnnxModule(nn.Module):
         Any value name works (graph input, node output, initializer), so intermediate
         activations, e.g. the final hidden layer, can be read and differentiated."""
         wanted = list(self.output_names if outputs is None else outputs)
-        env = self._environment()
-        env.update(self._feed(inputs))
-        absent = [name for name in wanted if name not in env and name not in self._produced]
-        if absent:
-            raise InputError(f"no value named '{absent[0]}' in the graph; "
-                             "ask for a graph input, node output or initializer name")
-        protect = set(wanted)
-        pending = {name for name in protect if name not in env}
-        for node, release in zip(self._nodes, self._release):
-            if not pending:
-                break  # everything asked for is computed: skip the rest of the graph
-            self._execute(node, env)
-            pending.difference_update(node.outputs)
-            for name in release:
-                if name not in protect:
-                    env.pop(name, None)
-        return {name: env[name] for name in wanted}
+        step = Stepper(self, inputs, keep=wanted)
+        for name in wanted:
+            step.check(name)
+        # nodes after the last value asked for are never executed
+        return {name: step.advance_to(name) for name in wanted}
 
     def peak_live(self, size_of: Callable[[str], int]) -> int:
         """Largest total ``size_of(value)`` held at once by ``run`` over the whole graph
@@ -341,23 +329,28 @@ class Stepper:
     layer procedure (e.g. refitting each layer on its already refitted predecessors)
     costs one pass instead of one pass per layer."""
 
-    def __init__(self, module: OnnxModule, inputs):
+    def __init__(self, module: OnnxModule, inputs, keep: Sequence[str] = ()):
         self.module = module
+        self.keep = set(keep)  # never freed (``run`` keeps everything it was asked for)
         self.env = module._environment()
         self.env.update(module._feed(inputs))
         self.position = 0
 
+    def check(self, name: str) -> None:
+        if name not in self.env and name not in self.module._produced:
+            raise InputError(f"no value named '{name}' in the graph; "
+                             "ask for a graph input, node output or initializer name")
+
     def advance_to(self, name: str) -> torch.Tensor:
         module = self.module
-        if name not in self.env and name not in module._produced:
-            raise InputError(f"no value named '{name}' in the graph")
+        self.check(name)
         while name not in self.env:
             if self.position >= len(module._nodes):
                 raise InputError(f"value '{name}' was already freed; ask for values in "
                                  "graph order")
             module._execute(module._nodes[self.position], self.env)
             for released in module._release[self.position]:
-                if released != name:
+                if released != name and released not in self.keep:
                     self.env.pop(released, None)
             self.position += 1
         return self.env[name]
