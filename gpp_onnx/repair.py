@@ -168,11 +168,10 @@ def _fit_nodes(analysis, kept) -> list:
     nodes, started = [], False
     for node in analysis.view.nodes:
         started = started or node.name in consumers
-        if (not started or node.op_type not in ("Conv", "Gemm")
-                or analysis.view.const(node.input[1]) is None):
+        w = analysis.view.const(node.input[1]) if node.op_type in ("Conv", "Gemm") else None
+        if not started or w is None or w.size == 0:
             continue
         if node.op_type == "Conv":
-            w = analysis.view.const(node.input[1])
             if (w.ndim == 4 and _attr(node, "group", 1) == 1
                     and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")):
                 nodes.append(node)
@@ -267,7 +266,7 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
     from .torch_backend import OnnxModule, resolve_device
 
     view = analysis.view
-    nodes = [n for n in _fit_nodes(analysis, kept) if view.const(n.input[1]).size > 0]
+    nodes = _fit_nodes(analysis, kept)
     if not nodes or len(images) < 4:
         return {}, deltas
     given, deltas = set(deltas), dict(deltas)
