@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--rounds", type=int, default=1, help="prune in this many rounds")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--min-keep", type=int, default=1, help="channels every group keeps")
-    pr.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of this")
+    pr.add_argument("--round-to", type=int, help="kept widths are multiples of this (default: "
+                    "the block onnxruntime's fast conv layout needs here, 8 or 16; 1: free)")
     pr.add_argument("--mask-only", action="store_true",
                     help="keep the shapes; zero the removed channels' weights instead")
     pr.add_argument("--plan", help="replay a plan written by --plan-out")

@@ -45,7 +45,8 @@ class PruneConfig:
     rounds: int = 1
     seed: int = 0
     min_keep: int = 1                   # never keep fewer channels in a group
-    round_to: int = 1                   # kept widths rounded up to a multiple of this
+    round_to: int | None = None         # kept widths rounded up to a multiple of this
+    #                                     (None: the runtime's fast-layout block, latency.py)
     mask_only: bool = False             # write the original shapes with removed channels zeroed
     input_shape: tuple[int, ...] | None = None
     latency: bool = True                # measure onnxruntime latency before/after
@@ -69,7 +70,7 @@ class PruneConfig:
             if value is not None and not 0.0 < value <= 1.0:
                 raise InputError(f"{flag} {value} is outside (0, 1] - it is the fraction to "
                                  "keep, e.g. 0.25 keeps a quarter")
-        if self.min_keep < 1 or self.round_to < 1:
+        if self.min_keep < 1 or (self.round_to is not None and self.round_to < 1):
             raise InputError("--min-keep and --round-to must be at least 1")
         changes = {}
         if isinstance(self.repair, bool):  # older spelling: True / False

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from . import model as model_io
-from . import repair, report, surgery, verify
+from . import latency, repair, report, surgery, verify
 from .analysis import Analysis, analyze_model
 from .analysis.features import final_hidden_layer
 from .config import DataOptions, PruneConfig, TrainOptions
@@ -98,7 +98,8 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
     meta = {"criterion": config.criterion, "seed": config.seed, "round": round_no}
     if getattr(criterion, "report", None):
         meta["criterion_report"] = criterion.report
-    common = dict(min_keep=config.min_keep, round_to=config.round_to, meta=meta)
+    multiples = latency.width_multiples(config.round_to)
+    common = dict(min_keep=config.min_keep, round_to=multiples[0], meta=meta)
     k, rounds = round_no, config.rounds
     if config.eta is not None:
         return plan_by_threshold(analysis, scores, config.eta * k, digest, **common), scores
@@ -115,6 +116,7 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
     def cost(plan: PrunePlan) -> float:
         return getattr(est.estimate(kept_elements(analysis, plan)), field_name)
 
+    common["round_to"] = multiples
     return plan_for_target(analysis, scores, digest, cost, goal, **common), scores
 
 
@@ -261,11 +263,15 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
                 break
         rounds.append(_one_round(analysis, config, data, k, plan_path, before))
     last = rounds[-1]
-    ratio = _latency(original, last.model, analysis.view.probe_feeds) if config.latency else None
+    timing = (latency.measure(original, last.model, analysis.view.probe_feeds)
+              if config.latency else None)
+    ratio = timing.ratio if timing is not None else None
+    slower = timing.warning(config.round_to) if timing is not None else None
+    warnings = [slower] if slower else []  # shown in the summary, kept in the report
     model_io.save(last.masked if config.mask_only else last.model, dst)
     after = ModelStats(last.params, last.macs)
     data_report = report.json_report(src, dst, config, rounds, before, after, ratio, acc_before,
-                                     time.perf_counter() - t0)
+                                     time.perf_counter() - t0, warnings)
     report_path = write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
     if plan_out is not None:
         write_text(Path(plan_out), last.plan.to_json())
@@ -277,13 +283,6 @@ def _check_normalized(view: GraphView, original: onnx.ModelProto) -> None:
     """normalize() must not change what the model computes."""
     verify.check_equivalent(view.probe_outputs, verify.run(original, view.probe_feeds),
                             "normalised model", "the input model")
-
-
-def _latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds) -> float:
-    sessions = [verify.make_session(original, "input model"),
-                verify.make_session(pruned, "pruned model")]
-    t_original, t_pruned = verify.latency(sessions, feeds, budget_s=1.0)
-    return t_pruned / t_original
 
 
 def _check_output(src: Path, dst: Path) -> None:

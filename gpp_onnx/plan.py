@@ -6,7 +6,9 @@ Building a plan from scores:
   scored, but keeps at least ``min_keep`` (never a whole group); with ``round_to = q``
   the kept width is rounded up to a multiple of q (capped at C).
 * ``--target-macs f`` / ``--target-params f``: bisection on r until the estimated cost of
-  the pruned model is at most f times the original (the cost falls as r grows).
+  the pruned model is at most f times the original (the cost falls as r grows). Without
+  ``--round-to`` the widths are multiples of the runtime's block b (latency.py), or of
+  b/2, ..., 1 when the coarser multiples cannot reach the target.
 * ``--eta e`` (data-driven criteria, METHOD section 3): per group, the threshold is
   ``t = e * std(u[u > 0])`` (sample std); channels with ``u < t`` and all zero-utility
   channels go, the floors still apply.
@@ -101,7 +103,7 @@ def plan_by_ratio(analysis, scores: dict[str, np.ndarray], ratio: float, digest:
         order = np.argsort(scores[group.key], kind="stable")
         removed[group.key] = tuple(sorted(int(i) for i in order[: group.width - keep]))
         widths[group.key] = group.width
-    return PrunePlan(removed, widths, digest, dict(meta or {}, ratio=ratio))
+    return PrunePlan(removed, widths, digest, dict(meta or {}, ratio=ratio, round_to=round_to))
 
 
 def plan_by_threshold(analysis, scores: dict[str, np.ndarray], eta: float, digest: str,
@@ -119,17 +121,30 @@ def plan_by_threshold(analysis, scores: dict[str, np.ndarray], eta: float, diges
         order = np.argsort(u, kind="stable")
         removed[group.key] = tuple(sorted(int(i) for i in order[: group.width - keep]))
         widths[group.key] = group.width
-    return PrunePlan(removed, widths, digest, dict(meta or {}, eta=eta))
+    return PrunePlan(removed, widths, digest, dict(meta or {}, eta=eta, round_to=round_to))
 
 
 def plan_for_target(analysis, scores, digest: str, cost, fraction: float, min_keep: int = 1,
-                    round_to: int = 1, meta: dict | None = None) -> PrunePlan:
-    """Smallest uniform ratio whose plan has cost(plan) <= fraction * cost(empty plan)."""
+                    round_to: int | tuple[int, ...] = 1, meta: dict | None = None) -> PrunePlan:
+    """Smallest uniform ratio whose plan has cost(plan) <= fraction * cost(empty plan).
+
+    Given several width multiples (coarsest first), the first one that meets the goal is
+    used; when none does, the finest one's closest plan (the floors stop short of the
+    target; the report says so)."""
     goal = fraction * cost(plan_by_ratio(analysis, scores, 0.0, digest))
+    for q in (round_to,) if isinstance(round_to, int) else round_to:
+        plan = _search_ratio(analysis, scores, digest, cost, goal, min_keep, q,
+                             dict(meta or {}, round_to=q))
+        if cost(plan) <= goal:
+            break
+    return plan
+
+
+def _search_ratio(analysis, scores, digest, cost, goal, min_keep, round_to, meta) -> PrunePlan:
     lo, hi = 0.0, 0.999
     best = plan_by_ratio(analysis, scores, hi, digest, min_keep, round_to, meta)
     if cost(best) > goal:
-        return best  # the floors stop us short of the target; the report says so
+        return best
     for _ in range(24):
         mid = (lo + hi) / 2
         plan = plan_by_ratio(analysis, scores, mid, digest, min_keep, round_to, meta)

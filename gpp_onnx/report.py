@@ -67,6 +67,7 @@ def prune_summary(result) -> str:
     lines += [f"removed {removed} channels in {groups} groups; pruned == masked original "
               f"(relative error {result.equivalence_error:.1e})",
               f"wrote {result.output} (report: {result.report_path})"]
+    lines += [f"warning: {w}" for w in rep.get("warnings", ())]
     return "\n".join(lines)
 
 
@@ -103,11 +104,12 @@ def group_rows(analysis, plan, scores: dict) -> list[dict]:
     return rows
 
 
-def json_report(src, dst, config, rounds, before, after, latency, acc_before, seconds) -> dict:
+def json_report(src, dst, config, rounds, before, after, latency, acc_before, seconds,
+                warnings=()) -> dict:
     last = rounds[-1]
     return {
         "input": str(src), "output": str(dst), "config": config.to_dict(),
-        "seconds": round(seconds, 3),
+        "seconds": round(seconds, 3), "warnings": list(warnings),
         "before": {"params": before.params, "macs": before.macs,
                    "file_bytes": src.stat().st_size, "accuracy": acc_before},
         "after": {"params": after.params, "macs": after.macs,

@@ -59,7 +59,7 @@ def prune_both(model: onnx.ModelProto, tmp_path: Path, **config):
     """Prune `model`, then replay the same plan with --mask-only; return both paths."""
     src = tmp_path / "model.onnx"
     onnx.save(model, src)
-    cfg = PruneConfig(latency=False, **config)
+    cfg = PruneConfig(**{"latency": False, "round_to": 1, **config})  # exact widths
     result = prune(src, tmp_path / "pruned.onnx", cfg, plan_out=tmp_path / "plan.json")
     prune(src, tmp_path / "masked.onnx", PruneConfig(latency=False, mask_only=True),
           plan_path=tmp_path / "plan.json")

@@ -133,5 +133,5 @@ def test_prune_api_accepts_min_keep(tmp_path):
     model = b.build(b.gemm(b.flatten(b.gap(b.act(b.conv("input", 4), "Relu"))), 2))
     onnx.save(model, tmp_path / "m.onnx")
     result = prune(tmp_path / "m.onnx", tmp_path / "p.onnx",
-                   PruneConfig(ratio=0.9, min_keep=3, latency=False))
+                   PruneConfig(ratio=0.9, min_keep=3, round_to=1, latency=False))
     assert result.plan.removed == {"conv1": (int(result.plan.removed["conv1"][0]),)}

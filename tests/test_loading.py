@@ -30,7 +30,7 @@ def test_external_data(tmp_path):
     onnx.save(model, src, save_as_external_data=True, all_tensors_to_one_file=True,
               location="ext.onnx.data", size_threshold=0)
     assert (tmp_path / "ext.onnx.data").exists() and src.stat().st_size < 20_000
-    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, latency=False))
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=1, latency=False))
     assert result.after.params < result.before.params
     feeds = feeds_for(model)
     assert run_model(tmp_path / "p.onnx", feeds)[0].shape == (2, 10)
@@ -89,7 +89,7 @@ def test_output_keeps_names_dtypes_and_metadata(tmp_path):
     model.doc_string = "my model"
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
-    prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, latency=False))
+    prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=1, latency=False))
     out = onnx.load(str(tmp_path / "p.onnx"))
     assert [i.name for i in out.graph.input] == ["input"]
     assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
@@ -101,7 +101,7 @@ def test_output_keeps_names_dtypes_and_metadata(tmp_path):
 def test_dynamic_batch_survives(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(sample_cnn(), src)
-    prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, latency=False))
+    prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=1, latency=False))
     for batch in (1, 5):
         x = np.zeros((batch, 3, 32, 32), np.float32)
         assert run_model(tmp_path / "p.onnx", {"input": x})[0].shape == (batch, 10)

@@ -131,7 +131,7 @@ def test_conv_chain_matches_hand_computed_channel_removal(tmp_path):
     model = b.build(b.conv(h, 3, k=1))
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
-    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, latency=False))
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=1, latency=False))
     removed = list(result.plan.removed["conv1"])
     w1, b1, w2, b2 = (numpy_helper.to_array(t) for t in model.graph.initializer)
     keep = [c for c in range(6) if c not in removed]

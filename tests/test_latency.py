@@ -1,0 +1,121 @@
+"""Default widths keep onnxruntime's fast conv layout; a slower result is said, not hidden.
+
+The reference is onnxruntime itself: the graph it runs after its optimisations (saved with
+``optimized_model_filepath``) says which convs run in the blocked NCHWc layout."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from gpp_onnx import PruneConfig, latency, prune
+from gpp_onnx.cli import main
+from gpp_onnx.latency import NCHWC, LatencyCheck, Layout, channel_alignment
+from gpp_onnx.samples import GraphBuilder
+
+
+def _ort_runs_nchwc(model: onnx.ModelProto, tmp_path) -> list[bool]:
+    """For each Conv of the graph onnxruntime runs: is it in the NCHWc domain?"""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(str(tmp_path / "ort.onnx")).graph.node
+    return [n.domain == NCHWC for n in nodes if n.op_type in ("Conv", "FusedConv")]
+
+
+def _depthwise(channels: int) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.ones((channels, 1, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], group=channels, pads=[1, 1, 1, 1])], "dw",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _separable_net() -> onnx.ModelProto:
+    """Depthwise-separable blocks like mobilenet's (the family that slowed down when cut)."""
+    b = GraphBuilder((1, 3, 32, 32), seed=0)
+    x = b.act(b.conv("input", 32, stride=2), "Relu")
+    for width in (64, 96, 128):
+        x = b.act(b.conv(x, b.channels(x), groups=b.channels(x)), "Relu")   # depthwise
+        x = b.act(b.conv(x, width, k=1), "Relu")                             # pointwise
+    return b.build(b.gemm(b.flatten(b.gap(x)), 10))
+
+
+def _nchwc_available(tmp_path) -> bool:
+    b = channel_alignment()
+    return all(_ort_runs_nchwc(_depthwise(2 * b), tmp_path))
+
+
+def test_alignment_is_the_width_onnxruntime_runs_in_its_fast_layout(tmp_path):
+    if not _nchwc_available(tmp_path):
+        pytest.skip("this onnxruntime build has no NCHWc layout")
+    b = channel_alignment()
+    assert b in (4, 8, 16, 32)
+    assert all(_ort_runs_nchwc(_depthwise(3 * b), tmp_path))
+    assert not any(_ort_runs_nchwc(_depthwise(2 * b + 1), tmp_path))  # an odd width falls off
+
+
+def test_default_widths_keep_every_conv_in_the_fast_layout(tmp_path):
+    if not _nchwc_available(tmp_path):
+        pytest.skip("this onnxruntime build has no NCHWc layout")
+    model = _separable_net()
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    assert all(_ort_runs_nchwc(model, tmp_path))
+    default = prune(src, tmp_path / "d.onnx", PruneConfig(target_macs=0.45, latency=False))
+    free = prune(src, tmp_path / "f.onnx",
+                 PruneConfig(target_macs=0.45, round_to=1, latency=False))
+    assert default.after.macs <= 0.45 * default.before.macs
+    assert all(_ort_runs_nchwc(onnx.load(str(tmp_path / "d.onnx")), tmp_path))
+    # the same request with free widths leaves the fast layout: the test can tell them apart
+    assert not all(_ort_runs_nchwc(onnx.load(str(tmp_path / "f.onnx")), tmp_path))
+    b = channel_alignment()
+    kept = [w - len(default.plan.removed.get(k, ())) for k, w in default.plan.widths.items()]
+    assert all(k % b == 0 for k in kept) and default.plan.meta["round_to"] == b
+
+
+def test_an_unreachable_target_falls_back_to_finer_multiples(tmp_path):
+    b = GraphBuilder((1, 3, 16, 16), seed=0)
+    x = b.act(b.conv(b.act(b.conv("input", 8), "Relu"), 8), "Relu")   # narrower than the block
+    src = tmp_path / "m.onnx"
+    onnx.save(b.build(b.gemm(b.flatten(b.gap(x)), 4)), src)
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(target_macs=0.5, latency=False))
+    assert result.after.macs <= 0.5 * result.before.macs
+    assert result.plan.meta["round_to"] < channel_alignment()
+
+
+def test_layout_counts_the_convs_that_left_the_fast_layout(tmp_path):
+    if not _nchwc_available(tmp_path):
+        pytest.skip("this onnxruntime build has no NCHWc layout")
+    b = channel_alignment()
+    assert Layout.of(_depthwise(2 * b)).plain_convs == 0
+    assert Layout.of(_depthwise(2 * b + 1)).plain_convs == 1
+
+
+def test_slower_models_are_reported_with_the_fix():
+    assert LatencyCheck(0.8).warning(None) is None
+    free = LatencyCheck(1.3, Layout(52, 0, 1), Layout(33, 19, 20)).warning(1)
+    assert "x1.30" in free and "19 convs" in free and "leave out --round-to" in free
+    default = LatencyCheck(1.1).warning(None)
+    assert "slower" in default and "leave out" not in default
+
+
+def test_prune_summary_and_report_warn_when_the_result_is_slower(tmp_path, monkeypatch, capsys):
+    b = GraphBuilder((1, 3, 16, 16), seed=0)
+    src = tmp_path / "m.onnx"
+    onnx.save(b.build(b.gemm(b.flatten(b.gap(b.act(b.conv("input", 32), "Relu"))), 4)), src)
+    monkeypatch.setattr(latency, "paired_ratio", lambda sessions, feeds, budget_s: 1.5)
+    out = tmp_path / "p.onnx"
+    assert main(["-q", "prune", str(src), "--ratio", "0.5", "-o", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "warning: the pruned model is slower than the original here (latency x1.50)" in summary
+    report = json.loads((tmp_path / "p.report.json").read_text())
+    assert report["ratios"]["latency"] == 1.5 and len(report["warnings"]) == 1
