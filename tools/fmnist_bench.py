@@ -260,8 +260,8 @@ def cmd_sweep(args) -> None:
                 if key in done:
                     continue
                 dst = work / f"{c}_m{int(round(m * 100))}_f{f:g}.onnx"
-                config = PruneConfig(
-                    target_macs=1 - m, criterion=c, seed=args.seed, latency=False,
+                config = PruneConfig(  # free widths: criteria compared channel by channel
+                    target_macs=1 - m, criterion=c, seed=args.seed, latency=False, round_to=1,
                     data=DataOptions(SOURCE, val_split=VAL_SPLIT, per_class=args.per_class),
                     train=TrainOptions(epochs=f), repair=args.repair)
                 row = {"criterion": c, "removed_target": m, "finetune_epochs": f,
