@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "group's channels (default 0.5)")
     target.add_argument("--target-macs", type=float, help="keep this fraction of the MACs")
     target.add_argument("--target-params", type=float, help="keep this fraction of the params")
+    target.add_argument("--target-latency", type=float, help="keep this fraction of the "
+                        "onnxruntime CPU latency measured here (channels ranked globally by "
+                        "utility per unit of latency; the cut model is timed and corrected)")
+    pr.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
+                    help="MACs/params targets: the same ratio in every group (default) or "
+                    "channels ranked globally by utility per unit of cost")
     pr.add_argument("--criterion", default="auto",
                     help=f"one of {', '.join(criterion_names())} (default: gpp with --data, "
                     "else l1)")
@@ -124,7 +130,8 @@ def _prune_config(args) -> PruneConfig:
     train = TrainOptions(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                          device=args.device)
     return PruneConfig(ratio=args.ratio, target_macs=args.target_macs,
-                       target_params=args.target_params, criterion=args.criterion,
+                       target_params=args.target_params, target_latency=args.target_latency,
+                       allocation=args.allocation, criterion=args.criterion,
                        eta=args.eta, rounds=args.rounds, seed=args.seed, min_keep=args.min_keep,
                        round_to=args.round_to, mask_only=args.mask_only,
                        input_shape=args.input_shape, latency=not args.no_latency,

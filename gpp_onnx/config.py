@@ -32,7 +32,8 @@ class TrainOptions:
 
 
 DATA_CRITERIA = ("gpp", "gpp-guided", "gpp-deconv", "taylor")
-REPAIRS = ("lsq", "bias", "none")  # least-squares refit, mean fold into biases, nothing
+REPAIRS = ("lsq", "bias", "none")
+ALLOCATIONS = ("uniform", "global")  # least-squares refit, mean fold into biases, nothing
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class PruneConfig:
     ratio: float | None = None          # fraction of each prunable group's channels to remove
     target_macs: float | None = None    # keep this fraction of the MACs (search the ratio)
     target_params: float | None = None  # keep this fraction of the parameters
+    target_latency: float | None = None # keep this fraction of the onnxruntime latency here
+    allocation: str = "uniform"         # MACs/params targets: uniform ratio | global ranking
     criterion: str = "auto"             # gpp with data, l1 without
     eta: float | None = None            # METHOD 3 threshold factor (per round: eta * round)
     rounds: int = 1
@@ -57,16 +60,26 @@ class PruneConfig:
 
     def checked(self) -> "PruneConfig":
         """Validate; default to ratio 0.5 when no target is given."""
-        targets = [t for t in (self.ratio, self.target_macs, self.target_params, self.eta)
-                   if t is not None]
+        targets = [t for t in (self.ratio, self.target_macs, self.target_params,
+                               self.target_latency, self.eta) if t is not None]
         if len(targets) > 1:
-            raise InputError("give only one of --ratio, --target-macs, --target-params, --eta")
+            raise InputError("give only one of --ratio, --target-macs, --target-params, "
+                             "--target-latency, --eta")
+        if self.allocation not in ALLOCATIONS:
+            raise InputError(f"--allocation {self.allocation} is unknown - use one of "
+                             f"{', '.join(ALLOCATIONS)}")
+        if self.allocation == "global" and self.target_macs is None and (
+                self.target_params is None):
+            raise InputError("--allocation global ranks channels against a cost target - "
+                             "give --target-macs or --target-params (--target-latency is "
+                             "always global)")
         self._check_data_options()
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise InputError(f"--ratio {self.ratio} is outside [0, 1) - e.g. --ratio 0.5 "
                              "removes half of each group's channels")
         for flag, value in (("--target-macs", self.target_macs),
-                            ("--target-params", self.target_params)):
+                            ("--target-params", self.target_params),
+                            ("--target-latency", self.target_latency)):
             if value is not None and not 0.0 < value <= 1.0:
                 raise InputError(f"{flag} {value} is outside (0, 1] - it is the fraction to "
                                  "keep, e.g. 0.25 keeps a quarter")

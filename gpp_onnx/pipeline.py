@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +19,10 @@ from .data import iter_batches, split
 from .errors import InputError
 from .evaluation import accuracy, dataset_for
 from .finetune import train_model
+from .allocate import plan_global
 from .graph import GraphView
 from .importance import Evidence, get_criterion
+from .latency_model import plan_for_latency
 from .plan import (PrunePlan, check_plan, kept_elements, model_digest, plan_by_ratio,
                    plan_by_threshold, plan_for_target)
 from .stats import Estimator, ModelStats, count, param_sizes
@@ -92,7 +94,7 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
 
     Over K rounds: ratio r removes ``1 - (1-r)^(1/K)`` of the current widths per round;
     eta grows linearly (``eta * k``); a target fraction f of the original cost is reached
-    as ``f^(k/K)`` after round k."""
+    as ``f^(k/K)`` after round k (latency: ``f^(1/K)`` of the current model per round)."""
     criterion = get_criterion(config.criterion, config.seed)
     scores = criterion.score(analysis, evidence)
     meta = {"criterion": config.criterion, "seed": config.seed, "round": round_no}
@@ -106,18 +108,34 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
     if config.ratio is not None:
         ratio = 1 - (1 - config.ratio) ** (1 / rounds)
         return plan_by_ratio(analysis, scores, ratio, digest, **common), scores
+    if config.target_latency is not None:
+        found = plan_for_latency(analysis, scores, digest, config.target_latency ** (1 / rounds),
+                                 analysis.view.probe_feeds, **common)
+        tries = [list(t) for t in found.tries]
+        return replace(found.plan, meta=dict(found.plan.meta, latency_tries=tries)), scores
+    return _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta), scores
+
+
+def _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta) -> PrunePlan:
+    """A MACs or params target: uniform ratio search or global allocation."""
     est = Estimator(analysis)
     field_name, fraction = (("macs", config.target_macs) if config.target_macs is not None
                             else ("params", config.target_params))
     now = getattr(est.estimate({}), field_name)
     original = getattr(base, field_name) if base is not None else now
-    goal = min(1.0, fraction ** (k / rounds) * original / max(now, 1))
+    goal = min(1.0, fraction ** (k / config.rounds) * original / max(now, 1))
 
-    def cost(plan: PrunePlan) -> float:
-        return getattr(est.estimate(kept_elements(analysis, plan)), field_name)
+    def cost(kept) -> float:
+        return getattr(est.estimate(kept), field_name)
 
-    common["round_to"] = multiples
-    return plan_for_target(analysis, scores, digest, cost, goal, **common), scores
+    if config.allocation == "uniform":
+        return plan_for_target(analysis, scores, digest, lambda p: cost(kept_elements(analysis, p)),
+                               goal, config.min_keep, multiples, meta)
+    for q in multiples:  # coarsest multiple that reaches the goal
+        plan = plan_global(analysis, scores, digest, cost, goal * now, config.min_keep, q, meta)
+        if cost(kept_elements(analysis, plan)) <= goal * now:
+            break
+    return plan
 
 
 @dataclass(frozen=True)

@@ -89,10 +89,12 @@ def check_plan(plan: PrunePlan, analysis, digest: str) -> None:
 
 def keep_count(width: int, ratio: float, min_keep: int = 1, round_to: int = 1) -> int:
     keep = width - math.floor(ratio * width + 1e-9)
-    keep = max(keep, min(min_keep, width), 1)
-    if round_to > 1:
-        keep = min(width, int(math.ceil(keep / round_to) * round_to))
-    return keep
+    return round_up(max(keep, min(min_keep, width), 1), round_to, width)
+
+
+def round_up(keep: int, multiple: int, width: int) -> int:
+    """`keep` rounded up to a multiple of `multiple`, at most `width`."""
+    return min(width, int(math.ceil(keep / multiple) * multiple)) if multiple > 1 else keep
 
 
 def plan_by_ratio(analysis, scores: dict[str, np.ndarray], ratio: float, digest: str,
@@ -115,9 +117,8 @@ def plan_by_threshold(analysis, scores: dict[str, np.ndarray], eta: float, diges
         nonzero = u[u > 0]
         t = eta * float(np.std(nonzero, ddof=1)) if len(nonzero) > 1 else 0.0
         drop = (u < t) | (u <= 0)
-        keep = max(int((~drop).sum()), min(min_keep, group.width), 1)
-        if round_to > 1:
-            keep = min(group.width, int(math.ceil(keep / round_to) * round_to))
+        keep = round_up(max(int((~drop).sum()), min(min_keep, group.width), 1), round_to,
+                        group.width)
         order = np.argsort(u, kind="stable")
         removed[group.key] = tuple(sorted(int(i) for i in order[: group.width - keep]))
         widths[group.key] = group.width

@@ -1,0 +1,90 @@
+"""Global allocation: the scores decide how wide each group stays, under one cost budget.
+
+Uniform allocation (``plan.plan_by_ratio``) cuts the same fraction of every group. Global
+allocation ranks every channel of every prunable group on one scale, the utility it
+keeps per unit of cost it spends:
+
+    value(g, c) = (s_gc / mean_c s_gc) / unit_cost_g
+
+* ``s_gc / mean_c s_gc``: the criterion's score normalised per group (so criteria whose
+  raw scales differ from layer to layer stay comparable; a channel scored at its group's
+  mean has value 1 / unit cost);
+* ``unit_cost_g = (cost(full) - cost(g at half width)) / (width_g / 2)``: what one channel
+  of g costs, measured with the same cost function the target is stated in (MACs,
+  params, or onnxruntime latency) on the unpruned model.
+
+A threshold tau removes, in each group, the channels with ``value < tau``; the floors keep
+``max(min_keep, ceil(floor * width))`` channels (never a whole group) and kept widths are
+rounded up to ``round_to``, keeping the best channels. tau is bisected (in log space)
+until the cost of the plan is at most the goal.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .plan import PrunePlan, kept_elements, round_up
+
+FLOOR = 0.05  # every group keeps at least this fraction of its channels
+
+
+def unit_costs(analysis, cost, round_to: int = 1) -> dict[str, float]:
+    """Cost of one channel of each prunable group, from cutting it alone to half width."""
+    full = cost({})
+    out = {}
+    for group in analysis.prunable:
+        drop = group.width - round_up(max(1, group.width // 2), round_to, group.width)
+        if drop <= 0:
+            out[group.key] = math.inf  # nothing to gain at this granularity
+            continue
+        plan = PrunePlan({group.key: tuple(range(drop))}, {group.key: group.width}, "")
+        saved = full - cost(kept_elements(analysis, plan))
+        out[group.key] = max(saved, 1e-12 * max(full, 1.0)) / drop
+    return out
+
+
+def plan_global(analysis, scores: dict[str, np.ndarray], digest: str, cost, goal: float,
+                min_keep: int = 1, round_to: int = 1, meta: dict | None = None,
+                floor: float = FLOOR) -> PrunePlan:
+    """Smallest set of low-value channels whose removal brings cost(plan) to <= goal.
+
+    `cost` maps a kept-element dict to the model's cost; `goal` is in the same unit."""
+    per_unit = unit_costs(analysis, cost, round_to)
+    values = {g.key: _normalised(scores[g.key]) / per_unit[g.key] for g in analysis.prunable}
+    finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in values.values()] or [[]])
+    meta = dict(meta or {}, allocation="global", round_to=round_to)
+    if not len(finite):
+        return _plan_at(analysis, values, 0.0, digest, min_keep, round_to, floor, meta)
+    lo, hi = math.log(finite.min()) - 1, math.log(finite.max()) + 1
+    best = _plan_at(analysis, values, math.exp(hi), digest, min_keep, round_to, floor, meta)
+    if cost(kept_elements(analysis, best)) > goal:
+        return best  # the floors stop short of the goal; the report says so
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        plan = _plan_at(analysis, values, math.exp(mid), digest, min_keep, round_to, floor, meta)
+        if cost(kept_elements(analysis, plan)) <= goal:
+            hi, best = mid, plan
+        else:
+            lo = mid
+    return best
+
+
+def _plan_at(analysis, values, tau, digest, min_keep, round_to, floor, meta) -> PrunePlan:
+    removed, widths = {}, {}
+    for group in analysis.prunable:
+        v = values[group.key]
+        keep = int(np.sum(v >= tau))
+        keep = max(keep, min(min_keep, group.width), math.ceil(floor * group.width), 1)
+        keep = round_up(keep, round_to, group.width)
+        order = np.argsort(v, kind="stable")
+        removed[group.key] = tuple(sorted(int(i) for i in order[: group.width - keep]))
+        widths[group.key] = group.width
+    return PrunePlan(removed, widths, digest, dict(meta, threshold=float(tau)))
+
+
+def _normalised(s) -> np.ndarray:
+    s = np.abs(np.asarray(s, dtype=np.float64))
+    mean = s.mean() if s.size else 0.0
+    return s / mean if mean > 0 else np.ones_like(s)
+

@@ -1,0 +1,179 @@
+"""A latency cost model of a model's pruned variants, from one onnxruntime profile.
+
+The original model is profiled in onnxruntime (all optimisations, the session options
+the user deploys with: threads, batch). Each kernel k of the optimised graph is named
+after the node or value it computes, so its median time t_k is charged to that value v_k
+of the analysed graph, and to the input u_k of the weighted node (Conv, Gemm, MatMul)
+that produces v_k through element-wise ops (fused activations, BN). A plan that keeps
+``kept_v`` of the ``w_v`` channels of v is estimated at
+
+    t(kept) = t_fixed + sum_k t_k * f(v_k) * f(u_k),   f(v) = pad(kept_v) / pad(w_v)
+
+with ``pad(n)`` = n rounded up to the runtime's block b (latency.py): the NCHWc kernels
+compute padded channels anyway. Depthwise and other grouped convs count their output
+only (input and output are the same channels). Kernels that map to no value (layout
+reorders) are ``t_fixed``. The model is a guide for allocation: the pruned model itself
+is timed afterwards and the goal corrected (latency.plan_for_latency).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .latency import channel_alignment
+
+logger = logging.getLogger(__name__)
+
+WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+_SUFFIXES = ("_nchwc",)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    seconds: float
+    values: tuple[str, ...]      # values whose kept fraction scales this kernel's time
+
+
+class LatencyModel:
+    def __init__(self, analysis, kernels: list[Kernel], fixed: float):
+        self.analysis = analysis
+        self.kernels = kernels
+        self.fixed = fixed
+        self.block = channel_alignment()
+        self.widths = {v: int(analysis.view.shape(v)[a]) for k in kernels for v in k.values
+                       if (a := analysis.axes.get(v)) is not None}
+
+    @property
+    def total(self) -> float:
+        return self.fixed + sum(k.seconds for k in self.kernels)
+
+    def estimate(self, kept: dict[str, np.ndarray]) -> float:
+        """Estimated seconds per run of the model with `kept` elements of each value."""
+        t = self.fixed
+        for k in self.kernels:
+            f = 1.0
+            for v in k.values:
+                if v in kept and v in self.widths:
+                    f *= self._pad(len(kept[v])) / self._pad(self.widths[v])
+            t += k.seconds * f
+        return t
+
+    def _pad(self, n: int) -> int:
+        return int(math.ceil(n / self.block) * self.block) if n >= self.block else n
+
+    @classmethod
+    def profile(cls, analysis, feeds: dict, runs: int = 20, threads: int = 0
+                ) -> "LatencyModel":
+        """Profile the analysed model in onnxruntime's CPU provider and build the model."""
+        times = _kernel_times(analysis.view.model, feeds, runs, threads)
+        by_name = {n.name: n for n in analysis.view.nodes}
+        kernels, fixed = [], 0.0
+        for name, seconds in times.items():
+            values = _scaled_values(analysis, by_name, name)
+            if values:
+                kernels.append(Kernel(seconds, values))
+            else:
+                fixed += seconds
+        logger.info("latency model: %d kernels, %.2f ms (%.2f ms not tied to channels)",
+                    len(kernels), 1e3 * (fixed + sum(k.seconds for k in kernels)), 1e3 * fixed)
+        return cls(analysis, kernels, fixed)
+
+
+def _kernel_times(model, feeds: dict, runs: int, threads: int) -> dict[str, float]:
+    """Median seconds of each kernel over `runs` profiled runs (after one warm-up)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.enable_profiling = True
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.profile_file_prefix = os.path.join(tmp, "profile")
+        session = ort.InferenceSession(model.SerializeToString(), opts,
+                                       providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            session.run(None, feeds)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    per_kernel: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_kernel[e["name"][: -len("_kernel_time")]].append(e["dur"] * 1e-6)
+    # the first run of a profiled session allocates: drop it
+    return {k: statistics.median(v[1:] or v) for k, v in per_kernel.items()}
+
+
+def _scaled_values(analysis, by_name: dict, kernel: str) -> tuple[str, ...]:
+    """The channel values whose widths scale a kernel: its output and its weighted input."""
+    view = analysis.view
+    name = kernel
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    node = by_name.get(name)
+    value = node.output[0] if node is not None else name
+    if value not in view.producer:
+        return ()
+    out = (value,) if analysis.axes.get(value) is not None else ()
+    node = view.producer[value]
+    while node.op_type not in WEIGHTED:
+        data = [i for i in node.input if i and not view.is_const(i)]
+        if len(data) != 1 or data[0] not in view.producer:
+            return out
+        node = view.producer[data[0]]
+    if node.op_type == "Conv" and _group(node) > 1:
+        return out
+    source = node.input[0]
+    return out + ((source,) if analysis.axes.get(source) is not None else ())
+
+
+def _group(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
+@dataclass(frozen=True)
+class LatencyPlan:
+    plan: object                 # PrunePlan
+    measured: float              # latency ratio of the cut model, timed in onnxruntime
+    tries: tuple[tuple[float, float], ...]   # (goal given to the allocation, measured)
+
+
+def plan_for_latency(analysis, scores, digest: str, fraction: float, feeds: dict,
+                     min_keep: int = 1, round_to: int = 1, meta: dict | None = None,
+                     tries: int = 4, tolerance: float = 0.03) -> LatencyPlan:
+    """Global allocation against the latency model, then the real cut model is timed
+    against the original and the model's goal scaled by target / measured, until the
+    measured ratio is within `tolerance` (relative) of `fraction` or `tries` run out.
+    The plan kept is the slowest one that meets the target, else the fastest tried."""
+    from . import allocate, surgery, verify
+    from .latency import paired_ratio
+    from .plan import kept_elements
+
+    model = LatencyModel.profile(analysis, feeds)
+    original = verify.make_session(analysis.view.model, "input model")
+    goal, done = fraction * model.total, []
+    for _ in range(tries):
+        plan = allocate.plan_global(analysis, scores, digest, model.estimate, goal, min_keep,
+                                    round_to, meta)
+        pruned = surgery.cut(analysis, kept_elements(analysis, plan))
+        measured = paired_ratio([original, verify.make_session(pruned, "pruned model")], feeds)
+        logger.info("latency target %.3f: model goal %.3f -> measured %.3f", fraction,
+                    goal / model.total, measured)
+        done.append((plan, goal / model.total, measured))
+        if abs(measured / fraction - 1) <= tolerance:
+            break
+        goal *= fraction / measured
+    meeting = [d for d in done if d[2] <= fraction * (1 + tolerance)]
+    plan, _, measured = (max(meeting, key=lambda d: d[2]) if meeting
+                         else min(done, key=lambda d: d[2]))
+    return LatencyPlan(plan, measured, tuple((g, m) for _, g, m in done))

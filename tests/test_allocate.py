@@ -1,0 +1,119 @@
+"""Global allocation and latency targets: the budget goes where the utility per cost is."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from gpp_onnx import latency
+from gpp_onnx.allocate import plan_global
+from gpp_onnx.analysis import analyze_model
+from gpp_onnx.cli import main
+from gpp_onnx.latency_model import LatencyModel, plan_for_latency
+from gpp_onnx.model import normalize
+from gpp_onnx.plan import kept_elements
+from gpp_onnx.samples import GraphBuilder
+
+
+def _chain(widths=(32, 32, 32), side=16) -> onnx.ModelProto:
+    b = GraphBuilder((1, 3, side, side), seed=0)
+    x = "input"
+    for w in widths:
+        x = b.act(b.conv(x, w), "Relu")
+    return b.build(b.gemm(b.flatten(b.gap(x)), 4))
+
+
+def _analysis(model):
+    return analyze_model(normalize(model))
+
+
+def _linear_cost(analysis, weights: dict[str, float]):
+    """An independent cost: sum over groups of weight * kept channels."""
+    def cost(kept):
+        total = 0.0
+        for g in analysis.prunable:
+            m = g.members[0]
+            n = len(kept[m.value]) // m.elements.shape[1] if m.value in kept else g.width
+            total += weights[g.key] * n
+        return total
+    return cost
+
+
+def test_global_allocation_cuts_the_expensive_group_first():
+    analysis = _analysis(_chain())
+    keys = [g.key for g in analysis.prunable]
+    scores = {k: np.linspace(1, 2, 32) for k in keys}   # the same utilities everywhere
+    weights = {k: 1.0 for k in keys}
+    weights[keys[1]] = 10.0                               # one group costs 10x per channel
+    cost = _linear_cost(analysis, weights)
+    goal = 0.7 * cost({})
+    plan = plan_global(analysis, scores, "d", cost, goal)
+    assert cost(kept_elements(analysis, plan)) <= goal
+    removed = {k: len(plan.removed[k]) for k in keys}
+    assert removed[keys[1]] > max(removed[k] for k in keys if k != keys[1])
+    assert plan.meta["allocation"] == "global"
+
+
+def test_global_allocation_keeps_the_floor_and_the_best_channels():
+    analysis = _analysis(_chain())
+    keys = [g.key for g in analysis.prunable]
+    rng = np.random.default_rng(0)
+    scores = {k: rng.random(32) for k in keys}
+    cost = _linear_cost(analysis, {k: 1.0 for k in keys})
+    plan = plan_global(analysis, scores, "d", cost, 0.01 * cost({}), min_keep=3, round_to=4)
+    for k in keys:
+        kept = sorted(set(range(32)) - set(plan.removed[k]))
+        assert len(kept) >= 3 and len(kept) % 4 == 0              # floor, then multiple
+        dropped = list(plan.removed[k])
+        assert min(scores[k][kept]) >= max(scores[k][dropped])   # lowest scores go
+
+
+def test_latency_model_charges_kernels_to_channels_and_falls_with_the_cut():
+    analysis = _analysis(_chain(widths=(32, 64, 64), side=32))
+    feeds = analysis.view.probe_feeds
+    model = LatencyModel.profile(analysis, feeds, runs=5)
+    assert model.fixed < 0.2 * model.total          # almost all time is tied to channels
+    assert model.estimate({}) == pytest.approx(model.total)
+    keys = [g.key for g in analysis.prunable]
+    half = {k: tuple(range(g.width // 2)) for k, g in zip(keys, analysis.prunable)}
+    from gpp_onnx.plan import PrunePlan
+    kept = kept_elements(analysis, PrunePlan(half, {g.key: g.width for g in analysis.prunable},
+                                             "d"))
+    assert model.estimate(kept) < 0.8 * model.total
+
+
+def test_latency_target_corrects_the_goal_by_what_it_measures(monkeypatch):
+    analysis = _analysis(_chain(widths=(32, 64, 64), side=32))
+    measured = iter([0.7, 0.45, 0.51])
+    monkeypatch.setattr(latency, "paired_ratio", lambda sessions, feeds: next(measured))
+    keys = [g.key for g in analysis.prunable]
+    scores = {g.key: np.arange(g.width, dtype=float) + 1 for g in analysis.prunable}
+    found = plan_for_latency(analysis, scores, "d", 0.5, analysis.view.probe_feeds)
+    goals = [g for g, _ in found.tries]
+    assert goals == pytest.approx([0.5, 0.5 * 0.5 / 0.7, 0.5 * 0.5 / 0.7 * 0.5 / 0.45])
+    assert found.measured == 0.51            # within 3% of the target: the loop stops there
+    assert len(found.tries) == 3 and set(found.plan.removed) <= set(keys)
+
+
+def test_target_latency_from_the_cli_writes_a_verified_global_plan(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(_chain(widths=(32, 64, 64), side=32), src)
+    out = tmp_path / "p.onnx"
+    assert main(["-q", "prune", str(src), "--target-latency", "0.6", "-o", str(out)]) == 0
+    report = json.loads((tmp_path / "p.report.json").read_text())
+    meta = report["plan"]["meta"]
+    assert meta["allocation"] == "global" and meta["latency_tries"]
+    assert report["after"]["macs"] < report["before"]["macs"]
+
+
+@pytest.mark.parametrize("argv", [["--ratio", "0.5", "--allocation", "global"],
+                                  ["--target-latency", "0"], ["--target-latency", "1.5"]])
+def test_bad_latency_and_allocation_options_exit_2(tmp_path, argv, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(_chain(), src)
+    out = tmp_path / "p.onnx"
+    assert main(["-q", "prune", str(src), *argv, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and not out.exists()
