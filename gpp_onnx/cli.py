@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-repair", action="store_const", const="none", dest="repair",
                     help="same as --repair none")
 
+    pf = sub.add_parser("profile", help="per-group onnxruntime latency cost on this machine")
+    pf.add_argument("model")
+    pf.add_argument("--input-shape", type=_shape, help="concrete input shape, e.g. 1,3,224,224")
+    pf.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads "
+                    "(default: onnxruntime's choice)")
+    pf.add_argument("--runs", type=int, default=20, help="profiled runs")
+    pf.add_argument("--json", help="write every group's cost-vs-width curve here "
+                    "(python tools/plot_report.py latency FILE draws it)")
+
     ev = sub.add_parser("evaluate", help="top-1 accuracy through onnxruntime")
     ev.add_argument("model")
     _data_args(ev)
@@ -146,6 +155,12 @@ def _run(args) -> int:
         result = pipeline.prune(args.model, args.output, _prune_config(args),
                                 plan_path=args.plan, plan_out=args.plan_out)
         print(report.prune_summary(result))
+    elif args.command == "profile":
+        prof = pipeline.profile(args.model, args.input_shape, args.threads, args.runs)
+        print(report.profile_table(prof))
+        if args.json:
+            pipeline.write_text(Path(args.json), report.to_json(vars(prof)))
+            print(f"wrote {args.json}")
     elif args.command == "evaluate":
         if not args.data:
             raise InputError("evaluate needs --data (labelled images)")

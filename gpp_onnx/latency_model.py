@@ -146,6 +146,7 @@ class LatencyPlan:
     plan: object                 # PrunePlan
     measured: float              # latency ratio of the cut model, timed in onnxruntime
     tries: tuple[tuple[float, float], ...]   # (goal given to the allocation, measured)
+    groups: tuple[dict, ...] = ()            # group_costs of the profiled model
 
 
 def plan_for_latency(analysis, scores, digest: str, fraction: float, feeds: dict,
@@ -176,4 +177,26 @@ def plan_for_latency(analysis, scores, digest: str, fraction: float, feeds: dict
     meeting = [d for d in done if d[2] <= fraction * (1 + tolerance)]
     plan, _, measured = (max(meeting, key=lambda d: d[2]) if meeting
                          else min(done, key=lambda d: d[2]))
-    return LatencyPlan(plan, measured, tuple((g, m) for _, g, m in done))
+    groups = tuple({k: v for k, v in row.items() if k != "curve"}
+                   for row in group_costs(analysis, model, points=1))
+    return LatencyPlan(plan, measured, tuple((g, m) for _, g, m in done), groups)
+
+
+def group_costs(analysis, model: LatencyModel, points: int = 8) -> list[dict]:
+    """Per prunable group: the share of the latency its width controls (cut to its first
+    multiple of the block) and the estimated latency at up to `points` kept widths."""
+    from .plan import PrunePlan, kept_elements
+
+    rows = []
+    for g in analysis.prunable:
+        step = max(model.block, -(-g.width // points))
+        widths = sorted({min(g.width, w) for w in range(step, g.width + step, step)})
+        curve = []
+        for keep in widths:
+            plan = PrunePlan({g.key: tuple(range(g.width - keep))}, {g.key: g.width}, "")
+            curve.append([keep, model.estimate(kept_elements(analysis, plan))])
+        saved = model.total - curve[0][1]
+        rows.append({"key": g.key, "width": g.width, "share": saved / model.total,
+                     "us_per_channel": 1e6 * saved / max(g.width - curve[0][0], 1),
+                     "curve": curve})
+    return sorted(rows, key=lambda r: -r["share"])

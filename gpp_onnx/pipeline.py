@@ -22,7 +22,7 @@ from .finetune import train_model
 from .allocate import plan_global
 from .graph import GraphView
 from .importance import Evidence, get_criterion
-from .latency_model import plan_for_latency
+from .latency_model import LatencyModel, group_costs, plan_for_latency
 from .plan import (PrunePlan, check_plan, kept_elements, model_digest, plan_by_ratio,
                    plan_by_threshold, plan_for_target)
 from .stats import Estimator, ModelStats, count, param_sizes
@@ -111,8 +111,9 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
     if config.target_latency is not None:
         found = plan_for_latency(analysis, scores, digest, config.target_latency ** (1 / rounds),
                                  analysis.view.probe_feeds, **common)
-        tries = [list(t) for t in found.tries]
-        return replace(found.plan, meta=dict(found.plan.meta, latency_tries=tries)), scores
+        meta = dict(found.plan.meta, latency_tries=[list(t) for t in found.tries],
+                    latency_measured=found.measured, latency_groups=list(found.groups))
+        return replace(found.plan, meta=meta), scores
     return _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta), scores
 
 
@@ -348,6 +349,22 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30) -> Comparison:
     la, lb = verify.latency(sessions, view_a.probe_feeds, min_runs=repeats, max_runs=repeats)
     return Comparison(count(view_a), count(view_b), Path(path_a).stat().st_size,
                       Path(path_b).stat().st_size, la, lb)
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    total_seconds: float
+    fixed_seconds: float
+    block: int
+    groups: list[dict]          # latency_model.group_costs rows, largest share first
+
+
+def profile(path, input_shape=None, threads: int = 0, runs: int = 20) -> LatencyProfile:
+    """Per channel group: how much of the model's onnxruntime CPU latency its width
+    controls here, and the estimated latency at each kept width."""
+    _, _, analysis = load_normalized(Path(path), input_shape)
+    model = LatencyModel.profile(analysis, analysis.view.probe_feeds, runs, threads)
+    return LatencyProfile(model.total, model.fixed, model.block, group_costs(analysis, model))
 
 
 def evaluate(path, data: DataOptions) -> tuple[float, int]:

@@ -53,6 +53,12 @@ def prune_summary(result) -> str:
              f"{a['file_bytes'] / b['file_bytes']:.3f}"]]
     if result.latency_ratio is not None:
         rows.append(["latency (onnxruntime)", "", "", f"{result.latency_ratio:.3f}"])
+    asked = rep["config"].get("target_latency")
+    if asked is not None:
+        tries = result.plan.meta.get("latency_tries", [])
+        rows.append([f"latency target {asked:g}", "", "",
+                     f"{result.plan.meta.get('latency_measured', float('nan')):.3f} "
+                     f"when planned ({len(tries)} cuts timed)"])
     if b.get("accuracy") is not None:
         rows.append(["top-1 accuracy (held-out)", f"{b['accuracy']:.4f}", f"{a['accuracy']:.4f}",
                      f"{a['accuracy'] - b['accuracy']:+.4f}"])
@@ -78,6 +84,17 @@ def rounds_table(rounds: list[dict], macs_before: int) -> str:
              acc(r["accuracy_after_cut"]), acc(r["accuracy_after_finetune"])] for r in rounds]
     return table(["round", "channels cut", "MACs kept", "acc. after cut", "acc. after fine-tune"],
                  rows)
+
+
+def profile_table(prof, top: int = 30) -> str:
+    rows = [[r["key"], r["width"], f"{100 * r['share']:.1f}%", f"{r['us_per_channel']:.2f}"]
+            for r in prof.groups[:top]]
+    head = (f"onnxruntime CPU latency {prof.total_seconds * 1e3:.2f} ms per run, "
+            f"{100 * prof.fixed_seconds / max(prof.total_seconds, 1e-12):.1f}% not tied to "
+            f"channels; widths padded to multiples of {prof.block}")
+    body = table(["group", "width", "latency share", "us per channel"], rows, "lrrr")
+    more = len(prof.groups) - top
+    return "\n".join([head, body] + ([f"... {more} more groups"] if more > 0 else []))
 
 
 def comparison_table(cmp, name_a: str, name_b: str) -> str:

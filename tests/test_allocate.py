@@ -117,3 +117,20 @@ def test_bad_latency_and_allocation_options_exit_2(tmp_path, argv, capsys):
     assert main(["-q", "prune", str(src), *argv, "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and not out.exists()
+
+
+def test_profile_command_prices_every_prunable_group(tmp_path, capsys):
+    import gpp_onnx
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_chain(widths=(32, 64, 64), side=32), src)
+    out = tmp_path / "prof.json"
+    assert main(["-q", "profile", str(src), "--runs", "3", "--json", str(out)]) == 0
+    assert "latency share" in capsys.readouterr().out
+    prof = json.loads(out.read_text())
+    prunable = {g.key for g in gpp_onnx.analyze(src).analysis.prunable}
+    assert {g["key"] for g in prof["groups"]} == prunable
+    for g in prof["groups"]:
+        assert 0 < g["share"] < 1 and g["curve"][-1][0] == g["width"]
+        times = [t for _, t in g["curve"]]
+        assert times == sorted(times)          # a narrower group never costs more

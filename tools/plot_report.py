@@ -2,10 +2,15 @@
 
     python tools/plot_report.py widths MODEL.report.json -o widths.png
     python tools/plot_report.py sweep SWEEP.json [SWEEP2.json ...] -o acc_vs_macs.png
+    python tools/plot_report.py latency PROFILE.json -o cost_vs_width.png [--top 8]
 
 ``widths``: from the JSON report ``gpp_onnx.prune`` writes beside a pruned model
 (``<name>.report.json``), one pair of bars per channel group: width before and kept width
 after (groups that cannot be pruned are hatched).
+
+``latency``: from the JSON of ``gpp-onnx profile MODEL --json FILE``, the estimated
+onnxruntime latency of the model against the kept width of each of the `--top` groups
+whose width controls the most latency (the others at full width).
 
 ``sweep``: from the JSON of ``tools/fmnist_bench.py sweep``, test accuracy against the
 fraction of MACs actually removed, one colour per criterion; solid lines right after the
@@ -77,6 +82,26 @@ def plot_widths(report_path: Path, out: Path, all_groups: bool = True) -> Path:
     return out
 
 
+def plot_latency(profile_path: Path, out: Path, top: int = 8) -> Path:
+    plt = _plt()
+    prof = json.loads(Path(profile_path).read_text())
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=90)
+    total = prof["total_seconds"] * 1e3
+    for g in prof["groups"][:top]:
+        kept = [k / g["width"] for k, _ in g["curve"]]
+        ax.plot(kept, [t * 1e3 / total for _, t in g["curve"]], marker="o", markersize=3,
+                label=f"{short_name(g['key'])} ({g['width']})")
+    ax.set_xlabel("kept fraction of the group's width (others at full width)")
+    ax.set_ylabel("estimated latency / original")
+    ax.set_title(f"onnxruntime CPU, {total:.2f} ms per run, widths padded to "
+                 f"multiples of {prof['block']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_sweeps(paths: list[Path], out: Path, titles: list[str] | None = None) -> Path:
     plt = _plt()
     states = [json.loads(Path(p).read_text()) for p in paths]
@@ -124,8 +149,15 @@ def main(argv=None) -> None:
     s.add_argument("sweeps", nargs="+")
     s.add_argument("-o", "--out", required=True)
     s.add_argument("--titles", help="panel titles separated by ';'")
+    lat = sub.add_parser("latency", help="estimated latency vs kept width per group, from "
+                         "'gpp-onnx profile --json'")
+    lat.add_argument("profile")
+    lat.add_argument("-o", "--out", required=True)
+    lat.add_argument("--top", type=int, default=8)
     args = p.parse_args(argv)
-    if args.cmd == "widths":
+    if args.cmd == "latency":
+        out = plot_latency(Path(args.profile), Path(args.out), args.top)
+    elif args.cmd == "widths":
         out = plot_widths(Path(args.report), Path(args.out), not args.prunable_only)
     else:
         out = plot_sweeps([Path(x) for x in args.sweeps], Path(args.out),
