@@ -153,33 +153,47 @@ def plan_for_latency(analysis, scores, digest: str, fraction: float, feeds: dict
                      min_keep: int = 1, round_to: int = 1, meta: dict | None = None,
                      tries: int = 4, tolerance: float = 0.03) -> LatencyPlan:
     """Global allocation against the latency model, then the real cut model is timed
-    against the original and the model's goal scaled by target / measured, until the
-    measured ratio is within `tolerance` (relative) of `fraction` or `tries` run out.
-    The plan kept is the slowest one that meets the target, else the fastest tried."""
+    against the original and the model's goal corrected, until the measured ratio is
+    within `tolerance` (relative) of `fraction` or `tries` run out. The next goal
+    interpolates between the closest goals measured above and below the target, or scales
+    the last goal by target / measured before both sides are known. The plan kept is the
+    slowest one that meets the target, else the fastest tried."""
     from . import allocate, surgery, verify
     from .latency import paired_ratio
     from .plan import kept_elements
 
     model = LatencyModel.profile(analysis, feeds)
     original = verify.make_session(analysis.view.model, "input model")
-    goal, done = fraction * model.total, []
+    goal, done = fraction, []
     for _ in range(tries):
-        plan = allocate.plan_global(analysis, scores, digest, model.estimate, goal, min_keep,
-                                    round_to, meta)
+        plan = allocate.plan_global(analysis, scores, digest, model.estimate,
+                                    goal * model.total, min_keep, round_to, meta)
         pruned = surgery.cut(analysis, kept_elements(analysis, plan))
-        measured = paired_ratio([original, verify.make_session(pruned, "pruned model")], feeds)
-        logger.info("latency target %.3f: model goal %.3f -> measured %.3f", fraction,
-                    goal / model.total, measured)
-        done.append((plan, goal / model.total, measured))
+        measured = paired_ratio([original, verify.make_session(pruned, "pruned model")], feeds,
+                                budget_s=2.0)
+        logger.info("latency target %.3f: model goal %.3f -> measured %.3f", fraction, goal,
+                    measured)
+        done.append((plan, goal, measured))
         if abs(measured / fraction - 1) <= tolerance:
             break
-        goal *= fraction / measured
+        goal = _next_goal([(g, m) for _, g, m in done], fraction)
     meeting = [d for d in done if d[2] <= fraction * (1 + tolerance)]
     plan, _, measured = (max(meeting, key=lambda d: d[2]) if meeting
                          else min(done, key=lambda d: d[2]))
     groups = tuple({k: v for k, v in row.items() if k != "curve"}
                    for row in group_costs(analysis, model, points=1))
     return LatencyPlan(plan, measured, tuple((g, m) for _, g, m in done), groups)
+
+
+def _next_goal(tried: list[tuple[float, float]], target: float) -> float:
+    """(goal, measured) pairs -> the next goal for the latency model."""
+    above = [t for t in tried if t[1] > target]
+    below = [t for t in tried if t[1] < target]
+    if above and below:
+        (g0, m0), (g1, m1) = min(above, key=lambda t: t[1]), max(below, key=lambda t: t[1])
+        return g1 + (target - m1) * (g0 - g1) / (m0 - m1)
+    g, m = tried[-1]
+    return g * target / m
 
 
 def group_costs(analysis, model: LatencyModel, points: int = 8) -> list[dict]:

@@ -87,12 +87,14 @@ def test_latency_model_charges_kernels_to_channels_and_falls_with_the_cut():
 def test_latency_target_corrects_the_goal_by_what_it_measures(monkeypatch):
     analysis = _analysis(_chain(widths=(32, 64, 64), side=32))
     measured = iter([0.7, 0.45, 0.51])
-    monkeypatch.setattr(latency, "paired_ratio", lambda sessions, feeds: next(measured))
+    monkeypatch.setattr(latency, "paired_ratio", lambda sessions, feeds, budget_s: next(measured))
     keys = [g.key for g in analysis.prunable]
     scores = {g.key: np.arange(g.width, dtype=float) + 1 for g in analysis.prunable}
     found = plan_for_latency(analysis, scores, "d", 0.5, analysis.view.probe_feeds)
     goals = [g for g, _ in found.tries]
-    assert goals == pytest.approx([0.5, 0.5 * 0.5 / 0.7, 0.5 * 0.5 / 0.7 * 0.5 / 0.45])
+    second = 0.5 * 0.5 / 0.7                     # scaled by target / measured
+    third = second + (0.5 - 0.45) * (0.5 - second) / (0.7 - 0.45)   # between both sides
+    assert goals == pytest.approx([0.5, second, third])
     assert found.measured == 0.51            # within 3% of the target: the loop stops there
     assert len(found.tries) == 3 and set(found.plan.removed) <= set(keys)
 
