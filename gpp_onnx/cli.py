@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--eta", type=float, help="threshold factor: remove channels whose utility "
                     "is below eta * std of their group's (METHOD 3)")
     pr.add_argument("--rounds", type=int, default=1, help="prune in this many rounds")
+    pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
+                    help="keep this group whole (a group key, value or node name; repeatable)")
+    pr.add_argument("--group-ratio", action="append", default=[], type=_name_ratio,
+                    metavar="NAME=R", help="this group's own ratio (repeatable)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--min-keep", type=int, default=1, help="channels every group keeps")
     pr.add_argument("--round-to", type=int, help="kept widths are multiples of this (default: "
@@ -108,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _name_ratio(text: str) -> tuple[str, float]:
+    name, sep, value = text.rpartition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not NAME=RATIO, e.g. conv1=0.25") from None
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -145,7 +159,8 @@ def _prune_config(args) -> PruneConfig:
                        round_to=args.round_to, mask_only=args.mask_only,
                        input_shape=args.input_shape, latency=not args.no_latency,
                        data=_data_options(args), train=train,
-                       feature_tensor=args.feature_tensor, repair=args.repair)
+                       feature_tensor=args.feature_tensor, repair=args.repair,
+                       ignore=tuple(args.ignore), group_ratios=tuple(args.group_ratio))
 
 
 def _run(args) -> int:

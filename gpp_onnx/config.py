@@ -57,6 +57,8 @@ class PruneConfig:
     train: TrainOptions = TrainOptions()
     feature_tensor: str | None = None   # final hidden layer override
     repair: str = "lsq"                 # after the cut (needs data): lsq | bias | none
+    ignore: tuple[str, ...] = ()        # groups kept whole: group keys, values or node names
+    group_ratios: tuple[tuple[str, float], ...] = ()   # (group/value/node name, its ratio)
 
     def checked(self) -> "PruneConfig":
         """Validate; default to ratio 0.5 when no target is given."""
@@ -65,24 +67,8 @@ class PruneConfig:
         if len(targets) > 1:
             raise InputError("give only one of --ratio, --target-macs, --target-params, "
                              "--target-latency, --eta")
-        if self.allocation not in ALLOCATIONS:
-            raise InputError(f"--allocation {self.allocation} is unknown - use one of "
-                             f"{', '.join(ALLOCATIONS)}")
-        if self.allocation == "global" and self.target_macs is None and (
-                self.target_params is None):
-            raise InputError("--allocation global ranks channels against a cost target - "
-                             "give --target-macs or --target-params (--target-latency is "
-                             "always global)")
         self._check_data_options()
-        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
-            raise InputError(f"--ratio {self.ratio} is outside [0, 1) - e.g. --ratio 0.5 "
-                             "removes half of each group's channels")
-        for flag, value in (("--target-macs", self.target_macs),
-                            ("--target-params", self.target_params),
-                            ("--target-latency", self.target_latency)):
-            if value is not None and not 0.0 < value <= 1.0:
-                raise InputError(f"{flag} {value} is outside (0, 1] - it is the fraction to "
-                                 "keep, e.g. 0.25 keeps a quarter")
+        self._check_targets()
         if self.min_keep < 1 or (self.round_to is not None and self.round_to < 1):
             raise InputError("--min-keep and --round-to must be at least 1")
         changes = {}
@@ -96,6 +82,32 @@ class PruneConfig:
         if self.criterion == "auto":
             changes["criterion"] = "gpp" if self.data is not None else "l1"
         return replace(self, **changes) if changes else self
+
+    def _check_targets(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise InputError(f"--allocation {self.allocation} is unknown - use one of "
+                             f"{', '.join(ALLOCATIONS)}")
+        if self.allocation == "global" and self.target_macs is None and (
+                self.target_params is None):
+            raise InputError("--allocation global ranks channels against a cost target - "
+                             "give --target-macs or --target-params (--target-latency is "
+                             "always global)")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise InputError(f"--ratio {self.ratio} is outside [0, 1) - e.g. --ratio 0.5 "
+                             "removes half of each group's channels")
+        for flag, value in (("--target-macs", self.target_macs),
+                            ("--target-params", self.target_params),
+                            ("--target-latency", self.target_latency)):
+            if value is not None and not 0.0 < value <= 1.0:
+                raise InputError(f"{flag} {value} is outside (0, 1] - it is the fraction to "
+                                 "keep, e.g. 0.25 keeps a quarter")
+        if self.group_ratios and (self.eta is not None or self.target_latency is not None
+                                  or self.allocation == "global"):
+            raise InputError("per-group ratios go with --ratio or a uniform --target-macs / "
+                             "--target-params")
+        for name, r in self.group_ratios:
+            if not 0.0 <= r < 1.0:
+                raise InputError(f"the ratio {r} for '{name}' is outside [0, 1)")
 
     def _check_data_options(self) -> None:
         if self.criterion in DATA_CRITERIA and self.data is None:

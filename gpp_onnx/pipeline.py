@@ -97,7 +97,7 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
     as ``f^(k/K)`` after round k (latency: ``f^(1/K)`` of the current model per round)."""
     criterion = get_criterion(config.criterion, config.seed)
     scores = criterion.score(analysis, evidence)
-    meta = {"criterion": config.criterion, "seed": config.seed, "round": round_no}
+    meta = {"criterion": criterion.name, "seed": config.seed, "round": round_no}
     if getattr(criterion, "report", None):
         meta["criterion_report"] = criterion.report
     multiples = latency.width_multiples(config.round_to)
@@ -105,19 +105,24 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
     k, rounds = round_no, config.rounds
     if config.eta is not None:
         return plan_by_threshold(analysis, scores, config.eta * k, digest, **common), scores
+    overrides = {analysis.find_group(name): 1 - (1 - r) ** (1 / rounds)
+                 for name, r in config.group_ratios}
     if config.ratio is not None:
         ratio = 1 - (1 - config.ratio) ** (1 / rounds)
-        return plan_by_ratio(analysis, scores, ratio, digest, **common), scores
+        return plan_by_ratio(analysis, scores, ratio, digest, **common,
+                             overrides=overrides), scores
     if config.target_latency is not None:
         found = plan_for_latency(analysis, scores, digest, config.target_latency ** (1 / rounds),
                                  analysis.view.probe_feeds, **common)
         meta = dict(found.plan.meta, latency_tries=[list(t) for t in found.tries],
                     latency_measured=found.measured, latency_groups=list(found.groups))
         return replace(found.plan, meta=meta), scores
-    return _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta), scores
+    return _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
+                          overrides), scores
 
 
-def _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta) -> PrunePlan:
+def _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
+                   overrides) -> PrunePlan:
     """A MACs or params target: uniform ratio search or global allocation."""
     est = Estimator(analysis)
     field_name, fraction = (("macs", config.target_macs) if config.target_macs is not None
@@ -131,7 +136,7 @@ def _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta) -
 
     if config.allocation == "uniform":
         return plan_for_target(analysis, scores, digest, lambda p: cost(kept_elements(analysis, p)),
-                               goal, config.min_keep, multiples, meta)
+                               goal, config.min_keep, multiples, meta, overrides)
     for q in multiples:  # coarsest multiple that reaches the goal
         plan = plan_global(analysis, scores, digest, cost, goal * now, config.min_keep, q, meta)
         if cost(kept_elements(analysis, plan)) <= goal * now:
@@ -267,6 +272,7 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
         raise InputError("a plan describes one round - use --rounds 1 with --plan/--plan-out")
     t0 = time.perf_counter()
     original, normalized, analysis = load_normalized(src, config.input_shape)
+    analysis = analysis.keeping(config.ignore)
     if not analysis.prunable:
         raise InputError(f"{src}: nothing can be pruned ({_first_reasons(analysis)}) - "
                          "run 'gpp-onnx analyze' to see why each channel group is kept")
@@ -277,7 +283,7 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
     rounds: list[Round] = []
     for k in range(1, config.rounds + 1):
         if k > 1:
-            analysis = analyze_model(rounds[-1].model, config.input_shape)
+            analysis = analyze_model(rounds[-1].model, config.input_shape).keeping(config.ignore)
             if not analysis.prunable:
                 break
         rounds.append(_one_round(analysis, config, data, k, plan_path, before))

@@ -98,10 +98,13 @@ def round_up(keep: int, multiple: int, width: int) -> int:
 
 
 def plan_by_ratio(analysis, scores: dict[str, np.ndarray], ratio: float, digest: str,
-                  min_keep: int = 1, round_to: int = 1, meta: dict | None = None) -> PrunePlan:
+                  min_keep: int = 1, round_to: int = 1, meta: dict | None = None,
+                  overrides: dict[str, float] | None = None) -> PrunePlan:
+    """Each group loses `ratio` of its channels, or its own ratio from `overrides`."""
     removed, widths = {}, {}
+    overrides = overrides or {}
     for group in analysis.prunable:
-        keep = keep_count(group.width, ratio, min_keep, round_to)
+        keep = keep_count(group.width, overrides.get(group.key, ratio), min_keep, round_to)
         order = np.argsort(scores[group.key], kind="stable")
         removed[group.key] = tuple(sorted(int(i) for i in order[: group.width - keep]))
         widths[group.key] = group.width
@@ -126,7 +129,8 @@ def plan_by_threshold(analysis, scores: dict[str, np.ndarray], eta: float, diges
 
 
 def plan_for_target(analysis, scores, digest: str, cost, fraction: float, min_keep: int = 1,
-                    round_to: int | tuple[int, ...] = 1, meta: dict | None = None) -> PrunePlan:
+                    round_to: int | tuple[int, ...] = 1, meta: dict | None = None,
+                    overrides: dict[str, float] | None = None) -> PrunePlan:
     """Smallest uniform ratio whose plan has cost(plan) <= fraction * cost(empty plan).
 
     Given several width multiples (coarsest first), the first one that meets the goal is
@@ -135,20 +139,21 @@ def plan_for_target(analysis, scores, digest: str, cost, fraction: float, min_ke
     goal = fraction * cost(plan_by_ratio(analysis, scores, 0.0, digest))
     for q in (round_to,) if isinstance(round_to, int) else round_to:
         plan = _search_ratio(analysis, scores, digest, cost, goal, min_keep, q,
-                             dict(meta or {}, round_to=q))
+                             dict(meta or {}, round_to=q), overrides)
         if cost(plan) <= goal:
             break
     return plan
 
 
-def _search_ratio(analysis, scores, digest, cost, goal, min_keep, round_to, meta) -> PrunePlan:
+def _search_ratio(analysis, scores, digest, cost, goal, min_keep, round_to, meta,
+                  overrides) -> PrunePlan:
     lo, hi = 0.0, 0.999
-    best = plan_by_ratio(analysis, scores, hi, digest, min_keep, round_to, meta)
+    best = plan_by_ratio(analysis, scores, hi, digest, min_keep, round_to, meta, overrides)
     if cost(best) > goal:
         return best
     for _ in range(24):
         mid = (lo + hi) / 2
-        plan = plan_by_ratio(analysis, scores, mid, digest, min_keep, round_to, meta)
+        plan = plan_by_ratio(analysis, scores, mid, digest, min_keep, round_to, meta, overrides)
         if cost(plan) <= goal:
             hi, best = mid, plan
         else:

@@ -5,10 +5,11 @@ The result, `Analysis`, is what criteria score, plans index and surgery cuts.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
+from ..errors import InputError
 from ..graph import GraphView
 from ..model import opset_version
 from ..ops import AnalysisContext, NodeChannels, OpRule, ParamSlice, Tie, lookup
@@ -37,6 +38,29 @@ class Analysis:
         if not hasattr(self, "_by_key"):
             self._by_key = {g.key: g for g in self.groups}
         return self._by_key[key]
+
+    def find_group(self, name: str) -> str:
+        """The key of the group that `name` designates: a group key, a value in a group, or
+        a node whose output is in a group (the names `analyze` and Netron show)."""
+        for g in self.groups:
+            if name == g.key or name in g.values:
+                return g.key
+        node = next((n for n in self.view.nodes if n.name == name), None)
+        for out in node.output if node is not None else ():
+            for g in self.groups:
+                if out in g.values:
+                    return g.key
+        raise InputError(f"'{name}' names no channel group, value or node of this model - "
+                         "run 'gpp-onnx analyze' to list the groups")
+
+    def keeping(self, names) -> "Analysis":
+        """The same analysis with the groups `names` designate kept whole."""
+        keys = {self.find_group(n): n for n in names}
+        if not keys:
+            return self
+        groups = [replace(g, prunable=False, reason=f"kept whole: ignored ('{keys[g.key]}')")
+                  if g.key in keys else g for g in self.groups]
+        return replace(self, groups=groups)
 
 
 def analyze_model(model: onnx.ModelProto, input_shape=None) -> Analysis:

@@ -3,7 +3,8 @@
 
 A criterion is any object with ``name`` and
 ``score(analysis, evidence) -> {group key: scores}``; ``get_criterion`` resolves the
-names the CLI accepts. ``Evidence`` carries what data-driven criteria (the discriminant
+names the CLI accepts, ``register_criterion`` adds one, and a criterion object can be
+given wherever a name can (``PruneConfig(criterion=MyCriterion())``). ``Evidence`` carries what data-driven criteria (the discriminant
 criterion of Grow-Push-Prune, Taylor) need; data-free criteria ignore it.
 """
 from __future__ import annotations
@@ -63,7 +64,21 @@ def criterion_names() -> list[str]:
     return sorted(_CRITERIA)
 
 
-def get_criterion(name: str, seed: int = 0) -> Criterion:
+def register_criterion(name: str, factory) -> None:
+    """Make `name` usable wherever a criterion is named (--criterion, PruneConfig):
+    `factory(seed)` returns an object with ``name`` and ``score(analysis, evidence)``."""
+    if name in _CRITERIA:
+        raise InputError(f"criterion '{name}' exists already - register under another name")
+    _CRITERIA[name] = factory
+
+
+def get_criterion(name, seed: int = 0) -> Criterion:
+    """The criterion called `name`; a criterion object is used as it is."""
+    if not isinstance(name, str):
+        if not callable(getattr(name, "score", None)) or not hasattr(name, "name"):
+            raise InputError(f"{name!r} is not a criterion - give a name or an object with "
+                             "'name' and 'score(analysis, evidence)'")
+        return name
     try:
         return _CRITERIA[name](seed)
     except KeyError:
@@ -72,4 +87,4 @@ def get_criterion(name: str, seed: int = 0) -> Criterion:
 
 
 __all__ = ["Criterion", "Evidence", "Magnitude", "RandomCriterion", "criterion_names",
-           "get_criterion"]
+           "get_criterion", "register_criterion"]

@@ -1,0 +1,101 @@
+"""The Python API a pruning user drives from code: criteria as objects, groups left alone,
+per-group ratios. References are the written models' weights, read back with onnx."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from gpp_onnx import PruneConfig, prune
+from gpp_onnx.cli import main
+from gpp_onnx.errors import InputError
+from gpp_onnx.importance import register_criterion
+from gpp_onnx.samples import GraphBuilder
+
+
+def _net():
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    x = b.act(b.conv("input", 16), "Relu")
+    x = b.act(b.conv(x, 16), "Relu")
+    return b.build(b.gemm(b.flatten(b.gap(x)), 4))
+
+
+def _conv_weights(path) -> list[np.ndarray]:
+    m = onnx.load(str(path))
+    init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    return [init[n.input[1]] for n in m.graph.node if n.op_type == "Conv"]
+
+
+class LastChannelsFirst:
+    """Scores channel i as i: the plan keeps the highest-numbered channels."""
+    name = "index"
+
+    def score(self, analysis, evidence=None):
+        return {g.key: np.arange(g.width, dtype=float) for g in analysis.prunable}
+
+
+@pytest.fixture
+def src(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_net(), path)
+    return path
+
+
+def test_a_criterion_object_decides_which_channels_go(src, tmp_path):
+    out = tmp_path / "p.onnx"
+    result = prune(src, out, PruneConfig(ratio=0.5, round_to=1, latency=False,
+                                         criterion=LastChannelsFirst()))
+    w0, w1 = _conv_weights(src)
+    p0, p1 = _conv_weights(out)
+    np.testing.assert_array_equal(p0, w0[8:])               # the low-numbered half is gone
+    np.testing.assert_array_equal(p1, w1[8:][:, 8:])
+    assert result.plan.meta["criterion"] == "index"
+
+
+def test_a_registered_criterion_is_usable_by_name(src, tmp_path):
+    register_criterion("test-index", lambda seed: LastChannelsFirst())
+    out = tmp_path / "p.onnx"
+    assert main(["-q", "prune", str(src), "--criterion", "test-index", "--round-to", "1",
+                 "--no-latency", "-o", str(out)]) == 0
+    np.testing.assert_array_equal(_conv_weights(out)[0], _conv_weights(src)[0][8:])
+    with pytest.raises(InputError):
+        register_criterion("test-index", lambda seed: LastChannelsFirst())
+
+
+@pytest.mark.parametrize("name", ["conv1", "relu1_out", "Relu_1"])
+def test_an_ignored_group_keeps_its_width(src, tmp_path, name):
+    model = onnx.load(str(src))
+    first_conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    first_relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    name = {"conv1": first_conv.output[0], "relu1_out": first_relu.output[0],
+            "Relu_1": first_relu.name}[name]
+    out = tmp_path / "p.onnx"
+    result = prune(src, out, PruneConfig(ratio=0.5, round_to=1, latency=False, ignore=(name,)))
+    p0, p1 = _conv_weights(out)
+    assert p0.shape[0] == 16 and p1.shape[0] == 8         # first kept whole, second halved
+    assert sum(1 for r in result.report["groups"] if r["reason"].startswith("kept whole")) == 1
+
+
+def test_a_group_ratio_overrides_the_uniform_one(src, tmp_path):
+    first = onnx.load(str(src)).graph.node[0].output[0]
+    out = tmp_path / "p.onnx"
+    assert main(["-q", "prune", str(src), "--ratio", "0.5", "--group-ratio", f"{first}=0.25",
+                 "--round-to", "1", "--no-latency", "-o", str(out)]) == 0
+    p0, p1 = _conv_weights(out)
+    assert (p0.shape[0], p1.shape[0]) == (12, 8)
+
+
+@pytest.mark.parametrize("argv", [["--ignore", "no_such_layer"], ["--group-ratio", "x=0.5"],
+                                  ["--group-ratio", "x=2"]])
+def test_bad_names_and_ratios_are_one_line_errors(src, tmp_path, argv, capsys):
+    out = tmp_path / "p.onnx"
+    code = main(["-q", "prune", str(src), *argv, "--no-latency", "-o", str(out)])
+    assert code == 2 and not out.exists()
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_malformed_group_ratio_is_refused_by_the_parser(src, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "prune", str(src), "--group-ratio", "nonsense", "-o", str(tmp_path / "p.onnx")])
+    assert exc.value.code == 2 and "NAME=RATIO" in capsys.readouterr().err
