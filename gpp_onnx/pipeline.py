@@ -16,7 +16,7 @@ from .analysis import Analysis, analyze_model
 from .analysis.features import final_hidden_layer
 from .config import DataOptions, PruneConfig, TrainOptions
 from .data import iter_batches, split
-from .errors import InputError
+from .errors import InputError, UnsupportedModelError
 from .evaluation import accuracy, dataset_for
 from .finetune import train_model
 from .graph import GraphView
@@ -54,21 +54,28 @@ class PruneResult:
     report: dict = field(repr=False)
     rounds: tuple = field(default=(), repr=False)
     accuracy_before: float | None = None
+    tolerance: verify.Tolerance = verify.FLOOR   # what pruned vs masked had to stay under
+    notes: tuple[str, ...] = ()                  # what loading changed (opset upgrade, sort)
 
 
 def load_normalized(path, input_shape=None) -> tuple[onnx.ModelProto, onnx.ModelProto, Analysis]:
-    original = model_io.load(path)
-    logger.info("loaded %s (%d nodes)", path, len(original.graph.node))
-    normalized = model_io.normalize(original)
+    loaded, normalized, analysis = _load(path, input_shape)
+    return loaded.model, normalized, analysis
+
+
+def _load(path, input_shape) -> tuple[model_io.Loaded, onnx.ModelProto, Analysis]:
+    loaded = model_io.read(path)
+    logger.info("loaded %s (%d nodes)", path, len(loaded.model.graph.node))
+    normalized = model_io.normalize(loaded.model)
     analysis = analyze_model(normalized, input_shape)
     logger.info("analysed: %d channel groups, %d prunable", len(analysis.groups),
                 len(analysis.prunable))
-    return original, normalized, analysis
+    return loaded, normalized, analysis
 
 
 def analyze(path, input_shape=None) -> ModelAnalysis:
     """Channel groups of a model with the share of params / MACs each one controls."""
-    _, _, analysis = load_normalized(path, input_shape)
+    _, _, analysis = _load(path, input_shape)
     return ModelAnalysis(analysis, count(analysis.view), group_shares(analysis))
 
 
@@ -194,7 +201,7 @@ def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
 
 
 def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: int,
-               plan_path, base: ModelStats) -> Round:
+               plan_path, base: ModelStats, tolerance: verify.Tolerance) -> Round:
     digest = model_digest(analysis.view.model)
     scores: dict[str, np.ndarray] = {}
     if plan_path is not None:
@@ -215,8 +222,9 @@ def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: 
     verify.check(pruned)
     feeds = analysis.view.check_feeds(config.seed)
     err = verify.check_equivalent(verify.run(pruned, feeds, "pruned model"),
-                                  verify.run(masked, feeds, "masked model"))
-    logger.info("verified: pruned == masked original (relative error %.1e)", err)
+                                  verify.run(masked, feeds, "masked model"), tolerance=tolerance)
+    logger.info("verified: pruned == masked original (relative error %.1e < %.1e)", err,
+                tolerance.value)
     stats = Estimator(analysis).estimate(kept)
     acc_cut = acc_tuned = None
     if data is not None:
@@ -245,11 +253,14 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
     if (plan_path or plan_out) and config.rounds > 1:
         raise InputError("a plan describes one round - use --rounds 1 with --plan/--plan-out")
     t0 = time.perf_counter()
-    original, normalized, analysis = load_normalized(src, config.input_shape)
+    loaded, normalized, analysis = _load(src, config.input_shape)
+    original = loaded.model
     if not analysis.prunable:
         raise InputError(f"{src}: nothing can be pruned ({_first_reasons(analysis)}) - "
                          "run 'gpp-onnx analyze' to see why each channel group is kept")
-    _check_normalized(analysis.view, original)
+    _check_precision(normalized, config)
+    tolerance = verify.measure_tolerance(normalized, analysis.view.check_feeds(config.seed))
+    _check_loaded(analysis.view, loaded, tolerance)
     data = load_data(analysis.view, config)
     before = count(analysis.view)
     acc_before = accuracy(normalized, data.val) if data is not None else None
@@ -259,24 +270,47 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
             analysis = analyze_model(rounds[-1].model, config.input_shape)
             if not analysis.prunable:
                 break
-        rounds.append(_one_round(analysis, config, data, k, plan_path, before))
+        rounds.append(_one_round(analysis, config, data, k, plan_path, before, tolerance))
     last = rounds[-1]
     ratio = _latency(original, last.model, analysis.view.probe_feeds) if config.latency else None
     model_io.save(last.masked if config.mask_only else last.model, dst)
     after = ModelStats(last.params, last.macs)
     data_report = report.json_report(src, dst, config, rounds, before, after, ratio, acc_before,
-                                     time.perf_counter() - t0)
+                                     time.perf_counter() - t0, _loading(loaded), tolerance)
     report_path = write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
     if plan_out is not None:
         write_text(Path(plan_out), last.plan.to_json())
     return PruneResult(dst, report_path, last.plan, before, after, last.error, ratio,
-                       data_report, tuple(rounds), acc_before)
+                       data_report, tuple(rounds), acc_before, tolerance, loaded.notes)
 
 
-def _check_normalized(view: GraphView, original: onnx.ModelProto) -> None:
-    """normalize() must not change what the model computes."""
-    verify.check_equivalent(view.probe_outputs, verify.run(original, view.probe_feeds),
-                            "normalised model", "the input model")
+def _check_precision(model: onnx.ModelProto, config: PruneConfig) -> None:
+    low = verify.low_precision(model)
+    if low is not None and config.data is not None:
+        raise UnsupportedModelError(
+            f"the model holds {low} tensors and --data runs it through the float32 torch "
+            "backend (scoring, repair, fine-tuning) - prune it without --data (e.g. "
+            "--criterion l1), or prune its float32 version")
+
+
+def _check_loaded(view: GraphView, loaded: model_io.Loaded, tol: verify.Tolerance) -> None:
+    """The opset upgrade and normalize() must not change what the model computes."""
+    feeds = view.probe_feeds
+    reference = verify.run(loaded.as_read, feeds, "input model")
+    if loaded.upgraded:
+        err = verify.relative_error(verify.run(loaded.model, feeds, "upgraded model"), reference)
+        if not err < tol.value:
+            raise InputError(f"upgrading from opset {loaded.opset_read} to {loaded.opset} "
+                             f"changed the model's outputs (relative error {err:.1e}) - "
+                             f"export the model at opset {model_io.MIN_OPSET} or newer")
+    verify.check_equivalent(verify.run(view.model, feeds, "normalised model"), reference,
+                            "normalised model", "the input model", tol)
+
+
+def _loading(loaded: model_io.Loaded) -> dict:
+    return {"opset_read": loaded.opset_read, "opset": loaded.opset,
+            "upgraded": loaded.upgraded, "nodes_sorted": loaded.sorted_nodes,
+            "notes": list(loaded.notes)}
 
 
 def _latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds) -> float:

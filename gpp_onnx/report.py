@@ -64,8 +64,11 @@ def prune_summary(result) -> str:
         lines.append("mask-only: the written model keeps the original shapes with the removed "
                      "channels zeroed; 'after' counts the equivalent pruned model")
     groups = sum(1 for v in result.plan.removed.values() if v)
+    lines += [f"loaded: {note}" for note in result.notes]
+    tol = result.tolerance
     lines += [f"removed {removed} channels in {groups} groups; pruned == masked original "
-              f"(relative error {result.equivalence_error:.1e})",
+              f"(relative error {result.equivalence_error:.1e} < tolerance {tol.value:.1e}; "
+              f"the model's own noise {tol.noise:.1e})",
               f"wrote {result.output} (report: {result.report_path})"]
     return "\n".join(lines)
 
@@ -103,11 +106,13 @@ def group_rows(analysis, plan, scores: dict) -> list[dict]:
     return rows
 
 
-def json_report(src, dst, config, rounds, before, after, latency, acc_before, seconds) -> dict:
+def json_report(src, dst, config, rounds, before, after, latency, acc_before, seconds,
+                loading: dict | None = None, tolerance=None) -> dict:
+    """`loading`: what loading changed (opsets, sort); `tolerance`: a verify.Tolerance."""
     last = rounds[-1]
     return {
         "input": str(src), "output": str(dst), "config": config.to_dict(),
-        "seconds": round(seconds, 3),
+        "seconds": round(seconds, 3), "loading": loading,
         "before": {"params": before.params, "macs": before.macs,
                    "file_bytes": src.stat().st_size, "accuracy": acc_before},
         "after": {"params": after.params, "macs": after.macs,
@@ -117,6 +122,10 @@ def json_report(src, dst, config, rounds, before, after, latency, acc_before, se
         "ratios": {"params": after.params / max(before.params, 1),
                    "macs": after.macs / max(before.macs, 1), "latency": latency},
         "equivalence_relative_error": max(r.error for r in rounds),
+        "equivalence_tolerance": None if tolerance is None else tolerance.value,
+        "model_noise": None if tolerance is None else tolerance.noise,
+        "model_noise_sources": None if tolerance is None else {
+            "optimizer": tolerance.optimizer_noise, "rounding": tolerance.rounding_noise},
         "rounds": [{"round": r.number, "params": r.params, "macs": r.macs,
                     "removed_channels": r.plan.removed_channels,
                     "accuracy_after_cut": r.accuracy_cut,
