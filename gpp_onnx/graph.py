@@ -206,5 +206,7 @@ def _probe(model: onnx.ModelProto, inputs: list[InputSpec], feeds: dict) -> dict
     except Exception as err:
         raise InputError(f"the model fails to run on inputs of shape "
                          f"{[s.shape for s in inputs]} ({str(err).splitlines()[0][:160]}) - "
-                         "pass --input-shape with the size the model expects") from None
+                         "pass --input-shape with the size the model expects"
+                         + (" (NAME:1,3,224,224 for each input)" if len(inputs) > 1 else "")
+                         ) from None
     return dict(zip(names, values))

@@ -68,6 +68,11 @@ class Loaded:
             notes.append("nodes sorted topologically")
         return tuple(notes)
 
+    def to_dict(self) -> dict:
+        """The report's "loading" entry."""
+        return {"opset_read": self.opset_read, "opset": self.opset, "upgraded": self.upgraded,
+                "nodes_sorted": self.sorted_nodes, "notes": list(self.notes)}
+
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
     """Read and validate an ONNX file (external data included); raise InputError on bad input."""

@@ -276,7 +276,7 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
     model_io.save(last.masked if config.mask_only else last.model, dst)
     after = ModelStats(last.params, last.macs)
     data_report = report.json_report(src, dst, config, rounds, before, after, ratio, acc_before,
-                                     time.perf_counter() - t0, _loading(loaded), tolerance)
+                                     time.perf_counter() - t0, loaded.to_dict(), tolerance)
     report_path = write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
     if plan_out is not None:
         write_text(Path(plan_out), last.plan.to_json())
@@ -305,12 +305,6 @@ def _check_loaded(view: GraphView, loaded: model_io.Loaded, tol: verify.Toleranc
                              f"export the model at opset {model_io.MIN_OPSET} or newer")
     verify.check_equivalent(verify.run(view.model, feeds, "normalised model"), reference,
                             "normalised model", "the input model", tol)
-
-
-def _loading(loaded: model_io.Loaded) -> dict:
-    return {"opset_read": loaded.opset_read, "opset": loaded.opset,
-            "upgraded": loaded.upgraded, "nodes_sorted": loaded.sorted_nodes,
-            "notes": list(loaded.notes)}
 
 
 def _latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds) -> float:

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import rel_err, run_model
+from conftest import prune_both, rel_err, run_model
 from gpp_onnx import PruneConfig, prune
 from gpp_onnx.cli import main
 from gpp_onnx.samples import GraphBuilder, sample_cnn
@@ -133,7 +133,7 @@ def _to_float16(model: onnx.ModelProto, fp32_head: bool) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    gemm = next(n for n in g.node if n.op_type == "Gemm")
+    gemm = [n for n in g.node if n.op_type == "Gemm"][-1]
     keep = set(gemm.input) if fp32_head else set()
     for t in g.initializer:
         if t.data_type == TensorProto.FLOAT and t.name not in keep:
@@ -185,6 +185,21 @@ def test_unsorted_float16_model_prunes_with_l1_and_keeps_float16(fp32_head, tmp_
     assert 1e-5 < tol < 1e-2 and result.report["equivalence_tolerance"] == tol
     assert rel_err(run_model(out, x), run_model(masked, x)) < tol
     assert rel_err(run_model(model, x), run_model(masked, x)) > 10 * tol
+
+
+def test_every_family_in_float16_keeps_its_dtype_and_matches_mask_only(tmp_path):
+    """sample_cnn (BN, residual, concat, depthwise, SE, shuffle, Gemm) in float16: pruned
+    vs the --mask-only replay of its plan, within the reported tolerance."""
+    model = _to_float16(sample_cnn(), fp32_head=False)
+    src, pruned, masked, result = prune_both(model, tmp_path, ratio=0.5)
+    x = {"input": _x((2, 3, 32, 32))}
+    assert result.plan.removed_channels > 100
+    assert rel_err(run_model(pruned, x), run_model(masked, x)) < result.tolerance.value
+    out = onnx.load(str(pruned))
+    floats = {t.data_type for t in out.graph.initializer if t.data_type in (
+        TensorProto.FLOAT, TensorProto.FLOAT16)}
+    assert floats == {TensorProto.FLOAT16}
+    assert out.ByteSize() < 0.5 * model.ByteSize()
 
 
 def test_float16_with_data_is_refused(tmp_path, capsys):
