@@ -138,6 +138,7 @@ class Round:
     accuracy_cut: float | None = None
     accuracy_tuned: float | None = None
     repair: dict | None = None          # what the repair changed (None: no repair)
+    error_float32: float | None = None  # float16 models: pruned vs masked computed in float32
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,8 @@ def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: 
                                   verify.run(masked, feeds, "masked model"), tolerance=tolerance)
     logger.info("verified: pruned == masked original (relative error %.1e < %.1e)", err,
                 tolerance.value)
+    wide = (verify.check_in_float32(pruned, masked, feeds)
+            if verify.low_precision(pruned) is not None else None)
     stats = Estimator(analysis).estimate(kept)
     acc_cut = acc_tuned = None
     if data is not None:
@@ -241,7 +244,7 @@ def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: 
     params = sum(param_sizes(pruned).values())
     groups = report.group_rows(analysis, plan, scores)
     return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned,
-                 repaired)
+                 repaired, wide)
 
 
 def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,

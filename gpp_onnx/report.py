@@ -131,6 +131,7 @@ def json_report(src, dst, config, rounds, before, after, latency, acc_before, se
                     "accuracy_after_cut": r.accuracy_cut,
                     "accuracy_after_finetune": r.accuracy_tuned,
                     "equivalence_relative_error": r.error, "repair": r.repair,
+                    "equivalence_relative_error_float32": r.error_float32,
                     "criterion": r.plan.meta.get("criterion_report")} for r in rounds],
         "groups": rounds[0].groups,
         "plan": json.loads(last.plan.to_json()),

@@ -18,8 +18,12 @@ float16/bfloat16 tensors also counts ``rel_err(f(x (1 + eps s)), f(x))``, ``s = 
 at random and ``eps`` that precision's machine epsilon: the output change one rounding
 step of the input causes, which the optimiser estimate can miss when it rewrites
 nothing. A clean float32 model has noise ~1e-7 and keeps exactly 1e-5; the factor 10
-leaves room for the extra roundings along a deeper path without hiding a wrong channel,
-whose error is of the order of that channel's share of the output (1e-2 and up).
+leaves room for the extra roundings along a deeper path.
+
+A float16 model's tolerance (1e-4 to 1e-2 on zoo nets) is as large as the effect of one
+wrongly zeroed weak channel, so such a model is also checked strictly: pruned and masked
+are both ``upcast`` to float32 (float16 -> float32 is exact; Casts to float16 become
+Casts to float32) and must agree within the float32 rule above (the masked copy's noise).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .errors import VerificationError
 
@@ -148,8 +153,8 @@ def measure_tolerance(model: onnx.ModelProto, feeds: dict, where: str = "input m
     if low is not None:
         rounding = relative_error(run(model, _perturbed(feeds, EPSILON[low]), where), plain)
     tol = Tolerance(relative_error(optimised, plain), rounding)
-    logger.info("model noise %.1e (optimiser %.1e, rounding %.1e): equivalence tolerance %.1e",
-                tol.noise, tol.optimizer_noise, tol.rounding_noise, tol.value)
+    logger.info("%s: noise %.1e (optimiser %.1e, rounding %.1e), equivalence tolerance %.1e",
+                where, tol.noise, tol.optimizer_noise, tol.rounding_noise, tol.value)
     return tol
 
 
@@ -192,3 +197,52 @@ def latency(sessions: list, feeds: dict, budget_s: float = 3.0, min_runs: int = 
             s.run(None, feeds)
             times[i].append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
+
+
+def upcast(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph computing in float32 where it holds float16/bfloat16 (weights
+    converted exactly, Casts and dtype attributes pointed at float32)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph, f32 = out.graph, onnx.TensorProto.FLOAT
+
+    def widened(t: onnx.TensorProto) -> onnx.TensorProto:
+        return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
+
+    for t in graph.initializer:
+        if t.data_type in _LOW_PRECISION:
+            t.CopyFrom(widened(t))
+    for v in [*graph.input, *graph.output]:
+        if v.type.tensor_type.elem_type in _LOW_PRECISION:
+            v.type.tensor_type.elem_type = f32
+    del graph.value_info[:]
+    for node in graph.node:
+        for a in node.attribute:
+            if a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT \
+                    and a.i in _LOW_PRECISION:
+                a.i = f32
+            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _LOW_PRECISION:
+                a.t.CopyFrom(widened(a.t))
+    return out
+
+
+def check_in_float32(pruned: onnx.ModelProto, masked: onnx.ModelProto, feeds: dict
+                     ) -> float | None:
+    """Pruned vs masked of a low-precision model, both computed in float32, within the
+    float32 tolerance of the masked copy (the 1e-5 floor unless its own noise is larger);
+    None (and a warning) when the float32 copies do not run."""
+    wide = {k: v.astype(np.float32) if v.dtype.kind == "f" and v.dtype.itemsize < 4 else v
+            for k, v in ((k, np.asarray(v)) for k, v in feeds.items())}
+    try:
+        reference32 = upcast(masked)
+        tol = measure_tolerance(reference32, wide, "masked model in float32")
+        got = run(upcast(pruned), wide, "pruned model in float32")
+        reference = run(reference32, wide, "masked model in float32")
+    except VerificationError as err:
+        logger.warning("float32 check of the low-precision model skipped: %s", err)
+        return None
+    err = check_equivalent(got, reference, "pruned model (computed in float32)",
+                           "the masked original (computed in float32)", tol)
+    logger.info("verified in float32: pruned == masked original (relative error %.1e < %.1e)",
+                err, tol.value)
+    return err

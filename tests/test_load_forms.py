@@ -18,7 +18,8 @@ from conftest import prune_both, rel_err, run_model
 from gpp_onnx import PruneConfig, prune
 from gpp_onnx.cli import main
 from gpp_onnx.samples import GraphBuilder, sample_cnn
-from gpp_onnx.verify import Tolerance, VerificationError, check_equivalent
+from gpp_onnx.verify import (Tolerance, VerificationError, check_equivalent, check_in_float32,
+                             measure_tolerance, upcast)
 
 
 def _hand_masked(model: onnx.ModelProto, zero: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -185,6 +186,7 @@ def test_unsorted_float16_model_prunes_with_l1_and_keeps_float16(fp32_head, tmp_
     assert 1e-5 < tol < 1e-2 and result.report["equivalence_tolerance"] == tol
     assert rel_err(run_model(out, x), run_model(masked, x)) < tol
     assert rel_err(run_model(model, x), run_model(masked, x)) > 10 * tol
+    assert result.report["rounds"][0]["equivalence_relative_error_float32"] < 1e-5
 
 
 def test_every_family_in_float16_keeps_its_dtype_and_matches_mask_only(tmp_path):
@@ -200,6 +202,38 @@ def test_every_family_in_float16_keeps_its_dtype_and_matches_mask_only(tmp_path)
         TensorProto.FLOAT, TensorProto.FLOAT16)}
     assert floats == {TensorProto.FLOAT16}
     assert out.ByteSize() < 0.5 * model.ByteSize()
+
+
+def test_upcast_computes_the_float16_weights_in_float32():
+    """Reference: the float32 chain whose weights are rounded to float16 by numpy."""
+    fp32 = _chain()
+    rounded = onnx.ModelProto()
+    rounded.CopyFrom(fp32)
+    for t in rounded.graph.initializer:
+        w = numpy_helper.to_array(t).astype(np.float16).astype(np.float32)
+        t.CopyFrom(numpy_helper.from_array(w, t.name))
+    wide = upcast(_to_float16(fp32, fp32_head=False))
+    assert not any(t.data_type == TensorProto.FLOAT16 for t in wide.graph.initializer)
+    x = {"input": _x((2, 3, 8, 8))}
+    assert rel_err(run_model(wide, x), run_model(rounded, x)) < 1e-6
+
+
+def test_float32_check_catches_what_the_float16_tolerance_lets_through():
+    """A masked model that differs by one slightly wrong weight column: within the
+    float16 noise, far outside float32's."""
+    pruned = _to_float16(_chain(), fp32_head=False)
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(pruned)
+    w = next(t for t in wrong.graph.initializer if len(t.dims) == 4 and t.dims[1] == 8)
+    array = numpy_helper.to_array(w).copy()
+    array[:, 3] *= np.float16(1.01)
+    w.CopyFrom(numpy_helper.from_array(array, w.name))
+    x = {"input": _x((2, 3, 8, 8))}
+    tol = measure_tolerance(wrong, x)
+    check_equivalent(run_model(pruned, x), run_model(wrong, x), tolerance=tol)  # passes
+    with pytest.raises(VerificationError, match="computed in float32"):
+        check_in_float32(pruned, wrong, x)
+    assert check_in_float32(pruned, pruned, x) == 0.0
 
 
 def test_float16_with_data_is_refused(tmp_path, capsys):
