@@ -15,8 +15,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import prune_both, rel_err, run_model
+import gpp_onnx
 from gpp_onnx import PruneConfig, prune
 from gpp_onnx.cli import main
+from gpp_onnx.errors import InputError
 from gpp_onnx.samples import GraphBuilder, sample_cnn
 from gpp_onnx.verify import (Tolerance, VerificationError, check_equivalent, check_in_float32,
                              measure_tolerance, upcast)
@@ -311,6 +313,20 @@ def test_multi_input_model_with_per_name_shapes(tmp_path, capsys):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert rel_err(session.run(None, feeds), run_model(masked, feeds)) < 1e-5
     assert len(removed) == 2
+
+
+def test_per_name_shapes_from_python(tmp_path):
+    src = tmp_path / "two.onnx"
+    onnx.save(_two_inputs(), src)
+    shapes = {"input": [1, 3, 8, 8], "aux": (1, 3, 4, 4)}
+    assert PruneConfig(input_shape=shapes).checked().input_shape == {
+        "input": (1, 3, 8, 8), "aux": (1, 3, 4, 4)}
+    info = gpp_onnx.analyze(src, shapes)
+    assert [s.shape for s in info.analysis.view.inputs] == [(1, 3, 8, 8), (1, 3, 4, 4)]
+    cmp = gpp_onnx.compare(src, src, shapes, repeats=1)
+    assert cmp.a.macs == info.stats.macs > 0
+    with pytest.raises(InputError, match="not a shape"):
+        PruneConfig(input_shape={"input": [1, 0, 8, 8]}).checked()
 
 
 # -- bad input: one line, exit 2, nothing written ------------------------------------------
