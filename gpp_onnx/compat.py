@@ -10,23 +10,70 @@ what it computes.
   with Resize-11's defaults (``half_pixel`` coordinates, ``round_prefer_floor``), while
   the old ops compute ``x_in = x_out / scale`` (``asymmetric``) and take the ``floor``
   for nearest; those attributes are set explicitly so the upgraded Resize computes what
-  the old op did. The pipeline then checks the upgraded model against the model as read,
-  both run by onnxruntime, before it prunes anything.
+  the old op did. ``Loaded.check_unchanged`` then compares the upgraded (and the
+  normalised) model with the model as read, both run by onnxruntime, before pruning.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import networkx as nx
 import onnx
 from onnx import helper
 
+from . import verify
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
 MIN_OPSET = 11     # gpp-onnx's channel rules start here; older models are upgraded
 TARGET_OPSET = 17  # what they are upgraded to (the opset the builders and zoo tests use)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model as gpp-onnx works on it, and what loading changed to get there."""
+    model: onnx.ModelProto       # sorted, upgraded: what the pipeline prunes and writes
+    as_read: onnx.ModelProto     # the file's model (nodes sorted): the upgrade's reference
+    opset_read: int
+    sorted_nodes: bool           # the file's nodes were out of topological order
+
+    @property
+    def opset(self) -> int:
+        return opset_version(self.model)
+
+    @property
+    def upgraded(self) -> bool:
+        return self.opset != self.opset_read
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        notes = []
+        if self.upgraded:
+            notes.append(f"upgraded from opset {self.opset_read} to {self.opset}")
+        if self.sorted_nodes:
+            notes.append("nodes sorted topologically")
+        return tuple(notes)
+
+    def to_dict(self) -> dict:
+        """The report's "loading" entry."""
+        return {"opset_read": self.opset_read, "opset": self.opset, "upgraded": self.upgraded,
+                "nodes_sorted": self.sorted_nodes, "notes": list(self.notes)}
+
+    def check_unchanged(self, normalized: onnx.ModelProto, feeds: dict,
+                        tol: verify.Tolerance) -> None:
+        """The upgrade and normalisation must not change what the file computes."""
+        reference = verify.run(self.as_read, feeds, "input model")
+        if self.upgraded:
+            got = verify.run(self.model, feeds, "upgraded model")
+            err = verify.relative_error(got, reference)
+            if not err < tol.value:
+                raise InputError(f"upgrading from opset {self.opset_read} to {self.opset} "
+                                 f"changed the model's outputs (relative error {err:.1e}) - "
+                                 f"export the model at opset {MIN_OPSET} or newer")
+        verify.check_equivalent(verify.run(normalized, feeds, "normalised model"), reference,
+                                "normalised model", "the input model", tol)
 
 
 def opset_version(model: onnx.ModelProto) -> int:

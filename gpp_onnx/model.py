@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
-from .compat import MIN_OPSET, opset_version, sort_nodes, upgrade_opset
+from .compat import MIN_OPSET, Loaded, opset_version, sort_nodes, upgrade_opset
 from .errors import InputError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -41,37 +40,6 @@ CONTROL_FLOW = {"If", "Loop", "Scan"}
 QUANTIZED = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul",
              "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm"}
 _TWO_GB = 2 ** 31 - 1
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """A model as gpp-onnx works on it, and what loading changed to get there."""
-    model: onnx.ModelProto       # sorted, upgraded: what the pipeline prunes and writes
-    as_read: onnx.ModelProto     # the file's model (nodes sorted): the upgrade's reference
-    opset_read: int
-    sorted_nodes: bool           # the file's nodes were out of topological order
-
-    @property
-    def opset(self) -> int:
-        return opset_version(self.model)
-
-    @property
-    def upgraded(self) -> bool:
-        return self.opset != self.opset_read
-
-    @property
-    def notes(self) -> tuple[str, ...]:
-        notes = []
-        if self.upgraded:
-            notes.append(f"upgraded from opset {self.opset_read} to {self.opset}")
-        if self.sorted_nodes:
-            notes.append("nodes sorted topologically")
-        return tuple(notes)
-
-    def to_dict(self) -> dict:
-        """The report's "loading" entry."""
-        return {"opset_read": self.opset_read, "opset": self.opset, "upgraded": self.upgraded,
-                "nodes_sorted": self.sorted_nodes, "notes": list(self.notes)}
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:

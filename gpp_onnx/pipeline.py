@@ -263,7 +263,7 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
                          "run 'gpp-onnx analyze' to see why each channel group is kept")
     _check_precision(normalized, config)
     tolerance = verify.measure_tolerance(normalized, analysis.view.check_feeds(config.seed))
-    _check_loaded(analysis.view, loaded, tolerance)
+    loaded.check_unchanged(normalized, analysis.view.probe_feeds, tolerance)
     data = load_data(analysis.view, config)
     before = count(analysis.view)
     acc_before = accuracy(normalized, data.val) if data is not None else None
@@ -294,20 +294,6 @@ def _check_precision(model: onnx.ModelProto, config: PruneConfig) -> None:
             f"the model holds {low} tensors and --data runs it through the float32 torch "
             "backend (scoring, repair, fine-tuning) - prune it without --data (e.g. "
             "--criterion l1), or prune its float32 version")
-
-
-def _check_loaded(view: GraphView, loaded: model_io.Loaded, tol: verify.Tolerance) -> None:
-    """The opset upgrade and normalize() must not change what the model computes."""
-    feeds = view.probe_feeds
-    reference = verify.run(loaded.as_read, feeds, "input model")
-    if loaded.upgraded:
-        err = verify.relative_error(verify.run(loaded.model, feeds, "upgraded model"), reference)
-        if not err < tol.value:
-            raise InputError(f"upgrading from opset {loaded.opset_read} to {loaded.opset} "
-                             f"changed the model's outputs (relative error {err:.1e}) - "
-                             f"export the model at opset {model_io.MIN_OPSET} or newer")
-    verify.check_equivalent(verify.run(view.model, feeds, "normalised model"), reference,
-                            "normalised model", "the input model", tol)
 
 
 def _latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds) -> float:
