@@ -15,14 +15,37 @@ from .importance import criterion_names
 logger = logging.getLogger("gpp_onnx")
 
 
-def _shape(text: str) -> tuple[int, ...]:
+def _shape(text: str) -> tuple[str | None, tuple[int, ...]]:
+    """'1,3,224,224' or 'NAME:1,3,224,224' (the name may hold ':', as TF's 'input:0')."""
+    name, _, sizes = text.rpartition(":")
     try:
-        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+        dims = tuple(int(v) for v in sizes.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,224,224") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,224,224 or "
+                                         "NAME:1,3,224,224") from None
     if not dims or min(dims) <= 0:
         raise argparse.ArgumentTypeError(f"'{text}' must list positive sizes")
-    return dims
+    return (name or None), dims
+
+
+SHAPE_HELP = ("concrete input shape, e.g. 1,3,224,224; NAME:1,3,224,224 per input "
+              "(repeat for each input of a multi-input model)")
+
+
+def _input_shape(given: list | None):
+    """--input-shape values -> None, one shape, or {input name: shape}."""
+    if not given:
+        return None
+    names = [name for name, _ in given]
+    if names == [None]:
+        return given[0][1]
+    if None in names:
+        raise InputError("--input-shape was given without an input name next to other "
+                         "shapes - name each one as NAME:1,3,224,224")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise InputError(f"--input-shape gives input '{twice}' twice - give one shape per input")
+    return dict(given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="table of channel groups and why some cannot be pruned")
     an.add_argument("model")
-    an.add_argument("--input-shape", type=_shape, help="concrete input shape, e.g. 1,3,224,224")
+    an.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
 
     pr = sub.add_parser("prune", help="prune a model and write a verified smaller one")
     pr.add_argument("model")
@@ -68,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the shapes; zero the removed channels' weights instead")
     pr.add_argument("--plan", help="replay a plan written by --plan-out")
     pr.add_argument("--plan-out", help="write the plan (JSON) here")
-    pr.add_argument("--input-shape", type=_shape, help="concrete input shape, e.g. 1,3,224,224")
+    pr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
     pr.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     _data_args(pr)
     pr.add_argument("--feature-tensor", help="value name of the final hidden layer "
@@ -100,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="params, MACs, file size and latency of two models")
     cmp.add_argument("model_a")
     cmp.add_argument("model_b")
-    cmp.add_argument("--input-shape", type=_shape)
+    cmp.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
     cmp.add_argument("--repeats", type=int, default=30)
 
     demo = sub.add_parser("demo", help="train a small CNN on the bundled digits, prune it "
@@ -157,7 +180,7 @@ def _prune_config(args) -> PruneConfig:
                        allocation=args.allocation, criterion=args.criterion,
                        eta=args.eta, rounds=args.rounds, seed=args.seed, min_keep=args.min_keep,
                        round_to=args.round_to, mask_only=args.mask_only,
-                       input_shape=args.input_shape, latency=not args.no_latency,
+                       input_shape=_input_shape(args.input_shape), latency=not args.no_latency,
                        data=_data_options(args), train=train,
                        feature_tensor=args.feature_tensor, repair=args.repair,
                        ignore=tuple(args.ignore), group_ratios=tuple(args.group_ratio))
@@ -165,7 +188,7 @@ def _prune_config(args) -> PruneConfig:
 
 def _run(args) -> int:
     if args.command == "analyze":
-        print(report.analysis_table(pipeline.analyze(args.model, args.input_shape)))
+        print(report.analysis_table(pipeline.analyze(args.model, _input_shape(args.input_shape))))
     elif args.command == "prune":
         result = pipeline.prune(args.model, args.output, _prune_config(args),
                                 plan_path=args.plan, plan_out=args.plan_out)
@@ -182,7 +205,8 @@ def _run(args) -> int:
         acc, n = pipeline.evaluate(args.model, _data_options(args))
         print(f"top-1 accuracy {acc:.4f} on {n} images")
     elif args.command == "compare":
-        cmp = pipeline.compare(args.model_a, args.model_b, args.input_shape, args.repeats)
+        cmp = pipeline.compare(args.model_a, args.model_b, _input_shape(args.input_shape),
+                               args.repeats)
         print(report.comparison_table(cmp, Path(args.model_a).name, Path(args.model_b).name))
     elif args.command == "demo":
         result = pipeline.demo(Path(args.out), args.ratio, args.epochs, args.finetune_epochs)

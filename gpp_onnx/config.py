@@ -51,7 +51,7 @@ class PruneConfig:
     round_to: int | None = None         # kept widths rounded up to a multiple of this
     #                                     (None: the runtime's fast-layout block, latency.py)
     mask_only: bool = False             # write the original shapes with removed channels zeroed
-    input_shape: tuple[int, ...] | None = None
+    input_shape: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None  # or per input name
     latency: bool = True                # measure onnxruntime latency before/after
     data: DataOptions | None = None
     train: TrainOptions = TrainOptions()
@@ -72,6 +72,8 @@ class PruneConfig:
         if self.min_keep < 1 or (self.round_to is not None and self.round_to < 1):
             raise InputError("--min-keep and --round-to must be at least 1")
         changes = {}
+        if self.input_shape is not None:
+            changes["input_shape"] = checked_input_shape(self.input_shape)
         if isinstance(self.repair, bool):  # older spelling: True / False
             changes["repair"] = "lsq" if self.repair else "none"
         elif self.repair not in REPAIRS:
@@ -127,3 +129,20 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def checked_input_shape(value) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+    """One shape, or ``{input name: shape}``; sizes positive integers (lists become tuples)."""
+    named = value.items() if isinstance(value, dict) else [(None, value)]
+    out = {}
+    for name, dims in named:
+        try:
+            shape = tuple(int(d) for d in dims)
+        except (TypeError, ValueError):
+            shape = ()
+        if not shape or min(shape) <= 0 or (name is not None and not isinstance(name, str)):
+            label = "" if name is None else f"{name}:"
+            raise InputError(f"--input-shape {label}{dims} is not a shape - give positive "
+                             "sizes like 1,3,224,224 (NAME:1,3,224,224 per input)")
+        out[name] = shape
+    return out[None] if None in out else out

@@ -4,6 +4,8 @@ Shapes come from one onnxruntime run at batch 1 with every intermediate value ex
 as an output ("probe"). That works for models without shape information and for shape
 arithmetic that static inference cannot follow. Symbolic dims of the inputs are fixed
 first: the batch dim to 1, the others from ``input_shape`` (or 224 for image dims).
+``input_shape`` is one shape for a single-input model or ``{input name: shape}``. Random
+inputs take each input's own dtype (float16 inputs get float16 values).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .errors import InputError
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIDE = 224
+InputShape = tuple[int, ...] | dict[str, tuple[int, ...]] | None
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class InputSpec:
 class GraphView:
     """Producers, consumers, initializer arrays and probed shapes of one model."""
 
-    def __init__(self, model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None):
+    def __init__(self, model: onnx.ModelProto, input_shape: InputShape = None):
         self.model = model
         self.graph = model.graph
         self.nodes = list(model.graph.node)
@@ -49,7 +52,9 @@ class GraphView:
         init = set(self.init_protos)
         self.input_names = [v.name for v in model.graph.input if v.name not in init]
         self.output_names = [v.name for v in model.graph.output]
-        self.inputs = [_input_spec(v, input_shape) for v in model.graph.input if v.name not in init]
+        given = input_shapes(input_shape, self.input_names)
+        self.inputs = [_input_spec(v, given.get(v.name)) for v in model.graph.input
+                       if v.name not in init]
         self._arrays: dict[str, np.ndarray] = {}
 
     # -- constants ---------------------------------------------------------------
@@ -123,13 +128,36 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
                 onnx.TensorProto.BFLOAT16}
 
 
-def _input_spec(value: onnx.ValueInfoProto, input_shape) -> InputSpec:
+def input_shapes(input_shape: InputShape, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """``{input name: shape}`` from one shape (single-input models) or a dict of them."""
+    if input_shape is None:
+        return {}
+    if isinstance(input_shape, dict):
+        unknown = sorted(set(input_shape) - set(names))
+        if unknown:
+            raise InputError(f"--input-shape names '{unknown[0]}', which is not an input of "
+                             f"the model - its inputs are {_listing(names)}")
+        return {name: tuple(int(d) for d in dims) for name, dims in input_shape.items()}
+    if len(names) != 1:
+        raise InputError(f"--input-shape {','.join(map(str, input_shape))} is one shape but "
+                         f"the model has {len(names)} inputs ({_listing(names)}) - give one "
+                         "per input as NAME:1,3,224,224")
+    return {names[0]: tuple(int(d) for d in input_shape)}
+
+
+def _listing(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _input_spec(value: onnx.ValueInfoProto, input_shape: tuple[int, ...] | None) -> InputSpec:
     ttype = value.type.tensor_type
     dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type) if ttype.elem_type else np.float32
     dims = list(ttype.shape.dim)
     if input_shape is not None:
         if len(input_shape) != len(dims):
-            raise InputError(f"--input-shape {tuple(input_shape)} has rank {len(input_shape)} but "
+            raise InputError(f"--input-shape {','.join(map(str, input_shape))} has rank "
+                             f"{len(input_shape)} but "
                              f"input '{value.name}' has rank {len(dims)} - give one size per dim")
         return InputSpec(value.name, tuple(int(d) for d in input_shape), np.dtype(dtype))
     shape = []
@@ -142,7 +170,8 @@ def _input_spec(value: onnx.ValueInfoProto, input_shape) -> InputSpec:
             shape.append(DEFAULT_IMAGE_SIDE)
         else:
             raise InputError(f"input '{value.name}' has a symbolic dim at axis {axis} - "
-                             "pass --input-shape with concrete sizes, e.g. 1,3,224,224")
+                             "pass --input-shape with concrete sizes, e.g. 1,3,224,224 "
+                             f"(or {value.name}:1,3,224,224 per input)")
     return InputSpec(value.name, tuple(shape), np.dtype(dtype))
 
 
@@ -177,5 +206,7 @@ def _probe(model: onnx.ModelProto, inputs: list[InputSpec], feeds: dict) -> dict
     except Exception as err:
         raise InputError(f"the model fails to run on inputs of shape "
                          f"{[s.shape for s in inputs]} ({str(err).splitlines()[0][:160]}) - "
-                         "pass --input-shape with the size the model expects") from None
+                         "pass --input-shape with the size the model expects"
+                         + (" (NAME:1,3,224,224 for each input)" if len(inputs) > 1 else "")
+                         ) from None
     return dict(zip(names, values))

@@ -1,8 +1,10 @@
 """Load, validate, normalise and save ONNX models.
 
-Loading accepts any valid ONNX file: external data beside the file, weights held in
-Constant nodes, initializers shared between nodes (directly or behind Identity), opsets
-11 and newer, symbolic batch/spatial dims and models without shape information.
+Loading accepts what onnxruntime runs: external data beside the file, weights held in
+Constant nodes, initializers shared between nodes (directly or behind Identity), nodes
+out of topological order (sorted), opsets below 11 (upgraded, see ``compat``), float16
+and mixed float16/float32 weights, symbolic batch/spatial dims and models without shape
+information. ``read`` says what it changed (``Loaded``).
 
 `normalize` rewrites the graph once, without changing what it computes:
 
@@ -29,11 +31,11 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
+from .compat import MIN_OPSET, Loaded, opset_version, sort_nodes, upgrade_opset
 from .errors import InputError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-MIN_OPSET = 11
 CONTROL_FLOW = {"If", "Loop", "Scan"}
 QUANTIZED = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul",
              "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm"}
@@ -42,6 +44,11 @@ _TWO_GB = 2 ** 31 - 1
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
     """Read and validate an ONNX file (external data included); raise InputError on bad input."""
+    return read(path).model
+
+
+def read(path: str | os.PathLike) -> Loaded:
+    """`load`, saying what it changed: nodes sorted, opset upgraded."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"model file not found: {p} - pass the path of an existing .onnx file")
@@ -60,23 +67,26 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     except (OSError, ValueError) as err:
         raise InputError(f"{p}: external data could not be read ({_short(err)}) - "
                          "keep the model's data files beside it") from None
+    resorted = sort_nodes(model.graph)
+    if resorted:
+        logger.info("%s: nodes were not in topological order; sorted them", p)
     validate(model, str(p))
-    return model
+    opset = opset_version(model)
+    upgraded = upgrade_opset(model, str(p)) if opset < MIN_OPSET else model
+    return Loaded(upgraded, model, opset, resorted)
 
 
 def validate(model: onnx.ModelProto, where: str = "model") -> None:
-    """Checker, opset range, and ops gpp-onnx refuses (quantized, control flow)."""
+    """Checker, a default-domain opset, and ops gpp-onnx refuses (quantized, control flow)."""
     try:
         if model.ByteSize() < _TWO_GB:
             onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as err:
         raise InputError(f"{where} fails the ONNX checker ({_short(err)}) - "
                          "fix or re-export the model") from None
-    opset = opset_version(model)
-    if opset < MIN_OPSET:
-        raise UnsupportedModelError(
-            f"{where} uses opset {opset}; gpp-onnx needs opset >= {MIN_OPSET} - "
-            "convert it with onnx.version_converter.convert_version(model, 17)")
+    if opset_version(model) == 0:
+        raise UnsupportedModelError(f"{where} imports no standard ONNX opset - export it "
+                                    "with the standard ONNX operators")
     ops = {n.op_type for n in model.graph.node}
     if ops & CONTROL_FLOW:
         raise UnsupportedModelError(
@@ -88,24 +98,20 @@ def validate(model: onnx.ModelProto, where: str = "model") -> None:
             "prune the float model first, then quantize the pruned model")
 
 
-def opset_version(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return 0
-
-
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return an equivalent model with constants as initializers, folded, sorted."""
     import onnx_graphsurgeon as gs
 
-    model = _infer_shapes(_constants_to_initializers(model))
+    model = _constants_to_initializers(model)
+    sort_nodes(model.graph)
+    model = _infer_shapes(model)
     graph = gs.import_onnx(model)
-    graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+    graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False)
     folded = gs.export_onnx(graph, do_type_check=False)
     _copy_model_fields(model, folded)
     del folded.graph.value_info[:]
     _shuffles_to_gather(folded)
+    sort_nodes(folded.graph)
     _name_nodes(folded)
     return folded
 

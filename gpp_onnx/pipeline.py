@@ -16,7 +16,7 @@ from .analysis import Analysis, analyze_model
 from .analysis.features import final_hidden_layer
 from .config import DataOptions, PruneConfig, TrainOptions
 from .data import iter_batches, split
-from .errors import InputError
+from .errors import InputError, UnsupportedModelError
 from .evaluation import accuracy, dataset_for
 from .finetune import train_model
 from .allocate import plan_global
@@ -56,21 +56,28 @@ class PruneResult:
     report: dict = field(repr=False)
     rounds: tuple = field(default=(), repr=False)
     accuracy_before: float | None = None
+    tolerance: verify.Tolerance = verify.FLOOR   # what pruned vs masked had to stay under
+    notes: tuple[str, ...] = ()                  # what loading changed (opset upgrade, sort)
 
 
 def load_normalized(path, input_shape=None) -> tuple[onnx.ModelProto, onnx.ModelProto, Analysis]:
-    original = model_io.load(path)
-    logger.info("loaded %s (%d nodes)", path, len(original.graph.node))
-    normalized = model_io.normalize(original)
+    loaded, normalized, analysis = _load(path, input_shape)
+    return loaded.model, normalized, analysis
+
+
+def _load(path, input_shape) -> tuple[model_io.Loaded, onnx.ModelProto, Analysis]:
+    loaded = model_io.read(path)
+    logger.info("loaded %s (%d nodes)", path, len(loaded.model.graph.node))
+    normalized = model_io.normalize(loaded.model)
     analysis = analyze_model(normalized, input_shape)
     logger.info("analysed: %d channel groups, %d prunable", len(analysis.groups),
                 len(analysis.prunable))
-    return original, normalized, analysis
+    return loaded, normalized, analysis
 
 
 def analyze(path, input_shape=None) -> ModelAnalysis:
     """Channel groups of a model with the share of params / MACs each one controls."""
-    _, _, analysis = load_normalized(path, input_shape)
+    _, _, analysis = _load(path, input_shape)
     return ModelAnalysis(analysis, count(analysis.view), group_shares(analysis))
 
 
@@ -157,6 +164,7 @@ class Round:
     accuracy_cut: float | None = None
     accuracy_tuned: float | None = None
     repair: dict | None = None          # what the repair changed (None: no repair)
+    error_float32: float | None = None  # float16 models: pruned vs masked computed in float32
 
 
 @dataclass(frozen=True)
@@ -220,7 +228,7 @@ def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
 
 
 def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: int,
-               plan_path, base: ModelStats) -> Round:
+               plan_path, base: ModelStats, tolerance: verify.Tolerance) -> Round:
     digest = model_digest(analysis.view.model)
     scores: dict[str, np.ndarray] = {}
     if plan_path is not None:
@@ -241,8 +249,11 @@ def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: 
     verify.check(pruned)
     feeds = analysis.view.check_feeds(config.seed)
     err = verify.check_equivalent(verify.run(pruned, feeds, "pruned model"),
-                                  verify.run(masked, feeds, "masked model"))
-    logger.info("verified: pruned == masked original (relative error %.1e)", err)
+                                  verify.run(masked, feeds, "masked model"), tolerance=tolerance)
+    logger.info("verified: pruned == masked original (relative error %.1e < %.1e)", err,
+                tolerance.value)
+    wide = (verify.check_in_float32(pruned, masked, feeds)
+            if verify.low_precision(pruned) is not None else None)
     stats = Estimator(analysis).estimate(kept)
     acc_cut = acc_tuned = None
     if data is not None:
@@ -259,7 +270,7 @@ def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: 
     params = sum(param_sizes(pruned).values())
     groups = report.group_rows(analysis, plan, scores)
     return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned,
-                 repaired)
+                 repaired, wide)
 
 
 def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
@@ -271,12 +282,15 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
     if (plan_path or plan_out) and config.rounds > 1:
         raise InputError("a plan describes one round - use --rounds 1 with --plan/--plan-out")
     t0 = time.perf_counter()
-    original, normalized, analysis = load_normalized(src, config.input_shape)
+    loaded, normalized, analysis = _load(src, config.input_shape)
+    original = loaded.model
     analysis = analysis.keeping(config.ignore)
     if not analysis.prunable:
         raise InputError(f"{src}: nothing can be pruned ({_first_reasons(analysis)}) - "
                          "run 'gpp-onnx analyze' to see why each channel group is kept")
-    _check_normalized(analysis.view, original)
+    _check_precision(normalized, config)
+    tolerance = verify.measure_tolerance(normalized, analysis.view.check_feeds(config.seed))
+    loaded.check_unchanged(normalized, analysis.view.probe_feeds, tolerance)
     data = load_data(analysis.view, config)
     before = count(analysis.view)
     acc_before = accuracy(normalized, data.val) if data is not None else None
@@ -286,7 +300,7 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
             analysis = analyze_model(rounds[-1].model, config.input_shape).keeping(config.ignore)
             if not analysis.prunable:
                 break
-        rounds.append(_one_round(analysis, config, data, k, plan_path, before))
+        rounds.append(_one_round(analysis, config, data, k, plan_path, before, tolerance))
     last = rounds[-1]
     timing = (latency.measure(original, last.model, analysis.view.probe_feeds)
               if config.latency else None)
@@ -296,18 +310,22 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
     model_io.save(last.masked if config.mask_only else last.model, dst)
     after = ModelStats(last.params, last.macs)
     data_report = report.json_report(src, dst, config, rounds, before, after, ratio, acc_before,
-                                     time.perf_counter() - t0, warnings)
+                                     time.perf_counter() - t0, loaded.to_dict(), tolerance,
+                                     warnings)
     report_path = write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
     if plan_out is not None:
         write_text(Path(plan_out), last.plan.to_json())
     return PruneResult(dst, report_path, last.plan, before, after, last.error, ratio,
-                       data_report, tuple(rounds), acc_before)
+                       data_report, tuple(rounds), acc_before, tolerance, loaded.notes)
 
 
-def _check_normalized(view: GraphView, original: onnx.ModelProto) -> None:
-    """normalize() must not change what the model computes."""
-    verify.check_equivalent(view.probe_outputs, verify.run(original, view.probe_feeds),
-                            "normalised model", "the input model")
+def _check_precision(model: onnx.ModelProto, config: PruneConfig) -> None:
+    low = verify.low_precision(model)
+    if low is not None and config.data is not None:
+        raise UnsupportedModelError(
+            f"the model holds {low} tensors and --data runs it through the float32 torch "
+            "backend (scoring, repair, fine-tuning) - prune it without --data (e.g. "
+            "--criterion l1), or prune its float32 version")
 
 
 def _check_output(src: Path, dst: Path) -> None:

@@ -70,8 +70,11 @@ def prune_summary(result) -> str:
         lines.append("mask-only: the written model keeps the original shapes with the removed "
                      "channels zeroed; 'after' counts the equivalent pruned model")
     groups = sum(1 for v in result.plan.removed.values() if v)
+    lines += [f"loaded: {note}" for note in result.notes]
+    tol = result.tolerance
     lines += [f"removed {removed} channels in {groups} groups; pruned == masked original "
-              f"(relative error {result.equivalence_error:.1e})",
+              f"(relative error {result.equivalence_error:.1e} < tolerance {tol.value:.1e}; "
+              f"the model's own noise {tol.noise:.1e})",
               f"wrote {result.output} (report: {result.report_path})"]
     lines += [f"warning: {w}" for w in rep.get("warnings", ())]
     return "\n".join(lines)
@@ -122,11 +125,13 @@ def group_rows(analysis, plan, scores: dict) -> list[dict]:
 
 
 def json_report(src, dst, config, rounds, before, after, latency, acc_before, seconds,
-                warnings=()) -> dict:
+                loading: dict | None = None, tolerance=None, warnings=()) -> dict:
+    """`loading`: what loading changed (opsets, sort); `tolerance`: a verify.Tolerance;
+    `warnings`: lines the summary shows (a slower model)."""
     last = rounds[-1]
     return {
         "input": str(src), "output": str(dst), "config": config.to_dict(),
-        "seconds": round(seconds, 3), "warnings": list(warnings),
+        "seconds": round(seconds, 3), "loading": loading, "warnings": list(warnings),
         "before": {"params": before.params, "macs": before.macs,
                    "file_bytes": src.stat().st_size, "accuracy": acc_before},
         "after": {"params": after.params, "macs": after.macs,
@@ -136,11 +141,16 @@ def json_report(src, dst, config, rounds, before, after, latency, acc_before, se
         "ratios": {"params": after.params / max(before.params, 1),
                    "macs": after.macs / max(before.macs, 1), "latency": latency},
         "equivalence_relative_error": max(r.error for r in rounds),
+        "equivalence_tolerance": None if tolerance is None else tolerance.value,
+        "model_noise": None if tolerance is None else tolerance.noise,
+        "model_noise_sources": None if tolerance is None else {
+            "optimizer": tolerance.optimizer_noise, "rounding": tolerance.rounding_noise},
         "rounds": [{"round": r.number, "params": r.params, "macs": r.macs,
                     "removed_channels": r.plan.removed_channels,
                     "accuracy_after_cut": r.accuracy_cut,
                     "accuracy_after_finetune": r.accuracy_tuned,
                     "equivalence_relative_error": r.error, "repair": r.repair,
+                    "equivalence_relative_error_float32": r.error_float32,
                     "criterion": r.plan.meta.get("criterion_report")} for r in rounds],
         "groups": rounds[0].groups,
         "plan": json.loads(last.plan.to_json()),

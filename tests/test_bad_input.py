@@ -61,6 +61,13 @@ def _fails_checker():
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
 
 
+def _cycle():
+    return _model_with([helper.make_node("Add", ["x", "b"], ["a"], name="add"),
+                        helper.make_node("Relu", ["a"], ["b"], name="relu")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                       [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 3])])
+
+
 def _nothing_prunable():
     b = GraphBuilder((1, 6), seed=0)
     return b.build(b.gemm("input", 3))
@@ -74,13 +81,15 @@ def _write(kind, path):
         path.write_bytes(good[: len(good) // 3])
     else:
         onnx.save({"quantized": _quantized, "control_flow": _control_flow,
-                   "checker": _fails_checker, "nothing": _nothing_prunable}[kind](), path)
+                   "checker": _fails_checker, "nothing": _nothing_prunable,
+                   "cycle": _cycle}[kind](), path)
 
 
 CASES = [
     ("text", [], "not"),
     ("truncated", [], "not a readable ONNX model"),
     ("checker", [], "checker"),
+    ("cycle", [], "has a cycle"),
     ("quantized", [], "quantized"),
     ("control_flow", [], "control flow"),
     ("nothing", [], "nothing can be pruned"),

@@ -1,0 +1,365 @@
+"""Models onnxruntime runs that gpp-onnx once refused: opset < 11 (upgraded), nodes out
+of topological order, float16 and mixed float16/float32 weights, several inputs; and the
+equivalence tolerance derived from the model's own noise.
+
+References are independent of the code under test: the input model itself, run by
+onnxruntime with the removed channels' consumer weights zeroed by hand in numpy."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import prune_both, rel_err, run_model
+import gpp_onnx
+from gpp_onnx import PruneConfig, prune
+from gpp_onnx.cli import main
+from gpp_onnx.errors import InputError
+from gpp_onnx.samples import GraphBuilder, sample_cnn
+from gpp_onnx.verify import (Tolerance, VerificationError, check_equivalent, check_in_float32,
+                             measure_tolerance, upcast)
+
+
+def _hand_masked(model: onnx.ModelProto, zero: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """`model` with columns (axis 1) of the named weights set to 0, nothing else touched."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in zero:
+            w = numpy_helper.to_array(t).copy()
+            w[:, zero[t.name]] = 0
+            t.CopyFrom(numpy_helper.from_array(w, t.name))
+    return out
+
+
+def _x(shape, dtype=np.float32, seed=3):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+# -- opset 9, tf2onnx style -------------------------------------------------------------
+def _opset9_model() -> onnx.ModelProto:
+    """Conv-BN-Relu-Pad(attr)-MaxPool-Upsample-Conv-BN-Clip(attrs)-Slice(attrs)-Dropout-
+    GAP-Reshape-Gemm-Softmax at opset 9, weights listed as graph inputs (IR 4)."""
+    rng = np.random.default_rng(0)
+    inits = []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def bn(x, c, name):
+        params = [const(f"{name}_{p}", rng.uniform(lo, hi, c).astype(np.float32))
+                  for p, lo, hi in (("g", .5, 1.5), ("b", -.1, .1), ("m", -.1, .1), ("v", .5, 1.5))]
+        return helper.make_node("BatchNormalization", [x, *params], [name], name=name,
+                                epsilon=1e-5)
+
+    nodes = [
+        helper.make_node("Conv", ["x", const("w1", _x((8, 3, 3, 3), seed=1) * .3),
+                                  const("b1", np.zeros(8, np.float32))], ["c1"], name="conv1",
+                         kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        bn("c1", 8, "bn1"), helper.make_node("Relu", ["bn1"], ["r1"]),
+        helper.make_node("Pad", ["r1"], ["p1"], pads=[0, 0, 1, 1, 0, 0, 1, 1], value=0.0),
+        helper.make_node("MaxPool", ["p1"], ["m1"], kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("Upsample", ["m1", const("scales", np.array([1, 1, 2, 2], np.float32))],
+                         ["u1"], mode="linear"),
+        helper.make_node("Conv", ["u1", const("w2", _x((12, 8, 3, 3), seed=2) * .2)], ["c2"],
+                         name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        bn("c2", 12, "bn2"), helper.make_node("Clip", ["bn2"], ["r2"], min=0.0, max=6.0),
+        helper.make_node("Slice", ["r2"], ["s2"], axes=[2, 3], starts=[0, 0], ends=[6, 6]),
+        helper.make_node("Dropout", ["s2"], ["d2"], ratio=0.1),
+        helper.make_node("GlobalAveragePool", ["d2"], ["g2"]),
+        helper.make_node("Reshape", ["g2", const("shape", np.array([-1, 12], np.int64))], ["f2"]),
+        helper.make_node("Gemm", ["f2", const("w3", _x((5, 12), seed=4) * .3),
+                                  const("b3", np.zeros(5, np.float32))], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])]
+    inputs += [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits]
+    graph = helper.make_graph(nodes, "tf2onnx_like", inputs,
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 5])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)],
+                              producer_name="tf2onnx")
+    model.ir_version = 4
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_opset9_model_is_upgraded_pruned_and_reported(tmp_path):
+    model = _opset9_model()
+    src = tmp_path / "old.onnx"
+    onnx.save(model, src)
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=1, latency=False))
+    out = onnx.load(str(tmp_path / "p.onnx"))
+    opset = next(i.version for i in out.opset_import if i.domain in ("", "ai.onnx"))
+    assert opset >= 11
+    report = json.loads((tmp_path / "p.report.json").read_text())
+    assert report["loading"]["opset_read"] == 9 and report["loading"]["opset"] == opset
+    assert f"upgraded from opset 9 to {opset}" in report["loading"]["notes"]
+    removed = result.plan.removed
+    assert len(removed["c1"]) == 4 and len(removed["c2"]) == 6
+    # reference: the opset-9 file itself in onnxruntime, consumers of removed channels zeroed
+    masked = _hand_masked(model, {"w2": removed["c1"], "w3": removed["c2"]})
+    x = _x((2, 3, 8, 8))
+    assert rel_err(run_model(out, {"x": x}), run_model(masked, {"x": x})) < 1e-5
+    assert rel_err(run_model(model, {"x": x}), run_model(masked, {"x": x})) > 1e-3
+
+
+def test_a_converter_change_of_outputs_is_refused(tmp_path, capsys, monkeypatch):
+    """Without the Upsample fix, onnx's converter changes bilinear Upsample's coordinates;
+    the check against the model as read refuses the result."""
+    import gpp_onnx.compat as compat
+    monkeypatch.setattr(compat, "_keep_old_resize_semantics", lambda model: None)
+    src, out = tmp_path / "old.onnx", tmp_path / "p.onnx"
+    onnx.save(_opset9_model(), src)
+    assert main(["prune", str(src), "-o", str(out), "--no-latency"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "changed the model's outputs" in err and "opset 11 or newer" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx"]
+
+
+# -- float16, unsorted ------------------------------------------------------------------
+def _chain(seed=0) -> onnx.ModelProto:
+    b = GraphBuilder((1, 3, 8, 8), seed=seed)
+    x = b.act(b.conv("input", 8), "Relu")
+    x = b.act(b.conv(x, 8), "Relu")
+    return b.build(b.gemm(b.flatten(b.gap(x)), 5))
+
+
+def _to_float16(model: onnx.ModelProto, fp32_head: bool) -> onnx.ModelProto:
+    """What fp16 converters write: float16 weights, Casts at the graph's edges appended
+    at the END of the node list. `fp32_head`: the classifier Gemm stays float32 behind
+    its own Cast (a mixed model)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    gemm = [n for n in g.node if n.op_type == "Gemm"][-1]
+    keep = set(gemm.input) if fp32_head else set()
+    for t in g.initializer:
+        if t.data_type == TensorProto.FLOAT and t.name not in keep:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16),
+                                               t.name))
+    for node in g.node:
+        node.input[:] = ["input.fp16" if i == "input" else i for i in node.input]
+    g.node.append(helper.make_node("Cast", ["input"], ["input.fp16"], to=TensorProto.FLOAT16))
+    if fp32_head:
+        feature = gemm.input[0]
+        gemm.input[0] = feature + ".fp32"
+        g.node.append(helper.make_node("Cast", [feature], [feature + ".fp32"],
+                                       to=TensorProto.FLOAT))
+    else:
+        logits = gemm.output[0]
+        gemm.output[0] = logits + ".fp16"
+        g.node.append(helper.make_node("Cast", [logits + ".fp16"], [logits],
+                                       to=TensorProto.FLOAT))
+    del g.value_info[:]
+    return out
+
+
+@pytest.mark.parametrize("fp32_head", [False, True], ids=["float16", "mixed"])
+def test_unsorted_float16_model_prunes_with_l1_and_keeps_float16(fp32_head, tmp_path):
+    model = _to_float16(_chain(), fp32_head)
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(model)
+    src = tmp_path / "fp16.onnx"
+    onnx.save(model, src)
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, criterion="l1", round_to=1,
+                                                        latency=False))
+    assert result.report["loading"]["nodes_sorted"]
+    out = onnx.load(str(tmp_path / "p.onnx"))
+    weights = {t.name: t for t in out.graph.initializer if t.name in {
+        i for n in out.graph.node if n.op_type in ("Conv", "Gemm") for i in n.input[1:]}}
+    expected = {name: TensorProto.FLOAT if fp32_head and name in
+                next(n for n in out.graph.node if n.op_type == "Gemm").input
+                else TensorProto.FLOAT16 for name in weights}
+    assert {n: t.data_type for n, t in weights.items()} == expected
+    assert out.graph.input[0].type == model.graph.input[0].type
+    conv_w = [t for t in model.graph.initializer if len(t.dims) == 4]
+    gemm_w = next(t for t in model.graph.initializer if len(t.dims) == 2)
+    removed = result.plan.removed
+    assert len(removed["conv1"]) == 4 and len(removed["conv3"]) == 4
+    masked = _hand_masked(model, {conv_w[1].name: removed["conv1"],
+                                  gemm_w.name: removed["conv3"]})
+    x = {"input": _x((3, 3, 8, 8))}
+    tol = result.tolerance.value
+    assert 1e-5 < tol < 1e-2 and result.report["equivalence_tolerance"] == tol
+    assert rel_err(run_model(out, x), run_model(masked, x)) < tol
+    assert rel_err(run_model(model, x), run_model(masked, x)) > 10 * tol
+    assert result.report["rounds"][0]["equivalence_relative_error_float32"] < 1e-5
+
+
+def test_every_family_in_float16_keeps_its_dtype_and_matches_mask_only(tmp_path):
+    """sample_cnn (BN, residual, concat, depthwise, SE, shuffle, Gemm) in float16: pruned
+    vs the --mask-only replay of its plan, within the reported tolerance."""
+    model = _to_float16(sample_cnn(), fp32_head=False)
+    src, pruned, masked, result = prune_both(model, tmp_path, ratio=0.5)
+    x = {"input": _x((2, 3, 32, 32))}
+    assert result.plan.removed_channels > 100
+    assert rel_err(run_model(pruned, x), run_model(masked, x)) < result.tolerance.value
+    out = onnx.load(str(pruned))
+    floats = {t.data_type for t in out.graph.initializer if t.data_type in (
+        TensorProto.FLOAT, TensorProto.FLOAT16)}
+    assert floats == {TensorProto.FLOAT16}
+    assert out.ByteSize() < 0.5 * model.ByteSize()
+
+
+def test_upcast_computes_the_float16_weights_in_float32():
+    """Reference: the float32 chain whose weights are rounded to float16 by numpy."""
+    fp32 = _chain()
+    rounded = onnx.ModelProto()
+    rounded.CopyFrom(fp32)
+    for t in rounded.graph.initializer:
+        w = numpy_helper.to_array(t).astype(np.float16).astype(np.float32)
+        t.CopyFrom(numpy_helper.from_array(w, t.name))
+    wide = upcast(_to_float16(fp32, fp32_head=False))
+    assert not any(t.data_type == TensorProto.FLOAT16 for t in wide.graph.initializer)
+    x = {"input": _x((2, 3, 8, 8))}
+    assert rel_err(run_model(wide, x), run_model(rounded, x)) < 1e-6
+
+
+def test_float32_check_catches_what_the_float16_tolerance_lets_through():
+    """A masked model that differs by one slightly wrong weight column: within the
+    float16 noise, far outside float32's."""
+    pruned = _to_float16(_chain(), fp32_head=False)
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(pruned)
+    w = next(t for t in wrong.graph.initializer if len(t.dims) == 4 and t.dims[1] == 8)
+    array = numpy_helper.to_array(w).copy()
+    array[:, 3] *= np.float16(1.01)
+    w.CopyFrom(numpy_helper.from_array(array, w.name))
+    x = {"input": _x((2, 3, 8, 8))}
+    tol = measure_tolerance(wrong, x)
+    check_equivalent(run_model(pruned, x), run_model(wrong, x), tolerance=tol)  # passes
+    with pytest.raises(VerificationError, match="computed in float32"):
+        check_in_float32(pruned, wrong, x)
+    assert check_in_float32(pruned, pruned, x) == 0.0
+
+
+def test_float16_with_data_is_refused(tmp_path, capsys):
+    src, out = tmp_path / "fp16.onnx", tmp_path / "p.onnx"
+    onnx.save(_to_float16(_chain(), False), src)
+    assert main(["prune", str(src), "-o", str(out), "--data", "digits"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("gpp-onnx: error:") and "float16" in err and "--criterion l1" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp16.onnx"]
+
+
+# -- tolerance ----------------------------------------------------------------------------
+def test_clean_float32_model_keeps_the_1e5_tolerance(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(sample_cnn(), src)
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=1, latency=False))
+    report = json.loads((tmp_path / "p.report.json").read_text())
+    assert report["equivalence_tolerance"] == 1e-5
+    assert 0 < report["model_noise"] < 1e-6
+    assert report["model_noise_sources"]["rounding"] == 0.0  # float32: the optimiser only
+    assert result.equivalence_error < 1e-5
+
+
+def test_tolerance_rule():
+    """max(1e-5, 10 * noise): the Paddle case (1.29e-5 with noise of that order) passes,
+    a clean model keeps 1e-5 exactly."""
+    assert Tolerance().value == 1e-5 and Tolerance(4e-7, 0.0).value == 1e-5
+    assert Tolerance(3e-6, 5e-6).value == pytest.approx(5e-5)
+    ref = [np.ones(1000, np.float32)]
+    got = [ref[0] + np.float32(1.29e-5)]
+    with pytest.raises(VerificationError, match="tolerance 1.0e-05"):
+        check_equivalent(got, ref)
+    assert check_equivalent(got, ref, tolerance=Tolerance(3e-6)) == pytest.approx(1.29e-5,
+                                                                                  rel=1e-2)
+
+
+# -- several inputs ---------------------------------------------------------------------
+def _two_inputs() -> onnx.ModelProto:
+    """input (N,3,H,W) and aux (N,3,H/2,W/2), spatial dims symbolic: only per-name shapes
+    of that ratio run (the default 224 for both does not)."""
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    b.shapes["aux"] = (1, 3, 4, 4)
+    a = b.conv("input", 8)
+    c = b.resize(b.conv("aux", 8), 2)
+    x = b.act(b.conv(b.act(b.binary("Add", a, c), "Relu"), 6), "Relu")
+    out = b.gemm(b.flatten(b.gap(x)), 4)
+    image = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    aux = helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["N", 3, "h", "w"])
+    graph = helper.make_graph(b.nodes, "two_inputs", [image, aux],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 4])],
+                              b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_multi_input_model_with_per_name_shapes(tmp_path, capsys):
+    model = _two_inputs()
+    src, out = tmp_path / "two.onnx", tmp_path / "p.onnx"
+    onnx.save(model, src)
+    shapes = ["--input-shape", "input:1,3,8,8", "--input-shape", "aux:1,3,4,4"]
+    assert main(["analyze", str(src), *shapes]) == 0
+    assert main(["prune", str(src), "-o", str(out), "--no-latency", "--round-to", "1", *shapes]) == 0
+    capsys.readouterr()
+    plan = json.loads((tmp_path / "p.report.json").read_text())["plan"]
+    assert json.loads((tmp_path / "p.report.json").read_text())["config"]["input_shape"] == {
+        "input": [1, 3, 8, 8], "aux": [1, 3, 4, 4]}
+    removed = {k: np.array(v, dtype=np.int64) for k, v in plan["removed"].items() if v}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    group_add = next(k for k in removed if k in (convs[0].output[0], convs[1].output[0]))
+    masked = _hand_masked(model, {convs[2].input[1]: removed[group_add],
+                                  gemm.input[1]: removed[convs[2].output[0]]})
+    feeds = {"input": _x((2, 3, 10, 10)), "aux": _x((2, 3, 5, 5), seed=4)}
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert rel_err(session.run(None, feeds), run_model(masked, feeds)) < 1e-5
+    assert len(removed) == 2
+
+
+def test_per_name_shapes_from_python(tmp_path):
+    src = tmp_path / "two.onnx"
+    onnx.save(_two_inputs(), src)
+    shapes = {"input": [1, 3, 8, 8], "aux": (1, 3, 4, 4)}
+    assert PruneConfig(input_shape=shapes).checked().input_shape == {
+        "input": (1, 3, 8, 8), "aux": (1, 3, 4, 4)}
+    info = gpp_onnx.analyze(src, shapes)
+    assert [s.shape for s in info.analysis.view.inputs] == [(1, 3, 8, 8), (1, 3, 4, 4)]
+    cmp = gpp_onnx.compare(src, src, shapes, repeats=1)
+    assert cmp.a.macs == info.stats.macs > 0
+    with pytest.raises(InputError, match="not a shape"):
+        PruneConfig(input_shape={"input": [1, 0, 8, 8]}).checked()
+
+
+# -- bad input: one line, exit 2, nothing written ------------------------------------------
+def _converter_fails(monkeypatch):
+    def refuse(model, target):
+        raise RuntimeError("No Adapter For Current Version")
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+
+
+BAD = [
+    ("two", ["--input-shape", "1,3,8,8"], "is one shape but the model has 2 inputs"),
+    ("two", ["--input-shape", "image:1,3,8,8"], "'image', which is not an input"),
+    ("two", ["--input-shape", "input:1,3,8,8", "--input-shape", "4,4"], "without an input name"),
+    ("two", ["--input-shape", "input:1,3,8,8", "--input-shape", "input:1,3,8,8"], "twice"),
+    ("two", [], "NAME:1,3,224,224 for each input"),
+    ("old", ["--converter-fails"], "cannot upgrade it to opset"),
+]
+
+
+@pytest.mark.parametrize("kind,extra,message", BAD, ids=[" ".join(c[1]) or c[0] for c in BAD])
+def test_bad_load_options_are_one_line_exit_2(kind, extra, message, tmp_path, capsys,
+                                              monkeypatch):
+    model = _two_inputs() if kind == "two" else _opset9_model()
+    if "--converter-fails" in extra:
+        _converter_fails(monkeypatch)
+        extra = []
+    src, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(model, src)
+    before = src.read_bytes()
+    code = main(["prune", str(src), "-o", str(out), "--no-latency", *extra])
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("gpp-onnx: error:")]
+    assert code == 2 and len(errors) == 1 and lines[-1] == errors[0]
+    assert message in errors[0] and " - " in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert src.read_bytes() == before
