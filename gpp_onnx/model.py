@@ -67,12 +67,25 @@ def read(path: str | os.PathLike) -> Loaded:
     except (OSError, ValueError) as err:
         raise InputError(f"{p}: external data could not be read ({_short(err)}) - "
                          "keep the model's data files beside it") from None
+    return _prepare(model, str(p))
+
+
+def accept(model: onnx.ModelProto, where: str = "model") -> Loaded:
+    """`read` for a model handed over in memory; `model` itself is never modified."""
+    if not isinstance(model, onnx.ModelProto):
+        raise InputError(f"{where}: expected an onnx.ModelProto or a path, got "
+                         f"{type(model).__name__}")
+    return _prepare(_copy(model), where)
+
+
+def _prepare(model: onnx.ModelProto, where: str) -> Loaded:
+    """Nodes sorted, validated, old opsets upgraded."""
     resorted = sort_nodes(model.graph)
     if resorted:
-        logger.info("%s: nodes were not in topological order; sorted them", p)
-    validate(model, str(p))
+        logger.info("%s: nodes were not in topological order; sorted them", where)
+    validate(model, where)
     opset = opset_version(model)
-    upgraded = upgrade_opset(model, str(p)) if opset < MIN_OPSET else model
+    upgraded = upgrade_opset(model, where) if opset < MIN_OPSET else model
     return Loaded(upgraded, model, opset, resorted)
 
 

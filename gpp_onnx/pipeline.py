@@ -1,4 +1,5 @@
-"""The one-way pipeline: load -> analyse -> score -> plan -> cut -> verify -> save."""
+"""The public facade of the one-way pipeline: load -> analyse -> (rounds.py: score -> plan
+-> cut -> verify -> fine-tune) -> save. Models come as paths or in-memory ModelProtos."""
 from __future__ import annotations
 
 import logging
@@ -10,22 +11,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from . import latency, report, verify
 from . import model as model_io
-from . import latency, repair, report, surgery, verify
 from .analysis import Analysis, analyze_model
-from .analysis.features import final_hidden_layer
 from .config import DataOptions, PruneConfig, TrainOptions
-from .data import iter_batches, split
 from .errors import InputError, UnsupportedModelError
 from .evaluation import accuracy, dataset_for
 from .finetune import train_model
-from .allocate import plan_global
 from .graph import GraphView
-from .importance import Evidence, get_criterion
-from .latency_model import LatencyModel, group_costs, plan_for_latency
-from .plan import (PrunePlan, check_plan, kept_elements, model_digest, plan_by_ratio,
-                   plan_by_threshold, plan_for_target)
-from .stats import Estimator, ModelStats, count, param_sizes
+from .latency_model import LatencyModel, group_costs
+from .plan import PrunePlan
+from .rounds import Round, load_data, one_round
+from .stats import Estimator, ModelStats, count
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +43,8 @@ class ModelAnalysis:
 
 @dataclass(frozen=True)
 class PruneResult:
-    output: Path
-    report_path: Path
+    output: Path | None                 # None: nothing was written (no output asked for)
+    report_path: Path | None
     plan: PrunePlan
     before: ModelStats
     after: ModelStats
@@ -58,6 +55,7 @@ class PruneResult:
     accuracy_before: float | None = None
     tolerance: verify.Tolerance = verify.FLOOR   # what pruned vs masked had to stay under
     notes: tuple[str, ...] = ()                  # what loading changed (opset upgrade, sort)
+    model: onnx.ModelProto | None = field(default=None, repr=False)  # the verified result
 
 
 def load_normalized(path, input_shape=None) -> tuple[onnx.ModelProto, onnx.ModelProto, Analysis]:
@@ -65,9 +63,12 @@ def load_normalized(path, input_shape=None) -> tuple[onnx.ModelProto, onnx.Model
     return loaded.model, normalized, analysis
 
 
-def _load(path, input_shape) -> tuple[model_io.Loaded, onnx.ModelProto, Analysis]:
-    loaded = model_io.read(path)
-    logger.info("loaded %s (%d nodes)", path, len(loaded.model.graph.node))
+def _load(model, input_shape) -> tuple[model_io.Loaded, onnx.ModelProto, Analysis]:
+    """`model`: a path or an in-memory ModelProto."""
+    loaded = (model_io.accept(model) if isinstance(model, onnx.ModelProto)
+              else model_io.read(model))
+    logger.info("loaded %s (%d nodes)", "the model" if isinstance(model, onnx.ModelProto)
+                else model, len(loaded.model.graph.node))
     normalized = model_io.normalize(loaded.model)
     analysis = analyze_model(normalized, input_shape)
     logger.info("analysed: %d channel groups, %d prunable", len(analysis.groups),
@@ -94,229 +95,87 @@ def group_shares(analysis: Analysis) -> dict[str, GroupShare]:
     return shares
 
 
-def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Evidence,
-              round_no: int = 1, base: ModelStats | None = None
-              ) -> tuple[PrunePlan, dict[str, np.ndarray]]:
-    """Score with the criterion and turn the scores into this round's plan.
-
-    Over K rounds: ratio r removes ``1 - (1-r)^(1/K)`` of the current widths per round;
-    eta grows linearly (``eta * k``); a target fraction f of the original cost is reached
-    as ``f^(k/K)`` after round k (latency: ``f^(1/K)`` of the current model per round)."""
-    criterion = get_criterion(config.criterion, config.seed)
-    scores = criterion.score(analysis, evidence)
-    meta = {"criterion": criterion.name, "seed": config.seed, "round": round_no}
-    if getattr(criterion, "report", None):
-        meta["criterion_report"] = criterion.report
-    multiples = latency.width_multiples(config.round_to)
-    common = dict(min_keep=config.min_keep, round_to=multiples[0], meta=meta)
-    k, rounds = round_no, config.rounds
-    if config.eta is not None:
-        return plan_by_threshold(analysis, scores, config.eta * k, digest, **common), scores
-    overrides = {analysis.find_group(name): 1 - (1 - r) ** (1 / rounds)
-                 for name, r in config.group_ratios}
-    if config.ratio is not None:
-        ratio = 1 - (1 - config.ratio) ** (1 / rounds)
-        return plan_by_ratio(analysis, scores, ratio, digest, **common,
-                             overrides=overrides), scores
-    if config.target_latency is not None:
-        found = plan_for_latency(analysis, scores, digest, config.target_latency ** (1 / rounds),
-                                 analysis.view.probe_feeds, **common)
-        meta = dict(found.plan.meta, latency_tries=[list(t) for t in found.tries],
-                    latency_measured=found.measured, latency_groups=list(found.groups))
-        return replace(found.plan, meta=meta), scores
-    return _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
-                          overrides), scores
-
-
-def _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
-                   overrides) -> PrunePlan:
-    """A MACs or params target: uniform ratio search or global allocation."""
-    est = Estimator(analysis)
-    field_name, fraction = (("macs", config.target_macs) if config.target_macs is not None
-                            else ("params", config.target_params))
-    now = getattr(est.estimate({}), field_name)
-    original = getattr(base, field_name) if base is not None else now
-    goal = min(1.0, fraction ** (k / config.rounds) * original / max(now, 1))
-
-    def cost(kept) -> float:
-        return getattr(est.estimate(kept), field_name)
-
-    if config.allocation == "uniform":
-        return plan_for_target(analysis, scores, digest, lambda p: cost(kept_elements(analysis, p)),
-                               goal, config.min_keep, multiples, meta, overrides)
-    for q in multiples:  # coarsest multiple that reaches the goal
-        plan = plan_global(analysis, scores, digest, cost, goal * now, config.min_keep, q, meta)
-        if cost(kept_elements(analysis, plan)) <= goal * now:
-            break
-    return plan
-
-
-@dataclass(frozen=True)
-class Round:
-    number: int
-    plan: PrunePlan
-    groups: list[dict]
-    model: onnx.ModelProto
-    masked: onnx.ModelProto
-    error: float
-    params: int
-    macs: int
-    accuracy_cut: float | None = None
-    accuracy_tuned: float | None = None
-    repair: dict | None = None          # what the repair changed (None: no repair)
-    error_float32: float | None = None  # float16 models: pruned vs masked computed in float32
-
-
-@dataclass(frozen=True)
-class Splits:
-    train: object
-    val: object
-
-
-def load_data(view: GraphView, config: PruneConfig) -> Splits | None:
-    if config.data is None:
-        return None
-    opts = config.data
-    ds = dataset_for(view, opts.source, opts.mean, opts.std, opts.resize, opts.limit, config.seed)
-    if opts.val_split > 0:
-        train, val = split(ds, opts.val_split, config.seed)
-    else:
-        train = val = ds
-    logger.info("data: %d training and %d held-out images, %d classes from %s",
-                len(train.y), len(val.y), ds.num_classes, ds.source)
-    return Splits(train, val)
-
-
-def _evidence(analysis: Analysis, config: PruneConfig, data: Splits | None) -> Evidence:
-    if data is None:
-        return Evidence(seed=config.seed)
-    per_class = config.data.per_class
-    scoring = _per_class(data.train, per_class, config.seed)
-    criterion = get_criterion(config.criterion, config.seed)
-    needs_feature = getattr(criterion, "needs_feature", False) or config.feature_tensor is not None
-    feature = final_hidden_layer(analysis.view, config.feature_tensor) if needs_feature else None
-    return Evidence(scoring, feature, config.train.device, config.data.batch_size, config.seed)
-
-
-def _per_class(ds, per_class: int, seed: int):
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.permutation(np.flatnonzero(ds.y == c))[:per_class]
-                          for c in np.unique(ds.y)])
-    return ds.subset(np.sort(idx))
-
-
-REPAIR_IMAGES = 1024  # at most this many scoring images feed the least-squares repair
-
-
-def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
-    """(bias deltas, weight replacements) for the cut, or (None, None) without repair."""
-    if data is None or config.repair == "none" or not kept:
-        return None, None
-    values = repair.values_to_measure(analysis, kept)
-    sample = _per_class(data.train, config.data.per_class, config.seed)
-    batches = (x for x, _ in iter_batches(sample, config.data.batch_size))
-    means = repair.channel_means(analysis.view.model, values, batches)
-    deltas = repair.bias_deltas(analysis, kept, means)
-    if config.repair != "lsq":
-        return deltas, None
-    rng = np.random.default_rng(config.seed)
-    pick = np.sort(rng.permutation(len(sample.y))[:REPAIR_IMAGES])
-    weights, deltas = repair.reconstruct(analysis, kept, deltas, sample.x[pick],
-                                         config.train.device, batch_size=config.data.batch_size,
-                                         seed=config.seed)
-    return deltas, weights
-
-
-def _one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: int,
-               plan_path, base: ModelStats, tolerance: verify.Tolerance) -> Round:
-    digest = model_digest(analysis.view.model)
-    scores: dict[str, np.ndarray] = {}
-    if plan_path is not None:
-        plan = PrunePlan.load(plan_path)
-        check_plan(plan, analysis, digest)
-    else:
-        evidence = _evidence(analysis, config, data)
-        plan, scores = make_plan(analysis, config, digest, evidence, k, base)
-    kept = kept_elements(analysis, plan)
-    deltas, weights = _repair(analysis, kept, data, config)
-    repaired = None if deltas is None else {
-        "mode": config.repair, "layers_refitted": len(weights or {}),
-        "biases_changed": len(deltas)}
-    pruned = surgery.cut(analysis, kept, deltas, weights)
-    masked = surgery.mask(analysis, kept, deltas, weights)
-    logger.info("round %d: cut %d channels in %d groups", k, plan.removed_channels,
-                sum(1 for v in plan.removed.values() if v))
-    verify.check(pruned)
-    feeds = analysis.view.check_feeds(config.seed)
-    err = verify.check_equivalent(verify.run(pruned, feeds, "pruned model"),
-                                  verify.run(masked, feeds, "masked model"), tolerance=tolerance)
-    logger.info("verified: pruned == masked original (relative error %.1e < %.1e)", err,
-                tolerance.value)
-    wide = (verify.check_in_float32(pruned, masked, feeds)
-            if verify.low_precision(pruned) is not None else None)
-    stats = Estimator(analysis).estimate(kept)
-    acc_cut = acc_tuned = None
-    if data is not None:
-        acc_cut = accuracy(pruned, data.val)
-        logger.info("round %d: accuracy right after the cut %.4f", k, acc_cut)
-        if config.train.epochs > 0:
-            pruned = train_model(pruned, data.train, config.train, config.seed + k)
-            acc_tuned = accuracy(pruned, data.val)
-            logger.info("round %d: accuracy after fine-tuning %.4f", k, acc_tuned)
-            if acc_tuned < acc_cut:
-                logger.warning("round %d: fine-tuning lowered the held-out accuracy (%.4f -> "
-                               "%.4f); the fine-tuned model is the one written - try a lower "
-                               "--lr or fewer --finetune-epochs", k, acc_cut, acc_tuned)
-    params = sum(param_sizes(pruned).values())
-    groups = report.group_rows(analysis, plan, scores)
-    return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned,
-                 repaired, wide)
-
-
-def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
-          plan_out=None) -> PruneResult:
-    """Prune the model at `path` and write a verified smaller model to `output`."""
-    config = config.checked()
-    src, dst = Path(path), Path(output)
-    _check_output(src, dst)
+def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
+          plan_out=None, **options) -> PruneResult:
+    """Prune `model` (a path or an onnx.ModelProto, never modified) and return the verified
+    smaller model as ``result.model``. With `output` it is also written there, atomically,
+    with its JSON report beside it; without, nothing is written. `options` are PruneConfig
+    fields: ``prune(m, ratio=0.5)``."""
+    config = replace(config or PruneConfig(), **options).checked()
+    src = None if isinstance(model, onnx.ModelProto) else Path(model)
+    dst = None if output is None else Path(output)
+    if dst is not None:
+        _check_output(src, dst)
     if (plan_path or plan_out) and config.rounds > 1:
         raise InputError("a plan describes one round - use --rounds 1 with --plan/--plan-out")
     t0 = time.perf_counter()
-    loaded, normalized, analysis = _load(src, config.input_shape)
-    original = loaded.model
+    start = start_run(model if src is None else src, config)
+    rounds = _run_rounds(start, config, plan_path)
+    last = rounds[-1]
+    result_model = last.masked if config.mask_only else last.model
+    timing = (latency.measure(start.loaded.model, last.model, start.analysis.view.probe_feeds)
+              if config.latency else None)
+    ratio = timing.ratio if timing is not None else None
+    slower = timing.warning(config.round_to) if timing is not None else None
+    if dst is not None:
+        model_io.save(result_model, dst)
+    sizes = (src.stat().st_size if src else start.loaded.as_read.ByteSize(),
+             dst.stat().st_size if dst else result_model.ByteSize())
+    after = ModelStats(last.params, last.macs)
+    data_report = report.json_report(
+        src or "<in-memory model>", dst, config, rounds, start.before, after, ratio,
+        start.accuracy, time.perf_counter() - t0, start.loaded.to_dict(), start.tolerance,
+        [slower] if slower else [], sizes)
+    report_path = None
+    if dst is not None:
+        report_path = write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
+    if plan_out is not None:
+        write_text(Path(plan_out), last.plan.to_json())
+    return PruneResult(dst, report_path, last.plan, start.before, after, last.error, ratio,
+                       data_report, tuple(rounds), start.accuracy, start.tolerance,
+                       start.loaded.notes, result_model)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Everything a run needs before its first cut, checked."""
+    loaded: model_io.Loaded
+    normalized: onnx.ModelProto
+    analysis: Analysis
+    tolerance: verify.Tolerance
+    data: object                         # rounds.Splits or None
+    before: ModelStats
+    accuracy: float | None
+
+
+def start_run(model, config: PruneConfig) -> Start:
+    """Load, normalise and analyse; refuse what cannot be pruned; measure the tolerance;
+    load the data and the starting accuracy."""
+    loaded, normalized, analysis = _load(model, config.input_shape)
     analysis = analysis.keeping(config.ignore)
     if not analysis.prunable:
-        raise InputError(f"{src}: nothing can be pruned ({_first_reasons(analysis)}) - "
+        where = "the model" if isinstance(model, onnx.ModelProto) else model
+        raise InputError(f"{where}: nothing can be pruned ({_first_reasons(analysis)}) - "
                          "run 'gpp-onnx analyze' to see why each channel group is kept")
     _check_precision(normalized, config)
     tolerance = verify.measure_tolerance(normalized, analysis.view.check_feeds(config.seed))
     loaded.check_unchanged(normalized, analysis.view.probe_feeds, tolerance)
     data = load_data(analysis.view, config)
-    before = count(analysis.view)
-    acc_before = accuracy(normalized, data.val) if data is not None else None
+    acc = accuracy(normalized, data.val) if data is not None else None
+    return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc)
+
+
+def _run_rounds(start: Start, config: PruneConfig, plan_path) -> list[Round]:
     rounds: list[Round] = []
+    analysis = start.analysis
     for k in range(1, config.rounds + 1):
         if k > 1:
             analysis = analyze_model(rounds[-1].model, config.input_shape).keeping(config.ignore)
             if not analysis.prunable:
                 break
-        rounds.append(_one_round(analysis, config, data, k, plan_path, before, tolerance))
-    last = rounds[-1]
-    timing = (latency.measure(original, last.model, analysis.view.probe_feeds)
-              if config.latency else None)
-    ratio = timing.ratio if timing is not None else None
-    slower = timing.warning(config.round_to) if timing is not None else None
-    warnings = [slower] if slower else []  # shown in the summary, kept in the report
-    model_io.save(last.masked if config.mask_only else last.model, dst)
-    after = ModelStats(last.params, last.macs)
-    data_report = report.json_report(src, dst, config, rounds, before, after, ratio, acc_before,
-                                     time.perf_counter() - t0, loaded.to_dict(), tolerance,
-                                     warnings)
-    report_path = write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
-    if plan_out is not None:
-        write_text(Path(plan_out), last.plan.to_json())
-    return PruneResult(dst, report_path, last.plan, before, after, last.error, ratio,
-                       data_report, tuple(rounds), acc_before, tolerance, loaded.notes)
+        rounds.append(one_round(analysis, config, start.data, k, plan_path, start.before,
+                                start.tolerance))
+    return rounds
 
 
 def _check_precision(model: onnx.ModelProto, config: PruneConfig) -> None:
@@ -328,11 +187,11 @@ def _check_precision(model: onnx.ModelProto, config: PruneConfig) -> None:
             "--criterion l1), or prune its float32 version")
 
 
-def _check_output(src: Path, dst: Path) -> None:
+def _check_output(src: Path | None, dst: Path) -> None:
     if dst.suffix == "":
         raise InputError(f"output {dst} has no extension - name it like model.pruned.onnx")
-    same = dst.resolve() == src.resolve() or (dst.exists() and src.exists()
-                                               and os.path.samefile(src, dst))
+    same = src is not None and (dst.resolve() == src.resolve() or (
+        dst.exists() and src.exists() and os.path.samefile(src, dst)))
     if same:
         raise InputError(f"output {dst} is the input model - choose another path with -o; "
                          "gpp-onnx never overwrites its input")

@@ -125,17 +125,19 @@ def group_rows(analysis, plan, scores: dict) -> list[dict]:
 
 
 def json_report(src, dst, config, rounds, before, after, latency, acc_before, seconds,
-                loading: dict | None = None, tolerance=None, warnings=()) -> dict:
+                loading: dict | None = None, tolerance=None, warnings=(),
+                sizes: tuple[int, int] = (0, 0)) -> dict:
     """`loading`: what loading changed (opsets, sort); `tolerance`: a verify.Tolerance;
-    `warnings`: lines the summary shows (a slower model)."""
+    `warnings`: lines the summary shows (a slower model); `sizes`: bytes before/after."""
     last = rounds[-1]
     return {
-        "input": str(src), "output": str(dst), "config": config.to_dict(),
-        "seconds": round(seconds, 3), "loading": loading, "warnings": list(warnings),
+        "input": str(src), "output": None if dst is None else str(dst),
+        "config": config.to_dict(), "seconds": round(seconds, 3), "loading": loading,
+        "warnings": list(warnings),
         "before": {"params": before.params, "macs": before.macs,
-                   "file_bytes": src.stat().st_size, "accuracy": acc_before},
+                   "file_bytes": sizes[0], "accuracy": acc_before},
         "after": {"params": after.params, "macs": after.macs,
-                  "file_bytes": dst.stat().st_size,
+                  "file_bytes": sizes[1],
                   "accuracy": last.accuracy_tuned if last.accuracy_tuned is not None
                   else last.accuracy_cut},
         "ratios": {"params": after.params / max(before.params, 1),

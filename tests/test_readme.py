@@ -49,3 +49,13 @@ def test_readme_data_free_examples_run(tmp_path, monkeypatch, capsys):
             assert main(["-q", *argv, *([] if argv[0] != "prune" else ["--no-latency"])]) == 0, argv
             ran += 1
     assert ran >= 6
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    onnx.save(sample_cnn(), tmp_path / "model.onnx")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    assert (tmp_path / "small.onnx").exists() and (tmp_path / "small.report.json").exists()

@@ -1,0 +1,210 @@
+"""One round of the pipeline: score -> plan -> cut (with repair) -> verify -> fine-tune.
+
+``one_round`` takes the analysis of the current model and returns a ``Round``: the plan,
+the pruned and masked models, the equivalence error and the accuracies. The facade
+(``pipeline.prune``) and the step-wise pruner (``stepwise.StepPruner``) run it once per
+round; nothing here reads or writes files except a ``--plan`` being replayed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+
+from . import latency, repair, report, surgery, verify
+from .allocate import plan_global
+from .analysis import Analysis
+from .analysis.features import final_hidden_layer
+from .config import PruneConfig
+from .data import iter_batches, split
+from .evaluation import accuracy, dataset_for
+from .finetune import train_model
+from .graph import GraphView
+from .importance import Evidence, get_criterion
+from .latency_model import plan_for_latency
+from .plan import (PrunePlan, check_plan, kept_elements, model_digest, plan_by_ratio,
+                   plan_by_threshold, plan_for_target)
+from .stats import Estimator, ModelStats, param_sizes
+
+logger = logging.getLogger(__name__)
+
+
+def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Evidence,
+              round_no: int = 1, base: ModelStats | None = None
+              ) -> tuple[PrunePlan, dict[str, np.ndarray]]:
+    """Score with the criterion and turn the scores into this round's plan.
+
+    Over K rounds: ratio r removes ``1 - (1-r)^(1/K)`` of the current widths per round;
+    eta grows linearly (``eta * k``); a target fraction f of the original cost is reached
+    as ``f^(k/K)`` after round k (latency: ``f^(1/K)`` of the current model per round)."""
+    criterion = get_criterion(config.criterion, config.seed)
+    scores = criterion.score(analysis, evidence)
+    meta = {"criterion": criterion.name, "seed": config.seed, "round": round_no}
+    if getattr(criterion, "report", None):
+        meta["criterion_report"] = criterion.report
+    multiples = latency.width_multiples(config.round_to)
+    common = dict(min_keep=config.min_keep, round_to=multiples[0], meta=meta)
+    k, rounds = round_no, config.rounds
+    if config.eta is not None:
+        return plan_by_threshold(analysis, scores, config.eta * k, digest, **common), scores
+    overrides = {analysis.find_group(name): 1 - (1 - r) ** (1 / rounds)
+                 for name, r in config.group_ratios}
+    if config.ratio is not None:
+        ratio = 1 - (1 - config.ratio) ** (1 / rounds)
+        return plan_by_ratio(analysis, scores, ratio, digest, **common,
+                             overrides=overrides), scores
+    if config.target_latency is not None:
+        found = plan_for_latency(analysis, scores, digest, config.target_latency ** (1 / rounds),
+                                 analysis.view.probe_feeds, **common)
+        meta = dict(found.plan.meta, latency_tries=[list(t) for t in found.tries],
+                    latency_measured=found.measured, latency_groups=list(found.groups))
+        return replace(found.plan, meta=meta), scores
+    return _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
+                          overrides), scores
+
+
+def _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
+                   overrides) -> PrunePlan:
+    """A MACs or params target: uniform ratio search or global allocation."""
+    est = Estimator(analysis)
+    field_name, fraction = (("macs", config.target_macs) if config.target_macs is not None
+                            else ("params", config.target_params))
+    now = getattr(est.estimate({}), field_name)
+    original = getattr(base, field_name) if base is not None else now
+    goal = min(1.0, fraction ** (k / config.rounds) * original / max(now, 1))
+
+    def cost(kept) -> float:
+        return getattr(est.estimate(kept), field_name)
+
+    if config.allocation == "uniform":
+        return plan_for_target(analysis, scores, digest, lambda p: cost(kept_elements(analysis, p)),
+                               goal, config.min_keep, multiples, meta, overrides)
+    for q in multiples:  # coarsest multiple that reaches the goal
+        plan = plan_global(analysis, scores, digest, cost, goal * now, config.min_keep, q, meta)
+        if cost(kept_elements(analysis, plan)) <= goal * now:
+            break
+    return plan
+
+
+@dataclass(frozen=True)
+class Round:
+    number: int
+    plan: PrunePlan
+    groups: list[dict]
+    model: onnx.ModelProto
+    masked: onnx.ModelProto
+    error: float
+    params: int
+    macs: int
+    accuracy_cut: float | None = None
+    accuracy_tuned: float | None = None
+    repair: dict | None = None          # what the repair changed (None: no repair)
+    error_float32: float | None = None  # float16 models: pruned vs masked computed in float32
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: object
+    val: object
+
+
+def load_data(view: GraphView, config: PruneConfig) -> Splits | None:
+    if config.data is None:
+        return None
+    opts = config.data
+    ds = dataset_for(view, opts.source, opts.mean, opts.std, opts.resize, opts.limit, config.seed)
+    if opts.val_split > 0:
+        train, val = split(ds, opts.val_split, config.seed)
+    else:
+        train = val = ds
+    logger.info("data: %d training and %d held-out images, %d classes from %s",
+                len(train.y), len(val.y), ds.num_classes, ds.source)
+    return Splits(train, val)
+
+
+def _evidence(analysis: Analysis, config: PruneConfig, data: Splits | None) -> Evidence:
+    if data is None:
+        return Evidence(seed=config.seed)
+    per_class = config.data.per_class
+    scoring = _per_class(data.train, per_class, config.seed)
+    criterion = get_criterion(config.criterion, config.seed)
+    needs_feature = getattr(criterion, "needs_feature", False) or config.feature_tensor is not None
+    feature = final_hidden_layer(analysis.view, config.feature_tensor) if needs_feature else None
+    return Evidence(scoring, feature, config.train.device, config.data.batch_size, config.seed)
+
+
+def _per_class(ds, per_class: int, seed: int):
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.permutation(np.flatnonzero(ds.y == c))[:per_class]
+                          for c in np.unique(ds.y)])
+    return ds.subset(np.sort(idx))
+
+
+REPAIR_IMAGES = 1024  # at most this many scoring images feed the least-squares repair
+
+
+def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
+    """(bias deltas, weight replacements) for the cut, or (None, None) without repair."""
+    if data is None or config.repair == "none" or not kept:
+        return None, None
+    values = repair.values_to_measure(analysis, kept)
+    sample = _per_class(data.train, config.data.per_class, config.seed)
+    batches = (x for x, _ in iter_batches(sample, config.data.batch_size))
+    means = repair.channel_means(analysis.view.model, values, batches)
+    deltas = repair.bias_deltas(analysis, kept, means)
+    if config.repair != "lsq":
+        return deltas, None
+    rng = np.random.default_rng(config.seed)
+    pick = np.sort(rng.permutation(len(sample.y))[:REPAIR_IMAGES])
+    weights, deltas = repair.reconstruct(analysis, kept, deltas, sample.x[pick],
+                                         config.train.device, batch_size=config.data.batch_size,
+                                         seed=config.seed)
+    return deltas, weights
+
+
+def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: int,
+               plan_path, base: ModelStats, tolerance: verify.Tolerance) -> Round:
+    digest = model_digest(analysis.view.model)
+    scores: dict[str, np.ndarray] = {}
+    if plan_path is not None:
+        plan = PrunePlan.load(plan_path)
+        check_plan(plan, analysis, digest)
+    else:
+        evidence = _evidence(analysis, config, data)
+        plan, scores = make_plan(analysis, config, digest, evidence, k, base)
+    kept = kept_elements(analysis, plan)
+    deltas, weights = _repair(analysis, kept, data, config)
+    repaired = None if deltas is None else {
+        "mode": config.repair, "layers_refitted": len(weights or {}),
+        "biases_changed": len(deltas)}
+    pruned = surgery.cut(analysis, kept, deltas, weights)
+    masked = surgery.mask(analysis, kept, deltas, weights)
+    logger.info("round %d: cut %d channels in %d groups", k, plan.removed_channels,
+                sum(1 for v in plan.removed.values() if v))
+    verify.check(pruned)
+    feeds = analysis.view.check_feeds(config.seed)
+    err = verify.check_equivalent(verify.run(pruned, feeds, "pruned model"),
+                                  verify.run(masked, feeds, "masked model"), tolerance=tolerance)
+    logger.info("verified: pruned == masked original (relative error %.1e < %.1e)", err,
+                tolerance.value)
+    wide = (verify.check_in_float32(pruned, masked, feeds)
+            if verify.low_precision(pruned) is not None else None)
+    stats = Estimator(analysis).estimate(kept)
+    acc_cut = acc_tuned = None
+    if data is not None:
+        acc_cut = accuracy(pruned, data.val)
+        logger.info("round %d: accuracy right after the cut %.4f", k, acc_cut)
+        if config.train.epochs > 0:
+            pruned = train_model(pruned, data.train, config.train, config.seed + k)
+            acc_tuned = accuracy(pruned, data.val)
+            logger.info("round %d: accuracy after fine-tuning %.4f", k, acc_tuned)
+            if acc_tuned < acc_cut:
+                logger.warning("round %d: fine-tuning lowered the held-out accuracy (%.4f -> "
+                               "%.4f); the fine-tuned model is the one written - try a lower "
+                               "--lr or fewer --finetune-epochs", k, acc_cut, acc_tuned)
+    params = sum(param_sizes(pruned).values())
+    groups = report.group_rows(analysis, plan, scores)
+    return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned,
+                 repaired, wide)

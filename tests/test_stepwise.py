@@ -1,0 +1,60 @@
+"""StepPruner: the user's trained weights go into each cut; the steps reach the target."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from conftest import feeds_for, run_model
+from gpp_onnx import StepPruner
+from gpp_onnx.errors import InputError
+from gpp_onnx.samples import GraphBuilder
+
+
+class Position:
+    """Higher channel numbers are kept: which channels survive is known in advance."""
+    name = "position"
+
+    def score(self, analysis, evidence=None):
+        return {g.key: np.arange(g.width, dtype=float) for g in analysis.prunable}
+
+
+def _net() -> onnx.ModelProto:
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    x = b.act(b.conv(b.act(b.conv("input", 16), "Relu"), 16), "Relu")
+    return b.build(b.gemm(b.flatten(b.gap(x)), 4))
+
+
+def _convs(model: onnx.ModelProto) -> list[np.ndarray]:
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [init[n.input[1]] for n in model.graph.node if n.op_type == "Conv"]
+
+
+def test_steps_cut_the_trained_weights_down_to_the_target():
+    model = _net()
+    w0 = _convs(model)[0]
+    pruner = StepPruner(model, steps=2, ratio=0.5, round_to=1, criterion=Position())
+    module = pruner.module
+    first = next(p for name, p in module.named_onnx_parameters() if p.dim() == 4)
+    with torch.no_grad():
+        first.mul_(2.0)                                   # "training" between the steps
+    module = pruner.step(module)
+    # 1 - (1 - 0.5)^(1/2) of 16 channels go per step: 4, then 3 of the 12 left
+    np.testing.assert_allclose(_convs(pruner.model)[0], 2.0 * w0[4:], rtol=1e-6)
+    module = pruner.step(module)
+    small = pruner.to_onnx(module)
+    assert [w.shape[0] for w in _convs(small)] == [9, 9]
+    np.testing.assert_allclose(_convs(small)[0], 2.0 * w0[7:], rtol=1e-6)
+    feeds = feeds_for(small, batch=2)
+    x = torch.from_numpy(feeds["input"])
+    np.testing.assert_allclose(run_model(small, feeds)[0], module(x).detach().numpy(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_past_the_last_is_refused():
+    pruner = StepPruner(_net(), steps=1, ratio=0.5, round_to=1)
+    pruner.step()
+    with pytest.raises(InputError, match="all 1 steps are done"):
+        pruner.step()
