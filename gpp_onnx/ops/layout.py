@@ -38,6 +38,9 @@ class FlattenRule(OpRule):
         _flat_ties(res, x, y, s, a, start, 1)
         return res
 
+    def feature_pass(self, node, view):
+        return True
+
 
 @register("Reshape")
 class ReshapeRule(OpRule):
@@ -66,6 +69,9 @@ class ReshapeRule(OpRule):
             new = shape.copy()
             new[a] = len(kept)
             edit.set_input_const(node, 1, new)
+
+    def feature_pass(self, node, view):
+        return True
 
 
 def _dynamic_minus_one(ctx, shp, a, rank) -> bool:
@@ -117,6 +123,9 @@ class SqueezeRule(OpRule):
             out_axis = [i for i in range(len(s_out)) if i not in axes][a]
         return pass_through(node, ctx, out_axis)
 
+    def feature_pass(self, node, view):
+        return node.op_type == "Squeeze"
+
 
 @register("Expand", "Tile")
 class ExpandRule(OpRule):
@@ -142,6 +151,13 @@ class ExpandRule(OpRule):
             new = shape.copy()
             new[pos] = len(kept)
             edit.set_input_const(node, 1, new)
+
+    def weight_slots(self, node):
+        """Learned tokens broadcast over the batch (ViT class token)."""
+        return (0,) if node.op_type == "Expand" else ()
+
+    def scalar_weights(self, node):
+        return False
 
 
 @register("Shape")
