@@ -6,6 +6,16 @@ Flatten / Reshape keep row-major order. With the channel axis at ``a`` of input 
 to input channel ``(t // prod(s[a+1:])) % s[a]`` and to output element
 ``t // prod(s_out[a+1:])``; those two are tied. ``(N,C,H,W) -> (N, C*H*W)`` thus ties
 channel c with features ``c*H*W ..``, and a reshape into heads ties a head's channels.
+Two more Reshape forms keep the channels apart:
+
+* axes ``p .. a-1`` merged into the channel axis (dims before p unchanged, p >= 1):
+  the block starts at p and output axis p holds the channels, e.g. a bidirectional
+  recurrent output ``(seq, batch, dirs, H) -> (seq, batch, dirs*H)`` ties hidden unit j
+  with features ``d*H + j``;
+* leading axes merged or split while the channel axis and all after it stay
+  (``(seq, batch, F) -> (seq*batch, F)``): channels are tied one to one on the output
+  axis ``rank_out - (rank_in - a)`` (not axis 0).
+
 Surgery writes the new width into the Reshape's shape constant (``-1`` entries stay).
 """
 from __future__ import annotations
@@ -50,12 +60,17 @@ class ReshapeRule(OpRule):
         if a is None:
             return NodeChannels(out_axes={y: None})
         s_in, s_out = ctx.shape(x), ctx.shape(y)
-        if len(s_out) <= a or tuple(s_out[:a]) != tuple(s_in[:a]):
+        start, out_axis = _reshape_axes(s_in, s_out, a)
+        if out_axis is None:
             return block_all(node, ctx, "Reshape moves the channel axis into leading axes")
-        if not ctx.is_const_param(shp) and not _dynamic_minus_one(ctx, shp, a, len(s_out)):
+        if not ctx.is_const_param(shp) and not _dynamic_minus_one(ctx, shp, out_axis,
+                                                                    len(s_out)):
             return block_all(node, ctx, "Reshape target shape is computed, not constant")
-        res = NodeChannels(out_axes={y: a})
-        _flat_ties(res, x, y, s_in, a, a, int(np.prod(s_out[a + 1:], dtype=np.int64)))
+        res = NodeChannels(out_axes={y: out_axis})
+        if start is None:  # channel axis and everything after it unchanged
+            res.tie(x, y, width=s_in[a])
+        else:
+            _flat_ties(res, x, y, s_in, a, start, int(np.prod(s_out[start + 1:], dtype=np.int64)))
         return res
 
     def rewrite(self, node, edit):
@@ -72,6 +87,21 @@ class ReshapeRule(OpRule):
 
     def feature_pass(self, node, view):
         return True
+
+
+def _reshape_axes(s_in, s_out, a) -> tuple[int | None, int | None]:
+    """(start of the flat block or None for the unchanged tail, output channel axis);
+    (None, None) when the channel axis would mix with leading axes."""
+    p = 0
+    while p < min(a, len(s_out)) and s_in[p] == s_out[p]:
+        p += 1
+    if len(s_out) > p and (p == a or p >= 1):
+        return p, p
+    tail = len(s_in) - a
+    b = len(s_out) - tail
+    if b >= 1 and tuple(s_out[b:]) == tuple(s_in[a:]):
+        return None, b
+    return None, None
 
 
 def _dynamic_minus_one(ctx, shp, a, rank) -> bool:
