@@ -198,7 +198,7 @@ class GraphBuilder:
         outputs [Y, Y_h(, Y_c)]. `initial`: states (or "" to omit), `seq_lens`: a value."""
         gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
         d = 2 if direction == "bidirectional" else 1
-        seq, n, i = self.shapes[x] if layout == 0 else np.array(self.shapes[x])[[1, 0, 2]]
+        seq, n, i = self.shapes[x] if layout == 0 else [self.shapes[x][k] for k in (1, 0, 2)]
         scale = 1.0 / np.sqrt(hidden)
         inputs = [x, self.weight(d, gates * hidden, i, scale=scale),
                   self.weight(d, gates * hidden, hidden, scale=scale),
