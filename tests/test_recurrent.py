@@ -15,7 +15,10 @@ from gpp_onnx import PruneConfig, prune
 from gpp_onnx.analysis import analyze_model
 from gpp_onnx.model import normalize
 from gpp_onnx.samples import GraphBuilder
-from gpp_onnx.stats import count
+from gpp_onnx import surgery
+from gpp_onnx.graph import GraphView
+from gpp_onnx.plan import kept_elements, model_digest, plan_by_ratio
+from gpp_onnx.stats import Estimator, count
 
 SEQ = 8
 
@@ -66,6 +69,11 @@ def _head(b, outs, kind, classes=5):
     if kind == "sequence":  # every step: (SEQ, N, D*H) @ W -> (N, SEQ, classes)
         y = b.matmul(b.merge_directions(outs[0]), classes)
         return b.op("Transpose", [y], (n, SEQ, classes), perm=[1, 0, 2])
+    if kind == "flat":      # (SEQ, N, D*H) -> (SEQ*N, D*H) -> Gemm, as crnn.pytorch does
+        merged = b.merge_directions(outs[0])
+        width = b.shapes[merged][2]
+        flat = b.op("Reshape", [merged, b.const(_i64(-1, width))], (SEQ * n, width))
+        return b.gemm(flat, classes)
     d, _, h = b.shapes[outs[1]]     # last state: Y_h (D, N, H) -> (N, D*H) -> Gemm
     t = b.op("Transpose", [outs[1]], (n, d, h), perm=[1, 0, 2])
     return b.gemm(b.op("Reshape", [t, b.const(_i64(0, -1))], (n, d * h)), classes)
@@ -93,7 +101,7 @@ def recurrent_graphs(draw):
     if draw(st.booleans()):  # a second layer reads the first one's merged directions
         outs = b.recurrent(b.merge_directions(outs[0]), draw(st.sampled_from(OPS)),
                            draw(st.integers(2, 8)), draw(st.sampled_from(DIRECTIONS)))
-    return b.build(_head(b, outs, draw(st.sampled_from(["sequence", "last"]))))
+    return b.build(_head(b, outs, draw(st.sampled_from(["sequence", "flat", "last"]))))
 
 
 @settings(max_examples=30, deadline=None,
@@ -161,13 +169,18 @@ def test_bidirectional_cut_matches_numpy_hand_cut(op, tmp_path):
     assert rel_err(run_model(tmp_path / "p.onnx", feeds), expected) < 1e-5
 
 
-def test_macs_and_estimate_of_a_recurrent_layer():
-    model = normalize(_bilstm_model("LSTM"))
+@pytest.mark.parametrize("op,gates", [("LSTM", 4), ("GRU", 3), ("RNN", 1)])
+def test_macs_and_estimate_of_a_recurrent_layer(op, gates):
+    """Hand-counted MACs; the plan estimate equals the count of the cut model."""
+    model = normalize(_bilstm_model(op))
     analysis = analyze_model(model)
-    stats = count(analysis.view)
     conv = 6 * 4 * SEQ * 3 * 9
-    lstm = SEQ * 2 * 4 * 5 * (6 + 5)   # seq * D * G*H * (I + H)
-    assert stats.macs == conv + lstm + SEQ * 10 * 5
+    rec = SEQ * 2 * gates * 5 * (6 + 5)   # seq * D * G*H * (I + H)
+    assert count(analysis.view).macs == conv + rec + SEQ * 10 * 5
+    rng = np.random.default_rng(0)
+    scores = {g.key: rng.random(g.width) for g in analysis.prunable}
+    kept = kept_elements(analysis, plan_by_ratio(analysis, scores, 0.5, model_digest(model)))
+    assert Estimator(analysis).estimate(kept) == count(GraphView(surgery.cut(analysis, kept)))
 
 
 def test_initial_state_from_a_model_input_keeps_the_units():
@@ -187,65 +200,78 @@ def test_initial_state_from_a_model_input_keeps_the_units():
 
 # --------------------------------------------------------------- exported torch CRNN
 class CRNN(torch.nn.Module):
-    """Conv backbone -> squeeze/permute -> bidirectional LSTM -> Linear over characters."""
+    """Conv backbone -> squeeze/permute -> bidirectional LSTM -> Linear over characters;
+    ``view``: the Linear reads ``y.view(T * b, 2H)`` as in crnn.pytorch."""
 
-    def __init__(self, c1=16, c2=24, hidden=32, classes=100):
+    def __init__(self, c1=16, c2=24, hidden=32, layers=1, view=False, classes=100):
         super().__init__()
         self.conv1, self.conv2 = torch.nn.Conv2d(1, c1, 3, padding=1), torch.nn.Conv2d(c1, c2, 3, padding=1)
         self.bn = torch.nn.BatchNorm2d(c2)
-        self.rnn = torch.nn.LSTM(c2, hidden, bidirectional=True)
+        self.rnn = torch.nn.LSTM(c2, hidden, num_layers=layers, bidirectional=True)
         self.fc = torch.nn.Linear(2 * hidden, classes)
+        self.view = view
 
     def forward(self, x):
         x = torch.max_pool2d(torch.relu(self.conv1(x)), (2, 1))
         x = torch.max_pool2d(torch.relu(self.bn(self.conv2(x))), (4, 1))
         y, _ = self.rnn(x.squeeze(2).permute(2, 0, 1))
-        return self.fc(y)
+        if not self.view:
+            return self.fc(y)
+        t, b, h = y.shape
+        return self.fc(y.view(t * b, h)).view(t, b, -1)
 
 
-def _crnn() -> CRNN:
+def _crnn(layers, view) -> CRNN:
     torch.manual_seed(0)
-    net = CRNN()
+    net = CRNN(layers=layers, view=view)
     with torch.no_grad():
         net.bn.running_mean.uniform_(-1, 1)
         net.bn.running_var.uniform_(0.5, 2.0)
     return net.eval()
 
 
-def _torch_cut(net: CRNN, removed: dict[int, tuple]) -> CRNN:
-    """net with removed conv channels (by width 16, 24) and LSTM units (width 32) sliced
-    out of its torch weights: an outside reference for the pruned ONNX model."""
-    k1, k2, kh = (np.setdiff1d(np.arange(w), removed[w]) for w in (16, 24, 32))
-    small = CRNN(len(k1), len(k2), len(kh)).eval()
-    rows = np.concatenate([g * 32 + kh for g in range(4)])
+def _torch_cut(net: CRNN, removed: list[tuple]) -> CRNN:
+    """net with removed conv channels and LSTM units (`removed` per group, in graph order:
+    conv1, conv2, then each LSTM layer) sliced out of its torch weights: an outside
+    reference for the pruned ONNX model."""
+    k1, k2, *kh = (np.setdiff1d(np.arange(w), r) for w, r in
+                   zip([16, 24] + [32] * net.rnn.num_layers, removed))
+    small = CRNN(len(k1), len(k2), len(kh[0]), net.rnn.num_layers, net.view).eval()
     with torch.no_grad():
         small.conv1.weight.copy_(net.conv1.weight[k1]), small.conv1.bias.copy_(net.conv1.bias[k1])
         small.conv2.weight.copy_(net.conv2.weight[k2][:, k1]), small.conv2.bias.copy_(net.conv2.bias[k2])
         for name in ("weight", "bias", "running_mean", "running_var"):
             getattr(small.bn, name).copy_(getattr(net.bn, name)[k2])
-        for sfx in ("_l0", "_l0_reverse"):
-            get = lambda n: getattr(net.rnn, n + sfx)  # noqa: E731
-            getattr(small.rnn, "weight_ih" + sfx).copy_(get("weight_ih")[rows][:, k2])
-            getattr(small.rnn, "weight_hh" + sfx).copy_(get("weight_hh")[rows][:, kh])
-            getattr(small.rnn, "bias_ih" + sfx).copy_(get("bias_ih")[rows])
-            getattr(small.rnn, "bias_hh" + sfx).copy_(get("bias_hh")[rows])
-        small.fc.weight.copy_(net.fc.weight[:, np.concatenate([kh, 32 + kh])])
+        inputs = k2
+        for layer, keep in enumerate(kh):
+            rows = np.concatenate([g * 32 + keep for g in range(4)])
+            for sfx in (f"_l{layer}", f"_l{layer}_reverse"):
+                get = lambda n: getattr(net.rnn, n + sfx)  # noqa: E731
+                getattr(small.rnn, "weight_ih" + sfx).copy_(get("weight_ih")[rows][:, inputs])
+                getattr(small.rnn, "weight_hh" + sfx).copy_(get("weight_hh")[rows][:, keep])
+                getattr(small.rnn, "bias_ih" + sfx).copy_(get("bias_ih")[rows])
+                getattr(small.rnn, "bias_hh" + sfx).copy_(get("bias_hh")[rows])
+            inputs = np.concatenate([keep, 32 + keep])  # both directions' units
+        small.fc.weight.copy_(net.fc.weight[:, inputs])
         small.fc.bias.copy_(net.fc.bias)
     return small
 
 
-@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-def test_exported_crnn_prunes_to_under_0_8x_params(exporter, tmp_path):
+@pytest.mark.parametrize("exporter,layers,view", [("legacy", 1, False), ("dynamo", 1, False),
+                                                  ("legacy", 2, True), ("dynamo", 2, True)])
+def test_exported_crnn_prunes_to_under_0_8x_params(exporter, layers, view, tmp_path):
     from adapters.pytorch import export_torch
 
-    net = _crnn()
+    net = _crnn(layers, view)
     src = export_torch(net, tmp_path / "crnn.onnx", (1, 1, 8, 20), exporter=exporter)
     result = assert_pruned_equals_masked(onnx.load(str(src)), tmp_path, ratio=0.5)
-    assert n_params(tmp_path / "pruned.onnx") <= 0.8 * n_params(tmp_path / "model.onnx")
-    assert sorted(result.plan.widths.values()) == [16, 24, 32]
-    removed = {result.plan.widths[k]: v for k, v in result.plan.removed.items()}
-    x = torch.randn(2 if exporter == "legacy" else 1, 1, 8, 20)  # dynamo fixes batch 1 (h0)
+    ratio = n_params(tmp_path / "pruned.onnx") / n_params(tmp_path / "model.onnx")
+    assert ratio <= 0.8
+    assert list(result.plan.widths.values()) == [16, 24] + [32] * layers
+    model = onnx.load(str(src))
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value or 2
+    x = torch.randn(batch, 1, 8, 20)  # the dynamo export may fix batch 1 (its h0 constant)
     with torch.no_grad():
-        expected = _torch_cut(net, removed)(x).numpy()
+        expected = _torch_cut(net, list(result.plan.removed.values()))(x).numpy()
     got = run_model(tmp_path / "pruned.onnx", {"input": x.numpy()})
     assert rel_err(got, [expected]) < 1e-4

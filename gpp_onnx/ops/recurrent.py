@@ -21,7 +21,7 @@ initial states' batch axis, which moves none of the channel axes below):
   unit j is features ``d*H + j``.
 * Initial states: a constant is sliced with the units (role chan); a computed state
   carrying channels on axis 2 is tied to them; zeros from ``ConstantOfShape`` (what the
-  PyTorch exporter writes for an omitted h0) are dropped by surgery, as an omitted
+  PyTorch exporter writes for an omitted h0, maybe sliced per layer) are dropped by surgery, as an omitted
   state is zeros; any other computed state keeps the units, with that reason.
 
 Surgery slices the gate blocks and sets ``hidden_size``. MACs per sample:
@@ -30,6 +30,7 @@ Surgery slices the gate blocks and sets ``hidden_size``. MACs per sample:
 from __future__ import annotations
 
 import numpy as np
+from onnx import numpy_helper
 
 from .base import (ROLE_CHAN, ROLE_IN, ROLE_OUT, NodeChannels, OpRule, ParamSlice, attr,
                    register)
@@ -49,21 +50,23 @@ def _outputs(node) -> list[tuple[str, int]]:
     return [(name, 3 if i == 0 else 2) for i, name in enumerate(node.output) if name]
 
 
+_MOVERS = ("Slice", "Split", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Expand",
+           "Transpose", "Gather", "Tile", "Cast")  # zeros in, zeros out
+
+
 def zero_state(view, name: str) -> bool:
-    """True when `name` is all zeros: a zero constant or ConstantOfShape of value 0."""
+    """True when `name` is all zeros: a zero constant or ConstantOfShape of value 0, maybe
+    reshaped or sliced (the PyTorch exporter slices one zero tensor per layer)."""
+    prod = view.producer.get(name)
+    while prod is not None and prod.op_type in _MOVERS:
+        name, prod = prod.input[0], view.producer.get(prod.input[0])
     const = view.const(name)
     if const is not None:
         return not np.any(const)
-    prod = view.producer.get(name)
     if prod is None or prod.op_type != "ConstantOfShape":
         return False
     value = attr(prod, "value")
-    return value is None or not np.any(onnx_array(value))
-
-
-def onnx_array(tensor) -> np.ndarray:
-    from onnx import numpy_helper
-    return numpy_helper.to_array(tensor)
+    return value is None or not np.any(numpy_helper.to_array(value))
 
 
 @register("LSTM", "GRU", "RNN")
