@@ -54,7 +54,9 @@ class GemmRule(OpRule):
         return attr(node, "alpha", 1.0) * (means @ rows[removed])
 
     def refittable(self, node, view):
-        return view.is_const(node.input[1]) and not attr(node, "transA", 0)
+        """One row per image (not a sequence head's (T*b, F) rows), constant B, transA 0."""
+        per_image = view.shape(node.input[0])[0] == view.inputs[0].shape[0]
+        return per_image and view.is_const(node.input[1]) and not attr(node, "transA", 0)
 
 
 @register("MatMul")
