@@ -1,5 +1,5 @@
 """Ops that move the channel axis or reinterpret it: Flatten, Reshape, Transpose,
-Squeeze, Unsqueeze, Expand, Tile, Shape.
+Squeeze, Unsqueeze, Expand, Tile, Shape (and ConstantOfShape, which has no channels).
 
 Flatten / Reshape keep row-major order. With the channel axis at ``a`` of input shape
 ``s`` and the dims before it unchanged, flat position t of the trailing block belongs
@@ -223,6 +223,14 @@ class ShapeRule(OpRule):
                                        "in computation"))
                 break
         return res
+
+
+@register("ConstantOfShape")
+class ConstantOfShapeRule(OpRule):
+    """A filled tensor carries no channels (a consumer that needs them blocks there)."""
+
+    def analyze(self, node, ctx):
+        return NodeChannels(out_axes={node.output[0]: None})
 
 
 def _dims_read(user, ctx, n: int) -> set[int] | None:
