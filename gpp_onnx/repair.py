@@ -3,16 +3,13 @@
 Exported graphs usually have BatchNorm folded into the convs, so nothing re-centres a
 layer whose inputs lost channels. A consumer's output o receives ``sum_c W[o, c] * x_c``;
 replacing a removed ``x_c`` by its mean ``m_c`` over the data keeps that term on average:
-
-    Conv:           b[o] += mean over output positions of conv(x_m)[o], x_m holding m_c
-                    on the removed channels and 0 elsewhere (exact at padded borders;
-                    away from them ``sum_{c removed in o's group} m_c sum_k W[o, c mod C/g, k]``)
-    ConvTranspose:  b[o] += sum_{c removed} m_c * sum_k W[c, o, k]            (group 1)
-    Gemm:           C[o] += alpha / beta * sum_{c removed} m_c * W'[c, o]
+``b[o] += sum_{c removed} m_c * (the part of W that reads c, summed over what c spans)``.
+Each consumer's rule states its exact form (``OpRule.bias_delta``: Conv exact at padded
+borders, ConvTranspose, Gemm with ``alpha / beta``); MatMul consumers have no bias and
+are left as they are.
 
 ``m_c`` is the mean of the consumer's input over images and all non-channel axes (for a
-Gemm after Flatten, per feature). Border effects of ConvTranspose are ignored. MatMul
-consumers have no bias and are left as they are.
+Gemm after Flatten, per feature).
 
 Least-squares reconstruction (``reconstruct``, the default ``--repair lsq``) goes one step
 further, in the spirit of channel-pruning reconstruction (He et al. 2017, ThiNet): the
@@ -41,6 +38,7 @@ import numpy as np
 import onnx
 
 from .ops import ROLE_IN
+from .ops.conv import torch_pads
 from .verify import make_session, outputs
 
 logger = logging.getLogger(__name__)
@@ -83,8 +81,9 @@ def bias_deltas(analysis, kept: dict[str, np.ndarray],
         width = len(means[p.value])
         removed = np.setdiff1d(np.arange(width), kept[p.value])
         node = nodes[p.node]
-        delta = _delta(node, analysis.view.const(p.param), removed, means[p.value][removed], p,
-                       analysis.view.shape(p.value))
+        delta = None if len(removed) == 0 else analysis.rules[node.name].bias_delta(
+            node, analysis.view.const(p.param), removed, means[p.value][removed], p,
+            analysis.view.shape(p.value))
         if delta is None:
             logger.debug("no bias repair for %s (%s)", node.name, node.op_type)
             continue
@@ -95,57 +94,6 @@ def bias_deltas(analysis, kept: dict[str, np.ndarray],
 def _attr(node, name, default):
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name),
                 default)
-
-
-def _torch_pads(node, spatial: int) -> list[int]:
-    """ONNX ``pads`` (all begins, then all ends) in ``torch.nn.functional.pad`` order."""
-    pads = list(_attr(node, "pads", [0] * 2 * spatial))
-    return [v for i in reversed(range(spatial)) for v in (pads[i], pads[i + spatial])]
-
-
-def _conv_response(node, w: np.ndarray, removed, m, in_shape) -> np.ndarray | None:
-    """Mean over output positions of the conv applied to the removed channels' means."""
-    import torch
-    import torch.nn.functional as F
-
-    spatial = len(in_shape) - 2
-    if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or spatial not in (1, 2, 3):
-        return None
-    x = torch.zeros((1, *in_shape[1:]), dtype=torch.float64)
-    x[0, torch.as_tensor(removed)] = torch.as_tensor(m, dtype=torch.float64).view(
-        -1, *([1] * spatial))
-    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
-    y = conv(F.pad(x, _torch_pads(node, spatial)), torch.as_tensor(w), stride=_attr(node, "strides", 1),
-             dilation=_attr(node, "dilations", 1), groups=_attr(node, "group", 1))
-    return y[0].flatten(1).mean(dim=1).numpy()
-
-
-def _delta(node, w: np.ndarray, removed: np.ndarray, m: np.ndarray, p,
-           in_shape=None) -> np.ndarray | None:
-    if len(removed) == 0:
-        return None
-    w = w.astype(np.float64)
-    if node.op_type == "Conv" and in_shape is not None:
-        exact = _conv_response(node, w, removed, m, in_shape)
-        if exact is not None:
-            return exact
-    if node.op_type == "Conv":
-        wsum = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)   # (M, C/g)
-        groups, cg = _attr(node, "group", 1), w.shape[1]
-        mg = w.shape[0] // groups
-        delta = np.zeros(w.shape[0])
-        cols = removed if p.index is None else p.index[removed]
-        for c, j, mean in zip(removed, cols, m):
-            gi = c // cg if groups > 1 else 0
-            delta[gi * mg:(gi + 1) * mg] += mean * wsum[gi * mg:(gi + 1) * mg, j]
-        return delta
-    if node.op_type == "ConvTranspose" and _attr(node, "group", 1) == 1:
-        wsum = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)   # (C, M)
-        return m @ wsum[removed]
-    if node.op_type == "Gemm":
-        rows = w.T if _attr(node, "transB", 0) else w              # (K, N)
-        return _attr(node, "alpha", 1.0) * (m @ rows[removed])
-    return None
 
 
 LAMBDA_SCALES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # increasing: later = closer to W
@@ -162,20 +110,15 @@ ERROR_SLACK = 1.05   # accept up to 5% more held-out error for a stronger ridge
 
 
 def _fit_nodes(analysis, kept) -> list:
-    """Conv (group 1, 2-D, explicit pads) and Gemm (transA 0) nodes from the first consumer
-    of a removed channel on, in topological order."""
+    """Nodes whose rule says they can be refitted (Conv: group 1, 2-D, explicit pads;
+    Gemm: transA 0) from the first consumer of a removed channel on, in topological order."""
     consumers = {p.node for p in analysis.params if p.role == ROLE_IN and p.value in kept}
     nodes, started = [], False
     for node in analysis.view.nodes:
         started = started or node.name in consumers
-        w = analysis.view.const(node.input[1]) if node.op_type in ("Conv", "Gemm") else None
-        if not started or w is None or w.size == 0:
+        if not started or not analysis.rules[node.name].refittable(node, analysis.view):
             continue
-        if node.op_type == "Conv":
-            if (w.ndim == 4 and _attr(node, "group", 1) == 1
-                    and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")):
-                nodes.append(node)
-        elif node.op_type == "Gemm" and not _attr(node, "transA", 0):
+        if analysis.view.const(node.input[1]).size:
             nodes.append(node)
     return nodes
 
@@ -193,7 +136,7 @@ def _rows_conv(node, x, w_shape, positions):
     """Patch rows (B*p, C*kh*kw) of conv input x at the given output positions (B, p)."""
     import torch.nn.functional as F
 
-    cols = F.unfold(F.pad(x, _torch_pads(node, 2)), tuple(w_shape[2:]),
+    cols = F.unfold(F.pad(x, torch_pads(node, 2)), tuple(w_shape[2:]),
                     dilation=_attr(node, "dilations", 1), stride=_attr(node, "strides", 1))
     return _pick(cols, positions)                                 # cols: (B, C*k, L)
 

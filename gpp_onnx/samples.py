@@ -185,6 +185,43 @@ class GraphBuilder:
         return self.op("MatMul", [x, self.weight(k, out, scale=np.sqrt(2.0 / k))],
                        (*self.shapes[x][:-1], out))
 
+    # -- sequences (CRNN text-recognizer heads) ------------------------------------
+    def to_sequence(self, x):
+        """(N, C, 1, W) -> Squeeze -> Transpose -> (W, N, C), as CRNNs feed an LSTM."""
+        n, c, _, w = self.shapes[x]
+        s = self.op("Squeeze", [x, self.const(np.array([2], dtype=np.int64))], (n, c, w))
+        return self.op("Transpose", [s], (w, n, c), perm=[2, 0, 1])
+
+    def recurrent(self, x, op="LSTM", hidden=8, direction="forward", layout=0,
+                  initial=None, seq_lens=None, peepholes=False, **attrs):
+        """ONNX LSTM / GRU / RNN over x (seq, N, I) (layout 1: (N, seq, I)); returns the
+        outputs [Y, Y_h(, Y_c)]. `initial`: states (or "" to omit), `seq_lens`: a value."""
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+        d = 2 if direction == "bidirectional" else 1
+        seq, n, i = self.shapes[x] if layout == 0 else [self.shapes[x][k] for k in (1, 0, 2)]
+        scale = 1.0 / np.sqrt(hidden)
+        inputs = [x, self.weight(d, gates * hidden, i, scale=scale),
+                  self.weight(d, gates * hidden, hidden, scale=scale),
+                  self.weight(d, 2 * gates * hidden, scale=0.1), seq_lens or ""]
+        inputs += list(initial or [])
+        if peepholes:
+            inputs += [""] * (7 - len(inputs)) + [self.weight(d, 3 * hidden, scale=0.1)]
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        y_shape = (seq, d, n, hidden) if layout == 0 else (n, seq, d, hidden)
+        outs = self.op(op, inputs, y_shape, n_out=3 if op == "LSTM" else 2, hidden_size=hidden,
+                       direction=direction, layout=layout, **attrs)
+        for out in outs[1:]:
+            self.shapes[out] = (d, n, hidden) if layout == 0 else (n, d, hidden)
+        return outs
+
+    def merge_directions(self, y):
+        """Y (seq, D, N, H) -> Transpose -> Reshape -> (seq, N, D*H)."""
+        seq, d, n, h = self.shapes[y]
+        t = self.op("Transpose", [y], (seq, n, d, h), perm=[0, 2, 1, 3])
+        return self.op("Reshape", [t, self.const(np.array([0, 0, -1], dtype=np.int64))],
+                       (seq, n, d * h))
+
     def build(self, output: str) -> onnx.ModelProto:
         in_shape = list(self.shapes["input"])
         out_shape = list(self.shapes[output])

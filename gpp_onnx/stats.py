@@ -1,14 +1,13 @@
 """Parameter and MAC counts, exact for a model and estimated for a plan.
 
-MACs per sample (batch 1 shapes):
-* Conv ``Y (M, H', W')``, ``W (M, C/g, k...)``: ``M*H'*W' * (C/g)*prod(k)``;
-* ConvTranspose ``X (C, H, W)``, ``W (C, M/g, k...)``: ``C*H*W * (M/g)*prod(k)``;
-* Gemm / MatMul with constant ``B (K, N)``: ``rows * K * N``.
-Other ops are not counted (the usual convention for CNN MACs).
+MACs per sample (batch 1 shapes) come from each op's rule (``OpRule.macs``, the formula
+is in the rule's module): Conv, ConvTranspose, Gemm / MatMul with a constant weight,
+LSTM / GRU / RNN. Other ops are not counted (the usual convention for CNN MACs).
 Params: elements of all floating-point initializers.
 
-A plan cuts each weight along some axes; the estimate multiplies every count by the
-kept fraction along each cut axis, which is exact for the ops above.
+A rule splits a node's MACs by the weight input they scale with; a plan cuts each weight
+along some axes, and the estimate multiplies each part by the kept fraction along each
+cut axis of its weight, which is exact for the ops above.
 """
 from __future__ import annotations
 
@@ -19,6 +18,8 @@ import numpy as np
 import onnx
 
 from .graph import GraphView
+from .model import opset_version
+from .ops import lookup
 
 FLOAT = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
          onnx.TensorProto.BFLOAT16}
@@ -30,21 +31,22 @@ class ModelStats:
     macs: int
 
 
-def node_macs(view: GraphView) -> dict[str, int]:
-    """MACs of every weighted node, keyed by node name."""
+def slot_macs(view: GraphView) -> dict[tuple[str, int], int]:
+    """MACs of every weighted node, keyed by (node name, weight input they scale with)."""
+    opset = opset_version(view.model)
     macs = {}
     for node in view.nodes:
-        if len(node.input) < 2 or not view.is_const(node.input[1]):
-            continue
-        w = view.shape(node.input[1])
-        if node.op_type == "Conv":
-            macs[node.name] = int(np.prod(view.shape(node.output[0])[1:])) * int(np.prod(w[1:]))
-        elif node.op_type == "ConvTranspose":
-            macs[node.name] = int(np.prod(view.shape(node.input[0])[1:])) * int(np.prod(w[1:]))
-        elif node.op_type in ("Gemm", "MatMul") and len(w) == 2:
-            rows = int(np.prod(view.shape(node.output[0])[:-1]))
-            macs[node.name] = rows * int(np.prod(w))
+        for slot, m in lookup(node, opset).macs(node, view).items():
+            macs[(node.name, slot)] = m
     return macs
+
+
+def node_macs(view: GraphView) -> dict[str, int]:
+    """MACs of every weighted node, keyed by node name."""
+    macs: dict[str, int] = defaultdict(int)
+    for (node, _slot), m in slot_macs(view).items():
+        macs[node] += m
+    return dict(macs)
 
 
 def param_sizes(model: onnx.ModelProto) -> dict[str, int]:
@@ -61,14 +63,13 @@ class Estimator:
 
     def __init__(self, analysis):
         view = analysis.view
-        self.macs = node_macs(view)
+        self.macs = slot_macs(view)
         self.sizes = param_sizes(view.model)
         self.cuts: dict[tuple[str, int], list] = defaultdict(list)  # (param, axis) -> slices
-        self.node_cuts: dict[str, set] = defaultdict(set)
+        self.slot_cuts: dict[tuple[str, int], set] = defaultdict(set)
         for p in analysis.params:
             self.cuts[(p.param, p.axis)].append(p)
-            if p.input_index == 1:
-                self.node_cuts[p.node].add((p.param, p.axis))
+            self.slot_cuts[(p.node, p.input_index)].add((p.param, p.axis))
         self.dims = {name: view.shape(name) for name, _ in self.cuts}
 
     def _fractions(self, kept: dict[str, np.ndarray]) -> dict[tuple[str, int], float]:
@@ -90,9 +91,9 @@ class Estimator:
         for name, size in self.sizes.items():
             params += size * per_param[name]
         macs = 0.0
-        for node, m in self.macs.items():
+        for slot, m in self.macs.items():
             f = 1.0
-            for key in self.node_cuts.get(node, ()):
+            for key in self.slot_cuts.get(slot, ()):
                 f *= frac.get(key, 1.0)
             macs += m * f
         return ModelStats(int(round(params)), int(round(macs)))

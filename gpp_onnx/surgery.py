@@ -20,7 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import VerificationError
-from .model import dedupe_initializers
+from .model import _drop_dead_nodes, dedupe_initializers
 from .ops import ROLE_IN
 
 logger = logging.getLogger(__name__)
@@ -105,16 +105,10 @@ def _masks(analysis, kept) -> dict[tuple[str, int], dict[int, np.ndarray]]:
     return masks
 
 
-BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
-
-
 def _bias_array(analysis, node, delta: np.ndarray, kept, cut: bool) -> np.ndarray:
     """The consumer's bias plus `delta` (original output indexing), sliced when cutting."""
-    index = BIAS_INPUT[node.op_type]
+    index, scale = analysis.rules[node.name].output_bias(node)
     name = analysis.view.input(node, index)
-    scale = 1.0
-    if node.op_type == "Gemm":
-        scale = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
     base = np.zeros_like(delta) if name is None else analysis.view.const(name)
     bias = np.broadcast_to(base.reshape(-1) if base.size == delta.size else base,
                            delta.shape).astype(np.float32) + (delta / scale).astype(np.float32)
@@ -150,7 +144,7 @@ def _apply(analysis, kept, changes, transform, rewrite: bool,
             edit.new_inits[param] = array
     for node_name, delta in (bias_deltas or {}).items():
         node = nodes[node_name]
-        edit.set_input_const(node, BIAS_INPUT[node.op_type],
+        edit.set_input_const(node, analysis.rules[node.name].output_bias(node)[0],
                              _bias_array(analysis, node, delta, kept, cut=rewrite))
     if rewrite:
         for node in model.graph.node:
@@ -202,6 +196,7 @@ def cut(analysis, kept: dict[str, np.ndarray],
     and ``weights`` ((node, input index) -> replacement, original shape) come from the
     repair; the replacements are cut like the weights they replace."""
     model = _apply(analysis, kept, _cuts(analysis, kept), _take, True, bias_deltas, weights)
+    _drop_dead_nodes(model)  # e.g. the shape arithmetic of a dropped zero initial state
     dedupe_initializers(model)
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False)

@@ -37,8 +37,7 @@ class BnScaleCriterion:
                     continue
                 gamma = np.abs(np.asarray(analysis.view.const(p.param), np.float64))
                 gamma = np.moveaxis(gamma, p.axis, 0).reshape(gamma.shape[p.axis], -1).sum(axis=1)
-                elements = members[p.value].elements
-                pos = elements if p.index is None else p.index[elements]
+                pos = p.element_positions(members[p.value].elements)
                 total += gamma[pos].sum(axis=1)
                 found = True
             if found:

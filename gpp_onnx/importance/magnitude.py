@@ -31,8 +31,7 @@ class Magnitude:
                 if p.role not in (ROLE_OUT, ROLE_IN):
                     continue
                 norms = self._slice_norms(analysis.view.const(p.param), p.axis)
-                elements = members[p.value].elements
-                pos = elements if p.index is None else p.index[elements]
+                pos = p.element_positions(members[p.value].elements)
                 per_channel = norms[pos].sum(axis=1)
                 mean = per_channel.mean()
                 total += per_channel / mean if mean > 0 else per_channel

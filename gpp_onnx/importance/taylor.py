@@ -64,7 +64,7 @@ class TaylorCriterion:
         names = sorted({name for slices in plan.values() for name, _, _ in slices})
         wanted = [params[n] for n in names]
         input_name = analysis.view.input_names[0]
-        logits_name = _logits_name(analysis.view)
+        logits_name = _logits_name(analysis)
         sums = {g.key: torch.zeros(g.width, dtype=torch.float64, device=device)
                 for g in analysis.prunable}
         n_batches = -(-len(data.y) // evidence.batch_size)
@@ -102,8 +102,7 @@ def _plan(analysis, params: dict, roles, device) -> dict[str, list]:
             if p.role not in roles or p.param not in params:
                 continue
             n_pos = params[p.param].shape[p.axis]
-            elements = members[p.value].elements
-            pos = elements if p.index is None else p.index[elements]
+            pos = p.element_positions(members[p.value].elements)
             mat = incidence.setdefault((p.param, p.axis), np.zeros((group.width, n_pos)))
             mat[np.repeat(np.arange(group.width), pos.shape[1]), pos.ravel()] = 1.0
         plan[group.key] = [(name, axis, torch.as_tensor(mat, dtype=torch.float64, device=device))
@@ -114,12 +113,11 @@ def _plan(analysis, params: dict, roles, device) -> dict[str, list]:
     return plan
 
 
-def _logits_name(view) -> str:
-    out = view.output_names[0]
-    node = view.producer.get(out)
-    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-        return node.input[0]
-    return out
+def _logits_name(analysis) -> str:
+    out = analysis.view.output_names[0]
+    node = analysis.view.producer.get(out)
+    logits = None if node is None else analysis.rules[node.name].logits_input(node)
+    return out if logits is None else logits
 
 
 def _check_logits(logits: torch.Tensor, target: torch.Tensor, name: str) -> None:

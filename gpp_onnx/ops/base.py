@@ -14,6 +14,11 @@ looks at one node and says, in element terms:
 
 ``rewrite`` is the same rule's second half: attribute and shape-constant updates once
 the kept elements of every value are known (the parameter slicing itself is generic).
+
+The rule is also the one place for the other facts about its ops that later steps need
+(defaults in ``OpRule``: nothing): which inputs are trainable weights (torch backend),
+the output bias input (bias repair), MACs per weight input (stats), the bias fold and
+refit of the repair, and the classifier-head walk (features, logits).
 """
 from __future__ import annotations
 
@@ -44,12 +49,17 @@ class ParamSlice:
     axis: int
     value: str
     role: str
-    index: np.ndarray | None = None  # None: element e is index e
+    index: np.ndarray | None = None  # None: element e is index e; (width, m): e owns m
 
     def positions(self, elements: np.ndarray) -> np.ndarray:
         """Indices along `axis` that the given elements of `value` own (sorted, unique)."""
         idx = elements if self.index is None else self.index[elements]
         return np.unique(idx)
+
+    def element_positions(self, elements: np.ndarray) -> np.ndarray:
+        """(G, k) elements of a group member -> (G, k*m) indices along `axis` per channel."""
+        idx = elements if self.index is None else self.index[elements]
+        return idx.reshape(len(elements), -1)
 
 
 @dataclass
@@ -95,13 +105,55 @@ class AnalysisContext:
 
 
 class OpRule:
-    """Base rule: subclasses implement `analyze`; `rewrite` defaults to nothing to do."""
+    """Base rule: subclasses implement `analyze`; `rewrite` defaults to nothing to do.
+
+    The other methods are facts about the op that other steps read; the defaults say
+    "none" (no weights, no bias, no MACs, no repair, not part of a classifier head)."""
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> NodeChannels:
         raise NotImplementedError
 
     def rewrite(self, node: onnx.NodeProto, edit) -> None:
         """Update attributes / constant inputs of `node` for the kept channels."""
+
+    def weight_slots(self, node: onnx.NodeProto) -> tuple[int, ...]:
+        """Inputs that are trainable weights when fed by a float constant."""
+        return ()
+
+    def scalar_weights(self, node: onnx.NodeProto) -> bool:
+        """False when a 1-element constant in a weight slot stays a constant."""
+        return True
+
+    def stat_slots(self, node: onnx.NodeProto) -> tuple[int, ...]:
+        """Inputs that are running statistics (buffers updated in training, written back)."""
+        return ()
+
+    def output_bias(self, node: onnx.NodeProto) -> tuple[int, float] | None:
+        """(input index, scale) of the bias added to output 0 as ``scale * input``."""
+        return None
+
+    def macs(self, node: onnx.NodeProto, view) -> dict[int, int]:
+        """Multiply-accumulates per sample, split by the weight input they scale with."""
+        return {}
+
+    def bias_delta(self, node: onnx.NodeProto, w: np.ndarray, removed: np.ndarray,
+                   means: np.ndarray, p: "ParamSlice", in_shape) -> np.ndarray | None:
+        """Change of the output bias that keeps the removed inputs' mean contribution
+        (``removed`` input channels with means ``means``, read by weight ``w`` via ``p``)."""
+        return None
+
+    def refittable(self, node: onnx.NodeProto, view) -> bool:
+        """True when the least-squares repair can refit this node's weight and bias."""
+        return False
+
+    def feature_pass(self, node: onnx.NodeProto, view) -> bool:
+        """True when the final hidden layer may be searched for behind this node (it only
+        reshapes or monotonically maps a classifier's scores)."""
+        return False
+
+    def logits_input(self, node: onnx.NodeProto) -> str | None:
+        """The input holding logits when this node turns them into probabilities."""
+        return None
 
 
 class Blocker(OpRule):

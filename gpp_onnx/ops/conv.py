@@ -11,6 +11,16 @@ bias ``B[m]``); input channel c of group ``c // (C/g)`` is read by ``W[:, c % (C
   stays, ``W`` loses rows and columns.
 
 ConvTranspose: ``W`` is ``(C, M/g, k...)``; the same rules with the axes swapped.
+
+MACs per sample: Conv ``M*H'*W' * (C/g)*prod(k)`` (output positions times the filter
+size); ConvTranspose ``C*H*W * (M/g)*prod(k)`` (input positions times the filter size).
+
+Bias fold of the repair (removed input channels c with means m_c): Conv
+``b[o] += mean over output positions of conv(x_m)[o]``, x_m holding m_c on the removed
+channels and 0 elsewhere (exact at padded borders; away from them
+``sum_{c removed in o's group} m_c sum_k W[o, c mod C/g, k]``, the fallback for
+``auto_pad``); ConvTranspose (group 1) ``b[o] += sum_{c removed} m_c sum_k W[c, o, k]``
+(borders ignored).
 """
 from __future__ import annotations
 
@@ -29,6 +39,48 @@ def _tie_positions(res: NodeChannels, value: str, width: int, groups: int) -> No
     res.tie(value, value, ia=j, ib=j + np.repeat(np.arange(1, groups) * per, per))
 
 
+def _explicit_pads(node) -> bool:
+    return attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+
+
+def torch_pads(node, spatial: int) -> list[int]:
+    """ONNX ``pads`` (all begins, then all ends) in ``torch.nn.functional.pad`` order."""
+    pads = list(attr(node, "pads", [0] * 2 * spatial))
+    return [v for i in reversed(range(spatial)) for v in (pads[i], pads[i + spatial])]
+
+
+def _conv_response(node, w: np.ndarray, removed, m, in_shape) -> np.ndarray | None:
+    """Mean over output positions of the conv applied to the removed channels' means."""
+    import torch
+    import torch.nn.functional as F
+
+    spatial = len(in_shape) - 2
+    if not _explicit_pads(node) or spatial not in (1, 2, 3):
+        return None
+    x = torch.zeros((1, *in_shape[1:]), dtype=torch.float64)
+    x[0, torch.as_tensor(removed)] = torch.as_tensor(m, dtype=torch.float64).view(
+        -1, *([1] * spatial))
+    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+    y = conv(F.pad(x, torch_pads(node, spatial)), torch.as_tensor(w), stride=attr(node, "strides", 1),
+             dilation=attr(node, "dilations", 1), groups=attr(node, "group", 1))
+    return y[0].flatten(1).mean(dim=1).numpy()
+
+
+def _weight_shape(node, view):
+    w = view.input(node, 1)
+    return view.shape(w) if w and view.is_const(w) else None
+
+
+class _Weighted(OpRule):
+    """Facts shared by Conv and ConvTranspose: weight W and bias B are trained."""
+
+    def weight_slots(self, node):
+        return (1, 2)
+
+    def output_bias(self, node):
+        return (2, 1.0)
+
+
 def _input_ok(node, ctx, res: NodeChannels, x: str) -> bool:
     """Conv-like ops read channels on axis 1; anything else blocks the input."""
     if ctx.axis(x) == 1:
@@ -40,7 +92,7 @@ def _input_ok(node, ctx, res: NodeChannels, x: str) -> bool:
 
 
 @register("Conv")
-class ConvRule(OpRule):
+class ConvRule(_Weighted):
     def analyze(self, node, ctx):
         x, w, y = node.input[0], node.input[1], node.output[0]
         if not ctx.is_const_param(w):
@@ -76,9 +128,37 @@ class ConvRule(OpRule):
             if kept is not None:
                 edit.set_attr(node, "group", len(kept))
 
+    def macs(self, node, view):
+        w = _weight_shape(node, view)
+        if w is None:
+            return {}
+        return {1: int(np.prod(view.shape(node.output[0])[1:])) * int(np.prod(w[1:]))}
+
+    def bias_delta(self, node, w, removed, means, p, in_shape):
+        w = w.astype(np.float64)
+        if in_shape is not None:
+            exact = _conv_response(node, w, removed, means, in_shape)
+            if exact is not None:
+                return exact
+        wsum = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)   # (M, C/g)
+        groups, cg = attr(node, "group", 1), w.shape[1]
+        mg = w.shape[0] // groups
+        delta = np.zeros(w.shape[0])
+        cols = removed if p.index is None else p.index[removed]
+        for c, j, mean in zip(removed, cols, means):
+            gi = c // cg if groups > 1 else 0
+            delta[gi * mg:(gi + 1) * mg] += mean * wsum[gi * mg:(gi + 1) * mg, j]
+        return delta
+
+    def refittable(self, node, view):
+        """2-D, group 1, explicit pads."""
+        w = _weight_shape(node, view)
+        return (w is not None and len(w) == 4 and attr(node, "group", 1) == 1
+                and _explicit_pads(node))
+
 
 @register("ConvTranspose")
-class ConvTransposeRule(OpRule):
+class ConvTransposeRule(_Weighted):
     def analyze(self, node, ctx):
         x, w, y = node.input[0], node.input[1], node.output[0]
         if not ctx.is_const_param(w):
@@ -110,3 +190,15 @@ class ConvTransposeRule(OpRule):
             kept = edit.kept(node.input[0])
             if kept is not None:
                 edit.set_attr(node, "group", len(kept))
+
+    def macs(self, node, view):
+        w = _weight_shape(node, view)
+        if w is None:
+            return {}
+        return {1: int(np.prod(view.shape(node.input[0])[1:])) * int(np.prod(w[1:]))}
+
+    def bias_delta(self, node, w, removed, means, p, in_shape):
+        if attr(node, "group", 1) != 1:
+            return None
+        wsum = w.astype(np.float64).reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # (C, M)
+        return means @ wsum[removed]

@@ -9,6 +9,9 @@ C, an input whose aligned dim is C is tied element by element to the output (a r
 Add couples both branches; a squeeze-excitation Mul couples the scale branch); an input
 whose aligned dim is 1 broadcasts and is not tied; a constant input with dim C is a
 per-channel parameter and is sliced with the channel.
+
+Trained weights: PRelu slopes, and the constant operands of Add / Mul (per-channel ones
+only: a scalar stays a constant).
 """
 from __future__ import annotations
 
@@ -39,6 +42,9 @@ class Unary(OpRule):
             res.out_axes[out] = axis
             res.tie(x, out, width=ctx.width(x))
         return res
+
+    def feature_pass(self, node, view):
+        return node.op_type in ("Identity", "Dropout", "Cast", "Sigmoid")
 
 
 @register(*BROADCAST)
@@ -76,3 +82,13 @@ class Broadcast(OpRule):
                 return block_all(node, ctx, f"{node.op_type} input '{x}' varies along the "
                                             "channel axis in a way gpp-onnx cannot follow")
         return res
+
+    def weight_slots(self, node):
+        return {"PRelu": (1,), "Add": (0, 1), "Mul": (0, 1)}.get(node.op_type, ())
+
+    def scalar_weights(self, node):
+        return node.op_type not in ("Add", "Mul")
+
+    def feature_pass(self, node, view):
+        """An Add of a constant (a bias after the classifier) passes."""
+        return node.op_type == "Add" and any(view.is_const(i) for i in node.input)

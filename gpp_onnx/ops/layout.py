@@ -1,12 +1,24 @@
 """Ops that move the channel axis or reinterpret it: Flatten, Reshape, Transpose,
-Squeeze, Unsqueeze, Expand, Tile, Shape.
+Squeeze, Unsqueeze, Expand, Tile, Shape (and ConstantOfShape, which has no channels).
 
 Flatten / Reshape keep row-major order. With the channel axis at ``a`` of input shape
 ``s`` and the dims before it unchanged, flat position t of the trailing block belongs
 to input channel ``(t // prod(s[a+1:])) % s[a]`` and to output element
 ``t // prod(s_out[a+1:])``; those two are tied. ``(N,C,H,W) -> (N, C*H*W)`` thus ties
 channel c with features ``c*H*W ..``, and a reshape into heads ties a head's channels.
-Surgery writes the new width into the Reshape's shape constant (``-1`` entries stay).
+Two more Reshape forms keep the channels apart:
+
+* axes ``p .. a-1`` merged into the channel axis (dims before p unchanged, p >= 1):
+  the block starts at p and output axis p holds the channels, e.g. a bidirectional
+  recurrent output ``(seq, batch, dirs, H) -> (seq, batch, dirs*H)`` ties hidden unit j
+  with features ``d*H + j``;
+* leading axes merged or split while the channel axis and all after it stay
+  (``(seq, batch, F) -> (seq*batch, F)``): channels are tied one to one on the output
+  axis ``rank_out - (rank_in - a)`` (not axis 0); this form is tried first.
+
+Surgery writes the new width into the Reshape's shape constant (``-1`` entries stay). A
+computed shape is followed when it is a Concat of one-entry pieces whose channel entry
+is a constant, -1 or the width (PyTorch's ``view(T * b, h)``); surgery rewrites that piece.
 """
 from __future__ import annotations
 
@@ -38,6 +50,9 @@ class FlattenRule(OpRule):
         _flat_ties(res, x, y, s, a, start, 1)
         return res
 
+    def feature_pass(self, node, view):
+        return True
+
 
 @register("Reshape")
 class ReshapeRule(OpRule):
@@ -47,34 +62,68 @@ class ReshapeRule(OpRule):
         if a is None:
             return NodeChannels(out_axes={y: None})
         s_in, s_out = ctx.shape(x), ctx.shape(y)
-        if len(s_out) <= a or tuple(s_out[:a]) != tuple(s_in[:a]):
+        start, out_axis = _reshape_axes(s_in, s_out, a)
+        if out_axis is None:
             return block_all(node, ctx, "Reshape moves the channel axis into leading axes")
-        if not ctx.is_const_param(shp) and not _dynamic_minus_one(ctx, shp, a, len(s_out)):
+        if not ctx.is_const_param(shp) and _shape_piece(ctx.view, node, out_axis, s_out) is None:
             return block_all(node, ctx, "Reshape target shape is computed, not constant")
-        res = NodeChannels(out_axes={y: a})
-        _flat_ties(res, x, y, s_in, a, a, int(np.prod(s_out[a + 1:], dtype=np.int64)))
+        res = NodeChannels(out_axes={y: out_axis})
+        if start is None:  # channel axis and everything after it unchanged
+            res.tie(x, y, width=s_in[a])
+        else:
+            _flat_ties(res, x, y, s_in, a, start, int(np.prod(s_out[start + 1:], dtype=np.int64)))
         return res
 
     def rewrite(self, node, edit):
         y = node.output[0]
         kept = edit.kept(y)
-        shape = edit.view.const(node.input[1])
-        if kept is None or shape is None:
+        if kept is None:
             return
         a = edit.axis(y)
-        if shape[a] > 0:
-            new = shape.copy()
-            new[a] = len(kept)
-            edit.set_input_const(node, 1, new)
+        shape = edit.view.const(node.input[1])
+        if shape is not None:
+            if shape[a] > 0:
+                new = shape.copy()
+                new[a] = len(kept)
+                edit.set_input_const(node, 1, new)
+            return
+        concat, piece = _shape_piece(edit.view, node, a, edit.view.shape(y))
+        if piece.ravel()[0] > 0:  # the channel count itself, e.g. view(T * b, h)
+            target = next(n for n in edit.model.graph.node if n.name == concat.name)
+            edit.set_input_const(target, a, np.full_like(piece, len(kept)))
+
+    def feature_pass(self, node, view):
+        return True
 
 
-def _dynamic_minus_one(ctx, shp, a, rank) -> bool:
-    """True when a computed shape is Concat(..) whose entry `a` is the constant -1."""
-    prod = ctx.view.producer.get(shp)
-    if prod is None or prod.op_type != "Concat" or len(prod.input) != rank:
-        return False
-    piece = ctx.const(prod.input[a])
-    return piece is not None and piece.size == 1 and int(piece.ravel()[0]) == -1 and a == rank - 1
+def _reshape_axes(s_in, s_out, a) -> tuple[int | None, int | None]:
+    """(start of the flat block or None for the unchanged tail, output channel axis);
+    (None, None) when the channel axis would mix with leading axes."""
+    b = len(s_out) - (len(s_in) - a)
+    if b >= 1 and tuple(s_out[b:]) == tuple(s_in[a:]):
+        return None, b
+    p = 0
+    while p < min(a, len(s_out)) and s_in[p] == s_out[p]:
+        p += 1
+    if len(s_out) > p and (p == a or p >= 1):
+        return p, p
+    return None, None
+
+
+def _shape_piece(view, node, axis: int, s_out):
+    """(Concat, constant piece) when a computed target shape is a Concat of one-entry
+    pieces whose entry `axis` is the constant -1 or the channel count itself (which only
+    this Reshape reads, so surgery may rewrite it); else None."""
+    prod = view.producer.get(node.input[1])
+    if prod is None or prod.op_type != "Concat" or len(prod.input) != len(s_out):
+        return None
+    piece = view.const(prod.input[axis])
+    if piece is None or piece.size != 1:
+        return None
+    value = int(piece.ravel()[0])
+    if value == -1 or (value == s_out[axis] and len(view.consumers.get(node.input[1], [])) == 1):
+        return prod, piece
+    return None
 
 
 @register("Transpose")
@@ -117,6 +166,9 @@ class SqueezeRule(OpRule):
             out_axis = [i for i in range(len(s_out)) if i not in axes][a]
         return pass_through(node, ctx, out_axis)
 
+    def feature_pass(self, node, view):
+        return node.op_type == "Squeeze"
+
 
 @register("Expand", "Tile")
 class ExpandRule(OpRule):
@@ -143,10 +195,18 @@ class ExpandRule(OpRule):
             new[pos] = len(kept)
             edit.set_input_const(node, 1, new)
 
+    def weight_slots(self, node):
+        """Learned tokens broadcast over the batch (ViT class token)."""
+        return (0,) if node.op_type == "Expand" else ()
+
+    def scalar_weights(self, node):
+        return False
+
 
 @register("Shape")
 class ShapeRule(OpRule):
-    """Shape is harmless when only other axes' sizes are read from it."""
+    """Shape is harmless when only other axes' sizes are read from it (by a Gather or a
+    step-1 Slice with constant bounds)."""
 
     def analyze(self, node, ctx):
         x, y = node.input[0], node.output[0]
@@ -157,11 +217,35 @@ class ShapeRule(OpRule):
         start = norm_axis(attr(node, "start", 0), len(ctx.shape(x)))
         n_out = ctx.shape(y)[0]
         for user in ctx.view.consumers.get(y, []):
-            idx = ctx.const(user.input[1]) if user.op_type == "Gather" else None
-            picked = set() if idx is None else {start + norm_axis(int(i), n_out)
-                                                for i in np.ravel(idx)}
-            if idx is None or a in picked:
+            picked = _dims_read(user, ctx, n_out)
+            if picked is None or a - start in picked:
                 res.blocked.append((x, "the channel count is read by Shape and used "
                                        "in computation"))
                 break
         return res
+
+
+@register("ConstantOfShape")
+class ConstantOfShapeRule(OpRule):
+    """A filled tensor carries no channels (a consumer that needs them blocks there)."""
+
+    def analyze(self, node, ctx):
+        return NodeChannels(out_axes={node.output[0]: None})
+
+
+def _dims_read(user, ctx, n: int) -> set[int] | None:
+    """Entries of a shape vector (length n) that `user` reads; None when unknown."""
+    if user.op_type == "Gather":
+        idx = ctx.const(user.input[1])
+        return None if idx is None else {norm_axis(int(i), n) for i in np.ravel(idx)}
+    if user.op_type != "Slice":
+        return None
+    bounds = [ctx.const(user.input[i]) if len(user.input) > i and user.input[i] else None
+              for i in range(1, 5)]
+    starts, ends, axes, steps = bounds
+    if starts is None or ends is None or starts.size != 1 or \
+            (axes is not None and int(axes.ravel()[0]) not in (0, -1)) or \
+            (steps is not None and int(steps.ravel()[0]) != 1):
+        return None
+    lo, hi = (min(max(v + n if v < 0 else v, 0), n) for v in (int(starts[0]), int(ends[0])))
+    return set(range(lo, hi))

@@ -8,8 +8,15 @@ channel removes its H*W rows.
 
 MatMul ``Y = A @ B`` with constant 2-D ``B (K, N)``: the channel axis of A is its last
 axis; the same row/column rule. MatMul of two computed tensors (attention) blocks.
+
+MACs per sample: ``rows * K * N`` (rows: the output's elements before its last axis).
+Bias fold of the repair (Gemm; removed features k with means m_k):
+``C[o] += alpha / beta * sum_k m_k * B'[k, o]`` (the scale 1 / beta is applied where the
+bias is written, ``output_bias``).
 """
 from __future__ import annotations
+
+import numpy as np
 
 from .base import (ROLE_CHAN, ROLE_IN, ROLE_OUT, NodeChannels, OpRule, ParamSlice, attr,
                    block_all, register)
@@ -32,6 +39,25 @@ class GemmRule(OpRule):
             res.blocked.append((a, "Gemm reads features on axis 1"))
         return res
 
+    def weight_slots(self, node):
+        return (1, 2)
+
+    def output_bias(self, node):
+        return (2, float(attr(node, "beta", 1.0)))
+
+    def macs(self, node, view):
+        return _matrix_macs(node, view)
+
+    def bias_delta(self, node, w, removed, means, p, in_shape):
+        w = w.astype(np.float64)
+        rows = w.T if attr(node, "transB", 0) else w              # (K, N)
+        return attr(node, "alpha", 1.0) * (means @ rows[removed])
+
+    def refittable(self, node, view):
+        """One row per image (not a sequence head's (T*b, F) rows), constant B, transA 0."""
+        per_image = view.shape(node.input[0])[0] == view.inputs[0].shape[0]
+        return per_image and view.is_const(node.input[1]) and not attr(node, "transA", 0)
+
 
 @register("MatMul")
 class MatMulRule(OpRule):
@@ -49,6 +75,21 @@ class MatMulRule(OpRule):
             res.blocked.append((a, "MatMul reads features on the last axis, but channels "
                                    f"arrive on axis {ctx.axis(a)}"))
         return res
+
+    def weight_slots(self, node):
+        return (0, 1)
+
+    def macs(self, node, view):
+        return _matrix_macs(node, view)
+
+
+def _matrix_macs(node, view) -> dict[int, int]:
+    b = view.input(node, 1)
+    w = view.shape(b) if b and view.is_const(b) else None
+    if w is None or len(w) != 2:
+        return {}
+    rows = int(np.prod(view.shape(node.output[0])[:-1]))
+    return {1: rows * int(np.prod(w))}
 
 
 def _bias(node, ctx, res: NodeChannels, index: int, y: str) -> None:

@@ -35,6 +35,12 @@ class PerChannelNorm(OpRule):
                 res.params.append(ParamSlice(node.name, i, p, 0, node.output[0], ROLE_CHAN))
         return res
 
+    def weight_slots(self, node):
+        return (1, 2)
+
+    def stat_slots(self, node):
+        return (3, 4) if node.op_type == "BatchNormalization" else ()
+
 
 @register("LayerNormalization", "Softmax", "LogSoftmax", "Hardmax", "LpNormalization",
           "MeanVarianceNormalization", "GroupNormalization")
@@ -52,6 +58,15 @@ class CrossChannelNorm(OpRule):
             if extra:
                 res.out_axes[extra] = None
         return res
+
+    def weight_slots(self, node):
+        return (1, 2) if node.op_type == "LayerNormalization" else ()
+
+    def feature_pass(self, node, view):
+        return self.logits_input(node) is not None
+
+    def logits_input(self, node):
+        return node.input[0] if node.op_type in ("Softmax", "LogSoftmax") else None
 
 
 def _normalised_axes(node, ctx, rank: int) -> set[int]:

@@ -1,6 +1,6 @@
 """Run an ONNX graph as a trainable ``torch.nn.Module`` and write trained weights back.
 
-Weights (see ``WEIGHT_SLOTS``) become ``nn.Parameter`` s in ``module.params`` (an
+Weights (the inputs each op's channel rule names, ``OpRule.weight_slots``) become ``nn.Parameter`` s in ``module.params`` (an
 ``nn.ParameterDict`` keyed by a sanitized name; ``onnx_name(key)`` maps back); every other
 constant (shape tensors, int tensors, BatchNormalization running mean / var, scalars) is
 a buffer in ``module.consts``. The legacy exporter de-duplicates byte-identical
@@ -22,21 +22,13 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from gpp_onnx.errors import InputError, UnsupportedModelError
+from gpp_onnx.ops import lookup
 
 from .ops import Node, check_for, parse_attrs, registry, tensor_from_proto
 from .ops_tensor import constant_value
 
 logger = logging.getLogger(__name__)
 
-# op_type -> input slots that hold weights when fed by a float constant.
-WEIGHT_SLOTS = {
-    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1),
-    "BatchNormalization": (1, 2), "InstanceNormalization": (1, 2),
-    "LayerNormalization": (1, 2), "PRelu": (1,), "Add": (0, 1), "Mul": (0, 1),
-    "Expand": (0,),  # learned tokens broadcast over the batch (ViT class token)
-}
-PER_CHANNEL_ONLY = {"Add", "Mul", "Expand"}  # scalar (1-element) operands stay buffers
-STAT_SLOTS = {"BatchNormalization": (3, 4)}  # running mean / var: buffers, written back
 _DOMAINS = ("", "ai.onnx")
 
 
@@ -102,13 +94,14 @@ def _collect_constants(graph: onnx.GraphProto, opset: int) -> tuple[dict[str, to
     return tensors, copies
 
 
-def _classify(graph, constants, initializers) -> tuple[set[str], set[str]]:
-    """(weight names, BN running-stat names) among the constants."""
+def _classify(graph, constants, initializers, opset) -> tuple[set[str], set[str]]:
+    """(weight names, running-stat names) among the constants (the op rules say which
+    input slots hold them)."""
     weights: set[str] = set()
     stats: set[str] = set()
     for node in graph.node:
-        for slots, bucket in ((WEIGHT_SLOTS.get(node.op_type, ()), weights),
-                              (STAT_SLOTS.get(node.op_type, ()), stats)):
+        rule = lookup(node, opset)
+        for slots, bucket in ((rule.weight_slots(node), weights), (rule.stat_slots(node), stats)):
             for slot in slots:
                 if slot >= len(node.input) or not node.input[slot]:
                     continue
@@ -118,7 +111,7 @@ def _classify(graph, constants, initializers) -> tuple[set[str], set[str]]:
                     continue
                 if name not in initializers and tensor.dim() == 0:
                     continue
-                if bucket is weights and node.op_type in PER_CHANNEL_ONLY and tensor.numel() < 2:
+                if bucket is weights and not rule.scalar_weights(node) and tensor.numel() < 2:
                     continue
                 bucket.add(name)
     return weights, stats - weights
@@ -140,7 +133,7 @@ class OnnxModule(nn.Module):
         self.opset = opset
         constants, self.identity_copies = _collect_constants(graph, opset)
         initializers = {init.name for init in graph.initializer} | self.identity_copies
-        weights, stats = _classify(graph, constants, initializers)
+        weights, stats = _classify(graph, constants, initializers, opset)
         self.onnx_dtypes = {name: tensor.dtype for name, tensor in constants.items()}
         self.params = nn.ParameterDict()
         self.consts = nn.Module()

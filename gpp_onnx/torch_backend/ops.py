@@ -5,8 +5,9 @@ attributes, opset, training flag) and ``inputs`` are the node's input tensors in
 order, ``None`` for an omitted optional input (trailing omitted inputs are simply not
 passed, so give them defaults). It returns one tensor or a tuple with one tensor per
 node output. Implementations live in ``ops_nn`` (conv, norm, gemm, pooling),
-``ops_math`` (element-wise, activations, reductions) and ``ops_tensor`` (layout, shape,
-indexing, resize); they register themselves with :func:`register`.
+``ops_rnn`` (LSTM, GRU, RNN), ``ops_math`` (element-wise, activations, reductions) and
+``ops_tensor`` (layout, shape, indexing, resize); they register themselves with
+:func:`register`.
 
 An op may also register a ``check(node)`` that raises :class:`UnsupportedModelError`
 (via :meth:`Node.fail`) at construction time for attribute values it does not handle.
@@ -59,7 +60,7 @@ def register(*op_types: str, check: CheckFn | None = None) -> Callable[[OpFn], O
 
 def registry() -> dict[str, OpFn]:
     """All registered ops by op_type (imports the op modules on first use)."""
-    from . import ops_math, ops_nn, ops_tensor  # noqa: F401  (registration side effect)
+    from . import ops_math, ops_nn, ops_rnn, ops_tensor  # noqa: F401  (registration side effect)
 
     return _OPS
 
