@@ -152,16 +152,41 @@ class ShapeRule(OpRule):
         x, y = node.input[0], node.output[0]
         a = ctx.axis(x)
         res = NodeChannels(out_axes={y: None})
-        if a is None:
-            return res
-        start = norm_axis(attr(node, "start", 0), len(ctx.shape(x)))
-        n_out = ctx.shape(y)[0]
-        for user in ctx.view.consumers.get(y, []):
-            idx = ctx.const(user.input[1]) if user.op_type == "Gather" else None
-            picked = set() if idx is None else {start + norm_axis(int(i), n_out)
-                                                for i in np.ravel(idx)}
-            if idx is None or a in picked:
+        if a is not None:
+            read = shape_dims_read(ctx.view, node)
+            if read is None or a in read:
                 res.blocked.append((x, "the channel count is read by Shape and used "
                                        "in computation"))
-                break
         return res
+
+
+def shape_dims_read(view, node) -> set[int] | None:
+    """Dims of Shape(x) that its consumers read (Gather or Slice with constant indices);
+    None when some consumer may read any of them."""
+    rank = len(view.shape(node.input[0]))
+    start = norm_axis(attr(node, "start", 0), rank)
+    end = norm_axis(attr(node, "end", rank), rank) if attr(node, "end") is not None else rank
+    n_out = max(min(end, rank) - start, 0)
+    read: set[int] = set()
+    for user in view.consumers.get(node.output[0], []):
+        if user.op_type == "Gather" and view.const(user.input[1]) is not None:
+            picked = {norm_axis(int(i), n_out) for i in np.ravel(view.const(user.input[1]))}
+        elif user.op_type == "Slice" and _const_slice(view, user) is not None:
+            picked = set(range(n_out)[_const_slice(view, user)])
+        else:
+            return None
+        read |= {start + i for i in picked}
+    return read
+
+
+def _const_slice(view, node) -> slice | None:
+    """The 1-D slice of a Slice node with constant starts/ends (and axes 0, steps), or None."""
+    consts = [view.const(node.input[i]) if len(node.input) > i and node.input[i] else None
+              for i in range(1, 5)]
+    if consts[0] is None or consts[1] is None or any(
+            len(node.input) > i and node.input[i] and consts[i - 1] is None for i in (3, 4)):
+        return None
+    if consts[2] is not None and [int(v) for v in np.ravel(consts[2])] not in ([0], [-1]):
+        return None
+    step = 1 if consts[3] is None else int(np.ravel(consts[3])[0])
+    return slice(int(np.ravel(consts[0])[0]), int(np.ravel(consts[1])[0]), step)
