@@ -1,0 +1,388 @@
+"""Multi-head attention: whole heads are the channels.
+
+Scaled dot-product attention with H heads of width d computes, per head h,
+
+    O_h = softmax(s * Q_h K_h^T) V_h,   Q_h = X Wq[:, h*d:(h+1)*d] + bq[h*d:(h+1)*d]
+
+(K_h, V_h alike) and the block's output is ``concat_h(O_h) Wo + bo``. Head h reads only
+its own d columns of Wq, Wk, Wv (and biases) and feeds only rows ``h*d .. (h+1)*d - 1``
+of Wo; the scale s, the two matmuls and the softmax act on each head separately. So
+removing head h (its q/k/v projection columns, biases and its Wo rows) gives exactly the
+original with those Wo rows zeroed: a head is one channel, tied across the q/k/v
+projection outputs and the out-projection input. Nothing else of the block changes
+except the head count in the reshape targets between them.
+
+The block is recognised by its core, ``MatMul(q, k) -> [Mul/Div by a scalar] ->
+Softmax(last axis) -> MatMul(., v)`` on tensors whose one batch axis of size > 1 is the
+head axis. From q, k and v the rule walks up through layout ops (Reshape, Transpose,
+(Un)Squeeze, Gather of a constant index, scaling by a scalar) to the projection outputs,
+and from the output down through layout ops to the input of a Gemm/MatMul with a
+constant weight. Which projection channel lands in which head is not guessed from the
+exporter's pattern but *traced*: an array holding each channel's index is pushed through
+the same layout ops in numpy (the probe's shapes), and read off along the head axis of
+q, k and v (and, for the output side, an array holding each element's head is pushed
+down to the out-projection input). The block is accepted only when every value on the
+way has its heads along a single axis in equal shares, so that removing heads is a plain
+slice there and each Reshape target needs one entry scaled by ``H'/H``. Targets computed
+from ``Shape`` (a dynamic batch, legacy exporter) are resolved to constants by
+evaluating them at batch 1 and 2: the entry that changes becomes -1.
+
+Anything else (a head-count read by ``Shape`` into the computation, a value of the block
+used outside it, masks, heads along two axes) keeps the generic rules, which block the
+heads with their reasons; a recognised core whose walk fails blocks with its own reason.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .base import Blocker, NodeChannels, OpRule, attr, norm_axis
+from .layout import shape_dims_read
+
+logger = logging.getLogger(__name__)
+
+_LAYOUT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Identity", "Dropout",
+           "Mul", "Div")
+_SHAPE_OPS = {"Shape", "Gather", "Slice", "Cast", "Sqrt", "Div", "Mul", "Reciprocal", "Pow",
+              "Unsqueeze", "Squeeze", "Concat", "Identity"}
+
+
+class NotAttention(Exception):
+    """The pattern does not hold; the message says why."""
+
+
+@dataclass(eq=False)
+class Block:
+    heads: int
+    sources: dict[str, np.ndarray]       # projection output -> head of each channel
+    x: str                               # out-projection input (channels on its last axis)
+    x_heads: np.ndarray                  # head of each channel of x
+    closing: str                         # the node producing x
+    head_axis: dict[str, int] = field(default_factory=dict)   # internal value -> head axis
+    targets: dict[str, np.ndarray] = field(default_factory=dict)  # Reshape -> its target
+    nodes: set[str] = field(default_factory=set)
+    traced: dict = field(default_factory=dict)   # value -> (source, channel index array)
+
+
+class HeadRule(OpRule):
+    """The rule of every node inside one recognised attention block."""
+
+    def __init__(self, block: Block):
+        self.block = block
+
+    def analyze(self, node, ctx):
+        blk = self.block
+        res = NodeChannels(out_axes={o: None for o in node.output if o})
+        if node.name != blk.closing:
+            return res
+        res.out_axes[blk.x] = len(ctx.shape(blk.x)) - 1
+        bad = [p for p in blk.sources if ctx.axis(p) != len(ctx.shape(p)) - 1]
+        if bad:
+            reason = (f"attention projection output '{bad[0]}' does not carry channels on "
+                      "its last axis")
+            res.blocked += [(v, reason) for v in blk.sources if ctx.has_channels(v)]
+            res.blocked.append((blk.x, reason))
+            return res
+        for h in range(blk.heads):
+            anchor = np.flatnonzero(blk.x_heads == h)[:1]
+            res.tie(blk.x, blk.x, ia=np.flatnonzero(blk.x_heads == h),
+                    ib=np.repeat(anchor, int((blk.x_heads == h).sum())))
+            for p, heads in blk.sources.items():
+                own = np.flatnonzero(heads == h)
+                res.tie(p, blk.x, ia=own, ib=np.repeat(anchor, len(own)))
+        return res
+
+    def rewrite(self, node, edit):
+        blk = self.block
+        kept = edit.kept(blk.x)
+        if kept is None or node.name not in blk.targets:
+            return
+        new_heads = len(np.unique(blk.x_heads[kept]))
+        target = blk.targets[node.name].copy()
+        axis = blk.head_axis[node.output[0]]
+        if target[axis] > 0:
+            target[axis] = target[axis] // blk.heads * new_heads
+        edit.set_input_const(node, 1, target.astype(np.int64))
+
+
+def attention_rules(view) -> dict[str, OpRule]:
+    """Node name -> rule for the nodes of every attention block of the graph.
+
+    A core that is found but whose block cannot be followed gets a Blocker on its first
+    MatMul, so that ``analyze`` says why the heads stay."""
+    rules: dict[str, OpRule] = {}
+    for node in view.nodes:
+        if node.op_type != "Softmax":
+            continue
+        core = _core(view, node)
+        if core is None:
+            continue
+        try:
+            block = _block(view, *core)
+        except NotAttention as why:
+            logger.debug("attention at %s not followed: %s", node.name, why)
+            rules[core[0].name] = Blocker(f"attention heads not followed: {why}")
+            continue
+        rule = HeadRule(block)
+        rules.update({name: rule for name in block.nodes})
+    return rules
+
+
+def _core(view, softmax):
+    """(QK MatMul, AV MatMul, nodes between them) around `softmax`, or None."""
+    between, last = [softmax], softmax
+    node = view.producer.get(softmax.input[0])
+    while node is not None and node.op_type in ("Mul", "Div") and _scalar_side(view, node):
+        between.append(node)
+        node = view.producer.get(_data_input(view, node))
+    if node is None or node.op_type != "MatMul" or _const_input(view, node):
+        return None
+    out = _only_user(view, softmax.output[0])
+    while out is not None and out.op_type in ("Identity", "Dropout", "Cast"):
+        between.append(out)
+        last, out = out, _only_user(view, out.output[0])
+    if out is None or out.op_type != "MatMul" or view.producer.get(out.input[0]) is not last:
+        return None
+    return node, out, between
+
+
+def _only_user(view, value):
+    users = view.consumers.get(value, [])
+    return users[0] if len(users) == 1 else None
+
+
+def _block(view, qk, av, between) -> Block:
+    rank = len(view.shape(qk.output[0]))
+    batch_axes = [i for i in range(rank - 2) if view.shape(qk.output[0])[i] > 1]
+    if len(batch_axes) != 1:
+        raise NotAttention("no single head axis among the attention matmul's batch axes")
+    ha = batch_axes[0]
+    heads = view.shape(qk.output[0])[ha]
+    soft = between[0]
+    if norm_axis(attr(soft, "axis", -1), rank) == ha:
+        raise NotAttention("Softmax normalises over the heads")
+    for name in (qk.input[0], qk.input[1], av.input[1], av.output[0]):
+        if len(view.shape(name)) != rank or view.shape(name)[ha] != heads:
+            raise NotAttention(f"'{name}' does not carry the {heads} heads on axis {ha}")
+    block = Block(heads, {}, "", np.empty(0), "")
+    block.nodes |= {qk.name, av.name} | {n.name for n in between}
+    for name in (qk.input[0], qk.input[1], av.input[1]):
+        _trace_up(view, block, name, ha)
+    for source, heads_of in block.sources.items():
+        if (heads_of < 0).any():
+            raise NotAttention(f"channels of '{source}' outside the heads")
+        block.head_axis[source] = len(view.shape(source)) - 1
+    for name, (source, idx) in block.traced.items():
+        block.head_axis[name] = _head_axis(name, block.sources[source][idx], heads)
+    _trace_down(view, block, av.output[0], ha)
+    for name in (qk.output[0], *[o for n in between for o in n.output]):
+        block.head_axis[name] = ha
+    _check_uses(view, block)
+    _resolve_targets(view, block)
+    return block
+
+
+def _trace_up(view, block, value, ha) -> None:
+    """Walk from a matmul operand up to its projection output; learn each channel's head."""
+    chain = []
+    while (node := view.producer.get(value)) is not None and node.op_type in _LAYOUT \
+            and _layout_ok(view, node):
+        chain.append(node)
+        value = _data_input(view, node)
+    if not chain:
+        raise NotAttention(f"'{value}' is not reshaped into heads")
+    source = value
+    shape = view.shape(source)
+    index = np.broadcast_to(np.arange(shape[-1]), shape)
+    values = {}
+    for node in reversed(chain):
+        index = _apply(view, node, index)
+        values[node.output[0]] = index
+    heads_of = block.sources.setdefault(source, np.full(shape[-1], -1))
+    moved = np.moveaxis(index, ha, 0).reshape(block.heads, -1)
+    for h, channels in enumerate(moved):
+        if np.any((heads_of[channels] != -1) & (heads_of[channels] != h)):
+            raise NotAttention(f"a channel of '{source}' feeds two heads")
+        heads_of[channels] = h
+    block.nodes |= {n.name for n in chain}
+    block.traced.update({name: (source, idx) for name, idx in values.items()})
+
+
+def _trace_down(view, block, value, ha) -> None:
+    """Walk from the attention output down to the out-projection input."""
+    shape = view.shape(value)
+    heads = np.broadcast_to(np.arange(block.heads).reshape(
+        [-1 if i == ha else 1 for i in range(len(shape))]), shape)
+    block.head_axis[value] = ha
+    while True:
+        users = [u for u in view.consumers.get(value, []) if u.op_type != "Shape"]
+        if len(users) != 1:
+            raise NotAttention(f"'{value}' is used by {len(users)} nodes")
+        user = users[0]
+        if user.op_type in ("Gemm", "MatMul") and user.input[0] == value \
+                and _const_input(view, user) and len(view.shape(user.input[1])) == 2:
+            break
+        if user.op_type not in _LAYOUT or not _layout_ok(view, user) \
+                or _data_input(view, user) != value:
+            raise NotAttention(f"the attention output reaches {user.op_type} "
+                               f"'{user.name}', not a linear out-projection")
+        heads = _apply(view, user, heads)
+        value = user.output[0]
+        block.nodes.add(user.name)
+        block.head_axis[value] = _head_axis(value, heads, block.heads)
+        block.closing = user.name
+    width = view.shape(value)[-1]
+    if not block.closing or block.head_axis[value] != heads.ndim - 1:
+        raise NotAttention("the out-projection does not read the heads on its last axis")
+    block.x = value
+    block.x_heads = np.moveaxis(heads, -1, 0).reshape(width, -1)[:, 0].copy()
+
+
+def _head_axis(name, heads: np.ndarray, count: int) -> int:
+    """The one axis along which `heads` (head of each element) varies, in equal shares."""
+    varying = [i for i in range(heads.ndim)
+               if heads.shape[i] > 1 and not (heads == heads.take([0], axis=i)).all()]
+    if len(varying) != 1:
+        raise NotAttention(f"'{name}' has its heads along {len(varying)} axes")
+    axis = varying[0]
+    line = np.moveaxis(heads, axis, 0).reshape(heads.shape[axis], -1)
+    if not (line == line[:, :1]).all() or len(set(np.bincount(line[:, 0], minlength=count))) != 1:
+        raise NotAttention(f"'{name}' does not hold its heads in equal slices")
+    return axis
+
+
+def _apply(view, node, array: np.ndarray) -> np.ndarray:
+    """`node` applied to an index array that stands for its data input."""
+    if node.op_type in ("Reshape", "Squeeze", "Unsqueeze"):
+        return array.reshape(view.shape(node.output[0]))
+    if node.op_type == "Transpose":
+        return np.transpose(array, attr(node, "perm", list(range(array.ndim))[::-1]))
+    if node.op_type == "Gather":
+        axis = norm_axis(attr(node, "axis", 0), array.ndim)
+        return np.take(array, view.const(node.input[1]), axis=axis)
+    return array  # Identity, Dropout, scaling by a scalar
+
+
+def _layout_ok(view, node) -> bool:
+    if node.op_type == "Gather":
+        return view.const(node.input[1]) is not None
+    if node.op_type in ("Mul", "Div"):
+        return _scalar_side(view, node) is not None
+    return True
+
+
+def _scalar_side(view, node) -> str | None:
+    """The size-1 operand of a Mul/Div whose other operand has the output's shape."""
+    if len(node.input) != 2:
+        return None
+    a, b = node.input
+    out = view.shape(node.output[0])
+    for scalar, data in ((b, a), (a, b)):
+        if node.op_type == "Div" and scalar == a:
+            continue
+        if int(np.prod(view.shape(scalar))) == 1 and view.shape(data) == out:
+            return scalar
+    return None
+
+
+def _data_input(view, node) -> str:
+    if node.op_type in ("Mul", "Div"):
+        scalar = _scalar_side(view, node)
+        return node.input[1] if scalar == node.input[0] else node.input[0]
+    return node.input[0]
+
+
+def _const_input(view, node) -> bool:
+    return any(view.is_const(i) for i in node.input if i)
+
+
+def _check_uses(view, block: Block) -> None:
+    """Every value of the block is used only inside it (or by a Shape not reading its
+    heads); scalings are constants or shape arithmetic that does not read the heads."""
+    nodes = {n.name: n for n in view.nodes if n.name in block.nodes}
+    outputs = set(view.output_names)
+    for name, ha in block.head_axis.items():
+        if name in outputs:
+            raise NotAttention(f"'{name}' is a model output")
+        for user in view.consumers.get(name, []):
+            if user.name in block.nodes or (name == block.x and user.op_type != "Shape"):
+                continue
+            if user.op_type == "Shape" and ha not in (shape_dims_read(view, user) or {ha}):
+                continue
+            raise NotAttention(f"'{name}' is also used by {user.op_type} '{user.name}'")
+    for node in nodes.values():
+        if node.op_type == "Gather":
+            axis = norm_axis(attr(node, "axis", 0), len(view.shape(node.input[0])))
+            if axis == block.head_axis.get(node.input[0]):
+                raise NotAttention(f"Gather '{node.name}' picks heads")
+        if node.op_type in ("Mul", "Div") and not _shape_only(view, block,
+                                                              _scalar_side(view, node)):
+            raise NotAttention(f"the scale of {node.op_type} '{node.name}' is computed from "
+                               "more than shapes that stay")
+
+
+def _shape_only(view, block: Block, name: str) -> bool:
+    """True when `name` is a constant or shape arithmetic that reads no head axis."""
+    stack, seen = [name], set()
+    while stack:
+        value = stack.pop()
+        if value in seen or view.is_const(value):
+            continue
+        seen.add(value)
+        node = view.producer.get(value)
+        if node is None or node.op_type not in _SHAPE_OPS:
+            return False
+        if node.op_type == "Shape":
+            src = node.input[0]
+            if src in block.head_axis and block.head_axis[src] in (
+                    shape_dims_read(view, node) or {block.head_axis[src]}):
+                return False
+            continue
+        stack.extend(i for i in node.input if i)
+    return True
+
+
+def _resolve_targets(view, block: Block) -> None:
+    """Each Reshape's target as a constant; a computed one evaluated at batch 1 and 2,
+    the entry that follows the batch written as -1."""
+    reshapes = [n for n in view.nodes if n.name in block.nodes and n.op_type == "Reshape"]
+    computed = [n.input[1] for n in reshapes if view.const(n.input[1]) is None]
+    if computed and _symbolic_dims(view):
+        raise NotAttention("computed Reshape targets with symbolic input dims other than "
+                           "the batch")
+    at1 = _evaluate(view, computed, None) if computed else {}
+    at2 = _evaluate(view, computed, 2) if computed and view.dynamic_batch else at1
+    for node in reshapes:
+        target = view.const(node.input[1])
+        if target is None:
+            one, two = at1[node.input[1]], at2[node.input[1]]
+            if (one != two).sum() + (one == -1).sum() > 1:
+                raise NotAttention(f"the target of Reshape '{node.name}' has several "
+                                   "dynamic entries")
+            target = np.where(one != two, -1, one)
+        if target[block.head_axis[node.output[0]]] == 0:
+            raise NotAttention(f"Reshape '{node.name}' copies the head count (0 entry)")
+        block.targets[node.name] = np.asarray(target, dtype=np.int64)
+
+
+def _symbolic_dims(view) -> bool:
+    init = set(view.init_protos)
+    return any(not d.HasField("dim_value") for v in view.graph.input if v.name not in init
+               for d in list(v.type.tensor_type.shape.dim)[1:])
+
+
+def _evaluate(view, names: list[str], batch: int | None) -> dict[str, np.ndarray]:
+    """Values of `names` for random inputs (of batch size `batch`)."""
+    from ..graph import random_feeds
+    from ..verify import make_session
+
+    model = onnx.ModelProto()
+    model.CopyFrom(view.model)
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names))
+    session = make_session(model, where="attention shape targets", optimize=False)
+    values = session.run(list(dict.fromkeys(names)), random_feeds(view.inputs, batch))
+    return dict(zip(dict.fromkeys(names), (np.asarray(v) for v in values)))
