@@ -4,7 +4,9 @@ Building a plan from scores:
 
 * ``--ratio r``: each prunable group of width C loses ``floor(r*C)`` channels, the lowest
   scored, but keeps at least ``min_keep`` (never a whole group); with ``round_to = q``
-  the kept width is rounded up to a multiple of q (capped at C).
+  the kept width is rounded up to a multiple of q (capped at C); a group whose channels
+  span several elements of every tensor (an attention head spans d) rounds to
+  ``q / gcd(q, elements)`` only, which keeps every tensor's width a multiple of q.
 * ``--target-macs f`` / ``--target-params f``: bisection on r until the estimated cost of
   the pruned model is at most f times the original (the cost falls as r grows). Without
   ``--round-to`` the widths are multiples of the runtime's block b (latency.py), or of
@@ -95,11 +97,20 @@ def keep_count(width: int, ratio: float, min_keep: int = 1, round_to: int = 1) -
     return keep
 
 
+def group_multiple(group, round_to: int) -> int:
+    """Channels of `group` are kept in multiples of this, so that each member's kept
+    width is a multiple of `round_to` (a head of d elements, d a multiple of it: 1)."""
+    multiple = 1
+    for m in group.members:
+        multiple = math.lcm(multiple, round_to // math.gcd(round_to, m.elements.shape[1]))
+    return multiple
+
+
 def plan_by_ratio(analysis, scores: dict[str, np.ndarray], ratio: float, digest: str,
                   min_keep: int = 1, round_to: int = 1, meta: dict | None = None) -> PrunePlan:
     removed, widths = {}, {}
     for group in analysis.prunable:
-        keep = keep_count(group.width, ratio, min_keep, round_to)
+        keep = keep_count(group.width, ratio, min_keep, group_multiple(group, round_to))
         order = np.argsort(scores[group.key], kind="stable")
         removed[group.key] = tuple(sorted(int(i) for i in order[: group.width - keep]))
         widths[group.key] = group.width
@@ -116,8 +127,9 @@ def plan_by_threshold(analysis, scores: dict[str, np.ndarray], eta: float, diges
         t = eta * float(np.std(nonzero, ddof=1)) if len(nonzero) > 1 else 0.0
         drop = (u < t) | (u <= 0)
         keep = max(int((~drop).sum()), min(min_keep, group.width), 1)
-        if round_to > 1:
-            keep = min(group.width, int(math.ceil(keep / round_to) * round_to))
+        multiple = group_multiple(group, round_to)
+        if multiple > 1:
+            keep = min(group.width, int(math.ceil(keep / multiple) * multiple))
         order = np.argsort(u, kind="stable")
         removed[group.key] = tuple(sorted(int(i) for i in order[: group.width - keep]))
         widths[group.key] = group.width
