@@ -111,8 +111,8 @@ class HeadRule(OpRule):
 def attention_rules(view) -> dict[str, OpRule]:
     """Node name -> rule for the nodes of every attention block of the graph.
 
-    A core that is found but whose block cannot be followed gets a Blocker on its first
-    MatMul, so that ``analyze`` says why the heads stay."""
+    A core that is found but whose block cannot be followed gets a Blocker on its two
+    MatMuls, so that ``analyze`` says why the heads stay."""
     rules: dict[str, OpRule] = {}
     for node in view.nodes:
         if node.op_type != "Softmax":
@@ -124,7 +124,8 @@ def attention_rules(view) -> dict[str, OpRule]:
             block = _block(view, *core)
         except NotAttention as why:
             logger.debug("attention at %s not followed: %s", node.name, why)
-            rules[core[0].name] = Blocker(f"attention heads not followed: {why}")
+            blocker = Blocker(f"attention heads not followed: {why}")
+            rules.update({core[0].name: blocker, core[1].name: blocker})
             continue
         rule = HeadRule(block)
         rules.update({name: rule for name in block.nodes})
