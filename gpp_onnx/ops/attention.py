@@ -40,18 +40,15 @@ import numpy as np
 import onnx
 
 from .base import Blocker, NodeChannels, OpRule, attr, norm_axis
+from .index_trace import (LAYOUT, NotFollowed, apply_layout, const_input, data_input,
+                          layout_ok, op_axes, scalar_side, single_axis)
 from .layout import shape_dims_read
 
 logger = logging.getLogger(__name__)
 
-_LAYOUT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Identity", "Dropout",
-           "Mul", "Div")
+_FORM_ERRORS = (ValueError, IndexError, KeyError, TypeError)
 _SHAPE_OPS = {"Shape", "Gather", "Slice", "Cast", "Sqrt", "Div", "Mul", "Reciprocal", "Pow",
               "Unsqueeze", "Squeeze", "Concat", "Identity"}
-
-
-class NotAttention(Exception):
-    """The pattern does not hold; the message says why."""
 
 
 @dataclass(eq=False)
@@ -117,12 +114,16 @@ def attention_rules(view) -> dict[str, OpRule]:
     for node in view.nodes:
         if node.op_type != "Softmax":
             continue
-        core = _core(view, node)
+        try:
+            core = _core(view, node)
+        except _FORM_ERRORS as err:  # a form the matcher did not expect: not attention
+            logger.debug("no attention core at %s: %s", node.name, err)
+            core = None
         if core is None:
             continue
         try:
             block = _block(view, *core)
-        except NotAttention as why:
+        except (NotFollowed, *_FORM_ERRORS) as why:
             logger.debug("attention at %s not followed: %s", node.name, why)
             blocker = Blocker(f"attention heads not followed: {why}")
             rules.update({core[0].name: blocker, core[1].name: blocker})
@@ -136,10 +137,10 @@ def _core(view, softmax):
     """(QK MatMul, AV MatMul, nodes between them) around `softmax`, or None."""
     between, last = [softmax], softmax
     node = view.producer.get(softmax.input[0])
-    while node is not None and node.op_type in ("Mul", "Div") and _scalar_side(view, node):
+    while node is not None and node.op_type in ("Mul", "Div") and scalar_side(view, node):
         between.append(node)
-        node = view.producer.get(_data_input(view, node))
-    if node is None or node.op_type != "MatMul" or _const_input(view, node):
+        node = view.producer.get(data_input(view, node))
+    if node is None or node.op_type != "MatMul" or const_input(view, node):
         return None
     out = _only_user(view, softmax.output[0])
     while out is not None and out.op_type in ("Identity", "Dropout", "Cast"):
@@ -159,25 +160,25 @@ def _block(view, qk, av, between) -> Block:
     rank = len(view.shape(qk.output[0]))
     batch_axes = [i for i in range(rank - 2) if view.shape(qk.output[0])[i] > 1]
     if len(batch_axes) != 1:
-        raise NotAttention("no single head axis among the attention matmul's batch axes")
+        raise NotFollowed("no single head axis among the attention matmul's batch axes")
     ha = batch_axes[0]
     heads = view.shape(qk.output[0])[ha]
     soft = between[0]
     if norm_axis(attr(soft, "axis", -1), rank) == ha:
-        raise NotAttention("Softmax normalises over the heads")
+        raise NotFollowed("Softmax normalises over the heads")
     for name in (qk.input[0], qk.input[1], av.input[1], av.output[0]):
         if len(view.shape(name)) != rank or view.shape(name)[ha] != heads:
-            raise NotAttention(f"'{name}' does not carry the {heads} heads on axis {ha}")
+            raise NotFollowed(f"'{name}' does not carry the {heads} heads on axis {ha}")
     block = Block(heads, {}, "", np.empty(0), "")
     block.nodes |= {qk.name, av.name} | {n.name for n in between}
     for name in (qk.input[0], qk.input[1], av.input[1]):
         _trace_up(view, block, name, ha)
     for source, heads_of in block.sources.items():
         if (heads_of < 0).any():
-            raise NotAttention(f"channels of '{source}' outside the heads")
+            raise NotFollowed(f"channels of '{source}' outside the heads")
         block.head_axis[source] = len(view.shape(source)) - 1
     for name, (source, idx) in block.traced.items():
-        block.head_axis[name] = _head_axis(name, block.sources[source][idx], heads)
+        block.head_axis[name] = single_axis(name, block.sources[source][idx], heads)
     _trace_down(view, block, av.output[0], ha)
     for name in (qk.output[0], *[o for n in between for o in n.output]):
         block.head_axis[name] = ha
@@ -189,26 +190,26 @@ def _block(view, qk, av, between) -> Block:
 def _trace_up(view, block, value, ha) -> None:
     """Walk from a matmul operand up to its projection output; learn each channel's head."""
     chain = []
-    while (node := view.producer.get(value)) is not None and node.op_type in _LAYOUT \
-            and _layout_ok(view, node):
-        chain.append(node)
-        value = _data_input(view, node)
+    while (node := view.producer.get(value)) is not None and node.op_type in LAYOUT \
+            and layout_ok(view, node):
+        chain.append((node, value))
+        value = data_input(view, node)
     if not chain:
-        raise NotAttention(f"'{value}' is not reshaped into heads")
+        raise NotFollowed(f"'{value}' is not reshaped into heads")
     source = value
     shape = view.shape(source)
     index = np.broadcast_to(np.arange(shape[-1]), shape)
     values = {}
-    for node in reversed(chain):
-        index = _apply(view, node, index)
-        values[node.output[0]] = index
+    for node, out in reversed(chain):
+        index = apply_layout(view, node, index, out)
+        values[out] = index
     heads_of = block.sources.setdefault(source, np.full(shape[-1], -1))
     moved = np.moveaxis(index, ha, 0).reshape(block.heads, -1)
     for h, channels in enumerate(moved):
         if np.any((heads_of[channels] != -1) & (heads_of[channels] != h)):
-            raise NotAttention(f"a channel of '{source}' feeds two heads")
+            raise NotFollowed(f"a channel of '{source}' feeds two heads")
         heads_of[channels] = h
-    block.nodes |= {n.name for n in chain}
+    block.nodes |= {n.name for n, _ in chain}
     block.traced.update({name: (source, idx) for name, idx in values.items()})
 
 
@@ -221,83 +222,25 @@ def _trace_down(view, block, value, ha) -> None:
     while True:
         users = [u for u in view.consumers.get(value, []) if u.op_type != "Shape"]
         if len(users) != 1:
-            raise NotAttention(f"'{value}' is used by {len(users)} nodes")
+            raise NotFollowed(f"'{value}' is used by {len(users)} nodes")
         user = users[0]
         if user.op_type in ("Gemm", "MatMul") and user.input[0] == value \
-                and _const_input(view, user) and len(view.shape(user.input[1])) == 2:
+                and const_input(view, user) and len(view.shape(user.input[1])) == 2:
             break
-        if user.op_type not in _LAYOUT or not _layout_ok(view, user) \
-                or _data_input(view, user) != value:
-            raise NotAttention(f"the attention output reaches {user.op_type} "
+        if user.op_type not in LAYOUT or not layout_ok(view, user) \
+                or data_input(view, user) != value:
+            raise NotFollowed(f"the attention output reaches {user.op_type} "
                                f"'{user.name}', not a linear out-projection")
-        heads = _apply(view, user, heads)
         value = user.output[0]
+        heads = apply_layout(view, user, heads, value)
         block.nodes.add(user.name)
-        block.head_axis[value] = _head_axis(value, heads, block.heads)
+        block.head_axis[value] = single_axis(value, heads, block.heads)
         block.closing = user.name
     width = view.shape(value)[-1]
     if not block.closing or block.head_axis[value] != heads.ndim - 1:
-        raise NotAttention("the out-projection does not read the heads on its last axis")
+        raise NotFollowed("the out-projection does not read the heads on its last axis")
     block.x = value
     block.x_heads = np.moveaxis(heads, -1, 0).reshape(width, -1)[:, 0].copy()
-
-
-def _head_axis(name, heads: np.ndarray, count: int) -> int:
-    """The one axis along which `heads` (head of each element) varies, in equal shares."""
-    varying = [i for i in range(heads.ndim)
-               if heads.shape[i] > 1 and not (heads == heads.take([0], axis=i)).all()]
-    if len(varying) != 1:
-        raise NotAttention(f"'{name}' has its heads along {len(varying)} axes")
-    axis = varying[0]
-    line = np.moveaxis(heads, axis, 0).reshape(heads.shape[axis], -1)
-    if not (line == line[:, :1]).all() or len(set(np.bincount(line[:, 0], minlength=count))) != 1:
-        raise NotAttention(f"'{name}' does not hold its heads in equal slices")
-    return axis
-
-
-def _apply(view, node, array: np.ndarray) -> np.ndarray:
-    """`node` applied to an index array that stands for its data input."""
-    if node.op_type in ("Reshape", "Squeeze", "Unsqueeze"):
-        return array.reshape(view.shape(node.output[0]))
-    if node.op_type == "Transpose":
-        return np.transpose(array, attr(node, "perm", list(range(array.ndim))[::-1]))
-    if node.op_type == "Gather":
-        axis = norm_axis(attr(node, "axis", 0), array.ndim)
-        return np.take(array, view.const(node.input[1]), axis=axis)
-    return array  # Identity, Dropout, scaling by a scalar
-
-
-def _layout_ok(view, node) -> bool:
-    if node.op_type == "Gather":
-        return view.const(node.input[1]) is not None
-    if node.op_type in ("Mul", "Div"):
-        return _scalar_side(view, node) is not None
-    return True
-
-
-def _scalar_side(view, node) -> str | None:
-    """The size-1 operand of a Mul/Div whose other operand has the output's shape."""
-    if len(node.input) != 2:
-        return None
-    a, b = node.input
-    out = view.shape(node.output[0])
-    for scalar, data in ((b, a), (a, b)):
-        if node.op_type == "Div" and scalar == a:
-            continue
-        if int(np.prod(view.shape(scalar))) == 1 and view.shape(data) == out:
-            return scalar
-    return None
-
-
-def _data_input(view, node) -> str:
-    if node.op_type in ("Mul", "Div"):
-        scalar = _scalar_side(view, node)
-        return node.input[1] if scalar == node.input[0] else node.input[0]
-    return node.input[0]
-
-
-def _const_input(view, node) -> bool:
-    return any(view.is_const(i) for i in node.input if i)
 
 
 def _check_uses(view, block: Block) -> None:
@@ -307,22 +250,39 @@ def _check_uses(view, block: Block) -> None:
     outputs = set(view.output_names)
     for name, ha in block.head_axis.items():
         if name in outputs:
-            raise NotAttention(f"'{name}' is a model output")
+            raise NotFollowed(f"'{name}' is a model output")
         for user in view.consumers.get(name, []):
             if user.name in block.nodes or (name == block.x and user.op_type != "Shape"):
                 continue
-            if user.op_type == "Shape" and ha not in (shape_dims_read(view, user) or {ha}):
+            if user.op_type == "Shape" and (ha not in (shape_dims_read(view, user) or {ha})
+                                            or _only_targets(view, block, user)):
                 continue
-            raise NotAttention(f"'{name}' is also used by {user.op_type} '{user.name}'")
+            raise NotFollowed(f"'{name}' is also used by {user.op_type} '{user.name}'")
     for node in nodes.values():
-        if node.op_type == "Gather":
-            axis = norm_axis(attr(node, "axis", 0), len(view.shape(node.input[0])))
-            if axis == block.head_axis.get(node.input[0]):
-                raise NotAttention(f"Gather '{node.name}' picks heads")
+        if node.op_type in ("Gather", "Split", "Slice") and block.head_axis.get(
+                node.input[0]) in op_axes(view, node, len(view.shape(node.input[0]))):
+            raise NotFollowed(f"{node.op_type} '{node.name}' picks heads")
         if node.op_type in ("Mul", "Div") and not _shape_only(view, block,
-                                                              _scalar_side(view, node)):
-            raise NotAttention(f"the scale of {node.op_type} '{node.name}' is computed from "
+                                                              scalar_side(view, node)):
+            raise NotFollowed(f"the scale of {node.op_type} '{node.name}' is computed from "
                                "more than shapes that stay")
+
+
+def _only_targets(view, block: Block, shape: onnx.NodeProto) -> bool:
+    """True when what `shape` reads only builds targets of the block's Reshapes (which
+    are replaced by constants, see _resolve_targets)."""
+    stack = [shape.output[0]]
+    while stack:
+        value = stack.pop()
+        if value in view.output_names:
+            return False
+        for user in view.consumers.get(value, []):
+            if user.op_type == "Reshape" and user.name in block.nodes and user.input[1] == value:
+                continue
+            if user.op_type not in _SHAPE_OPS or user.op_type == "Shape":
+                return False
+            stack.extend(o for o in user.output if o)
+    return True
 
 
 def _shape_only(view, block: Block, name: str) -> bool:
@@ -352,7 +312,7 @@ def _resolve_targets(view, block: Block) -> None:
     reshapes = [n for n in view.nodes if n.name in block.nodes and n.op_type == "Reshape"]
     computed = [n.input[1] for n in reshapes if view.const(n.input[1]) is None]
     if computed and _symbolic_dims(view):
-        raise NotAttention("computed Reshape targets with symbolic input dims other than "
+        raise NotFollowed("computed Reshape targets with symbolic input dims other than "
                            "the batch")
     at1 = _evaluate(view, computed, None) if computed else {}
     at2 = _evaluate(view, computed, 2) if computed and view.dynamic_batch else at1
@@ -361,11 +321,11 @@ def _resolve_targets(view, block: Block) -> None:
         if target is None:
             one, two = at1[node.input[1]], at2[node.input[1]]
             if (one != two).sum() + (one == -1).sum() > 1:
-                raise NotAttention(f"the target of Reshape '{node.name}' has several "
+                raise NotFollowed(f"the target of Reshape '{node.name}' has several "
                                    "dynamic entries")
             target = np.where(one != two, -1, one)
         if target[block.head_axis[node.output[0]]] == 0:
-            raise NotAttention(f"Reshape '{node.name}' copies the head count (0 entry)")
+            raise NotFollowed(f"Reshape '{node.name}' copies the head count (0 entry)")
         block.targets[node.name] = np.asarray(target, dtype=np.int64)
 
 
@@ -384,6 +344,9 @@ def _evaluate(view, names: list[str], batch: int | None) -> dict[str, np.ndarray
     model.CopyFrom(view.model)
     del model.graph.output[:]
     model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names))
-    session = make_session(model, where="attention shape targets", optimize=False)
-    values = session.run(list(dict.fromkeys(names)), random_feeds(view.inputs, batch))
+    try:
+        session = make_session(model, where="attention shape targets", optimize=False)
+        values = session.run(list(dict.fromkeys(names)), random_feeds(view.inputs, batch))
+    except Exception as err:  # onnxruntime raises its own types
+        raise NotFollowed(f"computed Reshape targets fail to evaluate ({err})") from None
     return dict(zip(dict.fromkeys(names), (np.asarray(v) for v in values)))
