@@ -143,3 +143,56 @@ def test_vit_heads_prune_in_both_exporters(tmp_path, exporter):
     assert all(len(result.plan.removed[g.key]) == 2 for g in heads)
     # MLP hidden alone left 0.797 of the params; the heads take q/k/v and out-proj too
     assert n_params(tmp_path / "pruned.onnx") / n_params(tmp_path / "model.onnx") < 0.6
+
+
+# -- other attention modules, both exporters ---------------------------------------------
+
+def _attention_net(kind: str):
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class TimmAttention(nn.Module):  # packed qkv, unbind: Split (legacy) / Slice (dynamo)
+        def __init__(self, dim=32, heads=4):
+            super().__init__()
+            self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            a = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(dim=-1)
+            return self.proj((a @ v).transpose(1, 2).reshape(b, n, c))
+
+    class TorchMHA(nn.Module):  # nn.MultiheadAttention; dynamo reads Shape(k)[:2]
+        def __init__(self, dim=32, heads=4):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    class Net(nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.inp, self.block, self.head = nn.Linear(8, 32), block, nn.Linear(32, 5)
+
+        def forward(self, x):
+            h = self.inp(x)
+            h = h + self.block(nn.functional.layer_norm(h, (32,)))
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    return Net({"timm": TimmAttention, "mha": TorchMHA}[kind]()).eval()
+
+
+@pytest.mark.parametrize("kind", ["timm", "mha"])
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_attention_modules_prune_by_heads(tmp_path, kind, exporter):
+    from adapters.pytorch import export_torch
+
+    export_torch(_attention_net(kind), tmp_path / "a.onnx", (2, 6, 8), exporter=exporter)
+    model = onnx.load(str(tmp_path / "a.onnx"))
+    (heads,) = [g for g in analyze_model(normalize(model)).groups if g.prunable]
+    assert heads.width == 4
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
+    assert len(result.plan.removed[heads.key]) == 2
