@@ -5,8 +5,8 @@ Building a plan from scores:
 * ``--ratio r``: each prunable group of width C loses ``floor(r*C)`` channels, the lowest
   scored, but keeps at least ``min_keep`` (never a whole group); with ``round_to = q``
   the kept width is rounded up to a multiple of q (capped at C); a group whose channels
-  span several elements of every tensor (an attention head spans d) rounds to
-  ``q / gcd(q, elements)`` only, which keeps every tensor's width a multiple of q.
+  each span a multiple of q elements of every tensor (attention heads of width d = 64)
+  is not rounded: its tensors' widths are multiples of q whatever the count.
 * ``--target-macs f`` / ``--target-params f``: bisection on r until the estimated cost of
   the pruned model is at most f times the original (the cost falls as r grows). Without
   ``--round-to`` the widths are multiples of the runtime's block b (latency.py), or of
@@ -98,12 +98,12 @@ def keep_count(width: int, ratio: float, min_keep: int = 1, round_to: int = 1) -
 
 
 def group_multiple(group, round_to: int) -> int:
-    """Channels of `group` are kept in multiples of this, so that each member's kept
-    width is a multiple of `round_to` (a head of d elements, d a multiple of it: 1)."""
-    multiple = 1
-    for m in group.members:
-        multiple = math.lcm(multiple, round_to // math.gcd(round_to, m.elements.shape[1]))
-    return multiple
+    """Channels of `group` are kept in multiples of this: `round_to`, or 1 when each channel
+    already spans a multiple of `round_to` elements of every tensor of the group (an
+    attention head of width d = 64), whose kept widths are then multiples anyway."""
+    if all(m.elements.shape[1] % round_to == 0 for m in group.members):
+        return 1
+    return round_to
 
 
 def plan_by_ratio(analysis, scores: dict[str, np.ndarray], ratio: float, digest: str,
