@@ -13,10 +13,11 @@ projection outputs and the out-projection input. Nothing else of the block chang
 except the head count in the reshape targets between them.
 
 The block is recognised by its core, ``MatMul(q, k) -> [Mul/Div by a scalar] ->
-Softmax(last axis) -> MatMul(., v)`` on tensors whose one batch axis of size > 1 is the
-head axis. From q, k and v the rule walks up through layout ops (Reshape, Transpose,
-(Un)Squeeze, Gather of a constant index, scaling by a scalar) to the projection outputs,
-and from the output down through layout ops to the input of a Gemm/MatMul with a
+Softmax (not over the heads) -> MatMul(., v)`` on tensors whose one batch axis of size
+> 1 is the head axis (the probe runs at batch 1; a batch fixed above 1 is not followed).
+From q, k and v the rule walks up through layout ops (Reshape, Transpose, (Un)Squeeze,
+Gather/Slice/Split with constant indices, scaling by a scalar) to the projection
+outputs, and from the output down through layout ops to the input of a Gemm/MatMul with a
 constant weight. Which projection channel lands in which head is not guessed from the
 exporter's pattern but *traced*: an array holding each channel's index is pushed through
 the same layout ops in numpy (the probe's shapes), and read off along the head axis of
@@ -324,8 +325,9 @@ def _resolve_targets(view, block: Block) -> None:
                 raise NotFollowed(f"the target of Reshape '{node.name}' has several "
                                    "dynamic entries")
             target = np.where(one != two, -1, one)
-        if target[block.head_axis[node.output[0]]] == 0:
-            raise NotFollowed(f"Reshape '{node.name}' copies the head count (0 entry)")
+        copied = set(np.flatnonzero(target == 0).tolist())  # 0: copy the input's dim
+        if copied & {block.head_axis[node.output[0]], block.head_axis[node.input[0]]}:
+            raise NotFollowed(f"Reshape '{node.name}' copies a dim that holds heads (0 entry)")
         block.targets[node.name] = np.asarray(target, dtype=np.int64)
 
 
