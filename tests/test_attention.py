@@ -112,6 +112,22 @@ def test_block_value_used_outside_keeps_heads_with_reason():
         assert "attention heads not followed: 'a' is a model output" in group.reason
 
 
+def test_shape_read_by_slice_off_the_channel_axis_keeps_channels_prunable(tmp_path):
+    """x.view(x.shape[:1] + (-1,)): the target slices Shape(x)[0:1] (the batch), which the
+    Shape rule now sees does not read the channels (legacy MHA targets slice like this)."""
+    from gpp_onnx.samples import GraphBuilder
+
+    b = GraphBuilder((1, 3, 6, 6), seed=0)
+    x = b.act(b.conv("input", 16), "Relu")
+    size = b.op("Shape", [x], (4,))
+    batch = b.op("Slice", [size, b.const(np.array([0])), b.const(np.array([1]))], (1,))
+    target = b.op("Concat", [batch, b.const(np.array([-1]))], (2,), axis=0)
+    model = b.build(b.gemm(b.op("Reshape", [x, target], (1, 16 * 36)), 4))
+    (group,) = [g for g in analyze_model(normalize(model)).groups if g.width == 16]
+    assert group.prunable, group.reason
+    assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
+
+
 # -- torchvision ViT through both exporters ---------------------------------------------
 
 _ZOO = Path(__file__).resolve().parents[1] / "tools" / "zoo.py"
