@@ -63,6 +63,7 @@ class Block:
     targets: dict[str, np.ndarray] = field(default_factory=dict)  # Reshape -> its target
     nodes: set[str] = field(default_factory=set)
     traced: dict = field(default_factory=dict)   # value -> (source, channel index array)
+    core: tuple[str, str] = ("", "")             # the QK and AV MatMuls
 
 
 class HeadRule(OpRule):
@@ -112,6 +113,7 @@ def attention_rules(view) -> dict[str, OpRule]:
     A core that is found but whose block cannot be followed gets a Blocker on its two
     MatMuls, so that ``analyze`` says why the heads stay."""
     rules: dict[str, OpRule] = {}
+    found = []
     for node in view.nodes:
         if node.op_type != "Softmax":
             continue
@@ -123,15 +125,25 @@ def attention_rules(view) -> dict[str, OpRule]:
         if core is None:
             continue
         try:
-            block = _block(view, *core)
+            found.append(_block(view, *core))
         except (NotFollowed, *_FORM_ERRORS) as why:
-            logger.debug("attention at %s not followed: %s", node.name, why)
-            blocker = Blocker(f"attention heads not followed: {why}")
-            rules.update({core[0].name: blocker, core[1].name: blocker})
+            _refuse(rules, (core[0].name, core[1].name), why)
+    targets = _Targets(view, [t for block in found for t in _computed(view, block)])
+    for block in found:
+        try:
+            _resolve_targets(view, block, targets)
+        except NotFollowed as why:
+            _refuse(rules, block.core, why)
             continue
         rule = HeadRule(block)
         rules.update({name: rule for name in block.nodes})
     return rules
+
+
+def _refuse(rules: dict, core: tuple[str, str], why: Exception) -> None:
+    logger.debug("attention at %s not followed: %s", core[0], why)
+    blocker = Blocker(f"attention heads not followed: {why}")
+    rules.update({name: blocker for name in core})
 
 
 def _core(view, softmax):
@@ -170,7 +182,7 @@ def _block(view, qk, av, between) -> Block:
     for name in (qk.input[0], qk.input[1], av.input[1], av.output[0]):
         if len(view.shape(name)) != rank or view.shape(name)[ha] != heads:
             raise NotFollowed(f"'{name}' does not carry the {heads} heads on axis {ha}")
-    block = Block(heads, {}, "", np.empty(0), "")
+    block = Block(heads, {}, "", np.empty(0), "", core=(qk.name, av.name))
     block.nodes |= {qk.name, av.name} | {n.name for n in between}
     for name in (qk.input[0], qk.input[1], av.input[1]):
         _trace_up(view, block, name, ha)
@@ -184,7 +196,6 @@ def _block(view, qk, av, between) -> Block:
     for name in (qk.output[0], *[o for n in between for o in n.output]):
         block.head_axis[name] = ha
     _check_uses(view, block)
-    _resolve_targets(view, block)
     return block
 
 
@@ -231,7 +242,7 @@ def _trace_down(view, block, value, ha) -> None:
         if user.op_type not in LAYOUT or not layout_ok(view, user) \
                 or data_input(view, user) != value:
             raise NotFollowed(f"the attention output reaches {user.op_type} "
-                               f"'{user.name}', not a linear out-projection")
+                              f"'{user.name}', not a linear out-projection")
         value = user.output[0]
         heads = apply_layout(view, user, heads, value)
         block.nodes.add(user.name)
@@ -266,7 +277,7 @@ def _check_uses(view, block: Block) -> None:
         if node.op_type in ("Mul", "Div") and not _shape_only(view, block,
                                                               scalar_side(view, node)):
             raise NotFollowed(f"the scale of {node.op_type} '{node.name}' is computed from "
-                               "more than shapes that stay")
+                              "more than shapes that stay")
 
 
 def _only_targets(view, block: Block, shape: onnx.NodeProto) -> bool:
@@ -307,23 +318,48 @@ def _shape_only(view, block: Block, name: str) -> bool:
     return True
 
 
-def _resolve_targets(view, block: Block) -> None:
+class _Targets:
+    """The computed Reshape targets of all blocks, evaluated once at batch 1 and 2."""
+
+    def __init__(self, view, names: list[str]):
+        self.values: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.error: NotFollowed | None = None
+        if not names:
+            return
+        try:
+            if _symbolic_dims(view):
+                raise NotFollowed("computed Reshape targets with symbolic input dims other "
+                                  "than the batch")
+            one = _evaluate(view, names, None)
+            two = _evaluate(view, names, 2) if view.dynamic_batch else one
+            self.values = {n: (one[n], two[n]) for n in names}
+        except NotFollowed as err:
+            self.error = err
+
+    def pair(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.error is not None:
+            raise self.error
+        return self.values[name]
+
+
+def _reshapes(view, block: Block) -> list[onnx.NodeProto]:
+    return [n for n in view.nodes if n.name in block.nodes and n.op_type == "Reshape"]
+
+
+def _computed(view, block: Block) -> list[str]:
+    return [n.input[1] for n in _reshapes(view, block) if view.const(n.input[1]) is None]
+
+
+def _resolve_targets(view, block: Block, targets: _Targets) -> None:
     """Each Reshape's target as a constant; a computed one evaluated at batch 1 and 2,
     the entry that follows the batch written as -1."""
-    reshapes = [n for n in view.nodes if n.name in block.nodes and n.op_type == "Reshape"]
-    computed = [n.input[1] for n in reshapes if view.const(n.input[1]) is None]
-    if computed and _symbolic_dims(view):
-        raise NotFollowed("computed Reshape targets with symbolic input dims other than "
-                           "the batch")
-    at1 = _evaluate(view, computed, None) if computed else {}
-    at2 = _evaluate(view, computed, 2) if computed and view.dynamic_batch else at1
-    for node in reshapes:
+    for node in _reshapes(view, block):
         target = view.const(node.input[1])
         if target is None:
-            one, two = at1[node.input[1]], at2[node.input[1]]
+            one, two = targets.pair(node.input[1])
             if (one != two).sum() + (one == -1).sum() > 1:
                 raise NotFollowed(f"the target of Reshape '{node.name}' has several "
-                                   "dynamic entries")
+                                  "dynamic entries")
             target = np.where(one != two, -1, one)
         copied = set(np.flatnonzero(target == 0).tolist())  # 0: copy the input's dim
         if copied & {block.head_axis[node.output[0]], block.head_axis[node.input[0]]}:
