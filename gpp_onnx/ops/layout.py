@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import NodeChannels, OpRule, attr, block_all, norm_axis, pass_through, register
+from .route import _slice_params
 
 
 def _flat_ties(res, x, y, s_in, a, start, s_out_inner):
@@ -180,13 +181,9 @@ def shape_dims_read(view, node) -> set[int] | None:
 
 
 def _const_slice(view, node) -> slice | None:
-    """The 1-D slice of a Slice node with constant starts/ends (and axes 0, steps), or None."""
-    consts = [view.const(node.input[i]) if len(node.input) > i and node.input[i] else None
-              for i in range(1, 5)]
-    if consts[0] is None or consts[1] is None or any(
-            len(node.input) > i and node.input[i] and consts[i - 1] is None for i in (3, 4)):
+    """The slice a Slice node with constant bounds takes of a 1-D tensor, or None."""
+    params = _slice_params(node, view, 1)
+    if params is None or params[2] != [0]:
         return None
-    if consts[2] is not None and [int(v) for v in np.ravel(consts[2])] not in ([0], [-1]):
-        return None
-    step = 1 if consts[3] is None else int(np.ravel(consts[3])[0])
-    return slice(int(np.ravel(consts[0])[0]), int(np.ravel(consts[1])[0]), step)
+    starts, ends, _, steps = params
+    return slice(starts[0], ends[0], steps[0])
