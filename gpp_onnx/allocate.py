@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from .plan import PrunePlan, kept_elements, round_up
+from .plan import PrunePlan, group_multiple, kept_elements, round_up
 
 FLOOR = 0.05  # every group keeps at least this fraction of its channels
 
@@ -34,7 +34,8 @@ def unit_costs(analysis, cost, round_to: int = 1) -> dict[str, float]:
     full = cost({})
     out = {}
     for group in analysis.prunable:
-        drop = group.width - round_up(max(1, group.width // 2), round_to, group.width)
+        drop = group.width - round_up(max(1, group.width // 2), group_multiple(group, round_to),
+                                      group.width)
         if drop <= 0:
             out[group.key] = math.inf  # nothing to gain at this granularity
             continue
@@ -76,7 +77,7 @@ def _plan_at(analysis, values, tau, digest, min_keep, round_to, floor, meta) -> 
         v = values[group.key]
         keep = int(np.sum(v >= tau))
         keep = max(keep, min(min_keep, group.width), math.ceil(floor * group.width), 1)
-        keep = round_up(keep, round_to, group.width)
+        keep = round_up(keep, group_multiple(group, round_to), group.width)
         order = np.argsort(v, kind="stable")
         removed[group.key] = tuple(sorted(int(i) for i in order[: group.width - keep]))
         widths[group.key] = group.width

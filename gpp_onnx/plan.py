@@ -4,7 +4,9 @@ Building a plan from scores:
 
 * ``--ratio r``: each prunable group of width C loses ``floor(r*C)`` channels, the lowest
   scored, but keeps at least ``min_keep`` (never a whole group); with ``round_to = q``
-  the kept width is rounded up to a multiple of q (capped at C).
+  the kept width is rounded up to a multiple of q (capped at C); a group whose channels
+  each span a multiple of q elements of every tensor (attention heads of width d = 64)
+  is not rounded: its tensors' widths are multiples of q whatever the count.
 * ``--target-macs f`` / ``--target-params f``: bisection on r until the estimated cost of
   the pruned model is at most f times the original (the cost falls as r grows). Without
   ``--round-to`` the widths are multiples of the runtime's block b (latency.py), or of
@@ -97,6 +99,15 @@ def round_up(keep: int, multiple: int, width: int) -> int:
     return min(width, int(math.ceil(keep / multiple) * multiple)) if multiple > 1 else keep
 
 
+def group_multiple(group, round_to: int) -> int:
+    """Channels of `group` are kept in multiples of this: `round_to`, or 1 when each channel
+    already spans a multiple of `round_to` elements of every tensor of the group (an
+    attention head of width d = 64), whose kept widths are then multiples anyway."""
+    if all(m.elements.shape[1] % round_to == 0 for m in group.members):
+        return 1
+    return round_to
+
+
 def plan_by_ratio(analysis, scores: dict[str, np.ndarray], ratio: float, digest: str,
                   min_keep: int = 1, round_to: int = 1, meta: dict | None = None,
                   overrides: dict[str, float] | None = None) -> PrunePlan:
@@ -104,7 +115,8 @@ def plan_by_ratio(analysis, scores: dict[str, np.ndarray], ratio: float, digest:
     removed, widths = {}, {}
     overrides = overrides or {}
     for group in analysis.prunable:
-        keep = keep_count(group.width, overrides.get(group.key, ratio), min_keep, round_to)
+        keep = keep_count(group.width, overrides.get(group.key, ratio), min_keep,
+                          group_multiple(group, round_to))
         order = np.argsort(scores[group.key], kind="stable")
         removed[group.key] = tuple(sorted(int(i) for i in order[: group.width - keep]))
         widths[group.key] = group.width
@@ -120,8 +132,8 @@ def plan_by_threshold(analysis, scores: dict[str, np.ndarray], eta: float, diges
         nonzero = u[u > 0]
         t = eta * float(np.std(nonzero, ddof=1)) if len(nonzero) > 1 else 0.0
         drop = (u < t) | (u <= 0)
-        keep = round_up(max(int((~drop).sum()), min(min_keep, group.width), 1), round_to,
-                        group.width)
+        keep = round_up(max(int((~drop).sum()), min(min_keep, group.width), 1),
+                        group_multiple(group, round_to), group.width)
         order = np.argsort(u, kind="stable")
         removed[group.key] = tuple(sorted(int(i) for i in order[: group.width - keep]))
         widths[group.key] = group.width

@@ -13,6 +13,7 @@ from ..errors import InputError
 from ..graph import GraphView
 from ..model import opset_version
 from ..ops import AnalysisContext, NodeChannels, OpRule, ParamSlice, Tie, lookup
+from ..ops.attention import attention_rules
 from .groups import ChannelGroup, ElementIndex, Member, build_groups
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,9 @@ def analyze_model(model: onnx.ModelProto, input_shape=None) -> Analysis:
         if len(spec.shape) >= 2:
             ctx.axes[spec.name] = 1
             blocked[spec.name] = "model input"
+    patterns = attention_rules(view)  # rules of whole attention blocks, by node
     for node in view.nodes:
-        rule = lookup(node, opset)
+        rule = patterns.get(node.name) or lookup(node, opset)
         rules[node.name] = rule
         res = _run_rule(rule, node, ctx)
         for name in node.output:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import NodeChannels, OpRule, attr, block_all, norm_axis, pass_through, register
+from .route import _slice_params
 
 
 def _flat_ties(res, x, y, s_in, a, start, s_out_inner):
@@ -212,16 +213,11 @@ class ShapeRule(OpRule):
         x, y = node.input[0], node.output[0]
         a = ctx.axis(x)
         res = NodeChannels(out_axes={y: None})
-        if a is None:
-            return res
-        start = norm_axis(attr(node, "start", 0), len(ctx.shape(x)))
-        n_out = ctx.shape(y)[0]
-        for user in ctx.view.consumers.get(y, []):
-            picked = _dims_read(user, ctx, n_out)
-            if picked is None or a - start in picked:
+        if a is not None:
+            read = shape_dims_read(ctx.view, node)
+            if read is None or a in read:
                 res.blocked.append((x, "the channel count is read by Shape and used "
                                        "in computation"))
-                break
         return res
 
 
@@ -233,19 +229,29 @@ class ConstantOfShapeRule(OpRule):
         return NodeChannels(out_axes={node.output[0]: None})
 
 
-def _dims_read(user, ctx, n: int) -> set[int] | None:
-    """Entries of a shape vector (length n) that `user` reads; None when unknown."""
-    if user.op_type == "Gather":
-        idx = ctx.const(user.input[1])
-        return None if idx is None else {norm_axis(int(i), n) for i in np.ravel(idx)}
-    if user.op_type != "Slice":
+def shape_dims_read(view, node) -> set[int] | None:
+    """Dims of Shape(x) that its consumers read (Gather or Slice with constant indices);
+    None when some consumer may read any of them."""
+    rank = len(view.shape(node.input[0]))
+    start = norm_axis(attr(node, "start", 0), rank)
+    end = norm_axis(attr(node, "end", rank), rank) if attr(node, "end") is not None else rank
+    n_out = max(min(end, rank) - start, 0)
+    read: set[int] = set()
+    for user in view.consumers.get(node.output[0], []):
+        if user.op_type == "Gather" and view.const(user.input[1]) is not None:
+            picked = {norm_axis(int(i), n_out) for i in np.ravel(view.const(user.input[1]))}
+        elif user.op_type == "Slice" and _const_slice(view, user) is not None:
+            picked = set(range(n_out)[_const_slice(view, user)])
+        else:
+            return None
+        read |= {start + i for i in picked}
+    return read
+
+
+def _const_slice(view, node) -> slice | None:
+    """The slice a Slice node with constant bounds takes of a 1-D tensor, or None."""
+    params = _slice_params(node, view, 1)
+    if params is None or params[2] != [0]:
         return None
-    bounds = [ctx.const(user.input[i]) if len(user.input) > i and user.input[i] else None
-              for i in range(1, 5)]
-    starts, ends, axes, steps = bounds
-    if starts is None or ends is None or starts.size != 1 or \
-            (axes is not None and int(axes.ravel()[0]) not in (0, -1)) or \
-            (steps is not None and int(steps.ravel()[0]) != 1):
-        return None
-    lo, hi = (min(max(v + n if v < 0 else v, 0), n) for v in (int(starts[0]), int(ends[0])))
-    return set(range(lo, hi))
+    starts, ends, _, steps = params
+    return slice(starts[0], ends[0], steps[0])
