@@ -1,0 +1,114 @@
+"""The one training loop: fine-tuning, push and the tools all run through it.
+
+``Trainer(module, losses, options, steps)``: SGD with momentum and weight decay, a cosine
+learning-rate schedule over ``steps``, the gradient's global norm clipped to
+``options.clip_grad``, optional mixed precision on CUDA (``amp``), BatchNorm in training
+mode. A step runs the torch backend through ``forward`` of :class:`Tapped` (so a
+DistributedDataParallel wrapper sees it), which returns the logits and every value a loss
+``needs`` (e.g. the final hidden layer for the push loss); the step's loss is the sum of
+the loss objects'. ``state_dict`` / ``load_state_dict`` hold what a checkpoint needs
+(step, optimiser, schedule, loss statistics); the weights are the module's.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import TrainOptions
+from ..errors import DataError
+from ..progress import track
+
+logger = logging.getLogger(__name__)
+
+
+class Tapped(nn.Module):
+    """An OnnxModule whose forward returns its output and the named intermediate values."""
+
+    def __init__(self, module, names: tuple[str, ...] = ()):
+        super().__init__()
+        self.module = module
+        self.names = tuple(dict.fromkeys(names))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.module.output_names[0]
+        values = self.module.run([x], [out, *[n for n in self.names if n != out]])
+        return values[out], values
+
+
+class Trainer:
+    def __init__(self, module, losses: list, options: TrainOptions, steps: int,
+                 amp: bool = False):
+        self.module, self.losses, self.options = module, losses, options
+        self.steps = max(1, int(steps))
+        self.net = Tapped(module, tuple(n for loss in losses for n in loss.needs))
+        self.params = [p for _, p in module.named_onnx_parameters()]
+        self.opt = torch.optim.SGD(self.params, lr=options.lr, momentum=options.momentum,
+                                   weight_decay=options.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, self.steps)
+        self.amp = amp and module.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.step_no = 0
+
+    def fit(self, batches: Iterator[tuple[np.ndarray, np.ndarray]], desc: str = "train",
+            steps: int | None = None) -> list[dict]:
+        """Run `steps` (default: all that are left) steps on `batches` of (x, y)."""
+        todo = self.steps - self.step_no if steps is None else steps
+        device = self.module.device
+        self.module.train()
+        logs = []
+        for _ in track(range(todo), desc, todo, logger):
+            x, y = next(batches)
+            logs.append(self.step(torch.from_numpy(x).to(device),
+                                  torch.from_numpy(y).to(device), desc))
+        self.module.eval()
+        if logs:
+            first, last = logs[: 10], logs[-10:]
+            logger.info("%s: %d steps on %s, loss %.3f -> %.3f", desc, len(logs), device,
+                        np.mean([r["loss"] for r in first]), np.mean([r["loss"] for r in last]))
+        return logs
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, desc: str = "train") -> dict:
+        with torch.autocast("cuda", enabled=self.amp):
+            logits, values = self.net(x)
+        total, log = 0.0, {}
+        for loss in self.losses:
+            value, parts = loss(logits.float(), y, {k: v.float() for k, v in values.items()})
+            total = total + value
+            log.update(parts)
+        if not torch.isfinite(total):
+            raise DataError(f"{desc} diverged (loss {float(total.detach())} at step "
+                            f"{self.step_no + 1} of {self.steps}) - lower --lr "
+                            f"(now {self.options.lr:g})")
+        self.opt.zero_grad(set_to_none=True)
+        (self.scaler.scale(total) if self.scaler else total).backward()
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        if self.options.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.options.clip_grad)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.schedule.step()
+        self.step_no += 1
+        log["loss"] = float(total.detach())
+        return log
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_no, "optimizer": self.opt.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "losses": [loss.state_dict() if hasattr(loss, "state_dict") else None
+                           for loss in self.losses]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_no = state["step"]
+        self.opt.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        for loss, s in zip(self.losses, state["losses"]):
+            if s is not None:
+                loss.load_state_dict(s)

@@ -1,0 +1,91 @@
+"""The one trainer and the push loss, against numpy references and a real-data effect."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gpp_onnx.analysis.features import final_hidden_layer
+from gpp_onnx.config import TrainOptions
+from gpp_onnx.data import DataSpec, load_dataset
+from gpp_onnx.finetune import _batches
+from gpp_onnx.graph import GraphView
+from gpp_onnx.samples import digits_cnn
+from gpp_onnx.torch_backend import OnnxModule
+from gpp_onnx.train import CrossEntropy, PushLoss, Trainer
+from gpp_onnx.train.losses import offdiag_energy
+
+
+def test_push_loss_fisher_ratios_match_numpy_on_the_first_batch():
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((60, 5)) + np.repeat(rng.standard_normal((3, 5)) * 2, 20, axis=0)
+    y = np.repeat(np.arange(3), 20)
+    loss = PushLoss("h", 3, sep=1.0, cov=0.0, align=0.0, eps=0.0)
+    _, logs = loss(None, torch.from_numpy(y), {"h": torch.from_numpy(h)})
+    means = np.stack([h[y == c].mean(0) for c in range(3)])
+    s_w = ((h - means[y]) ** 2).mean(0)
+    s_b = ((means - h.mean(0)) ** 2).mean(0)           # equal priors: 20 images per class
+    assert logs["fisher"] == pytest.approx(float((s_b / s_w).mean()), rel=1e-9)
+    assert logs["sep"] == pytest.approx(float(-(s_b / s_w / (1 + s_b / s_w)).mean()), rel=1e-9)
+
+
+def test_offdiagonal_energy_matches_numpy():
+    z = np.random.default_rng(1).standard_normal((50, 4))
+    z[:, 1] += 0.8 * z[:, 0]
+    cov = z.T @ z
+    expected = (cov[~np.eye(4, dtype=bool)] ** 2).sum() / (cov ** 2).sum()
+    assert float(offdiag_energy(torch.from_numpy(cov))) == pytest.approx(expected, rel=1e-9)
+    assert float(offdiag_energy(torch.eye(3))) == 0.0
+
+
+def _offdiag_energy(model, data, feature) -> float:
+    """||offdiag(S_w)||_F^2 / ||S_w||_F^2 of the features, computed in numpy."""
+    module = OnnxModule(model).eval()
+    with torch.no_grad():
+        h = module.run([torch.from_numpy(data.x)], [feature])[feature].numpy()
+    h = h.reshape(h.shape[0], h.shape[1], -1).mean(2) if h.ndim > 2 else h
+    z = h - np.stack([h[data.y == c].mean(0) for c in range(10)])[data.y]
+    s_w = z.T @ z
+    return float(((s_w - np.diag(np.diag(s_w))) ** 2).sum() / (s_w ** 2).sum())
+
+
+def _train(losses, steps=300):
+    data = load_dataset(DataSpec("digits", 1, 8, 8))
+    model = digits_cnn(0)
+    torch.manual_seed(0)
+    module = OnnxModule(model)
+    options = TrainOptions(lr=0.05, device="cpu")
+    Trainer(module, losses, options, steps).fit(_batches(data, 64, 0))
+    from gpp_onnx.torch_backend import write_back
+    return write_back(module, model), data
+
+
+def test_push_makes_the_within_class_scatter_more_diagonal():
+    feature = final_hidden_layer(GraphView(digits_cnn(0)))
+    plain, data = _train([CrossEntropy()])
+    pushed, _ = _train([CrossEntropy(), PushLoss(feature, 10)])
+    assert _offdiag_energy(pushed, data, feature) < 0.5 * _offdiag_energy(plain, data, feature)
+
+
+def test_a_resumed_trainer_continues_exactly():
+    data = load_dataset(DataSpec("digits", 1, 8, 8))
+    feature = final_hidden_layer(GraphView(digits_cnn(0)))
+    options = TrainOptions(lr=0.05, device="cpu")
+
+    def fresh():
+        torch.manual_seed(0)
+        module = OnnxModule(digits_cnn(0))
+        return module, Trainer(module, [CrossEntropy(), PushLoss(feature, 10)], options, 6)
+
+    whole, t = fresh()
+    t.fit(_batches(data, 32, 0))
+    first, t1 = fresh()
+    batches = _batches(data, 32, 0)
+    t1.fit(batches, steps=3)
+    state, weights = t1.state_dict(), {k: v.clone() for k, v in first.state_dict().items()}
+    second, t2 = fresh()
+    second.load_state_dict(weights)
+    t2.load_state_dict(state)
+    t2.fit(batches)
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(second.state_dict()[k], v)
