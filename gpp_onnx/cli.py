@@ -109,12 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     pf = sub.add_parser("profile", help="per-group onnxruntime latency cost on this machine")
     pf.add_argument("model")
-    pf.add_argument("--input-shape", type=_shape, help="concrete input shape, e.g. 1,3,224,224")
+    pf.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
     pf.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads "
                     "(default: onnxruntime's choice)")
     pf.add_argument("--runs", type=int, default=20, help="profiled runs")
     pf.add_argument("--json", help="write every group's cost-vs-width curve here "
                     "(python tools/plot_report.py latency FILE draws it)")
+
+    pu = sub.add_parser("push", help="train with cross-entropy + the push loss so the class "
+                        "discriminants line up with few neurons (before pruning)")
+    pu.add_argument("model")
+    pu.add_argument("-o", "--output", required=True, help="path of the pushed model")
+    _data_args(pu)
+    pu.add_argument("--epochs", type=float, default=1.0)
+    pu.add_argument("--lr", type=float, default=0.01)
+    pu.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pu.add_argument("--sep", type=float, default=1.0, help="weight of class separation")
+    pu.add_argument("--cov", type=float, default=1.0,
+                    help="weight of the within-class covariance off the diagonal")
+    pu.add_argument("--align", type=float, default=0.1,
+                    help="weight of concentrating discriminant power on few neurons")
+    pu.add_argument("--feature-tensor", help="value name of the final hidden layer")
+    pu.add_argument("--seed", type=int, default=0)
+    pu.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
 
     ev = sub.add_parser("evaluate", help="top-1 accuracy through onnxruntime")
     ev.add_argument("model")
@@ -194,11 +211,21 @@ def _run(args) -> int:
                                 plan_path=args.plan, plan_out=args.plan_out)
         print(report.prune_summary(result))
     elif args.command == "profile":
-        prof = pipeline.profile(args.model, args.input_shape, args.threads, args.runs)
+        prof = pipeline.profile(args.model, _input_shape(args.input_shape), args.threads,
+                                args.runs)
         print(report.profile_table(prof))
         if args.json:
             pipeline.write_text(Path(args.json), report.to_json(vars(prof)))
             print(f"wrote {args.json}")
+    elif args.command == "push":
+        from .push import PushWeights
+
+        res = pipeline.push(args.model, args.output, _data_options(args),
+                            TrainOptions(epochs=args.epochs, lr=args.lr,
+                                         batch_size=args.batch_size, device=args.device),
+                            PushWeights(args.sep, args.cov, args.align), args.feature_tensor,
+                            args.seed, _input_shape(args.input_shape))
+        print(report.push_summary(res))
     elif args.command == "evaluate":
         if not args.data:
             raise InputError("evaluate needs --data (labelled images)")

@@ -14,6 +14,7 @@ import onnx
 from . import latency, report, verify
 from . import model as model_io
 from .analysis import Analysis, analyze_model
+from .analysis.features import final_hidden_layer
 from .config import DataOptions, PruneConfig, TrainOptions
 from .errors import InputError, UnsupportedModelError
 from .evaluation import accuracy, dataset_for
@@ -21,6 +22,7 @@ from .finetune import train_model
 from .graph import GraphView
 from .latency_model import LatencyModel, group_costs
 from .plan import PrunePlan
+from .push import PushReport, PushWeights, push_model
 from .rounds import Round, load_data, one_round
 from .stats import Estimator, ModelStats, count
 
@@ -248,6 +250,43 @@ def profile(path, input_shape=None, threads: int = 0, runs: int = 20) -> Latency
     _, _, analysis = load_normalized(Path(path), input_shape)
     model = LatencyModel.profile(analysis, analysis.view.probe_feeds, runs, threads)
     return LatencyProfile(model.total, model.fixed, model.block, group_costs(analysis, model))
+
+
+@dataclass(frozen=True)
+class PushResult:
+    output: Path | None
+    report: PushReport
+    model: onnx.ModelProto = field(repr=False)
+
+
+def push(model, output=None, data: DataOptions | None = None,
+         train: TrainOptions = TrainOptions(epochs=1.0), weights: PushWeights = PushWeights(),
+         feature_tensor: str | None = None, seed: int = 0, input_shape=None) -> PushResult:
+    """Train `model` with cross-entropy + the push loss (METHOD 4) for `train.epochs` on
+    `data`; the result is checked (checker, onnxruntime) and written to `output` if given."""
+    if data is None:
+        raise InputError("push needs labelled data - pass --data (a folder, .npz, IDX file, "
+                         "fashion-mnist or digits)")
+    if train.epochs <= 0:
+        raise InputError(f"--epochs {train.epochs} must be > 0")
+    src = None if isinstance(model, onnx.ModelProto) else Path(model)
+    dst = None if output is None else Path(output)
+    if dst is not None:
+        _check_output(src, dst)
+    _, normalized, analysis = _load(model if src is None else src, input_shape)
+    config = PruneConfig(data=data, seed=seed, train=train).checked()
+    _check_precision(normalized, config)
+    splits = load_data(analysis.view, config)
+    feature = final_hidden_layer(analysis.view, feature_tensor)
+    pushed, rep = push_model(normalized, splits.train, splits.val, feature, train, weights, seed)
+    verify.check(pushed, "pushed model")
+    verify.make_session(pushed, "pushed model")
+    if dst is not None:
+        model_io.save(pushed, dst)
+        write_text(dst.with_suffix(".report.json"), report.to_json(
+            {"input": str(src or "<in-memory model>"), "output": str(dst),
+             "weights": vars(weights), "train": vars(train), "push": vars(rep)}))
+    return PushResult(dst, rep, pushed)
 
 
 def evaluate(path, data: DataOptions) -> tuple[float, int]:

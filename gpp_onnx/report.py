@@ -100,6 +100,15 @@ def profile_table(prof, top: int = 30) -> str:
     return "\n".join([head, body] + ([f"... {more} more groups"] if more > 0 else []))
 
 
+def push_summary(result) -> str:
+    r = result.report
+    rows = [["top-1 accuracy (held-out)", f"{r.accuracy_before:.4f}", f"{r.accuracy_after:.4f}"],
+            ["S_w off-diagonal energy", f"{r.offdiag_before:.3f}", f"{r.offdiag_after:.3f}"]]
+    return "\n".join([f"push on {r.feature}: {r.steps} steps",
+                      table(["", "before", "after"], rows),
+                      f"wrote {result.output}" if result.output else "nothing written"])
+
+
 def comparison_table(cmp, name_a: str, name_b: str) -> str:
     rows = [["params", human(cmp.a.params), human(cmp.b.params),
              f"{cmp.b.params / max(cmp.a.params, 1):.3f}"],

@@ -89,3 +89,42 @@ def test_a_resumed_trainer_continues_exactly():
     t2.fit(batches)
     for k, v in whole.state_dict().items():
         torch.testing.assert_close(second.state_dict()[k], v)
+
+
+def test_push_command_writes_a_checked_model_and_its_report(tmp_path, capsys):
+    import json
+
+    import onnx
+
+    from gpp_onnx.cli import main
+    from gpp_onnx.push import offdiag_share
+
+    src = tmp_path / "m.onnx"
+    onnx.save(digits_cnn(0), src)
+    out = tmp_path / "pushed.onnx"
+    assert main(["-q", "push", str(src), "--data", "digits", "--epochs", "0.5", "--lr", "0.05",
+                 "-o", str(out)]) == 0
+    assert "S_w off-diagonal energy" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "pushed.report.json").read_text())["push"]
+    pushed = onnx.load(str(out))
+    onnx.checker.check_model(pushed, full_check=True)
+    from gpp_onnx.data import split
+
+    _, val = split(load_dataset(DataSpec("digits", 1, 8, 8)), 0.1, 0)   # --val-split default
+    # the report's figure is the written model's, on the held-out images
+    assert rep["steps"] > 0
+    assert offdiag_share(pushed, val, rep["feature"]) == pytest.approx(rep["offdiag_after"],
+                                                                         rel=1e-4)
+
+
+@pytest.mark.parametrize("argv", [[], ["--data", "digits", "--epochs", "0"]])
+def test_push_without_data_or_epochs_is_a_one_line_error(tmp_path, argv, capsys):
+    import onnx
+
+    from gpp_onnx.cli import main
+
+    src = tmp_path / "m.onnx"
+    onnx.save(digits_cnn(0), src)
+    out = tmp_path / "p.onnx"
+    assert main(["-q", "push", str(src), *argv, "-o", str(out)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not out.exists()
