@@ -95,7 +95,7 @@ def test_default_gpp_signal_is_the_lda_loss_change_per_image():
     exposed.CopyFrom(model)
     exposed.graph.output.extend([onnx.ValueInfoProto(name="relu4")])
     session = make_session(exposed, optimize=False)
-    h = session.run(["relu4"], {"input": data.x})[0].astype(np.float64)
+    h = session.run(["relu4"], {"input": data.x[:]})[0].astype(np.float64)
     p = h.mean(axis=(2, 3))
     lda = crit.lda
     z = (p - lda.center) @ lda.directions
