@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from . import model as model_io
-from . import repair, report, surgery, verify
+from . import preflight, repair, report, surgery, verify
 from .analysis import Analysis, analyze_model
 from .analysis.features import final_hidden_layer
 from .config import DataOptions, PruneConfig, TrainOptions
@@ -143,7 +143,8 @@ def load_data(view: GraphView, config: PruneConfig) -> Splits | None:
     if config.data is None:
         return None
     opts = config.data
-    ds = dataset_for(view, opts.source, opts.mean, opts.std, opts.resize, opts.limit, config.seed)
+    ds = dataset_for(view, opts.source, opts.mean, opts.std, opts.resize, opts.limit, config.seed,
+                     opts.workers)
     if opts.val_split > 0:
         train, val = split(ds, opts.val_split, config.seed)
     else:
@@ -187,7 +188,7 @@ def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
         return deltas, None
     rng = np.random.default_rng(config.seed)
     pick = np.sort(rng.permutation(len(sample.y))[:REPAIR_IMAGES])
-    weights, deltas = repair.reconstruct(analysis, kept, deltas, sample.x[pick],
+    weights, deltas = repair.reconstruct(analysis, kept, deltas, sample.subset(pick).x,
                                          config.train.device, batch_size=config.data.batch_size,
                                          seed=config.seed)
     return deltas, weights
@@ -241,9 +242,12 @@ def prune(path, output, config: PruneConfig = PruneConfig(), plan_path=None,
     """Prune the model at `path` and write a verified smaller model to `output`."""
     config = config.checked()
     src, dst = Path(path), Path(output)
-    _check_output(src, dst)
     if (plan_path or plan_out) and config.rounds > 1:
         raise InputError("a plan describes one round - use --rounds 1 with --plan/--plan-out")
+    preflight.check_output(src, dst)
+    if plan_out is not None:
+        preflight.check_writable(Path(plan_out))
+    preflight.check_data(config.data.source if config.data is not None else None)
     t0 = time.perf_counter()
     original, normalized, analysis = load_normalized(src, config.input_shape)
     if not analysis.prunable:
@@ -286,16 +290,6 @@ def _latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds) -> float
     return t_pruned / t_original
 
 
-def _check_output(src: Path, dst: Path) -> None:
-    if dst.suffix == "":
-        raise InputError(f"output {dst} has no extension - name it like model.pruned.onnx")
-    same = dst.resolve() == src.resolve() or (dst.exists() and src.exists()
-                                               and os.path.samefile(src, dst))
-    if same:
-        raise InputError(f"output {dst} is the input model - choose another path with -o; "
-                         "gpp-onnx never overwrites its input")
-
-
 def _first_reasons(analysis: Analysis) -> str:
     reasons = sorted({g.reason.split(": ", 1)[-1] for g in analysis.groups if g.reason})
     return "; ".join(reasons[:3]) or "no channel groups"
@@ -335,9 +329,10 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30) -> Comparison:
 
 def evaluate(path, data: DataOptions) -> tuple[float, int]:
     """Top-1 accuracy of the model at `path` on all of `data` (onnxruntime)."""
+    preflight.check_data(data.source)
     model = model_io.load(path)
     ds = dataset_for(GraphView(model), data.source, data.mean, data.std, data.resize,
-                     data.limit)
+                     data.limit, workers=data.workers)
     return accuracy(model, ds, data.batch_size), len(ds.y)
 
 
