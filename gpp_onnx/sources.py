@@ -149,8 +149,8 @@ def as_labels(y: np.ndarray, source: str) -> np.ndarray:
 
 
 def unit_scale(x: np.ndarray, source: str) -> float:
-    """The divisor that maps ``x``'s pixels to [0, 1], scanned in chunks (a memory map stays
-    unread beyond the chunk); uint8 needs no scan."""
+    """The divisor that maps ``x``'s pixels to [0, 1], from a scan chunk by chunk (so a
+    memory map is never copied whole); uint8 needs no scan."""
     if x.dtype.kind not in "iubf":
         raise DataError(f"{source}: pixels have dtype {x.dtype}; store x as uint8 or float")
     if x.dtype == np.uint8 or x.dtype.kind == "b":
@@ -266,7 +266,9 @@ def _load_npz(path: Path) -> Raw:
                                 "them as y")
             y, names = archive["y"], archive["classes"] if "classes" in archive.files else None
             with zipfile.ZipFile(path) as zf:
-                x = _npz_member_map(path, zf.getinfo("x.npy"))
+                names_in_zip = set(zf.namelist())
+                x = _npz_member_map(path, zf.getinfo("x.npy")) if "x.npy" in names_in_zip \
+                    else None
             if x is None:
                 log.info("%s: x is compressed, so its raw pixels are read into memory; "
                          "numpy.savez (uncompressed) lets them be memory-mapped", path)
