@@ -241,11 +241,14 @@ def iter_batches(ds: Dataset, batch_size: int, shuffle: bool = False,
 
 @dataclass(frozen=True, eq=False)
 class _Batches:
-    """Map-style view for torch's DataLoader: one item is one whole batch."""
+    """Map-style view for torch's DataLoader: one item is one whole batch, as a tensor so
+    that it comes back through shared memory instead of a pickle."""
     ds: Dataset
 
-    def __getitem__(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.ds.x[chunk], self.ds.y[chunk]
+    def __getitem__(self, chunk: np.ndarray):
+        import torch
+
+        return torch.from_numpy(self.ds.x[chunk]), chunk
 
 
 def _as_is(batch):
@@ -257,7 +260,8 @@ def _with_workers(ds: Dataset, chunks: list[np.ndarray]):
 
     loader = DataLoader(_Batches(ds), sampler=chunks, batch_size=None, collate_fn=_as_is,
                         num_workers=ds.workers, prefetch_factor=2)
-    yield from loader
+    for x, chunk in loader:
+        yield x.numpy(), ds.y[chunk]
 
 
 def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
