@@ -176,6 +176,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="use at most this many images")
     p.add_argument("--per-class", type=int, default=32, help="images per class for scoring")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, help="processes that prepare batches (default: a "
+                   "few for image folders, none for arrays)")
     p.add_argument("--mean", type=_floats, help="per-channel mean subtracted after /255")
     p.add_argument("--std", type=_floats, help="per-channel std divided after the mean")
     p.add_argument("--no-resize", action="store_true",
@@ -186,7 +188,7 @@ def _data_options(args) -> DataOptions | None:
     if not args.data:
         return None
     return DataOptions(args.data, args.mean, args.std, not args.no_resize, args.limit,
-                       args.val_split, args.per_class, args.batch_size)
+                       args.val_split, args.per_class, args.batch_size, args.workers)
 
 
 def _prune_config(args) -> PruneConfig:

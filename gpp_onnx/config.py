@@ -17,6 +17,7 @@ class DataOptions:
     val_split: float = 0.1               # held out for accuracy
     per_class: int = 32                  # images per class for scoring (tracing, LDA)
     batch_size: int = 64
+    workers: int | None = None           # batch-preparing processes (None: by source)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
-"""Labelled image data for gpp-onnx: loading, checking, adapting and batching (numpy only).
+"""Labelled image data for gpp-onnx: a dataset that reads, scales, resizes and batches its
+images on demand, so memory is bounded by a batch, not by the data set (numpy only).
 
-Sources for :func:`load_dataset` (``DataSpec.source``; an existing path wins over a name):
+Sources for :func:`load_dataset` (``DataSpec.source``; an existing path wins over a name; how
+each is read lazily is in :mod:`gpp_onnx.sources`):
 * ImageFolder directory: one sub-folder per class, classes sorted by folder name (label = rank),
   images (png, jpg, jpeg, bmp, gif, tif, tiff, webp, ppm, pgm, pbm) below each; read by Pillow.
 * ``.npz``: arrays ``x`` (N,H,W | N,H,W,C | N,C,H,W; uint8, ints or floats), ``y`` (N class
@@ -10,53 +12,137 @@ Sources for :func:`load_dataset` (``DataSpec.source``; an existing path wins ove
 * ``fashion-mnist[:test]``: Debian's copy in /usr/share/datasets/fashion-mnist (default: train).
 * ``digits``: scikit-learn's bundled 8x8 digits, the embedded default (:data:`DEFAULT_SOURCE`).
 
-Scaling (torchvision's ToTensor convention): pixels become float32 in [0, 1] (uint8 / 255, larger
-16-bit values / 65535, floats in (1, 255] / 255, digits / 16), then ``(x - mean[c]) / std[c]`` if
-given. Grayscale is replicated for a C-channel model; colour for a one-channel model is an error.
-Other sizes are resized bilinearly (half-pixel centres like torch's ``interpolate(...,
-align_corners=False)``, no antialias) unless ``resize=False``, which makes them an error.
+Each batch goes decode -> [0, 1] -> resize -> replicate channels -> ``(x - mean[c]) / std[c]``.
+Scaling (torchvision's ToTensor convention): uint8 / 255, larger 16-bit values / 65535, floats
+in (1, 255] / 255, digits / 16, decided once per source. Grayscale is replicated for a
+C-channel model; colour for a one-channel model is an error. Other sizes are resized
+bilinearly (half-pixel centres like torch's ``interpolate(..., align_corners=False)``, no
+antialias) unless ``resize=False``, which makes them an error. Both errors, unreadable files
+and bad labels are raised by :func:`load_dataset`, before any batch is read. Subsets and
+splits are index views of the same pixel store; nothing holds the preprocessed set.
 """
 from __future__ import annotations
 
-import gzip
 import logging
-import re
-import struct
-import zipfile
+import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from gpp_onnx.errors import DataError
+from .errors import DataError
+from .sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IMAGE_EXTENSIONS, ArrayPixels,
+                      FilePixels, check_source, resolve)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = "digits"
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
-                              ".webp", ".ppm", ".pgm", ".pbm"})
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_IDX_IMAGES = re.compile(r"images[-._]idx\d[-._]ubyte(\.gz)?$", re.IGNORECASE)
-_SPLITS = {"train": ("train",), "test": ("t10k", "test")}
+__all__ = ["DEFAULT_SOURCE", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGE_EXTENSIONS",
+           "DataSpec", "Dataset", "Images", "check_labels", "check_source", "iter_batches",
+           "load_dataset", "resize_bilinear", "split"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the data comes from and what input the model takes (C, H, W, normalisation);
+    ``workers``: processes that prepare batches (None: by source, see :func:`load_dataset`)."""
+    source: str
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    resize: bool = True
+    limit: int | None = None
+    seed: int = 0
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if min(self.channels, self.height, self.width) < 1:
+            raise DataError(f"input {self.channels}x{self.height}x{self.width}: sizes must be > 0")
+        if self.limit is not None and self.limit < 1:
+            raise DataError(f"--limit {self.limit} must be a positive number of samples")
+        if self.workers is not None and self.workers < 0:
+            raise DataError(f"--workers {self.workers} must be 0 (none) or more")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            values = None if values is None else tuple(map(float, values))
+            object.__setattr__(self, name, values)
+            if values is not None and len(values) not in (1, self.channels):
+                raise DataError(f"--{name} has {len(values)} values but the model takes "
+                                f"{self.channels} channels; give 1 or {self.channels} values")
+        if self.std is not None and min(self.std) <= 0:
+            raise DataError(f"--std {self.std} must be all positive")
+
+
+@dataclass(frozen=True, eq=False)
+class Images:
+    """A dataset's images as the model takes them, prepared when indexed: ``x[i]``, ``x[a:b]``,
+    ``x[idx]`` (and ``x[idx, ...]``) return float32 (n, C, H, W) arrays; ``index`` maps
+    positions to the pixel store, so ``take`` is a view and nothing else is kept."""
+    pixels: ArrayPixels | FilePixels
+    spec: DataSpec
+    index: np.ndarray
+    dtype = np.dtype(np.float32)
+
+    @classmethod
+    def from_array(cls, x: np.ndarray, source: str = "memory") -> Images:
+        """Images already prepared (float, N,C,H,W): read as they are."""
+        x = np.asarray(x, np.float32)
+        if x.ndim != 4 or min(x.shape[1:]) < 1:
+            raise DataError(f"{source}: x must be (N,C,H,W), got {x.shape}; reshape the array")
+        return cls(ArrayPixels(x, 1.0, source), DataSpec(source, *x.shape[1:]),
+                   np.arange(len(x)))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return len(self), self.spec.channels, self.spec.height, self.spec.width
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> Images:
+        return replace(self, index=self.index[np.asarray(idx)])
+
+    def __getitem__(self, key) -> np.ndarray:
+        key, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        pos = self.index[key]
+        x = self._prepare(np.atleast_1d(pos))
+        return x[0][rest] if np.ndim(pos) == 0 else x[(slice(None), *rest)]
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Images are read on demand: index them (x[a:b], x[idx]); x[:] reads "
+                        "all of them")
+
+    def _prepare(self, pos: np.ndarray) -> np.ndarray:
+        spec = self.spec
+        blocks = [_adapt(block, spec, self.pixels) for block in self.pixels.read(pos)]
+        if not blocks:
+            return np.zeros((0, *self.shape[1:]), np.float32)
+        x = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        if spec.mean is not None:
+            x = x - np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
+        if spec.std is not None:
+            x = x / np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
+        return np.ascontiguousarray(x, np.float32)
 
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Labelled images: x (N,C,H,W) float32, y (N,) int64 class indices into ``classes``."""
-    x: np.ndarray
+    """Labelled images: ``x`` (:class:`Images`, or an (N,C,H,W) float array taken as it is),
+    ``y`` (N,) int64 class indices into ``classes``; ``workers`` prepare batches in
+    :func:`iter_batches` (0: in this process)."""
+    x: Images
     y: np.ndarray
     classes: tuple[str, ...]
     source: str
+    workers: int = 0
 
     def __post_init__(self) -> None:
-        x, y = np.ascontiguousarray(self.x, np.float32), np.asarray(self.y, np.int64)
-        if x.ndim != 4 or y.ndim != 1:
-            raise DataError(f"{self.source}: x must be (N,C,H,W) and y (N,), got {x.shape} and "
-                            f"{y.shape}; reshape the arrays")
+        x = self.x if isinstance(self.x, Images) else Images.from_array(self.x, self.source)
+        y = np.asarray(self.y, np.int64)
+        if y.ndim != 1:
+            raise DataError(f"{self.source}: y must be (N,), got {y.shape}; reshape the labels")
         if len(x) != len(y):
             raise DataError(f"{self.source}: {len(x)} images but {len(y)} labels; give one each")
         for name, value in (("x", x), ("y", y), ("classes", tuple(map(str, self.classes)))):
@@ -70,54 +156,18 @@ class Dataset:
         return len(self.y)
 
     def subset(self, idx: Sequence[int] | np.ndarray) -> Dataset:
-        """The samples at ``idx`` (indices or a boolean mask), same classes and source."""
+        """The samples at ``idx`` (indices or a boolean mask): a view, same classes and source."""
         idx = np.asarray(idx)
-        return Dataset(self.x[idx], self.y[idx], self.classes, self.source)
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Where the data comes from and what input the model takes (C, H, W, normalisation)."""
-    source: str
-    channels: int
-    height: int
-    width: int
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    resize: bool = True
-    limit: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if min(self.channels, self.height, self.width) < 1:
-            raise DataError(f"input {self.channels}x{self.height}x{self.width}: sizes must be > 0")
-        if self.limit is not None and self.limit < 1:
-            raise DataError(f"--limit {self.limit} must be a positive number of samples")
-        for name in ("mean", "std"):
-            values = getattr(self, name)
-            values = None if values is None else tuple(map(float, values))
-            object.__setattr__(self, name, values)
-            if values is not None and len(values) not in (1, self.channels):
-                raise DataError(f"--{name} has {len(values)} values but the model takes "
-                                f"{self.channels} channels; give 1 or {self.channels} values")
-        if self.std is not None and min(self.std) <= 0:
-            raise DataError(f"--std {self.std} must be all positive")
-
-
-@dataclass(frozen=True, eq=False)
-class _Raw:
-    """A source before decoding: labels, raw pixels (N,C,H,W) or image paths; no classes: 0..K-1."""
-    y: np.ndarray
-    source: str
-    classes: tuple[str, ...] | None = None
-    x: np.ndarray | None = None
-    paths: tuple[Path, ...] = ()
+        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.intp)
+        return replace(self, x=self.x.take(idx), y=self.y[idx])
 
 
 def load_dataset(spec: DataSpec) -> Dataset:
-    """Load ``spec.source``, check it, take the ``limit`` subset and adapt it to the model input."""
-    raw = _resolve(spec.source)
-    n_x, where = (len(raw.paths) if raw.x is None else len(raw.x)), raw.source
+    """Resolve ``spec.source``, check it, and return a view of the ``limit`` subset that
+    prepares images for the model input on demand. Labels, channels, sizes (from headers for
+    image files) and pixel ranges are checked here, before any batch is read."""
+    raw = resolve(spec.source)
+    n_x, where = len(raw.pixels), raw.source
     if n_x != len(raw.y):
         raise DataError(f"{where}: {n_x} images but {len(raw.y)} labels; give one label each")
     if n_x == 0:
@@ -133,22 +183,27 @@ def load_dataset(spec: DataSpec) -> Dataset:
         idx = _stratified_pick(raw.y, spec.limit, spec.seed)
         if len(np.unique(raw.y[idx])) < 2:
             raise DataError(f"{where}: --limit {spec.limit} keeps only one class; raise it")
-    if raw.x is None:
-        x = np.concatenate([_adapt(_read_image(raw.paths[i]), spec, str(raw.paths[i]))
-                            for i in idx])
-    else:
-        x = _adapt(_to_unit_range(raw.x[idx], raw.source), spec, raw.source)
-    mean = np.asarray(spec.mean or (0.0,), np.float32).reshape(1, -1, 1, 1)
-    x = (x - mean) / np.asarray(spec.std or (1.0,), np.float32).reshape(1, -1, 1, 1)
+    for shape, first in raw.pixels.shapes(idx).items():
+        _check_fit(shape, spec, first)
     classes = raw.classes or tuple(str(i) for i in range(int(raw.y.max()) + 1))
-    ds = Dataset(x, raw.y[idx], classes, raw.source)
-    log.info("loaded %d samples of %d classes as %s from %s", len(ds), ds.num_classes,
-             ds.x.shape[1:], ds.source)
+    ds = Dataset(Images(raw.pixels, spec, idx), raw.y[idx], classes, raw.source,
+                 _workers(spec, raw.pixels))
+    log.info("%d samples of %d classes from %s, prepared as %s per batch%s", len(ds),
+             ds.num_classes, ds.source, ds.x.shape[1:],
+             f" by {ds.workers} worker processes" if ds.workers else "")
     return ds
 
 
+def _workers(spec: DataSpec, pixels: ArrayPixels | FilePixels) -> int:
+    """Decoding files pays for worker processes; slicing an array and resizing does not."""
+    if spec.workers is not None:
+        return spec.workers
+    return min(4, (os.cpu_count() or 1) - 1) if isinstance(pixels, FilePixels) else 0
+
+
 def split(ds: Dataset, val_fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """Deterministic class-stratified (train, val) split; every class keeps a train sample."""
+    """Deterministic class-stratified (train, val) split of index views; every class keeps a
+    train sample."""
     if not 0 < val_fraction < 1:
         raise DataError(f"validation fraction {val_fraction} must be strictly between 0 and 1")
     n_val = min(max(int(round(len(ds) * val_fraction)), 1), len(ds) - 1)
@@ -170,12 +225,43 @@ def check_labels(ds: Dataset, num_outputs: int) -> None:
 
 def iter_batches(ds: Dataset, batch_size: int, shuffle: bool = False,
                  seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (x, y) numpy batches of at most ``batch_size``; shuffled deterministically by seed."""
+    """Yield (x, y) numpy batches of at most ``batch_size``, prepared as they are needed
+    (by ``ds.workers`` processes, a few batches ahead, when it has any); shuffled
+    deterministically by seed."""
     if batch_size < 1:
         raise DataError(f"batch size {batch_size} must be at least 1")
     order = np.random.default_rng(seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
-    for start in range(0, len(ds), batch_size):
-        yield ds.x[order[start:start + batch_size]], ds.y[order[start:start + batch_size]]
+    chunks = [order[start:start + batch_size] for start in range(0, len(ds), batch_size)]
+    if ds.workers > 0 and len(chunks) > 1:
+        yield from _with_workers(ds, chunks)
+        return
+    for chunk in chunks:
+        yield ds.x[chunk], ds.y[chunk]
+
+
+@dataclass(frozen=True, eq=False)
+class _Batches:
+    """Map-style view for torch's DataLoader: one item is one whole batch, as a tensor so
+    that it comes back through shared memory instead of a pickle."""
+    ds: Dataset
+
+    def __getitem__(self, chunk: np.ndarray):
+        import torch
+
+        return torch.from_numpy(self.ds.x[chunk]), chunk
+
+
+def _as_is(batch):
+    return batch
+
+
+def _with_workers(ds: Dataset, chunks: list[np.ndarray]):
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_Batches(ds), sampler=chunks, batch_size=None, collate_fn=_as_is,
+                        num_workers=ds.workers, prefetch_factor=2)
+    for x, chunk in loader:
+        yield x.numpy(), ds.y[chunk]
 
 
 def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -190,36 +276,25 @@ def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return (x[..., x0] * (1 - wx) + x[..., x1] * wx).astype(np.float32)
 
 
-def _resolve(source: str) -> _Raw:
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return _load_idx_dir(path, None) or _load_image_folder(path)
-    if path.is_file() and path.suffix.lower() == ".npz":
-        return _load_npz(path)
-    if path.is_file() and _IDX_IMAGES.search(path.name):
-        return _load_idx(path)
-    if path.is_file():
-        raise DataError(f"{path}: unsupported file type; give an ImageFolder directory, an .npz "
-                        "file (arrays x, y) or an MNIST-style *-images-idx3-ubyte[.gz] file")
-    name, _, split_name = source.lower().partition(":")
-    if name in ("digits", "fashion-mnist"):
-        return _load_builtin(name, split_name or "train")
-    base, _, split_name = source.rpartition(":")
-    if split_name in _SPLITS and Path(base).expanduser().is_dir():
-        return _load_idx_dir(Path(base).expanduser(), split_name)
-    raise DataError(f"unknown data source {source!r}: no such file or directory and not a built-in "
-                    "name (digits, fashion-mnist[:test]); give a data directory or file")
+def _check_fit(shape: tuple[int, ...], spec: DataSpec, where: str) -> None:
+    """Images of (C, H, W) ``shape`` can be adapted to the model input, else DataError."""
+    channels, height, width = shape
+    if channels != spec.channels and channels != 1:
+        raise DataError(f"{where}: images have {channels} channels but the model takes "
+                        f"{spec.channels}; give grayscale or {spec.channels}-channel images")
+    if (height, width) != (spec.height, spec.width) and not spec.resize:
+        raise DataError(f"{where}: images are {height}x{width} but the model takes "
+                        f"{spec.height}x{spec.width}; enable --resize or give images of that size")
 
 
-def _as_labels(y: np.ndarray, source: str) -> np.ndarray:
-    y = np.asarray(y)
-    y = y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
-    if y.ndim != 1:
-        raise DataError(f"{source}: labels must be 1-D class indices, got shape {y.shape}; "
-                        "convert one-hot labels with y.argmax(1)")
-    if y.dtype.kind not in "iubf" or y.dtype.kind == "f" and (y != np.round(y)).any():
-        raise DataError(f"{source}: labels must be whole class indices; store y as integers")
-    return y.astype(np.int64)
+def _adapt(x: np.ndarray, spec: DataSpec, pixels) -> np.ndarray:
+    """Match the model's size (bilinear resize) and channel count (replicating grayscale)."""
+    _check_fit(x.shape[1:], spec, getattr(pixels, "source", "image file"))
+    if x.shape[2:] != (spec.height, spec.width):
+        x = resize_bilinear(x, spec.height, spec.width)
+    if x.shape[1] != spec.channels:
+        x = np.repeat(x, spec.channels, axis=1)
+    return x
 
 
 def _stratified_pick(y: np.ndarray, n: int, seed: int, reserve: int = 0) -> np.ndarray:
@@ -236,162 +311,3 @@ def _stratified_pick(y: np.ndarray, n: int, seed: int, reserve: int = 0) -> np.n
     rng = np.random.default_rng(seed)
     picks = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(labels, take + extra)]
     return np.sort(np.concatenate(picks)).astype(np.int64)
-
-
-def _to_unit_range(x: np.ndarray, source: str) -> np.ndarray:
-    if x.dtype.kind in "iub":
-        if x.min() < 0:
-            raise DataError(f"{source}: negative pixel values; store pixels as uint8 or [0, 1]")
-        top = int(x.max())
-        scale = 1 if x.dtype.kind == "b" else 255 if top <= 255 else max(top, 65535)
-        return x.astype(np.float32) / np.float32(scale)
-    if x.dtype.kind != "f":
-        raise DataError(f"{source}: pixels have dtype {x.dtype}; store x as uint8 or float")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"{source}: NaN or infinite pixel values; clean or drop those images")
-    lo, hi = float(x.min()), float(x.max())
-    if lo >= 0 and 1 < hi <= 255:
-        log.info("%s: float pixels in [0, %g] divided by 255", source, hi)
-        return x / np.float32(255)
-    if lo < 0 or hi > 1:
-        log.warning("%s: float pixels in [%g, %g] taken as already normalised", source, lo, hi)
-    return x
-
-
-def _adapt(x: np.ndarray, spec: DataSpec, where: str) -> np.ndarray:
-    """Match the model's channel count (replicating grayscale) and size (bilinear resize)."""
-    channels, (height, width) = x.shape[1], x.shape[2:]
-    if channels != spec.channels and channels != 1:
-        raise DataError(f"{where}: images have {channels} channels but the model takes "
-                        f"{spec.channels}; give grayscale or {spec.channels}-channel images")
-    if channels != spec.channels:
-        x = np.repeat(x, spec.channels, axis=1)
-    if (height, width) != (spec.height, spec.width) and not spec.resize:
-        raise DataError(f"{where}: images are {height}x{width} but the model takes "
-                        f"{spec.height}x{spec.width}; enable --resize or give images of that size")
-    if (height, width) != (spec.height, spec.width):
-        x = resize_bilinear(x, spec.height, spec.width)
-    return x
-
-
-def _read_image(path: Path) -> np.ndarray:
-    """One image file as (1, C, H, W) float32 in [0, 1]; C is 1 for grayscale, else 3."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise DataError("reading image files needs Pillow; run `pip install pillow`") from None
-    try:
-        with Image.open(path) as img:
-            if img.mode[0] in "IF":  # 16/32-bit integer or float pixels
-                arr = _to_unit_range(np.asarray(img), str(path))
-            else:
-                gray = img.mode in ("1", "L", "LA", "La")
-                arr = np.asarray(img.convert("L" if gray else "RGB"), np.float32) / np.float32(255)
-    except OSError as err:
-        raise DataError(f"cannot read image {path}: {err}; fix or remove the file") from None
-    return (arr[:, :, None] if arr.ndim == 2 else arr).transpose(2, 0, 1)[None]
-
-
-def _load_image_folder(root: Path) -> _Raw:
-    class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                        key=lambda p: p.name)
-    if not class_dirs and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()):
-        raise DataError(f"{root}: images but no class sub-folders, so no labels; put each "
-                        "class's images in its own sub-folder")
-    if not class_dirs:
-        raise DataError(f"{root}: the dataset is empty (no class folders, images or IDX files); "
-                        "give an ImageFolder directory with one sub-folder per class")
-    per_class = [sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                        and p.is_file()) for d in class_dirs]
-    for folder, files in zip(class_dirs, per_class):
-        if not files:
-            raise DataError(f"class folder {folder} holds no images; add some or remove it")
-    labels = np.repeat(np.arange(len(class_dirs)), [len(files) for files in per_class])
-    return _Raw(y=labels.astype(np.int64), classes=tuple(d.name for d in class_dirs),
-                source=str(root), paths=tuple(p for files in per_class for p in files))
-
-
-def _load_npz(path: Path) -> _Raw:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(f"cannot read {path}: {err}; save it with "
-                        "numpy.savez(path, x=images, y=labels)") from None
-    found = ", ".join(sorted(arrays)) or "none"
-    if "x" not in arrays:
-        raise DataError(f"{path}: no array 'x' (found: {found}); save images as x, labels as y")
-    if "y" not in arrays:
-        raise DataError(f"{path}: no labels: array 'y' missing (found: {found}); save them as y")
-    x = arrays["x"][:, None] if arrays["x"].ndim == 3 else arrays["x"]
-    if x.ndim != 4 or (x.shape[1] not in (1, 3, 4) and x.shape[3] not in (1, 3, 4)):
-        raise DataError(f"{path}: cannot tell the channel axis of x {x.shape}; store x as N,H,W "
-                        "or N,H,W,C or N,C,H,W with 1, 3 or 4 channels")
-    x = x if x.shape[1] in (1, 3, 4) else x.transpose(0, 3, 1, 2)
-    classes = tuple(map(str, arrays["classes"])) if "classes" in arrays else None
-    return _Raw(y=_as_labels(arrays["y"], str(path)), classes=classes, source=str(path), x=x)
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    try:
-        data = path.read_bytes()
-        data = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-    except (OSError, EOFError) as err:
-        raise DataError(f"cannot read {path}: {err}; re-download or fix the file") from None
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
-        raise DataError(f"{path}: not an IDX file (bad magic number); give MNIST-format files")
-    ndim, offset, dtype = data[3], 4 + 4 * data[3], np.dtype(_IDX_DTYPES[data[2]])
-    dims = struct.unpack(f">{ndim}I", data[4:offset]) if len(data) >= offset else None
-    if dims is None or len(data) - offset != int(np.prod(dims)) * dtype.itemsize:
-        raise DataError(f"{path}: IDX data does not fit its header {dims}; file truncated?")
-    return np.frombuffer(data, dtype, offset=offset).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def _load_idx(path: Path) -> _Raw:
-    base = re.sub(r"images([-._])idx\d(.*?)(\.gz)?$", r"labels\1idx1\2", path.name, flags=re.I)
-    found = [p for p in (path.parent / base, path.parent / (base + ".gz")) if p.is_file()]
-    if not found:
-        raise DataError(f"{path}: no labels file {base}[.gz] beside it; put it in {path.parent}")
-    images, labels = _read_idx(path), _read_idx(found[0])
-    if images.ndim != 3:
-        raise DataError(f"{path}: IDX images must be N,H,W, got {images.shape}; give MNIST layout")
-    return _Raw(y=_as_labels(labels, str(path)), source=str(path), x=images[:, None])
-
-
-def _load_idx_dir(folder: Path, split_name: str | None) -> _Raw | None:
-    """The IDX pair in ``folder`` (the only one, else the split's); None if it holds none."""
-    unique: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):  # a plain file sorts before its .gz twin: keep it
-        if p.is_file() and _IDX_IMAGES.search(p.name):
-            unique.setdefault(re.sub(r"\.gz$", "", p.name, flags=re.IGNORECASE).lower(), p)
-    files = list(unique.values())
-    if not files:
-        return None
-    if split_name is None and len(files) == 1:
-        return _load_idx(files[0])
-    matches = [p for p in files if p.name.lower().startswith(_SPLITS[split_name or "train"])]
-    if len(matches) != 1:
-        raise DataError(f"{folder}: {len(matches)} {split_name or 'train'} IDX images files among "
-                        f"{[p.name for p in files]}; give the path of one images file")
-    return _load_idx(matches[0])
-
-
-def _load_builtin(name: str, split_name: str) -> _Raw:
-    """``fashion-mnist`` (Debian's files, train or test split) or ``digits`` (scikit-learn)."""
-    if name == "fashion-mnist" and split_name not in _SPLITS:
-        raise DataError(f"unknown split {split_name!r}; use fashion-mnist or fashion-mnist:test")
-    if name == "fashion-mnist":
-        raw = _load_idx_dir(FASHION_MNIST_DIR, split_name) if FASHION_MNIST_DIR.is_dir() else None
-        if raw is None:
-            raise DataError(f"Fashion-MNIST not found in {FASHION_MNIST_DIR}; install it with "
-                            "`apt-get install dataset-fashion-mnist` or pass the IDX files' path")
-        return replace(raw, classes=FASHION_MNIST_CLASSES, source=f"fashion-mnist:{split_name}")
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise DataError("the 'digits' data set needs scikit-learn; run "
-                        "`pip install scikit-learn`") from None
-    bunch = load_digits()  # pixel values 0..16
-    return _Raw(y=bunch.target.astype(np.int64), classes=tuple(map(str, bunch.target_names)),
-                source="digits", x=(bunch.images[:, None] / 16.0).astype(np.float32))

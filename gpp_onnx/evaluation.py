@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool = True,
-                limit: int | None = None, seed: int = 0) -> Dataset:
+                limit: int | None = None, seed: int = 0, workers: int | None = None) -> Dataset:
     """Load `source` shaped for the model's (first) input and check labels fit its output."""
     spec = view.inputs[0]
     if len(spec.shape) != 4:
@@ -23,7 +23,7 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
                         "N,C,H,W input - use a CNN classifier")
     _, c, h, w = spec.shape
     ds = load_dataset(DataSpec(source, c, h, w, mean=mean, std=std, resize=resize,
-                               limit=limit, seed=seed))
+                               limit=limit, seed=seed, workers=workers))
     out_shape = view.shape(view.output_names[0])
     if out_shape is None or len(out_shape) != 2:
         raise DataError(f"output '{view.output_names[0]}' has shape {out_shape}; a classifier "

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import latency, report, verify
+from . import latency, preflight, report, verify
 from . import model as model_io
 from .analysis import Analysis, analyze_model
 from .analysis.features import final_hidden_layer
@@ -106,10 +106,11 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     config = replace(config or PruneConfig(), **options).checked()
     src = None if isinstance(model, onnx.ModelProto) else Path(model)
     dst = None if output is None else Path(output)
-    if dst is not None:
-        _check_output(src, dst)
     if (plan_path or plan_out) and config.rounds > 1:
         raise InputError("a plan describes one round - use --rounds 1 with --plan/--plan-out")
+    _preflight(model, src, dst, config.data)
+    if plan_out is not None:
+        preflight.check_writable(Path(plan_out))
     t0 = time.perf_counter()
     start = start_run(model if src is None else src, config)
     rounds = _run_rounds(start, config, plan_path)
@@ -189,14 +190,11 @@ def _check_precision(model: onnx.ModelProto, config: PruneConfig) -> None:
             "--criterion l1), or prune its float32 version")
 
 
-def _check_output(src: Path | None, dst: Path) -> None:
-    if dst.suffix == "":
-        raise InputError(f"output {dst} has no extension - name it like model.pruned.onnx")
-    same = src is not None and (dst.resolve() == src.resolve() or (
-        dst.exists() and src.exists() and os.path.samefile(src, dst)))
-    if same:
-        raise InputError(f"output {dst} is the input model - choose another path with -o; "
-                         "gpp-onnx never overwrites its input")
+def _preflight(model, src: Path | None, dst: Path | None, data: DataOptions | None) -> None:
+    """Output writable with room, data readable: checked before any expensive work."""
+    if dst is not None:
+        preflight.check_output(src, dst, model.ByteSize() if src is None else 0)
+    preflight.check_data(data.source if data is not None else None)
 
 
 def _first_reasons(analysis: Analysis) -> str:
@@ -271,8 +269,7 @@ def push(model, output=None, data: DataOptions | None = None,
         raise InputError(f"--epochs {train.epochs} must be > 0")
     src = None if isinstance(model, onnx.ModelProto) else Path(model)
     dst = None if output is None else Path(output)
-    if dst is not None:
-        _check_output(src, dst)
+    _preflight(model, src, dst, data)
     _, normalized, analysis = _load(model if src is None else src, input_shape)
     config = PruneConfig(data=data, seed=seed, train=train).checked()
     _check_precision(normalized, config)
@@ -291,9 +288,10 @@ def push(model, output=None, data: DataOptions | None = None,
 
 def evaluate(path, data: DataOptions) -> tuple[float, int]:
     """Top-1 accuracy of the model at `path` on all of `data` (onnxruntime)."""
+    preflight.check_data(data.source)
     model = model_io.load(path)
     ds = dataset_for(GraphView(model), data.source, data.mean, data.std, data.resize,
-                     data.limit)
+                     data.limit, workers=data.workers)
     return accuracy(model, ds, data.batch_size), len(ds.y)
 
 

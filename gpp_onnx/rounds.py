@@ -114,7 +114,8 @@ def load_data(view: GraphView, config: PruneConfig) -> Splits | None:
     if config.data is None:
         return None
     opts = config.data
-    ds = dataset_for(view, opts.source, opts.mean, opts.std, opts.resize, opts.limit, config.seed)
+    ds = dataset_for(view, opts.source, opts.mean, opts.std, opts.resize, opts.limit, config.seed,
+                     opts.workers)
     if opts.val_split > 0:
         train, val = split(ds, opts.val_split, config.seed)
     else:
@@ -158,7 +159,7 @@ def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
         return deltas, None
     rng = np.random.default_rng(config.seed)
     pick = np.sort(rng.permutation(len(sample.y))[:REPAIR_IMAGES])
-    weights, deltas = repair.reconstruct(analysis, kept, deltas, sample.x[pick],
+    weights, deltas = repair.reconstruct(analysis, kept, deltas, sample.subset(pick).x,
                                          config.train.device, batch_size=config.data.batch_size,
                                          seed=config.seed)
     return deltas, weights

@@ -95,7 +95,7 @@ def test_default_gpp_signal_is_the_lda_loss_change_per_image():
     exposed.CopyFrom(model)
     exposed.graph.output.extend([onnx.ValueInfoProto(name="relu4")])
     session = make_session(exposed, optimize=False)
-    h = session.run(["relu4"], {"input": data.x})[0].astype(np.float64)
+    h = session.run(["relu4"], {"input": data.x[:]})[0].astype(np.float64)
     p = h.mean(axis=(2, 3))
     lda = crit.lda
     z = (p - lda.center) @ lda.directions
@@ -122,3 +122,20 @@ def test_constant_final_layer_is_a_clear_error(name):
     analysis = analyze_model(normalize(model))
     with pytest.raises(DataError, match="constant on the data"):
         get_criterion(name).score(analysis, Evidence(_data(), "relu4", device="cpu"))
+
+
+@pytest.mark.parametrize("name", ["gpp", "gpp-deconv"])
+def test_tracing_batch_is_capped_by_bytes_and_scores_do_not_depend_on_it(name, monkeypatch):
+    """A large-input model traces fewer images at a time; per-channel sums over the data
+    are the same whatever the batch (one image at a time as the reference)."""
+    from gpp_onnx.importance import discriminant
+
+    analysis = analyze_model(normalize(_two_layer(dead=0, cut_off=2)))
+    evidence = Evidence(_data(), "relu4", device="cpu", batch_size=64)
+    assert discriminant._trace_batch(analysis.view, 64) == 32
+    whole = get_criterion(name).score(analysis, evidence)
+    monkeypatch.setattr(discriminant, "TRACE_BYTES", 1)  # less than one image's values
+    assert discriminant._trace_batch(analysis.view, 64) == 1
+    one = get_criterion(name).score(analysis, evidence)
+    for key in whole:
+        np.testing.assert_allclose(one[key], whole[key], rtol=1e-5, atol=1e-12)

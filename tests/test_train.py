@@ -42,7 +42,7 @@ def _offdiag_energy(model, data, feature) -> float:
     """||offdiag(S_w)||_F^2 / ||S_w||_F^2 of the features, computed in numpy."""
     module = OnnxModule(model).eval()
     with torch.no_grad():
-        h = module.run([torch.from_numpy(data.x)], [feature])[feature].numpy()
+        h = module.run([torch.from_numpy(data.x[:])], [feature])[feature].numpy()
     h = h.reshape(h.shape[0], h.shape[1], -1).mean(2) if h.ndim > 2 else h
     z = h - np.stack([h[data.y == c].mean(0) for c in range(10)])[data.y]
     s_w = z.T @ z

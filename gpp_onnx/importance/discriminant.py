@@ -83,10 +83,19 @@ def guided_relu(node, x):
 
 
 RULES = {"deconv": deconv_relu, "guided": guided_relu, "gradient": None}
+TRACE_BYTES = 256 << 20  # one tracing batch's forward values (autograd keeps them; grads add more)
 
 
 def _pool(h: torch.Tensor) -> torch.Tensor:
     return h.flatten(2).mean(dim=2) if h.dim() > 2 else h
+
+
+def _trace_batch(view, wanted: int) -> int:
+    """At most ``wanted`` and 32 images, and few enough that their forward values fit in
+    TRACE_BYTES (resnet18 at 224 px holds 22 MB per image: 11 images; at 64 px: 32)."""
+    per_image = sum(4 * int(np.prod(shape[1:])) for node in view.model.graph.node
+                    for name in node.output if name and (shape := view.shape(name)))
+    return max(1, min(wanted, 32, TRACE_BYTES // max(per_image, 1)))
 
 
 def _batches(data, batch_size: int):
@@ -118,7 +127,7 @@ class DiscriminantCriterion:
         module = OnnxModule(analysis.view.model, device=device,
                             op_overrides={"Relu": relu} if relu else None).eval()
         input_name = analysis.view.input_names[0]
-        batch = max(1, min(evidence.batch_size, 32))
+        batch = _trace_batch(analysis.view, evidence.batch_size)
         self.lda = self._lda(module, input_name, evidence, batch, device)
         weights = None  # the lda-nll objective weighs neurons through the LDA classifier
         if self.objective == "activation":

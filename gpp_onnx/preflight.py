@@ -1,0 +1,61 @@
+"""Checks that fail before the work: what a run will write and read is usable, so a
+mistake costs a one-line error (exit 2) and not a finished analysis that cannot be saved.
+
+* every output folder exists (or can be created) and takes a file: the same temporary file
+  the atomic save writes is created there and deleted;
+* the output's disk has room for about the input model's size;
+* the data source exists and is readable (its pixels are read later, batch by batch).
+Nothing is left behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .data import check_source
+from .errors import InputError
+
+
+def check_output(src: Path | None, dst: Path, size: int = 0) -> None:
+    """The model output ``dst``: named, not the input, writable, with room for it (the
+    input file's size, or `size` bytes for a model given in memory, src None)."""
+    if dst.suffix == "":
+        raise InputError(f"output {dst} has no extension - name it like model.pruned.onnx")
+    same = src is not None and (dst.resolve() == src.resolve() or (
+        dst.exists() and src.exists() and os.path.samefile(src, dst)))
+    if same:
+        raise InputError(f"output {dst} is the input model - choose another path with -o; "
+                         "gpp-onnx never overwrites its input")
+    folder = check_writable(dst)
+    need = src.stat().st_size if src is not None and src.is_file() else size
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise InputError(f"only {free / 2**20:.0f} MiB free in {folder} for an output of up to "
+                         f"{need / 2**20:.0f} MiB - free some space or choose another -o")
+
+
+def check_writable(path: Path) -> Path:
+    """The existing folder that ``path`` will be written in (its own, or the nearest existing
+    one above it, which the save creates folders in); InputError unless it takes a file."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"cannot write {path}: {folder} is not a folder - choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise InputError(f"cannot write {path}: {folder} is not writable ({reason}) - choose "
+                         "another output path or fix the folder's permissions") from None
+    os.close(fd)
+    os.unlink(probe)
+    return folder
+
+
+def check_data(source: str | None) -> None:
+    """The data source exists and is readable (DataError otherwise); None: no data."""
+    if source is not None:
+        check_source(source)

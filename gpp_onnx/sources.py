@@ -1,0 +1,361 @@
+"""Where labelled images come from: a source resolved to its labels and a pixel store that
+reads images on demand, so memory is bounded by a batch and not by the data set.
+
+* IDX (MNIST layout): an uncompressed file is memory-mapped; a ``.gz`` one is decompressed
+  once to its raw pixels (uint8 for MNIST, 47 MB for Fashion-MNIST's 60k train images).
+* ``.npz``: ``x`` is memory-mapped when stored uncompressed (``numpy.savez``: the member's
+  bytes are located through its zip local header); ``numpy.savez_compressed`` cannot be
+  mapped, so its raw ``x`` is read once. ``y`` and ``classes`` are small and read whole.
+* ImageFolder: file paths are listed once and each file's header is probed up front
+  (readable, channels, size); pixels are decoded when a batch asks for them.
+
+Scaling to [0, 1] is decided once per array source from its dtype and value range
+(uint8 / 255, larger integers / 65535 or their maximum, floats in (1, 255] / 255), so every
+batch of a source is scaled alike; a 16/32-bit image file is scaled by its own range.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import re
+import struct
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
+                              ".webp", ".ppm", ".pgm", ".pbm"})
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_IMAGES = re.compile(r"images[-._]idx\d[-._]ubyte(\.gz)?$", re.IGNORECASE)
+_SPLITS = {"train": ("train",), "test": ("t10k", "test")}
+_SCAN_CHUNK = 1 << 24  # pixel values per chunk when scanning an array's range
+
+
+@dataclass(frozen=True, eq=False)
+class ArrayPixels:
+    """Raw pixels (N,C,H,W), possibly a read-only memory map; ``scale`` maps them to [0, 1]."""
+    array: np.ndarray
+    scale: float
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def shapes(self, pos: np.ndarray) -> dict[tuple[int, ...], str]:
+        return {tuple(self.array.shape[1:]): self.source}
+
+    def read(self, pos: np.ndarray) -> list[np.ndarray]:
+        """The images at ``pos`` as one float32 (n,C,H,W) block in [0, 1]."""
+        x = np.asarray(self.array[pos], dtype=np.float32)
+        return [x / np.float32(self.scale) if self.scale != 1 else x]
+
+
+@dataclass(frozen=True, eq=False)
+class FilePixels:
+    """Image files, decoded one by one when read (C is 1 for grayscale, else 3)."""
+    paths: tuple[Path, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def shapes(self, pos: np.ndarray) -> dict[tuple[int, ...], str]:
+        """Each distinct (C, H, W) among the files at ``pos``, with the first file that has it;
+        reads only headers, so an unreadable file fails here, before the work."""
+        found: dict[tuple[int, ...], str] = {}
+        for i in pos:
+            found.setdefault(_probe(self.paths[i]), str(self.paths[i]))
+        return found
+
+    def read(self, pos: np.ndarray) -> list[np.ndarray]:
+        return [_read_image(self.paths[i]) for i in pos]
+
+
+@dataclass(frozen=True, eq=False)
+class Raw:
+    """A resolved source: labels, a pixel store, class names (None: 0..K-1)."""
+    y: np.ndarray
+    pixels: ArrayPixels | FilePixels
+    source: str
+    classes: tuple[str, ...] | None = None
+
+
+def check_source(source: str) -> None:
+    """Raise DataError unless ``source`` names an existing, readable source; reads no pixels."""
+    kind, path, _ = _locate(source)
+    if kind == "fashion-mnist" and not FASHION_MNIST_DIR.is_dir():
+        raise DataError(f"Fashion-MNIST not found in {FASHION_MNIST_DIR}; install it with "
+                        "`apt-get install dataset-fashion-mnist` or pass the IDX files' path")
+    if path is not None and not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise DataError(f"data source {path} is not readable; fix its permissions or copy it")
+
+
+def resolve(source: str) -> Raw:
+    """Labels and a pixel store for ``source`` (an existing path wins over a built-in name)."""
+    kind, path, split_name = _locate(source)
+    if kind == "dir":
+        return _load_idx_dir(path, None) or _load_image_folder(path)
+    if kind == "npz":
+        return _load_npz(path)
+    if kind == "idx":
+        return _load_idx(path)
+    if kind == "idx-split":
+        return _load_idx_dir(path, split_name)
+    return _load_builtin(kind, split_name)
+
+
+def _locate(source: str) -> tuple[str, Path | None, str | None]:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "dir", path, None
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return "npz", path, None
+    if path.is_file() and _IDX_IMAGES.search(path.name):
+        return "idx", path, None
+    if path.is_file():
+        raise DataError(f"{path}: unsupported file type; give an ImageFolder directory, an .npz "
+                        "file (arrays x, y) or an MNIST-style *-images-idx3-ubyte[.gz] file")
+    name, _, split_name = source.lower().partition(":")
+    if name in ("digits", "fashion-mnist"):
+        if name == "fashion-mnist" and (split_name or "train") not in _SPLITS:
+            raise DataError(f"unknown split {split_name!r}; use fashion-mnist or "
+                            "fashion-mnist:test")
+        return name, None, split_name or "train"
+    base, _, split_name = source.rpartition(":")
+    if split_name in _SPLITS and Path(base).expanduser().is_dir():
+        return "idx-split", Path(base).expanduser(), split_name
+    raise DataError(f"unknown data source {source!r}: no such file or directory and not a built-in "
+                    "name (digits, fashion-mnist[:test]); give a data directory or file")
+
+
+def as_labels(y: np.ndarray, source: str) -> np.ndarray:
+    y = np.asarray(y)
+    y = y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
+    if y.ndim != 1:
+        raise DataError(f"{source}: labels must be 1-D class indices, got shape {y.shape}; "
+                        "convert one-hot labels with y.argmax(1)")
+    if y.dtype.kind not in "iubf" or y.dtype.kind == "f" and (y != np.round(y)).any():
+        raise DataError(f"{source}: labels must be whole class indices; store y as integers")
+    return y.astype(np.int64)
+
+
+def unit_scale(x: np.ndarray, source: str) -> float:
+    """The divisor that maps ``x``'s pixels to [0, 1], from a scan chunk by chunk (so a
+    memory map is never copied whole); uint8 needs no scan."""
+    if x.dtype.kind not in "iubf":
+        raise DataError(f"{source}: pixels have dtype {x.dtype}; store x as uint8 or float")
+    if x.dtype == np.uint8 or x.dtype.kind == "b":
+        return 255.0 if x.dtype == np.uint8 else 1.0
+    flat, lo, hi = x.reshape(len(x), -1) if x.ndim else x.reshape(1, 1), np.inf, -np.inf
+    step = max(1, _SCAN_CHUNK // max(flat.shape[1], 1))
+    for start in range(0, len(flat), step):
+        chunk = np.asarray(flat[start:start + step])
+        if x.dtype.kind == "f" and not np.isfinite(chunk).all():
+            raise DataError(f"{source}: NaN or infinite pixel values; clean or drop those images")
+        if chunk.size:
+            lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+    if x.dtype.kind in "iu":
+        if lo < 0:
+            raise DataError(f"{source}: negative pixel values; store pixels as uint8 or [0, 1]")
+        return 255.0 if hi <= 255 else float(max(hi, 65535))
+    if lo >= 0 and 1 < hi <= 255:
+        log.info("%s: float pixels in [0, %g] divided by 255", source, hi)
+        return 255.0
+    if lo < 0 or hi > 1:
+        log.warning("%s: float pixels in [%g, %g] taken as already normalised", source, lo, hi)
+    return 1.0
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading image files needs Pillow; run `pip install pillow`") from None
+    return Image
+
+
+def _channels(mode: str) -> int:
+    return 1 if mode[0] in "IF" or mode in ("1", "L", "LA", "La") else 3
+
+
+def _probe(path: Path) -> tuple[int, int, int]:
+    """(C, H, W) of an image file from its header."""
+    try:
+        with _pil().open(path) as img:
+            return _channels(img.mode), img.size[1], img.size[0]
+    except OSError as err:
+        raise DataError(f"cannot read image {path}: {err}; fix or remove the file") from None
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """One image file as (1, C, H, W) float32 in [0, 1]."""
+    try:
+        with _pil().open(path) as img:
+            if img.mode[0] in "IF":  # 16/32-bit integer or float pixels
+                arr = np.asarray(img)
+                arr = arr.astype(np.float32) / np.float32(unit_scale(arr[None], str(path)))
+            else:
+                mode = "L" if _channels(img.mode) == 1 else "RGB"
+                arr = np.asarray(img.convert(mode), np.float32) / np.float32(255)
+    except OSError as err:
+        raise DataError(f"cannot read image {path}: {err}; fix or remove the file") from None
+    return (arr[:, :, None] if arr.ndim == 2 else arr).transpose(2, 0, 1)[None]
+
+
+def _load_image_folder(root: Path) -> Raw:
+    class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                        key=lambda p: p.name)
+    if not class_dirs and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()):
+        raise DataError(f"{root}: images but no class sub-folders, so no labels; put each "
+                        "class's images in its own sub-folder")
+    if not class_dirs:
+        raise DataError(f"{root}: the dataset is empty (no class folders, images or IDX files); "
+                        "give an ImageFolder directory with one sub-folder per class")
+    per_class = [sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                        and p.is_file()) for d in class_dirs]
+    for folder, files in zip(class_dirs, per_class):
+        if not files:
+            raise DataError(f"class folder {folder} holds no images; add some or remove it")
+    _pil()
+    labels = np.repeat(np.arange(len(class_dirs)), [len(files) for files in per_class])
+    paths = tuple(p for files in per_class for p in files)
+    return Raw(labels.astype(np.int64), FilePixels(paths), str(root),
+               tuple(d.name for d in class_dirs))
+
+
+def _npz_member_map(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """A read-only memory map of an uncompressed .npy member, or None if it cannot be mapped."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        f.seek(info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30])))
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return None
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject or int(np.prod(shape)) == 0:
+        return None
+    return np.memmap(path, dtype, "r", offset, shape, order="F" if fortran else "C")
+
+
+def _load_npz(path: Path) -> Raw:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            found = ", ".join(sorted(archive.files)) or "none"
+            if "x" not in archive.files:
+                raise DataError(f"{path}: no array 'x' (found: {found}); save images as x, "
+                                "labels as y")
+            if "y" not in archive.files:
+                raise DataError(f"{path}: no labels: array 'y' missing (found: {found}); save "
+                                "them as y")
+            y, names = archive["y"], archive["classes"] if "classes" in archive.files else None
+            with zipfile.ZipFile(path) as zf:
+                names_in_zip = set(zf.namelist())
+                x = _npz_member_map(path, zf.getinfo("x.npy")) if "x.npy" in names_in_zip \
+                    else None
+            if x is None:
+                log.info("%s: x is compressed, so its raw pixels are read into memory; "
+                         "numpy.savez (uncompressed) lets them be memory-mapped", path)
+                x = archive["x"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise DataError(f"cannot read {path}: {err}; save it with "
+                        "numpy.savez(path, x=images, y=labels)") from None
+    x = x[:, None] if x.ndim == 3 else x
+    if x.ndim != 4 or (x.shape[1] not in (1, 3, 4) and x.shape[3] not in (1, 3, 4)):
+        raise DataError(f"{path}: cannot tell the channel axis of x {x.shape}; store x as N,H,W "
+                        "or N,H,W,C or N,C,H,W with 1, 3 or 4 channels")
+    x = x if x.shape[1] in (1, 3, 4) else x.transpose(0, 3, 1, 2)
+    classes = tuple(map(str, names)) if names is not None else None
+    return Raw(as_labels(y, str(path)), ArrayPixels(x, unit_scale(x, str(path)), str(path)),
+               str(path), classes)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX array: memory-mapped if uncompressed, else decompressed once (raw dtype)."""
+    try:
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+        data = gzip.decompress(path.read_bytes()) if gz else None
+        with open(path, "rb") as f:
+            head = data[:4] if gz else f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES:
+                raise DataError(f"{path}: not an IDX file (bad magic number); give MNIST-format "
+                                "files")
+            ndim, dtype = head[3], np.dtype(_IDX_DTYPES[head[2]])
+            dims_bytes = data[4:4 + 4 * ndim] if gz else f.read(4 * ndim)
+        size = len(data) if gz else path.stat().st_size
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read {path}: {err}; re-download or fix the file") from None
+    offset = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", dims_bytes) if len(dims_bytes) == 4 * ndim else None
+    if dims is None or size - offset != int(np.prod(dims)) * dtype.itemsize:
+        raise DataError(f"{path}: IDX data does not fit its header {dims}; file truncated?")
+    if gz:
+        return np.frombuffer(data, dtype, offset=offset).reshape(dims)
+    if int(np.prod(dims)) == 0:
+        return np.zeros(dims, dtype)
+    return np.memmap(path, dtype, "r", offset, dims)
+
+
+def _load_idx(path: Path) -> Raw:
+    base = re.sub(r"images([-._])idx\d(.*?)(\.gz)?$", r"labels\1idx1\2", path.name, flags=re.I)
+    found = [p for p in (path.parent / base, path.parent / (base + ".gz")) if p.is_file()]
+    if not found:
+        raise DataError(f"{path}: no labels file {base}[.gz] beside it; put it in {path.parent}")
+    images, labels = _read_idx(path), _read_idx(found[0])
+    if images.ndim != 3:
+        raise DataError(f"{path}: IDX images must be N,H,W, got {images.shape}; give MNIST layout")
+    pixels = ArrayPixels(images[:, None], unit_scale(images, str(path)), str(path))
+    return Raw(as_labels(labels, str(path)), pixels, str(path))
+
+
+def _load_idx_dir(folder: Path, split_name: str | None) -> Raw | None:
+    """The IDX pair in ``folder`` (the only one, else the split's); None if it holds none."""
+    unique: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):  # a plain file sorts before its .gz twin: keep it
+        if p.is_file() and _IDX_IMAGES.search(p.name):
+            unique.setdefault(re.sub(r"\.gz$", "", p.name, flags=re.IGNORECASE).lower(), p)
+    files = list(unique.values())
+    if not files:
+        return None
+    if split_name is None and len(files) == 1:
+        return _load_idx(files[0])
+    matches = [p for p in files if p.name.lower().startswith(_SPLITS[split_name or "train"])]
+    if len(matches) != 1:
+        raise DataError(f"{folder}: {len(matches)} {split_name or 'train'} IDX images files among "
+                        f"{[p.name for p in files]}; give the path of one images file")
+    return _load_idx(matches[0])
+
+
+def _load_builtin(name: str, split_name: str) -> Raw:
+    """``fashion-mnist`` (Debian's files, train or test split) or ``digits`` (scikit-learn)."""
+    if name == "fashion-mnist":
+        raw = _load_idx_dir(FASHION_MNIST_DIR, split_name) if FASHION_MNIST_DIR.is_dir() else None
+        if raw is None:
+            raise DataError(f"Fashion-MNIST not found in {FASHION_MNIST_DIR}; install it with "
+                            "`apt-get install dataset-fashion-mnist` or pass the IDX files' path")
+        return replace(raw, classes=FASHION_MNIST_CLASSES, source=f"fashion-mnist:{split_name}")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the 'digits' data set needs scikit-learn; run "
+                        "`pip install scikit-learn`") from None
+    bunch = load_digits()  # pixel values 0..16
+    return Raw(bunch.target.astype(np.int64), ArrayPixels(bunch.images[:, None], 16.0, "digits"),
+               "digits", tuple(map(str, bunch.target_names)))
