@@ -59,6 +59,30 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("model")
     an.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
 
+    _prune_parser(sub)
+    _profile_parser(sub)
+    _push_parser(sub)
+
+    ev = sub.add_parser("evaluate", help="top-1 accuracy through onnxruntime")
+    ev.add_argument("model")
+    _data_args(ev)
+
+    cmp = sub.add_parser("compare", help="params, MACs, file size and latency of two models")
+    cmp.add_argument("model_a")
+    cmp.add_argument("model_b")
+    cmp.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
+    cmp.add_argument("--repeats", type=int, default=30)
+
+    demo = sub.add_parser("demo", help="train a small CNN on the bundled digits, prune it "
+                          "with the GPP criterion, fine-tune, report")
+    demo.add_argument("--out", default="gpp-demo", help="folder for the demo's files")
+    demo.add_argument("--ratio", type=float, default=0.5)
+    demo.add_argument("--epochs", type=float, default=10, help="training epochs")
+    demo.add_argument("--finetune-epochs", type=float, default=2)
+    return parser
+
+
+def _prune_parser(sub) -> None:
     pr = sub.add_parser("prune", help="prune a model and write a verified smaller one")
     pr.add_argument("model")
     pr.add_argument("-o", "--output", required=True, help="path of the pruned model")
@@ -93,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--plan-out", help="write the plan (JSON) here")
     pr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
     pr.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    _prune_training_args(pr)
+
+
+def _prune_training_args(pr: argparse.ArgumentParser) -> None:
+    """Data, fine-tuning and repair options of prune."""
     _data_args(pr)
     pr.add_argument("--feature-tensor", help="value name of the final hidden layer "
                     "(default: the input of the last Gemm/MatMul)")
@@ -107,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-repair", action="store_const", const="none", dest="repair",
                     help="same as --repair none")
 
+
+def _profile_parser(sub) -> None:
     pf = sub.add_parser("profile", help="per-group onnxruntime latency cost on this machine")
     pf.add_argument("model")
     pf.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
@@ -116,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--json", help="write every group's cost-vs-width curve here "
                     "(python tools/plot_report.py latency FILE draws it)")
 
+
+def _push_parser(sub) -> None:
     pu = sub.add_parser("push", help="train with cross-entropy + the push loss so the class "
                         "discriminants line up with few neurons (before pruning)")
     pu.add_argument("model")
@@ -132,24 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--feature-tensor", help="value name of the final hidden layer")
     pu.add_argument("--seed", type=int, default=0)
     pu.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
-
-    ev = sub.add_parser("evaluate", help="top-1 accuracy through onnxruntime")
-    ev.add_argument("model")
-    _data_args(ev)
-
-    cmp = sub.add_parser("compare", help="params, MACs, file size and latency of two models")
-    cmp.add_argument("model_a")
-    cmp.add_argument("model_b")
-    cmp.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
-    cmp.add_argument("--repeats", type=int, default=30)
-
-    demo = sub.add_parser("demo", help="train a small CNN on the bundled digits, prune it "
-                          "with the GPP criterion, fine-tune, report")
-    demo.add_argument("--out", default="gpp-demo", help="folder for the demo's files")
-    demo.add_argument("--ratio", type=float, default=0.5)
-    demo.add_argument("--epochs", type=float, default=10, help="training epochs")
-    demo.add_argument("--finetune-epochs", type=float, default=2)
-    return parser
 
 
 def _name_ratio(text: str) -> tuple[str, float]:
