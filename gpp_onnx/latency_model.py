@@ -28,7 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import allocate, latency, surgery, verify
 from .latency import channel_alignment
+from .plan import PrunePlan, kept_elements
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +160,6 @@ def plan_for_latency(analysis, scores, digest: str, fraction: float, feeds: dict
     interpolates between the closest goals measured above and below the target, or scales
     the last goal by target / measured before both sides are known. The plan kept is the
     slowest one that meets the target, else the fastest tried."""
-    from . import allocate, surgery, verify
-    from .latency import paired_ratio
-    from .plan import kept_elements
-
     model = LatencyModel.profile(analysis, feeds)
     original = verify.make_session(analysis.view.model, "input model")
     goal, done = fraction, []
@@ -169,8 +167,8 @@ def plan_for_latency(analysis, scores, digest: str, fraction: float, feeds: dict
         plan = allocate.plan_global(analysis, scores, digest, model.estimate,
                                     goal * model.total, min_keep, round_to, meta)
         pruned = surgery.cut(analysis, kept_elements(analysis, plan))
-        measured = paired_ratio([original, verify.make_session(pruned, "pruned model")], feeds,
-                                budget_s=2.0)
+        measured = latency.paired_ratio(
+            [original, verify.make_session(pruned, "pruned model")], feeds, budget_s=2.0)
         logger.info("latency target %.3f: model goal %.3f -> measured %.3f", fraction, goal,
                     measured)
         done.append((plan, goal, measured))
@@ -199,8 +197,6 @@ def _next_goal(tried: list[tuple[float, float]], target: float) -> float:
 def group_costs(analysis, model: LatencyModel, points: int = 8) -> list[dict]:
     """Per prunable group: the share of the latency its width controls (cut to its first
     multiple of the block) and the estimated latency at up to `points` kept widths."""
-    from .plan import PrunePlan, kept_elements
-
     rows = []
     for g in analysis.prunable:
         step = max(model.block, -(-g.width // points))

@@ -75,7 +75,8 @@ def prune_summary(result) -> str:
     lines += [f"removed {removed} channels in {groups} groups; pruned == masked original "
               f"(relative error {result.equivalence_error:.1e} < tolerance {tol.value:.1e}; "
               f"the model's own noise {tol.noise:.1e})",
-              f"wrote {result.output} (report: {result.report_path})"]
+              f"wrote {result.output} (report: {result.report_path})" if result.output
+              else "nothing written (result.model holds the pruned model)"]
     lines += [f"warning: {w}" for w in rep.get("warnings", ())]
     return "\n".join(lines)
 

@@ -99,3 +99,26 @@ def test_a_malformed_group_ratio_is_refused_by_the_parser(src, tmp_path, capsys)
     with pytest.raises(SystemExit) as exc:
         main(["-q", "prune", str(src), "--group-ratio", "nonsense", "-o", str(tmp_path / "p.onnx")])
     assert exc.value.code == 2 and "NAME=RATIO" in capsys.readouterr().err
+
+
+def test_an_in_memory_model_is_pruned_without_writing_or_touching_it(tmp_path, monkeypatch):
+    from conftest import feeds_for, run_model
+    from gpp_onnx.report import prune_summary
+
+    monkeypatch.chdir(tmp_path)
+    model = _net()
+    before = model.SerializeToString()
+    res = prune(model, ratio=0.5, round_to=1, latency=False)
+    assert model.SerializeToString() == before             # the caller's proto is untouched
+    assert list(tmp_path.iterdir()) == [] and res.output is None
+    w0 = [numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) == 4][0]
+    p0 = _conv_weights_of(res.model)[0]
+    assert p0.shape[0] == 8 and p0.shape[1:] == w0.shape[1:]
+    feeds = feeds_for(res.model)
+    assert run_model(res.model, feeds)[0].shape == (2, 4)
+    assert "nothing written" in prune_summary(res)
+
+
+def _conv_weights_of(model) -> list[np.ndarray]:
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [init[n.input[1]] for n in model.graph.node if n.op_type == "Conv"]
