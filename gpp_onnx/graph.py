@@ -73,9 +73,14 @@ class GraphView:
 
     # -- shapes ------------------------------------------------------------------
     @cached_property
+    def serialized(self) -> bytes:
+        """The model's protobuf bytes, serialised once for every session that runs it."""
+        return self.model.SerializeToString()
+
+    @cached_property
     def _probe_run(self) -> tuple[dict, dict[str, np.ndarray]]:
         feeds = random_feeds(self.inputs)
-        return feeds, _probe(self.model, self.inputs, feeds)
+        return feeds, _probe(self.model, self.serialized, self.inputs, feeds)
 
     @cached_property
     def _probed(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -187,19 +192,24 @@ def random_feeds(inputs: list[InputSpec], batch: int | None = None, seed: int = 
     return feeds
 
 
-def _probe(model: onnx.ModelProto, inputs: list[InputSpec], feeds: dict) -> dict[str, np.ndarray]:
-    """Run the model once with every value exposed as an output."""
+def _probe(model: onnx.ModelProto, data: bytes, inputs: list[InputSpec], feeds: dict
+           ) -> dict[str, np.ndarray]:
+    """Run the model (`data`: its bytes) once with every value exposed as an output.
+
+    The exposed model is `data` followed by a ModelProto holding only the extra graph
+    outputs: protobuf parses concatenated messages as one merged message (repeated fields
+    appended), so the weights are neither copied nor serialised again."""
     from .verify import make_session
 
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    known = {o.name for o in exposed.graph.output}
-    for node in exposed.graph.node:
+    extra = onnx.ModelProto()
+    known = {o.name for o in model.graph.output}
+    for node in model.graph.node:
         for out in node.output:
             if out and out not in known:
-                exposed.graph.output.append(onnx.ValueInfoProto(name=out))
+                extra.graph.output.append(onnx.ValueInfoProto(name=out))
                 known.add(out)
-    session = make_session(exposed, where="shape probe", optimize=False)
+    session = make_session(data + extra.SerializeToString(), where="shape probe",
+                           optimize=False)
     names = [o.name for o in session.get_outputs()]
     try:
         values = session.run(names, feeds)

@@ -113,12 +113,13 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     rounds = _run_rounds(start, config, plan_path)
     last = rounds[-1]
     result_model = last.masked if config.mask_only else last.model
-    timing = (latency.measure(start.loaded.model, last.model, start.analysis.view.probe_feeds)
-              if config.latency else None)
+    pruned_source = last.model if last.source is None else last.source
+    timing = (latency.measure(start.loaded.source, pruned_source,
+                              start.analysis.view.probe_feeds) if config.latency else None)
     ratio = timing.ratio if timing is not None else None
     slower = timing.warning(config.round_to) if timing is not None else None
     if dst is not None:
-        model_io.save(result_model, dst)
+        model_io.save(result_model, dst, None if config.mask_only else last.source)
     sizes = (src.stat().st_size if src else start.loaded.as_read.ByteSize(),
              dst.stat().st_size if dst else result_model.ByteSize())
     after = ModelStats(last.params, last.macs)
@@ -158,8 +159,11 @@ def start_run(model, config: PruneConfig) -> Start:
         raise InputError(f"{where}: nothing can be pruned ({_first_reasons(analysis)}) - "
                          "run 'gpp-onnx analyze' to see why each channel group is kept")
     _check_precision(normalized, config)
-    tolerance = verify.measure_tolerance(normalized, analysis.view.check_feeds(config.seed))
-    loaded.check_unchanged(normalized, analysis.view.probe_feeds, tolerance)
+    # one unoptimised run of the normalised model serves the noise and the unchanged check
+    feeds, source = analysis.view.check_feeds(config.seed), analysis.view.serialized
+    plain = verify.run(source, feeds, "input model")
+    tolerance = verify.measure_tolerance(normalized, feeds, source=source, plain=plain)
+    loaded.check_unchanged(normalized, feeds, tolerance, plain)
     data = load_data(analysis.view, config)
     acc = accuracy(normalized, data.val) if data is not None else None
     return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc)

@@ -55,10 +55,21 @@ def providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(model: onnx.ModelProto, where: str = "model", threads: int = 0,
+Source = onnx.ModelProto | bytes | str  # a model, its serialised bytes, or its file path
+
+
+def serialized(model: Source) -> bytes | str:
+    """What a session or the checker reads: bytes and paths as given, a model serialised.
+    Serialising a large model costs about as much as opening a session on it, so a model
+    that several sessions run is serialised once and its bytes handed to each."""
+    return model if isinstance(model, (bytes, str)) else model.SerializeToString()
+
+
+def make_session(model: Source, where: str = "model", threads: int = 0,
                  provider_list: list[str] | None = None, optimize: bool = True):
-    """An onnxruntime session. Numeric checks use ``optimize=False``: ORT's fusions round
-    differently from graph to graph, and a check compares graphs, not ORT's rewrites."""
+    """An onnxruntime session of a model, its bytes or its file. Numeric checks use
+    ``optimize=False``: ORT's fusions round differently from graph to graph, and a check
+    compares graphs, not ORT's rewrites."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -70,14 +81,14 @@ def make_session(model: onnx.ModelProto, where: str = "model", threads: int = 0,
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts,
+        return ort.InferenceSession(serialized(model), opts,
                                     providers=provider_list or providers())
     except Exception as err:
         raise VerificationError(f"{where}: onnxruntime cannot open it "
                                 f"({str(err).splitlines()[0][:200]})") from None
 
 
-def check(model: onnx.ModelProto, where: str = "pruned model") -> None:
+def check(model: onnx.ModelProto | bytes, where: str = "pruned model") -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as err:
@@ -92,7 +103,7 @@ def outputs(session, feeds: dict, where: str = "model") -> list[np.ndarray]:
         raise VerificationError(f"{where} fails to run ({str(err).splitlines()[0][:200]})") from None
 
 
-def run(model: onnx.ModelProto, feeds: dict, where: str = "model") -> list[np.ndarray]:
+def run(model: Source, feeds: dict, where: str = "model") -> list[np.ndarray]:
     """Outputs of `model` on `feeds`, without ORT graph rewrites (for numeric checks)."""
     return outputs(make_session(model, where, optimize=False), feeds, where)
 
@@ -139,19 +150,23 @@ def low_precision(model: onnx.ModelProto) -> str | None:
     return max(names, key=EPSILON.get) if names else None
 
 
-def measure_tolerance(model: onnx.ModelProto, feeds: dict, where: str = "input model"
+def measure_tolerance(model: onnx.ModelProto, feeds: dict, where: str = "input model",
+                      source: Source | None = None, plain: list[np.ndarray] | None = None
                       ) -> Tolerance:
-    """The model's own noise on `feeds` (see the module docstring) and its tolerance."""
-    plain = run(model, feeds, where)
+    """The model's own noise on `feeds` (see the module docstring) and its tolerance.
+    `source`: the model's bytes or file, to open sessions without serialising it again;
+    `plain`: its outputs on `feeds` without optimisations, when the caller has them."""
+    source = serialized(model if source is None else source)
+    plain = run(source, feeds, where) if plain is None else plain
     try:
-        optimised = outputs(make_session(model, where, optimize=True), feeds, where)
+        optimised = outputs(make_session(source, where, optimize=True), feeds, where)
     except VerificationError as err:  # an optimiser failure is onnxruntime's, not the model's
         logger.warning("the optimiser's noise is not measured: %s", err)
         optimised = plain
     rounding = 0.0
     low = low_precision(model)
     if low is not None:
-        rounding = relative_error(run(model, _perturbed(feeds, EPSILON[low]), where), plain)
+        rounding = relative_error(run(source, _perturbed(feeds, EPSILON[low]), where), plain)
     tol = Tolerance(relative_error(optimised, plain), rounding)
     logger.info("%s: noise %.1e (optimiser %.1e, rounding %.1e), equivalence tolerance %.1e",
                 where, tol.noise, tol.optimizer_noise, tol.rounding_noise, tol.value)
@@ -235,9 +250,10 @@ def check_in_float32(pruned: onnx.ModelProto, masked: onnx.ModelProto, feeds: di
             for k, v in ((k, np.asarray(v)) for k, v in feeds.items())}
     try:
         reference32 = upcast(masked)
-        tol = measure_tolerance(reference32, wide, "masked model in float32")
+        source = serialized(reference32)
+        reference = run(source, wide, "masked model in float32")
+        tol = measure_tolerance(reference32, wide, "masked model in float32", source, reference)
         got = run(upcast(pruned), wide, "pruned model in float32")
-        reference = run(reference32, wide, "masked model in float32")
     except VerificationError as err:
         logger.warning("float32 check of the low-precision model skipped: %s", err)
         return None
