@@ -316,9 +316,15 @@ def dedupe_initializers(model: onnx.ModelProto) -> int:
     seen: dict[tuple, str] = {}
     rename: dict[str, str] = {}
     graph_io = {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+    # only tensors of one type and shape can be identical: read bytes for those alone
+    kinds: dict[tuple, int] = {}
+    for init in model.graph.initializer:
+        kind = (init.data_type, tuple(init.dims))
+        kinds[kind] = kinds.get(kind, 0) + 1
     keep = []
     for init in model.graph.initializer:
-        key = (init.data_type, tuple(init.dims), numpy_helper.to_array(init).tobytes())
+        kind = (init.data_type, tuple(init.dims))
+        key = kind + ((numpy_helper.to_array(init).tobytes(),) if kinds[kind] > 1 else ())
         if key in seen and init.name not in graph_io:
             rename[init.name] = seen[key]
         else:

@@ -159,10 +159,12 @@ def start_run(model, config: PruneConfig) -> Start:
         raise InputError(f"{where}: nothing can be pruned ({_first_reasons(analysis)}) - "
                          "run 'gpp-onnx analyze' to see why each channel group is kept")
     _check_precision(normalized, config)
-    # one unoptimised run of the normalised model serves the noise and the unchanged check
-    feeds, source = analysis.view.check_feeds(config.seed), analysis.view.serialized
-    plain = verify.run(source, feeds, "input model")
-    tolerance = verify.measure_tolerance(normalized, feeds, source=source, plain=plain)
+    # one unoptimised run of the normalised model (on the shape probe's session) serves
+    # the noise measure and the unchanged check
+    feeds = analysis.view.check_feeds(config.seed)
+    plain = analysis.view.plain_outputs(feeds, "input model")
+    tolerance = verify.measure_tolerance(normalized, feeds, source=analysis.view.serialized,
+                                         plain=plain)
     loaded.check_unchanged(normalized, feeds, tolerance, plain)
     data = load_data(analysis.view, config)
     acc = accuracy(normalized, data.val) if data is not None else None

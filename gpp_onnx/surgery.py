@@ -177,7 +177,8 @@ def _replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray])
         if name not in used:
             continue
         if name in arrays:
-            dtype = numpy_helper.to_array(old[name]).dtype if name in old else arrays[name].dtype
+            dtype = (helper.tensor_dtype_to_np_dtype(old[name].data_type) if name in old
+                     else arrays[name].dtype)
             inits.append(numpy_helper.from_array(arrays[name].astype(dtype, copy=False), name))
         else:
             inits.append(old[name])

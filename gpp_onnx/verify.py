@@ -96,9 +96,10 @@ def check(model: onnx.ModelProto | bytes, where: str = "pruned model") -> None:
                                 f"({' '.join(str(err).split())[:200]})") from None
 
 
-def outputs(session, feeds: dict, where: str = "model") -> list[np.ndarray]:
+def outputs(session, feeds: dict, where: str = "model", names: list[str] | None = None
+            ) -> list[np.ndarray]:
     try:
-        return session.run(None, feeds)
+        return session.run(names, feeds)
     except Exception as err:
         raise VerificationError(f"{where} fails to run ({str(err).splitlines()[0][:200]})") from None
 
