@@ -38,13 +38,9 @@ class Loaded:
     as_read: onnx.ModelProto     # the file's model (nodes sorted): the upgrade's reference
     opset_read: int
     sorted_nodes: bool           # the file's nodes were out of topological order
-    file: str | None = None      # the file as_read came from, when it holds as_read as is
-
-    @property
-    def source(self) -> verify.Source:
-        """What sessions of `model` open: its file when loading changed nothing (onnxruntime
-        reads the file itself, no serialising), else the model."""
-        return self.file if self.file is not None and not self.upgraded else self.model
+    # the file as_read came from, when it holds as_read as is (sessions of as_read open it
+    # without serialising the model)
+    file: str | None = None
 
     @property
     def opset(self) -> int:

@@ -136,10 +136,11 @@ class LatencyCheck:
 
 
 def measure(original: verify.Source, pruned: verify.Source, feeds,
-            budget_s: float = 1.0) -> LatencyCheck:
+            budget_s: float = 1.0, original_session=None) -> LatencyCheck:
     """Latency ratio of the pruned model in onnxruntime, and the layouts when it is slower.
-    Each model is given as a ModelProto, its bytes or its file (see ``verify.Source``)."""
-    sessions = [verify.make_session(original, "input model"),
+    Each model is given as a ModelProto, its bytes or its file (see ``verify.Source``);
+    `original_session`: an optimised session of `original` already open."""
+    sessions = [original_session or verify.make_session(original, "input model"),
                 verify.make_session(pruned, "pruned model")]
     ratio = paired_ratio(sessions, feeds, budget_s)
     layouts = (Layout.of(original), Layout.of(pruned)) if ratio >= 1.0 else (None, None)

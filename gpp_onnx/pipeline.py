@@ -114,8 +114,10 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     last = rounds[-1]
     result_model = last.masked if config.mask_only else last.model
     pruned_source = last.model if last.source is None else last.source
-    timing = (latency.measure(start.loaded.source, pruned_source,
-                              start.analysis.view.probe_feeds) if config.latency else None)
+    timing = (latency.measure(start.analysis.view.serialized, pruned_source,
+                              start.analysis.view.probe_feeds,
+                              original_session=start.original_session)
+              if config.latency else None)
     ratio = timing.ratio if timing is not None else None
     slower = timing.warning(config.round_to) if timing is not None else None
     if dst is not None:
@@ -147,6 +149,10 @@ class Start:
     data: object                         # rounds.Splits or None
     before: ModelStats
     accuracy: float | None
+    # the normalised original, ORT-optimised: its noise measure's session, kept for the
+    # latency measure (None without it). The pruned model is cut from the normalised one,
+    # whose folded constants ORT's optimiser folds in the file's model too.
+    original_session: object = field(default=None, repr=False, compare=False)
 
 
 def start_run(model, config: PruneConfig) -> Start:
@@ -163,12 +169,15 @@ def start_run(model, config: PruneConfig) -> Start:
     # the noise measure and the unchanged check
     feeds = analysis.view.check_feeds(config.seed)
     plain = analysis.view.plain_outputs(feeds, "input model")
+    optimised = (verify.make_session(analysis.view.serialized, "input model")
+                 if config.latency else None)
     tolerance = verify.measure_tolerance(normalized, feeds, source=analysis.view.serialized,
-                                         plain=plain)
+                                         plain=plain, optimised_session=optimised)
     loaded.check_unchanged(normalized, feeds, tolerance, plain)
     data = load_data(analysis.view, config)
     acc = accuracy(normalized, data.val) if data is not None else None
-    return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc)
+    return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc,
+                 optimised)
 
 
 def _run_rounds(start: Start, config: PruneConfig, plan_path) -> list[Round]:

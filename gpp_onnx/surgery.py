@@ -169,25 +169,42 @@ def _zero(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
 
 
 def _replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> None:
+    """Initializers := `arrays` (old ones keep their dtype and place, new ones go last),
+    unused ones dropped. Edited in place: re-adding every tensor would copy all weights."""
     used = {name for node in model.graph.node for name in node.input}
     used |= {o.name for o in model.graph.output}
-    old = {t.name: t for t in model.graph.initializer}
-    inits = []
-    for name in list(old) + [n for n in arrays if n not in old]:
-        if name not in used:
-            continue
-        if name in arrays:
-            dtype = (helper.tensor_dtype_to_np_dtype(old[name].data_type) if name in old
-                     else arrays[name].dtype)
-            inits.append(numpy_helper.from_array(arrays[name].astype(dtype, copy=False), name))
-        else:
-            inits.append(old[name])
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
+    inits = model.graph.initializer
+    old = {t.name for t in inits}
+    for i in reversed([i for i, t in enumerate(inits) if t.name not in used]):
+        del inits[i]
+    for t in inits:
+        if t.name in arrays:
+            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+            _fill(t, arrays[t.name].astype(dtype, copy=False), t.name)
+    for name, array in arrays.items():
+        if name not in old and name in used:
+            _fill(inits.add(), array, name)
     graph_inputs = [v for v in model.graph.input if v.name not in old or v.name in used]
     del model.graph.input[:]
     model.graph.input.extend(graph_inputs)
     del model.graph.value_info[:]
+
+
+_PLAIN = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int64, np.int32,
+                                np.int16, np.int8, np.uint8, np.bool_)}
+
+
+def _fill(tensor: onnx.TensorProto, array: np.ndarray, name: str) -> None:
+    """``tensor := numpy_helper.from_array(array, name)``, built in place for the plain
+    dtypes (the same fields, without copying the finished tensor once more)."""
+    if array.dtype not in _PLAIN:
+        tensor.CopyFrom(numpy_helper.from_array(array, name))
+        return
+    tensor.Clear()
+    tensor.dims.extend(array.shape)
+    tensor.name = name
+    tensor.raw_data = numpy_helper.tobytes_little_endian(array)
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
 
 
 def cut(analysis, kept: dict[str, np.ndarray],

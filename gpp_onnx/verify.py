@@ -152,15 +152,17 @@ def low_precision(model: onnx.ModelProto) -> str | None:
 
 
 def measure_tolerance(model: onnx.ModelProto, feeds: dict, where: str = "input model",
-                      source: Source | None = None, plain: list[np.ndarray] | None = None
-                      ) -> Tolerance:
+                      source: Source | None = None, plain: list[np.ndarray] | None = None,
+                      optimised_session=None) -> Tolerance:
     """The model's own noise on `feeds` (see the module docstring) and its tolerance.
     `source`: the model's bytes or file, to open sessions without serialising it again;
-    `plain`: its outputs on `feeds` without optimisations, when the caller has them."""
+    `plain`: its outputs on `feeds` without optimisations, when the caller has them;
+    `optimised_session`: an optimised session of it the caller keeps (for latency)."""
     source = serialized(model if source is None else source)
     plain = run(source, feeds, where) if plain is None else plain
     try:
-        optimised = outputs(make_session(source, where, optimize=True), feeds, where)
+        session = optimised_session or make_session(source, where, optimize=True)
+        optimised = outputs(session, feeds, where)
     except VerificationError as err:  # an optimiser failure is onnxruntime's, not the model's
         logger.warning("the optimiser's noise is not measured: %s", err)
         optimised = plain
