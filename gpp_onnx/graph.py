@@ -74,14 +74,17 @@ class GraphView:
 
     # -- shapes ------------------------------------------------------------------
     @cached_property
-    def serialized(self) -> bytes:
-        """The model's protobuf bytes, serialised once for every session that runs it."""
-        return self.model.SerializeToString()
+    def detached(self):
+        """The model as ``verify.Detached`` (its large tensors are the view's own arrays),
+        built once for every session that runs it."""
+        from .verify import detach
+
+        return detach(self.model, self.const)
 
     @cached_property
     def _probe_run(self) -> tuple[dict, dict[str, np.ndarray]]:
         feeds = random_feeds(self.inputs)
-        self._session = _exposed_session(self.model, self.serialized)
+        self._session = _exposed_session(self.model, self.detached)
         return feeds, _probe(self._session, self.inputs, feeds)
 
     def plain_outputs(self, feeds: dict, where: str = "model") -> list[np.ndarray]:
@@ -93,7 +96,7 @@ class GraphView:
         self._probe_run  # noqa: B018 - the probe opens the session this run reuses
         session, self._session = self._session, None
         if session is None:
-            session = make_session(self.serialized, where, optimize=False)
+            session = make_session(self.detached, where, optimize=False)
         return outputs(session, feeds, where, self.output_names)
 
     @cached_property
@@ -206,11 +209,11 @@ def random_feeds(inputs: list[InputSpec], batch: int | None = None, seed: int = 
     return feeds
 
 
-def _exposed_session(model: onnx.ModelProto, data: bytes):
-    """An unoptimised session of the model (`data`: its bytes) with every value exposed as
-    an output. The exposed model is `data` followed by a ModelProto holding only the extra
-    graph outputs: protobuf parses concatenated messages as one merged message (repeated
-    fields appended), so the weights are neither copied nor serialised again."""
+def _exposed_session(model: onnx.ModelProto, detached):
+    """An unoptimised session of the model (`detached`: its ``verify.Detached`` form) with
+    every value exposed as an output. The exposed model is the detached bytes followed by a
+    ModelProto holding only the extra graph outputs: protobuf parses concatenated messages
+    as one merged message (repeated fields appended), so nothing is copied again."""
     from .verify import make_session
 
     extra = onnx.ModelProto()
@@ -220,7 +223,8 @@ def _exposed_session(model: onnx.ModelProto, data: bytes):
             if out and out not in known:
                 extra.graph.output.append(onnx.ValueInfoProto(name=out))
                 known.add(out)
-    return make_session(data + extra.SerializeToString(), where="shape probe", optimize=False)
+    return make_session(detached.with_data(detached.data + extra.SerializeToString()),
+                        where="shape probe", optimize=False)
 
 
 def _probe(session, inputs: list[InputSpec], feeds: dict) -> dict[str, np.ndarray]:

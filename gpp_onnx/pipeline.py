@@ -114,7 +114,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     last = rounds[-1]
     result_model = last.masked if config.mask_only else last.model
     pruned_source = last.model if last.source is None else last.source
-    timing = (latency.measure(start.analysis.view.serialized, pruned_source,
+    timing = (latency.measure(start.analysis.view.model, pruned_source,
                               start.analysis.view.probe_feeds,
                               original_session=start.original_session)
               if config.latency else None)
@@ -169,9 +169,9 @@ def start_run(model, config: PruneConfig) -> Start:
     # the noise measure and the unchanged check
     feeds = analysis.view.check_feeds(config.seed)
     plain = analysis.view.plain_outputs(feeds, "input model")
-    optimised = (verify.make_session(analysis.view.serialized, "input model")
+    optimised = (verify.make_session(analysis.view.detached, "input model")
                  if config.latency else None)
-    tolerance = verify.measure_tolerance(normalized, feeds, source=analysis.view.serialized,
+    tolerance = verify.measure_tolerance(normalized, feeds, source=analysis.view.detached,
                                          plain=plain, optimised_session=optimised)
     loaded.check_unchanged(normalized, feeds, tolerance, plain)
     data = load_data(analysis.view, config)
