@@ -38,9 +38,6 @@ class Loaded:
     as_read: onnx.ModelProto     # the file's model (nodes sorted): the upgrade's reference
     opset_read: int
     sorted_nodes: bool           # the file's nodes were out of topological order
-    # the file as_read came from, when it holds as_read as is (sessions of as_read open it
-    # without serialising the model)
-    file: str | None = None
 
     @property
     def opset(self) -> int:
@@ -69,7 +66,7 @@ class Loaded:
         """The upgrade and normalisation must not change what the file computes.
         `normalized_outputs`: the normalised model's outputs on `feeds` (unoptimised), when
         the caller has them."""
-        reference = verify.run(self.file or self.as_read, feeds, "input model")
+        reference = verify.run(self.as_read, feeds, "input model")
         if self.upgraded:
             got = verify.run(self.model, feeds, "upgraded model")
             err = verify.relative_error(got, reference)

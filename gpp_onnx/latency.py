@@ -77,7 +77,7 @@ def width_multiples(round_to: int | None) -> tuple[int, ...]:
     return tuple(b >> i for i in range(b.bit_length()))
 
 
-def optimized_graph(model: verify.Source) -> onnx.ModelProto:
+def optimized_graph(model: onnx.ModelProto | bytes | str) -> onnx.ModelProto:
     """The graph onnxruntime's CPU provider runs after all its optimisations."""
     import onnxruntime as ort
 
@@ -98,7 +98,7 @@ class Layout:
     reorders: int
 
     @classmethod
-    def of(cls, model: verify.Source) -> "Layout":
+    def of(cls, model: onnx.ModelProto | bytes | str) -> "Layout":
         ops = Counter((n.domain, n.op_type) for n in optimized_graph(model).graph.node)
         plain = sum(v for (d, op), v in ops.items() if d != NCHWC and op in ("Conv", "FusedConv"))
         reorders = ops[(NCHWC, "ReorderInput")] + ops[(NCHWC, "ReorderOutput")]
@@ -138,8 +138,9 @@ class LatencyCheck:
 def measure(original: verify.Source, pruned: verify.Source, feeds,
             budget_s: float = 1.0, original_session=None) -> LatencyCheck:
     """Latency ratio of the pruned model in onnxruntime, and the layouts when it is slower.
-    Each model is given as a ModelProto, its bytes or its file (see ``verify.Source``);
-    `original_session`: an optimised session of `original` already open."""
+    Each model is given as a ModelProto, its bytes or its file; `original_session`: an
+    optimised session of `original` already open (``prune`` passes the normalised model's,
+    opened for its noise measure)."""
     sessions = [original_session or verify.make_session(original, "input model"),
                 verify.make_session(pruned, "pruned model")]
     ratio = paired_ratio(sessions, feeds, budget_s)

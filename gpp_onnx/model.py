@@ -62,8 +62,8 @@ def read(path: str | os.PathLike) -> Loaded:
     if model.ir_version == 0 or not model.graph.node:
         raise InputError(f"{p} is not an ONNX model (no graph found) - "
                          "pass a model exported to .onnx")
-    # onnxruntime opens a self-contained file itself; one with external data it cannot
-    # always (shape inference of e.g. Pad does not read external tensors)
+    # the checker reads a self-contained file itself (no serialising); one with external
+    # data is checked as loaded, as before
     external = any(onnx.external_data_helper.uses_external_data(t)
                    for t in model.graph.initializer)
     try:
@@ -84,7 +84,7 @@ def accept(model: onnx.ModelProto, where: str = "model") -> Loaded:
 
 def _prepare(model: onnx.ModelProto, where: str, file: str | None = None) -> Loaded:
     """Nodes sorted, validated, old opsets upgraded. `file`: the path `model` was read
-    from; kept as the model's source while it holds the model as is (nodes not sorted)."""
+    from, which the checker reads while it holds the model as is (nodes not sorted)."""
     resorted = sort_nodes(model.graph)
     if resorted:
         logger.info("%s: nodes were not in topological order; sorted them", where)
@@ -92,7 +92,7 @@ def _prepare(model: onnx.ModelProto, where: str, file: str | None = None) -> Loa
     validate(model, where, file)
     opset = opset_version(model)
     upgraded = upgrade_opset(model, where) if opset < MIN_OPSET else model
-    return Loaded(upgraded, model, opset, resorted, file)
+    return Loaded(upgraded, model, opset, resorted)
 
 
 def validate(model: onnx.ModelProto, where: str = "model", file: str | None = None) -> None:

@@ -20,6 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import VerificationError
+from .verify import without_initializers
 from .model import _drop_dead_nodes, dedupe_initializers
 from .ops import ROLE_IN
 
@@ -36,7 +37,7 @@ class Edit:
         self._kept = kept
         self.model = model
         self.new_inits: dict[str, np.ndarray] = {}
-        self._taken = {t.name for t in model.graph.initializer} | set(analysis.view.producer)
+        self._taken = set(analysis.view.init_protos) | set(analysis.view.producer)
 
     def axis(self, value: str) -> int | None:
         return self._axes.get(value)
@@ -123,8 +124,7 @@ def _bias_array(analysis, node, delta: np.ndarray, kept, cut: bool) -> np.ndarra
 def _apply(analysis, kept, changes, transform, rewrite: bool,
            bias_deltas: dict[str, np.ndarray] | None = None,
            weights: dict[tuple[str, int], np.ndarray] | None = None) -> onnx.ModelProto:
-    model = onnx.ModelProto()
-    model.CopyFrom(analysis.view.model)
+    model = without_initializers(analysis.view.model)  # _replace_initializers adds them
     edit = Edit(analysis, model, kept)
     uses = defaultdict(int)
     for node in model.graph.node:
@@ -149,7 +149,7 @@ def _apply(analysis, kept, changes, transform, rewrite: bool,
     if rewrite:
         for node in model.graph.node:
             analysis.rules[node.name].rewrite(node, edit)
-    _replace_initializers(model, edit.new_inits)
+    _replace_initializers(model, analysis.view.model, edit.new_inits)
     return model
 
 
@@ -168,19 +168,23 @@ def _zero(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
     return array
 
 
-def _replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> None:
-    """Initializers := `arrays` (old ones keep their dtype and place, new ones go last),
-    unused ones dropped. Edited in place: re-adding every tensor would copy all weights."""
+def _replace_initializers(model: onnx.ModelProto, source: onnx.ModelProto,
+                          arrays: dict[str, np.ndarray]) -> None:
+    """`model`'s initializers: those of `source` still used, each replaced by `arrays[name]`
+    when given (in its old dtype), then the new ones of `arrays`. Each tensor is written
+    once: copying all of `source`'s and then overwriting would copy the weights twice."""
     used = {name for node in model.graph.node for name in node.input}
     used |= {o.name for o in model.graph.output}
     inits = model.graph.initializer
-    old = {t.name for t in inits}
-    for i in reversed([i for i, t in enumerate(inits) if t.name not in used]):
-        del inits[i]
-    for t in inits:
+    old = {t.name for t in source.graph.initializer}
+    for t in source.graph.initializer:
+        if t.name not in used:
+            continue
         if t.name in arrays:
             dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-            _fill(t, arrays[t.name].astype(dtype, copy=False), t.name)
+            _fill(inits.add(), arrays[t.name].astype(dtype, copy=False), t.name)
+        else:
+            inits.add().CopyFrom(t)
     for name, array in arrays.items():
         if name not in old and name in used:
             _fill(inits.add(), array, name)

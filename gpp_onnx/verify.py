@@ -78,13 +78,7 @@ _DETACHABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
 def detach(model: onnx.ModelProto, arrays=None) -> Detached:
     """`model` as a Detached; `arrays(name)` gives a tensor's value when the caller holds
     them already (e.g. ``GraphView.const``), else it is read from the tensor."""
-    light = onnx.ModelProto()
-    for fd, value in model.ListFields():
-        if fd.name != "graph":
-            _copy_field(light, fd, value)
-    for fd, value in model.graph.ListFields():
-        if fd.name != "initializer":
-            _copy_field(light.graph, fd, value)
+    light = without_initializers(model)
     values = {}
     for t in model.graph.initializer:
         size = int(np.prod(t.dims, dtype=np.int64)) * 8
@@ -102,6 +96,18 @@ def detach(model: onnx.ModelProto, arrays=None) -> Detached:
         entry = ref.external_data.add()
         entry.key, entry.value = "location", "gpp-onnx-arrays"
     return Detached(light.SerializeToString(), values)
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with an empty initializer list (the weights are not copied)."""
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(out, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(out.graph, fd, value)
+    return out
 
 
 def _copy_field(dst, fd, value) -> None:
