@@ -113,8 +113,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     rounds = _run_rounds(start, config, plan_path)
     last = rounds[-1]
     result_model = last.masked if config.mask_only else last.model
-    pruned_source = last.model if last.source is None else last.source
-    timing = (latency.measure(start.analysis.view.model, pruned_source,
+    timing = (latency.measure(start.analysis.view.model, last.model,
                               start.analysis.view.probe_feeds,
                               original_session=start.original_session)
               if config.latency else None)

@@ -102,8 +102,8 @@ class Round:
     accuracy_tuned: float | None = None
     repair: dict | None = None          # what the repair changed (None: no repair)
     error_float32: float | None = None  # float16 models: pruned vs masked computed in float32
-    # `model` serialised (what the checker and the verification read), for later sessions
-    # and the write; None when fine-tuning changed the model after the check
+    # `model` serialised (what the checker read), for the write; None when fine-tuning
+    # changed the model after the check
     source: bytes | None = field(default=None, repr=False, compare=False)
 
 
@@ -189,7 +189,7 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
     source = verify.serialized(pruned)
     verify.check(source)
     feeds = analysis.view.check_feeds(config.seed)
-    err = verify.check_equivalent(verify.run(source, feeds, "pruned model"),
+    err = verify.check_equivalent(verify.run(pruned, feeds, "pruned model"),
                                   verify.run(masked, feeds, "masked model"), tolerance=tolerance)
     logger.info("verified: pruned == masked original (relative error %.1e < %.1e)", err,
                 tolerance.value)
