@@ -19,6 +19,7 @@ Three tables, all measured in this one run (machines are noisy: compare the rati
    (tools/_bench_common.py wraps gpp_onnx's functions by name; gpp_onnx is not modified).
 
     python tools/bench_speed.py [--repeats 3] [--skip-tp] [--no-latency] [--skip-scale]
+    python tools/bench_speed.py --models resnet50,vgg11_bn --skip-scale   # table 1 per model
 """
 from __future__ import annotations
 
