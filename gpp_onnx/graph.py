@@ -56,6 +56,7 @@ class GraphView:
         self.inputs = [_input_spec(v, given.get(v.name)) for v in model.graph.input
                        if v.name not in init]
         self._arrays: dict[str, np.ndarray] = {}
+        self._session = None  # the shape probe's session until plain_outputs releases it
 
     # -- constants ---------------------------------------------------------------
     def is_const(self, name: str) -> bool:
@@ -73,9 +74,30 @@ class GraphView:
 
     # -- shapes ------------------------------------------------------------------
     @cached_property
+    def detached(self):
+        """The model as ``verify.Detached`` (its large tensors are the view's own arrays),
+        built once for every session that runs it."""
+        from .verify import detach
+
+        return detach(self.model, self.const)
+
+    @cached_property
     def _probe_run(self) -> tuple[dict, dict[str, np.ndarray]]:
         feeds = random_feeds(self.inputs)
-        return feeds, _probe(self.model, self.inputs, feeds)
+        self._session = _exposed_session(self.model, self.detached)
+        return feeds, _probe(self._session, self.inputs, feeds)
+
+    def plain_outputs(self, feeds: dict, where: str = "model") -> list[np.ndarray]:
+        """The model's outputs on `feeds` without ORT graph rewrites (as ``verify.run``),
+        from the shape probe's session, asking for the graph outputs only. That session is
+        released here (it holds its own copy of the weights); later calls open a new one."""
+        from .verify import make_session, outputs
+
+        self._probe_run  # noqa: B018 - the probe opens the session this run reuses
+        session, self._session = self._session, None
+        if session is None:
+            session = make_session(self.detached, where, optimize=False)
+        return outputs(session, feeds, where, self.output_names)
 
     @cached_property
     def _probed(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -187,19 +209,26 @@ def random_feeds(inputs: list[InputSpec], batch: int | None = None, seed: int = 
     return feeds
 
 
-def _probe(model: onnx.ModelProto, inputs: list[InputSpec], feeds: dict) -> dict[str, np.ndarray]:
-    """Run the model once with every value exposed as an output."""
+def _exposed_session(model: onnx.ModelProto, detached):
+    """An unoptimised session of the model (`detached`: its ``verify.Detached`` form) with
+    every value exposed as an output. The exposed model is the detached bytes followed by a
+    ModelProto holding only the extra graph outputs: protobuf parses concatenated messages
+    as one merged message (repeated fields appended), so nothing is copied again."""
     from .verify import make_session
 
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    known = {o.name for o in exposed.graph.output}
-    for node in exposed.graph.node:
+    extra = onnx.ModelProto()
+    known = {o.name for o in model.graph.output}
+    for node in model.graph.node:
         for out in node.output:
             if out and out not in known:
-                exposed.graph.output.append(onnx.ValueInfoProto(name=out))
+                extra.graph.output.append(onnx.ValueInfoProto(name=out))
                 known.add(out)
-    session = make_session(exposed, where="shape probe", optimize=False)
+    return make_session(detached.with_data(detached.data + extra.SerializeToString()),
+                        where="shape probe", optimize=False)
+
+
+def _probe(session, inputs: list[InputSpec], feeds: dict) -> dict[str, np.ndarray]:
+    """Run the exposed model once: every value on `feeds`."""
     names = [o.name for o in session.get_outputs()]
     try:
         values = session.run(names, feeds)

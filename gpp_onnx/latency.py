@@ -77,7 +77,7 @@ def width_multiples(round_to: int | None) -> tuple[int, ...]:
     return tuple(b >> i for i in range(b.bit_length()))
 
 
-def optimized_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+def optimized_graph(model: onnx.ModelProto | bytes | str) -> onnx.ModelProto:
     """The graph onnxruntime's CPU provider runs after all its optimisations."""
     import onnxruntime as ort
 
@@ -86,7 +86,7 @@ def optimized_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with tempfile.TemporaryDirectory() as tmp:
         opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(verify.serialized(model), opts, providers=["CPUExecutionProvider"])
         return onnx.load(opts.optimized_model_filepath)
 
 
@@ -98,7 +98,7 @@ class Layout:
     reorders: int
 
     @classmethod
-    def of(cls, model: onnx.ModelProto) -> "Layout":
+    def of(cls, model: onnx.ModelProto | bytes | str) -> "Layout":
         ops = Counter((n.domain, n.op_type) for n in optimized_graph(model).graph.node)
         plain = sum(v for (d, op), v in ops.items() if d != NCHWC and op in ("Conv", "FusedConv"))
         reorders = ops[(NCHWC, "ReorderInput")] + ops[(NCHWC, "ReorderOutput")]
@@ -135,10 +135,13 @@ class LatencyCheck:
                 f"{why} - {hint}")
 
 
-def measure(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds,
-            budget_s: float = 1.0) -> LatencyCheck:
-    """Latency ratio of the pruned model in onnxruntime, and the layouts when it is slower."""
-    sessions = [verify.make_session(original, "input model"),
+def measure(original: verify.Source, pruned: verify.Source, feeds,
+            budget_s: float = 1.0, original_session=None) -> LatencyCheck:
+    """Latency ratio of the pruned model in onnxruntime, and the layouts when it is slower.
+    Each model is given as a ModelProto, its bytes or its file; `original_session`: an
+    optimised session of `original` already open (``prune`` passes the normalised model's,
+    opened for its noise measure)."""
+    sessions = [original_session or verify.make_session(original, "input model"),
                 verify.make_session(pruned, "pruned model")]
     ratio = paired_ratio(sessions, feeds, budget_s)
     layouts = (Layout.of(original), Layout.of(pruned)) if ratio >= 1.0 else (None, None)

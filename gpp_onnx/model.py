@@ -62,12 +62,16 @@ def read(path: str | os.PathLike) -> Loaded:
     if model.ir_version == 0 or not model.graph.node:
         raise InputError(f"{p} is not an ONNX model (no graph found) - "
                          "pass a model exported to .onnx")
+    # the checker reads a self-contained file itself (no serialising); one with external
+    # data is checked as loaded, as before
+    external = any(onnx.external_data_helper.uses_external_data(t)
+                   for t in model.graph.initializer)
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except (OSError, ValueError) as err:
         raise InputError(f"{p}: external data could not be read ({_short(err)}) - "
                          "keep the model's data files beside it") from None
-    return _prepare(model, str(p))
+    return _prepare(model, str(p), None if external else str(p))
 
 
 def accept(model: onnx.ModelProto, where: str = "model") -> Loaded:
@@ -78,22 +82,30 @@ def accept(model: onnx.ModelProto, where: str = "model") -> Loaded:
     return _prepare(_copy(model), where)
 
 
-def _prepare(model: onnx.ModelProto, where: str) -> Loaded:
-    """Nodes sorted, validated, old opsets upgraded."""
+def _prepare(model: onnx.ModelProto, where: str, file: str | None = None) -> Loaded:
+    """Nodes sorted, validated, old opsets upgraded. `file`: the path `model` was read
+    from, which the checker reads while it holds the model as is (nodes not sorted)."""
     resorted = sort_nodes(model.graph)
     if resorted:
         logger.info("%s: nodes were not in topological order; sorted them", where)
-    validate(model, where)
+        file = None
+    validate(model, where, file)
     opset = opset_version(model)
     upgraded = upgrade_opset(model, where) if opset < MIN_OPSET else model
     return Loaded(upgraded, model, opset, resorted)
 
 
-def validate(model: onnx.ModelProto, where: str = "model") -> None:
-    """Checker, a default-domain opset, and ops gpp-onnx refuses (quantized, control flow)."""
+def validate(model: onnx.ModelProto, where: str = "model", file: str | None = None) -> None:
+    """Checker, a default-domain opset, and ops gpp-onnx refuses (quantized, control flow).
+    `file`: a path holding `model` as is; the checker then reads it (external data
+    included) instead of a serialised copy."""
     try:
-        if model.ByteSize() < _TWO_GB:
-            onnx.checker.check_model(model)
+        if file is not None:
+            onnx.checker.check_model(file)
+        else:
+            data = serialize(model)
+            if data is not None:
+                onnx.checker.check_model(data)
     except (onnx.checker.ValidationError, ValueError) as err:
         raise InputError(f"{where} fails the ONNX checker ({_short(err)}) - "
                          "fix or re-export the model") from None
@@ -304,9 +316,15 @@ def dedupe_initializers(model: onnx.ModelProto) -> int:
     seen: dict[tuple, str] = {}
     rename: dict[str, str] = {}
     graph_io = {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+    # only tensors of one type and shape can be identical: read bytes for those alone
+    kinds: dict[tuple, int] = {}
+    for init in model.graph.initializer:
+        kind = (init.data_type, tuple(init.dims))
+        kinds[kind] = kinds.get(kind, 0) + 1
     keep = []
     for init in model.graph.initializer:
-        key = (init.data_type, tuple(init.dims), numpy_helper.to_array(init).tobytes())
+        kind = (init.data_type, tuple(init.dims))
+        key = kind + ((numpy_helper.to_array(init).tobytes(),) if kinds[kind] > 1 else ())
         if key in seen and init.name not in graph_io:
             rename[init.name] = seen[key]
         else:
@@ -323,18 +341,30 @@ def dedupe_initializers(model: onnx.ModelProto) -> int:
     return len(rename)
 
 
-def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write `model` to `path` atomically (temp file in the same folder, then rename)."""
+def serialize(model: onnx.ModelProto) -> bytes | None:
+    """The model's protobuf bytes; None when it is too large for one protobuf (2 GB).
+    (``ByteSize()`` costs as much as serialising, so the size is read off the bytes.)"""
+    try:
+        data = model.SerializeToString()
+    except ValueError:  # protobuf refuses messages over 2 GB
+        return None
+    return data if len(data) < _TWO_GB else None
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike, data: bytes | None = None) -> Path:
+    """Write `model` to `path` atomically (temp file in the same folder, then rename).
+    `data`: the model's bytes when the caller already serialised it."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
-        if model.ByteSize() >= _TWO_GB:
+        data = serialize(model) if data is None else data
+        if data is None:
             data_name = dest.name + ".data"
             onnx.save(model, tmp, save_as_external_data=True, location=data_name)
         else:
-            onnx.save(model, tmp)
+            Path(tmp).write_bytes(data)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

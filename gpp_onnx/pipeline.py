@@ -116,12 +116,14 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     rounds = _run_rounds(start, config, plan_path)
     last = rounds[-1]
     result_model = last.masked if config.mask_only else last.model
-    timing = (latency.measure(start.loaded.model, last.model, start.analysis.view.probe_feeds)
+    timing = (latency.measure(start.analysis.view.model, last.model,
+                              start.analysis.view.probe_feeds,
+                              original_session=start.original_session)
               if config.latency else None)
     ratio = timing.ratio if timing is not None else None
     slower = timing.warning(config.round_to) if timing is not None else None
     if dst is not None:
-        model_io.save(result_model, dst)
+        model_io.save(result_model, dst, None if config.mask_only else last.source)
     sizes = (src.stat().st_size if src else start.loaded.as_read.ByteSize(),
              dst.stat().st_size if dst else result_model.ByteSize())
     after = ModelStats(last.params, last.macs)
@@ -149,6 +151,10 @@ class Start:
     data: object                         # rounds.Splits or None
     before: ModelStats
     accuracy: float | None
+    # the normalised original, ORT-optimised: its noise measure's session, kept for the
+    # latency measure (None without it). The pruned model is cut from the normalised one,
+    # whose folded constants ORT's optimiser folds in the file's model too.
+    original_session: object = field(default=None, repr=False, compare=False)
 
 
 def start_run(model, config: PruneConfig) -> Start:
@@ -161,11 +167,19 @@ def start_run(model, config: PruneConfig) -> Start:
         raise InputError(f"{where}: nothing can be pruned ({_first_reasons(analysis)}) - "
                          "run 'gpp-onnx analyze' to see why each channel group is kept")
     _check_precision(normalized, config)
-    tolerance = verify.measure_tolerance(normalized, analysis.view.check_feeds(config.seed))
-    loaded.check_unchanged(normalized, analysis.view.probe_feeds, tolerance)
+    # one unoptimised run of the normalised model (on the shape probe's session) serves
+    # the noise measure and the unchanged check
+    feeds = analysis.view.check_feeds(config.seed)
+    plain = analysis.view.plain_outputs(feeds, "input model")
+    optimised = (verify.make_session(analysis.view.detached, "input model")
+                 if config.latency else None)
+    tolerance = verify.measure_tolerance(normalized, feeds, source=analysis.view.detached,
+                                         plain=plain, optimised_session=optimised)
+    loaded.check_unchanged(normalized, feeds, tolerance, plain)
     data = load_data(analysis.view, config)
     acc = accuracy(normalized, data.val) if data is not None else None
-    return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc)
+    return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc,
+                 optimised)
 
 
 def _run_rounds(start: Start, config: PruneConfig, plan_path) -> list[Round]:

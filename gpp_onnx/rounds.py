@@ -8,7 +8,7 @@ round; nothing here reads or writes files except a ``--plan`` being replayed.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -102,6 +102,9 @@ class Round:
     accuracy_tuned: float | None = None
     repair: dict | None = None          # what the repair changed (None: no repair)
     error_float32: float | None = None  # float16 models: pruned vs masked computed in float32
+    # `model` serialised (what the checker read), for the write; None when fine-tuning
+    # changed the model after the check
+    source: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,8 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
     masked = surgery.mask(analysis, kept, deltas, weights)
     logger.info("round %d: cut %d channels in %d groups", k, plan.removed_channels,
                 sum(1 for v in plan.removed.values() if v))
-    verify.check(pruned)
+    source = verify.serialized(pruned)
+    verify.check(source)
     feeds = analysis.view.check_feeds(config.seed)
     err = verify.check_equivalent(verify.run(pruned, feeds, "pruned model"),
                                   verify.run(masked, feeds, "masked model"), tolerance=tolerance)
@@ -198,7 +202,7 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
         acc_cut = accuracy(pruned, data.val)
         logger.info("round %d: accuracy right after the cut %.4f", k, acc_cut)
         if config.train.epochs > 0:
-            pruned = train_model(pruned, data.train, config.train, config.seed + k)
+            pruned, source = train_model(pruned, data.train, config.train, config.seed + k), None
             acc_tuned = accuracy(pruned, data.val)
             logger.info("round %d: accuracy after fine-tuning %.4f", k, acc_tuned)
             if acc_tuned < acc_cut:
@@ -208,4 +212,4 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
     params = sum(param_sizes(pruned).values())
     groups = report.group_rows(analysis, plan, scores)
     return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned,
-                 repaired, wide)
+                 repaired, wide, source)

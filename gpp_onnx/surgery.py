@@ -20,6 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import VerificationError
+from .verify import without_initializers
 from .model import _drop_dead_nodes, dedupe_initializers
 from .ops import ROLE_IN
 
@@ -36,7 +37,7 @@ class Edit:
         self._kept = kept
         self.model = model
         self.new_inits: dict[str, np.ndarray] = {}
-        self._taken = {t.name for t in model.graph.initializer} | set(analysis.view.producer)
+        self._taken = set(analysis.view.init_protos) | set(analysis.view.producer)
 
     def axis(self, value: str) -> int | None:
         return self._axes.get(value)
@@ -123,8 +124,7 @@ def _bias_array(analysis, node, delta: np.ndarray, kept, cut: bool) -> np.ndarra
 def _apply(analysis, kept, changes, transform, rewrite: bool,
            bias_deltas: dict[str, np.ndarray] | None = None,
            weights: dict[tuple[str, int], np.ndarray] | None = None) -> onnx.ModelProto:
-    model = onnx.ModelProto()
-    model.CopyFrom(analysis.view.model)
+    model = without_initializers(analysis.view.model)  # _replace_initializers adds them
     edit = Edit(analysis, model, kept)
     uses = defaultdict(int)
     for node in model.graph.node:
@@ -149,7 +149,7 @@ def _apply(analysis, kept, changes, transform, rewrite: bool,
     if rewrite:
         for node in model.graph.node:
             analysis.rules[node.name].rewrite(node, edit)
-    _replace_initializers(model, edit.new_inits)
+    _replace_initializers(model, analysis.view.model, edit.new_inits)
     return model
 
 
@@ -168,25 +168,47 @@ def _zero(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
     return array
 
 
-def _replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> None:
+def _replace_initializers(model: onnx.ModelProto, source: onnx.ModelProto,
+                          arrays: dict[str, np.ndarray]) -> None:
+    """`model`'s initializers: those of `source` still used, each replaced by `arrays[name]`
+    when given (in its old dtype), then the new ones of `arrays`. Each tensor is written
+    once: copying all of `source`'s and then overwriting would copy the weights twice."""
     used = {name for node in model.graph.node for name in node.input}
     used |= {o.name for o in model.graph.output}
-    old = {t.name: t for t in model.graph.initializer}
-    inits = []
-    for name in list(old) + [n for n in arrays if n not in old]:
-        if name not in used:
+    inits = model.graph.initializer
+    old = {t.name for t in source.graph.initializer}
+    for t in source.graph.initializer:
+        if t.name not in used:
             continue
-        if name in arrays:
-            dtype = numpy_helper.to_array(old[name]).dtype if name in old else arrays[name].dtype
-            inits.append(numpy_helper.from_array(arrays[name].astype(dtype, copy=False), name))
+        if t.name in arrays:
+            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+            _fill(inits.add(), arrays[t.name].astype(dtype, copy=False), t.name)
         else:
-            inits.append(old[name])
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
+            inits.add().CopyFrom(t)
+    for name, array in arrays.items():
+        if name not in old and name in used:
+            _fill(inits.add(), array, name)
     graph_inputs = [v for v in model.graph.input if v.name not in old or v.name in used]
     del model.graph.input[:]
     model.graph.input.extend(graph_inputs)
     del model.graph.value_info[:]
+
+
+_PLAIN = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int64, np.int32,
+                                np.int16, np.int8, np.uint8, np.bool_)}
+
+
+def _fill(tensor: onnx.TensorProto, array: np.ndarray, name: str) -> None:
+    """``tensor := numpy_helper.from_array(array, name)``, built in place for the plain
+    dtypes (the same fields, without copying the finished tensor once more)."""
+    if array.dtype not in _PLAIN:
+        tensor.CopyFrom(numpy_helper.from_array(array, name))
+        return
+    tensor.Clear()
+    tensor.dims.extend(array.shape)
+    tensor.name = name
+    tensor.raw_data = numpy_helper.tobytes_little_endian(array)
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
 
 
 def cut(analysis, kept: dict[str, np.ndarray],

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -55,10 +55,89 @@ def providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(model: onnx.ModelProto, where: str = "model", threads: int = 0,
+@dataclass(frozen=True)
+class Detached:
+    """A model whose large tensors travel beside it: ``data`` is the model serialised with
+    those tensors marked external (no bytes), ``arrays`` their values. onnxruntime uses the
+    arrays' buffers as they are, so opening a session neither serialises the weights nor
+    parses and copies them (the outputs are bitwise those of a session of the whole model)."""
+    data: bytes
+    arrays: dict = field(repr=False)   # tensor name -> contiguous np.ndarray
+
+    def with_data(self, data: bytes) -> "Detached":
+        return Detached(data, self.arrays)
+
+
+Source = onnx.ModelProto | bytes | str | Detached  # a model, its bytes, its file, detached
+
+DETACH_MIN_BYTES = 1 << 16   # tensors at least this large reach sessions as arrays
+_DETACHABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+               onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+
+
+def detach(model: onnx.ModelProto, arrays=None) -> Detached:
+    """`model` as a Detached; `arrays(name)` gives a tensor's value when the caller holds
+    them already (e.g. ``GraphView.const``), else it is read from the tensor."""
+    light = without_initializers(model)
+    values = {}
+    for t in model.graph.initializer:
+        size = int(np.prod(t.dims, dtype=np.int64)) * 8
+        if (t.data_type not in _DETACHABLE or size < DETACH_MIN_BYTES
+                or t.data_location == onnx.TensorProto.EXTERNAL):
+            light.graph.initializer.add().CopyFrom(t)
+            continue
+        value = arrays(t.name) if arrays is not None else None
+        values[t.name] = np.ascontiguousarray(numpy_helper.to_array(t) if value is None
+                                              else value)
+        ref = light.graph.initializer.add()
+        ref.name, ref.data_type = t.name, t.data_type
+        ref.dims.extend(t.dims)
+        ref.data_location = onnx.TensorProto.EXTERNAL
+        entry = ref.external_data.add()
+        entry.key, entry.value = "location", "gpp-onnx-arrays"
+    return Detached(light.SerializeToString(), values)
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with an empty initializer list (the weights are not copied)."""
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(out, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(out.graph, fd, value)
+    return out
+
+
+def _copy_field(dst, fd, value) -> None:
+    if fd.is_repeated:
+        getattr(dst, fd.name).extend(value)
+    elif fd.message_type is not None:
+        getattr(dst, fd.name).CopyFrom(value)
+    else:
+        setattr(dst, fd.name, value)
+
+
+def serialized(model: onnx.ModelProto | bytes | str) -> bytes | str:
+    """What the checker or a session reads: bytes and paths as given, a model serialised.
+    A model that several sessions and the checker read is serialised once."""
+    return model if isinstance(model, (bytes, str)) else model.SerializeToString()
+
+
+def _session_source(model: Source) -> bytes | str | Detached:
+    """A model with large tensors is detached (see ``Detached``), a small one serialised."""
+    if not isinstance(model, onnx.ModelProto):
+        return model
+    elements = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+    return detach(model) if elements * 4 >= DETACH_MIN_BYTES else model.SerializeToString()
+
+
+def make_session(model: Source, where: str = "model", threads: int = 0,
                  provider_list: list[str] | None = None, optimize: bool = True):
-    """An onnxruntime session. Numeric checks use ``optimize=False``: ORT's fusions round
-    differently from graph to graph, and a check compares graphs, not ORT's rewrites."""
+    """An onnxruntime session of a model, its bytes, its file or its detached form. Numeric
+    checks use ``optimize=False``: ORT's fusions round differently from graph to graph, and
+    a check compares graphs, not ORT's rewrites."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -69,15 +148,22 @@ def make_session(model: onnx.ModelProto, where: str = "model", threads: int = 0,
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    source = _session_source(model)
+    values = []
+    if isinstance(source, Detached):
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in source.arrays.values()]
+        opts.add_external_initializers(list(source.arrays), values)
+        source = source.data
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts,
-                                    providers=provider_list or providers())
+        session = ort.InferenceSession(source, opts, providers=provider_list or providers())
     except Exception as err:
         raise VerificationError(f"{where}: onnxruntime cannot open it "
                                 f"({str(err).splitlines()[0][:200]})") from None
+    session.gpp_arrays = values  # onnxruntime reads the arrays' buffers: keep them alive
+    return session
 
 
-def check(model: onnx.ModelProto, where: str = "pruned model") -> None:
+def check(model: onnx.ModelProto | bytes, where: str = "pruned model") -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as err:
@@ -85,14 +171,15 @@ def check(model: onnx.ModelProto, where: str = "pruned model") -> None:
                                 f"({' '.join(str(err).split())[:200]})") from None
 
 
-def outputs(session, feeds: dict, where: str = "model") -> list[np.ndarray]:
+def outputs(session, feeds: dict, where: str = "model", names: list[str] | None = None
+            ) -> list[np.ndarray]:
     try:
-        return session.run(None, feeds)
+        return session.run(names, feeds)
     except Exception as err:
         raise VerificationError(f"{where} fails to run ({str(err).splitlines()[0][:200]})") from None
 
 
-def run(model: onnx.ModelProto, feeds: dict, where: str = "model") -> list[np.ndarray]:
+def run(model: Source, feeds: dict, where: str = "model") -> list[np.ndarray]:
     """Outputs of `model` on `feeds`, without ORT graph rewrites (for numeric checks)."""
     return outputs(make_session(model, where, optimize=False), feeds, where)
 
@@ -139,19 +226,25 @@ def low_precision(model: onnx.ModelProto) -> str | None:
     return max(names, key=EPSILON.get) if names else None
 
 
-def measure_tolerance(model: onnx.ModelProto, feeds: dict, where: str = "input model"
-                      ) -> Tolerance:
-    """The model's own noise on `feeds` (see the module docstring) and its tolerance."""
-    plain = run(model, feeds, where)
+def measure_tolerance(model: onnx.ModelProto, feeds: dict, where: str = "input model",
+                      source: Source | None = None, plain: list[np.ndarray] | None = None,
+                      optimised_session=None) -> Tolerance:
+    """The model's own noise on `feeds` (see the module docstring) and its tolerance.
+    `source`: the model's bytes or file, to open sessions without serialising it again;
+    `plain`: its outputs on `feeds` without optimisations, when the caller has them;
+    `optimised_session`: an optimised session of it the caller keeps (for latency)."""
+    source = _session_source(model if source is None else source)
+    plain = run(source, feeds, where) if plain is None else plain
     try:
-        optimised = outputs(make_session(model, where, optimize=True), feeds, where)
+        session = optimised_session or make_session(source, where, optimize=True)
+        optimised = outputs(session, feeds, where)
     except VerificationError as err:  # an optimiser failure is onnxruntime's, not the model's
         logger.warning("the optimiser's noise is not measured: %s", err)
         optimised = plain
     rounding = 0.0
     low = low_precision(model)
     if low is not None:
-        rounding = relative_error(run(model, _perturbed(feeds, EPSILON[low]), where), plain)
+        rounding = relative_error(run(source, _perturbed(feeds, EPSILON[low]), where), plain)
     tol = Tolerance(relative_error(optimised, plain), rounding)
     logger.info("%s: noise %.1e (optimiser %.1e, rounding %.1e), equivalence tolerance %.1e",
                 where, tol.noise, tol.optimizer_noise, tol.rounding_noise, tol.value)
@@ -235,9 +328,10 @@ def check_in_float32(pruned: onnx.ModelProto, masked: onnx.ModelProto, feeds: di
             for k, v in ((k, np.asarray(v)) for k, v in feeds.items())}
     try:
         reference32 = upcast(masked)
-        tol = measure_tolerance(reference32, wide, "masked model in float32")
+        source = _session_source(reference32)
+        reference = run(source, wide, "masked model in float32")
+        tol = measure_tolerance(reference32, wide, "masked model in float32", source, reference)
         got = run(upcast(pruned), wide, "pruned model in float32")
-        reference = run(reference32, wide, "masked model in float32")
     except VerificationError as err:
         logger.warning("float32 check of the low-precision model skipped: %s", err)
         return None

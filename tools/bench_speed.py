@@ -19,6 +19,7 @@ Three tables, all measured in this one run (machines are noisy: compare the rati
    (tools/_bench_common.py wraps gpp_onnx's functions by name; gpp_onnx is not modified).
 
     python tools/bench_speed.py [--repeats 3] [--skip-tp] [--no-latency] [--skip-scale]
+    python tools/bench_speed.py --models resnet50,vgg11_bn --skip-scale   # table 1 per model
 """
 from __future__ import annotations
 
@@ -64,9 +65,58 @@ def fmt_s(values: list[float]) -> str:
     return f"{bc.median(values):.2f}" if values else "-"
 
 
+LABEL = {False: "gpp-onnx prune (default: measures latency)",
+         True: "gpp-onnx prune --no-latency"}
+
+
+def compare_with_tp(spec: str, args, work: Path, variants: list, results: dict) -> Path:
+    """Table 1 for one model: gpp and the TP flow alternating; returns the ONNX path."""
+    onnx_path = bc.cached_export(spec, args.size, work, args.fresh)
+    flows = [("gpp", nl) for nl in variants] + ([] if args.skip_tp else [("tp", False)])
+    runs: dict = {f: [] for f in flows}
+    for rep in range(args.repeats):
+        order = flows[rep % len(flows):] + flows[:rep % len(flows)]
+        for kind, nl in order:
+            out = work / f"{spec}.{kind}{'.nolat' if nl else ''}.onnx"
+            r = timed_flow(kind, onnx_path, spec, args.size, out, args.ratio, nl)
+            runs[(kind, nl)].append(r)
+            status = "ok" if r["ok"] else f"FAILED ({r['problem']})"
+            print(f"  run {rep + 1}: {kind}{' --no-latency' if nl else ''}: "
+                  f"{r['seconds']:.2f} s {status}", flush=True)
+            if not r["ok"]:
+                print("    " + r["tail"].replace("\n", "\n    "))
+    med = {f: bc.median([r["seconds"] for r in rs if r["ok"]]) for f, rs in runs.items()}
+    tp_med = med.get(("tp", False))
+    rows = []
+    for f in flows:
+        secs = [r["seconds"] for r in runs[f] if r["ok"]]
+        name = LABEL[f[1]] if f[0] == "gpp" else "Torch-Pruning (build, prune, export)"
+        ratio = f"{med[f] / tp_med:.2f}" if tp_med and secs else "-"
+        rows.append([name, f"{len(secs)}/{len(runs[f])}", fmt_s(secs),
+                     f"{min(secs):.2f}-{max(secs):.2f}" if secs else "-", ratio])
+    print(f"\n## {spec} ({args.size}x{args.size}), ratio {args.ratio}: whole process, "
+          f"{args.repeats} alternating runs\n")
+    print(bc.table(["flow", "ok", "median s", "range s", "ratio to TP"], rows))
+    tp_runs = [r for r in runs.get(("tp", False), []) if r["ok"] and r["stages"]]
+    if tp_runs:
+        names = list(tp_runs[0]["stages"])
+        print("\nTorch-Pruning subprocess, median seconds per step (in-process timers):")
+        print(bc.table(["step", "median s"],
+                       [[n, f"{bc.median([r['stages'][n] for r in tp_runs]):.2f}"]
+                        for n in names]))
+    results[spec] = {"runs": {f"{k}{'-nolat' if nl else ''}": v
+                              for (k, nl), v in runs.items()},
+                     "medians": {f"{k}{'-nolat' if nl else ''}": v
+                                 for (k, nl), v in med.items()}}
+    return onnx_path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--repeats", type=int, default=3, help="runs of each flow (default 3)")
+    ap.add_argument("--models", default="resnet50",
+                    help="comma-separated torchvision names for table 1 (default resnet50; "
+                         "the speed bar also uses vgg11_bn)")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--size", type=int, default=224, help="input side of the resnet50 runs")
     ap.add_argument("--skip-tp", action="store_true", help="no Torch-Pruning runs")
@@ -90,52 +140,16 @@ def main(argv=None) -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     variants = [True] if args.no_latency else [False, True]  # no_latency flag values
-    label = {False: "gpp-onnx prune (default: measures latency)",
-             True: "gpp-onnx prune --no-latency"}
     results: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                      "machine": bc.machine(), "git": bc.git_state(), "args": vars(args)}
     print(f"# bench_speed  {results['date']}\n# {results['machine']}\n# {results['git']}\n"
           f"# {bc.load_note('at start')}\n")
 
-    # ---- 1. resnet50: gpp vs Torch-Pruning ------------------------------------------
-    spec = "resnet50"
-    onnx_path = bc.cached_export(spec, args.size, work, args.fresh)
-    flows = [("gpp", nl) for nl in variants] + ([] if args.skip_tp else [("tp", False)])
-    runs: dict = {f: [] for f in flows}
-    for rep in range(args.repeats):
-        order = flows[rep % len(flows):] + flows[:rep % len(flows)]
-        for kind, nl in order:
-            out = work / f"{spec}.{kind}{'.nolat' if nl else ''}.onnx"
-            r = timed_flow(kind, onnx_path, spec, args.size, out, args.ratio, nl)
-            runs[(kind, nl)].append(r)
-            status = "ok" if r["ok"] else f"FAILED ({r['problem']})"
-            print(f"  run {rep + 1}: {kind}{' --no-latency' if nl else ''}: "
-                  f"{r['seconds']:.2f} s {status}", flush=True)
-            if not r["ok"]:
-                print("    " + r["tail"].replace("\n", "\n    "))
-    med = {f: bc.median([r["seconds"] for r in rs if r["ok"]]) for f, rs in runs.items()}
-    tp_med = med.get(("tp", False))
-    rows = []
-    for f in flows:
-        secs = [r["seconds"] for r in runs[f] if r["ok"]]
-        name = label[f[1]] if f[0] == "gpp" else "Torch-Pruning (build, prune, export)"
-        ratio = f"{med[f] / tp_med:.2f}" if tp_med and secs else "-"
-        rows.append([name, f"{len(secs)}/{len(runs[f])}", fmt_s(secs),
-                     f"{min(secs):.2f}-{max(secs):.2f}" if secs else "-", ratio])
-    print(f"\n## resnet50 ({args.size}x{args.size}), ratio {args.ratio}: whole process, "
-          f"{args.repeats} alternating runs\n")
-    print(bc.table(["flow", "ok", "median s", "range s", "ratio to TP"], rows))
-    tp_runs = [r for r in runs.get(("tp", False), []) if r["ok"] and r["stages"]]
-    if tp_runs:
-        names = list(tp_runs[0]["stages"])
-        print("\nTorch-Pruning subprocess, median seconds per step (in-process timers):")
-        print(bc.table(["step", "median s"],
-                       [[n, f"{bc.median([r['stages'][n] for r in tp_runs]):.2f}"]
-                        for n in names]))
-    results["resnet50"] = {"runs": {f"{k}{'-nolat' if nl else ''}": v
-                                    for (k, nl), v in runs.items()},
-                           "medians": {f"{k}{'-nolat' if nl else ''}": v
-                                       for (k, nl), v in med.items()}}
+    # ---- 1. gpp vs Torch-Pruning, one model after the other ---------------------------
+    onnx_path = None
+    for spec in args.models.split(","):
+        path = compare_with_tp(spec, args, work, variants, results)
+        onnx_path = path if spec == "resnet50" or onnx_path is None else onnx_path
 
     # ---- 2. scaling with graph size -----------------------------------------------------
     scale_models = []

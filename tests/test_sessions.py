@@ -1,0 +1,106 @@
+"""The shortcuts that keep large models fast compute exactly what the long way computes.
+
+References are independent of the shortcut: a plain onnxruntime session of the whole
+serialised model, a float64 copy of the weights summed with numpy, ``onnx.save``."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from gpp_onnx import model as model_io
+from gpp_onnx import verify
+from gpp_onnx.analysis import analyze_model
+from gpp_onnx.importance import magnitude
+from gpp_onnx.importance.magnitude import Magnitude
+
+
+def _conv_net(dtype=np.float32) -> onnx.ModelProto:
+    """Two convs: a weight large enough to be detached (64x64x3x3), small ones inline."""
+    rng = np.random.default_rng(0)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(dtype), n) for n, s in
+             [("w1", (64, 3, 3, 3)), ("b1", (64,)), ("w2", (64, 64, 3, 3))]]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info(
+        "x", elem, ["N", 3, 8, 8])], [helper.make_tensor_value_info("y", elem, ["N", 64, 8, 8])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _whole(model: onnx.ModelProto, optimize: bool):
+    opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("optimize", [False, True])
+def test_detached_session_is_bitwise_the_whole_model(dtype, optimize):
+    model = _conv_net(dtype)
+    detached = verify.detach(model)
+    assert set(detached.arrays) == {"w2"}  # w1 and b1 are below DETACH_MIN_BYTES
+    x = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(dtype)}
+    want = _whole(model, optimize).run(None, x)
+    for source in (model, detached):
+        got = verify.make_session(source, optimize=optimize).run(None, x)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_probe_session_serves_one_plain_run_then_is_released():
+    model = _conv_net()
+    view = analyze_model(model).view
+    feeds = view.check_feeds(3)
+    want = _whole(model, optimize=False).run(None, feeds)
+    for _ in range(2):  # the probe's session, then a fresh one
+        got = view.plain_outputs(feeds)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+        assert view._session is None
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_chunked_slice_norms_equal_one_float64_copy(monkeypatch, p):
+    monkeypatch.setattr(magnitude, "CHUNK", 1000)  # many chunks, and chunks of one row
+    rng = np.random.default_rng(0)
+    for shape in [(64, 3, 7, 7), (301, 40), (7, 400), (3, 1), (1, 5000), (2049, 3, 1, 1)]:
+        w = rng.standard_normal(shape).astype(np.float32)
+        for axis in range(w.ndim):
+            rows = np.moveaxis(np.abs(w.astype(np.float64)), axis, 0).reshape(shape[axis], -1)
+            want = rows.sum(axis=1) if p == 1 else np.sqrt((rows ** 2).sum(axis=1))
+            assert np.array_equal(Magnitude(p)._slice_norms(w, axis), want), (shape, axis)
+
+
+def test_save_writes_the_given_bytes_atomically(tmp_path):
+    model = _conv_net()
+    data = model.SerializeToString()
+    out = model_io.save(model, tmp_path / "m.onnx", data)
+    onnx.save(model, tmp_path / "ref.onnx")
+    assert out.read_bytes() == (tmp_path / "ref.onnx").read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_checker_reads_the_file_only_when_it_holds_the_model(tmp_path, monkeypatch):
+    checked = []
+    real = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model",
+                        lambda m, *a, **k: (checked.append(m), real(m, *a, **k))[1])
+    model = _conv_net()
+    onnx.save(model, tmp_path / "m.onnx")
+    model_io.read(tmp_path / "m.onnx")
+    shuffled = _conv_net()
+    nodes = list(shuffled.graph.node)[::-1]
+    del shuffled.graph.node[:]
+    shuffled.graph.node.extend(nodes)
+    onnx.save(shuffled, tmp_path / "s.onnx")
+    model_io.read(tmp_path / "s.onnx")  # sorted on load: the file is not the model
+    onnx.save(model, tmp_path / "e.onnx", save_as_external_data=True, size_threshold=0)
+    model_io.read(tmp_path / "e.onnx")
+    assert [type(m).__name__ for m in checked] == ["str", "bytes", "bytes"]
