@@ -94,9 +94,10 @@ def _prune_parser(sub) -> None:
     target.add_argument("--target-latency", type=float, help="keep this fraction of the "
                         "onnxruntime CPU latency measured here (channels ranked globally by "
                         "utility per unit of latency; the cut model is timed and corrected)")
-    pr.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
-                    help="MACs/params targets: the same ratio in every group (default) or "
-                    "channels ranked globally by utility per unit of cost")
+    pr.add_argument("--allocation", choices=["uniform", "global"],
+                    help="the same ratio in every group (default for MACs/params targets) or "
+                    "channels ranked globally by utility per unit of cost (default for "
+                    "--target-latency)")
     pr.add_argument("--criterion", default="auto",
                     help=f"one of {', '.join(criterion_names())} (default: gpp with --data, "
                     "else l1)")

@@ -43,7 +43,8 @@ class PruneConfig:
     target_macs: float | None = None    # keep this fraction of the MACs (search the ratio)
     target_params: float | None = None  # keep this fraction of the parameters
     target_latency: float | None = None # keep this fraction of the onnxruntime latency here
-    allocation: str = "uniform"         # MACs/params targets: uniform ratio | global ranking
+    allocation: str | None = None       # uniform ratio | global ranking (None: uniform for
+    #                                     MACs/params, global for --target-latency)
     criterion: str = "auto"             # gpp with data, l1 without
     eta: float | None = None            # METHOD 3 threshold factor (per round: eta * round)
     rounds: int = 1
@@ -87,14 +88,13 @@ class PruneConfig:
         return replace(self, **changes) if changes else self
 
     def _check_targets(self) -> None:
-        if self.allocation not in ALLOCATIONS:
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise InputError(f"--allocation {self.allocation} is unknown - use one of "
                              f"{', '.join(ALLOCATIONS)}")
         if self.allocation == "global" and self.target_macs is None and (
-                self.target_params is None):
+                self.target_params is None and self.target_latency is None):
             raise InputError("--allocation global ranks channels against a cost target - "
-                             "give --target-macs or --target-params (--target-latency is "
-                             "always global)")
+                             "give --target-macs, --target-params or --target-latency")
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise InputError(f"--ratio {self.ratio} is outside [0, 1) - e.g. --ratio 0.5 "
                              "removes half of each group's channels")

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import allocate, latency, surgery, verify
 from .latency import channel_alignment
-from .plan import PrunePlan, kept_elements
+from .plan import PrunePlan, kept_elements, plan_for_target
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +153,10 @@ class LatencyPlan:
 
 def plan_for_latency(analysis, scores, digest: str, fraction: float, feeds: dict,
                      min_keep: int = 1, round_to: int = 1, meta: dict | None = None,
-                     tries: int = 4, tolerance: float = 0.03) -> LatencyPlan:
-    """Global allocation against the latency model, then the real cut model is timed
+                     tries: int = 4, tolerance: float = 0.03,
+                     allocation: str = "global") -> LatencyPlan:
+    """Global allocation (or, with `allocation` "uniform", the uniform ratio search) against
+    the latency model, then the real cut model is timed
     against the original and the model's goal corrected, until the measured ratio is
     within `tolerance` (relative) of `fraction` or `tries` run out. The next goal
     interpolates between the closest goals measured above and below the target, or scales
@@ -164,8 +166,13 @@ def plan_for_latency(analysis, scores, digest: str, fraction: float, feeds: dict
     original = verify.make_session(analysis.view.model, "input model")
     goal, done = fraction, []
     for _ in range(tries):
-        plan = allocate.plan_global(analysis, scores, digest, model.estimate,
-                                    goal * model.total, min_keep, round_to, meta)
+        if allocation == "global":
+            plan = allocate.plan_global(analysis, scores, digest, model.estimate,
+                                        goal * model.total, min_keep, round_to, meta)
+        else:
+            plan = plan_for_target(analysis, scores, digest,
+                                   lambda p: model.estimate(kept_elements(analysis, p)), goal,
+                                   min_keep, round_to, dict(meta or {}, allocation="uniform"))
         pruned = surgery.cut(analysis, kept_elements(analysis, plan))
         measured = latency.paired_ratio(
             [original, verify.make_session(pruned, "pruned model")], feeds, budget_s=2.0)

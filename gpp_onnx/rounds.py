@@ -57,7 +57,8 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
                              overrides=overrides), scores
     if config.target_latency is not None:
         found = plan_for_latency(analysis, scores, digest, config.target_latency ** (1 / rounds),
-                                 analysis.view.probe_feeds, **common)
+                                 analysis.view.probe_feeds, **common,
+                                 allocation=config.allocation or "global")
         meta = dict(found.plan.meta, latency_tries=[list(t) for t in found.tries],
                     latency_measured=found.measured, latency_groups=list(found.groups))
         return replace(found.plan, meta=meta), scores
@@ -78,7 +79,7 @@ def _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
     def cost(kept) -> float:
         return getattr(est.estimate(kept), field_name)
 
-    if config.allocation == "uniform":
+    if config.allocation != "global":
         return plan_for_target(analysis, scores, digest, lambda p: cost(kept_elements(analysis, p)),
                                goal, config.min_keep, multiples, meta, overrides)
     for q in multiples:  # coarsest multiple that reaches the goal

@@ -99,14 +99,17 @@ def test_latency_target_corrects_the_goal_by_what_it_measures(monkeypatch):
     assert len(found.tries) == 3 and set(found.plan.removed) <= set(keys)
 
 
-def test_target_latency_from_the_cli_writes_a_verified_global_plan(tmp_path):
+@pytest.mark.parametrize("allocation", [None, "uniform"])
+def test_target_latency_from_the_cli_writes_a_verified_plan(tmp_path, allocation):
     src = tmp_path / "m.onnx"
     onnx.save(_chain(widths=(32, 64, 64), side=32), src)
     out = tmp_path / "p.onnx"
-    assert main(["-q", "prune", str(src), "--target-latency", "0.6", "-o", str(out)]) == 0
+    extra = ["--allocation", allocation] if allocation else []
+    assert main(["-q", "prune", str(src), "--target-latency", "0.6", *extra, "-o",
+                 str(out)]) == 0
     report = json.loads((tmp_path / "p.report.json").read_text())
     meta = report["plan"]["meta"]
-    assert meta["allocation"] == "global" and meta["latency_tries"]
+    assert meta["allocation"] == (allocation or "global") and meta["latency_tries"]
     assert report["after"]["macs"] < report["before"]["macs"]
 
 
