@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import pipeline, report
-from .config import DataOptions, PruneConfig, TrainOptions
+from .config import DataOptions, LatencyOptions, PruneConfig, TrainOptions
 from .errors import GppError, InputError
 from .progress import ProgressHandler
 from .importance import criterion_names
@@ -118,6 +118,7 @@ def _prune_parser(sub) -> None:
     pr.add_argument("--plan-out", help="write the plan (JSON) here")
     pr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
     pr.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    _timing_args(pr, "latency-")
     _prune_training_args(pr)
 
 
@@ -142,8 +143,7 @@ def _profile_parser(sub) -> None:
     pf = sub.add_parser("profile", help="per-group onnxruntime latency cost on this machine")
     pf.add_argument("model")
     pf.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
-    pf.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads "
-                    "(default: onnxruntime's choice)")
+    _timing_args(pf, "")
     pf.add_argument("--runs", type=int, default=20, help="profiled runs")
     pf.add_argument("--json", help="write every group's cost-vs-width curve here "
                     "(python tools/plot_report.py latency FILE draws it)")
@@ -166,6 +166,24 @@ def _push_parser(sub) -> None:
     pu.add_argument("--feature-tensor", help="value name of the final hidden layer")
     pu.add_argument("--seed", type=int, default=0)
     pu.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
+
+
+def _timing_args(p: argparse.ArgumentParser, prefix: str) -> None:
+    """Where latency is measured (prune: --latency-threads/--latency-batch; profile:
+    --threads/--batch)."""
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="onnxruntime provider to time (cuda needs onnxruntime-gpu)")
+    p.add_argument(f"--{prefix}threads", dest="timing_threads", type=int, default=0,
+                   help="onnxruntime intra-op threads when timing (default: its own choice)")
+    p.add_argument(f"--{prefix}batch", dest="timing_batch", type=int, default=1,
+                   help="images per timed run (models with a dynamic batch)")
+    p.add_argument("--no-latency-cache", action="store_true",
+                   help="profile again instead of reusing ~/.cache/gpp-onnx")
+
+
+def _timing(args) -> LatencyOptions:
+    return LatencyOptions(args.provider, args.timing_threads, args.timing_batch,
+                          None if args.no_latency_cache else LatencyOptions.cache)
 
 
 def _name_ratio(text: str) -> tuple[str, float]:
@@ -216,7 +234,7 @@ def _prune_config(args) -> PruneConfig:
                        eta=args.eta, rounds=args.rounds, seed=args.seed, min_keep=args.min_keep,
                        round_to=args.round_to, mask_only=args.mask_only,
                        input_shape=_input_shape(args.input_shape), latency=not args.no_latency,
-                       data=_data_options(args), train=train,
+                       timing=_timing(args), data=_data_options(args), train=train,
                        feature_tensor=args.feature_tensor, repair=args.repair,
                        ignore=tuple(args.ignore), group_ratios=tuple(args.group_ratio))
 
@@ -229,7 +247,7 @@ def _run(args) -> int:
                                 plan_path=args.plan, plan_out=args.plan_out)
         print(report.prune_summary(result))
     elif args.command == "profile":
-        prof = pipeline.profile(args.model, _input_shape(args.input_shape), args.threads,
+        prof = pipeline.profile(args.model, _input_shape(args.input_shape), _timing(args),
                                 args.runs)
         print(report.profile_table(prof))
         if args.json:

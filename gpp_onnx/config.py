@@ -32,6 +32,22 @@ class TrainOptions:
     clip_grad: float = 2.0               # max global gradient norm per step (0: no clipping)
 
 
+@dataclass(frozen=True)
+class LatencyOptions:
+    """How latency is measured (the summary's ratio, --target-latency, profile)."""
+    provider: str = "cpu"               # cpu | cuda (needs onnxruntime-gpu)
+    threads: int = 0                    # onnxruntime intra-op threads (0: its own choice)
+    batch: int = 1                      # images per run (models with a dynamic batch)
+    cache: str | None = "~/.cache/gpp-onnx"   # kernel profiles per model and machine
+
+    def checked(self) -> "LatencyOptions":
+        if self.provider not in ("cpu", "cuda"):
+            raise InputError(f"--provider {self.provider} is unknown - use cpu or cuda")
+        if self.threads < 0 or self.batch < 1:
+            raise InputError("--latency-threads must be >= 0 and --latency-batch >= 1")
+        return self
+
+
 DATA_CRITERIA = ("gpp", "gpp-guided", "gpp-deconv", "taylor")
 REPAIRS = ("lsq", "bias", "none")
 ALLOCATIONS = ("uniform", "global")  # least-squares refit, mean fold into biases, nothing
@@ -55,6 +71,7 @@ class PruneConfig:
     mask_only: bool = False             # write the original shapes with removed channels zeroed
     input_shape: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None  # or per input name
     latency: bool = True                # measure onnxruntime latency before/after
+    timing: LatencyOptions = LatencyOptions()
     data: DataOptions | None = None
     train: TrainOptions = TrainOptions()
     feature_tensor: str | None = None   # final hidden layer override
@@ -71,6 +88,7 @@ class PruneConfig:
                              "--target-latency, --eta")
         self._check_data_options()
         self._check_targets()
+        self.timing.checked()
         if self.min_keep < 1 or (self.round_to is not None and self.round_to < 1):
             raise InputError("--min-keep and --round-to must be at least 1")
         changes = {}

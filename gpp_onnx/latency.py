@@ -39,6 +39,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import verify
+from .config import LatencyOptions
+from .errors import InputError
+from .graph import random_feeds
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +138,43 @@ class LatencyCheck:
                 f"{why} - {hint}")
 
 
+def providers_for(options: LatencyOptions) -> list[str]:
+    """onnxruntime providers for `options.provider`; a one-line error when CUDA is asked
+    for and this onnxruntime has none."""
+    if options.provider == "cpu":
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise InputError("--provider cuda needs onnxruntime-gpu with a CUDA device - install "
+                         "the gpu extra (pip install -e '.[gpu]') or use --provider cpu")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def session(model, where: str, options: LatencyOptions):
+    """A timing session: all graph optimisations, the options' provider and threads."""
+    return verify.make_session(model, where, options.threads, providers_for(options))
+
+
+def timing_feeds(view, options: LatencyOptions) -> dict:
+    """Inputs for timing: the probe's (batch 1), or `options.batch` images per run."""
+    if options.batch == 1 or not view.dynamic_batch:
+        return view.probe_feeds
+    return random_feeds(view.inputs, batch=options.batch)
+
+
 def measure(original: verify.Source, pruned: verify.Source, feeds,
-            budget_s: float = 1.0, original_session=None) -> LatencyCheck:
+            budget_s: float = 1.0, original_session=None,
+            options: LatencyOptions = LatencyOptions()) -> LatencyCheck:
     """Latency ratio of the pruned model in onnxruntime, and the layouts when it is slower.
     Each model is given as a ModelProto, its bytes or its file; `original_session`: an
-    optimised session of `original` already open (``prune`` passes the normalised model's,
-    opened for its noise measure)."""
-    sessions = [original_session or verify.make_session(original, "input model"),
-                verify.make_session(pruned, "pruned model")]
+    optimised session of `original` already open with the default providers and threads
+    (``prune`` passes the normalised model's, opened for its noise measure), used when
+    `options` ask for the same."""
+    same = options.threads == 0 and providers_for(options) == verify.providers()
+    sessions = [original_session if same and original_session is not None
+                else session(original, "input model", options),
+                session(pruned, "pruned model", options)]
     ratio = paired_ratio(sessions, feeds, budget_s)
     layouts = (Layout.of(original), Layout.of(pruned)) if ratio >= 1.0 else (None, None)
     return LatencyCheck(ratio, *layouts)

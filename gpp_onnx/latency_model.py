@@ -17,18 +17,22 @@ is timed afterwards and the goal corrected (latency.plan_for_latency).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import platform
 import statistics
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from . import allocate, latency, surgery, verify
+from . import allocate, latency, surgery
+from .config import LatencyOptions
 from .latency import channel_alignment
 from .plan import PrunePlan, kept_elements, plan_for_target
 
@@ -72,10 +76,12 @@ class LatencyModel:
         return int(math.ceil(n / self.block) * self.block) if n >= self.block else n
 
     @classmethod
-    def profile(cls, analysis, feeds: dict, runs: int = 20, threads: int = 0
-                ) -> "LatencyModel":
-        """Profile the analysed model in onnxruntime's CPU provider and build the model."""
-        times = _kernel_times(analysis.view.model, feeds, runs, threads)
+    def profile(cls, analysis, feeds: dict, runs: int = 20,
+                options: LatencyOptions = LatencyOptions()) -> "LatencyModel":
+        """Profile the analysed model in onnxruntime (the options' provider and threads)
+        and build the model. Kernel times are cached per model structure, input shapes,
+        provider, threads, onnxruntime version and processor under `options.cache`."""
+        times = _cached_kernel_times(analysis.view.model, feeds, runs, options)
         by_name = {n.name: n for n in analysis.view.nodes}
         kernels, fixed = [], 0.0
         for name, seconds in times.items():
@@ -89,7 +95,47 @@ class LatencyModel:
         return cls(analysis, kernels, fixed)
 
 
-def _kernel_times(model, feeds: dict, runs: int, threads: int) -> dict[str, float]:
+def _cached_kernel_times(model, feeds: dict, runs: int, options: LatencyOptions
+                         ) -> dict[str, float]:
+    if not options.cache:
+        return _kernel_times(model, feeds, runs, options)
+    import onnxruntime as ort
+
+    from .plan import model_digest
+
+    key = json.dumps([model_digest(model), {k: list(v.shape) for k, v in feeds.items()},
+                      options.provider, options.threads, runs, ort.__version__, _processor()])
+    path = (Path(options.cache).expanduser() / "latency"
+            / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json")
+    if path.is_file():
+        try:
+            times = json.loads(path.read_text())["kernels"]
+            logger.info("latency model: kernel times from %s", path)
+            return times
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged entry is measured again and replaced
+    times = _kernel_times(model, feeds, runs, options)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"key": json.loads(key), "kernels": times}))
+        os.replace(tmp, path)
+    except OSError as err:  # a cache that cannot be written only costs time
+        logger.debug("latency cache not written (%s)", err)
+    return times
+
+
+def _processor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def _kernel_times(model, feeds: dict, runs: int, options: LatencyOptions) -> dict[str, float]:
     """Median seconds of each kernel over `runs` profiled runs (after one warm-up)."""
     import onnxruntime as ort
 
@@ -97,12 +143,12 @@ def _kernel_times(model, feeds: dict, runs: int, threads: int) -> dict[str, floa
     opts.log_severity_level = 3
     opts.enable_profiling = True
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
+    if options.threads:
+        opts.intra_op_num_threads = options.threads
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = os.path.join(tmp, "profile")
         session = ort.InferenceSession(model.SerializeToString(), opts,
-                                       providers=["CPUExecutionProvider"])
+                                       providers=latency.providers_for(options))
         for _ in range(runs + 1):
             session.run(None, feeds)
         with open(session.end_profiling()) as f:
@@ -154,7 +200,8 @@ class LatencyPlan:
 def plan_for_latency(analysis, scores, digest: str, fraction: float, feeds: dict,
                      min_keep: int = 1, round_to: int = 1, meta: dict | None = None,
                      tries: int = 4, tolerance: float = 0.03,
-                     allocation: str = "global") -> LatencyPlan:
+                     allocation: str = "global",
+                     options: LatencyOptions = LatencyOptions()) -> LatencyPlan:
     """Global allocation (or, with `allocation` "uniform", the uniform ratio search) against
     the latency model, then the real cut model is timed
     against the original and the model's goal corrected, until the measured ratio is
@@ -162,8 +209,8 @@ def plan_for_latency(analysis, scores, digest: str, fraction: float, feeds: dict
     interpolates between the closest goals measured above and below the target, or scales
     the last goal by target / measured before both sides are known. The plan kept is the
     slowest one that meets the target, else the fastest tried."""
-    model = LatencyModel.profile(analysis, feeds)
-    original = verify.make_session(analysis.view.model, "input model")
+    model = LatencyModel.profile(analysis, feeds, options=options)
+    original = latency.session(analysis.view.model, "input model", options)
     goal, done = fraction, []
     for _ in range(tries):
         if allocation == "global":
@@ -175,7 +222,7 @@ def plan_for_latency(analysis, scores, digest: str, fraction: float, feeds: dict
                                    min_keep, round_to, dict(meta or {}, allocation="uniform"))
         pruned = surgery.cut(analysis, kept_elements(analysis, plan))
         measured = latency.paired_ratio(
-            [original, verify.make_session(pruned, "pruned model")], feeds, budget_s=2.0)
+            [original, latency.session(pruned, "pruned model", options)], feeds, budget_s=2.0)
         logger.info("latency target %.3f: model goal %.3f -> measured %.3f", fraction, goal,
                     measured)
         done.append((plan, goal, measured))

@@ -15,7 +15,7 @@ from . import latency, preflight, report, verify
 from . import model as model_io
 from .analysis import Analysis, analyze_model
 from .analysis.features import final_hidden_layer
-from .config import DataOptions, PruneConfig, TrainOptions
+from .config import DataOptions, LatencyOptions, PruneConfig, TrainOptions
 from .errors import InputError, UnsupportedModelError
 from .evaluation import accuracy, dataset_for
 from .finetune import train_model
@@ -109,6 +109,8 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     if (plan_path or plan_out) and config.rounds > 1:
         raise InputError("a plan describes one round - use --rounds 1 with --plan/--plan-out")
     _preflight(model, src, dst, config.data)
+    if config.latency or config.target_latency is not None:
+        latency.providers_for(config.timing)  # a provider that is not there: say so first
     if plan_out is not None:
         preflight.check_writable(Path(plan_out))
     t0 = time.perf_counter()
@@ -117,8 +119,8 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     last = rounds[-1]
     result_model = last.masked if config.mask_only else last.model
     timing = (latency.measure(start.analysis.view.model, last.model,
-                              start.analysis.view.probe_feeds,
-                              original_session=start.original_session)
+                              latency.timing_feeds(start.analysis.view, config.timing),
+                              original_session=start.original_session, options=config.timing)
               if config.latency else None)
     ratio = timing.ratio if timing is not None else None
     slower = timing.warning(config.round_to) if timing is not None else None
@@ -256,11 +258,15 @@ class LatencyProfile:
     groups: list[dict]          # latency_model.group_costs rows, largest share first
 
 
-def profile(path, input_shape=None, threads: int = 0, runs: int = 20) -> LatencyProfile:
-    """Per channel group: how much of the model's onnxruntime CPU latency its width
-    controls here, and the estimated latency at each kept width."""
+def profile(path, input_shape=None, options: LatencyOptions = LatencyOptions(),
+            runs: int = 20) -> LatencyProfile:
+    """Per channel group: how much of the model's onnxruntime latency its width controls
+    here, and the estimated latency at each kept width."""
+    options = options.checked()
+    latency.providers_for(options)
     _, _, analysis = load_normalized(Path(path), input_shape)
-    model = LatencyModel.profile(analysis, analysis.view.probe_feeds, runs, threads)
+    model = LatencyModel.profile(analysis, latency.timing_feeds(analysis.view, options), runs,
+                                 options)
     return LatencyProfile(model.total, model.fixed, model.block, group_costs(analysis, model))
 
 

@@ -93,7 +93,7 @@ def rounds_table(rounds: list[dict], macs_before: int) -> str:
 def profile_table(prof, top: int = 30) -> str:
     rows = [[r["key"], r["width"], f"{100 * r['share']:.1f}%", f"{r['us_per_channel']:.2f}"]
             for r in prof.groups[:top]]
-    head = (f"onnxruntime CPU latency {prof.total_seconds * 1e3:.2f} ms per run, "
+    head = (f"onnxruntime latency {prof.total_seconds * 1e3:.2f} ms per run, "
             f"{100 * prof.fixed_seconds / max(prof.total_seconds, 1e-12):.1f}% not tied to "
             f"channels; widths padded to multiples of {prof.block}")
     body = table(["group", "width", "latency share", "us per channel"], rows, "lrrr")

@@ -57,8 +57,8 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
                              overrides=overrides), scores
     if config.target_latency is not None:
         found = plan_for_latency(analysis, scores, digest, config.target_latency ** (1 / rounds),
-                                 analysis.view.probe_feeds, **common,
-                                 allocation=config.allocation or "global")
+                                 latency.timing_feeds(analysis.view, config.timing), **common,
+                                 allocation=config.allocation or "global", options=config.timing)
         meta = dict(found.plan.meta, latency_tries=[list(t) for t in found.tries],
                     latency_measured=found.measured, latency_groups=list(found.groups))
         return replace(found.plan, meta=meta), scores

@@ -84,3 +84,10 @@ def assert_pruned_equals_masked(model: onnx.ModelProto, tmp_path: Path, expect_c
 def sample_model():
     from gpp_onnx.samples import sample_cnn
     return sample_cnn()
+
+
+@pytest.fixture(autouse=True)
+def _private_home(tmp_path_factory, monkeypatch):
+    """Caches under ~ (the latency profiles) go to a folder of this test run, never the
+    user's: no test reads what another run measured."""
+    monkeypatch.setenv("HOME", str(tmp_path_factory.getbasetemp() / "home"))

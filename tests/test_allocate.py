@@ -139,3 +139,39 @@ def test_profile_command_prices_every_prunable_group(tmp_path, capsys):
         assert 0 < g["share"] < 1 and g["curve"][-1][0] == g["width"]
         times = [t for _, t in g["curve"]]
         assert times == sorted(times)          # a narrower group never costs more
+
+
+def test_kernel_profiles_are_cached_per_model_and_timing(tmp_path, monkeypatch):
+    from gpp_onnx import latency_model
+    from gpp_onnx.config import LatencyOptions
+
+    analysis = _analysis(_chain(widths=(32, 64, 64), side=32))
+    feeds = analysis.view.probe_feeds
+    options = LatencyOptions(cache=str(tmp_path))
+    first = LatencyModel.profile(analysis, feeds, runs=3, options=options)
+    assert len(list((tmp_path / "latency").glob("*.json"))) == 1
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("profiled again although the cache holds this model")
+
+    monkeypatch.setattr(latency_model, "_kernel_times", no_profiling)
+    again = LatencyModel.profile(analysis, feeds, runs=3, options=options)
+    assert again.total == first.total
+    with pytest.raises(AssertionError, match="profiled again"):   # other threads: other key
+        LatencyModel.profile(analysis, feeds, runs=3,
+                             options=LatencyOptions(threads=1, cache=str(tmp_path)))
+
+
+def test_cuda_without_onnxruntime_gpu_is_refused_before_the_work(tmp_path, capsys):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    src = tmp_path / "m.onnx"
+    onnx.save(_chain(), src)
+    out = tmp_path / "p.onnx"
+    assert main(["-q", "prune", str(src), "--provider", "cuda", "-o", str(out)]) == 2
+    assert main(["-q", "profile", str(src), "--provider", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("onnxruntime-gpu" in line for line in err)
+    assert not out.exists()
