@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import model as model_io
 from . import pipeline, report
 from .config import DataOptions, LatencyOptions, PruneConfig, TrainOptions
 from .errors import GppError, InputError
@@ -251,7 +252,7 @@ def _run(args) -> int:
                                 args.runs)
         print(report.profile_table(prof))
         if args.json:
-            pipeline.write_text(Path(args.json), report.to_json(vars(prof)))
+            model_io.write_text(args.json, report.to_json(vars(prof)))
             print(f"wrote {args.json}")
     elif args.command == "push":
         from .push import PushWeights

@@ -34,6 +34,7 @@ import numpy as np
 from . import allocate, latency, surgery
 from .config import LatencyOptions
 from .latency import channel_alignment
+from .model import write_text
 from .plan import PrunePlan, kept_elements, plan_for_target
 
 logger = logging.getLogger(__name__)
@@ -116,10 +117,7 @@ def _cached_kernel_times(model, feeds: dict, runs: int, options: LatencyOptions
             pass  # a damaged entry is measured again and replaced
     times = _kernel_times(model, feeds, runs, options)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"key": json.loads(key), "kernels": times}))
-        os.replace(tmp, path)
+        write_text(path, json.dumps({"key": json.loads(key), "kernels": times}))
     except OSError as err:  # a cache that cannot be written only costs time
         logger.debug("latency cache not written (%s)", err)
     return times

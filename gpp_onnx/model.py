@@ -355,16 +355,31 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, data: bytes | None = N
     """Write `model` to `path` atomically (temp file in the same folder, then rename).
     `data`: the model's bytes when the caller already serialised it."""
     dest = Path(path)
+    data = serialize(model) if data is None else data
+
+    def write(tmp: Path) -> None:
+        if data is None:  # over 2 GB: weights beside the model
+            onnx.save(model, str(tmp), save_as_external_data=True,
+                      location=dest.name + ".data")
+        else:
+            tmp.write_bytes(data)
+
+    return write_atomic(dest, write)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomic text write (reports, plans, caches)."""
+    return write_atomic(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def write_atomic(dest: Path, write) -> Path:
+    """`write(tmp)` into a temporary file in `dest`'s folder, then rename it to `dest`: a
+    reader never sees a partial file, and a failed write leaves nothing behind."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
-        data = serialize(model) if data is None else data
-        if data is None:
-            data_name = dest.name + ".data"
-            onnx.save(model, tmp, save_as_external_data=True, location=data_name)
-        else:
-            Path(tmp).write_bytes(data)
+        write(Path(tmp))
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -135,9 +134,9 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
         [slower] if slower else [], sizes)
     report_path = None
     if dst is not None:
-        report_path = write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
+        report_path = model_io.write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
     if plan_out is not None:
-        write_text(Path(plan_out), last.plan.to_json())
+        model_io.write_text(plan_out, last.plan.to_json())
     return PruneResult(dst, report_path, last.plan, start.before, after, last.error, ratio,
                        data_report, tuple(rounds), start.accuracy, start.tolerance,
                        start.loaded.notes, result_model)
@@ -218,14 +217,6 @@ def _first_reasons(analysis: Analysis) -> str:
     return "; ".join(reasons[:3]) or "no channel groups"
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Atomic text write (temporary file in the same folder, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 @dataclass(frozen=True)
 class Comparison:
     a: ModelStats
@@ -300,7 +291,7 @@ def push(model, output=None, data: DataOptions | None = None,
     verify.make_session(pushed, "pushed model")
     if dst is not None:
         model_io.save(pushed, dst)
-        write_text(dst.with_suffix(".report.json"), report.to_json(
+        model_io.write_text(dst.with_suffix(".report.json"), report.to_json(
             {"input": str(src or "<in-memory model>"), "output": str(dst),
              "weights": vars(weights), "train": vars(train), "push": vars(rep)}))
     return PushResult(dst, rep, pushed)

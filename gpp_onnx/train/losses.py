@@ -75,7 +75,7 @@ class PushLoss:
                       "align": float(l_align.detach()), "fisher": float(v.detach().mean())}
 
     def _class_means(self, h: torch.Tensor, y: torch.Tensor):
-        c, m = self.num_classes, h.shape[1]
+        c = self.num_classes
         onehot = F.one_hot(y, c).to(h.dtype)                       # (B, C)
         n = onehot.sum(0)                                           # (C,)
         batch_means = (onehot.t() @ h) / n.clamp(min=1).unsqueeze(1)
