@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
+import os
 import sys
 from pathlib import Path
 
 from . import model as model_io
-from . import pipeline, report
+from . import distributed, pipeline, report
 from .config import DataOptions, LatencyOptions, PruneConfig, TrainOptions
 from .errors import GppError, InputError
 from .progress import ProgressHandler
@@ -251,7 +254,7 @@ def _run(args) -> int:
         prof = pipeline.profile(args.model, _input_shape(args.input_shape), _timing(args),
                                 args.runs)
         print(report.profile_table(prof))
-        if args.json:
+        if args.json and distributed.is_writer():
             model_io.write_text(args.json, report.to_json(vars(prof)))
             print(f"wrote {args.json}")
     elif args.command == "push":
@@ -300,9 +303,28 @@ def main(argv: list[str] | None = None) -> int:
     logger.propagate = False
     _quiet_onnxruntime(args.verbose)
     try:
-        return _run(args)
-    except GppError as err:
+        with _world(args):
+            return _reporting(args)
+    except GppError as err:  # the torchrun environment itself
         print(f"gpp-onnx: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        handler.close_line()
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def _reporting(args) -> int:
+    """_run with errors as one line and an exit code (2: bad input, 1: a bug)."""
+    try:
+        return _run(args)
+    except distributed.RanksDisagree as err:  # raised on every rank: rank 0 says it
+        if distributed.is_writer():
+            print(f"gpp-onnx: error: {err}", file=sys.stderr)
+        return 2
+    except GppError as err:
+        print(f"gpp-onnx: error{_rank_tag()}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gpp-onnx: interrupted; nothing was written", file=sys.stderr)
@@ -310,14 +332,31 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug: say so on one line; -v shows the traceback
         if args.verbose:
             raise
-        print(f"gpp-onnx: internal error: {type(err).__name__}: {err} - nothing was written; "
-              "rerun with -v for the traceback and please report it", file=sys.stderr)
+        print(f"gpp-onnx: internal error{_rank_tag()}: {type(err).__name__}: {err} - nothing "
+              "was written; rerun with -v for the traceback and please report it", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _world(args):
+    """Under torchrun (WORLD_SIZE > 1): the process group for this run; the other ranks
+    than 0 log only errors and print no results."""
+    started = distributed.setup(os.environ, getattr(args, "device", "auto"))
+    quiet = started and not distributed.is_writer()
+    level = logger.level
+    try:
+        if quiet:
+            logger.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            yield
     finally:
-        handler.close_line()
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
+        logger.setLevel(level)
+        if started:
+            distributed.teardown()
+
+
+def _rank_tag() -> str:
+    return f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
 
 
 if __name__ == "__main__":

@@ -223,15 +223,20 @@ def check_labels(ds: Dataset, num_outputs: int) -> None:
         log.warning("%s: %d classes for %d model outputs", ds.source, ds.num_classes, num_outputs)
 
 
-def iter_batches(ds: Dataset, batch_size: int, shuffle: bool = False,
-                 seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_batches(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
+                 part: tuple[int, int] = (0, 1)) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (x, y) numpy batches of at most ``batch_size``, prepared as they are needed
     (by ``ds.workers`` processes, a few batches ahead, when it has any); shuffled
-    deterministically by seed."""
+    deterministically by seed. ``part=(i, k)``: of each batch of n, only the i-th of k
+    contiguous shares, ``[n*i//k, n*(i+1)//k)``, is prepared and yielded (one process of
+    a distributed run); batches with fewer than k images are skipped on every share."""
     if batch_size < 1:
         raise DataError(f"batch size {batch_size} must be at least 1")
     order = np.random.default_rng(seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
     chunks = [order[start:start + batch_size] for start in range(0, len(ds), batch_size)]
+    i, k = part
+    if k > 1:
+        chunks = [c[len(c) * i // k: len(c) * (i + 1) // k] for c in chunks if len(c) >= k]
     if ds.workers > 0 and len(chunks) > 1:
         yield from _with_workers(ds, chunks)
         return

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import latency, preflight, report, verify
+from . import distributed, latency, preflight, report, verify
 from . import model as model_io
 from .analysis import Analysis, analyze_model
 from .analysis.features import final_hidden_layer
@@ -117,25 +117,26 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     rounds = _run_rounds(start, config, plan_path)
     last = rounds[-1]
     result_model = last.masked if config.mask_only else last.model
+    writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports
     timing = (latency.measure(start.analysis.view.model, last.model,
                               latency.timing_feeds(start.analysis.view, config.timing),
                               original_session=start.original_session, options=config.timing)
-              if config.latency else None)
+              if config.latency and writer else None)
     ratio = timing.ratio if timing is not None else None
     slower = timing.warning(config.round_to) if timing is not None else None
-    if dst is not None:
+    if dst is not None and writer:
         model_io.save(result_model, dst, None if config.mask_only else last.source)
     sizes = (src.stat().st_size if src else start.loaded.as_read.ByteSize(),
-             dst.stat().st_size if dst else result_model.ByteSize())
+             dst.stat().st_size if dst and writer else result_model.ByteSize())
     after = ModelStats(last.params, last.macs)
     data_report = report.json_report(
         src or "<in-memory model>", dst, config, rounds, start.before, after, ratio,
         start.accuracy, time.perf_counter() - t0, start.loaded.to_dict(), start.tolerance,
         [slower] if slower else [], sizes)
     report_path = None
-    if dst is not None:
+    if dst is not None and writer:
         report_path = model_io.write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
-    if plan_out is not None:
+    if plan_out is not None and writer:
         model_io.write_text(plan_out, last.plan.to_json())
     return PruneResult(dst, report_path, last.plan, start.before, after, last.error, ratio,
                        data_report, tuple(rounds), start.accuracy, start.tolerance,
@@ -289,7 +290,7 @@ def push(model, output=None, data: DataOptions | None = None,
     pushed, rep = push_model(normalized, splits.train, splits.val, feature, train, weights, seed)
     verify.check(pushed, "pushed model")
     verify.make_session(pushed, "pushed model")
-    if dst is not None:
+    if dst is not None and distributed.is_writer():
         model_io.save(pushed, dst)
         model_io.write_text(dst.with_suffix(".report.json"), report.to_json(
             {"input": str(src or "<in-memory model>"), "output": str(dst),

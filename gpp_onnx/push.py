@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from . import distributed
 from .config import TrainOptions
 from .evaluation import accuracy
 
@@ -51,7 +52,7 @@ def push_model(model: onnx.ModelProto, train, val, feature: str, options: TrainO
 
     before = (accuracy(model, val), offdiag_share(model, val, feature))
     steps = max(1, round(options.epochs * math.ceil(len(train.y) / options.batch_size)))
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + distributed.rank())  # dropout masks differ between ranks
     module = OnnxModule(model, device=resolve_device(options.device))
     push = PushLoss(feature, int(train.num_classes), weights.sep, weights.cov, weights.align)
     Trainer(module, [CrossEntropy(), push], options, steps).fit(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import latency, repair, report, surgery, verify
+from . import distributed, latency, repair, report, surgery, verify
 from .allocate import plan_global
 from .analysis import Analysis
 from .analysis.features import final_hidden_layer
@@ -38,7 +38,14 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
 
     Over K rounds: ratio r removes ``1 - (1-r)^(1/K)`` of the current widths per round;
     eta grows linearly (``eta * k``); a target fraction f of the original cost is reached
-    as ``f^(k/K)`` after round k (latency: ``f^(1/K)`` of the current model per round)."""
+    as ``f^(k/K)`` after round k (latency: ``f^(1/K)`` of the current model per round).
+    Several processes: rank 0 scores and plans, every rank gets its plan and scores
+    (``distributed.from_writer``; why a broadcast and not an average: see there)."""
+    return distributed.from_writer(_make_plan, analysis, config, digest, evidence, round_no,
+                                   base)
+
+
+def _make_plan(analysis, config, digest, evidence, round_no, base):
     criterion = get_criterion(config.criterion, config.seed)
     scores = criterion.score(analysis, evidence)
     meta = {"criterion": criterion.name, "seed": config.seed, "round": round_no}
@@ -126,7 +133,16 @@ def load_data(view: GraphView, config: PruneConfig) -> Splits | None:
         train = val = ds
     logger.info("data: %d training and %d held-out images, %d classes from %s",
                 len(train.y), len(val.y), ds.num_classes, ds.source)
+    distributed.check_same("data", data_digest(ds, train, val), "start every process with "
+                           "the same --data, --limit, --val-split and --seed")
     return Splits(train, val)
+
+
+def data_digest(ds, train, val) -> dict[str, object]:
+    """What the processes of one run must agree on: source, images picked, labels."""
+    return {"source": ds.source, "classes": ds.classes, "size": (len(train.y), len(val.y)),
+            "images": (train.x.index.tobytes(), val.x.index.tobytes()),
+            "labels": (train.y.tobytes(), val.y.tobytes()), "input": ds.x.spec}
 
 
 def _evidence(analysis: Analysis, config: PruneConfig, data: Splits | None) -> Evidence:
@@ -180,7 +196,7 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
         evidence = _evidence(analysis, config, data)
         plan, scores = make_plan(analysis, config, digest, evidence, k, base)
     kept = kept_elements(analysis, plan)
-    deltas, weights = _repair(analysis, kept, data, config)
+    deltas, weights = distributed.from_writer(_repair, analysis, kept, data, config)
     repaired = None if deltas is None else {
         "mode": config.repair, "layers_refitted": len(weights or {}),
         "biases_changed": len(deltas)}

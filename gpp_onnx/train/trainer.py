@@ -3,14 +3,17 @@
 ``Trainer(module, losses, options, steps)``: SGD with momentum and weight decay, a cosine
 learning-rate schedule over ``steps``, the gradient's global norm clipped to
 ``options.clip_grad``, optional mixed precision on CUDA (``amp``), BatchNorm in training
-mode. A step runs the torch backend through ``forward`` of :class:`Tapped` (so a
-DistributedDataParallel wrapper sees it), which returns the logits and every value a loss
-``needs`` (e.g. the final hidden layer for the push loss); the step's loss is the sum of
-the loss objects'. ``state_dict`` / ``load_state_dict`` hold what a checkpoint needs
+mode. A step runs the torch backend through ``forward`` of :class:`Tapped`, which
+returns the logits and every value a loss ``needs`` (e.g. the final hidden layer for the
+push loss); the step's loss is the sum of the loss objects'. When a process group is up
+(``gpp_onnx.distributed``, started by torchrun) the net runs in DistributedDataParallel:
+each rank steps on its share of the global batch, the gradients are averaged, and every
+rank ends with the same weights (checked at the end of ``fit``). ``state_dict`` / ``load_state_dict`` hold what a checkpoint needs
 (step, optimiser, schedule, loss statistics); the weights are the module's.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator
 
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..config import TrainOptions
 from ..errors import DataError
 from ..progress import track
@@ -39,12 +43,30 @@ class Tapped(nn.Module):
         return values[out], values
 
 
+def _parallel(net: Tapped) -> nn.Module:
+    """`net` in DistributedDataParallel when a process group is up (it then starts from
+    rank 0's weights and buffers, and averages the gradients), else `net` itself. The
+    buffers are broadcast again before each forward only where they change in training
+    (BatchNormalization running statistics: rank 0's are kept; each rank normalises by
+    its own share's batch statistics, as DDP without SyncBatchNorm does)."""
+    if distributed.world_size() == 1:
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = net.module.device
+    sync = bool(net.module.stat_names)
+    sync_arg = ("forward_sync_buffers" if "forward_sync_buffers" in
+                inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
+                                   **{sync_arg: sync})
+
+
 class Trainer:
     def __init__(self, module, losses: list, options: TrainOptions, steps: int,
                  amp: bool = False):
         self.module, self.losses, self.options = module, losses, options
         self.steps = max(1, int(steps))
-        self.net = Tapped(module, tuple(n for loss in losses for n in loss.needs))
+        self.net = _parallel(Tapped(module, tuple(n for loss in losses for n in loss.needs)))
         self.params = [p for _, p in module.named_onnx_parameters()]
         self.opt = torch.optim.SGD(self.params, lr=options.lr, momentum=options.momentum,
                                    weight_decay=options.weight_decay)
@@ -65,6 +87,7 @@ class Trainer:
             logs.append(self.step(torch.from_numpy(x).to(device),
                                   torch.from_numpy(y).to(device), desc))
         self.module.eval()
+        distributed.same_tensors(self.module.named_onnx_tensors(), "weights")
         if logs:
             first, last = logs[: 10], logs[-10:]
             logger.info("%s: %d steps on %s, loss %.3f -> %.3f", desc, len(logs), device,
