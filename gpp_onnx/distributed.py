@@ -1,4 +1,4 @@
-"""Several processes under ``torchrun``: torch's own process group and DistributedDataParallel.
+"""Several processes under ``torchrun``: torch's process group and DistributedDataParallel.
 
 ``setup(env, device)`` is called once, at the command-line entry, with torchrun's
 environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); the
@@ -13,10 +13,13 @@ What runs where, with world size W:
 * training (``train.Trainer``): the net is wrapped in DistributedDataParallel; each global
   batch of ``batch_size`` images (the same seeded shuffle on every rank) is split into W
   contiguous, disjoint shares (``data.iter_batches(part=part())``), so every rank takes
-  the same number of steps; DDP averages the gradients. ``CrossEntropy`` is the sum over a rank's share
-  divided by the global batch size, times W, so the averaged gradient is the full
-  batch's; ``PushLoss`` sums its class statistics over the ranks (a differentiable
-  all-reduce) before their EMA update, so every rank holds the same statistics.
+  the same number of steps; DDP averages the gradients. ``CrossEntropy`` is the sum
+  over a rank's share divided by the global batch size, times W, so the averaged
+  gradient is the full batch's; ``PushLoss`` sums its class statistics over the ranks
+  (a differentiable all-reduce) before their EMA update, so every rank holds the same
+  statistics. Steps on 2 ranks equal one process's on the whole batch (to float32
+  rounding, tests/test_distributed.py).
+* the repair after a cut: computed on rank 0 and broadcast, like the plan.
 * channel scores and the plan: computed on rank 0 and broadcast (:func:`from_writer`).
   [design] Broadcast rather than an average: the GPP criterion is an eigenproblem on a
   small per-class sample, not a sum over images, so averaging scores that each rank
@@ -165,6 +168,13 @@ def broadcast(obj: T) -> T:
     box = [obj if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    dist = _group()
+    if dist is not None:
+        dist.barrier()
 
 
 def from_writer(fn: Callable[..., T], *args, **kwargs) -> T:

@@ -313,15 +313,19 @@ def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, finetune: float =
     GPP criterion, fine-tune, and report accuracy, params, MACs and latency."""
     from .samples import digits_cnn
 
-    folder.mkdir(parents=True, exist_ok=True)
+    if distributed.is_writer():
+        folder.mkdir(parents=True, exist_ok=True)
     data = DataOptions("digits")
     model = digits_cnn(seed)
     splits = load_data(GraphView(model), PruneConfig(data=data, seed=seed))
     logger.info("training the sample digits CNN (%g epochs)", epochs)
     trained = train_model(model, splits.train, TrainOptions(epochs=epochs, lr=0.05), seed,
                           desc="training")
-    src = model_io.save(trained, folder / "digits_cnn.onnx")
-    logger.info("wrote the trained sample model to %s", src)
+    src = folder / "digits_cnn.onnx"
+    if distributed.is_writer():
+        model_io.save(trained, src)
+        logger.info("wrote the trained sample model to %s", src)
+    distributed.barrier()  # the other processes read it once rank 0 has written it
     config = PruneConfig(ratio=ratio, data=data, train=TrainOptions(epochs=finetune),
                          seed=seed)
     return prune(src, folder / "digits_cnn.pruned.onnx", config,

@@ -8,8 +8,9 @@ returns the logits and every value a loss ``needs`` (e.g. the final hidden layer
 push loss); the step's loss is the sum of the loss objects'. When a process group is up
 (``gpp_onnx.distributed``, started by torchrun) the net runs in DistributedDataParallel:
 each rank steps on its share of the global batch, the gradients are averaged, and every
-rank ends with the same weights (checked at the end of ``fit``). ``state_dict`` / ``load_state_dict`` hold what a checkpoint needs
-(step, optimiser, schedule, loss statistics); the weights are the module's.
+rank ends with the same weights (checked at the end of ``fit``). ``state_dict`` /
+``load_state_dict`` hold what a checkpoint needs (step, optimiser, schedule, loss
+statistics); the weights are the module's.
 """
 from __future__ import annotations
 
