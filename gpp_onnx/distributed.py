@@ -177,6 +177,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_tensors(tensors) -> None:
+    """Overwrite each tensor in place with rank 0's."""
+    dist = _group()
+    if dist is not None:
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
 def from_writer(fn: Callable[..., T], *args, **kwargs) -> T:
     """``fn(*args, **kwargs)`` computed on rank 0 only and broadcast to every rank; `fn`
     must not communicate."""

@@ -15,7 +15,7 @@ import pytest
 
 from gpp_onnx import distributed
 from gpp_onnx.data import DataSpec, iter_batches, load_dataset
-from gpp_onnx.samples import digits_cnn
+from gpp_onnx.samples import digits_cnn, sample_cnn
 
 from conftest import feeds_for, run_model
 
@@ -90,8 +90,9 @@ def test_ddp_steps_equal_one_process_on_the_full_batch(tmp_path):
 
 
 def test_prune_in_two_processes_writes_once(tmp_path):
-    src = tmp_path / "digits.onnx"
-    onnx.save(digits_cnn(0), src)
+    """The sample CNN has BatchNorm: running statistics end as rank 0's on every rank."""
+    src = tmp_path / "sample.onnx"
+    onnx.save(sample_cnn(0), src)
     dirs = [tmp_path / "rank0", tmp_path / "rank1"]
     for d in dirs:
         d.mkdir()
@@ -106,6 +107,7 @@ def test_prune_in_two_processes_writes_once(tmp_path):
     assert "gpp-onnx:" not in runs[1].stderr and "fine-tune" in runs[0].stderr
     small = onnx.load(str(dirs[0] / "small.onnx"))
     assert run_model(small, feeds_for(small))[0].shape == (2, 10)
+    assert any(n.op_type == "BatchNormalization" for n in small.graph.node)
 
 
 def test_ranks_with_different_data_stop_before_training(tmp_path):

@@ -88,6 +88,9 @@ class Trainer:
             logs.append(self.step(torch.from_numpy(x).to(device),
                                   torch.from_numpy(y).to(device), desc))
         self.module.eval()
+        # each rank updated BatchNorm running stats on its own share last: keep rank 0's
+        distributed.broadcast_tensors([t for _, t in self.module.named_onnx_tensors()
+                                       if not isinstance(t, nn.Parameter)])
         distributed.same_tensors(self.module.named_onnx_tensors(), "weights")
         if logs:
             first, last = logs[: 10], logs[-10:]
