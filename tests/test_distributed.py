@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
+import torch
 
 from gpp_onnx import distributed
 from gpp_onnx.data import DataSpec, iter_batches, load_dataset
@@ -72,21 +72,31 @@ def test_helpers_without_a_process_group_are_one_process():
 def test_ddp_steps_equal_one_process_on_the_full_batch(tmp_path):
     """2 ranks x half of a batch of 23 (11 + 12 images), two SGD steps, cross-entropy and
     cross-entropy + push: the weights equal one process's on the whole batch."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_port()), str(ROOT / "tests" / "ddp_step.py"), str(tmp_path)]
-    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    for _ in range(2):  # a second port if another program took the first one meanwhile
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(_port()), str(ROOT / "tests" / "ddp_step.py"),
+               str(tmp_path)]
+        run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        if "address already in use" not in run.stderr.lower():
+            break
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
-    reference = {f"ce/{k}": v for k, v in ddp_step.train([ddp_step.CrossEntropy()]).items()}
-    reference.update({f"push/{k}": v for k, v in ddp_step.train(
-        [ddp_step.CrossEntropy(), ddp_step.PushLoss(ddp_step.FEATURE, 10)]).items()})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same order of sums
+    try:
+        reference = {f"ce/{k}": v for k, v in ddp_step.train([ddp_step.CrossEntropy()]).items()}
+        reference.update({f"push/{k}": v for k, v in ddp_step.train(
+            [ddp_step.CrossEntropy(), ddp_step.PushLoss(ddp_step.FEATURE, 10)]).items()})
+    finally:
+        torch.set_num_threads(threads)
     start = {t.name: onnx.numpy_helper.to_array(t) for t in digits_cnn(0).graph.initializer}
     assert sorted(ranks[0].files) == sorted(reference)
     for key, want in reference.items():
         moved = np.abs(want - start[key.split("/")[1]]).max()
         assert moved > 1e-4, key                        # the steps changed this weight
         assert np.array_equal(ranks[0][key], ranks[1][key]), key
-        np.testing.assert_allclose(ranks[0][key], want, rtol=0, atol=1e-6, err_msg=key)
+        # a wrong weighting of the shares moves these weights by 3e-4 to 1e-3
+        np.testing.assert_allclose(ranks[0][key], want, rtol=0, atol=1e-5, err_msg=key)
 
 
 def test_prune_in_two_processes_writes_once(tmp_path):
