@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import latency, preflight, report, verify
+from . import latency, preflight, report, schedule, verify
 from . import model as model_io
 from .analysis import Analysis, analyze_model
 from .analysis.features import final_hidden_layer
@@ -23,6 +24,7 @@ from .latency_model import LatencyModel, group_costs
 from .plan import PrunePlan
 from .push import PushReport, PushWeights, push_model
 from .rounds import Round, load_data, one_round
+from .schedule import GppOptions
 from .stats import Estimator, ModelStats, count
 
 logger = logging.getLogger(__name__)
@@ -186,13 +188,14 @@ def start_run(model, config: PruneConfig) -> Start:
 def _run_rounds(start: Start, config: PruneConfig, plan_path) -> list[Round]:
     rounds: list[Round] = []
     analysis = start.analysis
+    widths = {g.key: g.width for g in analysis.groups}
     for k in range(1, config.rounds + 1):
         if k > 1:
             analysis = analyze_model(rounds[-1].model, config.input_shape).keeping(config.ignore)
             if not analysis.prunable:
                 break
         rounds.append(one_round(analysis, config, start.data, k, plan_path, start.before,
-                                start.tolerance))
+                                start.tolerance, widths))
     return rounds
 
 
@@ -297,6 +300,70 @@ def push(model, output=None, data: DataOptions | None = None,
     return PushResult(dst, rep, pushed)
 
 
+@dataclass(frozen=True)
+class GppResult:
+    output: Path | None
+    report_path: Path | None
+    before: ModelStats
+    after: ModelStats
+    accuracy_before: float
+    rows: tuple[dict, ...]              # one per round (schedule.run_round)
+    best: dict                          # the round and stage the result comes from
+    epochs: float                       # training epochs spent
+    latency_ratio: float | None
+    report: dict = field(repr=False)
+    model: onnx.ModelProto | None = field(default=None, repr=False)
+
+
+def gpp(model, output=None, config: PruneConfig | None = None,
+        options: GppOptions = GppOptions(), **fields) -> GppResult:
+    """Grow-Push-Prune's push/prune loop (schedule.py): rounds of push -> score -> prune
+    (with repair) -> fine-tune within ``options.budget_epochs``; the best held-out model
+    that meets the target is checked and written to `output` (with its JSON report).
+    `fields` are PruneConfig fields: ``gpp(m, "out.onnx", data=DataOptions("digits"),
+    target_macs=0.5)``."""
+    config = replace(config or PruneConfig(), **fields).checked()
+    if config.data is None:
+        raise InputError("gpp needs labelled data - pass --data (a folder, .npz, IDX file, "
+                         "fashion-mnist or digits)")
+    src = None if isinstance(model, onnx.ModelProto) else Path(model)
+    dst = None if output is None else Path(output)
+    if options.work_dir is None and dst is not None:
+        options = replace(options, work_dir=dst.with_name(dst.name + ".gpp-work"))
+    _preflight(model, src, dst, config.data)
+    schedule.check_work(options)
+    if options.work_dir is not None:
+        preflight.check_writable(Path(options.work_dir) / "state.json")
+    t0 = time.perf_counter()
+    start = start_run(model if src is None else src, replace(config, latency=False))
+    schedule.check_data(start.data, config)
+    options = options.checked(config, len(start.data.train.y))
+    run = schedule.Run(config, options, start.data, start.before, start.accuracy,
+                       start.tolerance, {g.key: g.width for g in start.analysis.groups})
+    best, state = schedule.run_schedule(start.normalized, run,
+                                        schedule.fingerprint(start.normalized, config, options))
+    verify.check(best, "result")
+    verify.make_session(best, "result")
+    timing = (latency.measure(start.normalized, best,
+                              latency.timing_feeds(start.analysis.view, config.timing),
+                              options=config.timing) if config.latency else None)
+    after = ModelStats(state.best["params"], state.best["macs"])
+    if dst is not None:
+        model_io.save(best, dst)
+    if options.work_dir is not None:  # a finished run leaves nothing to resume
+        shutil.rmtree(options.work_dir, ignore_errors=True)
+    data_report = report.gpp_report(src or "<in-memory model>", dst, config, options, state,
+                                    start.before, after, start.accuracy,
+                                    timing.ratio if timing else None, time.perf_counter() - t0)
+    report_path = None
+    if dst is not None:
+        report_path = model_io.write_text(dst.with_suffix(".report.json"),
+                                          report.to_json(data_report))
+    return GppResult(dst, report_path, start.before, after, start.accuracy, state.rows,
+                     state.best, state.epochs, timing.ratio if timing else None, data_report,
+                     best)
+
+
 def evaluate(path, data: DataOptions) -> tuple[float, int]:
     """Top-1 accuracy of the model at `path` on all of `data` (onnxruntime)."""
     preflight.check_data(data.source)
@@ -306,10 +373,11 @@ def evaluate(path, data: DataOptions) -> tuple[float, int]:
     return accuracy(model, ds, data.batch_size), len(ds.y)
 
 
-def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, finetune: float = 2,
-         seed: int = 0) -> PruneResult:
-    """The README's main job on embedded data: train the digits CNN, prune it with the
-    GPP criterion, fine-tune, and report accuracy, params, MACs and latency."""
+def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, budget: float = 4,
+         seed: int = 0) -> GppResult:
+    """The README's main job on embedded data: train the digits CNN, then Grow-Push-Prune's
+    push/prune rounds (``gpp``) remove `ratio` of its channels within `budget` epochs, and
+    the summary shows accuracy, params, MACs, latency and every round."""
     from .samples import digits_cnn
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -321,7 +389,8 @@ def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, finetune: float =
                           desc="training")
     src = model_io.save(trained, folder / "digits_cnn.onnx")
     logger.info("wrote the trained sample model to %s", src)
-    config = PruneConfig(ratio=ratio, data=data, train=TrainOptions(epochs=finetune),
-                         seed=seed)
-    return prune(src, folder / "digits_cnn.pruned.onnx", config,
-                 plan_out=folder / "digits_cnn.plan.json")
+    out = folder / "digits_cnn.pruned.onnx"
+    shutil.rmtree(out.with_name(out.name + ".gpp-work"), ignore_errors=True)  # a killed demo
+    # two rounds: the 1617 training digits give three rounds too few steps each
+    config = PruneConfig(ratio=ratio, data=data, rounds=2, seed=seed)
+    return gpp(src, out, config, GppOptions(budget_epochs=budget))

@@ -110,6 +110,56 @@ def push_summary(result) -> str:
                       f"wrote {result.output}" if result.output else "nothing written"])
 
 
+def gpp_rounds_table(rows, before) -> str:
+    """Per round: accuracy after push / cut / fine-tune, cost kept, S_w's off-diagonal
+    energy after push, training epochs used so far."""
+    def f(v, fmt=".4f"):
+        return "" if v is None else format(v, fmt)
+    body = [[r["round"], f(r.get("accuracy_after_push")), f(r.get("accuracy_after_cut")),
+             f(r.get("accuracy_after_finetune")), f(r["params"] / max(before.params, 1), ".3f"),
+             f(r["macs"] / max(before.macs, 1), ".3f"), f(r.get("offdiag_after_push"), ".3f"),
+             f(r.get("epochs_used"), ".2f")] for r in rows]
+    return table(["round", "acc. push", "acc. cut", "acc. fine-tune", "params kept",
+                  "MACs kept", "S_w off-diag.", "epochs"], body)
+
+
+def gpp_summary(result) -> str:
+    b, a = result.before, result.after
+    acc = result.best["accuracy"]
+    rows = [["params", human(b.params), human(a.params), f"{a.params / max(b.params, 1):.3f}"],
+            ["MACs", human(b.macs), human(a.macs), f"{a.macs / max(b.macs, 1):.3f}"],
+            ["top-1 accuracy (held-out)", f"{result.accuracy_before:.4f}", f"{acc:.4f}",
+             f"{acc - result.accuracy_before:+.4f}"]]
+    if result.latency_ratio is not None:
+        rows.append(["latency (onnxruntime)", "", "", f"{result.latency_ratio:.3f}"])
+    lines = [table(["", "before", "after", "after/before"], rows),
+             gpp_rounds_table(result.rows, b),
+             f"result: round {result.best['round']} after {result.best['stage']}; "
+             f"{result.epochs:.2f} training epochs used"]
+    if result.report.get("stopped"):
+        lines.append(f"stopped early: {result.report['stopped']}")
+    lines.append(f"wrote {result.output} (report: {result.report_path})" if result.output
+                 else "nothing written (result.model holds the result)")
+    return "\n".join(lines)
+
+
+def gpp_report(src, dst, config, options, state, before, after, acc_before, latency,
+               seconds) -> dict:
+    return {
+        "input": str(src), "output": None if dst is None else str(dst),
+        "config": config.to_dict(), "seconds": round(seconds, 3),
+        "schedule": {"budget_epochs": options.budget_epochs, "push_share": options.push_share,
+                     "acc_floor": options.acc_floor, "push_weights": vars(options.weights),
+                     "work_dir": None if options.work_dir is None else str(options.work_dir)},
+        "epochs_used": state.epochs, "stopped": state.stop, "best": state.best,
+        "before": {"params": before.params, "macs": before.macs, "accuracy": acc_before},
+        "after": {"params": after.params, "macs": after.macs, "accuracy": state.best["accuracy"]},
+        "ratios": {"params": after.params / max(before.params, 1),
+                   "macs": after.macs / max(before.macs, 1), "latency": latency},
+        "rounds": list(state.rows),
+    }
+
+
 def comparison_table(cmp, name_a: str, name_b: str) -> str:
     rows = [["params", human(cmp.a.params), human(cmp.b.params),
              f"{cmp.b.params / max(cmp.a.params, 1):.3f}"],

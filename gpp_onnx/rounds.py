@@ -32,11 +32,14 @@ logger = logging.getLogger(__name__)
 
 
 def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Evidence,
-              round_no: int = 1, base: ModelStats | None = None
+              round_no: int = 1, base: ModelStats | None = None,
+              original_widths: dict[str, int] | None = None
               ) -> tuple[PrunePlan, dict[str, np.ndarray]]:
     """Score with the criterion and turn the scores into this round's plan.
 
-    Over K rounds: ratio r removes ``1 - (1-r)^(1/K)`` of the current widths per round;
+    Over K rounds: ratio r keeps ``(1-r)^(k/K)`` of each group's original width after round
+    k (`original_widths`, by group key; without them ``1 - (1-r)^(1/K)`` of the current
+    widths per round, which widths rounded up to a block can undo);
     eta grows linearly (``eta * k``); a target fraction f of the original cost is reached
     as ``f^(k/K)`` after round k (latency: ``f^(1/K)`` of the current model per round)."""
     criterion = get_criterion(config.criterion, config.seed)
@@ -53,6 +56,9 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
                  for name, r in config.group_ratios}
     if config.ratio is not None:
         ratio = 1 - (1 - config.ratio) ** (1 / rounds)
+        if original_widths and rounds > 1:
+            overrides = {**_cumulative(analysis, original_widths, config.ratio, k, rounds),
+                         **overrides}
         return plan_by_ratio(analysis, scores, ratio, digest, **common,
                              overrides=overrides), scores
     if config.target_latency is not None:
@@ -64,6 +70,18 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
         return replace(found.plan, meta=meta), scores
     return _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
                           overrides), scores
+
+
+def _cumulative(analysis: Analysis, widths: dict[str, int], ratio: float, k: int,
+                rounds: int) -> dict[str, float]:
+    """Per group, the ratio of its current width that leaves ``(1-r)^(k/K)`` of its
+    original width."""
+    out = {}
+    for g in analysis.prunable:
+        if g.key in widths:
+            keep = widths[g.key] * (1 - ratio) ** (k / rounds)
+            out[g.key] = min(max(1 - keep / g.width, 0.0), 1.0)
+    return out
 
 
 def _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
@@ -170,7 +188,8 @@ def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
 
 
 def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: int,
-               plan_path, base: ModelStats, tolerance: verify.Tolerance) -> Round:
+               plan_path, base: ModelStats, tolerance: verify.Tolerance,
+               original_widths: dict[str, int] | None = None) -> Round:
     digest = model_digest(analysis.view.model)
     scores: dict[str, np.ndarray] = {}
     if plan_path is not None:
@@ -178,7 +197,7 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
         check_plan(plan, analysis, digest)
     else:
         evidence = _evidence(analysis, config, data)
-        plan, scores = make_plan(analysis, config, digest, evidence, k, base)
+        plan, scores = make_plan(analysis, config, digest, evidence, k, base, original_widths)
     kept = kept_elements(analysis, plan)
     deltas, weights = _repair(analysis, kept, data, config)
     repaired = None if deltas is None else {
