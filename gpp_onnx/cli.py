@@ -13,7 +13,7 @@ from .errors import GppError, InputError
 from .progress import ProgressHandler
 from .importance import criterion_names
 from .push import PushWeights
-from .schedule import GPP_ROUNDS, GppOptions
+from .schedule import GPP_ROUNDS, SPLITS, GppOptions
 
 logger = logging.getLogger("gpp_onnx")
 
@@ -114,8 +114,10 @@ def _gpp_parser(sub) -> None:
     gp.add_argument("--budget-epochs", type=float, default=2.0,
                     help="training epochs in all, split evenly over the rounds")
     gp.add_argument("--push-share", type=float, default=GppOptions.push_share,
-                    help="share of each round's epochs spent on push before the cut; the rest "
-                    "fine-tunes after it")
+                    help="share of the budget spent on push before the cuts (evenly over the "
+                    "rounds); the rest fine-tunes")
+    gp.add_argument("--split", choices=SPLITS, default=GppOptions.split,
+                    help="fine-tune after every cut (even) or only after the last (final)")
     gp.add_argument("--acc-floor", type=float, default=GppOptions.acc_floor,
                     help="stop when held-out accuracy falls more than this below the start")
     _push_weight_args(gp)
@@ -284,7 +286,7 @@ def _run(args) -> int:
                                 plan_path=args.plan, plan_out=args.plan_out)
         print(report.prune_summary(result))
     elif args.command == "gpp":
-        options = GppOptions(args.budget_epochs, args.push_share, args.acc_floor,
+        options = GppOptions(args.budget_epochs, args.push_share, args.split, args.acc_floor,
                              PushWeights(args.sep, args.cov, args.align),
                              Path(args.work_dir) if args.work_dir else None, args.resume)
         print(report.gpp_summary(pipeline.gpp(args.model, args.output, _prune_config(args),

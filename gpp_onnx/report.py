@@ -149,6 +149,7 @@ def gpp_report(src, dst, config, options, state, before, after, acc_before, late
         "input": str(src), "output": None if dst is None else str(dst),
         "config": config.to_dict(), "seconds": round(seconds, 3),
         "schedule": {"budget_epochs": options.budget_epochs, "push_share": options.push_share,
+                     "split": options.split,
                      "acc_floor": options.acc_floor, "push_weights": vars(options.weights),
                      "work_dir": None if options.work_dir is None else str(options.work_dir)},
         "epochs_used": state.epochs, "stopped": state.stop, "best": state.best,

@@ -53,13 +53,15 @@ logger = logging.getLogger(__name__)
 
 GPP_ROUNDS = 3         # default rounds of the gpp command
 MIN_ROUND_STEPS = 20   # training steps one round needs (push statistics, fine-tune)
+SPLITS = ("even", "final")
 MIN_PER_CLASS = 2      # LDA's within-class scatter needs two images of every class
 
 
 @dataclass(frozen=True)
 class GppOptions:
     budget_epochs: float = 2.0      # training epochs in all (push + fine-tune)
-    push_share: float = 0.5         # of each round's epochs spent on push
+    push_share: float = 0.5         # of the budget spent on push (evenly over the rounds)
+    split: str = "even"             # fine-tuning: after every cut (even) | after the last (final)
     acc_floor: float = 0.05         # stop when held-out accuracy falls more than this
     weights: PushWeights = PushWeights()
     work_dir: Path | None = None    # checkpoints (None: nothing kept between rounds)
@@ -68,6 +70,8 @@ class GppOptions:
     def checked(self, config: PruneConfig, train_size: int) -> "GppOptions":
         if not 0.0 <= self.push_share <= 1.0:
             raise InputError(f"--push-share {self.push_share} is outside [0, 1]")
+        if self.split not in SPLITS:
+            raise InputError(f"--split {self.split} is unknown - use one of {', '.join(SPLITS)}")
         if self.acc_floor < 0:
             raise InputError(f"--acc-floor {self.acc_floor} must be >= 0 (e.g. 0.05)")
         steps = self.budget_epochs / config.rounds * math.ceil(
@@ -106,16 +110,21 @@ class Run:
     tolerance: object                          # verify.Tolerance of the original
     widths: dict = field(default_factory=dict)  # the original's group widths, by key
 
-    @property
-    def round_epochs(self) -> float:
-        return self.options.budget_epochs / self.config.rounds
+    def push_epochs(self, k: int) -> float:
+        return self.options.budget_epochs * self.options.push_share / self.config.rounds
+
+    def finetune_epochs(self, k: int) -> float:
+        rest = self.options.budget_epochs * (1 - self.options.push_share)
+        if self.options.split == "final":
+            return rest if k == self.config.rounds else 0.0
+        return rest / self.config.rounds
 
 
 def push_step(model, state: State, run: Run):
-    epochs = run.round_epochs * run.options.push_share
+    k = state.done + 1
+    epochs = run.push_epochs(k)
     if epochs <= 0:
         return model, state, {}
-    k = state.done + 1
     train = replace(run.config.train, epochs=epochs)
     feature = _feature(model, run.config)
     pushed, rep = push_model(model, run.data.train, run.data.val, feature, train,
@@ -140,10 +149,10 @@ def prune_step(model, state: State, run: Run):
 
 
 def finetune_step(model, state: State, run: Run):
-    epochs = run.round_epochs * (1 - run.options.push_share)
+    k = state.done + 1
+    epochs = run.finetune_epochs(k)
     if epochs <= 0 or state.stop:
         return model, state, {}
-    k = state.done + 1
     tuned = train_model(model, run.data.train, replace(run.config.train, epochs=epochs),
                         run.config.seed + k)
     acc = accuracy(tuned, run.data.val)
@@ -207,6 +216,7 @@ def fingerprint(model: onnx.ModelProto, config: PruneConfig, options: GppOptions
     settings.pop("latency", None)
     settings.pop("timing", None)
     opts = {"budget_epochs": options.budget_epochs, "push_share": options.push_share,
+            "split": options.split,
             "acc_floor": options.acc_floor, "weights": vars(options.weights)}
     h = hashlib.sha256(model.SerializeToString(deterministic=True))
     h.update(json.dumps([settings, opts], sort_keys=True, default=str).encode())

@@ -9,7 +9,8 @@ Variants (every one spends ``--budget`` training epochs in all):
 * ``global``: the same with ``--allocation global``;
 * ``push``:   ``gpp-onnx gpp --rounds 1 --allocation global`` (push, cut, fine-tune);
 * ``gpp``:    ``gpp-onnx gpp --allocation global`` (the default rounds);
-* ``gpp:K:P`` / ``push:P``: rounds K and push share P (the settings search).
+* ``gpp:K:P[:S]`` / ``push:P[:S]``: rounds K, push share P and split S (the settings
+  search).
 
 The held-out split is the one ``tools/fmnist_bench.py train`` kept out of training (5000
 images, seed 0), so "val" is validation data; "test" is the 10k test file, evaluated once
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,29 +32,35 @@ ROOT = Path(__file__).resolve().parent.parent
 VAL_SPLIT = str(5000 / 60000)
 
 
-def command(variant: str, model: Path, out: Path, keep: float, budget: float) -> list[str]:
+def command(variant: str, model: Path, out: Path, keep: float, budget: float,
+            push_args: list[str] = ()) -> list[str]:
     common = [str(model), "-o", str(out), "--data", "fashion-mnist", "--val-split", VAL_SPLIT,
-              "--target-macs", f"{keep:g}", "--no-latency", "-q"]
+              "--target-macs", f"{keep:g}", "--no-latency"]
     name, *args = variant.split(":")
     if name in ("prune", "global"):
         extra = ["--allocation", "global"] if name == "global" else []
-        return ["prune", *common, "--finetune-epochs", f"{budget:g}", *extra]
-    rounds = "1" if name == "push" else (args[0] if args else None)
-    share = args[-1] if (name == "push" and args) or len(args) > 1 else None
-    extra = (["--rounds", rounds] if rounds else []) + (["--push-share", share] if share else [])
-    return ["gpp", *common, "--budget-epochs", f"{budget:g}", "--allocation", "global", *extra]
+        return ["-q", "prune", *common, "--finetune-epochs", f"{budget:g}", *extra]
+    if name == "push":
+        args = ["1", *args]
+    extra = []
+    for flag, value in zip(("--rounds", "--push-share", "--split"), args):
+        extra += [flag, value]
+    return ["-q", "gpp", *common, "--budget-epochs", f"{budget:g}", "--allocation", "global", *extra,
+            *push_args]
 
 
-def run_one(variant: str, model: Path, folder: Path, removed: float, budget: float) -> dict:
+def run_one(variant: str, model: Path, folder: Path, removed: float, budget: float,
+            push_args: list[str] = (), threads: int = 1) -> dict:
     from gpp_onnx.config import DataOptions
     from gpp_onnx.pipeline import evaluate
 
     out = folder / f"{variant.replace(':', '_')}-{removed:g}.onnx"
-    args = command(variant, model, out, round(1 - removed, 6), budget)
+    args = command(variant, model, out, round(1 - removed, 6), budget, push_args)
     shutil.rmtree(out.with_name(out.name + ".gpp-work"), ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "gpp_onnx", *args], capture_output=True,
-                          text=True, cwd=ROOT)
+                          text=True, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"variant": variant, "removed": removed, "error": proc.stderr.strip()[-300:]}
@@ -85,6 +93,10 @@ def main() -> None:
     p.add_argument("--removed", default="0.5,0.75,0.9", help="MACs fractions removed")
     p.add_argument("--variants", default="prune,global,push,gpp")
     p.add_argument("--budget", type=float, default=2.0, help="training epochs per run")
+    p.add_argument("--push-args", default="", help="extra options of the push/gpp variants, "
+                   "e.g. '--cov 3'")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (runs are "
+                   "sequential; one thread keeps a shared machine's timings stable)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +108,8 @@ def main() -> None:
             if (variant, removed) in done:
                 continue
             rows = [r for r in rows if (r["variant"], r["removed"]) != (variant, removed)]
-            rows.append(run_one(variant, args.model, args.out, removed, args.budget))
+            rows.append(run_one(variant, args.model, args.out, removed, args.budget,
+                                args.push_args.split(), args.threads))
             path.write_text(json.dumps(rows, indent=1))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
