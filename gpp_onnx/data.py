@@ -61,6 +61,7 @@ class DataSpec:
     seed: int = 0
     workers: int | None = None
     labels: bool | None = None     # True: required, False: ignored, None: used if present
+    layout: str = "NCHW"           # the model input's layout: NCHW or NHWC
 
     def __post_init__(self) -> None:
         if min(self.channels, self.height, self.width) < 1:
@@ -104,7 +105,8 @@ class Images:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        return len(self), self.spec.channels, self.spec.height, self.spec.width
+        c, h, w = self.spec.channels, self.spec.height, self.spec.width
+        return (len(self), h, w, c) if self.spec.layout == "NHWC" else (len(self), c, h, w)
 
     def take(self, idx: Sequence[int] | np.ndarray) -> Images:
         return replace(self, index=self.index[np.asarray(idx)])
@@ -129,6 +131,8 @@ class Images:
             x = x - np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
         if spec.std is not None:
             x = x / np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
+        if spec.layout == "NHWC":
+            x = x.transpose(0, 2, 3, 1)
         return np.ascontiguousarray(x, np.float32)
 
 
@@ -145,7 +149,7 @@ class Dataset:
     workers: int = 0
 
     def __post_init__(self) -> None:
-        x = self.x if isinstance(self.x, Images) else Images.from_array(self.x, self.source)
+        x = self.x if hasattr(self.x, "take") else Images.from_array(self.x, self.source)
         y = None if self.y is None else np.asarray(self.y, np.int64)
         if y is not None and y.ndim != 1:
             raise DataError(f"{self.source}: y must be (N,), got {y.shape}; reshape the labels")
@@ -178,17 +182,7 @@ def load_dataset(spec: DataSpec) -> Dataset:
     prepares images for the model input on demand. Labels, channels, sizes (from headers for
     image files) and pixel ranges are checked here, before any batch is read."""
     raw = resolve(spec.source)
-    n_x, where, y = len(raw.pixels), raw.source, raw.y if spec.labels is not False else None
-    if y is None and spec.labels:
-        raise DataError(f"{where}: no labels (no class sub-folders, no array 'y' or no IDX "
-                        "labels file); give labelled data, or prune without labels")
-    if n_x == 0:
-        raise DataError(f"{where}: the dataset is empty; give some images")
-    idx = np.arange(n_x)
-    if y is not None:
-        idx = _check_labels_of(raw, y, spec)
-    elif spec.limit is not None and spec.limit < n_x:
-        idx = np.sort(np.random.default_rng(spec.seed).permutation(n_x)[: spec.limit])
+    y, idx = select(raw, spec.labels, spec.limit, spec.seed)
     for shape, first in raw.pixels.shapes(idx).items():
         _check_fit(shape, spec, first)
     classes = () if y is None else raw.classes or tuple(str(i) for i in range(int(y.max()) + 1))
@@ -200,7 +194,24 @@ def load_dataset(spec: DataSpec) -> Dataset:
     return ds
 
 
-def _check_labels_of(raw, y: np.ndarray, spec: DataSpec) -> np.ndarray:
+def select(raw, labels: bool | None, limit: int | None, seed: int
+           ) -> tuple[np.ndarray | None, np.ndarray]:
+    """The labels to use (None: without) and the indices of the ``limit`` subset
+    (class-stratified with labels, at random without); labels checked."""
+    n_x, where, y = len(raw.pixels), raw.source, raw.y if labels is not False else None
+    if y is None and labels:
+        raise DataError(f"{where}: no labels (no class sub-folders, no array 'y' or no IDX "
+                        "labels file); give labelled data, or prune without labels")
+    if n_x == 0:
+        raise DataError(f"{where}: the dataset is empty; give some images")
+    if y is not None:
+        return y, _check_labels_of(raw, y, limit, seed)
+    if limit is not None and limit < n_x:
+        return None, np.sort(np.random.default_rng(seed).permutation(n_x)[:limit])
+    return None, np.arange(n_x)
+
+
+def _check_labels_of(raw, y: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
     """Labels fit the images and name two classes or more; the ``limit`` subset's indices."""
     where = raw.source
     if len(raw.pixels) != len(y):
@@ -212,11 +223,11 @@ def _check_labels_of(raw, y: np.ndarray, spec: DataSpec) -> np.ndarray:
         raise DataError(f"{where}: label {y.max()} but {len(raw.classes)} class names; fix y")
     if len(present := np.unique(y)) < 2:
         raise DataError(f"{where}: only one class (label {present[0]}); give two classes or more")
-    if spec.limit is None or spec.limit >= len(y):
+    if limit is None or limit >= len(y):
         return np.arange(len(y))
-    idx = _stratified_pick(y, spec.limit, spec.seed)
+    idx = _stratified_pick(y, limit, seed)
     if len(np.unique(y[idx])) < 2:
-        raise DataError(f"{where}: --limit {spec.limit} keeps only one class; raise it")
+        raise DataError(f"{where}: --limit {limit} keeps only one class; raise it")
     return idx
 
 

@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import onnx
 
+from .arrays import load_arrays
 from .data import DataSpec, Dataset, check_labels, iter_batches, load_dataset
 from .errors import DataError
 from .graph import GraphView
@@ -17,15 +18,23 @@ logger = logging.getLogger(__name__)
 def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool = True,
                 limit: int | None = None, seed: int = 0, workers: int | None = None,
                 labels: bool | None = None) -> Dataset:
-    """Load `source` shaped for the model's (first) input and check labels fit its output
-    (`labels`: True requires them, False ignores them, None uses them where present)."""
+    """Load `source` shaped for the model's input and check labels fit its output
+    (`labels`: True requires them, False ignores them, None uses them where present).
+    A 4-D input takes images, NCHW or NHWC (last axis 1 or 3 and axis 1 not); any other
+    rank takes an .npz's rows as they are (:mod:`gpp_onnx.arrays`)."""
+    if len(view.inputs) > 1:
+        names = ", ".join(s.name for s in view.inputs)
+        raise DataError(f"the model has {len(view.inputs)} inputs ({names}) and --data feeds "
+                        "one - prune it without --data (magnitude criteria)")
     spec = view.inputs[0]
     if len(spec.shape) != 4:
-        raise DataError(f"input '{spec.name}' has shape {spec.shape}; image data needs an "
-                        "N,C,H,W input - use a CNN classifier")
-    _, c, h, w = spec.shape
-    ds = load_dataset(DataSpec(source, c, h, w, mean=mean, std=std, resize=resize,
-                               limit=limit, seed=seed, workers=workers, labels=labels))
+        ds = load_arrays(source, spec.shape[1:], spec.name, labels, limit, seed)
+    else:
+        nhwc = spec.shape[3] in (1, 3) and spec.shape[1] not in (1, 3)
+        c, h, w = (spec.shape[3], *spec.shape[1:3]) if nhwc else spec.shape[1:]
+        ds = load_dataset(DataSpec(source, c, h, w, mean=mean, std=std, resize=resize,
+                                   limit=limit, seed=seed, workers=workers, labels=labels,
+                                   layout="NHWC" if nhwc else "NCHW"))
     if not ds.labelled:
         return ds
     out_shape = view.shape(view.output_names[0])

@@ -284,6 +284,19 @@ def _npz_member_map(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
 
 
 def _load_npz(path: Path) -> Raw:
+    x, y, names = read_npz(path)
+    x = x[:, None] if x.ndim == 3 else x
+    if x.ndim != 4 or (x.shape[1] not in (1, 3, 4) and x.shape[3] not in (1, 3, 4)):
+        raise DataError(f"{path}: cannot tell the channel axis of x {x.shape}; store x as N,H,W "
+                        "or N,H,W,C or N,C,H,W with 1, 3 or 4 channels")
+    x = x if x.shape[1] in (1, 3, 4) else x.transpose(0, 3, 1, 2)
+    classes = tuple(map(str, names)) if names is not None else None
+    labels = None if y is None else as_labels(y, str(path))
+    return Raw(labels, ArrayPixels(x, unit_scale(x, str(path)), str(path)), str(path), classes)
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(x as stored, memory-mapped where it can be; y or None; class names or None)."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             found = ", ".join(sorted(archive.files)) or "none"
@@ -303,14 +316,7 @@ def _load_npz(path: Path) -> Raw:
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
         raise DataError(f"cannot read {path}: {err}; save it with "
                         "numpy.savez(path, x=images, y=labels)") from None
-    x = x[:, None] if x.ndim == 3 else x
-    if x.ndim != 4 or (x.shape[1] not in (1, 3, 4) and x.shape[3] not in (1, 3, 4)):
-        raise DataError(f"{path}: cannot tell the channel axis of x {x.shape}; store x as N,H,W "
-                        "or N,H,W,C or N,C,H,W with 1, 3 or 4 channels")
-    x = x if x.shape[1] in (1, 3, 4) else x.transpose(0, 3, 1, 2)
-    classes = tuple(map(str, names)) if names is not None else None
-    labels = None if y is None else as_labels(y, str(path))
-    return Raw(labels, ArrayPixels(x, unit_scale(x, str(path)), str(path)), str(path), classes)
+    return x, y, names
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -300,3 +300,73 @@ def test_evaluate_needs_labels(tmp_path, capsys):
     onnx.save(digits_cnn(0), src)
     assert main(["evaluate", str(src), "--data", str(digits_x(tmp_path, 20))]) == 2
     assert "no labels" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- inputs shaped from the model
+
+def nhwc_cnn() -> onnx.ModelProto:
+    """The digits CNN behind a Transpose: it takes (N, 8, 8, 1) images."""
+    model = digits_cnn(0)
+    graph = model.graph
+    for node in graph.node:
+        node.input[:] = ["nchw" if i == "input" else i for i in node.input]
+    graph.node.insert(0, helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]))
+    graph.input[0].CopyFrom(helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                          ["N", 8, 8, 1]))
+    return model
+
+
+def feature_mlp(dims=(64,)) -> onnx.ModelProto:
+    b = GraphBuilder((1, *dims), seed=0)
+    x = b.flatten("input") if len(dims) > 1 else "input"
+    return b.build(b.gemm(b.act(b.gemm(x, 32), "Relu"), 5))
+
+
+@pytest.mark.parametrize("kind", ["nhwc", "features", "sequence"])
+def test_inputs_shaped_from_the_model(kind, tmp_path):
+    rng = np.random.default_rng(0)
+    if kind == "nhwc":
+        model, data = nhwc_cnn(), digits_x(tmp_path, 200)
+        x = np.load(data)["x"][..., None]          # what the model is fed, NHWC
+    else:
+        dims = (64,) if kind == "features" else (4, 16)
+        model, x = feature_mlp(dims), rng.standard_normal((200, *dims)).astype(np.float32) * 3
+        data = tmp_path / "feats.npz"
+        np.savez(data, x=x)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    cfg = PruneConfig(ratio=0.5, round_to=1, latency=False, data=DataOptions(str(data)),
+                      train=TrainOptions(epochs=0.3))
+    rep = prune(src, tmp_path / "o.onnx", cfg).report
+    _, val = split(_rows(len(x)), 0.1)          # the held-out rows prune used
+    held_out = val.x[:][:, 0].astype(int)
+    (err, agree), = _independent_fidelity(model, onnx.load(tmp_path / "o.onnx"), x[held_out])
+    (row,) = rep["fidelity"]["after_finetune"].values()
+    assert row["relative_error"] == pytest.approx(err, rel=1e-4)
+    assert row["top1_agreement"] == pytest.approx(agree)
+
+
+def _rows(n):
+    """A stand-in dataset of n rows whose held-out split gives the held-out row numbers."""
+    from gpp_onnx.arrays import Arrays
+    from gpp_onnx.data import Dataset
+
+    return Dataset(Arrays(np.arange(n)[:, None], np.arange(n), "rows"), None, (), "rows")
+
+
+def test_feature_inputs_of_the_wrong_size_and_several_inputs_are_refused(tmp_path, capsys):
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(feature_mlp(), src)
+    np.savez(tmp_path / "f.npz", x=np.zeros((20, 60), np.float32))
+    args = ["prune", str(src), "-o", str(out), "--no-latency", "--data"]
+    assert main(args + [str(tmp_path / "f.npz")]) == 2
+    assert "takes (64,)" in capsys.readouterr().err
+    b = GraphBuilder((1, 64), seed=0)
+    two = b.build(b.gemm(b.act(b.gemm("input", 32), "Relu"), 5))
+    two.graph.input.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 5]))
+    two.graph.node.append(helper.make_node("Mul", [two.graph.output[0].name, "mask"], ["y"]))
+    two.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5]))
+    onnx.save(two, src)
+    assert main(args + [str(tmp_path / "f.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "2 inputs (input, mask)" in err and not out.exists()
