@@ -76,8 +76,7 @@ class Teacher:
         self.names = [o.name for o in self.session.get_outputs()]
 
     def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        got = outputs(self.session, {self.input_name: x}, "original model")
-        return dict(zip(self.names, got))
+        return dict(zip(self.names, run_rows(self.session, x, "original model")))
 
     def with_targets(self, batches: Iterable[tuple[np.ndarray, np.ndarray | None]]
                      ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
@@ -95,7 +94,6 @@ def fidelity(teacher: Teacher, model, batches: Iterable[np.ndarray],
     """Per output: relative error and (class outputs) top-1 agreement of `model` with the
     teacher on `batches` of inputs (module docstring)."""
     session = make_session(model, where)
-    input_name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
     missing = [k.name for k in teacher.kinds if k.name not in names]
     if missing:
@@ -105,7 +103,7 @@ def fidelity(teacher: Teacher, model, batches: Iterable[np.ndarray],
     ref = dict(err)
     agree, count = dict(err), 0
     for x in batches:
-        got = dict(zip(names, outputs(session, {input_name: x}, where)))
+        got = dict(zip(names, run_rows(session, x, where)))
         want = teacher.outputs(x)
         for k in teacher.kinds:
             m, t = got[k.name].astype(np.float64), want[k.name].astype(np.float64)
@@ -119,6 +117,22 @@ def fidelity(teacher: Teacher, model, batches: Iterable[np.ndarray],
         count += len(x)
     return {k.name: _row(k, err[k.name], ref[k.name], agree[k.name], count)
             for k in teacher.kinds}
+
+
+def run_rows(session, x: np.ndarray, where: str) -> list[np.ndarray]:
+    """The session's outputs for the rows of `x`; a model with a fixed batch size runs
+    them in chunks of that size (the last one zero-padded)."""
+    spec = session.get_inputs()[0]
+    fixed = spec.shape[0] if spec.shape else None
+    if not isinstance(fixed, int) or fixed < 1 or fixed == len(x):
+        return outputs(session, {spec.name: x}, where)
+    parts = []
+    for start in range(0, len(x), fixed):
+        chunk = x[start:start + fixed]
+        pad = np.zeros((fixed - len(chunk), *x.shape[1:]), x.dtype)
+        got = outputs(session, {spec.name: np.concatenate([chunk, pad])}, where)
+        parts.append([g[: len(chunk)] for g in got])
+    return [np.concatenate(p) for p in zip(*parts)]
 
 
 def _row(kind: OutputKind, err: float, ref: float, agree: float, count: int) -> dict:

@@ -370,3 +370,16 @@ def test_feature_inputs_of_the_wrong_size_and_several_inputs_are_refused(tmp_pat
     assert main(args + [str(tmp_path / "f.npz")]) == 2
     err = capsys.readouterr().err
     assert "2 inputs (input, mask)" in err and not out.exists()
+
+
+def test_fidelity_of_a_fixed_batch_model(tmp_path):
+    """A model exported with batch 1 is run in chunks of one row."""
+    model = digits_cnn(0)
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for v in (fixed.graph.input[0], fixed.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    ds = load_dataset(DataSpec(str(digits_x(tmp_path, 7)), 1, 8, 8))
+    teacher = Teacher(fixed, output_kinds(analyze_model(model)))
+    (row,) = fidelity(teacher, model, (x for x, _ in iter_batches(ds, 3))).values()
+    assert row == {"relative_error": pytest.approx(0.0, abs=1e-6), "top1_agreement": 1.0}
