@@ -139,7 +139,8 @@ class PruneConfig:
 
     def _check_data_options(self) -> None:
         if self.criterion in DATA_CRITERIA and self.data is None:
-            raise InputError(f"criterion '{self.criterion}' needs data - pass --data "
+            what = "labelled data" if self.criterion in LABEL_CRITERIA else "data"
+            raise InputError(f"criterion '{self.criterion}' needs {what} - pass --data "
                              "(a folder, .npz, IDX file, fashion-mnist or digits)")
         if self.criterion in LABEL_CRITERIA and self.data.labels is False:
             raise InputError(f"criterion '{self.criterion}' needs labels and the data has "

@@ -15,6 +15,7 @@ from . import model as model_io
 from .analysis import Analysis, analyze_model
 from .analysis.features import final_hidden_layer
 from .config import DataOptions, LatencyOptions, PruneConfig, TrainOptions
+from .data import iter_batches
 from .errors import InputError, UnsupportedModelError
 from .evaluation import accuracy, dataset_for
 from .finetune import train_model
@@ -25,7 +26,6 @@ from .push import PushReport, PushWeights, push_model
 from .rounds import Round, load_data, one_round
 from .sources import has_labels
 from .stats import Estimator, ModelStats, count
-from .data import iter_batches
 from .teacher import Teacher, describe, fidelity, output_kinds
 
 logger = logging.getLogger(__name__)
@@ -152,11 +152,7 @@ def with_label_mode(config: PruneConfig) -> PruneConfig:
     if data is None or data.labels is not None:
         return config
     preflight.check_data(data.source)
-    labelled = has_labels(data.source)
-    if not labelled:
-        logger.info("%s has no labels: label-free pruning, the original model is the teacher",
-                    data.source)
-    return replace(config, data=replace(data, labels=labelled))
+    return replace(config, data=replace(data, labels=has_labels(data.source)))
 
 
 def _distillation(start, config: PruneConfig) -> str | None:

@@ -221,18 +221,18 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
             if verify.low_precision(pruned) is not None else None)
     stats = Estimator(analysis).estimate(kept)
     bare = None if deltas is None else surgery.cut(analysis, kept, None, None)
-    acc_cut, acc_tuned, pruned, tuned_source, fid = _measure(pruned, bare, data, config, k)
+    acc_cut, acc_tuned, pruned, tuned, fid = _measure(pruned, bare, data, config, k)
     params = sum(param_sizes(pruned).values())
     groups = report.group_rows(analysis, plan, scores)
     return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned,
-                 repaired, wide, source if tuned_source is None else None, fid)
+                 repaired, wide, None if tuned else source, fid)
 
 
 def _measure(pruned, bare, data: Splits | None, config: PruneConfig, k: int):
     """Accuracy (with labels) and fidelity after the cut, fine-tuning, and both again:
-    (acc_cut, acc_tuned, model, tuned (None: not fine-tuned), fidelity)."""
+    (acc_cut, acc_tuned, model, whether it was fine-tuned, fidelity)."""
     if data is None:
-        return None, None, pruned, None, None
+        return None, None, pruned, False, None
     labelled, teacher = data.val.labelled, data.teacher
     acc_cut = accuracy(pruned, data.val) if labelled else None
     fid = None
@@ -243,7 +243,7 @@ def _measure(pruned, bare, data: Splits | None, config: PruneConfig, k: int):
     if labelled:
         logger.info("round %d: accuracy right after the cut %.4f", k, acc_cut)
     if config.train.epochs <= 0:
-        return acc_cut, None, pruned, None, fid
+        return acc_cut, None, pruned, False, fid
     distil = teacher if not labelled or config.train.distill > 0 else None
     pruned = train_model(pruned, data.train, config.train, config.seed + k, teacher=distil)
     acc_tuned = accuracy(pruned, data.val) if labelled else None

@@ -259,8 +259,10 @@ def test_cli_prune_and_compare_without_labels(tmp_path, capsys):
     data = digits_x(tmp_path, 200, labels=True)
     assert main(["prune", str(src), "-o", str(out), "--data", str(data), "--no-labels",
                  "--ratio", "0.5", "--no-latency", "--round-to", "1"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "no labels" in printed and "after repair" in printed and "top-1 agreement" in printed
+    assert captured.err.count("no labels:") == 1      # the log says so once
     assert json.loads((tmp_path / "o.report.json").read_text())["labels"] is False
     assert main(["compare", str(src), str(out), "--data", str(data), "--repeats", "2"]) == 0
     printed = capsys.readouterr().out

@@ -3,13 +3,15 @@
     python tools/nolabel_bench.py --model /tmp/fm/vgg/model.onnx --out /tmp/nolabel-bench \\
         --target-macs 0.25 --finetune-epochs 2 --threads 2
 
-Runs ``gpp_onnx.prune`` twice on the same model and budget:
+Runs ``gpp_onnx.prune`` on the same model and budget, once per ``--runs`` entry:
 
 * ``labels``: ``--data fashion-mnist`` (the default criterion ``gpp``, cross-entropy
   fine-tuning);
-* ``no labels``: the training images alone, written to ``OUT/x_only.npz`` (array ``x``, no
-  ``y``): the ``fisher`` criterion, the repair to the original's outputs and distillation
-  (KL on the logits) as the fine-tuning loss;
+* ``no labels``: the training images alone, written to ``OUT/x_only_N.npz`` (array ``x``,
+  no ``y``): the ``fisher`` criterion, the repair to the original's outputs and
+  distillation (KL on the logits) as the fine-tuning loss;
+* ``labels+kd``: as ``labels`` with ``--distill 1`` (cross-entropy + distillation);
+* ``fisher+ce``: labels, the ``fisher`` criterion and cross-entropy (the criterion's share);
 
 (``--limit N``: both on the same N training images, class-stratified; the unlabelled
 run's stratification uses the labels only to pick the same images, then drops them),
@@ -52,10 +54,17 @@ def x_only(out: Path, limit: int | None, seed: int) -> Path:
     return path
 
 
+RUNS = {"labels": (True, "auto", 0.0), "no labels": (False, "auto", 0.0),
+        "labels+kd": (True, "auto", 1.0), "fisher+ce": (True, "fisher", 0.0)}
+
+
 def run(name: str, model: Path, out: Path, data: DataOptions, args) -> dict:
     dst = out / f"{name.replace(' ', '_')}.onnx"
+    _, criterion, distill = RUNS[name]
     cfg = PruneConfig(target_macs=args.target_macs, data=data, latency=False, seed=args.seed,
-                      train=TrainOptions(epochs=args.finetune_epochs, lr=args.lr))
+                      criterion=criterion,
+                      train=TrainOptions(epochs=args.finetune_epochs, lr=args.lr,
+                                         distill=distill))
     t0 = time.perf_counter()
     res = prune(model, dst, cfg)
     seconds = time.perf_counter() - t0
@@ -100,19 +109,23 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit", type=int, help="training images (default: all 60k)")
-    p.add_argument("--runs", default="labels,no labels")
+    p.add_argument("--runs", default="labels,no labels",
+                   help=f"comma-separated, of: {', '.join(RUNS)}")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
-    sources = {"labels": DataOptions("fashion-mnist", limit=args.limit),
-               "no labels": DataOptions(str(x_only(args.out, args.limit, args.seed)))}
+    labelled = DataOptions("fashion-mnist", limit=args.limit)
     acc_before, _ = pipeline.evaluate(args.model, DataOptions(TEST))
-    rows = [run(name, args.model, args.out, sources[name], args)
-            for name in args.runs.split(",")]
-    (args.out / "results.json").write_text(json.dumps(
+    rows = []
+    for name in args.runs.split(","):
+        data = labelled if RUNS[name][0] else DataOptions(
+            str(x_only(args.out, args.limit, args.seed)))
+        rows.append(run(name, args.model, args.out, data, args))
+    tag = args.runs.replace(" ", "_").replace(",", "-").replace("+", "_")
+    (args.out / f"results-{tag}.json").write_text(json.dumps(
         {"model": str(args.model), "target_macs": args.target_macs, "limit": args.limit,
          "finetune_epochs": args.finetune_epochs, "test_accuracy_before": acc_before,
          "runs": rows}, indent=1))

@@ -64,7 +64,8 @@ class TaylorCriterion:
 
     def score(self, analysis, evidence=None) -> dict[str, np.ndarray]:
         if evidence is None or evidence.data is None:
-            raise InputError(f"the {self.name} criterion needs data - pass --data")
+            what = "data" if self.objective == "fisher" else "labelled data"
+            raise InputError(f"the {self.name} criterion needs {what} - pass --data")
         data = evidence.data
         if len(data) == 0:
             raise DataError(f"the {self.name} criterion got no images to score with")
