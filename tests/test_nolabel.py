@@ -21,7 +21,7 @@ from gpp_onnx.finetune import default_losses, train_model
 from gpp_onnx.importance import Evidence, get_criterion
 from gpp_onnx.samples import GraphBuilder, digits_cnn
 from gpp_onnx.sources import has_labels
-from gpp_onnx.teacher import CLASS, REGRESSION, Teacher, fidelity, output_kinds
+from gpp_onnx.teacher import CLASS, REGRESSION, OutputKind, Teacher, fidelity, output_kinds
 from gpp_onnx.train import CrossEntropy, Distill
 
 Image = pytest.importorskip("PIL.Image")
@@ -108,9 +108,8 @@ def test_distill_loss_matches_numpy():
     rng = np.random.default_rng(0)
     s, t = rng.standard_normal((6, 5)), rng.standard_normal((6, 5)) * 2
     r_s, r_t = rng.standard_normal((6, 3)), rng.standard_normal((6, 3))
-    kinds = output_kinds(analyze_model(two_output_cnn()))
-    kinds = [type(kinds[0])("a", CLASS, "a_logits", "logits"),
-             type(kinds[0])("b", REGRESSION, "b", "values")]
+    kinds = [OutputKind("a", CLASS, "a_logits", "logits"),
+             OutputKind("b", REGRESSION, "b", "values")]
     for temp in (1.0, 3.0):
         lt, ls = log_softmax(t / temp), log_softmax(s / temp)
         kl = (np.exp(lt) * (lt - ls)).sum(1).mean() * temp ** 2
@@ -123,7 +122,7 @@ def test_distill_loss_matches_numpy():
         assert float(total) == pytest.approx(0.5 * (kl + rel), rel=1e-9)
     # a Softmax output's probabilities give the same loss as its logits
     probs = np.exp(log_softmax(t))
-    k_probs = [type(kinds[0])("a", CLASS, "a_logits", "probs")]
+    k_probs = [OutputKind("a", CLASS, "a_logits", "probs")]
     same, _ = Distill(k_probs)(None, {"a": torch.from_numpy(probs)},
                                {"a_logits": torch.from_numpy(s)})
     lt, ls = log_softmax(t), log_softmax(s)
@@ -385,3 +384,20 @@ def test_fidelity_of_a_fixed_batch_model(tmp_path):
     teacher = Teacher(fixed, output_kinds(analyze_model(model)))
     (row,) = fidelity(teacher, model, (x for x, _ in iter_batches(ds, 3))).values()
     assert row == {"relative_error": pytest.approx(0.0, abs=1e-6), "top1_agreement": 1.0}
+
+
+def test_softmax_output_is_distilled_through_its_logits(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(softmax_cnn(), src)
+    data = digits_x(tmp_path, 200)
+    cfg = PruneConfig(ratio=0.5, round_to=1, latency=False, data=DataOptions(str(data)),
+                      train=TrainOptions(epochs=0.5), repair="none")
+    rep = prune(src, tmp_path / "o.onnx", cfg).report
+    assert rep["distillation"] == f"{softmax_cnn().graph.output[0].name}: KL on the class " \
+        "distribution" and rep["fidelity"]["after_repair"] is None
+    _, val = split(load_dataset(DataSpec(str(data), 1, 8, 8)), 0.1)
+    (err, agree), = _independent_fidelity(onnx.load(src), onnx.load(tmp_path / "o.onnx"),
+                                          val.x[:])
+    (row,) = rep["fidelity"]["after_finetune"].values()
+    assert row == {"relative_error": pytest.approx(err, rel=1e-4),
+                   "top1_agreement": pytest.approx(agree)}

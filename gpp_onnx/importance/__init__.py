@@ -21,7 +21,7 @@ from .random import RandomCriterion
 
 @dataclass(frozen=True, eq=False)
 class Evidence:
-    data: object | None = None        # gpp_onnx.data.Dataset: images (labelled or not) to score with
+    data: object | None = None        # gpp_onnx.data.Dataset: images (labels or not) to score
     feature: str | None = None        # value name of the final hidden layer
     device: str = "auto"
     batch_size: int = 64

@@ -7,7 +7,8 @@ mode. A step runs the torch backend through ``forward`` of :class:`Tapped` (so a
 DistributedDataParallel wrapper sees it), which returns the logits and every value a loss
 ``needs`` (e.g. the final hidden layer for the push loss); the step's loss is the sum of
 the loss objects'. A batch is ``(x, targets)``: ``targets`` a dict of arrays (``"y"``
-the labels, teacher outputs by output name), or the labels array alone (``{"y": y}``). ``state_dict`` / ``load_state_dict`` hold what a checkpoint needs
+the labels, teacher outputs by output name), or the labels array alone (``{"y": y}``).
+``state_dict`` / ``load_state_dict`` hold what a checkpoint needs
 (step, optimiser, schedule, loss statistics); the weights are the module's.
 """
 from __future__ import annotations
