@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("model_b")
     cmp.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
     cmp.add_argument("--repeats", type=int, default=30)
+    _data_args(cmp)
 
     demo = sub.add_parser("demo", help="train a small CNN on the bundled digits, then push, "
                           "prune and fine-tune it in gpp rounds, report")
@@ -99,7 +100,8 @@ def _prune_parser(sub) -> None:
     pr.add_argument("--plan-out", help="write the plan (JSON) here")
     _prune_training_args(pr)
     pr.add_argument("--finetune-epochs", type=float, default=0.0,
-                    help="cross-entropy fine-tuning after each cut (needs --data)")
+                    help="fine-tuning after each cut (needs --data): cross-entropy with "
+                    "labels, distillation of the original's outputs without")
 
 
 def _gpp_parser(sub) -> None:
@@ -172,6 +174,13 @@ def _prune_training_args(pr: argparse.ArgumentParser) -> None:
     _data_args(pr)
     pr.add_argument("--feature-tensor", help="value name of the final hidden layer "
                     "(default: the input of the last Gemm/MatMul)")
+    pr.add_argument("--no-labels", action="store_true",
+                    help="ignore the data's labels: label-free criterion (fisher), repair "
+                    "and distillation to the original model's outputs")
+    pr.add_argument("--distill", type=float, default=0.0, metavar="W",
+                    help="with labels: add W x the distillation loss to cross-entropy")
+    pr.add_argument("--temperature", type=float, default=1.0,
+                    help="softmax temperature of the distillation KL (class outputs)")
     pr.add_argument("--lr", type=float, default=0.01, help="training learning rate")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pr.add_argument("--repair", choices=["lsq", "bias", "none"], default="lsq",
@@ -243,8 +252,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="labelled images: a class-per-folder directory, an .npz "
-                   "with x/y, IDX files, 'fashion-mnist[:test]' or 'digits'")
+    p.add_argument("--data", help="images: a class-per-folder directory (or a folder of "
+                   "images, no labels), an .npz with x (and y), IDX files, "
+                   "'fashion-mnist[:test]' or 'digits'")
     p.add_argument("--val-split", type=float, default=0.1, help="held-out fraction (prune)")
     p.add_argument("--limit", type=int, help="use at most this many images")
     p.add_argument("--per-class", type=int, default=32, help="images per class for scoring")
@@ -261,12 +271,14 @@ def _data_options(args) -> DataOptions | None:
     if not args.data:
         return None
     return DataOptions(args.data, args.mean, args.std, not args.no_resize, args.limit,
-                       args.val_split, args.per_class, args.batch_size, args.workers)
+                       args.val_split, args.per_class, args.batch_size, args.workers,
+                       False if getattr(args, "no_labels", False) else None)
 
 
 def _prune_config(args) -> PruneConfig:
     train = TrainOptions(epochs=getattr(args, "finetune_epochs", 0.0), lr=args.lr,
-                         batch_size=args.batch_size, device=args.device)
+                         batch_size=args.batch_size, device=args.device, distill=args.distill,
+                         temperature=args.temperature)
     return PruneConfig(ratio=args.ratio, target_macs=args.target_macs,
                        target_params=args.target_params, target_latency=args.target_latency,
                        allocation=args.allocation, criterion=args.criterion,
@@ -312,7 +324,7 @@ def _run(args) -> int:
         print(f"top-1 accuracy {acc:.4f} on {n} images")
     elif args.command == "compare":
         cmp = pipeline.compare(args.model_a, args.model_b, _input_shape(args.input_shape),
-                               args.repeats)
+                               args.repeats, _data_options(args))
         print(report.comparison_table(cmp, Path(args.model_a).name, Path(args.model_b).name))
     elif args.command == "demo":
         result = pipeline.demo(Path(args.out), args.ratio, args.epochs, args.budget_epochs)

@@ -16,6 +16,7 @@ from . import model as model_io
 from .analysis import Analysis, analyze_model
 from .analysis.features import final_hidden_layer
 from .config import DataOptions, LatencyOptions, PruneConfig, TrainOptions
+from .data import iter_batches
 from .errors import InputError, UnsupportedModelError
 from .evaluation import accuracy, dataset_for
 from .finetune import train_model
@@ -25,7 +26,9 @@ from .plan import PrunePlan
 from .push import PushReport, PushWeights, push_model
 from .rounds import Round, load_data, one_round
 from .schedule import GppOptions
+from .sources import has_labels
 from .stats import Estimator, ModelStats, count
+from .teacher import Teacher, describe, fidelity, output_kinds
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     smaller model as ``result.model``. With `output` it is also written there, atomically,
     with its JSON report beside it; without, nothing is written. `options` are PruneConfig
     fields: ``prune(m, ratio=0.5)``."""
-    config = replace(config or PruneConfig(), **options).checked()
+    config = with_label_mode(replace(config or PruneConfig(), **options)).checked()
     src = None if isinstance(model, onnx.ModelProto) else Path(model)
     dst = None if output is None else Path(output)
     if (plan_path or plan_out) and config.rounds > 1:
@@ -133,7 +136,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     data_report = report.json_report(
         src or "<in-memory model>", dst, config, rounds, start.before, after, ratio,
         start.accuracy, time.perf_counter() - t0, start.loaded.to_dict(), start.tolerance,
-        [slower] if slower else [], sizes)
+        [slower] if slower else [], sizes, _distillation(start, config))
     report_path = None
     if dst is not None:
         report_path = model_io.write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
@@ -142,6 +145,24 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     return PruneResult(dst, report_path, last.plan, start.before, after, last.error, ratio,
                        data_report, tuple(rounds), start.accuracy, start.tolerance,
                        start.loaded.notes, result_model)
+
+
+def with_label_mode(config: PruneConfig) -> PruneConfig:
+    """Settle whether the data's labels are used (DataOptions.labels None: where the source
+    has them), before the criterion is chosen and anything is loaded."""
+    data = config.data
+    if data is None or data.labels is not None:
+        return config
+    preflight.check_data(data.source)
+    return replace(config, data=replace(data, labels=has_labels(data.source)))
+
+
+def _distillation(start, config: PruneConfig) -> str | None:
+    teacher = start.data.teacher if start.data is not None else None
+    if teacher is None or config.train.epochs <= 0 or (
+            config.data.labels and config.train.distill <= 0):
+        return None
+    return describe(teacher.kinds)
 
 
 @dataclass(frozen=True)
@@ -179,8 +200,8 @@ def start_run(model, config: PruneConfig) -> Start:
     tolerance = verify.measure_tolerance(normalized, feeds, source=analysis.view.detached,
                                          plain=plain, optimised_session=optimised)
     loaded.check_unchanged(normalized, feeds, tolerance, plain)
-    data = load_data(analysis.view, config)
-    acc = accuracy(normalized, data.val) if data is not None else None
+    data = load_data(analysis.view, config, analysis)
+    acc = accuracy(normalized, data.val) if data is not None and data.val.labelled else None
     return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc,
                  optimised)
 
@@ -228,20 +249,37 @@ class Comparison:
     bytes_b: int
     latency_a: float
     latency_b: float
+    fidelity: dict | None = None      # output -> relative error, top-1 agreement (b vs a)
+    images: int = 0                   # inputs the fidelity was measured on
+    source: str | None = None
 
     @property
     def latency_ratio(self) -> float:
         return self.latency_b / self.latency_a
 
 
-def compare(path_a, path_b, input_shape=None, repeats: int = 30) -> Comparison:
-    """Params, MACs, file size and onnxruntime latency of two models, and their ratios."""
+def compare(path_a, path_b, input_shape=None, repeats: int = 30,
+            data: DataOptions | None = None) -> Comparison:
+    """Params, MACs, file size and onnxruntime latency of two models, and their ratios;
+    with `data`, the fidelity of b to a (teacher.fidelity) on all of its inputs (labels,
+    if any, are not used)."""
+    preflight.check_data(data.source if data is not None else None)
     a, b = model_io.load(path_a), model_io.load(path_b)
     view_a, view_b = GraphView(a, input_shape), GraphView(b, input_shape)
+    ds = None
+    if data is not None:
+        ds = dataset_for(view_a, data.source, data.mean, data.std, data.resize, data.limit,
+                         workers=data.workers, labels=False)
     sessions = [verify.make_session(a, str(path_a)), verify.make_session(b, str(path_b))]
     la, lb = verify.latency(sessions, view_a.probe_feeds, min_runs=repeats, max_runs=repeats)
-    return Comparison(count(view_a), count(view_b), Path(path_a).stat().st_size,
-                      Path(path_b).stat().st_size, la, lb)
+    cmp = Comparison(count(view_a), count(view_b), Path(path_a).stat().st_size,
+                     Path(path_b).stat().st_size, la, lb)
+    if ds is None:
+        return cmp
+    teacher = Teacher(a, output_kinds(analyze_model(a, input_shape)), str(path_a))
+    batches = (x for x, _ in iter_batches(ds, data.batch_size))
+    return replace(cmp, fidelity=fidelity(teacher, b, batches, str(path_b)), images=len(ds),
+                   source=ds.source)
 
 
 @dataclass(frozen=True)
@@ -285,7 +323,7 @@ def push(model, output=None, data: DataOptions | None = None,
     dst = None if output is None else Path(output)
     _preflight(model, src, dst, data)
     _, normalized, analysis = _load(model if src is None else src, input_shape)
-    config = PruneConfig(data=data, seed=seed, train=train).checked()
+    config = PruneConfig(data=replace(data, labels=True), seed=seed, train=train).checked()
     _check_precision(normalized, config)
     splits = load_data(analysis.view, config)
     feature = final_hidden_layer(analysis.view, feature_tensor)
@@ -322,10 +360,12 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     that meets the target is checked and written to `output` (with its JSON report).
     `fields` are PruneConfig fields: ``gpp(m, "out.onnx", data=DataOptions("digits"),
     target_macs=0.5)``."""
-    config = replace(config or PruneConfig(), **fields).checked()
-    if config.data is None:
-        raise InputError("gpp needs labelled data - pass --data (a folder, .npz, IDX file, "
-                         "fashion-mnist or digits)")
+    config = replace(config or PruneConfig(), **fields)
+    if config.data is None or config.data.labels is False:
+        raise InputError("gpp needs labelled data (push trains on the classes) - pass --data "
+                         "with labels (a folder, .npz, IDX file, fashion-mnist or digits); "
+                         "without labels, prune with --finetune-epochs distils instead")
+    config = replace(config, data=replace(config.data, labels=True)).checked()
     src = None if isinstance(model, onnx.ModelProto) else Path(model)
     dst = None if output is None else Path(output)
     if options.work_dir is None and dst is not None:
@@ -369,8 +409,8 @@ def evaluate(path, data: DataOptions) -> tuple[float, int]:
     preflight.check_data(data.source)
     model = model_io.load(path)
     ds = dataset_for(GraphView(model), data.source, data.mean, data.std, data.resize,
-                     data.limit, workers=data.workers)
-    return accuracy(model, ds, data.batch_size), len(ds.y)
+                     data.limit, workers=data.workers, labels=True)
+    return accuracy(model, ds, data.batch_size), len(ds)
 
 
 def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, budget: float = 4,

@@ -1,7 +1,10 @@
 """One round of the pipeline: score -> plan -> cut (with repair) -> verify -> fine-tune.
 
 ``one_round`` takes the analysis of the current model and returns a ``Round``: the plan,
-the pruned and masked models, the equivalence error and the accuracies. The facade
+the pruned and masked models, the equivalence error, the accuracies (with labels) and the
+fidelity to the original model on the held-out inputs (``teacher.fidelity``: after the
+bare cut, after the repair, after fine-tuning). Without labels, fine-tuning distils the
+original's outputs (``finetune.default_losses``). The facade
 (``pipeline.prune``) and the step-wise pruner (``stepwise.StepPruner``) run it once per
 round; nothing here reads or writes files except a ``--plan`` being replayed.
 """
@@ -27,6 +30,7 @@ from .latency_model import plan_for_latency
 from .plan import (PrunePlan, check_plan, kept_elements, model_digest, plan_by_ratio,
                    plan_by_threshold, plan_for_target)
 from .stats import Estimator, ModelStats, param_sizes
+from .teacher import Teacher, describe, fidelity, output_kinds
 
 logger = logging.getLogger(__name__)
 
@@ -124,27 +128,39 @@ class Round:
     # `model` serialised (what the checker read), for the write; None when fine-tuning
     # changed the model after the check
     source: bytes | None = field(default=None, repr=False, compare=False)
+    fidelity: dict | None = None        # stage -> output -> relative error, top-1 agreement
 
 
 @dataclass(frozen=True)
 class Splits:
     train: object
     val: object
+    teacher: Teacher | None = None      # the original model's outputs, per batch
 
 
-def load_data(view: GraphView, config: PruneConfig) -> Splits | None:
+def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = None
+              ) -> Splits | None:
+    """The data split into training and held-out parts; with `analysis` (of the original),
+    the original as teacher too."""
     if config.data is None:
         return None
     opts = config.data
     ds = dataset_for(view, opts.source, opts.mean, opts.std, opts.resize, opts.limit, config.seed,
-                     opts.workers)
+                     opts.workers, opts.labels)
     if opts.val_split > 0:
         train, val = split(ds, opts.val_split, config.seed)
     else:
         train = val = ds
-    logger.info("data: %d training and %d held-out images, %d classes from %s",
-                len(train.y), len(val.y), ds.num_classes, ds.source)
-    return Splits(train, val)
+    logger.info("data: %d training and %d held-out images, %s from %s", len(train), len(val),
+                f"{ds.num_classes} classes" if ds.labelled else "no labels", ds.source)
+    teacher = None
+    if analysis is not None:
+        teacher = Teacher(analysis.view.detached, output_kinds(analysis))
+        if not ds.labelled:
+            logger.info("no labels: the original model is the teacher - criterion %s, "
+                        "repair to its outputs, fine-tuning on %s", config.criterion,
+                        describe(teacher.kinds))
+    return Splits(train, val, teacher)
 
 
 def _evidence(analysis: Analysis, config: PruneConfig, data: Splits | None) -> Evidence:
@@ -158,8 +174,14 @@ def _evidence(analysis: Analysis, config: PruneConfig, data: Splits | None) -> E
     return Evidence(scoring, feature, config.train.device, config.data.batch_size, config.seed)
 
 
+UNLABELLED_CLASSES = 10  # without labels, scoring takes per_class x this many images
+
+
 def _per_class(ds, per_class: int, seed: int):
+    """`per_class` images of each class (without labels: per_class x 10 at random)."""
     rng = np.random.default_rng(seed)
+    if not ds.labelled:
+        return ds.subset(np.sort(rng.permutation(len(ds))[:per_class * UNLABELLED_CLASSES]))
     idx = np.concatenate([rng.permutation(np.flatnonzero(ds.y == c))[:per_class]
                           for c in np.unique(ds.y)])
     return ds.subset(np.sort(idx))
@@ -180,7 +202,7 @@ def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
     if config.repair != "lsq":
         return deltas, None
     rng = np.random.default_rng(config.seed)
-    pick = np.sort(rng.permutation(len(sample.y))[:REPAIR_IMAGES])
+    pick = np.sort(rng.permutation(len(sample))[:REPAIR_IMAGES])
     weights, deltas = repair.reconstruct(analysis, kept, deltas, sample.subset(pick).x,
                                          config.train.device, batch_size=config.data.batch_size,
                                          seed=config.seed)
@@ -217,19 +239,44 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
     wide = (verify.check_in_float32(pruned, masked, feeds)
             if verify.low_precision(pruned) is not None else None)
     stats = Estimator(analysis).estimate(kept)
-    acc_cut = acc_tuned = None
-    if data is not None:
-        acc_cut = accuracy(pruned, data.val)
-        logger.info("round %d: accuracy right after the cut %.4f", k, acc_cut)
-        if config.train.epochs > 0:
-            pruned, source = train_model(pruned, data.train, config.train, config.seed + k), None
-            acc_tuned = accuracy(pruned, data.val)
-            logger.info("round %d: accuracy after fine-tuning %.4f", k, acc_tuned)
-            if acc_tuned < acc_cut:
-                logger.warning("round %d: fine-tuning lowered the held-out accuracy (%.4f -> "
-                               "%.4f); the fine-tuned model is the one written - try a lower "
-                               "--lr or fewer --finetune-epochs", k, acc_cut, acc_tuned)
+    bare = None if deltas is None else surgery.cut(analysis, kept, None, None)
+    acc_cut, acc_tuned, pruned, tuned, fid = _measure(pruned, bare, data, config, k)
     params = sum(param_sizes(pruned).values())
     groups = report.group_rows(analysis, plan, scores)
     return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned,
-                 repaired, wide, source)
+                 repaired, wide, None if tuned else source, fid)
+
+
+def _measure(pruned, bare, data: Splits | None, config: PruneConfig, k: int):
+    """Accuracy (with labels) and fidelity after the cut, fine-tuning, and both again:
+    (acc_cut, acc_tuned, model, whether it was fine-tuned, fidelity)."""
+    if data is None:
+        return None, None, pruned, False, None
+    labelled, teacher = data.val.labelled, data.teacher
+    acc_cut = accuracy(pruned, data.val) if labelled else None
+    fid = None
+    if teacher is not None:
+        fid = {"cut": _fidelity(teacher, bare if bare is not None else pruned, data, config),
+               "repaired": _fidelity(teacher, pruned, data, config) if bare is not None
+               else None}
+    if labelled:
+        logger.info("round %d: accuracy right after the cut %.4f", k, acc_cut)
+    if config.train.epochs <= 0:
+        return acc_cut, None, pruned, False, fid
+    distil = teacher if not labelled or config.train.distill > 0 else None
+    pruned = train_model(pruned, data.train, config.train, config.seed + k, teacher=distil)
+    acc_tuned = accuracy(pruned, data.val) if labelled else None
+    if fid is not None:
+        fid["finetuned"] = _fidelity(teacher, pruned, data, config)
+    if labelled:
+        logger.info("round %d: accuracy after fine-tuning %.4f", k, acc_tuned)
+        if acc_tuned < acc_cut:
+            logger.warning("round %d: fine-tuning lowered the held-out accuracy (%.4f -> "
+                           "%.4f); the fine-tuned model is the one written - try a lower "
+                           "--lr or fewer --finetune-epochs", k, acc_cut, acc_tuned)
+    return acc_cut, acc_tuned, pruned, True, fid
+
+
+def _fidelity(teacher: Teacher, model, data: Splits, config: PruneConfig) -> dict:
+    batches = (x for x, _ in iter_batches(data.val, config.data.batch_size))
+    return fidelity(teacher, model, batches)
