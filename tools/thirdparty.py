@@ -202,7 +202,11 @@ def prune_one(entry: Entry, src: Path, work: Path, ratio: float, latency: bool,
         row.update(params_before=rep["before"]["params"], params_after=rep["after"]["params"],
                    params_ratio=rep["ratios"]["params"], macs_ratio=rep["ratios"]["macs"],
                    error=rep["equivalence_relative_error"],
-                   tolerance=rep["equivalence_tolerance"])
+                   tolerance=rep["equivalence_tolerance"],
+                   error_float64=max((r["equivalence_relative_error_float64"]
+                                      for r in rep["rounds"]
+                                      if r.get("equivalence_relative_error_float64")
+                                      is not None), default=None))
     else:
         row["refusal"] = _refusal(err).replace(str(src), src.name)
         row["wrote_output"] = out.exists()
@@ -226,6 +230,8 @@ def _fmt(row: dict) -> list[str]:
         result = (f"{row['params_before'] / 1e6:.2f}M -> {row['params_after'] / 1e6:.2f}M "
                   f"({row['params_ratio']:.2f})")
         err = f"{row['error']:.1e}"
+        if row.get("error_float64") is not None:
+            err += f" (float64: {row['error_float64']:.0e})"
         tol = f"{row['tolerance']:.0e}"
     else:
         result, err, tol = f"exit {row['exit']}: {row['refusal'][:110]}", "", ""
@@ -235,6 +241,19 @@ def _fmt(row: dict) -> list[str]:
 
 HEADERS = ["model", "package", "kind", "params (ratio) or refusal", "pruned==masked err",
            "tolerance", "time", "status"]
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table (the refusal line in full, notes of limits)."""
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
+    for r in rows:
+        cells = _fmt(r)
+        if "refusal" in r:
+            cells[3] = f"exit {r['exit']}: `{r['refusal']}`"
+        if r["status"].startswith("limit"):
+            cells[7] = f"limit: {r['note']}"
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def run(cache: Path, entries: list[Entry], args) -> int:
@@ -254,7 +273,10 @@ def run(cache: Path, entries: list[Entry], args) -> int:
         if not args.keep:
             for p in work.glob(f"{e.name}.pruned*"):
                 p.unlink()
-    print(table(HEADERS, [_fmt(r) for r in rows]))
+    if args.markdown:
+        print(markdown(rows))
+    else:
+        print(table(HEADERS, [_fmt(r) for r in rows]))
     bad = [r["model"] for r in rows if r["status"].startswith("FAIL")]
     limits = [r for r in rows if r["status"].startswith("limit")]
     print(f"\n{len(rows) - len(bad) - len(limits)}/{len(rows)} ok"
@@ -275,6 +297,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", help="write the rows here (rewritten after each model)")
     ap.add_argument("--out", help="folder for the pruned models (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the pruned models")
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     return ap.parse_args(argv)
 
 
