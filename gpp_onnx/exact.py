@@ -49,6 +49,16 @@ class Verdict:
     tolerance: verify.Tolerance
 
 
+def _cast_keeping_float64(node, x):
+    """Cast, except that a cast to any float type stays float64 (float64 throughout)."""
+    import torch
+
+    from .torch_backend.ops import ONNX_TO_TORCH_DTYPE
+
+    dtype = ONNX_TO_TORCH_DTYPE[node.attr("to")]
+    return x.to(torch.float64 if dtype.is_floating_point else dtype)
+
+
 def float64_outputs(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray] | None:
     """The graph outputs computed in float64 by the torch backend; None when it cannot."""
     import torch
@@ -58,7 +68,7 @@ def float64_outputs(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray] | N
     wide = {k: torch.from_numpy(np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f"
                                 else np.asarray(v)) for k, v in feeds.items()}
     try:
-        module = OnnxModule(model).double().eval()
+        module = OnnxModule(model, op_overrides={"Cast": _cast_keeping_float64}).double().eval()
         with torch.no_grad():
             values = module.run(wide)
         return [values[name].to(torch.float64).cpu().numpy() for name in module.output_names]

@@ -13,12 +13,16 @@ from gpp_onnx.errors import VerificationError
 from gpp_onnx.samples import GraphBuilder
 
 
-def saturated_map(seed: int = 0) -> onnx.ModelProto:
+def saturated_map(seed: int = 0, cast: bool = False) -> onnx.ModelProto:
     """conv-relu-conv-relu-conv(1x1) + (-17) -> Sigmoid: a text-detector-like probability
     map that random inputs pin near 0, where onnxruntime's sigmoid is only accurate to an
-    absolute ~6e-8, so two correct float32 evaluations differ by a large relative error."""
+    absolute ~6e-8, so two correct float32 evaluations differ by a large relative error.
+    `cast`: a Cast to float after the first layer, as exporters write."""
     b = GraphBuilder((1, 3, 16, 16), seed=seed)
-    x = b.act(b.conv(b.act(b.conv("input", 32), "Relu"), 32), "Relu")
+    x = b.act(b.conv("input", 32), "Relu")
+    if cast:
+        x = b.op("Cast", [x], b.shapes[x], to=onnx.TensorProto.FLOAT)
+    x = b.act(b.conv(x, 32), "Relu")
     shift = b.const(np.full((1, 4, 1, 1), -17.0, np.float32), "shift")
     b.shapes[shift] = (1, 4, 1, 1)
     return b.build(b.act(b.binary("Add", b.conv(x, 4, k=1), shift), "Sigmoid"))
@@ -45,7 +49,19 @@ def _float64_reference(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
             x = x + ins[1]
         elif node.op_type == "Sigmoid":
             x = 1 / (1 + np.exp(-x))
+        elif node.op_type != "Cast":
+            raise AssertionError(node.op_type)
     return x
+
+
+def test_float64_outputs_stay_float64_through_casts_to_float():
+    model = saturated_map(cast=True)
+    feeds = feeds_for(model, batch=2)
+    ref = _float64_reference(model, feeds)
+    got = exact.float64_outputs(model, feeds)[0]
+    assert got.dtype == np.float64
+    # float32 anywhere on the way would leave ~1e-7; float64 throughout gives ~1e-15
+    assert verify.relative_error([got], [ref]) < 1e-12
 
 
 def test_saturated_map_prunes_and_float64_decides(tmp_path):
