@@ -252,14 +252,40 @@ def _dims_read_by(view, node, user) -> set[int] | None:
     rank = len(view.shape(node.input[0]))
     start = norm_axis(attr(node, "start", 0), rank)
     end = norm_axis(attr(node, "end", rank), rank) if attr(node, "end") is not None else rank
-    n_out = max(min(end, rank) - start, 0)
-    if user.op_type == "Gather" and view.const(user.input[1]) is not None:
-        picked = {norm_axis(int(i), n_out) for i in np.ravel(view.const(user.input[1]))}
-    elif user.op_type == "Slice" and _const_slice(view, user) is not None:
-        picked = set(range(n_out)[_const_slice(view, user)])
+    picked = _user_reads(view, node.output[0], user, max(min(end, rank) - start, 0))
+    return None if picked is None else {start + i for i in picked}
+
+
+def _positions_read(view, value: str, n: int) -> set[int] | None:
+    """Positions of the shape vector `value` (length n) its consumers read; None: any."""
+    read: set[int] = set()
+    for user in view.consumers.get(value, []):
+        sub = _user_reads(view, value, user, n)
+        if sub is None:
+            return None
+        read |= sub
+    return read
+
+
+def _user_reads(view, value: str, user, n: int) -> set[int] | None:
+    """Positions of the shape vector `value` (length n) that `user` reads: Gather and
+    Slice with constant indices pick some (and when they pick a vector, only the positions
+    their own consumers read count: tf2onnx permutes a shape, then slices the batch out
+    of it), Cast and Identity pass them on; None when `user` may read any."""
+    if user.op_type in ("Cast", "Identity"):
+        return _positions_read(view, user.output[0], n)
+    if user.op_type == "Gather" and user.input[0] == value and view.const(user.input[1]) is not None:
+        index = view.const(user.input[1])
+        picked = [norm_axis(int(i), n) for i in np.ravel(index)]
+    elif user.op_type == "Slice" and user.input[0] == value and _const_slice(view, user) is not None:
+        picked = list(range(n)[_const_slice(view, user)])
+        index = picked
     else:
         return None
-    return {start + i for i in picked}
+    if np.ndim(index) == 0:
+        return set(picked)
+    inner = _positions_read(view, user.output[0], len(picked))
+    return set(picked) if inner is None else {picked[p] for p in inner}
 
 
 def _reads_only_own_width(view, node, a: int) -> bool:
