@@ -60,6 +60,10 @@ MAGIKA_NOTE = ("98% of the parameters hang on the 512 outputs of one Conv (84%: 
                "pruned == masked cannot hold; the rest is the 64-wide byte embedding (2%)")
 
 
+MARVIN_NOTE = ("each of its two hidden layers (Gemm 1536 -> 128, 128 -> 128) is followed "
+               "by a LayerNorm over those 128 features (written as ReduceMean/Sub/Pow/Sqrt), "
+               "so no hidden unit can go without changing the others' normalisation; the "
+               "rest are the input features and the single output")
 _ROCR = "rapidocr_onnxruntime/models/"
 MANIFEST = [
     _e("ppocrv4_det", "rapidocr-onnxruntime==1.4.4", _ROCR + "ch_PP-OCRv4_det_infer.onnx",
@@ -109,6 +113,16 @@ MANIFEST = [
        ["1,1280"], "audio front-end (STFT as Conv, mel MatMul)"),
     _e("oww_alexa", "openwakeword==0.4.0", "openwakeword/resources/models/alexa_v0.1.onnx",
        ["1,16,96"], "wake-word classifier (MLP)"),
+    _e("oww_timer", "openwakeword==0.4.0", "openwakeword/resources/models/timer_v0.1.onnx",
+       ["1,34,96"], "wake-word classifier (MLP, softmax over phrases)"),
+    _e("oww_hey_mycroft", "openwakeword==0.4.0",
+       "openwakeword/resources/models/hey_mycroft_v0.1.onnx", ["1,16,96"],
+       "wake-word classifier (two bidirectional LSTMs, tf2onnx)"),
+    _e("oww_hey_marvin", "openwakeword==0.4.0",
+       "openwakeword/resources/models/hey_marvin_v0.1.onnx", ["1,16,96"],
+       "wake-word classifier (MLP with LayerNorm)", "limit", MARVIN_NOTE),
+    _e("silero_vad_seq", "silero-vad==6.2.3", "silero_vad/data/silero_vad_16k_sequence.onnx",
+       ["input:4,576", "h:1,1,128", "c:1,1,128"], "voice activity detector (Conv + LSTM)"),
     _e("magika_v3", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx", ["1,2048"],
        "file-type classifier (byte embedding + Conv + LayerNorm)", "limit", MAGIKA_NOTE),
     _e("silero_vad", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx",
