@@ -133,9 +133,10 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     sizes = (src.stat().st_size if src else start.loaded.as_read.ByteSize(),
              dst.stat().st_size if dst else result_model.ByteSize())
     after = ModelStats(last.params, last.macs)
+    tolerance = max((r.tolerance or start.tolerance for r in rounds), key=lambda t: t.value)
     data_report = report.json_report(
         src or "<in-memory model>", dst, config, rounds, start.before, after, ratio,
-        start.accuracy, time.perf_counter() - t0, start.loaded.to_dict(), start.tolerance,
+        start.accuracy, time.perf_counter() - t0, start.loaded.to_dict(), tolerance,
         [slower] if slower else [], sizes, _distillation(start, config))
     report_path = None
     if dst is not None:
@@ -143,7 +144,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     if plan_out is not None:
         model_io.write_text(plan_out, last.plan.to_json())
     return PruneResult(dst, report_path, last.plan, start.before, after, last.error, ratio,
-                       data_report, tuple(rounds), start.accuracy, start.tolerance,
+                       data_report, tuple(rounds), start.accuracy, tolerance,
                        start.loaded.notes, result_model)
 
 

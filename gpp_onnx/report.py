@@ -80,11 +80,17 @@ def prune_summary(result) -> str:
     tol = result.tolerance
     lines += [f"removed {removed} channels in {groups} groups; pruned == masked original "
               f"(relative error {result.equivalence_error:.1e} < tolerance {tol.value:.1e}; "
-              f"the model's own noise {tol.noise:.1e})",
+              f"the model's own noise {tol.noise:.1e})" + _float64_note(rep["rounds"]),
               f"wrote {result.output} (report: {result.report_path})" if result.output
               else "nothing written (result.model holds the pruned model)"]
     lines += [f"warning: {w}" for w in rep.get("warnings", ())]
     return "\n".join(lines)
+
+
+def _float64_note(rounds: list[dict]) -> str:
+    errs = [r["equivalence_relative_error_float64"] for r in rounds
+            if r.get("equivalence_relative_error_float64") is not None]
+    return f"; in float64 {max(errs):.1e}" if errs else ""
 
 
 def rounds_table(rounds: list[dict], macs_before: int) -> str:
@@ -258,13 +264,15 @@ def json_report(src, dst, config, rounds, before, after, latency, acc_before, se
         "equivalence_tolerance": None if tolerance is None else tolerance.value,
         "model_noise": None if tolerance is None else tolerance.noise,
         "model_noise_sources": None if tolerance is None else {
-            "optimizer": tolerance.optimizer_noise, "rounding": tolerance.rounding_noise},
+            "optimizer": tolerance.optimizer_noise, "rounding": tolerance.rounding_noise,
+            "float32_vs_float64": tolerance.float32_noise},
         "rounds": [{"round": r.number, "params": r.params, "macs": r.macs,
                     "removed_channels": r.plan.removed_channels,
                     "accuracy_after_cut": r.accuracy_cut,
                     "accuracy_after_finetune": r.accuracy_tuned, "fidelity": r.fidelity,
                     "equivalence_relative_error": r.error, "repair": r.repair,
                     "equivalence_relative_error_float32": r.error_float32,
+                    "equivalence_relative_error_float64": r.error_float64,
                     "criterion": r.plan.meta.get("criterion_report")} for r in rounds],
         "groups": rounds[0].groups,
         "plan": json.loads(last.plan.to_json()),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import latency, repair, report, surgery, verify
+from . import exact, latency, repair, report, surgery, verify
 from .allocate import plan_global
 from .analysis import Analysis
 from .analysis.features import final_hidden_layer
@@ -129,6 +129,8 @@ class Round:
     # changed the model after the check
     source: bytes | None = field(default=None, repr=False, compare=False)
     fidelity: dict | None = None        # stage -> output -> relative error, top-1 agreement
+    error_float64: float | None = None  # pruned vs masked in float64 (exact.py), when run
+    tolerance: verify.Tolerance | None = None  # what the float32 error was held to
 
 
 @dataclass(frozen=True)
@@ -232,10 +234,11 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
     source = verify.serialized(pruned)
     verify.check(source)
     feeds = analysis.view.check_feeds(config.seed)
-    err = verify.check_equivalent(verify.run(pruned, feeds, "pruned model"),
-                                  verify.run(masked, feeds, "masked model"), tolerance=tolerance)
+    verdict = exact.check(pruned, masked, feeds, verify.run(pruned, feeds, "pruned model"),
+                          verify.run(masked, feeds, "masked model"), tolerance)
+    err = verdict.error
     logger.info("verified: pruned == masked original (relative error %.1e < %.1e)", err,
-                tolerance.value)
+                verdict.tolerance.value)
     wide = (verify.check_in_float32(pruned, masked, feeds)
             if verify.low_precision(pruned) is not None else None)
     stats = Estimator(analysis).estimate(kept)
@@ -244,7 +247,8 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
     params = sum(param_sizes(pruned).values())
     groups = report.group_rows(analysis, plan, scores)
     return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned,
-                 repaired, wide, None if tuned else source, fid)
+                 repaired, wide, None if tuned else source, fid, verdict.error_float64,
+                 verdict.tolerance)
 
 
 def _measure(pruned, bare, data: Splits | None, config: PruneConfig, k: int):
