@@ -1,13 +1,14 @@
 """gpp-onnx: Grow-Push-Prune structural pruning for ONNX CNN classifiers."""
-from .config import PruneConfig
+from .config import DataOptions, PruneConfig, TrainOptions
 from .errors import GppError, InputError, UnsupportedModelError, VerificationError
 from .importance import register_criterion
-from .pipeline import analyze, compare, profile, prune
+from .pipeline import analyze, compare, gpp, profile, prune
+from .schedule import GppOptions
 from .plan import PrunePlan
 from .stepwise import StepPruner
 
 __version__ = "0.1.0"
 
-__all__ = ["GppError", "InputError", "PruneConfig", "PrunePlan", "StepPruner",
-           "UnsupportedModelError", "VerificationError", "analyze", "compare", "profile",
-           "prune", "register_criterion", "__version__"]
+__all__ = ["DataOptions", "GppError", "GppOptions", "InputError", "PruneConfig", "PrunePlan",
+           "StepPruner", "TrainOptions", "UnsupportedModelError", "VerificationError", "analyze",
+           "compare", "gpp", "profile", "prune", "register_criterion", "__version__"]

@@ -15,6 +15,8 @@ from .config import DataOptions, LatencyOptions, PruneConfig, TrainOptions
 from .errors import GppError, InputError
 from .progress import ProgressHandler
 from .importance import criterion_names
+from .push import PushWeights
+from .schedule import GPP_ROUNDS, SPLITS, GppOptions
 
 logger = logging.getLogger("gpp_onnx")
 
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
 
     _prune_parser(sub)
+    _gpp_parser(sub)
     _profile_parser(sub)
     _push_parser(sub)
 
@@ -76,13 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("model_b")
     cmp.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
     cmp.add_argument("--repeats", type=int, default=30)
+    _data_args(cmp)
 
-    demo = sub.add_parser("demo", help="train a small CNN on the bundled digits, prune it "
-                          "with the GPP criterion, fine-tune, report")
+    demo = sub.add_parser("demo", help="train a small CNN on the bundled digits, then push, "
+                          "prune and fine-tune it in gpp rounds, report")
     demo.add_argument("--out", default="gpp-demo", help="folder for the demo's files")
     demo.add_argument("--ratio", type=float, default=0.5)
     demo.add_argument("--epochs", type=float, default=10, help="training epochs")
-    demo.add_argument("--finetune-epochs", type=float, default=2)
+    demo.add_argument("--budget-epochs", type=float, default=4,
+                      help="push and fine-tuning epochs of the gpp rounds")
     return parser
 
 
@@ -90,6 +95,44 @@ def _prune_parser(sub) -> None:
     pr = sub.add_parser("prune", help="prune a model and write a verified smaller one")
     pr.add_argument("model")
     pr.add_argument("-o", "--output", required=True, help="path of the pruned model")
+    _cut_args(pr)
+    pr.add_argument("--rounds", type=int, default=1, help="prune in this many rounds")
+    pr.add_argument("--mask-only", action="store_true",
+                    help="keep the shapes; zero the removed channels' weights instead")
+    pr.add_argument("--plan", help="replay a plan written by --plan-out")
+    pr.add_argument("--plan-out", help="write the plan (JSON) here")
+    _prune_training_args(pr)
+    pr.add_argument("--finetune-epochs", type=float, default=0.0,
+                    help="fine-tuning after each cut (needs --data): cross-entropy with "
+                    "labels, distillation of the original's outputs without")
+
+
+def _gpp_parser(sub) -> None:
+    gp = sub.add_parser("gpp", help="rounds of push -> prune (with repair) -> fine-tune within "
+                        "an epoch budget; writes the best held-out model that meets the target")
+    gp.add_argument("model")
+    gp.add_argument("-o", "--output", required=True, help="path of the result")
+    _cut_args(gp)
+    gp.add_argument("--rounds", type=int, default=GPP_ROUNDS, help="push/prune rounds "
+                    f"(default {GPP_ROUNDS})")
+    _prune_training_args(gp)
+    gp.add_argument("--budget-epochs", type=float, default=2.0,
+                    help="training epochs in all, split evenly over the rounds")
+    gp.add_argument("--push-share", type=float, default=GppOptions.push_share,
+                    help="share of the budget spent on push before the cuts (evenly over the "
+                    "rounds); the rest fine-tunes")
+    gp.add_argument("--split", choices=SPLITS, default=GppOptions.split,
+                    help="fine-tune after every cut (even) or only after the last (final)")
+    gp.add_argument("--acc-floor", type=float, default=GppOptions.acc_floor,
+                    help="stop when held-out accuracy falls more than this below the start")
+    _push_weight_args(gp)
+    gp.add_argument("--work-dir", help="checkpoints of finished rounds (default: OUTPUT.gpp-work)")
+    gp.add_argument("--resume", action="store_true",
+                    help="continue the run in the work folder after its last finished round")
+
+
+def _cut_args(pr: argparse.ArgumentParser) -> None:
+    """What to cut and how it is scored: the options prune and gpp share."""
     target = pr.add_mutually_exclusive_group()
     target.add_argument("--ratio", type=float, help="remove this fraction of each prunable "
                         "group's channels (default 0.5)")
@@ -107,7 +150,6 @@ def _prune_parser(sub) -> None:
                     "else l1)")
     pr.add_argument("--eta", type=float, help="threshold factor: remove channels whose utility "
                     "is below eta * std of their group's (METHOD 3)")
-    pr.add_argument("--rounds", type=int, default=1, help="prune in this many rounds")
     pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
                     help="keep this group whole (a group key, value or node name; repeatable)")
     pr.add_argument("--group-ratio", action="append", default=[], type=_name_ratio,
@@ -116,14 +158,18 @@ def _prune_parser(sub) -> None:
     pr.add_argument("--min-keep", type=int, default=1, help="channels every group keeps")
     pr.add_argument("--round-to", type=int, help="kept widths are multiples of this (default: "
                     "the block onnxruntime's fast conv layout needs here, 8 or 16; 1: free)")
-    pr.add_argument("--mask-only", action="store_true",
-                    help="keep the shapes; zero the removed channels' weights instead")
-    pr.add_argument("--plan", help="replay a plan written by --plan-out")
-    pr.add_argument("--plan-out", help="write the plan (JSON) here")
     pr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
     pr.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     _timing_args(pr, "latency-")
-    _prune_training_args(pr)
+
+
+def _push_weight_args(p: argparse.ArgumentParser) -> None:
+    w = PushWeights()
+    p.add_argument("--sep", type=float, default=w.sep, help="push: weight of class separation")
+    p.add_argument("--cov", type=float, default=w.cov,
+                   help="push: weight of the within-class covariance off the diagonal")
+    p.add_argument("--align", type=float, default=w.align,
+                   help="push: weight of concentrating discriminant power on few neurons")
 
 
 def _prune_training_args(pr: argparse.ArgumentParser) -> None:
@@ -131,9 +177,14 @@ def _prune_training_args(pr: argparse.ArgumentParser) -> None:
     _data_args(pr)
     pr.add_argument("--feature-tensor", help="value name of the final hidden layer "
                     "(default: the input of the last Gemm/MatMul)")
-    pr.add_argument("--finetune-epochs", type=float, default=0.0,
-                    help="cross-entropy fine-tuning after each cut (needs --data)")
-    pr.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    pr.add_argument("--no-labels", action="store_true",
+                    help="ignore the data's labels: label-free criterion (fisher), repair "
+                    "and distillation to the original model's outputs")
+    pr.add_argument("--distill", type=float, default=0.0, metavar="W",
+                    help="with labels: add W x the distillation loss to cross-entropy")
+    pr.add_argument("--temperature", type=float, default=1.0,
+                    help="softmax temperature of the distillation KL (class outputs)")
+    pr.add_argument("--lr", type=float, default=0.01, help="training learning rate")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pr.add_argument("--repair", choices=["lsq", "bias", "none"], default="lsq",
                     help="after the cut (needs --data): lsq refits the following layers "
@@ -162,11 +213,7 @@ def _push_parser(sub) -> None:
     pu.add_argument("--epochs", type=float, default=1.0)
     pu.add_argument("--lr", type=float, default=0.01)
     pu.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    pu.add_argument("--sep", type=float, default=1.0, help="weight of class separation")
-    pu.add_argument("--cov", type=float, default=1.0,
-                    help="weight of the within-class covariance off the diagonal")
-    pu.add_argument("--align", type=float, default=0.1,
-                    help="weight of concentrating discriminant power on few neurons")
+    _push_weight_args(pu)
     pu.add_argument("--feature-tensor", help="value name of the final hidden layer")
     pu.add_argument("--seed", type=int, default=0)
     pu.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
@@ -208,8 +255,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="labelled images: a class-per-folder directory, an .npz "
-                   "with x/y, IDX files, 'fashion-mnist[:test]' or 'digits'")
+    p.add_argument("--data", help="images: a class-per-folder directory (or a folder of "
+                   "images, no labels), an .npz with x (and y), IDX files, "
+                   "'fashion-mnist[:test]' or 'digits'")
     p.add_argument("--val-split", type=float, default=0.1, help="held-out fraction (prune)")
     p.add_argument("--limit", type=int, help="use at most this many images")
     p.add_argument("--per-class", type=int, default=32, help="images per class for scoring")
@@ -226,17 +274,19 @@ def _data_options(args) -> DataOptions | None:
     if not args.data:
         return None
     return DataOptions(args.data, args.mean, args.std, not args.no_resize, args.limit,
-                       args.val_split, args.per_class, args.batch_size, args.workers)
+                       args.val_split, args.per_class, args.batch_size, args.workers,
+                       False if getattr(args, "no_labels", False) else None)
 
 
 def _prune_config(args) -> PruneConfig:
-    train = TrainOptions(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
-                         device=args.device)
+    train = TrainOptions(epochs=getattr(args, "finetune_epochs", 0.0), lr=args.lr,
+                         batch_size=args.batch_size, device=args.device, distill=args.distill,
+                         temperature=args.temperature)
     return PruneConfig(ratio=args.ratio, target_macs=args.target_macs,
                        target_params=args.target_params, target_latency=args.target_latency,
                        allocation=args.allocation, criterion=args.criterion,
                        eta=args.eta, rounds=args.rounds, seed=args.seed, min_keep=args.min_keep,
-                       round_to=args.round_to, mask_only=args.mask_only,
+                       round_to=args.round_to, mask_only=getattr(args, "mask_only", False),
                        input_shape=_input_shape(args.input_shape), latency=not args.no_latency,
                        timing=_timing(args), data=_data_options(args), train=train,
                        feature_tensor=args.feature_tensor, repair=args.repair,
@@ -250,6 +300,12 @@ def _run(args) -> int:
         result = pipeline.prune(args.model, args.output, _prune_config(args),
                                 plan_path=args.plan, plan_out=args.plan_out)
         print(report.prune_summary(result))
+    elif args.command == "gpp":
+        options = GppOptions(args.budget_epochs, args.push_share, args.split, args.acc_floor,
+                             PushWeights(args.sep, args.cov, args.align),
+                             Path(args.work_dir) if args.work_dir else None, args.resume)
+        print(report.gpp_summary(pipeline.gpp(args.model, args.output, _prune_config(args),
+                                              options)))
     elif args.command == "profile":
         prof = pipeline.profile(args.model, _input_shape(args.input_shape), _timing(args),
                                 args.runs)
@@ -258,8 +314,6 @@ def _run(args) -> int:
             model_io.write_text(args.json, report.to_json(vars(prof)))
             print(f"wrote {args.json}")
     elif args.command == "push":
-        from .push import PushWeights
-
         res = pipeline.push(args.model, args.output, _data_options(args),
                             TrainOptions(epochs=args.epochs, lr=args.lr,
                                          batch_size=args.batch_size, device=args.device),
@@ -273,11 +327,11 @@ def _run(args) -> int:
         print(f"top-1 accuracy {acc:.4f} on {n} images")
     elif args.command == "compare":
         cmp = pipeline.compare(args.model_a, args.model_b, _input_shape(args.input_shape),
-                               args.repeats)
+                               args.repeats, _data_options(args))
         print(report.comparison_table(cmp, Path(args.model_a).name, Path(args.model_b).name))
     elif args.command == "demo":
-        result = pipeline.demo(Path(args.out), args.ratio, args.epochs, args.finetune_epochs)
-        print(report.prune_summary(result))
+        result = pipeline.demo(Path(args.out), args.ratio, args.epochs, args.budget_epochs)
+        print(report.gpp_summary(result))
     return 0
 
 

@@ -8,7 +8,7 @@ from .errors import InputError
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Labelled data for data-driven criteria, repair, fine-tuning and accuracy."""
+    """Data for data-driven criteria, repair, fine-tuning, accuracy (labels) and fidelity."""
     source: str                          # folder, .npz, IDX, 'fashion-mnist', 'digits'
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -18,11 +18,14 @@ class DataOptions:
     per_class: int = 32                  # images per class for scoring (tracing, LDA)
     batch_size: int = 64
     workers: int | None = None           # batch-preparing processes (None: by source)
+    labels: bool | None = None           # False: ignore labels (--no-labels); None: use
+    #                                      them where the source has them (prune resolves it)
 
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Cross-entropy fine-tuning after each cut (through the torch backend)."""
+    """Fine-tuning after each cut (through the torch backend): cross-entropy with labels,
+    plus ``distill`` x the distillation loss; the distillation loss alone without labels."""
     epochs: float = 0.0
     lr: float = 0.01
     momentum: float = 0.9
@@ -30,6 +33,8 @@ class TrainOptions:
     batch_size: int = 64
     device: str = "auto"                 # auto | cpu | cuda
     clip_grad: float = 2.0               # max global gradient norm per step (0: no clipping)
+    distill: float = 0.0                 # weight of distillation next to cross-entropy
+    temperature: float = 1.0             # softmax temperature of the distillation KL
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,8 @@ class LatencyOptions:
         return self
 
 
-DATA_CRITERIA = ("gpp", "gpp-guided", "gpp-deconv", "taylor")
+LABEL_CRITERIA = ("gpp", "gpp-guided", "gpp-deconv", "taylor")
+DATA_CRITERIA = (*LABEL_CRITERIA, "fisher")
 REPAIRS = ("lsq", "bias", "none")
 ALLOCATIONS = ("uniform", "global")  # least-squares refit, mean fold into biases, nothing
 
@@ -102,7 +108,8 @@ class PruneConfig:
         if not targets:
             changes["ratio"] = 0.5
         if self.criterion == "auto":
-            changes["criterion"] = "gpp" if self.data is not None else "l1"
+            changes["criterion"] = ("l1" if self.data is None else
+                                    "fisher" if self.data.labels is False else "gpp")
         return replace(self, **changes) if changes else self
 
     def _check_targets(self) -> None:
@@ -132,10 +139,16 @@ class PruneConfig:
 
     def _check_data_options(self) -> None:
         if self.criterion in DATA_CRITERIA and self.data is None:
-            raise InputError(f"criterion '{self.criterion}' needs labelled data - pass --data "
+            what = "labelled data" if self.criterion in LABEL_CRITERIA else "data"
+            raise InputError(f"criterion '{self.criterion}' needs {what} - pass --data "
                              "(a folder, .npz, IDX file, fashion-mnist or digits)")
+        if self.criterion in LABEL_CRITERIA and self.data.labels is False:
+            raise InputError(f"criterion '{self.criterion}' needs labels and the data has "
+                             "none (or --no-labels) - use --criterion fisher, or give labels")
         if self.train.epochs > 0 and self.data is None:
-            raise InputError("fine-tuning needs labelled data - pass --data")
+            raise InputError("fine-tuning needs data - pass --data")
+        if self.train.distill < 0 or self.train.temperature <= 0:
+            raise InputError("--distill must be >= 0 and --temperature > 0")
         if self.eta is not None and self.eta < 0:
             raise InputError(f"--eta {self.eta} must be >= 0 (e.g. 0.1)")
         if self.rounds < 1:

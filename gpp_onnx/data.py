@@ -1,4 +1,4 @@
-"""Labelled image data for gpp-onnx: a dataset that reads, scales, resizes and batches its
+"""Image data for gpp-onnx: a dataset that reads, scales, resizes and batches its
 images on demand, so memory is bounded by a batch, not by the data set (numpy only).
 
 Sources for :func:`load_dataset` (``DataSpec.source``; an existing path wins over a name; how
@@ -11,6 +11,10 @@ each is read lazily is in :mod:`gpp_onnx.sources`):
   ``*-labels-idx1-ubyte[.gz]``; or a directory holding such a pair (``DIR:test`` for ``t10k``).
 * ``fashion-mnist[:test]``: Debian's copy in /usr/share/datasets/fashion-mnist (default: train).
 * ``digits``: scikit-learn's bundled 8x8 digits, the embedded default (:data:`DEFAULT_SOURCE`).
+
+Without labels (a folder of images with no class sub-folders, an ``.npz`` with only ``x``,
+an IDX images file alone, or any source with ``DataSpec.labels=False``) the dataset's ``y``
+is None: label-free pruning distils the original model's outputs instead.
 
 Each batch goes decode -> [0, 1] -> resize -> replicate channels -> ``(x - mean[c]) / std[c]``.
 Scaling (torchvision's ToTensor convention): uint8 / 255, larger 16-bit values / 65535, floats
@@ -56,6 +60,8 @@ class DataSpec:
     limit: int | None = None
     seed: int = 0
     workers: int | None = None
+    labels: bool | None = None     # True: required, False: ignored, None: used if present
+    layout: str = "NCHW"           # the model input's layout: NCHW or NHWC
 
     def __post_init__(self) -> None:
         if min(self.channels, self.height, self.width) < 1:
@@ -99,7 +105,8 @@ class Images:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        return len(self), self.spec.channels, self.spec.height, self.spec.width
+        c, h, w = self.spec.channels, self.spec.height, self.spec.width
+        return (len(self), h, w, c) if self.spec.layout == "NHWC" else (len(self), c, h, w)
 
     def take(self, idx: Sequence[int] | np.ndarray) -> Images:
         return replace(self, index=self.index[np.asarray(idx)])
@@ -124,42 +131,50 @@ class Images:
             x = x - np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
         if spec.std is not None:
             x = x / np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
+        if spec.layout == "NHWC":
+            x = x.transpose(0, 2, 3, 1)
         return np.ascontiguousarray(x, np.float32)
 
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Labelled images: ``x`` (:class:`Images`, or an (N,C,H,W) float array taken as it is),
-    ``y`` (N,) int64 class indices into ``classes``; ``workers`` prepare batches in
-    :func:`iter_batches` (0: in this process)."""
+    """Images, labelled or not: ``x`` (:class:`Images`, or an (N,C,H,W) float array taken as
+    it is), ``y`` (N,) int64 class indices into ``classes``, or None without labels (then
+    ``classes`` is empty); ``workers`` prepare batches in :func:`iter_batches` (0: in this
+    process)."""
     x: Images
-    y: np.ndarray
+    y: np.ndarray | None
     classes: tuple[str, ...]
     source: str
     workers: int = 0
 
     def __post_init__(self) -> None:
-        x = self.x if isinstance(self.x, Images) else Images.from_array(self.x, self.source)
-        y = np.asarray(self.y, np.int64)
-        if y.ndim != 1:
+        x = self.x if hasattr(self.x, "take") else Images.from_array(self.x, self.source)
+        y = None if self.y is None else np.asarray(self.y, np.int64)
+        if y is not None and y.ndim != 1:
             raise DataError(f"{self.source}: y must be (N,), got {y.shape}; reshape the labels")
-        if len(x) != len(y):
+        if y is not None and len(x) != len(y):
             raise DataError(f"{self.source}: {len(x)} images but {len(y)} labels; give one each")
-        for name, value in (("x", x), ("y", y), ("classes", tuple(map(str, self.classes)))):
+        classes = () if y is None else tuple(map(str, self.classes))
+        for name, value in (("x", x), ("y", y), ("classes", classes)):
             object.__setattr__(self, name, value)
+
+    @property
+    def labelled(self) -> bool:
+        return self.y is not None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(self.x)
 
     def subset(self, idx: Sequence[int] | np.ndarray) -> Dataset:
         """The samples at ``idx`` (indices or a boolean mask): a view, same classes and source."""
         idx = np.asarray(idx)
         idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.intp)
-        return replace(self, x=self.x.take(idx), y=self.y[idx])
+        return replace(self, x=self.x.take(idx), y=None if self.y is None else self.y[idx])
 
 
 def load_dataset(spec: DataSpec) -> Dataset:
@@ -167,31 +182,53 @@ def load_dataset(spec: DataSpec) -> Dataset:
     prepares images for the model input on demand. Labels, channels, sizes (from headers for
     image files) and pixel ranges are checked here, before any batch is read."""
     raw = resolve(spec.source)
-    n_x, where = len(raw.pixels), raw.source
-    if n_x != len(raw.y):
-        raise DataError(f"{where}: {n_x} images but {len(raw.y)} labels; give one label each")
-    if n_x == 0:
-        raise DataError(f"{where}: the dataset is empty; give labelled images of two classes")
-    if raw.y.min() < 0:
-        raise DataError(f"{where}: negative label {raw.y.min()}; labels must be class indices")
-    if raw.classes is not None and raw.y.max() >= len(raw.classes):
-        raise DataError(f"{where}: label {raw.y.max()} but {len(raw.classes)} class names; fix y")
-    if len(present := np.unique(raw.y)) < 2:
-        raise DataError(f"{where}: only one class (label {present[0]}); give two classes or more")
-    idx = np.arange(len(raw.y))
-    if spec.limit is not None and spec.limit < len(raw.y):
-        idx = _stratified_pick(raw.y, spec.limit, spec.seed)
-        if len(np.unique(raw.y[idx])) < 2:
-            raise DataError(f"{where}: --limit {spec.limit} keeps only one class; raise it")
+    y, idx = select(raw, spec.labels, spec.limit, spec.seed)
     for shape, first in raw.pixels.shapes(idx).items():
         _check_fit(shape, spec, first)
-    classes = raw.classes or tuple(str(i) for i in range(int(raw.y.max()) + 1))
-    ds = Dataset(Images(raw.pixels, spec, idx), raw.y[idx], classes, raw.source,
-                 _workers(spec, raw.pixels))
-    log.info("%d samples of %d classes from %s, prepared as %s per batch%s", len(ds),
-             ds.num_classes, ds.source, ds.x.shape[1:],
-             f" by {ds.workers} worker processes" if ds.workers else "")
+    classes = () if y is None else raw.classes or tuple(str(i) for i in range(int(y.max()) + 1))
+    ds = Dataset(Images(raw.pixels, spec, idx), None if y is None else y[idx], classes,
+                 raw.source, _workers(spec, raw.pixels))
+    log.info("%d samples %s from %s, prepared as %s per batch%s", len(ds),
+             f"of {ds.num_classes} classes" if ds.labelled else "without labels", ds.source,
+             ds.x.shape[1:], f" by {ds.workers} worker processes" if ds.workers else "")
     return ds
+
+
+def select(raw, labels: bool | None, limit: int | None, seed: int
+           ) -> tuple[np.ndarray | None, np.ndarray]:
+    """The labels to use (None: without) and the indices of the ``limit`` subset
+    (class-stratified with labels, at random without); labels checked."""
+    n_x, where, y = len(raw.pixels), raw.source, raw.y if labels is not False else None
+    if y is None and labels:
+        raise DataError(f"{where}: no labels (no class sub-folders, no array 'y' or no IDX "
+                        "labels file); give labelled data, or prune without labels")
+    if n_x == 0:
+        raise DataError(f"{where}: the dataset is empty; give some images")
+    if y is not None:
+        return y, _check_labels_of(raw, y, limit, seed)
+    if limit is not None and limit < n_x:
+        return None, np.sort(np.random.default_rng(seed).permutation(n_x)[:limit])
+    return None, np.arange(n_x)
+
+
+def _check_labels_of(raw, y: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """Labels fit the images and name two classes or more; the ``limit`` subset's indices."""
+    where = raw.source
+    if len(raw.pixels) != len(y):
+        raise DataError(f"{where}: {len(raw.pixels)} images but {len(y)} labels; give one "
+                        "label each")
+    if y.min() < 0:
+        raise DataError(f"{where}: negative label {y.min()}; labels must be class indices")
+    if raw.classes is not None and y.max() >= len(raw.classes):
+        raise DataError(f"{where}: label {y.max()} but {len(raw.classes)} class names; fix y")
+    if len(present := np.unique(y)) < 2:
+        raise DataError(f"{where}: only one class (label {present[0]}); give two classes or more")
+    if limit is None or limit >= len(y):
+        return np.arange(len(y))
+    idx = _stratified_pick(y, limit, seed)
+    if len(np.unique(y[idx])) < 2:
+        raise DataError(f"{where}: --limit {limit} keeps only one class; raise it")
+    return idx
 
 
 def _workers(spec: DataSpec, pixels: ArrayPixels | FilePixels) -> int:
@@ -203,10 +240,15 @@ def _workers(spec: DataSpec, pixels: ArrayPixels | FilePixels) -> int:
 
 def split(ds: Dataset, val_fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
     """Deterministic class-stratified (train, val) split of index views; every class keeps a
-    train sample."""
+    train sample (without labels: a seeded random split)."""
     if not 0 < val_fraction < 1:
         raise DataError(f"validation fraction {val_fraction} must be strictly between 0 and 1")
     n_val = min(max(int(round(len(ds) * val_fraction)), 1), len(ds) - 1)
+    if not ds.labelled:
+        if n_val < 1:
+            raise DataError(f"{ds.source}: too few samples to split; give two images or more")
+        val_idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:n_val])
+        return ds.subset(np.setdiff1d(np.arange(len(ds)), val_idx)), ds.subset(val_idx)
     val_idx = _stratified_pick(ds.y, n_val, seed, reserve=1) if n_val > 0 else []
     if len(val_idx) == 0:
         raise DataError(f"{ds.source}: too few samples to split; give two or more of a class")
@@ -215,6 +257,8 @@ def split(ds: Dataset, val_fraction: float, seed: int = 0) -> tuple[Dataset, Dat
 
 def check_labels(ds: Dataset, num_outputs: int) -> None:
     """Raise DataError when a label has no matching model output (label >= num_outputs)."""
+    if not ds.labelled:
+        return
     top = int(ds.y.max()) if len(ds) else -1
     if top >= num_outputs:
         raise DataError(f"{ds.source}: label {top} needs at least {top + 1} model outputs but the "
@@ -224,8 +268,10 @@ def check_labels(ds: Dataset, num_outputs: int) -> None:
 
 
 def iter_batches(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
-                 part: tuple[int, int] = (0, 1)) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (x, y) numpy batches of at most ``batch_size``, prepared as they are needed
+                 part: tuple[int, int] = (0, 1)
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Yield (x, y) numpy batches of at most ``batch_size`` (y None without labels),
+    prepared as they are needed
     (by ``ds.workers`` processes, a few batches ahead, when it has any); shuffled
     deterministically by seed. ``part=(i, k)``: of each batch of n, only the i-th of k
     contiguous shares, ``[n*i//k, n*(i+1)//k)``, is prepared and yielded (one process of
@@ -241,7 +287,7 @@ def iter_batches(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int 
         yield from _with_workers(ds, chunks)
         return
     for chunk in chunks:
-        yield ds.x[chunk], ds.y[chunk]
+        yield ds.x[chunk], None if ds.y is None else ds.y[chunk]
 
 
 @dataclass(frozen=True, eq=False)
@@ -266,7 +312,7 @@ def _with_workers(ds: Dataset, chunks: list[np.ndarray]):
     loader = DataLoader(_Batches(ds), sampler=chunks, batch_size=None, collate_fn=_as_is,
                         num_workers=ds.workers, prefetch_factor=2)
     for x, chunk in loader:
-        yield x.numpy(), ds.y[chunk]
+        yield x.numpy(), None if ds.y is None else ds.y[chunk]
 
 
 def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Labelled data for a model, and top-1 accuracy through onnxruntime (the deployment path)."""
+"""Data for a model, and top-1 accuracy through onnxruntime (the deployment path)."""
 from __future__ import annotations
 
 import logging
@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 
 from . import distributed
+from .arrays import load_arrays
 from .data import DataSpec, Dataset, check_labels, iter_batches, load_dataset
 from .errors import DataError
 from .graph import GraphView
@@ -16,15 +17,27 @@ logger = logging.getLogger(__name__)
 
 
 def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool = True,
-                limit: int | None = None, seed: int = 0, workers: int | None = None) -> Dataset:
-    """Load `source` shaped for the model's (first) input and check labels fit its output."""
+                limit: int | None = None, seed: int = 0, workers: int | None = None,
+                labels: bool | None = None) -> Dataset:
+    """Load `source` shaped for the model's input and check labels fit its output
+    (`labels`: True requires them, False ignores them, None uses them where present).
+    A 4-D input takes images, NCHW or NHWC (last axis 1 or 3 and axis 1 not); any other
+    rank takes an .npz's rows as they are (:mod:`gpp_onnx.arrays`)."""
+    if len(view.inputs) > 1:
+        names = ", ".join(s.name for s in view.inputs)
+        raise DataError(f"the model has {len(view.inputs)} inputs ({names}) and --data feeds "
+                        "one - prune it without --data (magnitude criteria)")
     spec = view.inputs[0]
     if len(spec.shape) != 4:
-        raise DataError(f"input '{spec.name}' has shape {spec.shape}; image data needs an "
-                        "N,C,H,W input - use a CNN classifier")
-    _, c, h, w = spec.shape
-    ds = load_dataset(DataSpec(source, c, h, w, mean=mean, std=std, resize=resize,
-                               limit=limit, seed=seed, workers=workers))
+        ds = load_arrays(source, spec.shape[1:], spec.name, labels, limit, seed)
+    else:
+        nhwc = spec.shape[3] in (1, 3) and spec.shape[1] not in (1, 3)
+        c, h, w = (spec.shape[3], *spec.shape[1:3]) if nhwc else spec.shape[1:]
+        ds = load_dataset(DataSpec(source, c, h, w, mean=mean, std=std, resize=resize,
+                                   limit=limit, seed=seed, workers=workers, labels=labels,
+                                   layout="NHWC" if nhwc else "NCHW"))
+    if not ds.labelled:
+        return ds
     out_shape = view.shape(view.output_names[0])
     if out_shape is None or len(out_shape) != 2:
         raise DataError(f"output '{view.output_names[0]}' has shape {out_shape}; a classifier "
@@ -34,11 +47,14 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
 
 
 def accuracy(model: onnx.ModelProto, ds: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy of `model` on `ds` through onnxruntime; in a distributed run each
-    process counts its contiguous share of `ds` and the counts are summed (every rank
-    returns the same figure)."""
+    """Top-1 accuracy of `model` on `ds` (labelled) through onnxruntime; in a distributed
+    run each process counts its contiguous share of `ds` and the counts are summed (every
+    rank returns the same figure)."""
+    if not ds.labelled:
+        raise DataError(f"{ds.source}: accuracy needs labels and the data has none - compare "
+                        "the model with its original instead (gpp-onnx compare A B --data ...)")
     i, k = distributed.part()
-    total = len(ds.y)
+    total = len(ds)
     if k > 1:
         ds = ds.subset(np.arange(total * i // k, total * (i + 1) // k))
     session = make_session(model, "model under evaluation")

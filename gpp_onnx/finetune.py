@@ -1,4 +1,8 @@
-"""Training an ONNX model through the torch backend: cross-entropy fine-tuning after a cut.
+"""Training an ONNX model through the torch backend: fine-tuning after a cut.
+
+The losses: cross-entropy with labels, plus ``options.distill`` times the distillation
+loss (``train.Distill``) when a teacher is given; without labels the distillation loss
+alone, the teacher's outputs computed per batch (``teacher.Teacher.with_targets``).
 
 ``epochs * ceil(N / batch)`` steps (fractional epochs allowed) of the one trainer
 (``gpp_onnx.train.Trainer``: SGD, cosine schedule, the gradient's global norm clipped to
@@ -26,8 +30,8 @@ def _batches(ds: Dataset, batch_size: int, seed: int):
     """Endless epochs of shuffled batches (seed + epoch); in a distributed run this
     process's share of each global batch."""
     part = distributed.part()
-    if len(ds.y) < part[1]:
-        raise DataError(f"{len(ds.y)} training images cannot be shared by {part[1]} "
+    if len(ds) < part[1]:
+        raise DataError(f"{len(ds)} training images cannot be shared by {part[1]} "
                         "processes - give more data or start fewer processes")
     epoch = 0
     while True:
@@ -36,17 +40,34 @@ def _batches(ds: Dataset, batch_size: int, seed: int):
 
 
 def train_model(model: onnx.ModelProto, data: Dataset, options: TrainOptions, seed: int = 0,
-                desc: str = "fine-tune", losses: list | None = None) -> onnx.ModelProto:
-    """Return a copy of `model` trained on `data` (cross-entropy unless `losses` are given)
-    with the one trainer (gpp_onnx.train)."""
+                desc: str = "fine-tune", losses: list | None = None,
+                teacher=None) -> onnx.ModelProto:
+    """Return a copy of `model` trained on `data` with the one trainer (gpp_onnx.train):
+    `losses`, else those of :func:`default_losses`; with a `teacher`
+    (``teacher.Teacher``), every batch carries its outputs as targets."""
     import torch
 
     from .torch_backend import OnnxModule, resolve_device, write_back
-    from .train import CrossEntropy, Trainer
+    from .train import Trainer
 
-    steps = max(1, round(options.epochs * math.ceil(len(data.y) / options.batch_size)))
+    steps = max(1, round(options.epochs * math.ceil(len(data) / options.batch_size)))
     torch.manual_seed(seed + distributed.rank())  # dropout masks differ between ranks
     module = OnnxModule(model, device=resolve_device(options.device))
-    trainer = Trainer(module, losses or [CrossEntropy()], options, steps)
-    trainer.fit(_batches(data, options.batch_size, seed), desc)
+    trainer = Trainer(module, losses or default_losses(data, options, teacher), options, steps)
+    batches = _batches(data, options.batch_size, seed)
+    trainer.fit(batches if teacher is None else teacher.with_targets(batches), desc)
     return write_back(module, model)
+
+
+def default_losses(data: Dataset, options: TrainOptions, teacher=None) -> list:
+    """Cross-entropy (+ ``options.distill`` x distillation) with labels; distillation alone
+    without."""
+    from .train import CrossEntropy, Distill
+
+    if not data.labelled:
+        if teacher is None:
+            raise ValueError("training without labels needs a teacher")
+        return [Distill(teacher.kinds, 1.0, options.temperature)]
+    if teacher is not None and options.distill > 0:
+        return [CrossEntropy(), Distill(teacher.kinds, options.distill, options.temperature)]
+    return [CrossEntropy()]

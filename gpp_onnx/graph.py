@@ -30,6 +30,7 @@ class InputSpec:
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
+    free_batch: bool = True   # the model leaves dim 0 symbolic (checks may feed batch 2)
 
 
 class GraphView:
@@ -176,12 +177,13 @@ def _input_spec(value: onnx.ValueInfoProto, input_shape: tuple[int, ...] | None)
     ttype = value.type.tensor_type
     dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type) if ttype.elem_type else np.float32
     dims = list(ttype.shape.dim)
+    free = not dims or not (dims[0].HasField("dim_value") and dims[0].dim_value > 0)
     if input_shape is not None:
         if len(input_shape) != len(dims):
             raise InputError(f"--input-shape {','.join(map(str, input_shape))} has rank "
                              f"{len(input_shape)} but "
                              f"input '{value.name}' has rank {len(dims)} - give one size per dim")
-        return InputSpec(value.name, tuple(int(d) for d in input_shape), np.dtype(dtype))
+        return InputSpec(value.name, tuple(int(d) for d in input_shape), np.dtype(dtype), free)
     shape = []
     for axis, dim in enumerate(dims):
         if dim.HasField("dim_value") and dim.dim_value > 0:
@@ -194,14 +196,16 @@ def _input_spec(value: onnx.ValueInfoProto, input_shape: tuple[int, ...] | None)
             raise InputError(f"input '{value.name}' has a symbolic dim at axis {axis} - "
                              "pass --input-shape with concrete sizes, e.g. 1,3,224,224 "
                              f"(or {value.name}:1,3,224,224 per input)")
-    return InputSpec(value.name, tuple(shape), np.dtype(dtype))
+    return InputSpec(value.name, tuple(shape), np.dtype(dtype), free)
 
 
 def random_feeds(inputs: list[InputSpec], batch: int | None = None, seed: int = 0) -> dict:
+    """Random inputs; `batch` replaces dim 0 of the inputs whose dim 0 the model leaves
+    free (a fixed one, e.g. a recurrent state's (1, 1, H), keeps its size)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in inputs:
-        shape = (batch, *spec.shape[1:]) if batch else spec.shape
+        shape = (batch, *spec.shape[1:]) if batch and spec.free_batch else spec.shape
         if np.issubdtype(spec.dtype, np.floating):
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -10,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import distributed, latency, preflight, report, verify
+from . import distributed, latency, preflight, report, schedule, verify
 from . import model as model_io
 from .analysis import Analysis, analyze_model
 from .analysis.features import final_hidden_layer
 from .config import DataOptions, LatencyOptions, PruneConfig, TrainOptions
+from .data import iter_batches
 from .errors import InputError, UnsupportedModelError
 from .evaluation import accuracy, dataset_for
 from .finetune import train_model
@@ -23,7 +25,10 @@ from .latency_model import LatencyModel, group_costs
 from .plan import PrunePlan
 from .push import PushReport, PushWeights, push_model
 from .rounds import Round, load_data, one_round
+from .schedule import GppOptions
+from .sources import has_labels
 from .stats import Estimator, ModelStats, count
+from .teacher import Teacher, describe, fidelity, output_kinds
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +107,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     smaller model as ``result.model``. With `output` it is also written there, atomically,
     with its JSON report beside it; without, nothing is written. `options` are PruneConfig
     fields: ``prune(m, ratio=0.5)``."""
-    config = replace(config or PruneConfig(), **options).checked()
+    config = with_label_mode(replace(config or PruneConfig(), **options)).checked()
     src = None if isinstance(model, onnx.ModelProto) else Path(model)
     dst = None if output is None else Path(output)
     if (plan_path or plan_out) and config.rounds > 1:
@@ -129,18 +134,37 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     sizes = (src.stat().st_size if src else start.loaded.as_read.ByteSize(),
              dst.stat().st_size if dst and writer else result_model.ByteSize())
     after = ModelStats(last.params, last.macs)
+    tolerance = max((r.tolerance or start.tolerance for r in rounds), key=lambda t: t.value)
     data_report = report.json_report(
         src or "<in-memory model>", dst, config, rounds, start.before, after, ratio,
-        start.accuracy, time.perf_counter() - t0, start.loaded.to_dict(), start.tolerance,
-        [slower] if slower else [], sizes)
+        start.accuracy, time.perf_counter() - t0, start.loaded.to_dict(), tolerance,
+        [slower] if slower else [], sizes, _distillation(start, config))
     report_path = None
     if dst is not None and writer:
         report_path = model_io.write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
     if plan_out is not None and writer:
         model_io.write_text(plan_out, last.plan.to_json())
     return PruneResult(dst, report_path, last.plan, start.before, after, last.error, ratio,
-                       data_report, tuple(rounds), start.accuracy, start.tolerance,
+                       data_report, tuple(rounds), start.accuracy, tolerance,
                        start.loaded.notes, result_model)
+
+
+def with_label_mode(config: PruneConfig) -> PruneConfig:
+    """Settle whether the data's labels are used (DataOptions.labels None: where the source
+    has them), before the criterion is chosen and anything is loaded."""
+    data = config.data
+    if data is None or data.labels is not None:
+        return config
+    preflight.check_data(data.source)
+    return replace(config, data=replace(data, labels=has_labels(data.source)))
+
+
+def _distillation(start, config: PruneConfig) -> str | None:
+    teacher = start.data.teacher if start.data is not None else None
+    if teacher is None or config.train.epochs <= 0 or (
+            config.data.labels and config.train.distill <= 0):
+        return None
+    return describe(teacher.kinds)
 
 
 @dataclass(frozen=True)
@@ -178,8 +202,8 @@ def start_run(model, config: PruneConfig) -> Start:
     tolerance = verify.measure_tolerance(normalized, feeds, source=analysis.view.detached,
                                          plain=plain, optimised_session=optimised)
     loaded.check_unchanged(normalized, feeds, tolerance, plain)
-    data = load_data(analysis.view, config)
-    acc = accuracy(normalized, data.val) if data is not None else None
+    data = load_data(analysis.view, config, analysis)
+    acc = accuracy(normalized, data.val) if data is not None and data.val.labelled else None
     return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc,
                  optimised)
 
@@ -187,13 +211,14 @@ def start_run(model, config: PruneConfig) -> Start:
 def _run_rounds(start: Start, config: PruneConfig, plan_path) -> list[Round]:
     rounds: list[Round] = []
     analysis = start.analysis
+    widths = {g.key: g.width for g in analysis.groups}
     for k in range(1, config.rounds + 1):
         if k > 1:
             analysis = analyze_model(rounds[-1].model, config.input_shape).keeping(config.ignore)
             if not analysis.prunable:
                 break
         rounds.append(one_round(analysis, config, start.data, k, plan_path, start.before,
-                                start.tolerance))
+                                start.tolerance, widths))
     return rounds
 
 
@@ -226,20 +251,37 @@ class Comparison:
     bytes_b: int
     latency_a: float
     latency_b: float
+    fidelity: dict | None = None      # output -> relative error, top-1 agreement (b vs a)
+    images: int = 0                   # inputs the fidelity was measured on
+    source: str | None = None
 
     @property
     def latency_ratio(self) -> float:
         return self.latency_b / self.latency_a
 
 
-def compare(path_a, path_b, input_shape=None, repeats: int = 30) -> Comparison:
-    """Params, MACs, file size and onnxruntime latency of two models, and their ratios."""
+def compare(path_a, path_b, input_shape=None, repeats: int = 30,
+            data: DataOptions | None = None) -> Comparison:
+    """Params, MACs, file size and onnxruntime latency of two models, and their ratios;
+    with `data`, the fidelity of b to a (teacher.fidelity) on all of its inputs (labels,
+    if any, are not used)."""
+    preflight.check_data(data.source if data is not None else None)
     a, b = model_io.load(path_a), model_io.load(path_b)
     view_a, view_b = GraphView(a, input_shape), GraphView(b, input_shape)
+    ds = None
+    if data is not None:
+        ds = dataset_for(view_a, data.source, data.mean, data.std, data.resize, data.limit,
+                         workers=data.workers, labels=False)
     sessions = [verify.make_session(a, str(path_a)), verify.make_session(b, str(path_b))]
     la, lb = verify.latency(sessions, view_a.probe_feeds, min_runs=repeats, max_runs=repeats)
-    return Comparison(count(view_a), count(view_b), Path(path_a).stat().st_size,
-                      Path(path_b).stat().st_size, la, lb)
+    cmp = Comparison(count(view_a), count(view_b), Path(path_a).stat().st_size,
+                     Path(path_b).stat().st_size, la, lb)
+    if ds is None:
+        return cmp
+    teacher = Teacher(a, output_kinds(analyze_model(a, input_shape)), str(path_a))
+    batches = (x for x, _ in iter_batches(ds, data.batch_size))
+    return replace(cmp, fidelity=fidelity(teacher, b, batches, str(path_b)), images=len(ds),
+                   source=ds.source)
 
 
 @dataclass(frozen=True)
@@ -283,7 +325,7 @@ def push(model, output=None, data: DataOptions | None = None,
     dst = None if output is None else Path(output)
     _preflight(model, src, dst, data)
     _, normalized, analysis = _load(model if src is None else src, input_shape)
-    config = PruneConfig(data=data, seed=seed, train=train).checked()
+    config = PruneConfig(data=replace(data, labels=True), seed=seed, train=train).checked()
     _check_precision(normalized, config)
     splits = load_data(analysis.view, config)
     feature = final_hidden_layer(analysis.view, feature_tensor)
@@ -298,19 +340,87 @@ def push(model, output=None, data: DataOptions | None = None,
     return PushResult(dst, rep, pushed)
 
 
+@dataclass(frozen=True)
+class GppResult:
+    output: Path | None
+    report_path: Path | None
+    before: ModelStats
+    after: ModelStats
+    accuracy_before: float
+    rows: tuple[dict, ...]              # one per round (schedule.run_round)
+    best: dict                          # the round and stage the result comes from
+    epochs: float                       # training epochs spent
+    latency_ratio: float | None
+    report: dict = field(repr=False)
+    model: onnx.ModelProto | None = field(default=None, repr=False)
+
+
+def gpp(model, output=None, config: PruneConfig | None = None,
+        options: GppOptions = GppOptions(), **fields) -> GppResult:
+    """Grow-Push-Prune's push/prune loop (schedule.py): rounds of push -> score -> prune
+    (with repair) -> fine-tune within ``options.budget_epochs``; the best held-out model
+    that meets the target is checked and written to `output` (with its JSON report).
+    `fields` are PruneConfig fields: ``gpp(m, "out.onnx", data=DataOptions("digits"),
+    target_macs=0.5)``."""
+    config = replace(config or PruneConfig(), **fields)
+    if config.data is None or config.data.labels is False:
+        raise InputError("gpp needs labelled data (push trains on the classes) - pass --data "
+                         "with labels (a folder, .npz, IDX file, fashion-mnist or digits); "
+                         "without labels, prune with --finetune-epochs distils instead")
+    config = replace(config, data=replace(config.data, labels=True)).checked()
+    src = None if isinstance(model, onnx.ModelProto) else Path(model)
+    dst = None if output is None else Path(output)
+    if options.work_dir is None and dst is not None:
+        options = replace(options, work_dir=dst.with_name(dst.name + ".gpp-work"))
+    _preflight(model, src, dst, config.data)
+    schedule.check_work(options)
+    if options.work_dir is not None:
+        preflight.check_writable(Path(options.work_dir) / "state.json")
+    t0 = time.perf_counter()
+    start = start_run(model if src is None else src, replace(config, latency=False))
+    schedule.check_data(start.data, config)
+    options = options.checked(config, len(start.data.train.y))
+    run = schedule.Run(config, options, start.data, start.before, start.accuracy,
+                       start.tolerance, {g.key: g.width for g in start.analysis.groups})
+    best, state = schedule.run_schedule(start.normalized, run,
+                                        schedule.fingerprint(start.normalized, config, options))
+    verify.check(best, "result")
+    verify.make_session(best, "result")
+    writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports
+    timing = (latency.measure(start.normalized, best,
+                              latency.timing_feeds(start.analysis.view, config.timing),
+                              options=config.timing) if config.latency and writer else None)
+    after = ModelStats(state.best["params"], state.best["macs"])
+    if dst is not None and writer:
+        model_io.save(best, dst)
+    if options.work_dir is not None and writer:  # a finished run leaves nothing to resume
+        shutil.rmtree(options.work_dir, ignore_errors=True)
+    data_report = report.gpp_report(src or "<in-memory model>", dst, config, options, state,
+                                    start.before, after, start.accuracy,
+                                    timing.ratio if timing else None, time.perf_counter() - t0)
+    report_path = None
+    if dst is not None and writer:
+        report_path = model_io.write_text(dst.with_suffix(".report.json"),
+                                          report.to_json(data_report))
+    return GppResult(dst, report_path, start.before, after, start.accuracy, state.rows,
+                     state.best, state.epochs, timing.ratio if timing else None, data_report,
+                     best)
+
+
 def evaluate(path, data: DataOptions) -> tuple[float, int]:
     """Top-1 accuracy of the model at `path` on all of `data` (onnxruntime)."""
     preflight.check_data(data.source)
     model = model_io.load(path)
     ds = dataset_for(GraphView(model), data.source, data.mean, data.std, data.resize,
-                     data.limit, workers=data.workers)
-    return accuracy(model, ds, data.batch_size), len(ds.y)
+                     data.limit, workers=data.workers, labels=True)
+    return accuracy(model, ds, data.batch_size), len(ds)
 
 
-def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, finetune: float = 2,
-         seed: int = 0) -> PruneResult:
-    """The README's main job on embedded data: train the digits CNN, prune it with the
-    GPP criterion, fine-tune, and report accuracy, params, MACs and latency."""
+def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, budget: float = 4,
+         seed: int = 0) -> GppResult:
+    """The README's main job on embedded data: train the digits CNN, then Grow-Push-Prune's
+    push/prune rounds (``gpp``) remove `ratio` of its channels within `budget` epochs, and
+    the summary shows accuracy, params, MACs, latency and every round."""
     from .samples import digits_cnn
 
     if distributed.is_writer():
@@ -321,12 +431,12 @@ def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, finetune: float =
     logger.info("training the sample digits CNN (%g epochs)", epochs)
     trained = train_model(model, splits.train, TrainOptions(epochs=epochs, lr=0.05), seed,
                           desc="training")
-    src = folder / "digits_cnn.onnx"
+    src, out = folder / "digits_cnn.onnx", folder / "digits_cnn.pruned.onnx"
     if distributed.is_writer():
         model_io.save(trained, src)
         logger.info("wrote the trained sample model to %s", src)
+        shutil.rmtree(out.with_name(out.name + ".gpp-work"), ignore_errors=True)  # killed
     distributed.barrier()  # the other processes read it once rank 0 has written it
-    config = PruneConfig(ratio=ratio, data=data, train=TrainOptions(epochs=finetune),
-                         seed=seed)
-    return prune(src, folder / "digits_cnn.pruned.onnx", config,
-                 plan_out=folder / "digits_cnn.plan.json")
+    # two rounds: the 1617 training digits give three rounds too few steps each
+    config = PruneConfig(ratio=ratio, data=data, rounds=2, seed=seed)
+    return gpp(src, out, config, GppOptions(budget_epochs=budget))

@@ -51,7 +51,7 @@ def push_model(model: onnx.ModelProto, train, val, feature: str, options: TrainO
     from .train import CrossEntropy, PushLoss, Trainer
 
     before = (accuracy(model, val), offdiag_share(model, val, feature))
-    steps = max(1, round(options.epochs * math.ceil(len(train.y) / options.batch_size)))
+    steps = max(1, round(options.epochs * math.ceil(len(train) / options.batch_size)))
     torch.manual_seed(seed + distributed.rank())  # dropout masks differ between ranks
     module = OnnxModule(model, device=resolve_device(options.device))
     push = PushLoss(feature, int(train.num_classes), weights.sep, weights.cov, weights.align)

@@ -66,6 +66,12 @@ def prune_summary(result) -> str:
     lines = [table(["", "before", "after", "after/before"], rows)]
     if len(rep["rounds"]) > 1 or b.get("accuracy") is not None:
         lines.append(rounds_table(rep["rounds"], b["macs"]))
+    if rep.get("labels") is False:
+        how = rep.get("distillation")
+        lines.append("no labels: " + (f"fine-tuned to the original's outputs ({how})" if how
+                                      else "the original's outputs are the reference"))
+    if rep.get("fidelity"):
+        lines.append(fidelity_table(rep["fidelity"]))
     if rep["config"]["mask_only"]:
         lines.append("mask-only: the written model keeps the original shapes with the removed "
                      "channels zeroed; 'after' counts the equivalent pruned model")
@@ -74,11 +80,17 @@ def prune_summary(result) -> str:
     tol = result.tolerance
     lines += [f"removed {removed} channels in {groups} groups; pruned == masked original "
               f"(relative error {result.equivalence_error:.1e} < tolerance {tol.value:.1e}; "
-              f"the model's own noise {tol.noise:.1e})",
+              f"the model's own noise {tol.noise:.1e})" + _float64_note(rep["rounds"]),
               f"wrote {result.output} (report: {result.report_path})" if result.output
               else "nothing written (result.model holds the pruned model)"]
     lines += [f"warning: {w}" for w in rep.get("warnings", ())]
     return "\n".join(lines)
+
+
+def _float64_note(rounds: list[dict]) -> str:
+    errs = [r["equivalence_relative_error_float64"] for r in rounds
+            if r.get("equivalence_relative_error_float64") is not None]
+    return f"; in float64 {max(errs):.1e}" if errs else ""
 
 
 def rounds_table(rounds: list[dict], macs_before: int) -> str:
@@ -88,6 +100,39 @@ def rounds_table(rounds: list[dict], macs_before: int) -> str:
              acc(r["accuracy_after_cut"]), acc(r["accuracy_after_finetune"])] for r in rounds]
     return table(["round", "channels cut", "MACs kept", "acc. after cut", "acc. after fine-tune"],
                  rows)
+
+
+FIDELITY_STAGES = {"before": "before", "after_cut": "after cut", "after_repair": "after repair",
+                   "after_finetune": "after fine-tune"}
+
+
+def fidelity_table(stages: dict, headers: dict | None = None,
+                   title: str = "fidelity to the original (held-out)") -> str:
+    """Per output and measure, one column per stage (``{stage: {output: row}}``; stages
+    that did not happen are None)."""
+    headers = headers or FIDELITY_STAGES
+    done = [k for k in headers if stages.get(k)]
+    outputs = list(stages[done[0]]) if done else []
+    rows = []
+    for out in outputs:
+        for measure, label in (("relative_error", "relative error"),
+                               ("top1_agreement", "top-1 agreement")):
+            if measure in stages[done[0]][out]:
+                rows.append([f"{out}: {label}"] + [f"{stages[k][out][measure]:.4f}"
+                                                   for k in done])
+    return table([title] + [headers[k] for k in done], rows)
+
+
+def fidelity_stages(rounds) -> dict | None:
+    """The last round's fidelity (every round measures against the original) with the
+    original itself as 'before'."""
+    from .teacher import identical_rows
+
+    fid = rounds[-1].fidelity
+    if not fid:
+        return None
+    return {"before": identical_rows(fid["cut"]), "after_cut": fid["cut"],
+            "after_repair": fid.get("repaired"), "after_finetune": fid.get("finetuned")}
 
 
 def profile_table(prof, top: int = 30) -> str:
@@ -110,7 +155,67 @@ def push_summary(result) -> str:
                       f"wrote {result.output}" if result.output else "nothing written"])
 
 
+def gpp_rounds_table(rows, before) -> str:
+    """Per round: accuracy after push / cut / fine-tune, cost kept, S_w's off-diagonal
+    energy after push, training epochs used so far."""
+    def f(v, fmt=".4f"):
+        return "" if v is None else format(v, fmt)
+    body = [[r["round"], f(r.get("accuracy_after_push")), f(r.get("accuracy_after_cut")),
+             f(r.get("accuracy_after_finetune")), f(r["params"] / max(before.params, 1), ".3f"),
+             f(r["macs"] / max(before.macs, 1), ".3f"), f(r.get("offdiag_after_push"), ".3f"),
+             f(r.get("epochs_used"), ".2f")] for r in rows]
+    return table(["round", "acc. push", "acc. cut", "acc. fine-tune", "params kept",
+                  "MACs kept", "S_w off-diag.", "epochs"], body)
+
+
+def gpp_summary(result) -> str:
+    b, a = result.before, result.after
+    acc = result.best["accuracy"]
+    rows = [["params", human(b.params), human(a.params), f"{a.params / max(b.params, 1):.3f}"],
+            ["MACs", human(b.macs), human(a.macs), f"{a.macs / max(b.macs, 1):.3f}"],
+            ["top-1 accuracy (held-out)", f"{result.accuracy_before:.4f}", f"{acc:.4f}",
+             f"{acc - result.accuracy_before:+.4f}"]]
+    if result.latency_ratio is not None:
+        rows.append(["latency (onnxruntime)", "", "", f"{result.latency_ratio:.3f}"])
+    lines = [table(["", "before", "after", "after/before"], rows),
+             gpp_rounds_table(result.rows, b),
+             f"result: round {result.best['round']} after {result.best['stage']}; "
+             f"{result.epochs:.2f} training epochs used"]
+    if result.report.get("stopped"):
+        lines.append(f"stopped early: {result.report['stopped']}")
+    lines.append(f"wrote {result.output} (report: {result.report_path})" if result.output
+                 else "nothing written (result.model holds the result)")
+    return "\n".join(lines)
+
+
+def gpp_report(src, dst, config, options, state, before, after, acc_before, latency,
+               seconds) -> dict:
+    return {
+        "input": str(src), "output": None if dst is None else str(dst),
+        "config": config.to_dict(), "seconds": round(seconds, 3),
+        "schedule": {"budget_epochs": options.budget_epochs, "push_share": options.push_share,
+                     "split": options.split,
+                     "acc_floor": options.acc_floor, "push_weights": vars(options.weights),
+                     "work_dir": None if options.work_dir is None else str(options.work_dir)},
+        "epochs_used": state.epochs, "stopped": state.stop, "best": state.best,
+        "before": {"params": before.params, "macs": before.macs, "accuracy": acc_before},
+        "after": {"params": after.params, "macs": after.macs, "accuracy": state.best["accuracy"]},
+        "ratios": {"params": after.params / max(before.params, 1),
+                   "macs": after.macs / max(before.macs, 1), "latency": latency},
+        "rounds": list(state.rows),
+    }
+
+
 def comparison_table(cmp, name_a: str, name_b: str) -> str:
+    body = _comparison_rows(cmp, name_a, name_b)
+    if getattr(cmp, "fidelity", None) is None:
+        return body
+    head = {"fidelity": f"{name_b} vs {name_a}"}
+    title = f"fidelity on {cmp.images} inputs of {cmp.source}"
+    return "\n".join([body, fidelity_table({"fidelity": cmp.fidelity}, head, title)])
+
+
+def _comparison_rows(cmp, name_a: str, name_b: str) -> str:
     rows = [["params", human(cmp.a.params), human(cmp.b.params),
              f"{cmp.b.params / max(cmp.a.params, 1):.3f}"],
             ["MACs", human(cmp.a.macs), human(cmp.b.macs), f"{cmp.b.macs / max(cmp.a.macs, 1):.3f}"],
@@ -136,14 +241,17 @@ def group_rows(analysis, plan, scores: dict) -> list[dict]:
 
 def json_report(src, dst, config, rounds, before, after, latency, acc_before, seconds,
                 loading: dict | None = None, tolerance=None, warnings=(),
-                sizes: tuple[int, int] = (0, 0)) -> dict:
+                sizes: tuple[int, int] = (0, 0), distillation: str | None = None) -> dict:
     """`loading`: what loading changed (opsets, sort); `tolerance`: a verify.Tolerance;
-    `warnings`: lines the summary shows (a slower model); `sizes`: bytes before/after."""
+    `warnings`: lines the summary shows (a slower model); `sizes`: bytes before/after;
+    `distillation`: the distillation loss per output, in words, where one was used."""
     last = rounds[-1]
     return {
         "input": str(src), "output": None if dst is None else str(dst),
         "config": config.to_dict(), "seconds": round(seconds, 3), "loading": loading,
         "warnings": list(warnings),
+        "labels": None if config.data is None else config.data.labels,
+        "distillation": distillation, "fidelity": fidelity_stages(rounds),
         "before": {"params": before.params, "macs": before.macs,
                    "file_bytes": sizes[0], "accuracy": acc_before},
         "after": {"params": after.params, "macs": after.macs,
@@ -156,13 +264,15 @@ def json_report(src, dst, config, rounds, before, after, latency, acc_before, se
         "equivalence_tolerance": None if tolerance is None else tolerance.value,
         "model_noise": None if tolerance is None else tolerance.noise,
         "model_noise_sources": None if tolerance is None else {
-            "optimizer": tolerance.optimizer_noise, "rounding": tolerance.rounding_noise},
+            "optimizer": tolerance.optimizer_noise, "rounding": tolerance.rounding_noise,
+            "float32_vs_float64": tolerance.float32_noise},
         "rounds": [{"round": r.number, "params": r.params, "macs": r.macs,
                     "removed_channels": r.plan.removed_channels,
                     "accuracy_after_cut": r.accuracy_cut,
-                    "accuracy_after_finetune": r.accuracy_tuned,
+                    "accuracy_after_finetune": r.accuracy_tuned, "fidelity": r.fidelity,
                     "equivalence_relative_error": r.error, "repair": r.repair,
                     "equivalence_relative_error_float32": r.error_float32,
+                    "equivalence_relative_error_float64": r.error_float64,
                     "criterion": r.plan.meta.get("criterion_report")} for r in rounds],
         "groups": rounds[0].groups,
         "plan": json.loads(last.plan.to_json()),

@@ -1,7 +1,10 @@
 """One round of the pipeline: score -> plan -> cut (with repair) -> verify -> fine-tune.
 
 ``one_round`` takes the analysis of the current model and returns a ``Round``: the plan,
-the pruned and masked models, the equivalence error and the accuracies. The facade
+the pruned and masked models, the equivalence error, the accuracies (with labels) and the
+fidelity to the original model on the held-out inputs (``teacher.fidelity``: after the
+bare cut, after the repair, after fine-tuning). Without labels, fine-tuning distils the
+original's outputs (``finetune.default_losses``). The facade
 (``pipeline.prune``) and the step-wise pruner (``stepwise.StepPruner``) run it once per
 round; nothing here reads or writes files except a ``--plan`` being replayed.
 """
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import distributed, latency, repair, report, surgery, verify
+from . import distributed, exact, latency, repair, report, surgery, verify
 from .allocate import plan_global
 from .analysis import Analysis
 from .analysis.features import final_hidden_layer
@@ -27,25 +30,29 @@ from .latency_model import plan_for_latency
 from .plan import (PrunePlan, check_plan, kept_elements, model_digest, plan_by_ratio,
                    plan_by_threshold, plan_for_target)
 from .stats import Estimator, ModelStats, param_sizes
+from .teacher import Teacher, describe, fidelity, output_kinds
 
 logger = logging.getLogger(__name__)
 
 
 def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Evidence,
-              round_no: int = 1, base: ModelStats | None = None
+              round_no: int = 1, base: ModelStats | None = None,
+              original_widths: dict[str, int] | None = None
               ) -> tuple[PrunePlan, dict[str, np.ndarray]]:
     """Score with the criterion and turn the scores into this round's plan.
 
-    Over K rounds: ratio r removes ``1 - (1-r)^(1/K)`` of the current widths per round;
+    Over K rounds: ratio r keeps ``(1-r)^(k/K)`` of each group's original width after round
+    k (`original_widths`, by group key; without them ``1 - (1-r)^(1/K)`` of the current
+    widths per round, which widths rounded up to a block can undo);
     eta grows linearly (``eta * k``); a target fraction f of the original cost is reached
     as ``f^(k/K)`` after round k (latency: ``f^(1/K)`` of the current model per round).
     Several processes: rank 0 scores and plans, every rank gets its plan and scores
     (``distributed.from_writer``; why a broadcast and not an average: see there)."""
     return distributed.from_writer(_make_plan, analysis, config, digest, evidence, round_no,
-                                   base)
+                                   base, original_widths)
 
 
-def _make_plan(analysis, config, digest, evidence, round_no, base):
+def _make_plan(analysis, config, digest, evidence, round_no, base, original_widths):
     criterion = get_criterion(config.criterion, config.seed)
     scores = criterion.score(analysis, evidence)
     meta = {"criterion": criterion.name, "seed": config.seed, "round": round_no}
@@ -60,6 +67,9 @@ def _make_plan(analysis, config, digest, evidence, round_no, base):
                  for name, r in config.group_ratios}
     if config.ratio is not None:
         ratio = 1 - (1 - config.ratio) ** (1 / rounds)
+        if original_widths and rounds > 1:
+            overrides = {**_cumulative(analysis, original_widths, config.ratio, k, rounds),
+                         **overrides}
         return plan_by_ratio(analysis, scores, ratio, digest, **common,
                              overrides=overrides), scores
     if config.target_latency is not None:
@@ -71,6 +81,18 @@ def _make_plan(analysis, config, digest, evidence, round_no, base):
         return replace(found.plan, meta=meta), scores
     return _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
                           overrides), scores
+
+
+def _cumulative(analysis: Analysis, widths: dict[str, int], ratio: float, k: int,
+                rounds: int) -> dict[str, float]:
+    """Per group, the ratio of its current width that leaves ``(1-r)^(k/K)`` of its
+    original width."""
+    out = {}
+    for g in analysis.prunable:
+        if g.key in widths:
+            keep = widths[g.key] * (1 - ratio) ** (k / rounds)
+            out[g.key] = min(max(1 - keep / g.width, 0.0), 1.0)
+    return out
 
 
 def _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
@@ -113,36 +135,51 @@ class Round:
     # `model` serialised (what the checker read), for the write; None when fine-tuning
     # changed the model after the check
     source: bytes | None = field(default=None, repr=False, compare=False)
+    fidelity: dict | None = None        # stage -> output -> relative error, top-1 agreement
+    error_float64: float | None = None  # pruned vs masked in float64 (exact.py), when run
+    tolerance: verify.Tolerance | None = None  # what the float32 error was held to
 
 
 @dataclass(frozen=True)
 class Splits:
     train: object
     val: object
+    teacher: Teacher | None = None      # the original model's outputs, per batch
 
 
-def load_data(view: GraphView, config: PruneConfig) -> Splits | None:
+def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = None
+              ) -> Splits | None:
+    """The data split into training and held-out parts; with `analysis` (of the original),
+    the original as teacher too."""
     if config.data is None:
         return None
     opts = config.data
     ds = dataset_for(view, opts.source, opts.mean, opts.std, opts.resize, opts.limit, config.seed,
-                     opts.workers)
+                     opts.workers, opts.labels)
     if opts.val_split > 0:
         train, val = split(ds, opts.val_split, config.seed)
     else:
         train = val = ds
-    logger.info("data: %d training and %d held-out images, %d classes from %s",
-                len(train.y), len(val.y), ds.num_classes, ds.source)
+    logger.info("data: %d training and %d held-out images, %s from %s", len(train), len(val),
+                f"{ds.num_classes} classes" if ds.labelled else "no labels", ds.source)
     distributed.check_same("data", data_digest(ds, train, val), "start every process with "
                            "the same --data, --limit, --val-split and --seed")
-    return Splits(train, val)
+    teacher = None
+    if analysis is not None:
+        teacher = Teacher(analysis.view.detached, output_kinds(analysis))
+        if not ds.labelled:
+            logger.info("no labels: the original model is the teacher - criterion %s, "
+                        "repair to its outputs, fine-tuning on %s", config.criterion,
+                        describe(teacher.kinds))
+    return Splits(train, val, teacher)
 
 
 def data_digest(ds, train, val) -> dict[str, object]:
     """What the processes of one run must agree on: source, images picked, labels."""
-    return {"source": ds.source, "classes": ds.classes, "size": (len(train.y), len(val.y)),
+    return {"source": ds.source, "classes": ds.classes, "size": (len(train), len(val)),
             "images": (train.x.index.tobytes(), val.x.index.tobytes()),
-            "labels": (train.y.tobytes(), val.y.tobytes()), "input": ds.x.spec}
+            "labels": tuple(None if s.y is None else s.y.tobytes() for s in (train, val)),
+            "input": ds.x.spec}
 
 
 def _evidence(analysis: Analysis, config: PruneConfig, data: Splits | None) -> Evidence:
@@ -156,8 +193,14 @@ def _evidence(analysis: Analysis, config: PruneConfig, data: Splits | None) -> E
     return Evidence(scoring, feature, config.train.device, config.data.batch_size, config.seed)
 
 
+UNLABELLED_CLASSES = 10  # without labels, scoring takes per_class x this many images
+
+
 def _per_class(ds, per_class: int, seed: int):
+    """`per_class` images of each class (without labels: per_class x 10 at random)."""
     rng = np.random.default_rng(seed)
+    if not ds.labelled:
+        return ds.subset(np.sort(rng.permutation(len(ds))[:per_class * UNLABELLED_CLASSES]))
     idx = np.concatenate([rng.permutation(np.flatnonzero(ds.y == c))[:per_class]
                           for c in np.unique(ds.y)])
     return ds.subset(np.sort(idx))
@@ -178,7 +221,7 @@ def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
     if config.repair != "lsq":
         return deltas, None
     rng = np.random.default_rng(config.seed)
-    pick = np.sort(rng.permutation(len(sample.y))[:REPAIR_IMAGES])
+    pick = np.sort(rng.permutation(len(sample))[:REPAIR_IMAGES])
     weights, deltas = repair.reconstruct(analysis, kept, deltas, sample.subset(pick).x,
                                          config.train.device, batch_size=config.data.batch_size,
                                          seed=config.seed)
@@ -186,7 +229,8 @@ def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
 
 
 def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: int,
-               plan_path, base: ModelStats, tolerance: verify.Tolerance) -> Round:
+               plan_path, base: ModelStats, tolerance: verify.Tolerance,
+               original_widths: dict[str, int] | None = None) -> Round:
     digest = model_digest(analysis.view.model)
     scores: dict[str, np.ndarray] = {}
     if plan_path is not None:
@@ -194,7 +238,7 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
         check_plan(plan, analysis, digest)
     else:
         evidence = _evidence(analysis, config, data)
-        plan, scores = make_plan(analysis, config, digest, evidence, k, base)
+        plan, scores = make_plan(analysis, config, digest, evidence, k, base, original_widths)
     kept = kept_elements(analysis, plan)
     deltas, weights = distributed.from_writer(_repair, analysis, kept, data, config)
     repaired = None if deltas is None else {
@@ -207,26 +251,53 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
     source = verify.serialized(pruned)
     verify.check(source)
     feeds = analysis.view.check_feeds(config.seed)
-    err = verify.check_equivalent(verify.run(pruned, feeds, "pruned model"),
-                                  verify.run(masked, feeds, "masked model"), tolerance=tolerance)
+    verdict = exact.check(pruned, masked, feeds, verify.run(pruned, feeds, "pruned model"),
+                          verify.run(masked, feeds, "masked model"), tolerance)
+    err = verdict.error
     logger.info("verified: pruned == masked original (relative error %.1e < %.1e)", err,
-                tolerance.value)
+                verdict.tolerance.value)
     wide = (verify.check_in_float32(pruned, masked, feeds)
             if verify.low_precision(pruned) is not None else None)
     stats = Estimator(analysis).estimate(kept)
-    acc_cut = acc_tuned = None
-    if data is not None:
-        acc_cut = accuracy(pruned, data.val)
-        logger.info("round %d: accuracy right after the cut %.4f", k, acc_cut)
-        if config.train.epochs > 0:
-            pruned, source = train_model(pruned, data.train, config.train, config.seed + k), None
-            acc_tuned = accuracy(pruned, data.val)
-            logger.info("round %d: accuracy after fine-tuning %.4f", k, acc_tuned)
-            if acc_tuned < acc_cut:
-                logger.warning("round %d: fine-tuning lowered the held-out accuracy (%.4f -> "
-                               "%.4f); the fine-tuned model is the one written - try a lower "
-                               "--lr or fewer --finetune-epochs", k, acc_cut, acc_tuned)
+    bare = None if deltas is None else surgery.cut(analysis, kept, None, None)
+    acc_cut, acc_tuned, pruned, tuned, fid = _measure(pruned, bare, data, config, k)
     params = sum(param_sizes(pruned).values())
     groups = report.group_rows(analysis, plan, scores)
     return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned,
-                 repaired, wide, source)
+                 repaired, wide, None if tuned else source, fid, verdict.error_float64,
+                 verdict.tolerance)
+
+
+def _measure(pruned, bare, data: Splits | None, config: PruneConfig, k: int):
+    """Accuracy (with labels) and fidelity after the cut, fine-tuning, and both again:
+    (acc_cut, acc_tuned, model, whether it was fine-tuned, fidelity)."""
+    if data is None:
+        return None, None, pruned, False, None
+    labelled, teacher = data.val.labelled, data.teacher
+    acc_cut = accuracy(pruned, data.val) if labelled else None
+    fid = None
+    if teacher is not None:
+        fid = {"cut": _fidelity(teacher, bare if bare is not None else pruned, data, config),
+               "repaired": _fidelity(teacher, pruned, data, config) if bare is not None
+               else None}
+    if labelled:
+        logger.info("round %d: accuracy right after the cut %.4f", k, acc_cut)
+    if config.train.epochs <= 0:
+        return acc_cut, None, pruned, False, fid
+    distil = teacher if not labelled or config.train.distill > 0 else None
+    pruned = train_model(pruned, data.train, config.train, config.seed + k, teacher=distil)
+    acc_tuned = accuracy(pruned, data.val) if labelled else None
+    if fid is not None:
+        fid["finetuned"] = _fidelity(teacher, pruned, data, config)
+    if labelled:
+        logger.info("round %d: accuracy after fine-tuning %.4f", k, acc_tuned)
+        if acc_tuned < acc_cut:
+            logger.warning("round %d: fine-tuning lowered the held-out accuracy (%.4f -> "
+                           "%.4f); the fine-tuned model is the one written - try a lower "
+                           "--lr or fewer --finetune-epochs", k, acc_cut, acc_tuned)
+    return acc_cut, acc_tuned, pruned, True, fid
+
+
+def _fidelity(teacher: Teacher, model, data: Splits, config: PruneConfig) -> dict:
+    batches = (x for x, _ in iter_batches(data.val, config.data.batch_size))
+    return fidelity(teacher, model, batches)

@@ -1,5 +1,7 @@
-"""Where labelled images come from: a source resolved to its labels and a pixel store that
-reads images on demand, so memory is bounded by a batch and not by the data set.
+"""Where images come from: a source resolved to its labels (None when it has none) and a
+pixel store that reads images on demand, so memory is bounded by a batch and not by the
+data set. Unlabelled sources: a folder of images without class sub-folders, an ``.npz``
+without ``y``, an IDX images file without its labels file beside it.
 
 * IDX (MNIST layout): an uncompressed file is memory-mapped; a ``.gz`` one is decompressed
   once to its raw pixels (uint8 for MNIST, 47 MB for Fashion-MNIST's 60k train images).
@@ -82,8 +84,9 @@ class FilePixels:
 
 @dataclass(frozen=True, eq=False)
 class Raw:
-    """A resolved source: labels, a pixel store, class names (None: 0..K-1)."""
-    y: np.ndarray
+    """A resolved source: labels (None: the source has none), a pixel store, class names
+    (None: 0..K-1)."""
+    y: np.ndarray | None
     pixels: ArrayPixels | FilePixels
     source: str
     classes: tuple[str, ...] | None = None
@@ -97,6 +100,29 @@ def check_source(source: str) -> None:
                         "`apt-get install dataset-fashion-mnist` or pass the IDX files' path")
     if path is not None and not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
         raise DataError(f"data source {path} is not readable; fix its permissions or copy it")
+
+
+def has_labels(source: str) -> bool:
+    """Whether ``source`` comes with labels; reads names and headers, no pixels (an IDX
+    directory resolves its pair)."""
+    kind, path, split_name = _locate(source)
+    if kind == "npz":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return "y.npy" in zf.namelist()
+        except (OSError, zipfile.BadZipFile) as err:
+            raise DataError(f"cannot read {path}: {err}; save it with "
+                            "numpy.savez(path, x=images, y=labels)") from None
+    if kind == "idx":
+        return bool(_labels_beside(path)[1])
+    if kind == "dir":
+        if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+            return True
+        return any(_IDX_IMAGES.search(p.name) for p in path.iterdir()) and \
+            _load_idx_dir(path, None).y is not None
+    if kind == "idx-split":
+        return _load_idx_dir(path, split_name).y is not None
+    return True
 
 
 def resolve(source: str) -> Raw:
@@ -214,12 +240,15 @@ def _read_image(path: Path) -> np.ndarray:
 def _load_image_folder(root: Path) -> Raw:
     class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                         key=lambda p: p.name)
-    if not class_dirs and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()):
-        raise DataError(f"{root}: images but no class sub-folders, so no labels; put each "
-                        "class's images in its own sub-folder")
+    loose = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+                   and p.is_file() and not p.name.startswith("."))
+    if not class_dirs and loose:
+        _pil()
+        log.info("%s: images without class sub-folders, so no labels", root)
+        return Raw(None, FilePixels(tuple(loose)), str(root))
     if not class_dirs:
-        raise DataError(f"{root}: the dataset is empty (no class folders, images or IDX files); "
-                        "give an ImageFolder directory with one sub-folder per class")
+        raise DataError(f"{root}: no readable images (no class folders, images or IDX files); "
+                        "give a folder of images or one sub-folder of images per class")
     per_class = [sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
                         and p.is_file()) for d in class_dirs]
     for folder, files in zip(class_dirs, per_class):
@@ -255,16 +284,27 @@ def _npz_member_map(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
 
 
 def _load_npz(path: Path) -> Raw:
+    x, y, names = read_npz(path)
+    x = x[:, None] if x.ndim == 3 else x
+    if x.ndim != 4 or (x.shape[1] not in (1, 3, 4) and x.shape[3] not in (1, 3, 4)):
+        raise DataError(f"{path}: cannot tell the channel axis of x {x.shape}; store x as N,H,W "
+                        "or N,H,W,C or N,C,H,W with 1, 3 or 4 channels")
+    x = x if x.shape[1] in (1, 3, 4) else x.transpose(0, 3, 1, 2)
+    classes = tuple(map(str, names)) if names is not None else None
+    labels = None if y is None else as_labels(y, str(path))
+    return Raw(labels, ArrayPixels(x, unit_scale(x, str(path)), str(path)), str(path), classes)
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(x as stored, memory-mapped where it can be; y or None; class names or None)."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             found = ", ".join(sorted(archive.files)) or "none"
             if "x" not in archive.files:
                 raise DataError(f"{path}: no array 'x' (found: {found}); save images as x, "
                                 "labels as y")
-            if "y" not in archive.files:
-                raise DataError(f"{path}: no labels: array 'y' missing (found: {found}); save "
-                                "them as y")
-            y, names = archive["y"], archive["classes"] if "classes" in archive.files else None
+            y = archive["y"] if "y" in archive.files else None
+            names = archive["classes"] if "classes" in archive.files else None
             with zipfile.ZipFile(path) as zf:
                 names_in_zip = set(zf.namelist())
                 x = _npz_member_map(path, zf.getinfo("x.npy")) if "x.npy" in names_in_zip \
@@ -276,14 +316,7 @@ def _load_npz(path: Path) -> Raw:
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
         raise DataError(f"cannot read {path}: {err}; save it with "
                         "numpy.savez(path, x=images, y=labels)") from None
-    x = x[:, None] if x.ndim == 3 else x
-    if x.ndim != 4 or (x.shape[1] not in (1, 3, 4) and x.shape[3] not in (1, 3, 4)):
-        raise DataError(f"{path}: cannot tell the channel axis of x {x.shape}; store x as N,H,W "
-                        "or N,H,W,C or N,C,H,W with 1, 3 or 4 channels")
-    x = x if x.shape[1] in (1, 3, 4) else x.transpose(0, 3, 1, 2)
-    classes = tuple(map(str, names)) if names is not None else None
-    return Raw(as_labels(y, str(path)), ArrayPixels(x, unit_scale(x, str(path)), str(path)),
-               str(path), classes)
+    return x, y, names
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -313,16 +346,22 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.memmap(path, dtype, "r", offset, dims)
 
 
-def _load_idx(path: Path) -> Raw:
+def _labels_beside(path: Path) -> tuple[str, list[Path]]:
+    """The labels file's name for an IDX images file, and the copies of it found beside."""
     base = re.sub(r"images([-._])idx\d(.*?)(\.gz)?$", r"labels\1idx1\2", path.name, flags=re.I)
-    found = [p for p in (path.parent / base, path.parent / (base + ".gz")) if p.is_file()]
-    if not found:
-        raise DataError(f"{path}: no labels file {base}[.gz] beside it; put it in {path.parent}")
-    images, labels = _read_idx(path), _read_idx(found[0])
+    return base, [p for p in (path.parent / base, path.parent / (base + ".gz")) if p.is_file()]
+
+
+def _load_idx(path: Path) -> Raw:
+    base, found = _labels_beside(path)
+    images = _read_idx(path)
     if images.ndim != 3:
         raise DataError(f"{path}: IDX images must be N,H,W, got {images.shape}; give MNIST layout")
+    if not found:
+        log.info("%s: no labels file %s[.gz] beside it, so no labels", path, base)
+    labels = as_labels(_read_idx(found[0]), str(path)) if found else None
     pixels = ArrayPixels(images[:, None], unit_scale(images, str(path)), str(path))
-    return Raw(as_labels(labels, str(path)), pixels, str(path))
+    return Raw(labels, pixels, str(path))
 
 
 def _load_idx_dir(folder: Path, split_name: str | None) -> Raw | None:

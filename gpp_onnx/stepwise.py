@@ -25,7 +25,7 @@ from . import verify
 from .analysis import analyze_model
 from .config import PruneConfig
 from .errors import InputError
-from .pipeline import start_run
+from .pipeline import start_run, with_label_mode
 from .rounds import Round, one_round
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 class StepPruner:
     def __init__(self, model, steps: int = 3, config: PruneConfig | None = None, **options):
         base = replace(config or PruneConfig(), **options)
-        self.config = replace(base, rounds=steps, latency=False, mask_only=False,
-                              train=replace(base.train, epochs=0.0)).checked()
+        self.config = with_label_mode(replace(base, rounds=steps, latency=False,
+                                              mask_only=False,
+                                              train=replace(base.train, epochs=0.0))).checked()
         self.start = start_run(model, self.config)
         self.model: onnx.ModelProto = self.start.normalized
         self.rounds: list[Round] = []

@@ -136,7 +136,7 @@ def test_image_folder_errors(tmp_path):
         load_dataset(spec(tmp_path / "empty"))
     write_png(tmp_path / "loose" / "a.png", np.zeros((4, 4), np.uint8))
     with raises("no labels"):
-        load_dataset(spec(tmp_path / "loose"))
+        load_dataset(spec(tmp_path / "loose", labels=True))
     make_folder(tmp_path / "one", classes=("only",))
     with raises("only one class"):
         load_dataset(spec(tmp_path / "one"))
@@ -204,7 +204,7 @@ def test_npz_errors(tmp_path):
         path = tmp_path / f"{name}.npz"
         np.savez(path, **arrays)
         with raises(message):
-            load_dataset(spec(path, 1, 5, 5))
+            load_dataset(spec(path, 1, 5, 5, labels=True))
     (tmp_path / "junk.npz").write_bytes(b"garbage")
     with raises("cannot read"):
         load_dataset(spec(tmp_path / "junk.npz", 1, 5, 5))
@@ -234,8 +234,8 @@ def test_idx_directory_with_train_and_test(tmp_path):
 def test_idx_errors(tmp_path):
     images = make_idx_pair(tmp_path / "a")
     (tmp_path / "a" / "train-labels-idx1-ubyte").unlink()
-    with raises("no labels file"):
-        load_dataset(spec(images, 1, 6, 7))
+    with raises("no labels"):
+        load_dataset(spec(images, 1, 6, 7, labels=True))
     images = make_idx_pair(tmp_path / "b")
     images.write_bytes(b"\x01\x02\x03\x04rest")
     with raises("bad magic"):

@@ -44,7 +44,7 @@ def _prune(tmp_path, capsys, model, data, extra=()):
 
 
 @pytest.mark.parametrize("kind,message", [
-    ("no_labels", "label"),
+    ("no_labels", "needs labels"),
     ("one_class", "class"),
     ("labels_too_big", "label"),
     ("wrong_channels", "channel"),
@@ -62,7 +62,8 @@ def test_bad_data(kind, message, tmp_path, capsys):
         _npz(data, channels=3)
     else:
         _npz(data, nan=True)
-    code, err = _prune(tmp_path, capsys, _cnn(), data)
+    extra = ["--criterion", "gpp"] if kind == "no_labels" else []  # a criterion with labels
+    code, err = _prune(tmp_path, capsys, _cnn(), data, extra)
     assert code == 2 and err.startswith("gpp-onnx: error:") and message.lower() in err.lower()
 
 

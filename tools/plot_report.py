@@ -3,6 +3,7 @@
     python tools/plot_report.py widths MODEL.report.json -o widths.png
     python tools/plot_report.py sweep SWEEP.json [SWEEP2.json ...] -o acc_vs_macs.png
     python tools/plot_report.py latency PROFILE.json -o cost_vs_width.png [--top 8]
+    python tools/plot_report.py rounds MODEL.report.json -o rounds.png
 
 ``widths``: from the JSON report ``gpp_onnx.prune`` writes beside a pruned model
 (``<name>.report.json``), one pair of bars per channel group: width before and kept width
@@ -11,6 +12,10 @@ after (groups that cannot be pruned are hatched).
 ``latency``: from the JSON of ``gpp-onnx profile MODEL --json FILE``, the estimated
 onnxruntime latency of the model against the kept width of each of the `--top` groups
 whose width controls the most latency (the others at full width).
+
+``rounds``: from the JSON report of ``gpp-onnx gpp``, per round: held-out accuracy after
+push, after the cut and after fine-tuning (left axis), MACs and params kept and S_w's
+off-diagonal energy after push (right axis).
 
 ``sweep``: from the JSON of ``tools/fmnist_bench.py sweep``, test accuracy against the
 fraction of MACs actually removed, one colour per criterion; solid lines right after the
@@ -138,6 +143,45 @@ def plot_sweeps(paths: list[Path], out: Path, titles: list[str] | None = None) -
     return out
 
 
+def plot_rounds(report_path: Path, out: Path) -> Path:
+    plt = _plt()
+    rep = json.loads(Path(report_path).read_text())
+    rows = rep["rounds"]
+    x = [r["round"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
+    for key, label, style in (("accuracy_after_push", "after push", "o-"),
+                              ("accuracy_after_cut", "after cut", "s--"),
+                              ("accuracy_after_finetune", "after fine-tune", "^-")):
+        pts = [(r["round"], 100 * r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    ax.axhline(100 * rep["before"]["accuracy"], color="black", lw=0.8, ls=":",
+               label="start")
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_xticks(x)
+    right = ax.twinx()
+    for key, label, colour in (("macs", "MACs kept", "tab:gray"),
+                               ("params", "params kept", "tab:brown")):
+        right.plot(x, [r[key] / max(rep["before"][key], 1) for r in rows], ":", marker="x",
+                   color=colour, label=label)
+    off = [(r["round"], r["offdiag_after_push"]) for r in rows
+           if r.get("offdiag_after_push") is not None]
+    if off:
+        right.plot(*zip(*off), "d:", color="tab:purple", label="S_w off-diagonal")
+    right.set_ylabel("fraction")
+    right.set_ylim(0, 1.05)
+    lines = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower left")
+    ax.set_title(f"gpp: {rep['epochs_used']:.2f} epochs, result from round "
+                 f"{rep['best']['round']} ({rep['best']['stage']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -154,8 +198,13 @@ def main(argv=None) -> None:
     lat.add_argument("profile")
     lat.add_argument("-o", "--out", required=True)
     lat.add_argument("--top", type=int, default=8)
+    r = sub.add_parser("rounds", help="accuracy, cost and S_w per round, from a gpp report")
+    r.add_argument("report")
+    r.add_argument("-o", "--out", required=True)
     args = p.parse_args(argv)
-    if args.cmd == "latency":
+    if args.cmd == "rounds":
+        out = plot_rounds(Path(args.report), Path(args.out))
+    elif args.cmd == "latency":
         out = plot_latency(Path(args.profile), Path(args.out), args.top)
     elif args.cmd == "widths":
         out = plot_widths(Path(args.report), Path(args.out), not args.prunable_only)

@@ -21,7 +21,7 @@ from .random import RandomCriterion
 
 @dataclass(frozen=True, eq=False)
 class Evidence:
-    data: object | None = None        # gpp_onnx.data.Dataset: labelled images to score with
+    data: object | None = None        # gpp_onnx.data.Dataset: images (labels or not) to score
     feature: str | None = None        # value name of the final hidden layer
     device: str = "auto"
     batch_size: int = 64
@@ -46,6 +46,11 @@ def _taylor(seed: int):
     return TaylorCriterion()
 
 
+def _fisher(seed: int):
+    from .taylor import TaylorCriterion
+    return TaylorCriterion(objective="fisher")
+
+
 def _bn_scale(seed: int):
     from .bn_scale import BnScaleCriterion
     return BnScaleCriterion()
@@ -57,7 +62,7 @@ _CRITERIA = {"l1": lambda seed: Magnitude(1), "l2": lambda seed: Magnitude(2),
                                   objective="lda-nll", aggregate="image"),
              "gpp-guided": _discriminant("gpp-guided", rule="guided", contribution=True),
              "gpp-deconv": _discriminant("gpp-deconv", rule="deconv"),
-             "taylor": _taylor, "bn": _bn_scale}
+             "taylor": _taylor, "fisher": _fisher, "bn": _bn_scale}
 
 
 def criterion_names() -> list[str]:

@@ -26,6 +26,18 @@ model's first output, or the input of a final Softmax / LogSoftmax.
 
 ``roles=("in",)`` gives the consumer-side variant: the gate derivative of scaling the
 weights that read channel c (exactly what ``--mask-only`` zeroes).
+
+``fisher`` (``objective="fisher"``) needs no labels: the loss is the negative
+log-likelihood of targets *sampled from the model's own outputs* (every output of the
+model): a label ``y ~ softmax(logits)`` per image for a class output, ``t = f + sigma e``
+(e standard normal, sigma^2 the batch's mean square of f) for any other output f. Its
+expected squared gate derivative is the diagonal of the Fisher information in the gate,
+the second-order estimate of the KL divergence between the original's outputs and the
+outputs without channel c: ``E KL ~ 1/2 F_cc`` (the first-order term vanishes at the
+original, so plain Taylor on a distillation loss would score every channel 0). With the
+squared batch sum above, the per-image cross terms have mean zero, so ``I(c)`` estimates
+``sum_i F_cc(x_i)``; a regression output adds ``||J_c||^2 / sigma^2``, the output's squared
+first-order change, relative to its scale.
 """
 from __future__ import annotations
 
@@ -46,15 +58,20 @@ logger = logging.getLogger(__name__)
 class TaylorCriterion:
     name = "taylor"
 
-    def __init__(self, roles: tuple[str, ...] = (ROLE_OUT, ROLE_CHAN)):
-        self.roles = tuple(roles)
+    def __init__(self, roles: tuple[str, ...] = (ROLE_OUT, ROLE_CHAN), objective: str = "ce"):
+        self.roles, self.objective = tuple(roles), objective
+        self.name = "fisher" if objective == "fisher" else "taylor"
 
     def score(self, analysis, evidence=None) -> dict[str, np.ndarray]:
         if evidence is None or evidence.data is None:
-            raise InputError("the taylor criterion needs labelled data - pass --data")
+            what = "data" if self.objective == "fisher" else "labelled data"
+            raise InputError(f"the {self.name} criterion needs {what} - pass --data")
         data = evidence.data
-        if len(data.y) == 0:
-            raise DataError("the taylor criterion got no labelled images to score with")
+        if len(data) == 0:
+            raise DataError(f"the {self.name} criterion got no images to score with")
+        if self.objective != "fisher" and not data.labelled:
+            raise InputError("the taylor criterion needs labels and the data has none - use "
+                             "--criterion fisher")
         from ..torch_backend import OnnxModule, resolve_device
 
         device = resolve_device(evidence.device)
@@ -64,17 +81,15 @@ class TaylorCriterion:
         names = sorted({name for slices in plan.values() for name, _, _ in slices})
         wanted = [params[n] for n in names]
         input_name = analysis.view.input_names[0]
-        logits_name = _logits_name(analysis)
+        loss_of = (_FisherLoss(analysis, evidence.seed, device) if self.objective == "fisher"
+                   else _CrossEntropyLoss(analysis))
         sums = {g.key: torch.zeros(g.width, dtype=torch.float64, device=device)
                 for g in analysis.prunable}
-        n_batches = -(-len(data.y) // evidence.batch_size)
+        n_batches = -(-len(data) // evidence.batch_size)
         batches = iter_batches(data, evidence.batch_size, shuffle=True, seed=evidence.seed)
-        for x, y in track(batches, "taylor", n_batches, logger):
-            logits = module.run({input_name: torch.from_numpy(x).to(device)},
-                                [logits_name])[logits_name]
-            target = torch.from_numpy(y).to(device)
-            _check_logits(logits, target, logits_name)
-            loss = F.cross_entropy(logits.flatten(1) if logits.dim() > 2 else logits, target)
+        for x, y in track(batches, self.name, n_batches, logger):
+            outs = module.run({input_name: torch.from_numpy(x).to(device)}, loss_of.names)
+            loss = loss_of(outs, y)
             grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
             wg = {}
             for name, p, g in zip(names, wanted, grads):
@@ -111,6 +126,49 @@ def _plan(analysis, params: dict, roles, device) -> dict[str, list]:
             logger.debug("taylor: group %s has no trainable %s weights; it scores 0",
                          group.key, "/".join(roles))
     return plan
+
+
+class _CrossEntropyLoss:
+    """Mean cross-entropy of the logits against the labels."""
+
+    def __init__(self, analysis):
+        self.logits = _logits_name(analysis)
+        self.names = [self.logits]
+
+    def __call__(self, outs: dict, y: np.ndarray) -> torch.Tensor:
+        logits = outs[self.logits]
+        target = torch.from_numpy(y).to(logits.device)
+        _check_logits(logits, target, self.logits)
+        return F.cross_entropy(logits.flatten(1) if logits.dim() > 2 else logits, target)
+
+
+class _FisherLoss:
+    """Negative log-likelihood of targets sampled from the model's own outputs, summed over
+    its outputs (module docstring)."""
+
+    def __init__(self, analysis, seed: int, device):
+        from ..teacher import output_kinds
+
+        self.kinds = output_kinds(analysis)
+        self.names = list(dict.fromkeys(k.logits for k in self.kinds))
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, outs: dict, y) -> torch.Tensor:
+        total = 0.0
+        for k in self.kinds:
+            f = outs[k.logits]
+            if not torch.isfinite(f).all():
+                raise DataError(f"the model produced NaN/inf values in '{k.logits}' on the "
+                                "data - check the input scaling (--mean/--std)")
+            if k.kind == "class":
+                probs = F.softmax(f.detach().double(), 1)
+                target = torch.multinomial(probs, 1, generator=self.gen)[:, 0]
+                total = total + F.cross_entropy(f, target)
+            else:
+                sigma = f.detach().pow(2).mean().clamp(min=1e-12).sqrt()
+                e = torch.randn(f.shape, generator=self.gen, device=f.device, dtype=f.dtype)
+                total = total - (e * f).sum() / (sigma * len(f))
+        return total
 
 
 def _logits_name(analysis) -> str:

@@ -19,6 +19,8 @@ Two more Reshape forms keep the channels apart:
 Surgery writes the new width into the Reshape's shape constant (``-1`` entries stay). A
 computed shape is followed when it is a Concat of one-entry pieces whose channel entry
 is a constant, -1 or the width (PyTorch's ``view(T * b, h)``); surgery rewrites that piece.
+A piece that re-reads the width from the reshaped tensor itself (Shape -> Gather(a) ->
+Unsqueeze, ``view(T * b, y.size(2))``) needs no rewrite: it reads the new width at run time.
 """
 from __future__ import annotations
 
@@ -89,7 +91,7 @@ class ReshapeRule(OpRule):
                 edit.set_input_const(node, 1, new)
             return
         concat, piece = _shape_piece(edit.view, node, a, edit.view.shape(y))
-        if piece.ravel()[0] > 0:  # the channel count itself, e.g. view(T * b, h)
+        if piece is not None and piece.ravel()[0] > 0:  # the width itself: view(T * b, h)
             target = next(n for n in edit.model.graph.node if n.name == concat.name)
             edit.set_input_const(target, a, np.full_like(piece, len(kept)))
 
@@ -119,7 +121,11 @@ def _shape_piece(view, node, axis: int, s_out):
     if prod is None or prod.op_type != "Concat" or len(prod.input) != len(s_out):
         return None
     piece = view.const(prod.input[axis])
-    if piece is None or piece.size != 1:
+    if piece is None:
+        own = _own_width_dim(view, prod.input[axis], node.input[0])
+        keeps = None if own is None else _reshape_axes(view.shape(node.input[0]), s_out, own)[1]
+        return (prod, None) if keeps == axis else None  # the width re-read at run time
+    if piece.size != 1:
         return None
     value = int(piece.ravel()[0])
     if value == -1 or (value == s_out[axis] and len(view.consumers.get(node.input[1], [])) == 1):
@@ -215,7 +221,7 @@ class ShapeRule(OpRule):
         res = NodeChannels(out_axes={y: None})
         if a is not None:
             read = shape_dims_read(ctx.view, node)
-            if read is None or a in read:
+            if read is None or (a in read and not _reads_only_own_width(ctx.view, node, a)):
                 res.blocked.append((x, "the channel count is read by Shape and used "
                                        "in computation"))
         return res
@@ -232,20 +238,112 @@ class ConstantOfShapeRule(OpRule):
 def shape_dims_read(view, node) -> set[int] | None:
     """Dims of Shape(x) that its consumers read (Gather or Slice with constant indices);
     None when some consumer may read any of them."""
+    read: set[int] = set()
+    for user in view.consumers.get(node.output[0], []):
+        picked = _dims_read_by(view, node, user)
+        if picked is None:
+            return None
+        read |= picked
+    return read
+
+
+def _dims_read_by(view, node, user) -> set[int] | None:
+    """Dims of x that `user` reads from Shape(x) (`node`); None: any of them."""
     rank = len(view.shape(node.input[0]))
     start = norm_axis(attr(node, "start", 0), rank)
     end = norm_axis(attr(node, "end", rank), rank) if attr(node, "end") is not None else rank
-    n_out = max(min(end, rank) - start, 0)
+    picked = _user_reads(view, node.output[0], user, max(min(end, rank) - start, 0))
+    return None if picked is None else {start + i for i in picked}
+
+
+def _positions_read(view, value: str, n: int) -> set[int] | None:
+    """Positions of the shape vector `value` (length n) its consumers read; None: any."""
     read: set[int] = set()
-    for user in view.consumers.get(node.output[0], []):
-        if user.op_type == "Gather" and view.const(user.input[1]) is not None:
-            picked = {norm_axis(int(i), n_out) for i in np.ravel(view.const(user.input[1]))}
-        elif user.op_type == "Slice" and _const_slice(view, user) is not None:
-            picked = set(range(n_out)[_const_slice(view, user)])
-        else:
+    for user in view.consumers.get(value, []):
+        sub = _user_reads(view, value, user, n)
+        if sub is None:
             return None
-        read |= {start + i for i in picked}
+        read |= sub
     return read
+
+
+def _user_reads(view, value: str, user, n: int) -> set[int] | None:
+    """Positions of the shape vector `value` (length n) that `user` reads: Gather and
+    Slice with constant indices pick some (and when they pick a vector, only the positions
+    their own consumers read count: tf2onnx permutes a shape, then slices the batch out
+    of it), Cast and Identity pass them on; None when `user` may read any."""
+    if user.op_type in ("Cast", "Identity"):
+        return _positions_read(view, user.output[0], n)
+    if user.op_type == "Gather" and user.input[0] == value and view.const(user.input[1]) is not None:
+        index = view.const(user.input[1])
+        picked = [norm_axis(int(i), n) for i in np.ravel(index)]
+    elif user.op_type == "Slice" and user.input[0] == value and _const_slice(view, user) is not None:
+        picked = list(range(n)[_const_slice(view, user)])
+        index = picked
+    else:
+        return None
+    if np.ndim(index) == 0:
+        return set(picked)
+    inner = _positions_read(view, user.output[0], len(picked))
+    return set(picked) if inner is None else {picked[p] for p in inner}
+
+
+def _reads_only_own_width(view, node, a: int) -> bool:
+    """Every read of x's channel count `a` from Shape(x) (`node`) is the channel entry of
+    a computed target shape of a Reshape of x itself (PyTorch's
+    ``x.view(T * b, x.size(2))``): after a cut the runtime reads the new width there, so
+    that shape follows the cut without being rewritten."""
+    for user in view.consumers.get(node.output[0], []):
+        if a not in (_dims_read_by(view, node, user) or set()):
+            continue
+        if _own_width_dim(view, user.output[0], node.input[0]) != a or not all(
+                _own_width_piece(view, r, a) for r in _reshapes_fed(view, user.output[0])):
+            return False
+    return True
+
+
+def _own_width_dim(view, value: str, x: str) -> int | None:
+    """d when `value` is ``[x.shape[d]]`` read by Shape -> Gather (-> Unsqueeze) and used
+    only on that path, else None."""
+    prod = view.producer.get(value)
+    if prod is not None and prod.op_type == "Unsqueeze":
+        if len(view.consumers.get(prod.input[0], [])) != 1:
+            return None
+        prod = view.producer.get(prod.input[0])
+    if prod is None or prod.op_type != "Gather":
+        return None
+    shape = view.producer.get(prod.input[0])
+    index = view.const(prod.input[1])
+    if shape is None or shape.op_type != "Shape" or shape.input[0] != x or index is None \
+            or index.size != 1:
+        return None
+    picked = _dims_read_by(view, shape, prod)
+    return None if picked is None or len(picked) != 1 else next(iter(picked))
+
+
+def _reshapes_fed(view, value: str) -> list:
+    """The Reshapes whose target Concat takes `value` (through one Unsqueeze) as one
+    entry; [None] when `value` goes anywhere else."""
+    users = view.consumers.get(value, [])
+    if len(users) == 1 and users[0].op_type == "Unsqueeze":
+        value, users = users[0].output[0], view.consumers.get(users[0].output[0], [])
+    if len(users) != 1 or users[0].op_type != "Concat" or list(users[0].input).count(value) != 1:
+        return [None]
+    reshapes = view.consumers.get(users[0].output[0], [])
+    return [r if r.op_type == "Reshape" and r.input[1] == users[0].output[0] else None
+            for r in reshapes] or [None]
+
+
+def _own_width_piece(view, reshape, a: int) -> bool:
+    """`reshape` keeps x's channel axis `a` on the output axis where its computed target
+    shape holds ``x.shape[a]``."""
+    if reshape is None:
+        return False
+    x, y = reshape.input[0], reshape.output[0]
+    prod = view.producer.get(reshape.input[1])
+    _, out_axis = _reshape_axes(view.shape(x), view.shape(y), a)
+    return (out_axis is not None and len(prod.input) == len(view.shape(y))
+            and _own_width_dim(view, prod.input[out_axis], x) == a)
 
 
 def _const_slice(view, node) -> slice | None:

@@ -56,13 +56,17 @@ _MOVERS = ("Slice", "Split", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Exp
 
 def zero_state(view, name: str) -> bool:
     """True when `name` is all zeros: a zero constant or ConstantOfShape of value 0, maybe
-    reshaped or sliced (the PyTorch exporter slices one zero tensor per layer)."""
+    reshaped, sliced or expanded (the PyTorch exporter slices one zero tensor per layer,
+    tf2onnx expands a zero to a computed (batch, H) shape), or a Concat of zero tensors
+    (tf2onnx stacks one per direction)."""
     prod = view.producer.get(name)
     while prod is not None and prod.op_type in _MOVERS:
         name, prod = prod.input[0], view.producer.get(prod.input[0])
     const = view.const(name)
     if const is not None:
         return not np.any(const)
+    if prod is not None and prod.op_type == "Concat":
+        return all(zero_state(view, v) for v in prod.input)
     if prod is None or prod.op_type != "ConstantOfShape":
         return False
     value = attr(prod, "value")

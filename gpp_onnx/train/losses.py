@@ -1,7 +1,16 @@
-"""Loss objects for the one trainer: each sees the logits, the labels and any named
-intermediate value of the torch backend (``needs``), and returns a scalar and its logs.
+"""Loss objects for the one trainer: each sees the logits, the batch's targets (a dict:
+``"y"`` the labels where the data has them, and the teacher's outputs by output name when
+distilling) and any named intermediate value of the torch backend (``needs``), and
+returns a scalar and its logs.
 
 ``CrossEntropy``: the classification loss.
+
+``Distill``: match the original model's outputs (knowledge distillation, Hinton et al.
+2015), summed over every output of the model. A class output (``teacher.OutputKind``) is
+matched by ``T^2 KL(softmax(t / T) || softmax(s / T))`` on the logits s (the teacher's
+logits t are recovered as log-probabilities where its output is a Softmax / LogSoftmax,
+which softmax maps to the same distribution); any other output by the relative squared
+error ``||s - t||^2 / ||t||^2`` over the batch, so outputs of any scale weigh alike.
 
 ``PushLoss`` (METHOD section 4, the *push* of Grow-Push-Prune) on the final hidden layer
 ``h`` (B x M; spatial maps are averaged to one value per channel), with running (EMA)
@@ -44,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
+from ..errors import DataError
 
 
 class CrossEntropy:
@@ -53,7 +63,8 @@ class CrossEntropy:
     def __init__(self, weight: float = 1.0):
         self.weight = weight
 
-    def __call__(self, logits, y, values) -> tuple[torch.Tensor, dict]:
+    def __call__(self, logits, targets, values) -> tuple[torch.Tensor, dict]:
+        y = labels(targets, self.name)
         world = distributed.world_size()
         if world == 1:
             loss = F.cross_entropy(logits, y)
@@ -61,9 +72,43 @@ class CrossEntropy:
         # a rank's share of the global batch: sum / global size * world, so that DDP's
         # average of the ranks' gradients is the gradient of the global batch's mean
         total = F.cross_entropy(logits, y, reduction="sum")
-        n = distributed.all_sum(len(y))
-        loss = total * (world / n)
+        loss = total * (world / distributed.all_sum(len(y)))
         return self.weight * loss, {"ce": float(total.detach()) / len(y)}
+
+
+class Distill:
+    """The original model's outputs as targets (module docstring); ``kinds``: the
+    ``teacher.OutputKind`` of every output."""
+    name = "distill"
+
+    def __init__(self, kinds, weight: float = 1.0, temperature: float = 1.0):
+        self.kinds, self.weight, self.temperature = tuple(kinds), weight, temperature
+        self.needs = tuple(k.logits for k in self.kinds)
+
+    def __call__(self, logits, targets, values) -> tuple[torch.Tensor, dict]:
+        total, logs = 0.0, {}
+        for k in self.kinds:
+            s, t = values[k.logits], targets[k.name].to(values[k.logits].dtype)
+            part = self._kl(s, t, k.form) if k.kind == "class" else (
+                ((s - t) ** 2).sum() / (t ** 2).sum().clamp(min=1e-12))
+            total = total + part
+            logs[f"distill:{k.name}"] = float(part.detach())
+        return self.weight * total, logs
+
+    def _kl(self, s: torch.Tensor, t: torch.Tensor, form: str) -> torch.Tensor:
+        temp = self.temperature
+        t_logp = (F.log_softmax(t, 1) if form == "logits" else
+                  torch.log(t.clamp(min=1e-12)) if form == "probs" else t)
+        t_logp = F.log_softmax(t_logp / temp, 1)
+        s_logp = F.log_softmax(s / temp, 1)
+        return (t_logp.exp() * (t_logp - s_logp)).sum(1).mean() * temp * temp
+
+
+def labels(targets: dict, who: str) -> torch.Tensor:
+    if "y" not in targets:
+        raise DataError(f"the {who} loss needs labels and the data has none - give labelled "
+                        "data, or train without labels (distillation)")
+    return targets["y"]
 
 
 class PushLoss:
@@ -79,8 +124,8 @@ class PushLoss:
         self.counts: torch.Tensor | None = None     # (C,) running class counts
         self.scatter: torch.Tensor | None = None    # (M, M) running within-class covariance
 
-    def __call__(self, logits, y, values) -> tuple[torch.Tensor, dict]:
-        h = pooled(values[self.feature])
+    def __call__(self, logits, targets, values) -> tuple[torch.Tensor, dict]:
+        h, y = pooled(values[self.feature]), labels(targets, self.name)
         mu_c, prior = self._class_means(h, y)
         v, centred = fisher_ratios(h, y, mu_c, prior, self.eps)
         l_sep = -(v / (1 + v)).mean()

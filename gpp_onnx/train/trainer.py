@@ -5,12 +5,14 @@ learning-rate schedule over ``steps``, the gradient's global norm clipped to
 ``options.clip_grad``, optional mixed precision on CUDA (``amp``), BatchNorm in training
 mode. A step runs the torch backend through ``forward`` of :class:`Tapped`, which
 returns the logits and every value a loss ``needs`` (e.g. the final hidden layer for the
-push loss); the step's loss is the sum of the loss objects'. When a process group is up
-(``gpp_onnx.distributed``, started by torchrun) the net runs in DistributedDataParallel:
-each rank steps on its share of the global batch, the gradients are averaged, and every
-rank ends with the same weights (checked at the end of ``fit``). ``state_dict`` /
-``load_state_dict`` hold what a checkpoint needs (step, optimiser, schedule, loss
-statistics); the weights are the module's.
+push loss); the step's loss is the sum of the loss objects'. A batch is ``(x, targets)``:
+``targets`` a dict of arrays (``"y"`` the labels, teacher outputs by output name), or the
+labels array alone (``{"y": y}``). When a process group is up (``gpp_onnx.distributed``,
+started by torchrun) the net runs in DistributedDataParallel: each rank steps on its
+share of the global batch, the gradients are averaged, and every rank ends with the same
+weights (checked at the end of ``fit``). ``state_dict`` / ``load_state_dict`` hold what a
+checkpoint needs (step, optimiser, schedule, loss statistics); the weights are the
+module's.
 """
 from __future__ import annotations
 
@@ -76,17 +78,19 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.step_no = 0
 
-    def fit(self, batches: Iterator[tuple[np.ndarray, np.ndarray]], desc: str = "train",
+    def fit(self, batches: Iterator[tuple[np.ndarray, np.ndarray | dict]], desc: str = "train",
             steps: int | None = None) -> list[dict]:
-        """Run `steps` (default: all that are left) steps on `batches` of (x, y)."""
+        """Run `steps` (default: all that are left) steps on `batches` of (x, targets)."""
         todo = self.steps - self.step_no if steps is None else steps
         device = self.module.device
         self.module.train()
         logs = []
         for _ in track(range(todo), desc, todo, logger):
-            x, y = next(batches)
+            x, targets = next(batches)
+            targets = targets if isinstance(targets, dict) else {"y": targets}
             logs.append(self.step(torch.from_numpy(x).to(device),
-                                  torch.from_numpy(y).to(device), desc))
+                                  {k: torch.from_numpy(np.asarray(v)).to(device)
+                                   for k, v in targets.items()}, desc))
         self.module.eval()
         # each rank updated BatchNorm running stats on its own share last: keep rank 0's
         distributed.broadcast_tensors([t for _, t in self.module.named_onnx_tensors()
@@ -98,12 +102,14 @@ class Trainer:
                         np.mean([r["loss"] for r in first]), np.mean([r["loss"] for r in last]))
         return logs
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, desc: str = "train") -> dict:
+    def step(self, x: torch.Tensor, targets: dict | torch.Tensor, desc: str = "train") -> dict:
+        targets = targets if isinstance(targets, dict) else {"y": targets}
         with torch.autocast("cuda", enabled=self.amp):
             logits, values = self.net(x)
         total, log = 0.0, {}
         for loss in self.losses:
-            value, parts = loss(logits.float(), y, {k: v.float() for k, v in values.items()})
+            value, parts = loss(logits.float(), targets,
+                                {k: v.float() for k, v in values.items()})
             total = total + value
             log.update(parts)
         if not torch.isfinite(total):

@@ -1,0 +1,317 @@
+"""The Grow-Push-Prune schedule (METHOD 4): rounds of push -> score -> prune (with repair)
+-> fine-tune, until the target is met or held-out accuracy falls more than a floor below
+the start.
+
+Each round runs the steps in ``STEPS``; a step is a function
+``(model, state, run) -> (model, state, row)`` where ``run`` is the fixed context of the
+whole run (data, settings, the original's statistics) and ``row`` the figures it adds to
+the round's report row. No step reads or writes files; ``run_schedule`` checkpoints
+between rounds.
+
+* **Budget.** ``budget_epochs`` training epochs in all, split evenly over the K rounds;
+  each round spends ``push_share`` of its share on push (cross-entropy + the push loss)
+  before the cut and the rest on cross-entropy fine-tuning after it. Round k's cut keeps
+  ``f^(k/K)`` of the original cost (``rounds.make_plan``), so the target is met after the
+  last round.
+* **Best model.** Each model met on the way that meets the target (right after a cut,
+  after a fine-tune) is a candidate; the one with the best held-out accuracy is the result,
+  so a fine-tune that lowers accuracy never makes the result worse.
+* **Stopping.** After the last round; after a round whose best held-out accuracy is more
+  than ``acc_floor`` below the start's (then the result is the best candidate so far, and
+  an error if none met the target); when nothing is left to prune.
+* **Checkpoints and resume.** After each round the work folder holds ``round-K.onnx`` (the
+  model the next round starts from), ``best.onnx`` and ``state.json`` (a fingerprint of
+  the input model and the settings, the rows, the best candidate). ``resume`` continues
+  after the last finished round. A round is a function of the model it starts from, the
+  seed and its number (every random draw is seeded from them), so a resumed run ends with
+  the model an uninterrupted one writes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import distributed
+from . import model as model_io
+from .analysis import analyze_model
+from .analysis.features import final_hidden_layer
+from .config import PruneConfig
+from .errors import DataError, InputError
+from .evaluation import accuracy
+from .finetune import train_model
+from .push import PushWeights, offdiag_share, push_model
+from .rounds import one_round
+from .stats import ModelStats
+
+logger = logging.getLogger(__name__)
+
+GPP_ROUNDS = 3         # default rounds of the gpp command
+MIN_ROUND_STEPS = 20   # training steps one round needs (push statistics, fine-tune)
+SPLITS = ("even", "final")
+MIN_PER_CLASS = 2      # LDA's within-class scatter needs two images of every class
+
+
+@dataclass(frozen=True)
+class GppOptions:
+    budget_epochs: float = 2.0      # training epochs in all (push + fine-tune)
+    push_share: float = 0.5         # of the budget spent on push (evenly over the rounds)
+    split: str = "even"             # fine-tuning: after every cut (even) | after the last (final)
+    acc_floor: float = 0.05         # stop when held-out accuracy falls more than this
+    weights: PushWeights = PushWeights()
+    work_dir: Path | None = None    # checkpoints (None: nothing kept between rounds)
+    resume: bool = False
+
+    def checked(self, config: PruneConfig, train_size: int) -> "GppOptions":
+        if not 0.0 <= self.push_share <= 1.0:
+            raise InputError(f"--push-share {self.push_share} is outside [0, 1]")
+        if self.split not in SPLITS:
+            raise InputError(f"--split {self.split} is unknown - use one of {', '.join(SPLITS)}")
+        if self.acc_floor < 0:
+            raise InputError(f"--acc-floor {self.acc_floor} must be >= 0 (e.g. 0.05)")
+        steps = self.budget_epochs / config.rounds * math.ceil(
+            train_size / config.train.batch_size)
+        if steps < MIN_ROUND_STEPS:
+            raise InputError(
+                f"--budget-epochs {self.budget_epochs:g} gives {steps:.0f} training steps per "
+                f"round over {config.rounds} rounds; a round needs at least {MIN_ROUND_STEPS} "
+                "- raise --budget-epochs or lower --rounds")
+        return self
+
+
+@dataclass(frozen=True)
+class State:
+    done: int = 0                              # rounds finished
+    epochs: float = 0.0                        # training epochs spent
+    rows: tuple[dict, ...] = ()                # one per finished round
+    best: dict | None = None                   # round, stage, accuracy, params, macs
+    stop: str | None = None                    # why the run ended early
+    best_model: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self, fingerprint: str) -> str:
+        return json.dumps({"fingerprint": fingerprint, "done": self.done,
+                           "epochs": self.epochs, "rows": list(self.rows), "best": self.best,
+                           "stop": self.stop}, indent=1)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every step of a run reads and none changes."""
+    config: PruneConfig                        # its train.epochs are ignored (budget)
+    options: GppOptions
+    data: object                               # rounds.Splits
+    before: ModelStats
+    accuracy: float                            # the start's held-out accuracy
+    tolerance: object                          # verify.Tolerance of the original
+    widths: dict = field(default_factory=dict)  # the original's group widths, by key
+
+    def push_epochs(self, k: int) -> float:
+        return self.options.budget_epochs * self.options.push_share / self.config.rounds
+
+    def finetune_epochs(self, k: int) -> float:
+        rest = self.options.budget_epochs * (1 - self.options.push_share)
+        if self.options.split == "final":
+            return rest if k == self.config.rounds else 0.0
+        return rest / self.config.rounds
+
+
+def push_step(model, state: State, run: Run):
+    k = state.done + 1
+    epochs = run.push_epochs(k)
+    if epochs <= 0:
+        return model, state, {}
+    train = replace(run.config.train, epochs=epochs)
+    feature = _feature(model, run.config)
+    pushed, rep = push_model(model, run.data.train, run.data.val, feature, train,
+                             run.options.weights, seed=run.config.seed + 1000 * k)
+    row = {"accuracy_after_push": rep.accuracy_after, "offdiag_before_push": rep.offdiag_before,
+           "offdiag_after_push": rep.offdiag_after, "push_epochs": epochs}
+    return pushed, replace(state, epochs=state.epochs + epochs), row
+
+
+def prune_step(model, state: State, run: Run):
+    k = state.done + 1
+    config = replace(run.config, train=replace(run.config.train, epochs=0.0))
+    analysis = analyze_model(model, config.input_shape).keeping(config.ignore)
+    if not analysis.prunable:
+        return model, replace(state, stop="nothing left to prune"), {}
+    cut = one_round(analysis, config, run.data, k, None, run.before, run.tolerance, run.widths)
+    row = {"removed_channels": cut.plan.removed_channels, "params": cut.params,
+           "macs": cut.macs, "accuracy_after_cut": cut.accuracy_cut,
+           "equivalence_relative_error": cut.error}
+    state = _consider(state, run, cut.model, k, "cut", cut.accuracy_cut, cut.params, cut.macs)
+    return cut.model, state, row
+
+
+def finetune_step(model, state: State, run: Run):
+    k = state.done + 1
+    epochs = run.finetune_epochs(k)
+    if epochs <= 0 or state.stop:
+        return model, state, {}
+    tuned = train_model(model, run.data.train, replace(run.config.train, epochs=epochs),
+                        run.config.seed + k)
+    acc = accuracy(tuned, run.data.val)
+    logger.info("round %d: accuracy after fine-tuning %.4f", k, acc)
+    row = {"accuracy_after_finetune": acc, "finetune_epochs": epochs}
+    params, macs = _cost(tuned, run)
+    state = _consider(replace(state, epochs=state.epochs + epochs), run, tuned, k, "fine-tune",
+                      acc, params, macs)
+    return tuned, state, row
+
+
+STEPS = (push_step, prune_step, finetune_step)
+
+
+def run_round(model, state: State, run: Run) -> tuple[onnx.ModelProto, State]:
+    """One round: every step in turn; the round's row gathers what each reported."""
+    k = state.done + 1
+    row: dict = {"round": k}
+    for step in STEPS:
+        model, state, part = step(model, state, run)
+        row.update(part)
+        if state.stop:
+            break
+    if "params" not in row:  # nothing was cut
+        return model, state
+    row["epochs_used"] = state.epochs
+    row["offdiag_after_round"] = _offdiag(model, run)
+    best = max(v for key, v in row.items() if key.startswith("accuracy_") and v is not None)
+    row["accuracy"] = best
+    if run.accuracy - best > run.options.acc_floor:
+        state = replace(state, stop=f"held-out accuracy {best:.4f} fell more than "
+                                    f"{run.options.acc_floor:g} below the start's "
+                                    f"{run.accuracy:.4f} in round {k}")
+    return model, replace(state, done=k, rows=state.rows + (row,))
+
+
+def run_schedule(model: onnx.ModelProto, run: Run, fingerprint: str
+                 ) -> tuple[onnx.ModelProto, State]:
+    """All rounds (from the checkpoint when resuming); returns the best model and the state."""
+    state = State()
+    work = run.options.work_dir
+    if work is not None:
+        model, state = _open_work(work, model, run, fingerprint)
+    while state.done < run.config.rounds and not state.stop:
+        logger.info("round %d of %d", state.done + 1, run.config.rounds)
+        model, state = run_round(model, state, run)
+        if work is not None and state.rows and state.rows[-1]["round"] == state.done:
+            _checkpoint(work, model, state, fingerprint)
+    if state.best_model is None:
+        why = state.stop or "the target was not reached"
+        where = f"; the finished rounds are in {work}" if work is not None else ""
+        raise DataError(f"no model met the target ({why}){where} - loosen --acc-floor, give "
+                        "a larger --budget-epochs or more --rounds, or a milder target")
+    return state.best_model, state
+
+
+def fingerprint(model: onnx.ModelProto, config: PruneConfig, options: GppOptions) -> str:
+    """The input model and every setting that changes what a round computes."""
+    settings = config.to_dict()
+    settings["train"].pop("device", None)
+    settings.pop("latency", None)
+    settings.pop("timing", None)
+    opts = {"budget_epochs": options.budget_epochs, "push_share": options.push_share,
+            "split": options.split,
+            "acc_floor": options.acc_floor, "weights": vars(options.weights)}
+    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    h.update(json.dumps([settings, opts], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def check_data(data, config: PruneConfig) -> None:
+    """LDA and the push statistics need every class in the training split, twice."""
+    counts = np.bincount(np.asarray(data.train.y), minlength=int(data.train.num_classes))
+    if counts.min() < MIN_PER_CLASS:
+        c = int(counts.argmin())
+        raise DataError(f"{data.train.source}: class {c} has {counts[c]} training image(s); the "
+                        f"class discriminants need at least {MIN_PER_CLASS} of every class - "
+                        "give more data (or a smaller --val-split)")
+
+
+def _consider(state: State, run: Run, model, k: int, stage: str, acc, params: int,
+              macs: int) -> State:
+    """Keep `model` as the best so far if it meets the target and beats the best."""
+    if acc is None or not _meets_target(run, k, params, macs):
+        return state
+    if state.best is not None and acc <= state.best["accuracy"]:
+        return state
+    best = {"round": k, "stage": stage, "accuracy": acc, "params": params, "macs": macs}
+    return replace(state, best=best, best_model=model)
+
+
+def _meets_target(run: Run, k: int, params: int, macs: int) -> bool:
+    c = run.config
+    if c.target_macs is not None:
+        return macs <= c.target_macs * run.before.macs * (1 + 1e-9)
+    if c.target_params is not None:
+        return params <= c.target_params * run.before.params * (1 + 1e-9)
+    return k == c.rounds  # ratio, latency, eta: spread over the rounds
+
+
+def _cost(model, run: Run) -> tuple[int, int]:
+    from .stats import Estimator, param_sizes
+
+    analysis = analyze_model(model, run.config.input_shape)
+    return sum(param_sizes(model).values()), Estimator(analysis).estimate({}).macs
+
+
+def _feature(model, config: PruneConfig) -> str:
+    from .graph import GraphView
+
+    return final_hidden_layer(GraphView(model, config.input_shape), config.feature_tensor)
+
+
+def _offdiag(model, run: Run) -> float:
+    return offdiag_share(model, run.data.val, _feature(model, run.config))
+
+
+def _checkpoint(work: Path, model, state: State, fingerprint: str) -> None:
+    if not distributed.is_writer():  # several processes: rank 0 keeps the checkpoint
+        return
+    model_io.save(model, work / f"round-{state.done}.onnx")
+    if state.best_model is not None:
+        model_io.save(state.best_model, work / "best.onnx")
+    model_io.write_text(work / "state.json", state.to_json(fingerprint))
+    logger.info("round %d checkpointed in %s", state.done, work)
+
+
+def check_work(options: GppOptions) -> None:
+    """Before any work: a fresh run needs a work folder without a run in it, --resume one
+    with a run."""
+    work = options.work_dir
+    if work is None:
+        if options.resume:
+            raise InputError("--resume needs the work folder of the run (--work-dir, or an "
+                             "output path next to which it lies)")
+        return
+    path = Path(work) / "state.json"
+    if not options.resume and path.exists():
+        raise InputError(f"{work} holds a previous run - pass --resume to continue it, or "
+                         "remove it (or choose another --work-dir) to start again")
+    if options.resume and not path.exists():
+        raise InputError(f"--resume: {work} holds no run to continue (no state.json) - drop "
+                         "--resume to start one")
+
+
+def _open_work(work: Path, model, run: Run, fingerprint: str):
+    """A fresh work folder, or (resume) the model and state after its last finished round."""
+    check_work(run.options)
+    if not run.options.resume:
+        return model, State()
+    saved = json.loads((work / "state.json").read_text())
+    if saved.get("fingerprint") != fingerprint:
+        raise InputError(f"--resume: {work} holds a run of another model or other settings - "
+                         "give the same model and options, or another --work-dir")
+    state = State(saved["done"], saved["epochs"], tuple(saved["rows"]), saved["best"],
+                  saved["stop"])
+    if state.best is not None:
+        state = replace(state, best_model=model_io.load(work / "best.onnx"))
+    current = model_io.load(work / f"round-{state.done}.onnx") if state.done else model
+    logger.info("resuming after round %d of %d from %s", state.done, run.config.rounds, work)
+    return current, state

@@ -1,0 +1,148 @@
+"""The original model as teacher: what each of its outputs is, its outputs per batch, and
+how closely another model follows them (fidelity).
+
+Output kinds. An output is a *class* output when it holds (N, K) class scores, K >= 2:
+the probabilities / log-probabilities of a Softmax / LogSoftmax (then the student's loss
+reads that node's input, the logits), or the model's first output (a classifier's logits,
+the convention the rest of gpp-onnx follows). Every other output (boxes, maps,
+embeddings, (N, 1) scores) is a *regression* output.
+
+Distillation targets are the teacher's outputs on the very batch being trained on,
+computed by onnxruntime when the batch is drawn (:meth:`Teacher.with_targets`); nothing
+holds them for the whole data set.
+
+Fidelity of a model m to the original t on inputs X, per output o:
+
+    relative error   e_o = sqrt( sum_X ||m_o(x) - t_o(x)||^2 / sum_X ||t_o(x)||^2 )
+    top-1 agreement  a_o = mean_X [ argmax_k m_o(x)_k == argmax_k t_o(x)_k ]   (class outputs)
+
+accumulated batch by batch (memory bounded by the batch). The original against itself is
+e = 0, a = 1.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import DataError
+from .verify import make_session, outputs
+
+logger = logging.getLogger(__name__)
+
+CLASS, REGRESSION = "class", "regression"
+_FORMS = {"Softmax": "probs", "LogSoftmax": "logprobs"}
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    name: str        # the graph output
+    kind: str        # CLASS | REGRESSION
+    logits: str      # the value a student's loss reads (a Softmax's input, else the output)
+    form: str        # what the output holds: logits | probs | logprobs | values
+
+
+def output_kinds(analysis) -> tuple[OutputKind, ...]:
+    """Each graph output of the analysed model with its kind (module docstring)."""
+    view, kinds = analysis.view, []
+    for i, name in enumerate(view.output_names):
+        shape, node = view.shape(name), view.producer.get(name)
+        logits = None if node is None else analysis.rules[node.name].logits_input(node)
+        if shape is not None and len(shape) == 2 and shape[1] >= 2 and (
+                i == 0 or logits is not None):
+            form = _FORMS.get(node.op_type, "logits") if logits is not None else "logits"
+            kinds.append(OutputKind(name, CLASS, logits or name, form))
+        else:
+            kinds.append(OutputKind(name, REGRESSION, name, "values"))
+    return tuple(kinds)
+
+
+def describe(kinds: Iterable[OutputKind]) -> str:
+    """The distillation loss per output, in words (log line and report)."""
+    parts = [f"{k.name}: KL on the class distribution" if k.kind == CLASS
+             else f"{k.name}: relative squared error" for k in kinds]
+    return "; ".join(parts)
+
+
+class Teacher:
+    """The original model in onnxruntime: its outputs for a batch of inputs."""
+
+    def __init__(self, model, kinds: tuple[OutputKind, ...], where: str = "original model"):
+        self.session = make_session(model, where)
+        self.kinds = kinds
+        self.input_name = self.session.get_inputs()[0].name
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, run_rows(self.session, x, "original model")))
+
+    def with_targets(self, batches: Iterable[tuple[np.ndarray, np.ndarray | None]]
+                     ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """(x, y) batches -> (x, targets): the teacher's outputs by name, and ``y`` (the
+        labels) where the batch has them."""
+        for x, y in batches:
+            targets = self.outputs(x)
+            if y is not None:
+                targets["y"] = y
+            yield x, targets
+
+
+def fidelity(teacher: Teacher, model, batches: Iterable[np.ndarray],
+             where: str = "pruned model") -> dict[str, dict[str, float]]:
+    """Per output: relative error and (class outputs) top-1 agreement of `model` with the
+    teacher on `batches` of inputs (module docstring)."""
+    session = make_session(model, where)
+    names = [o.name for o in session.get_outputs()]
+    missing = [k.name for k in teacher.kinds if k.name not in names]
+    if missing:
+        raise DataError(f"{where} has no output {missing[0]} of the original; compare models "
+                        "with the same outputs")
+    err = {k.name: 0.0 for k in teacher.kinds}
+    ref = dict(err)
+    agree, count = dict(err), 0
+    for x in batches:
+        got = dict(zip(names, run_rows(session, x, where)))
+        want = teacher.outputs(x)
+        for k in teacher.kinds:
+            m, t = got[k.name].astype(np.float64), want[k.name].astype(np.float64)
+            if m.shape != t.shape:
+                raise DataError(f"{where}: output {k.name} has shape {m.shape} where the "
+                                f"original's has {t.shape}; compare models with the same outputs")
+            err[k.name] += float(((m - t) ** 2).sum())
+            ref[k.name] += float((t ** 2).sum())
+            if k.kind == CLASS:
+                agree[k.name] += float((m.argmax(1) == t.argmax(1)).sum())
+        count += len(x)
+    return {k.name: _row(k, err[k.name], ref[k.name], agree[k.name], count)
+            for k in teacher.kinds}
+
+
+def run_rows(session, x: np.ndarray, where: str) -> list[np.ndarray]:
+    """The session's outputs for the rows of `x`; a model with a fixed batch size runs
+    them in chunks of that size (the last one zero-padded)."""
+    spec = session.get_inputs()[0]
+    fixed = spec.shape[0] if spec.shape else None
+    if not isinstance(fixed, int) or fixed < 1 or fixed == len(x):
+        return outputs(session, {spec.name: x}, where)
+    parts = []
+    for start in range(0, len(x), fixed):
+        chunk = x[start:start + fixed]
+        pad = np.zeros((fixed - len(chunk), *x.shape[1:]), x.dtype)
+        got = outputs(session, {spec.name: np.concatenate([chunk, pad])}, where)
+        parts.append([g[: len(chunk)] for g in got])
+    return [np.concatenate(p) for p in zip(*parts)]
+
+
+def _row(kind: OutputKind, err: float, ref: float, agree: float, count: int) -> dict:
+    row = {"relative_error": float(np.sqrt(err / max(ref, 1e-30)))}
+    if kind.kind == CLASS:
+        row["top1_agreement"] = agree / max(count, 1)
+    return row
+
+
+def identical_rows(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The original's fidelity to itself, with the measures of `rows`: error 0, agreement 1."""
+    return {out: {m: 0.0 if m == "relative_error" else 1.0 for m in row}
+            for out, row in rows.items()}

@@ -1,0 +1,130 @@
+"""Pruned == masked decided in float64 where the float32 check is loose or fails
+(gpp_onnx/exact.py): saturated sigmoid maps and float32 drift of deep nets."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import feeds_for, run_model
+from gpp_onnx import exact, prune, verify
+from gpp_onnx.errors import VerificationError
+from gpp_onnx.samples import GraphBuilder
+
+
+def saturated_map(seed: int = 0, cast: bool = False) -> onnx.ModelProto:
+    """conv-relu-conv-relu-conv(1x1) + (-17) -> Sigmoid: a text-detector-like probability
+    map that random inputs pin near 0, where onnxruntime's sigmoid is only accurate to an
+    absolute ~6e-8, so two correct float32 evaluations differ by a large relative error.
+    `cast`: a Cast to float after the first layer, as exporters write."""
+    b = GraphBuilder((1, 3, 16, 16), seed=seed)
+    x = b.act(b.conv("input", 32), "Relu")
+    if cast:
+        x = b.op("Cast", [x], b.shapes[x], to=onnx.TensorProto.FLOAT)
+    x = b.act(b.conv(x, 32), "Relu")
+    shift = b.const(np.full((1, 4, 1, 1), -17.0, np.float32), "shift")
+    b.shapes[shift] = (1, 4, 1, 1)
+    return b.build(b.act(b.binary("Add", b.conv(x, 4, k=1), shift), "Sigmoid"))
+
+
+def _float64_reference(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    """The saturated map in numpy float64, written out layer by layer (independent of
+    onnxruntime and of the torch backend)."""
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    x = next(iter(feeds.values())).astype(np.float64)
+    for node in model.graph.node:
+        ins = [w.get(i) for i in node.input]
+        if node.op_type == "Conv":
+            k = ins[1].shape[-1]
+            p = k // 2
+            xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+            h, wd = x.shape[2:]
+            cols = np.stack([xp[:, :, i:i + h, j:j + wd] for i in range(k) for j in range(k)], -1)
+            x = np.einsum("nchwk,ock->nohw", cols, ins[1].reshape(*ins[1].shape[:2], -1))
+            x = x + ins[2][None, :, None, None]
+        elif node.op_type == "Relu":
+            x = np.maximum(x, 0)
+        elif node.op_type == "Add":
+            x = x + ins[1]
+        elif node.op_type == "Sigmoid":
+            x = 1 / (1 + np.exp(-x))
+        elif node.op_type != "Cast":
+            raise AssertionError(node.op_type)
+    return x
+
+
+def test_float64_outputs_stay_float64_through_casts_to_float():
+    model = saturated_map(cast=True)
+    feeds = feeds_for(model, batch=2)
+    ref = _float64_reference(model, feeds)
+    got = exact.float64_outputs(model, feeds)[0]
+    assert got.dtype == np.float64
+    # float32 anywhere on the way would leave ~1e-7; float64 throughout gives ~1e-15
+    assert verify.relative_error([got], [ref]) < 1e-12
+
+
+def test_saturated_map_prunes_and_float64_decides(tmp_path):
+    model = saturated_map()
+    res = prune(model, tmp_path / "small.onnx", ratio=0.5, round_to=1, latency=False)
+    row = res.report["rounds"][0]
+    assert row["equivalence_relative_error_float64"] is not None
+    assert row["equivalence_relative_error_float64"] < exact.FLOAT64_TOLERANCE
+    # outside reference: the masked original computed in numpy float64
+    masked = prune(model, ratio=0.5, round_to=1, latency=False, mask_only=True).model
+    feeds = feeds_for(model, batch=2)
+    ref = _float64_reference(masked, feeds)
+    got64 = exact.float64_outputs(res.model, feeds)[0]
+    assert verify.relative_error([got64], [ref]) < 1e-9
+    # and the float32 pruned model agrees with it to float32 sigmoid accuracy (absolute)
+    assert np.abs(run_model(res.model, feeds)[0] - ref).max() < 1e-6
+
+
+def _wrong_copy(model: onnx.ModelProto, scale: float) -> onnx.ModelProto:
+    """`model` with one weight of its first conv scaled (a cut that kept a wrong value)."""
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    conv = next(n for n in bad.graph.node if n.op_type == "Conv")
+    t = next(t for t in bad.graph.initializer if t.name == conv.input[1])
+    arr = numpy_helper.to_array(t).copy()
+    arr.flat[0] *= scale
+    t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    return bad
+
+
+def test_float64_catches_what_a_loose_float32_tolerance_lets_through():
+    model = saturated_map()
+    res = prune(model, ratio=0.5, round_to=1, latency=False)
+    masked = prune(model, ratio=0.5, round_to=1, latency=False, mask_only=True).model
+    bad = _wrong_copy(res.model, 1.01)
+    feeds = feeds_for(model, batch=2)
+    got, ref = run_model(bad, feeds), run_model(masked, feeds)
+    loose = verify.Tolerance(optimizer_noise=0.03)  # what this model's own noise gives
+    verify.check_equivalent(got, ref, tolerance=loose)  # float32 alone: accepted
+    with pytest.raises(VerificationError, match="float64"):
+        exact.check(bad, masked, feeds, got, ref, loose)
+
+
+def test_float32_drift_is_accepted_only_when_float64_agrees():
+    model = saturated_map(seed=1)
+    res = prune(model, ratio=0.5, round_to=1, latency=False)
+    masked = prune(model, ratio=0.5, round_to=1, latency=False, mask_only=True).model
+    feeds = feeds_for(model, batch=2)
+    # float32 outputs that drifted 5e-5 from the exact values (above the 1e-5 floor)
+    rng = np.random.default_rng(0)
+    drifted = [(y * (1 + 5e-5 * rng.choice([-1, 1], size=y.shape))).astype(np.float32)
+               for y in exact.float64_outputs(res.model, feeds)]
+    ref = [y.astype(np.float32) for y in exact.float64_outputs(masked, feeds)]
+    with pytest.raises(VerificationError):
+        verify.check_equivalent(drifted, ref)
+    verdict = exact.check(res.model, masked, feeds, drifted, ref, verify.FLOOR)
+    assert verdict.tolerance.float32_noise >= 4e-5
+    assert verdict.error_float64 < exact.FLOAT64_TOLERANCE
+    with pytest.raises(VerificationError, match="float64"):
+        exact.check(_wrong_copy(res.model, 1.01), masked, feeds, drifted, ref, verify.FLOOR)
+
+
+def test_clean_model_skips_the_float64_run(sample_model):
+    res = prune(sample_model, ratio=0.5, latency=False)
+    assert res.tolerance.value == verify.EQUIVALENCE_TOLERANCE
+    assert res.report["rounds"][0]["equivalence_relative_error_float64"] is None

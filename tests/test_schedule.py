@@ -1,0 +1,142 @@
+"""The gpp schedule: rounds of push -> prune -> fine-tune, best-model selection, the
+checkpoints a killed run resumes from, and its bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from gpp_onnx import DataOptions, GppOptions, gpp
+from gpp_onnx.cli import main
+from gpp_onnx.config import PruneConfig, TrainOptions
+from gpp_onnx.data import load_dataset, split
+from gpp_onnx.finetune import train_model
+from gpp_onnx.rounds import load_data
+from gpp_onnx.graph import GraphView
+from gpp_onnx.samples import digits_cnn
+from gpp_onnx.stats import count
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """The digits CNN trained a few epochs (about 0.9 held-out)."""
+    model = digits_cnn(0)
+    splits = load_data(GraphView(model), PruneConfig(data=DataOptions("digits"), seed=0))
+    path = tmp_path_factory.mktemp("gpp") / "digits.onnx"
+    onnx.save(train_model(model, splits.train, TrainOptions(epochs=6, lr=0.05), 0), path)
+    return path
+
+
+def ort_accuracy(path: Path, ds) -> float:
+    """Top-1 accuracy computed here, in onnxruntime, image by image batch."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    logits = sess.run(None, {name: np.asarray(ds.x[:], dtype=np.float32)})[0]
+    return float((logits.argmax(1) == np.asarray(ds.y)).mean())
+
+
+def held_out(model_path: Path):
+    """The held-out split gpp makes (seed 0, 10%), rebuilt from the data independently."""
+    spec_model = onnx.load(model_path)
+    from gpp_onnx.evaluation import dataset_for
+
+    ds = dataset_for(GraphView(spec_model), "digits", None, None, True, None, 0)
+    return split(ds, 0.1, 0)[1]
+
+
+def weights(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+
+
+def test_gpp_meets_the_target_and_writes_the_best_held_out_model(trained, tmp_path):
+    out = tmp_path / "small.onnx"
+    res = gpp(trained, out, PruneConfig(data=DataOptions("digits"), target_macs=0.5, rounds=2,
+                                        round_to=1, latency=False),
+              GppOptions(budget_epochs=2.0))
+    before, after = count(GraphView(onnx.load(trained))), count(GraphView(onnx.load(out)))
+    assert after.macs <= 0.5 * before.macs
+    assert len(res.rows) == 2 and res.epochs == pytest.approx(2.0)
+    # the written model's held-out accuracy, measured here, is the one reported ...
+    acc = ort_accuracy(out, held_out(trained))
+    assert acc == pytest.approx(res.best["accuracy"], abs=1e-9)
+    # ... and no model of the run that met the target did better
+    met = [r[k] for r in res.rows if r["macs"] <= 0.5 * before.macs
+           for k in ("accuracy_after_cut", "accuracy_after_finetune") if r.get(k) is not None]
+    assert met and acc == pytest.approx(max(met), abs=1e-9)
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    assert rep["epochs_used"] == pytest.approx(2.0) and len(rep["rounds"]) == 2
+    assert {"accuracy_after_push", "offdiag_after_push", "params", "macs"} <= set(rep["rounds"][0])
+    assert not (tmp_path / "small.onnx.gpp-work").exists()  # nothing left to resume
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gpp_onnx", "gpp", *args]
+
+
+def test_a_killed_run_resumes_after_its_last_finished_round(trained, tmp_path):
+    args = ["--data", "digits", "--target-macs", "0.4", "--rounds", "3", "--budget-epochs", "3",
+            "--round-to", "1", "--no-latency"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    full = tmp_path / "full.onnx"
+    subprocess.run(_cli(str(trained), "-o", str(full), *args), check=True, env=env,
+                   capture_output=True)
+    out = tmp_path / "out.onnx"
+    work = tmp_path / "out.onnx.gpp-work"
+    proc = subprocess.Popen(_cli(str(trained), "-o", str(out), *args), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (work / "round-1.onnx").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads((work / "state.json").read_text())["done"]
+    assert 1 <= done < 3 and not out.exists()
+    # the interrupted run's folder is neither overwritten nor continued with other settings
+    for extra, message in (([], "pass --resume"),
+                           (["--resume", "--seed", "1"], "another model or other settings")):
+        refused = subprocess.run(_cli(str(trained), "-o", str(out), *args, *extra), env=env,
+                                 capture_output=True, text=True)
+        assert refused.returncode == 2 and message in refused.stderr and not out.exists()
+    again = subprocess.run(_cli(str(trained), "-o", str(out), "--resume", *args), env=env,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming after round {done} of 3" in again.stderr
+    assert "gpp-onnx: round 1 of 3" not in again.stderr.splitlines()  # not redone
+    a, b = weights(full), weights(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--budget-epochs", "0.1"], "training steps per round"),
+    (["--limit", "15"], "class discriminants need at least 2"),
+    (["--resume"], "holds no run to continue"),
+    (["--push-share", "1.5"], "--push-share"),
+])
+def test_bad_gpp_input_is_a_one_line_error_and_writes_nothing(trained, tmp_path, capsys, extra,
+                                                               message):
+    out = tmp_path / "o.onnx"
+    code = main(["-q", "gpp", str(trained), "--data", "digits", "--target-macs", "0.5", "-o", str(out),
+                 "--no-latency", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_gpp_without_data_is_a_one_line_error(trained, tmp_path, capsys):
+    code = main(["gpp", str(trained), "--target-macs", "0.5", "-o", str(tmp_path / "o.onnx")])
+    assert code == 2 and "labelled data" in capsys.readouterr().err
