@@ -134,3 +134,19 @@ def test_ranks_with_different_data_stop_before_training(tmp_path):
     assert "error" not in runs[1].stderr
     assert "push 1/" not in runs[0].stderr                # stopped before training
     assert list(dirs[0].iterdir()) == list(dirs[1].iterdir()) == []
+
+
+def test_gpp_rounds_in_two_processes_checkpoint_once(tmp_path):
+    """The push/prune schedule: rank 0 alone keeps the work folder and writes the result."""
+    src = tmp_path / "digits.onnx"
+    onnx.save(digits_cnn(0), src)
+    dirs = [tmp_path / "rank0", tmp_path / "rank1"]
+    for d in dirs:
+        d.mkdir()
+    args = ["gpp", str(src), "--data", "digits", "--ratio", "0.5", "--rounds", "2",
+            "--budget-epochs", "2", "--no-latency", "-o", "small.onnx", "--work-dir", "work"]
+    runs = _ranks([args, args], dirs)
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    assert "round 2 checkpointed" in runs[0].stderr
+    assert sorted(p.name for p in dirs[0].iterdir()) == ["small.onnx", "small.report.json"]
+    assert list(dirs[1].iterdir()) == [] and runs[1].stdout == ""
