@@ -110,6 +110,29 @@ def push_summary(result) -> str:
                       f"wrote {result.output}" if result.output else "nothing written"])
 
 
+def grow_summary(result) -> str:
+    def acc(v):
+        return "" if v is None else f"{v:.4f}"
+
+    rows = [[r.module.index, r.module.at, f"{r.module.height}x{r.module.width}",
+             "/".join(map(str, (r.module.channels, *r.module.widths))), human(r.params),
+             human(r.macs), acc(r.accuracy),
+             "" if r.gain is None else f"{r.gain:+.2f}", "yes" if r.kept else "no"]
+            for r in result.modules]
+    b, a = result.before, result.after
+    lines = [table(["module", "at", "size", "1x1/3x3/3x3dbl/pool", "params", "MACs",
+                    "accuracy", "gain (pts)", "kept"], rows, "llllrrrrl"),
+             f"params {human(b.params)} -> {human(a.params)}, MACs {human(b.macs)} -> "
+             f"{human(a.macs)}" + (f", held-out accuracy {acc(result.accuracy_before)} -> "
+                                   f"{acc(result.accuracy_after)}"
+                                   if result.accuracy_before is not None else ""),
+             f"kept {len(result.kept)} of {len(result.modules)} module(s); each computed what "
+             "the model before it computed when inserted (relative error < 1e-5)",
+             f"wrote {result.output} (report: {result.report_path})" if result.output
+             else "nothing written (result.model holds the grown model)"]
+    return "\n".join(lines)
+
+
 def comparison_table(cmp, name_a: str, name_b: str) -> str:
     rows = [["params", human(cmp.a.params), human(cmp.b.params),
              f"{cmp.b.params / max(cmp.a.params, 1):.3f}"],
