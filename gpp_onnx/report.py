@@ -40,7 +40,25 @@ def analysis_table(result) -> str:
             f"{human(result.stats.params)} params, {human(result.stats.macs)} MACs")
     body = table(["group", "width", "members", "prunable", "params", "MACs", "why not"],
                  rows, "lrrlrrl")
-    return head + "\n" + body
+    return "\n".join([head, body, *grown_modules(a)])
+
+
+def grown_modules(analysis) -> list[str]:
+    """One line per module `gpp-onnx grow` inserted (its Concat is named grow<k>.concat):
+    each branch's channel group and width."""
+    from .grow.module import BRANCHES
+
+    lines = []
+    for node in analysis.view.nodes:
+        if node.op_type != "Concat" or not node.name.startswith("grow") \
+                or not node.name.endswith(".concat"):
+            continue
+        parts = []
+        for branch, value in zip(BRANCHES, node.input):
+            key = next((g.key for g in analysis.groups if value in g.values), "?")
+            parts.append(f"{branch} -> group {key} ({analysis.view.shape(value)[1]})")
+        lines.append(f"grown module {node.name[:-len('.concat')]}: " + ", ".join(parts))
+    return lines
 
 
 def prune_summary(result) -> str:

@@ -124,9 +124,9 @@ def plan_positions(view: GraphView, config: GrowConfig) -> list[Position]:
         try:
             positions.append(position(view, value))
         except NotGrowable as err:
-            raise InputError(f"--at {value}: cannot grow there ({err}) - choose the output "
-                             "of a conv block whose consumers are convs or the classifier "
-                             "('gpp-onnx analyze' lists values)") from None
+            raise InputError(f"--at {value}: cannot grow there ({err}) - name the output "
+                             "of a conv block whose consumers are convs or the classifier, "
+                             "or leave --at out for automatic positions") from None
     return positions
 
 
