@@ -36,7 +36,9 @@ def _consumer_extension(model):
 
 def test_insert_only_keeps_the_digits_cnn_function_at_every_stage():
     base = digits_cnn(seed=2)
+    before = base.SerializeToString()
     res = _grown(base, max_modules=3)
+    assert base.SerializeToString() == before and res.output is None  # nothing touched
     assert len(res.modules) == 2  # two resolution stages (8x8, 4x4), deepest first
     assert [r.module.height for r in res.modules] == [4, 8]
     feeds = _assert_same_function(base, res.model)

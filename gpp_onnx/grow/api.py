@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 
 from .. import model as model_io
-from .. import report, verify
+from .. import preflight, report, verify
 from ..config import PruneConfig
 from ..errors import UnsupportedModelError
 from ..graph import GraphView
@@ -42,13 +42,14 @@ def grow(model, output=None, config: GrowConfig | None = None, **options) -> Gro
     ``min_gain`` points. `options` are GrowConfig fields: ``grow(m, max_modules=1,
     train=TrainOptions(epochs=0))``. With `output` the grown model is written there,
     atomically, with a JSON report beside it."""
-    from ..pipeline import _preflight
     from ..rounds import load_data
 
     config = replace(config or GrowConfig(), **options).checked()
     src = None if isinstance(model, onnx.ModelProto) else Path(model)
     dst = None if output is None else Path(output)
-    _preflight(model, src, dst, config.data)
+    if dst is not None:  # output writable with room, data readable: before any work
+        preflight.check_output(src, dst, model.ByteSize() if src is None else 0)
+    preflight.check_data(config.data.source if config.data is not None else None)
     t0 = time.perf_counter()
     loaded = model_io.accept(model) if src is None else model_io.read(src)
     if verify.low_precision(loaded.model) is not None:
