@@ -161,3 +161,13 @@ def test_auto_positions_are_one_per_stage_deepest_first():
     base = normalize(b.build(b.gemm(b.flatten(b.gap(d)), 4)))
     got = [p.value for p in auto_positions(GraphView(base))]
     assert got == [d, a2]
+
+
+def test_a_grown_model_grows_again_under_new_module_names():
+    base = digits_cnn()
+    once = _grown(base, max_modules=1).model
+    twice = _grown(once, max_modules=2, at=("relu2",)).model
+    concats = sorted(n.name for n in twice.graph.node if n.op_type == "Concat"
+                     and n.name.startswith("grow"))
+    assert concats == ["grow1.concat", "grow2.concat"]
+    _assert_same_function(base, twice)

@@ -146,7 +146,8 @@ def insert_module(model: onnx.ModelProto, pos: Position, widths: Widths, index: 
     act = pos.activation or RELU
     identity_act = pos.activation is not None and pos.activation.idempotent
     editor = Editor.copy(model)
-    builder = _Builder(editor, f"grow{index}", act, np.random.default_rng(seed + index))
+    builder = _Builder(editor, _free_prefix(model, index), act,
+                       np.random.default_rng(seed + index))
     out = editor.insert_on(pos.value, lambda ed, v: builder.module(v, pos.channels, sizes,
                                                                    identity_act))
     _extend_consumers(editor, view, extension)
@@ -158,6 +159,15 @@ def insert_module(model: onnx.ModelProto, pos: Position, widths: Widths, index: 
                 "%d, pool %d; outputs match the base (relative error %.1e)", index, pos.value,
                 pos.channels, pos.height, pos.width, pos.channels, *sizes, error)
     return grown.model, module
+
+
+def _free_prefix(model: onnx.ModelProto, index: int) -> str:
+    """``grow<k>`` for the first k >= index no node name uses yet (a grown model grown
+    again keeps its modules' names apart)."""
+    used = {n.name.split(".", 1)[0] for n in model.graph.node}
+    while f"grow{index}" in used:
+        index += 1
+    return f"grow{index}"
 
 
 def _extend_consumers(editor: Editor, view: GraphView, extension) -> None:
