@@ -75,3 +75,15 @@ def test_inner_position_preserves_the_function(exported):
                widths=Widths(16, 8, 8))
     assert res.modules[0].module.at == INNER[name]
     _check(path, res.model)
+
+
+def test_grown_resnet_prunes_with_pruned_equal_to_masked(exported, tmp_path):
+    from conftest import assert_pruned_equals_masked
+
+    name, path = exported
+    if name != "resnet18":
+        pytest.skip("one family is enough here; the digits CNN case is in test_grow.py")
+    res = grow(path, max_modules=1, train=TrainOptions(epochs=0), widths=Widths(16, 8, 8))
+    result = assert_pruned_equals_masked(res.model, tmp_path, ratio=0.5)
+    cut = {g for g, removed in result.plan.removed.items() if len(removed)}
+    assert any(g.startswith("grow1.") for g in cut)
