@@ -3,7 +3,7 @@ sorted and checked results. References are hand-built graphs or numpy, never the
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from gpp_onnx.edit import Editor
 from gpp_onnx.errors import InputError, VerificationError

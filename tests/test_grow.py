@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from gpp_onnx import GrowConfig, grow
+from gpp_onnx import grow
 from gpp_onnx.config import TrainOptions
 from gpp_onnx.graph import GraphView
 from gpp_onnx.grow import Widths, auto_positions, insert_module, position
