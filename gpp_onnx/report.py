@@ -30,8 +30,6 @@ def analysis_table(result) -> str:
     rows = []
     for g in result.analysis.groups:
         share = result.shares[g.key]
-        first = g.members[0].value
-        members = f"{first}" + (f" (+{len(g.members) - 1})" if len(g.members) > 1 else "")
         rows.append([g.key, g.width, len(g.members), "yes" if g.prunable else "no",
                      f"{100 * share.params:.1f}%", f"{100 * share.macs:.1f}%",
                      "" if g.prunable else g.reason])
