@@ -1,6 +1,7 @@
 """gpp-onnx: Grow-Push-Prune structural pruning for ONNX CNN classifiers."""
 from .config import DataOptions, PruneConfig, TrainOptions
 from .errors import GppError, InputError, UnsupportedModelError, VerificationError
+from .grow import GrowConfig, GrowResult, grow
 from .importance import register_criterion
 from .pipeline import analyze, compare, gpp, profile, prune
 from .schedule import GppOptions
@@ -9,6 +10,7 @@ from .stepwise import StepPruner
 
 __version__ = "0.1.0"
 
-__all__ = ["DataOptions", "GppError", "GppOptions", "InputError", "PruneConfig", "PrunePlan",
-           "StepPruner", "TrainOptions", "UnsupportedModelError", "VerificationError", "analyze",
-           "compare", "gpp", "profile", "prune", "register_criterion", "__version__"]
+__all__ = ["DataOptions", "GppError", "GppOptions", "GrowConfig", "GrowResult", "InputError",
+           "PruneConfig", "PrunePlan", "StepPruner", "TrainOptions", "UnsupportedModelError",
+           "VerificationError", "analyze", "compare", "gpp", "grow", "profile", "prune",
+           "register_criterion", "__version__"]

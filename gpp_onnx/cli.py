@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _gpp_parser(sub)
     _profile_parser(sub)
     _push_parser(sub)
+    _grow_parser(sub)
 
     ev = sub.add_parser("evaluate", help="top-1 accuracy through onnxruntime")
     ev.add_argument("model")
@@ -219,6 +220,51 @@ def _push_parser(sub) -> None:
     pu.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
 
 
+def _grow_parser(sub) -> None:
+    gr = sub.add_parser("grow", help="insert Inception modules (function-preserving); with "
+                        "--data train each and keep it while held-out accuracy gains")
+    gr.add_argument("model")
+    gr.add_argument("-o", "--output", required=True, help="path of the grown model")
+    _data_args(gr)
+    gr.add_argument("--at", action="append", default=[], metavar="VALUE",
+                    help="grow after this value (a conv block's output; repeatable; "
+                    "default: one per resolution stage, deepest first)")
+    gr.add_argument("--max-modules", type=int, default=3)
+    gr.add_argument("--epochs", type=float, help="training epochs after each module "
+                    "(default: 2 with --data, else 0: insert only)")
+    gr.add_argument("--min-gain", type=float, default=0.1, help="held-out accuracy points "
+                    "a module must add to be kept")
+    gr.add_argument("--branch-widths", type=_widths, metavar="W3,W33,WP",
+                    help="output widths of the 1x1->3x3, 1x1->3x3->3x3 and pool->1x1 "
+                    "branches (default: C/2,C/4,C/4 of the input's C, multiples of 8)")
+    gr.add_argument("--lr", type=float, default=0.01)
+    gr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    gr.add_argument("--seed", type=int, default=0)
+    gr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
+
+
+def _widths(text: str) -> tuple[int, int, int]:
+    try:
+        got = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        got = ()
+    if len(got) != 3 or min(got) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not three positive widths like 32,16,16")
+    return got
+
+
+def _grow_config(args):
+    from .grow import GrowConfig, Widths
+
+    epochs = args.epochs if args.epochs is not None else (2.0 if args.data else 0.0)
+    return GrowConfig(max_modules=args.max_modules, at=tuple(args.at),
+                      widths=Widths(*(args.branch_widths or (None, None, None))),
+                      min_gain=args.min_gain, data=_data_options(args),
+                      train=TrainOptions(epochs=epochs, lr=args.lr, batch_size=args.batch_size,
+                                         device=args.device),
+                      seed=args.seed, input_shape=_input_shape(args.input_shape))
+
+
 def _timing_args(p: argparse.ArgumentParser, prefix: str) -> None:
     """Where latency is measured (prune: --latency-threads/--latency-batch; profile:
     --threads/--batch)."""
@@ -320,6 +366,10 @@ def _run(args) -> int:
                             PushWeights(args.sep, args.cov, args.align), args.feature_tensor,
                             args.seed, _input_shape(args.input_shape))
         print(report.push_summary(res))
+    elif args.command == "grow":
+        from .grow import grow
+
+        print(report.grow_summary(grow(args.model, args.output, _grow_config(args))))
     elif args.command == "evaluate":
         if not args.data:
             raise InputError("evaluate needs --data (labelled images)")

@@ -31,6 +31,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
+from .edit import Editor, drop_dead_nodes, name_nodes
 from .compat import MIN_OPSET, Loaded, opset_version, sort_nodes, upgrade_opset
 from .errors import InputError, UnsupportedModelError
 
@@ -137,12 +138,14 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     del folded.graph.value_info[:]
     _shuffles_to_gather(folded)
     sort_nodes(folded.graph)
-    _name_nodes(folded)
+    name_nodes(folded)
     return folded
 
 
 def _shuffles_to_gather(model: onnx.ModelProto) -> int:
-    """Reshape(N,g,C/g,H,W) -> Transpose(0,2,1,3,4) -> Reshape(N,C,H,W) => Gather(axis 1)."""
+    """Reshape(N,g,C/g,H,W) -> Transpose(0,2,1,3,4) -> Reshape(N,C,H,W) => Gather(axis 1),
+    replaced through the graph editor (``edit.Editor``); returns the number replaced."""
+    editor = Editor(model)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     users: dict[str, int] = {}
@@ -158,17 +161,14 @@ def _shuffles_to_gather(model: onnx.ModelProto) -> int:
             continue
         first, transpose, groups, per_group = chain
         perm = np.arange(groups * per_group).reshape(groups, per_group).T.ravel()
-        idx_name = f"{last.name or last.output[0]}.shuffle_indices"
-        graph.initializer.append(numpy_helper.from_array(perm.astype(np.int64), idx_name))
+        base = last.name or last.output[0]
+        idx_name = editor.add_initializer(f"{base}.shuffle_indices", perm.astype(np.int64))
         gather = helper.make_node("Gather", [first.input[0], idx_name], [last.output[0]],
-                                  name=f"{last.name or last.output[0]}.shuffle", axis=1)
-        position = list(graph.node).index(first)
-        for node in (first, transpose, last):
-            graph.node.remove(node)
-        graph.node.insert(position, gather)
+                                  name=f"{base}.shuffle", axis=1)
+        editor.replace([first, transpose, last], [gather])
         replaced += 1
     if replaced:
-        _drop_dead_nodes(model)
+        drop_dead_nodes(model)
     return replaced
 
 
@@ -210,34 +210,6 @@ def _shuffle_chain(last, producer, users, inits, outputs):
     if s2[1] not in (-1, s1[1] * s1[2]) or s1[3:] != s2[2:]:
         return None
     return first, transpose, s1[1], s1[2]
-
-
-def _drop_dead_nodes(model: onnx.ModelProto) -> None:
-    """Remove nodes none of whose outputs is used (e.g. shape arithmetic left behind)."""
-    graph = model.graph
-    outputs = {o.name for o in graph.output}
-    changed = True
-    while changed:
-        used = {name for node in graph.node for name in node.input} | outputs
-        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
-        for node in dead:
-            graph.node.remove(node)
-        changed = bool(dead)
-    used = {name for node in graph.node for name in node.input} | outputs
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-
-
-def _name_nodes(model: onnx.ModelProto) -> None:
-    """Give every node a unique name: plans, rules and reports refer to nodes by name."""
-    seen: set[str] = set()
-    for i, node in enumerate(model.graph.node):
-        if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_{i}"
-            while node.name in seen:
-                node.name += "_"
-        seen.add(node.name)
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -30,8 +30,6 @@ def analysis_table(result) -> str:
     rows = []
     for g in result.analysis.groups:
         share = result.shares[g.key]
-        first = g.members[0].value
-        members = f"{first}" + (f" (+{len(g.members) - 1})" if len(g.members) > 1 else "")
         rows.append([g.key, g.width, len(g.members), "yes" if g.prunable else "no",
                      f"{100 * share.params:.1f}%", f"{100 * share.macs:.1f}%",
                      "" if g.prunable else g.reason])
@@ -40,7 +38,25 @@ def analysis_table(result) -> str:
             f"{human(result.stats.params)} params, {human(result.stats.macs)} MACs")
     body = table(["group", "width", "members", "prunable", "params", "MACs", "why not"],
                  rows, "lrrlrrl")
-    return head + "\n" + body
+    return "\n".join([head, body, *grown_modules(a)])
+
+
+def grown_modules(analysis) -> list[str]:
+    """One line per module `gpp-onnx grow` inserted (its Concat is named grow<k>.concat):
+    each branch's channel group and width."""
+    from .grow.module import BRANCHES
+
+    lines = []
+    for node in analysis.view.nodes:
+        if node.op_type != "Concat" or not node.name.startswith("grow") \
+                or not node.name.endswith(".concat"):
+            continue
+        parts = []
+        for branch, value in zip(BRANCHES, node.input):
+            key = next((g.key for g in analysis.groups if value in g.values), "?")
+            parts.append(f"{branch} -> group {key} ({analysis.view.shape(value)[1]})")
+        lines.append(f"grown module {node.name[:-len('.concat')]}: " + ", ".join(parts))
+    return lines
 
 
 def prune_summary(result) -> str:
@@ -204,6 +220,31 @@ def gpp_report(src, dst, config, options, state, before, after, acc_before, late
                    "macs": after.macs / max(before.macs, 1), "latency": latency},
         "rounds": list(state.rows),
     }
+
+
+
+
+def grow_summary(result) -> str:
+    def acc(v):
+        return "" if v is None else f"{v:.4f}"
+
+    rows = [[r.module.index, r.module.at, f"{r.module.height}x{r.module.width}",
+             "/".join(map(str, (r.module.channels, *r.module.widths))), human(r.params),
+             human(r.macs), acc(r.accuracy),
+             "" if r.gain is None else f"{r.gain:+.2f}", "yes" if r.kept else "no"]
+            for r in result.modules]
+    b, a = result.before, result.after
+    lines = [table(["module", "at", "size", "1x1/3x3/3x3dbl/pool", "params", "MACs",
+                    "accuracy", "gain (pts)", "kept"], rows, "llllrrrrl"),
+             f"params {human(b.params)} -> {human(a.params)}, MACs {human(b.macs)} -> "
+             f"{human(a.macs)}" + (f", held-out accuracy {acc(result.accuracy_before)} -> "
+                                   f"{acc(result.accuracy_after)}"
+                                   if result.accuracy_before is not None else ""),
+             f"kept {len(result.kept)} of {len(result.modules)} module(s); each computed what "
+             "the model before it computed when inserted (relative error < 1e-5)",
+             f"wrote {result.output} (report: {result.report_path})" if result.output
+             else "nothing written (result.model holds the grown model)"]
+    return "\n".join(lines)
 
 
 def comparison_table(cmp, name_a: str, name_b: str) -> str:

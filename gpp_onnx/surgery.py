@@ -21,7 +21,8 @@ from onnx import helper, numpy_helper
 
 from .errors import VerificationError
 from .verify import without_initializers
-from .model import _drop_dead_nodes, dedupe_initializers
+from .edit import drop_dead_nodes
+from .model import dedupe_initializers
 from .ops import ROLE_IN
 
 logger = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ def cut(analysis, kept: dict[str, np.ndarray],
     and ``weights`` ((node, input index) -> replacement, original shape) come from the
     repair; the replacements are cut like the weights they replace."""
     model = _apply(analysis, kept, _cuts(analysis, kept), _take, True, bias_deltas, weights)
-    _drop_dead_nodes(model)  # e.g. the shape arithmetic of a dropped zero initial state
+    drop_dead_nodes(model)  # e.g. the shape arithmetic of a dropped zero initial state
     dedupe_initializers(model)
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False)

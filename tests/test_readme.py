@@ -43,7 +43,8 @@ def test_readme_data_free_examples_run(tmp_path, monkeypatch, capsys):
     onnx.save(sample_cnn(), tmp_path / "model.onnx")
     ran = 0
     for argv in _commands():
-        if argv[0] in ("analyze", "prune", "compare") and "--data" not in argv and "--plan" not in argv:
+        data_free = "--data" not in argv and "--plan" not in argv and "--at" not in argv
+        if argv[0] in ("analyze", "prune", "compare", "grow") and data_free:
             if argv[0] == "compare":
                 argv = argv + ["--repeats", "3"]
             assert main(["-q", *argv, *([] if argv[0] != "prune" else ["--no-latency"])]) == 0, argv

@@ -1,0 +1,144 @@
+"""Grow then prune back vs the base trained as long (Fashion-MNIST).
+
+    python tools/grow_bench.py --out /tmp/grow-bench [--limit 20000] [--threads 2]
+
+Base: conv 3x3 8 -> ReLU -> max-pool -> conv 3x3 16 -> ReLU -> max-pool -> Flatten ->
+Gemm 10 (built in ONNX, ``gpp_onnx.samples.GraphBuilder``), trained ``--base-epochs``.
+Then two arms with the same total number of training epochs:
+
+* **base**: the base trained ``grow + prune`` epochs more (one more cosine run);
+* **grow+prune**: ``gpp_onnx.grow`` (``--max-modules``, ``--grow-epochs`` each, kept while
+  held-out accuracy gains more than ``--min-gain`` points), then ``gpp_onnx.prune`` to the
+  base's MACs (``target_macs = base / grown``, free widths, criterion gpp, repair lsq)
+  with ``--finetune-epochs`` of fine-tuning. The base arm trains as many epochs as the
+  grow arm does when every module is tried (base + grow epochs x max modules +
+  fine-tune); the table gives each arm's epochs (fewer for grow when growth stopped).
+
+Every model is evaluated on the 10k test file through onnxruntime. The held-out split
+(10% of the training file, the pipeline's default) serves grow's keep/drop decisions
+and prune's scoring only. Prints a table and writes ``OUT/grow_bench.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def base_net(seed: int = 0):
+    from gpp_onnx.samples import GraphBuilder
+
+    b = GraphBuilder((1, 1, 28, 28), seed=seed, name="fmnist_small")
+    x = b.pool(b.act(b.conv("input", 8), "Relu"))          # 14x14
+    x = b.pool(b.act(b.conv(x, 16), "Relu"))               # 7x7
+    return b.build(b.gemm(b.flatten(x), 10))
+
+
+def stats(model):
+    from gpp_onnx.graph import GraphView
+    from gpp_onnx.stats import count
+
+    return count(GraphView(model))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--limit", type=int, help="training images (stratified; default all)")
+    p.add_argument("--base-epochs", type=float, default=2)
+    p.add_argument("--grow-epochs", type=float, default=1)
+    p.add_argument("--max-modules", type=int, default=2)
+    p.add_argument("--min-gain", type=float, default=0.1)
+    p.add_argument("--finetune-epochs", type=float, default=1)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import onnx
+    import torch
+
+    import gpp_onnx
+    from gpp_onnx.config import DataOptions, TrainOptions
+    from gpp_onnx.evaluation import accuracy, dataset_for
+    from gpp_onnx.finetune import train_model
+    from gpp_onnx.graph import GraphView
+    from gpp_onnx.rounds import load_data
+    from gpp_onnx.config import PruneConfig
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = DataOptions("fashion-mnist", limit=args.limit)
+    model = base_net(args.seed)
+    view = GraphView(model)
+    splits = load_data(view, PruneConfig(data=data, seed=args.seed))
+    test = dataset_for(view, "fashion-mnist:test")
+    opts = TrainOptions(lr=args.lr)
+    rows, t0 = [], time.perf_counter()
+
+    def row(name, m, epochs):
+        s = stats(m)
+        rows.append({"arm": name, "epochs": epochs, "params": s.params, "macs": s.macs,
+                     "test_accuracy": accuracy(m, test),
+                     "seconds": round(time.perf_counter() - t0, 1)})
+        print(fmt(rows[-1]), flush=True)
+
+    base = train_model(model, splits.train, _epochs(opts, args.base_epochs), args.seed)
+    row("base", base, args.base_epochs)
+    onnx.save(base, args.out / "base.onnx")
+    # the total the grow arm trains when every module is tried
+    total = args.base_epochs + args.grow_epochs * args.max_modules + args.finetune_epochs
+    longer = train_model(base, splits.train, _epochs(opts, total - args.base_epochs),
+                         args.seed + 1)
+    row("base trained as long", longer, total)
+    grown = gpp_onnx.grow(base, args.out / "grown.onnx", data=data, seed=args.seed,
+                          max_modules=args.max_modules, min_gain=args.min_gain,
+                          train=_epochs(opts, args.grow_epochs))
+    grow_epochs = args.grow_epochs * len(grown.modules)
+    row(f"grown ({len(grown.kept)} of {len(grown.modules)} kept)", grown.model,
+        args.base_epochs + grow_epochs)
+    final = grown.model
+    if grown.kept:
+        pruned = gpp_onnx.prune(grown.model, args.out / "grown_pruned.onnx",
+                                target_macs=stats(base).macs / grown.after.macs, round_to=1,
+                                data=data, train=_epochs(opts, args.finetune_epochs),
+                                latency=False, seed=args.seed)
+        final = pruned.model
+    row("grow + prune to base MACs", final,
+        args.base_epochs + grow_epochs + (args.finetune_epochs if grown.kept else 0))
+    (args.out / "grow_bench.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+         "modules": grown.report["modules"]}, indent=1))
+    print(table(rows))
+    return 0
+
+
+def _epochs(opts, epochs):
+    from dataclasses import replace
+
+    return replace(opts, epochs=epochs)
+
+
+def fmt(r: dict) -> str:
+    return (f"{r['arm']:<34} {r['epochs']:>6g} {r['params']:>8d} {r['macs']:>10d} "
+            f"{r['test_accuracy']:>8.4f} {r['seconds']:>8.1f}")
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'arm':<34} {'epochs':>6} {'params':>8} {'MACs':>10} {'test acc':>8} {'time s':>8}"
+    return "\n".join([head, "-" * len(head), *map(fmt, rows)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
