@@ -1,7 +1,6 @@
 """Command line: parse -> config -> public API -> exit code (0 ok, 2 bad input/model)."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import logging
@@ -10,247 +9,15 @@ import sys
 from pathlib import Path
 
 from . import model as model_io
-from . import distributed, pipeline, report
-from .config import DataOptions, LatencyOptions, PruneConfig, TrainOptions
+from . import distributed, pipeline, push_prune, report
+from .config import PruneConfig, TrainOptions
 from .errors import GppError, InputError
+from .cli_args import _data_options, _input_shape, _timing, build_parser
 from .progress import ProgressHandler
-from .importance import criterion_names
 from .push import PushWeights
-from .schedule import GPP_ROUNDS, SPLITS, GppOptions
+from .schedule import GppOptions
 
 logger = logging.getLogger("gpp_onnx")
-
-
-def _shape(text: str) -> tuple[str | None, tuple[int, ...]]:
-    """'1,3,224,224' or 'NAME:1,3,224,224' (the name may hold ':', as TF's 'input:0')."""
-    name, _, sizes = text.rpartition(":")
-    try:
-        dims = tuple(int(v) for v in sizes.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,224,224 or "
-                                         "NAME:1,3,224,224") from None
-    if not dims or min(dims) <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must list positive sizes")
-    return (name or None), dims
-
-
-SHAPE_HELP = ("concrete input shape, e.g. 1,3,224,224; NAME:1,3,224,224 per input "
-              "(repeat for each input of a multi-input model)")
-
-
-def _input_shape(given: list | None):
-    """--input-shape values -> None, one shape, or {input name: shape}."""
-    if not given:
-        return None
-    names = [name for name, _ in given]
-    if names == [None]:
-        return given[0][1]
-    if None in names:
-        raise InputError("--input-shape was given without an input name next to other "
-                         "shapes - name each one as NAME:1,3,224,224")
-    if len(set(names)) != len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        raise InputError(f"--input-shape gives input '{twice}' twice - give one shape per input")
-    return dict(given)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpp-onnx", description="Make ONNX CNN classifiers "
-                                     "physically smaller (Grow-Push-Prune).")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only errors and results")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    an = sub.add_parser("analyze", help="table of channel groups and why some cannot be pruned")
-    an.add_argument("model")
-    an.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
-
-    _prune_parser(sub)
-    _gpp_parser(sub)
-    _profile_parser(sub)
-    _push_parser(sub)
-    _grow_parser(sub)
-
-    ev = sub.add_parser("evaluate", help="top-1 accuracy through onnxruntime")
-    ev.add_argument("model")
-    _data_args(ev)
-
-    cmp = sub.add_parser("compare", help="params, MACs, file size and latency of two models")
-    cmp.add_argument("model_a")
-    cmp.add_argument("model_b")
-    cmp.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
-    cmp.add_argument("--repeats", type=int, default=30)
-    _data_args(cmp)
-
-    demo = sub.add_parser("demo", help="train a small CNN on the bundled digits, then push, "
-                          "prune and fine-tune it in gpp rounds, report")
-    demo.add_argument("--out", default="gpp-demo", help="folder for the demo's files")
-    demo.add_argument("--ratio", type=float, default=0.5)
-    demo.add_argument("--epochs", type=float, default=10, help="training epochs")
-    demo.add_argument("--budget-epochs", type=float, default=4,
-                      help="push and fine-tuning epochs of the gpp rounds")
-    return parser
-
-
-def _prune_parser(sub) -> None:
-    pr = sub.add_parser("prune", help="prune a model and write a verified smaller one")
-    pr.add_argument("model")
-    pr.add_argument("-o", "--output", required=True, help="path of the pruned model")
-    _cut_args(pr)
-    pr.add_argument("--rounds", type=int, default=1, help="prune in this many rounds")
-    pr.add_argument("--mask-only", action="store_true",
-                    help="keep the shapes; zero the removed channels' weights instead")
-    pr.add_argument("--plan", help="replay a plan written by --plan-out")
-    pr.add_argument("--plan-out", help="write the plan (JSON) here")
-    _prune_training_args(pr)
-    pr.add_argument("--finetune-epochs", type=float, default=0.0,
-                    help="fine-tuning after each cut (needs --data): cross-entropy with "
-                    "labels, distillation of the original's outputs without")
-
-
-def _gpp_parser(sub) -> None:
-    gp = sub.add_parser("gpp", help="rounds of push -> prune (with repair) -> fine-tune within "
-                        "an epoch budget; writes the best held-out model that meets the target")
-    gp.add_argument("model")
-    gp.add_argument("-o", "--output", required=True, help="path of the result")
-    _cut_args(gp)
-    gp.add_argument("--rounds", type=int, default=GPP_ROUNDS, help="push/prune rounds "
-                    f"(default {GPP_ROUNDS})")
-    _prune_training_args(gp)
-    gp.add_argument("--budget-epochs", type=float, default=2.0,
-                    help="training epochs in all, split evenly over the rounds")
-    gp.add_argument("--push-share", type=float, default=GppOptions.push_share,
-                    help="share of the budget spent on push before the cuts (evenly over the "
-                    "rounds); the rest fine-tunes")
-    gp.add_argument("--split", choices=SPLITS, default=GppOptions.split,
-                    help="fine-tune after every cut (even) or only after the last (final)")
-    gp.add_argument("--acc-floor", type=float, default=GppOptions.acc_floor,
-                    help="stop when held-out accuracy falls more than this below the start")
-    _push_weight_args(gp)
-    gp.add_argument("--work-dir", help="checkpoints of finished rounds (default: OUTPUT.gpp-work)")
-    gp.add_argument("--resume", action="store_true",
-                    help="continue the run in the work folder after its last finished round")
-
-
-def _cut_args(pr: argparse.ArgumentParser) -> None:
-    """What to cut and how it is scored: the options prune and gpp share."""
-    target = pr.add_mutually_exclusive_group()
-    target.add_argument("--ratio", type=float, help="remove this fraction of each prunable "
-                        "group's channels (default 0.5)")
-    target.add_argument("--target-macs", type=float, help="keep this fraction of the MACs")
-    target.add_argument("--target-params", type=float, help="keep this fraction of the params")
-    target.add_argument("--target-latency", type=float, help="keep this fraction of the "
-                        "onnxruntime CPU latency measured here (channels ranked globally by "
-                        "utility per unit of latency; the cut model is timed and corrected)")
-    pr.add_argument("--allocation", choices=["uniform", "global"],
-                    help="the same ratio in every group (default for MACs/params targets) or "
-                    "channels ranked globally by utility per unit of cost (default for "
-                    "--target-latency)")
-    pr.add_argument("--criterion", default="auto",
-                    help=f"one of {', '.join(criterion_names())} (default: gpp with --data, "
-                    "else l1)")
-    pr.add_argument("--eta", type=float, help="threshold factor: remove channels whose utility "
-                    "is below eta * std of their group's (METHOD 3)")
-    pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
-                    help="keep this group whole (a group key, value or node name; repeatable)")
-    pr.add_argument("--group-ratio", action="append", default=[], type=_name_ratio,
-                    metavar="NAME=R", help="this group's own ratio (repeatable)")
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--min-keep", type=int, default=1, help="channels every group keeps")
-    pr.add_argument("--round-to", type=int, help="kept widths are multiples of this (default: "
-                    "the block onnxruntime's fast conv layout needs here, 8 or 16; 1: free)")
-    pr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
-    pr.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    _timing_args(pr, "latency-")
-
-
-def _push_weight_args(p: argparse.ArgumentParser) -> None:
-    w = PushWeights()
-    p.add_argument("--sep", type=float, default=w.sep, help="push: weight of class separation")
-    p.add_argument("--cov", type=float, default=w.cov,
-                   help="push: weight of the within-class covariance off the diagonal")
-    p.add_argument("--align", type=float, default=w.align,
-                   help="push: weight of concentrating discriminant power on few neurons")
-
-
-def _prune_training_args(pr: argparse.ArgumentParser) -> None:
-    """Data, fine-tuning and repair options of prune."""
-    _data_args(pr)
-    pr.add_argument("--feature-tensor", help="value name of the final hidden layer "
-                    "(default: the input of the last Gemm/MatMul)")
-    pr.add_argument("--no-labels", action="store_true",
-                    help="ignore the data's labels: label-free criterion (fisher), repair "
-                    "and distillation to the original model's outputs")
-    pr.add_argument("--distill", type=float, default=0.0, metavar="W",
-                    help="with labels: add W x the distillation loss to cross-entropy")
-    pr.add_argument("--temperature", type=float, default=1.0,
-                    help="softmax temperature of the distillation KL (class outputs)")
-    pr.add_argument("--lr", type=float, default=0.01, help="training learning rate")
-    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    pr.add_argument("--repair", choices=["lsq", "bias", "none"], default="lsq",
-                    help="after the cut (needs --data): lsq refits the following layers "
-                    "to the original outputs (default), bias folds the removed channels' "
-                    "means into the next biases, none leaves the weights as they are")
-    pr.add_argument("--no-repair", action="store_const", const="none", dest="repair",
-                    help="same as --repair none")
-
-
-def _profile_parser(sub) -> None:
-    pf = sub.add_parser("profile", help="per-group onnxruntime latency cost on this machine")
-    pf.add_argument("model")
-    pf.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
-    _timing_args(pf, "")
-    pf.add_argument("--runs", type=int, default=20, help="profiled runs")
-    pf.add_argument("--json", help="write every group's cost-vs-width curve here "
-                    "(python tools/plot_report.py latency FILE draws it)")
-
-
-def _push_parser(sub) -> None:
-    pu = sub.add_parser("push", help="train with cross-entropy + the push loss so the class "
-                        "discriminants line up with few neurons (before pruning)")
-    pu.add_argument("model")
-    pu.add_argument("-o", "--output", required=True, help="path of the pushed model")
-    _data_args(pu)
-    pu.add_argument("--epochs", type=float, default=1.0)
-    pu.add_argument("--lr", type=float, default=0.01)
-    pu.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    _push_weight_args(pu)
-    pu.add_argument("--feature-tensor", help="value name of the final hidden layer")
-    pu.add_argument("--seed", type=int, default=0)
-    pu.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
-
-
-def _grow_parser(sub) -> None:
-    gr = sub.add_parser("grow", help="insert Inception modules (function-preserving); with "
-                        "--data train each and keep it while held-out accuracy gains")
-    gr.add_argument("model")
-    gr.add_argument("-o", "--output", required=True, help="path of the grown model")
-    _data_args(gr)
-    gr.add_argument("--at", action="append", default=[], metavar="VALUE",
-                    help="grow after this value (a conv block's output; repeatable; "
-                    "default: one per resolution stage, deepest first)")
-    gr.add_argument("--max-modules", type=int, default=3)
-    gr.add_argument("--epochs", type=float, help="training epochs after each module "
-                    "(default: 2 with --data, else 0: insert only)")
-    gr.add_argument("--min-gain", type=float, default=0.1, help="held-out accuracy points "
-                    "a module must add to be kept")
-    gr.add_argument("--branch-widths", type=_widths, metavar="W3,W33,WP",
-                    help="output widths of the 1x1->3x3, 1x1->3x3->3x3 and pool->1x1 "
-                    "branches (default: C/2,C/4,C/4 of the input's C, multiples of 8)")
-    gr.add_argument("--lr", type=float, default=0.01)
-    gr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    gr.add_argument("--seed", type=int, default=0)
-    gr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
-
-
-def _widths(text: str) -> tuple[int, int, int]:
-    try:
-        got = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        got = ()
-    if len(got) != 3 or min(got) < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not three positive widths like 32,16,16")
-    return got
 
 
 def _grow_config(args):
@@ -263,65 +30,6 @@ def _grow_config(args):
                       train=TrainOptions(epochs=epochs, lr=args.lr, batch_size=args.batch_size,
                                          device=args.device),
                       seed=args.seed, input_shape=_input_shape(args.input_shape))
-
-
-def _timing_args(p: argparse.ArgumentParser, prefix: str) -> None:
-    """Where latency is measured (prune: --latency-threads/--latency-batch; profile:
-    --threads/--batch)."""
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
-                   help="onnxruntime provider to time (cuda needs onnxruntime-gpu)")
-    p.add_argument(f"--{prefix}threads", dest="timing_threads", type=int, default=0,
-                   help="onnxruntime intra-op threads when timing (default: its own choice)")
-    p.add_argument(f"--{prefix}batch", dest="timing_batch", type=int, default=1,
-                   help="images per timed run (models with a dynamic batch)")
-    p.add_argument("--no-latency-cache", action="store_true",
-                   help="profile again instead of reusing ~/.cache/gpp-onnx")
-
-
-def _timing(args) -> LatencyOptions:
-    return LatencyOptions(args.provider, args.timing_threads, args.timing_batch,
-                          None if args.no_latency_cache else LatencyOptions.cache)
-
-
-def _name_ratio(text: str) -> tuple[str, float]:
-    name, sep, value = text.rpartition("=")
-    try:
-        if not sep or not name:
-            raise ValueError
-        return name, float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not NAME=RATIO, e.g. conv1=0.25") from None
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a list like 0.5,0.5,0.5") from None
-
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="images: a class-per-folder directory (or a folder of "
-                   "images, no labels), an .npz with x (and y), IDX files, "
-                   "'fashion-mnist[:test]' or 'digits'")
-    p.add_argument("--val-split", type=float, default=0.1, help="held-out fraction (prune)")
-    p.add_argument("--limit", type=int, help="use at most this many images")
-    p.add_argument("--per-class", type=int, default=32, help="images per class for scoring")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, help="processes that prepare batches (default: a "
-                   "few for image folders, none for arrays)")
-    p.add_argument("--mean", type=_floats, help="per-channel mean subtracted after /255")
-    p.add_argument("--std", type=_floats, help="per-channel std divided after the mean")
-    p.add_argument("--no-resize", action="store_true",
-                   help="refuse images whose size differs from the model input")
-
-
-def _data_options(args) -> DataOptions | None:
-    if not args.data:
-        return None
-    return DataOptions(args.data, args.mean, args.std, not args.no_resize, args.limit,
-                       args.val_split, args.per_class, args.batch_size, args.workers,
-                       False if getattr(args, "no_labels", False) else None)
 
 
 def _prune_config(args) -> PruneConfig:
@@ -350,7 +58,7 @@ def _run(args) -> int:
         options = GppOptions(args.budget_epochs, args.push_share, args.split, args.acc_floor,
                              PushWeights(args.sep, args.cov, args.align),
                              Path(args.work_dir) if args.work_dir else None, args.resume)
-        print(report.gpp_summary(pipeline.gpp(args.model, args.output, _prune_config(args),
+        print(report.gpp_summary(push_prune.gpp(args.model, args.output, _prune_config(args),
                                               options)))
     elif args.command == "profile":
         prof = pipeline.profile(args.model, _input_shape(args.input_shape), _timing(args),
@@ -360,7 +68,7 @@ def _run(args) -> int:
             model_io.write_text(args.json, report.to_json(vars(prof)))
             print(f"wrote {args.json}")
     elif args.command == "push":
-        res = pipeline.push(args.model, args.output, _data_options(args),
+        res = push_prune.push(args.model, args.output, _data_options(args),
                             TrainOptions(epochs=args.epochs, lr=args.lr,
                                          batch_size=args.batch_size, device=args.device),
                             PushWeights(args.sep, args.cov, args.align), args.feature_tensor,
@@ -380,7 +88,7 @@ def _run(args) -> int:
                                args.repeats, _data_options(args))
         print(report.comparison_table(cmp, Path(args.model_a).name, Path(args.model_b).name))
     elif args.command == "demo":
-        result = pipeline.demo(Path(args.out), args.ratio, args.epochs, args.budget_epochs)
+        result = push_prune.demo(Path(args.out), args.ratio, args.epochs, args.budget_epochs)
         print(report.gpp_summary(result))
     return 0
 

@@ -179,7 +179,7 @@ def data_digest(ds, train, val) -> dict[str, object]:
     return {"source": ds.source, "classes": ds.classes, "size": (len(train), len(val)),
             "images": (train.x.index.tobytes(), val.x.index.tobytes()),
             "labels": tuple(None if s.y is None else s.y.tobytes() for s in (train, val)),
-            "input": ds.x.spec}
+            "input": getattr(ds.x, "spec", ds.x.shape[1:])}  # Images: decoding spec; Arrays: rows
 
 
 def _evidence(analysis: Analysis, config: PruneConfig, data: Splits | None) -> Evidence:

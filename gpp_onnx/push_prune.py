@@ -1,0 +1,159 @@
+"""Public facades of the training commands: ``push`` (the push step alone), ``gpp`` (the
+push/prune rounds of schedule.py within an epoch budget) and the README's ``demo``. Like
+``pipeline.prune`` they take a path or an in-memory ModelProto, check before the work and
+write atomically."""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import onnx
+
+from . import distributed, latency, preflight, report, schedule, verify
+from . import model as model_io
+from .analysis.features import final_hidden_layer
+from .config import DataOptions, PruneConfig, TrainOptions
+from .errors import InputError
+from .finetune import train_model
+from .graph import GraphView
+from .pipeline import _check_precision, _load, _preflight, start_run
+from .push import PushReport, PushWeights, push_model
+from .rounds import load_data
+from .schedule import GppOptions
+from .stats import ModelStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    output: Path | None
+    report: PushReport
+    model: onnx.ModelProto = field(repr=False)
+
+
+def push(model, output=None, data: DataOptions | None = None,
+         train: TrainOptions = TrainOptions(epochs=1.0), weights: PushWeights = PushWeights(),
+         feature_tensor: str | None = None, seed: int = 0, input_shape=None) -> PushResult:
+    """Train `model` with cross-entropy + the push loss (METHOD 4) for `train.epochs` on
+    `data`; the result is checked (checker, onnxruntime) and written to `output` if given."""
+    if data is None:
+        raise InputError("push needs labelled data - pass --data (a folder, .npz, IDX file, "
+                         "fashion-mnist or digits)")
+    if train.epochs <= 0:
+        raise InputError(f"--epochs {train.epochs} must be > 0")
+    src = None if isinstance(model, onnx.ModelProto) else Path(model)
+    dst = None if output is None else Path(output)
+    _preflight(model, src, dst, data)
+    _, normalized, analysis = _load(model if src is None else src, input_shape)
+    config = PruneConfig(data=replace(data, labels=True), seed=seed, train=train).checked()
+    _check_precision(normalized, config)
+    splits = load_data(analysis.view, config)
+    feature = final_hidden_layer(analysis.view, feature_tensor)
+    pushed, rep = push_model(normalized, splits.train, splits.val, feature, train, weights, seed)
+    verify.check(pushed, "pushed model")
+    verify.make_session(pushed, "pushed model")
+    if dst is not None and distributed.is_writer():
+        model_io.save(pushed, dst)
+        model_io.write_text(dst.with_suffix(".report.json"), report.to_json(
+            {"input": str(src or "<in-memory model>"), "output": str(dst),
+             "weights": vars(weights), "train": vars(train), "push": vars(rep)}))
+    return PushResult(dst, rep, pushed)
+
+
+@dataclass(frozen=True)
+class GppResult:
+    output: Path | None
+    report_path: Path | None
+    before: ModelStats
+    after: ModelStats
+    accuracy_before: float
+    rows: tuple[dict, ...]              # one per round (schedule.run_round)
+    best: dict                          # the round and stage the result comes from
+    epochs: float                       # training epochs spent
+    latency_ratio: float | None
+    report: dict = field(repr=False)
+    model: onnx.ModelProto | None = field(default=None, repr=False)
+
+
+def gpp(model, output=None, config: PruneConfig | None = None,
+        options: GppOptions = GppOptions(), **fields) -> GppResult:
+    """Grow-Push-Prune's push/prune loop (schedule.py): rounds of push -> score -> prune
+    (with repair) -> fine-tune within ``options.budget_epochs``; the best held-out model
+    that meets the target is checked and written to `output` (with its JSON report).
+    `fields` are PruneConfig fields: ``gpp(m, "out.onnx", data=DataOptions("digits"),
+    target_macs=0.5)``."""
+    config = replace(config or PruneConfig(), **fields)
+    if config.data is None or config.data.labels is False:
+        raise InputError("gpp needs labelled data (push trains on the classes) - pass --data "
+                         "with labels (a folder, .npz, IDX file, fashion-mnist or digits); "
+                         "without labels, prune with --finetune-epochs distils instead")
+    if config.allocation is None and (config.target_macs or config.target_params):
+        config = replace(config, allocation="global")  # measured: docs/fashion-mnist.md
+    config = replace(config, data=replace(config.data, labels=True)).checked()
+    src = None if isinstance(model, onnx.ModelProto) else Path(model)
+    dst = None if output is None else Path(output)
+    if options.work_dir is None and dst is not None:
+        options = replace(options, work_dir=dst.with_name(dst.name + ".gpp-work"))
+    _preflight(model, src, dst, config.data)
+    schedule.check_work(options)
+    if options.work_dir is not None:
+        preflight.check_writable(Path(options.work_dir) / "state.json")
+    t0 = time.perf_counter()
+    start = start_run(model if src is None else src, replace(config, latency=False))
+    schedule.check_data(start.data, config)
+    options = options.checked(config, len(start.data.train.y))
+    run = schedule.Run(config, options, start.data, start.before, start.accuracy,
+                       start.tolerance, {g.key: g.width for g in start.analysis.groups})
+    best, state = schedule.run_schedule(start.normalized, run,
+                                        schedule.fingerprint(start.normalized, config, options))
+    verify.check(best, "result")
+    verify.make_session(best, "result")
+    writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports
+    timing = (latency.measure(start.normalized, best,
+                              latency.timing_feeds(start.analysis.view, config.timing),
+                              options=config.timing) if config.latency and writer else None)
+    after = ModelStats(state.best["params"], state.best["macs"])
+    if dst is not None and writer:
+        model_io.save(best, dst)
+    if options.work_dir is not None and writer:  # a finished run leaves nothing to resume
+        shutil.rmtree(options.work_dir, ignore_errors=True)
+    data_report = report.gpp_report(src or "<in-memory model>", dst, config, options, state,
+                                    start.before, after, start.accuracy,
+                                    timing.ratio if timing else None, time.perf_counter() - t0)
+    report_path = None
+    if dst is not None and writer:
+        report_path = model_io.write_text(dst.with_suffix(".report.json"),
+                                          report.to_json(data_report))
+    return GppResult(dst, report_path, start.before, after, start.accuracy, state.rows,
+                     state.best, state.epochs, timing.ratio if timing else None, data_report,
+                     best)
+
+
+def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, budget: float = 4,
+         seed: int = 0) -> GppResult:
+    """The README's main job on embedded data: train the digits CNN, then Grow-Push-Prune's
+    push/prune rounds (``gpp``) remove `ratio` of its channels within `budget` epochs, and
+    the summary shows accuracy, params, MACs, latency and every round."""
+    from .samples import digits_cnn
+
+    if distributed.is_writer():
+        folder.mkdir(parents=True, exist_ok=True)
+    data = DataOptions("digits")
+    model = digits_cnn(seed)
+    splits = load_data(GraphView(model), PruneConfig(data=data, seed=seed))
+    logger.info("training the sample digits CNN (%g epochs)", epochs)
+    trained = train_model(model, splits.train, TrainOptions(epochs=epochs, lr=0.05), seed,
+                          desc="training")
+    src, out = folder / "digits_cnn.onnx", folder / "digits_cnn.pruned.onnx"
+    if distributed.is_writer():
+        model_io.save(trained, src)
+        logger.info("wrote the trained sample model to %s", src)
+        shutil.rmtree(out.with_name(out.name + ".gpp-work"), ignore_errors=True)  # killed
+    distributed.barrier()  # the other processes read it once rank 0 has written it
+    # two rounds: the 1617 training digits give three rounds too few steps each
+    config = PruneConfig(ratio=ratio, data=data, rounds=2, seed=seed)
+    return gpp(src, out, config, GppOptions(budget_epochs=budget))
