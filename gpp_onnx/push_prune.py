@@ -91,8 +91,6 @@ def gpp(model, output=None, config: PruneConfig | None = None,
         raise InputError("gpp needs labelled data (push trains on the classes) - pass --data "
                          "with labels (a folder, .npz, IDX file, fashion-mnist or digits); "
                          "without labels, prune with --finetune-epochs distils instead")
-    if config.allocation is None and (config.target_macs or config.target_params):
-        config = replace(config, allocation="global")  # measured: docs/fashion-mnist.md
     config = replace(config, data=replace(config.data, labels=True)).checked()
     src = None if isinstance(model, onnx.ModelProto) else Path(model)
     dst = None if output is None else Path(output)
