@@ -15,7 +15,7 @@ between rounds.
   (``"even"``). Round k's cut keeps ``f^(k/K)`` of the original cost
   (``rounds.make_plan``), so the target is met after the last round. Defaults (K=3,
   share 0.25, final) were chosen on the validation split of two Fashion-MNIST VGG nets at
-  90% MACs removed with 2 epochs: final/0.25 0.8944 and 0.8918, even/0.5 0.8918 and
+  90% MACs removed with 2 epochs (global allocation): final/0.25 0.8944 and 0.8918, even/0.5 0.8918 and
   0.8828, one round 0.8870-0.8908 (docs/fashion-mnist.md).
 * **Best model.** Each model met on the way that meets the target (right after a cut,
   after a fine-tune) is a candidate; the one with the best held-out accuracy is the result,
