@@ -51,6 +51,17 @@ class Edited:
         return GraphView(self.model, self.input_shape)
 
 
+def unique_name(taken: set[str], base: str, tag: str = "") -> str:
+    """`base` if it is not in `taken`, else `base.<tag>k` for the first free k; the name
+    returned is added to `taken`."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}.{tag}{k}"
+    taken.add(name)
+    return name
+
+
 class Editor:
     """Add, insert and replace nodes of `model` (edited in place) under fresh names."""
 
@@ -73,12 +84,7 @@ class Editor:
     # -- names and additions -------------------------------------------------------
     def fresh(self, base: str) -> str:
         """`base` if no node, value or initializer has that name yet, else `base.k`."""
-        name, k = base, 0
-        while name in self._taken:
-            k += 1
-            name = f"{base}.{k}"
-        self._taken.add(name)
-        return name
+        return unique_name(self._taken, base)
 
     def add_initializer(self, base: str, array: np.ndarray) -> str:
         name = self.fresh(base)

@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 
 from .errors import VerificationError
 from .verify import without_initializers
-from .edit import drop_dead_nodes
+from .edit import drop_dead_nodes, unique_name
 from .model import dedupe_initializers
 from .ops import ROLE_IN
 
@@ -54,12 +54,7 @@ class Edit:
         return None if name is None else self.view.const(name)
 
     def fresh_name(self, base: str) -> str:
-        name, i = base, 0
-        while name in self._taken:
-            i += 1
-            name = f"{base}.pruned{i}"
-        self._taken.add(name)
-        return name
+        return unique_name(self._taken, base, "pruned")
 
     def set_input_const(self, node: onnx.NodeProto, index: int, array: np.ndarray) -> None:
         name = self.fresh_name(f"{node.name}.in{index}")
