@@ -116,7 +116,7 @@ def _gpp_parser(sub) -> None:
                     help="fine-tune after every cut (even) or only after the last (final)")
     gp.add_argument("--acc-floor", type=float, default=GppOptions.acc_floor,
                     help="stop when held-out accuracy falls more than this below the start")
-    _push_weight_args(gp)
+    _push_weight_args(gp, GppOptions.weights)
     gp.add_argument("--work-dir", help="checkpoints of finished rounds (default: OUTPUT.gpp-work)")
     gp.add_argument("--resume", action="store_true",
                     help="continue the run in the work folder after its last finished round")
@@ -154,13 +154,14 @@ def _cut_args(pr: argparse.ArgumentParser) -> None:
     _timing_args(pr, "latency-")
 
 
-def _push_weight_args(p: argparse.ArgumentParser) -> None:
-    w = PushWeights()
-    p.add_argument("--sep", type=float, default=w.sep, help="push: weight of class separation")
+def _push_weight_args(p: argparse.ArgumentParser, w: PushWeights = PushWeights()) -> None:
+    p.add_argument("--sep", type=float, default=w.sep, help="push: weight of class separation (default %(default)s)")
     p.add_argument("--cov", type=float, default=w.cov,
-                   help="push: weight of the within-class covariance off the diagonal")
+                   help="push: weight of the within-class covariance off the diagonal "
+                   "(default %(default)s)")
     p.add_argument("--align", type=float, default=w.align,
-                   help="push: weight of concentrating discriminant power on few neurons")
+                   help="push: weight of concentrating discriminant power on few neurons "
+                   "(default %(default)s)")
 
 
 def _prune_training_args(pr: argparse.ArgumentParser) -> None:
