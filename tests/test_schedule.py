@@ -140,3 +140,15 @@ def test_bad_gpp_input_is_a_one_line_error_and_writes_nothing(trained, tmp_path,
 def test_gpp_without_data_is_a_one_line_error(trained, tmp_path, capsys):
     code = main(["gpp", str(trained), "--target-macs", "0.5", "-o", str(tmp_path / "o.onnx")])
     assert code == 2 and "labelled data" in capsys.readouterr().err
+
+
+def test_the_accuracy_floor_stops_the_run_and_keeps_its_rounds(trained, tmp_path, capsys):
+    # a tenth of the MACs in two rounds: the first cut (to 0.3 of the MACs) cannot keep the
+    # start's accuracy exactly, so a floor of 0 stops the run before the target is met
+    out = tmp_path / "o.onnx"
+    code = main(["-q", "gpp", str(trained), "--data", "digits", "--target-macs", "0.1",
+                 "--rounds", "2", "--budget-epochs", "2", "--round-to", "1", "--acc-floor", "0",
+                 "--no-latency", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no model met the target" in err and "in round 1" in err
+    assert not out.exists() and (tmp_path / "o.onnx.gpp-work" / "round-1.onnx").exists()
