@@ -26,7 +26,13 @@ import numpy as np
 
 from .plan import PrunePlan, group_multiple, kept_elements, round_up
 
-FLOOR = 0.05  # every group keeps at least this fraction of its channels
+# every group keeps at least this fraction of its channels. 0.2 was chosen on the
+# Fashion-MNIST validation split (--allocation global, 2 epochs of fine-tuning): 0.05 let
+# free widths (--round-to 1) shrink 8- and 16-channel groups to one or two channels - the
+# VGG net at 90% MACs removed kept 0.861, 0.892 with 0.2, and the Inception net 0.818,
+# 0.831 with 0.2; where block rounding already keeps more, the plans are the same
+# (VGG 90%: 0.8968, Inception 75%: 0.8728 with either)
+FLOOR = 0.2
 
 
 def unit_costs(analysis, cost, round_to: int = 1) -> dict[str, float]:
