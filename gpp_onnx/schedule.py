@@ -162,8 +162,9 @@ def finetune_step(model, state: State, run: Run):
     epochs = run.finetune_epochs(k)
     if epochs <= 0 or state.stop:
         return model, state, {}
+    teacher = run.data.teacher if run.config.train.distill > 0 else None  # --distill W
     tuned = train_model(model, run.data.train, replace(run.config.train, epochs=epochs),
-                        run.config.seed + k)
+                        run.config.seed + k, teacher=teacher)
     acc = accuracy(tuned, run.data.val)
     logger.info("round %d: accuracy after fine-tuning %.4f", k, acc)
     row = {"accuracy_after_finetune": acc, "finetune_epochs": epochs}
