@@ -1,6 +1,8 @@
 """Shared test helpers: save a model, run it in onnxruntime, prune it through the API."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 from pathlib import Path
 
 import os
@@ -78,6 +80,16 @@ def assert_pruned_equals_masked(model: onnx.ModelProto, tmp_path: Path, expect_c
         if expect_change:  # masking really removed something (random graphs may cut dead units)
             assert rel_err(run_model(src, feeds), out_masked) > 1e-6
     return result
+
+
+@functools.lru_cache(maxsize=1)
+def zoo_tool():
+    """tools/zoo.py as a module (the exported torchvision families the e2e tests use)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "zoo.py"
+    spec = importlib.util.spec_from_file_location("gpp_zoo_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

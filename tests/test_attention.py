@@ -10,7 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import assert_pruned_equals_masked, feeds_for, n_params, rel_err, run_model
+from conftest import (assert_pruned_equals_masked, feeds_for, n_params, rel_err, run_model,
+                      zoo_tool)
 from gpp_onnx import PruneConfig, prune
 from gpp_onnx.analysis import analyze_model
 from gpp_onnx.model import normalize
@@ -130,7 +131,6 @@ def test_shape_read_by_slice_off_the_channel_axis_keeps_channels_prunable(tmp_pa
 
 # -- torchvision ViT through both exporters ---------------------------------------------
 
-_ZOO = Path(__file__).resolve().parents[1] / "tools" / "zoo.py"
 VIT = dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
            mlp_dim=128, num_classes=10)
 
@@ -141,9 +141,7 @@ def _tiny_vit(path: Path, exporter: str) -> onnx.ModelProto:
         pytest.skip("torchvision is not installed")
     from adapters.pytorch import _import_torchvision, export_torch
 
-    spec = importlib.util.spec_from_file_location("gpp_zoo_tool", _ZOO)
-    zoo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(zoo)
+    zoo = zoo_tool()
     shape = (1, 3, 32, 32)
     model = zoo.perturb(_import_torchvision().models.VisionTransformer(**VIT), shape)
     export_torch(model, path, shape, exporter=exporter, opset=17)

@@ -2,7 +2,6 @@
 model computes what the exported one computes, at the automatic positions and at a
 position inside a block, checked in onnxruntime against the exported file."""
 import importlib.util
-from pathlib import Path
 
 import onnx
 import pytest
@@ -15,12 +14,9 @@ from gpp_onnx import grow
 from gpp_onnx.config import TrainOptions
 from gpp_onnx.grow import Widths
 
-from conftest import feeds_for, rel_err, run_model
+from conftest import feeds_for, rel_err, run_model, zoo_tool
 
-_ZOO = Path(__file__).resolve().parents[1] / "tools" / "zoo.py"
-_spec = importlib.util.spec_from_file_location("gpp_zoo_tool_grow", _ZOO)
-zoo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(zoo)
+zoo = zoo_tool()
 
 SHAPE = (1, 3, 64, 64)
 # an inner position per family: a conv block inside a residual / inverted-residual block

@@ -8,7 +8,6 @@ an idle 2-core CPU (the dynamo export of resnet18 is the slowest case). torchvis
 only reached through ``adapters.pytorch.load_torchvision``.
 """
 import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -16,10 +15,9 @@ pytest.importorskip("onnxruntime")
 if importlib.util.find_spec("torchvision") is None:
     pytest.skip("torchvision is not installed", allow_module_level=True)
 
-_ZOO = Path(__file__).resolve().parents[1] / "tools" / "zoo.py"
-_spec = importlib.util.spec_from_file_location("gpp_zoo_tool", _ZOO)
-zoo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(zoo)
+from conftest import zoo_tool  # noqa: E402
+
+zoo = zoo_tool()
 
 SIZE = 64
 EQUIVALENCE_TOL = 1e-5
