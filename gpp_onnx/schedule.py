@@ -100,6 +100,7 @@ class State:
     rows: tuple[dict, ...] = ()                # one per finished round
     best: dict | None = None                   # round, stage, accuracy, params, macs
     stop: str | None = None                    # why the run ended early
+    cost: tuple[int, int] | None = None        # params, MACs of the current model
     best_model: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
 
     def to_json(self, fingerprint: str) -> str:
@@ -153,7 +154,8 @@ def prune_step(model, state: State, run: Run):
     row = {"removed_channels": cut.plan.removed_channels, "params": cut.params,
            "macs": cut.macs, "accuracy_after_cut": cut.accuracy_cut,
            "equivalence_relative_error": cut.error}
-    state = _consider(state, run, cut.model, k, "cut", cut.accuracy_cut, cut.params, cut.macs)
+    state = _consider(replace(state, cost=(cut.params, cut.macs)), run, cut.model, k, "cut",
+                      cut.accuracy_cut, cut.params, cut.macs)
     return cut.model, state, row
 
 
@@ -168,7 +170,7 @@ def finetune_step(model, state: State, run: Run):
     acc = accuracy(tuned, run.data.val)
     logger.info("round %d: accuracy after fine-tuning %.4f", k, acc)
     row = {"accuracy_after_finetune": acc, "finetune_epochs": epochs}
-    params, macs = _cost(tuned, run)
+    params, macs = state.cost  # fine-tuning changes weights, not widths
     state = _consider(replace(state, epochs=state.epochs + epochs), run, tuned, k, "fine-tune",
                       acc, params, macs)
     return tuned, state, row
@@ -263,13 +265,6 @@ def _meets_target(run: Run, k: int, params: int, macs: int) -> bool:
     if c.target_params is not None:
         return params <= c.target_params * run.before.params * (1 + 1e-9)
     return k == c.rounds  # ratio, latency, eta: spread over the rounds
-
-
-def _cost(model, run: Run) -> tuple[int, int]:
-    from .stats import Estimator, param_sizes
-
-    analysis = analyze_model(model, run.config.input_shape)
-    return sum(param_sizes(model).values()), Estimator(analysis).estimate({}).macs
 
 
 def _feature(model, config: PruneConfig) -> str:
