@@ -44,9 +44,18 @@ class ConcatRule(OpRule):
         a = axes.pop()
         res = NodeChannels(out_axes={y: a})
         if a != k:
+            width = ctx.shape(y)[a]
             for i, x in enumerate(node.input):
-                if ctx.is_const_param(x) and ctx.shape(x)[a] == ctx.shape(y)[a] > 1:
+                if ctx.has_channels(x) or ctx.shape(x)[a] != width or width == 1:
+                    continue
+                if ctx.is_const_param(x):
                     res.params.append(ParamSlice(node.name, i, x, a, y, ROLE_CHAN))
+                    continue
+                token = _broadcast_token(x, a, ctx)
+                if token is None:
+                    return block_all(node, ctx, f"Concat input '{x}' is computed without a "
+                                                "channel rule")
+                res.params.append(ParamSlice(token.name, 0, token.input[0], a, y, ROLE_CHAN))
             return _same_axis(node, ctx, res, a)
         offset = 0
         for x in node.input:
@@ -55,6 +64,23 @@ class ConcatRule(OpRule):
                 res.tie(x, y, ia=np.arange(n), ib=offset + np.arange(n))
             offset += n
         return res
+
+
+def _broadcast_token(x: str, a: int, ctx):
+    """The Expand that repeats a learned constant over the batch (a ViT class token,
+    ``(1, 1, C)`` expanded to ``(N, 1, C)``), when its target leaves axis `a` alone (1
+    there); its constant is then sliced with the channels. None for anything else."""
+    node = ctx.view.producer.get(x)
+    if node is None or node.op_type != "Expand" or not ctx.is_const_param(node.input[0]):
+        return None
+    token, target = ctx.shape(node.input[0]), ctx.view.probed(node.input[1])
+    if target is None:
+        target = ctx.const(node.input[1])
+    rank = len(ctx.shape(x))
+    if target is None or len(token) != rank or len(target) > rank:
+        return None
+    at = a - (rank - len(target))
+    return node if at < 0 or int(target[at]) == 1 else None
 
 
 @register("Split")
