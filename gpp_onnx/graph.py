@@ -102,9 +102,9 @@ class GraphView:
 
     @cached_property
     def _probed(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        meta = {name: (tuple(np.shape(v)), np.asarray(v).dtype.kind)
+        meta = {name: (tuple(np.shape(v)), np.asarray(v).dtype)
                 for name, v in self._probe_run[1].items()}
-        meta.update({s.name: (s.shape, s.dtype.kind) for s in self.inputs})
+        meta.update({s.name: (s.shape, np.dtype(s.dtype)) for s in self.inputs})
         return meta
 
     @property
@@ -130,6 +130,11 @@ class GraphView:
         values = self._probe_run[1]
         return [values[name] for name in self.output_names]
 
+    def probed(self, name: str) -> np.ndarray | None:
+        """The value `name` took in the shape probe (batch 1): for reading computed shape
+        targets, never for weights."""
+        return self._probe_run[1].get(name)
+
     def shape(self, name: str) -> tuple[int, ...] | None:
         if name in self.init_protos:
             return tuple(self.init_protos[name].dims)
@@ -144,7 +149,15 @@ class GraphView:
         if name in self.init_protos:
             return self.init_protos[name].data_type in _FLOAT_TYPES
         hit = self._probed.get(name)
-        return hit is not None and hit[1] == "f"
+        return hit is not None and hit[1].kind == "f"
+
+    def dtype(self, name: str) -> np.dtype | None:
+        """The element type of a value (an initializer's, or the one the probe saw)."""
+        if name in self.init_protos:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
+                self.init_protos[name].data_type))
+        hit = self._probed.get(name)
+        return None if hit is None else hit[1]
 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,

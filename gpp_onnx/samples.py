@@ -32,6 +32,7 @@ class GraphBuilder:
     def const(self, array, base: str = "w") -> str:
         name = f"{base}{len(self.inits)}"
         self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        self.shapes[name] = np.shape(array)
         return name
 
     def op(self, op: str, inputs, shape, n_out: int = 1, **attrs) -> str:
@@ -118,6 +119,39 @@ class GraphBuilder:
             return self.op("ReduceMean", [x], (n, c, 1, 1), axes=[2, 3], keepdims=1)
         axes = self.const(np.array([2, 3], dtype=np.int64))
         return self.op("ReduceMean", [x, axes], (n, c, 1, 1), keepdims=1)
+
+    def layer_norm(self, x, eps: float = 1e-5):
+        """A LayerNorm over the channel axis of NCHW written out as older exporters do:
+        ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, then scale and shift."""
+        n, c, h, w = self.shapes[x]
+        stat = (n, 1, h, w)
+        if self.opset < 18:
+            mean = self.op("ReduceMean", [x], stat, axes=[1], keepdims=1)
+        else:
+            mean = self.op("ReduceMean", [x, self.const(np.array([1]))], stat, keepdims=1)
+        d = self.binary("Sub", x, mean)
+        sq = self.binary("Pow", d, self.const(np.float32(2)))
+        if self.opset < 18:
+            var = self.op("ReduceMean", [sq], stat, axes=[1], keepdims=1)
+        else:
+            var = self.op("ReduceMean", [sq, self.const(np.array([1]))], stat, keepdims=1)
+        sd = self.act(self.binary("Add", var, self.const(np.float32(eps))), "Sqrt")
+        y = self.binary("Div", d, sd)
+        return self.channel_const("Add", self.channel_const("Mul", y))
+
+    def layer_norm_op(self, x, channels_last: bool = True):
+        """LayerNormalization over the channels: NHWC between two Transposes (ConvNeXt)
+        or, with ``channels_last=False``, over C, H and W of NCHW (axis 1)."""
+        n, c, h, w = self.shapes[x]
+        if not channels_last:
+            scale = self.rng.uniform(0.5, 1.5, (c, h, w)).astype(np.float32)
+            shift = self.rng.uniform(-0.1, 0.1, (c, h, w)).astype(np.float32)
+            return self.op("LayerNormalization", [x, self.const(scale), self.const(shift)],
+                           self.shapes[x], axis=1)
+        t = self.op("Transpose", [x], (n, h, w, c), perm=[0, 2, 3, 1])
+        y = self.op("LayerNormalization", [t, self.vector(c, 0.5, 1.5), self.vector(c)],
+                    (n, h, w, c), axis=-1, epsilon=1e-6)
+        return self.op("Transpose", [y], (n, c, h, w), perm=[0, 3, 1, 2])
 
     def concat(self, xs, axis=1):
         shape = list(self.shapes[xs[0]])

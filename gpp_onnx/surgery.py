@@ -7,7 +7,9 @@ indices, Resize sizes). An initializer shared with another consumer is never shr
 place: the cutting node gets its own copy (identical copies are shared again at the end).
 
 ``mask``: the same architecture, with the removed channels' consumer weights (role
-``in``) set to 0. ``cut(model) == mask(model)`` numerically is the invariant verified
+``in``) set to 0, and each node that reduces over a value's channels (a LayerNorm's
+statistics) replaced by its rule's ``masked_nodes``: the same statistic over the kept
+channels only. ``cut(model) == mask(model)`` numerically is the invariant verified
 before anything is written.
 """
 from __future__ import annotations
@@ -21,9 +23,10 @@ from onnx import helper, numpy_helper
 
 from .errors import VerificationError
 from .verify import without_initializers
-from .edit import drop_dead_nodes, unique_name
+from .edit import Editor, drop_dead_nodes, unique_name
 from .model import dedupe_initializers
 from .ops import ROLE_IN
+from .ops.base import Reduced
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +229,37 @@ def cut(analysis, kept: dict[str, np.ndarray],
 def mask(analysis, kept: dict[str, np.ndarray],
          bias_deltas: dict[str, np.ndarray] | None = None,
          weights: dict[tuple[str, int], np.ndarray] | None = None) -> onnx.ModelProto:
-    """The original architecture with removed channels' consumer weights zeroed (after
-    the repair's replacements and bias changes, as in ``cut``)."""
-    return _apply(analysis, kept, _masks(analysis, kept), _zero, False, bias_deltas, weights)
+    """The original architecture with removed channels' consumer weights zeroed and
+    reductions over channels restricted to the kept ones (after the repair's replacements
+    and bias changes, as in ``cut``)."""
+    model = _apply(analysis, kept, _masks(analysis, kept), _zero, False, bias_deltas, weights)
+    _mask_reductions(model, analysis, kept)
+    return model
+
+
+def _mask_reductions(model: onnx.ModelProto, analysis, kept) -> None:
+    """Replace every node that reduces over channels some of which are removed by the
+    nodes its rule gives for the masked model (the node keeps its place in the order)."""
+    view = analysis.view
+    todo = {}
+    for name, values in analysis.reductions.items():
+        reduced = []
+        for value in values:
+            axis, shape = analysis.axes[value], view.shape(value)
+            if value not in kept or len(kept[value]) == shape[axis]:
+                continue
+            keep = np.zeros(shape[axis], dtype=view.dtype(value) or np.float32)
+            keep[kept[value]] = 1
+            reduced.append(Reduced(value, keep.reshape((-1,) + (1,) * (len(shape) - axis - 1)),
+                                   tuple(shape), axis))
+        if reduced:
+            todo[name] = reduced
+    if not todo:
+        return
+    editor = Editor(model)
+    for node in [n for n in model.graph.node if n.name in todo]:
+        new = analysis.rules[node.name].masked_nodes(node, todo[node.name], editor)
+        position = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        for k, n in enumerate(new):
+            model.graph.node.insert(position + k, n)

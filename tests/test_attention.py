@@ -207,7 +207,9 @@ def test_attention_modules_prune_by_heads(tmp_path, kind, exporter):
 
     export_torch(_attention_net(kind), tmp_path / "a.onnx", (2, 6, 8), exporter=exporter)
     model = onnx.load(str(tmp_path / "a.onnx"))
-    (heads,) = [g for g in analyze_model(normalize(model)).groups if g.prunable]
-    assert heads.width == 4
+    prunable = [g for g in analyze_model(normalize(model)).groups if g.prunable]
+    # the heads, and the 32-wide residual stream (its LayerNorm runs over the kept ones)
+    assert sorted(g.width for g in prunable) == [4, 32]
+    (heads,) = [g for g in prunable if g.width == 4]
     result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
     assert len(result.plan.removed[heads.key]) == 2

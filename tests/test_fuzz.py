@@ -61,8 +61,16 @@ def block_norm(b, x, w, act):
     return b.channel_const("Mul", b.act(b.instance_norm(b.conv(x, w)), act))
 
 
+def block_layer_norm(b, x, w, act):
+    """A LayerNorm over the channels, written out (older exporters) or as the op on
+    channels-last (ConvNeXt), after a residual add that ties it to the block's input."""
+    y = b.binary("Add", x, b.conv(x, b.channels(x)))
+    y = b.layer_norm(y) if w % 2 else b.layer_norm_op(y)
+    return b.act(b.conv(y, w, k=1), act)
+
+
 BLOCKS = [block_conv, block_bn, block_residual, block_inception, block_depthwise, block_se,
-          block_shuffle, block_grouped, block_slices, block_norm]
+          block_shuffle, block_grouped, block_slices, block_norm, block_layer_norm]
 
 
 def head_gap(b, x):

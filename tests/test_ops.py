@@ -154,21 +154,6 @@ def test_ratio_zero_changes_nothing(sample_model, tmp_path):
                                run_model(src, feeds)[0], rtol=1e-5, atol=1e-6)
 
 
-def test_layer_norm_over_channels_blocks_only_its_channels():
-    b = GraphBuilder((1, 4, 8), seed=0)
-    b.shapes["input"] = (1, 4, 8)
-    h = b.act(b.matmul("input", 16), "Relu")           # prunable hidden layer
-    y = b.matmul(h, 8)
-    scale, bias = b.const(np.ones(8, np.float32)), b.const(np.zeros(8, np.float32))
-    y = b.op("LayerNormalization", [y, scale, bias], (1, 4, 8), axis=-1)
-    model = b.build(b.matmul(y, 3))
-    analysis = analyze_model(normalize(model))
-    prunable = [g for g in analysis.groups if g.prunable]
-    assert [g.width for g in prunable] == [16]
-    ln_group = next(g for g in analysis.groups if y in g.values)
-    assert not ln_group.prunable and "LayerNormalization" in ln_group.reason
-
-
 def test_single_channel_map_with_lower_rank_broadcast_constant(tmp_path):
     """A 1-channel map plus a (W,) constant: the constant broadcasts, it is not per-channel."""
     b = GraphBuilder((1, 3, 8, 8), seed=0)

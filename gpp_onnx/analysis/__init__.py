@@ -30,6 +30,7 @@ class Analysis:
     params: list[ParamSlice]
     groups: list[ChannelGroup]
     blocked: dict[str, str] = field(default_factory=dict)
+    reductions: dict[str, list[str]] = field(default_factory=dict)  # node -> values reduced
 
     @property
     def prunable(self) -> list[ChannelGroup]:
@@ -73,6 +74,7 @@ def analyze_model(model: onnx.ModelProto, input_shape=None) -> Analysis:
     params: list[ParamSlice] = []
     blocked: dict[str, str] = {}
     rules: dict[str, OpRule] = {}
+    reductions: dict[str, list[str]] = {}
     for spec in view.inputs:
         if len(spec.shape) >= 2:
             ctx.axes[spec.name] = 1
@@ -87,6 +89,8 @@ def analyze_model(model: onnx.ModelProto, input_shape=None) -> Analysis:
                 ctx.axes[name] = res.out_axes.get(name)
         ties.extend(res.ties)
         params.extend(res.params)
+        if res.reduced:
+            reductions[node.name] = list(res.reduced)
         for value, reason in res.blocked:
             blocked.setdefault(value, f"{reason} (node {node.name})")
     for name in view.output_names:
@@ -95,7 +99,9 @@ def analyze_model(model: onnx.ModelProto, input_shape=None) -> Analysis:
     ties = [t for t in ties if t.a in widths and t.b in widths]
     params = [p for p in params if p.value in widths]
     groups = build_groups(ElementIndex(widths), ties, params, blocked, ctx.axes)
-    return Analysis(view, opset, dict(ctx.axes), rules, params, groups, blocked)
+    reductions = {n: [v for v in values if v in widths] for n, values in reductions.items()}
+    return Analysis(view, opset, dict(ctx.axes), rules, params, groups, blocked,
+                    {n: values for n, values in reductions.items() if values})
 
 
 def _run_rule(rule: OpRule, node: onnx.NodeProto, ctx: AnalysisContext) -> NodeChannels:

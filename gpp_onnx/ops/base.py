@@ -10,7 +10,11 @@ looks at one node and says, in element terms:
   (``ParamSlice``: element e of ``value`` is index ``index[e]`` along ``axis`` of
   ``param``); the same slices are cut by surgery, zeroed by masking and scored by
   criteria, so analysis and surgery can never disagree;
-* ``blocked``: values whose channels must stay, each with a reason.
+* ``blocked``: values whose channels must stay, each with a reason;
+* ``reduced``: values whose channels the node reduces over (a sum, a mean, a norm over
+  the channel axis). The pruned node reduces over the kept channels only; the masked
+  model stands for that with the nodes ``masked_nodes`` builds (the statistic over the
+  kept channels, on the original architecture), so pruned == masked still holds.
 
 ``rewrite`` is the same rule's second half: attribute and shape-constant updates once
 the kept elements of every value are known (the parameter slicing itself is generic).
@@ -68,6 +72,7 @@ class NodeChannels:
     ties: list[Tie] = field(default_factory=list)
     params: list[ParamSlice] = field(default_factory=list)
     blocked: list[tuple[str, str]] = field(default_factory=list)
+    reduced: list[str] = field(default_factory=list)
 
     def tie(self, a: str, b: str, ia=None, ib=None, width: int | None = None) -> None:
         if ia is None:
@@ -75,6 +80,21 @@ class NodeChannels:
         if ib is None:
             ib = np.arange(width) if width is not None else ia
         self.ties.append(Tie(a, np.asarray(ia, dtype=np.int64), b, np.asarray(ib, dtype=np.int64)))
+
+
+@dataclass(frozen=True, eq=False)
+class Reduced:
+    """A value a node reduces over, as the masked model sees it: ``keep`` is 1 on the
+    kept channels and 0 on the removed ones (in the value's dtype), shaped to broadcast
+    against the value (``shape``, channel axis ``axis``)."""
+    name: str
+    keep: np.ndarray
+    shape: tuple[int, ...]
+    axis: int
+
+    @property
+    def kept_fraction(self) -> float:
+        return float(self.keep.sum()) / self.keep.size
 
 
 class AnalysisContext:
@@ -141,6 +161,14 @@ class OpRule:
         """Change of the output bias that keeps the removed inputs' mean contribution
         (``removed`` input channels with means ``means``, read by weight ``w`` via ``p``)."""
         return None
+
+    def masked_nodes(self, node: onnx.NodeProto, reduced: list["Reduced"], editor
+                     ) -> list[onnx.NodeProto]:
+        """The nodes that replace `node` in the masked model when channels of the values
+        it reduces over (``NodeChannels.reduced``) are removed; they must compute what the
+        pruned node computes over the kept channels. `editor` (``edit.Editor`` of the
+        masked model) gives fresh names and adds constants."""
+        raise NotImplementedError(f"{node.op_type} declares no masked form")
 
     def refittable(self, node: onnx.NodeProto, view) -> bool:
         """True when the least-squares repair can refit this node's weight and bias."""

@@ -2,16 +2,28 @@
 
 * BatchNormalization, InstanceNormalization: ``y[c] = s[c] (x[c] - m[c]) / sd[c] + b[c]``,
   per channel: tied, with their parameter vectors sliced.
-* LayerNormalization, Softmax, LogSoftmax, Hardmax, LpNormalization: when the
-  normalised axes include the channel axis every output channel depends on every input
-  channel, so the channels stay; otherwise they pass through.
+* LayerNormalization over axes that include the channel axis: tied, its scale and bias
+  sliced; the pruned node normalises over the kept channels (ConvNeXt, a transformer's
+  embedding). The masked model writes the same statistics out (``masked_nodes``: the
+  mean and variance as sums weighted by ``keep / n_kept``, zero on removed channels), so
+  pruned == masked holds exactly.
+* Softmax, LogSoftmax, Hardmax, LpNormalization, MeanVarianceNormalization and
+  GroupNormalization over the channel axis: every output channel depends on every input
+  channel, so the channels stay; over other axes they pass through.
 * Pools (Max/Average/Lp, Global*): per channel over space: tied.
 * Reduce* over axes without the channel axis: tied (the axis index shifts when
-  keepdims = 0); over the channel axis: the channels stay.
+  keepdims = 0). Over the channel axis, the reductions a removed channel can leave by
+  contributing 0 (ReduceSum, ReduceMean, ReduceSumSquare, ReduceL1, ReduceL2,
+  ReduceLogSum) reduce over the kept channels (a LayerNorm written out as ReduceMean,
+  Sub, Pow, ReduceMean, ...); the masked model multiplies their input by the kept-channel
+  mask (``keep / kept fraction`` for ReduceMean: the mean over the kept channels). Max,
+  Min, Prod and LogSumExp over the channel axis keep the channels.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from onnx import helper
 
 from .base import (ROLE_CHAN, NodeChannels, OpRule, ParamSlice, attr, block_all, norm_axis,
                    pass_through, register)
@@ -45,6 +57,8 @@ class PerChannelNorm(OpRule):
 @register("LayerNormalization", "Softmax", "LogSoftmax", "Hardmax", "LpNormalization",
           "MeanVarianceNormalization", "GroupNormalization")
 class CrossChannelNorm(OpRule):
+    """Normalisations whose statistics may run over the channel axis."""
+
     def analyze(self, node, ctx):
         x = node.input[0]
         axis = ctx.axis(x)
@@ -52,6 +66,8 @@ class CrossChannelNorm(OpRule):
             return NodeChannels(out_axes={o: None for o in node.output if o})
         rank = len(ctx.shape(x))
         if axis in _normalised_axes(node, ctx, rank):
+            if node.op_type == "LayerNormalization":
+                return _layer_norm(node, ctx, axis, rank)
             return block_all(node, ctx, f"{node.op_type} mixes all channels of its input")
         res = pass_through(node, ctx)
         for extra in node.output[1:]:
@@ -67,6 +83,67 @@ class CrossChannelNorm(OpRule):
 
     def logits_input(self, node):
         return node.input[0] if node.op_type in ("Softmax", "LogSoftmax") else None
+
+    def masked_nodes(self, node, reduced, editor):
+        """LayerNormalization over the kept channels, written out on the full width:
+        ``mean = sum(x w)``, ``var = sum((x - mean)^2 w)`` with ``w = keep / n_kept``, then
+        ``(x - mean) / sqrt(var + eps) * scale + bias``."""
+        (r,) = reduced
+        x, y = node.input[0], node.output[0]
+        rank = len(r.shape)
+        axes = np.arange(norm_axis(attr(node, "axis", -1), rank), rank, dtype=np.int64)
+        others = np.prod([r.shape[a] for a in axes if a != r.axis])
+        n_kept = float(r.keep.sum()) * float(others)
+        w = editor.add_initializer(f"{node.name}.keep", (r.keep / n_kept).astype(r.keep.dtype))
+        ax = editor.add_initializer(f"{node.name}.axes", axes)
+        eps = editor.add_initializer(f"{node.name}.eps", np.asarray(
+            attr(node, "epsilon", 1e-5), dtype=r.keep.dtype))
+        nodes, v = [], {}
+
+        def op(key, op_type, *inputs, **attrs):
+            v[key] = y if key == "y" else editor.fresh(f"{node.name}.{key}")
+            nodes.append(helper.make_node(op_type, [v.get(i, i) for i in inputs], [v[key]],
+                                          name=editor.fresh(f"{node.name}.{key}"), **attrs))
+
+        op("xw", "Mul", x, w)
+        op("mean", "ReduceSum", "xw", ax, keepdims=1)
+        op("d", "Sub", x, "mean")
+        op("dd", "Mul", "d", "d")
+        op("ddw", "Mul", "dd", w)
+        op("var", "ReduceSum", "ddw", ax, keepdims=1)
+        op("ve", "Add", "var", eps)
+        op("sd", "Sqrt", "ve")
+        op("n", "Div", "d", "sd")
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        op("y" if bias is None else "ns", "Mul", "n", node.input[1])
+        if bias is not None:
+            op("y", "Add", "ns", bias)
+        return nodes
+
+
+def _layer_norm(node, ctx, axis: int, rank: int) -> NodeChannels:
+    """LayerNormalization over axes that include the channel axis: output tied to input,
+    scale and bias sliced along the channel, the input's channels reduced over."""
+    used = ctx.view.consumers
+    if 0 in _normalised_axes(node, ctx, rank):
+        return block_all(node, ctx, "LayerNormalization normalises over the batch axis")
+    if any(o and o in used for o in node.output[1:]):
+        return block_all(node, ctx, "LayerNormalization statistics outputs are used")
+    params = [p for p in node.input[1:] if p]
+    if not all(ctx.is_const_param(p) for p in params):
+        return block_all(node, ctx, "LayerNormalization parameters are computed, not constant")
+    res = pass_through(node, ctx)
+    for extra in node.output[1:]:
+        if extra:
+            res.out_axes[extra] = None
+    width = ctx.width(node.input[0])
+    for i, p in enumerate(node.input[1:], start=1):
+        shape = ctx.shape(p) if p else None
+        pos = axis - (rank - len(shape)) if shape is not None else -1
+        if pos >= 0 and shape[pos] == width and width != 1:
+            res.params.append(ParamSlice(node.name, i, p, pos, node.output[0], ROLE_CHAN))
+    res.reduced.append(node.input[0])
+    return res
 
 
 def _normalised_axes(node, ctx, rank: int) -> set[int]:
@@ -98,6 +175,8 @@ class Pool(OpRule):
         return res
 
 
+ZERO_SAFE = ("ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL1", "ReduceL2",
+             "ReduceLogSum")  # a removed channel leaves them by contributing 0
 REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1",
           "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 
@@ -122,6 +201,20 @@ class Reduce(OpRule):
             axes = list(range(rank))
         axes = {norm_axis(int(a), rank) for a in np.ravel(axes)}
         if axis in axes:
-            return block_all(node, ctx, f"{node.op_type} reduces over the channel axis")
+            if node.op_type not in ZERO_SAFE:
+                return block_all(node, ctx, f"{node.op_type} reduces over the channel axis")
+            return NodeChannels(out_axes={y: None}, reduced=[x])
         out_axis = axis if attr(node, "keepdims", 1) else axis - sum(a < axis for a in axes)
         return pass_through(node, ctx, out_axis)
+
+    def masked_nodes(self, node, reduced, editor):
+        """The same reduction of ``x * keep`` (``keep / kept fraction`` for a mean)."""
+        (r,) = reduced
+        keep = r.keep / r.kept_fraction if node.op_type == "ReduceMean" else r.keep
+        w = editor.add_initializer(f"{node.name}.keep", keep.astype(r.keep.dtype))
+        xw = editor.fresh(f"{node.name}.xw")
+        mul = helper.make_node("Mul", [node.input[0], w], [xw], name=editor.fresh(xw))
+        again = helper.make_node(node.op_type, [xw, *node.input[1:]], list(node.output),
+                                 name=node.name)
+        again.attribute.extend(node.attribute)
+        return [mul, again]
