@@ -148,3 +148,37 @@ def test_sums_over_channels_run_over_the_kept_ones(op, tmp_path):
     ref = F.linear((y + stat).flatten(1), w[gemm.input[1]][:, columns], w[gemm.input[2]])
     got = run_model(tmp_path / "pruned.onnx", feeds)[0]
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_written_as_sums_with_a_computed_scale(tmp_path):
+    """jax2tf's form: ``mean = ReduceSum(x) / C``, ``var = ReduceSum(x*x) / C - mean^2``,
+    ``y = (x - mean) * (rsqrt(var + eps) * gamma) + beta``: the scale is computed from a
+    per-channel constant and a statistic, and gamma is cut with the channels. The sums
+    run over the kept channels; the constant 1/C stays as written."""
+    b = GraphBuilder((1, 12), seed=0)
+    x = b.act(b.gemm("input", 8), "Relu")
+    inv_c = b.const(np.float32(1 / 8))
+    axes = b.const(np.array([1]))
+    mean = b.binary("Mul", b.op("ReduceSum", [x, axes], (1, 1), keepdims=1), inv_c)
+    sq = b.binary("Mul", b.op("ReduceSum", [b.binary("Mul", x, x), axes], (1, 1), keepdims=1),
+                  inv_c)
+    var = b.binary("Sub", sq, b.binary("Mul", mean, mean))
+    r = b.act(b.act(b.binary("Add", var, b.const(np.float32(1e-5))), "Sqrt"), "Reciprocal")
+    gamma = b.const(np.linspace(0.5, 1.5, 8, dtype=np.float32).reshape(1, 8))
+    beta = b.const(np.linspace(-0.1, 0.1, 8, dtype=np.float32).reshape(1, 8))
+    y = b.binary("Add", b.binary("Mul", b.binary("Sub", x, mean), b.binary("Mul", r, gamma)),
+                 beta)
+    model = b.build(b.gemm(y, 3))
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion="l1")
+    g1, g2 = _node(model, "Gemm"), _node(model, "Gemm", 1)
+    keep = np.setdiff1d(np.arange(8), result.plan.removed[g1.name])
+    assert len(keep) == 4
+    w, k = _weights(model), torch.from_numpy(keep)
+    feeds = feeds_for(model, batch=3)
+    h = torch.relu(F.linear(torch.from_numpy(feeds["input"]), w[g1.input[1]][k], w[g1.input[2]][k]))
+    mean_ = h.sum(1, keepdim=True) / 8
+    var_ = (h * h).sum(1, keepdim=True) / 8 - mean_ ** 2
+    z = (h - mean_) * (w[gamma][0, k] / torch.sqrt(var_ + 1e-5)) + w[beta][0, k]
+    ref = F.linear(z, w[g2.input[1]][:, k], w[g2.input[2]])
+    got = run_model(tmp_path / "pruned.onnx", feeds)[0]
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-5)

@@ -53,17 +53,6 @@ def _e(name, package, member, inputs, kind, expect="prune", note="") -> Entry:
     return Entry(name, package, member, tuple(inputs), kind, expect, note)
 
 
-MAGIKA_NOTE = ("98% of the parameters hang on the 512 outputs of one Conv (84%: the Conv, "
-               "14%: the classifier rows they feed), which a LayerNorm over the channel axis "
-               "normalises together (jax2tf writes it as ReduceSum/Mul): the pruned model's "
-               "statistics would run over fewer channels than the masked original's, so "
-               "pruned == masked cannot hold; the rest is the 64-wide byte embedding (2%)")
-
-
-MARVIN_NOTE = ("each of its two hidden layers (Gemm 1536 -> 128, 128 -> 128) is followed "
-               "by a LayerNorm over those 128 features (written as ReduceMean/Sub/Pow/Sqrt), "
-               "so no hidden unit can go without changing the others' normalisation; the "
-               "rest are the input features and the single output")
 _ROCR = "rapidocr_onnxruntime/models/"
 MANIFEST = [
     _e("ppocrv4_det", "rapidocr-onnxruntime==1.4.4", _ROCR + "ch_PP-OCRv4_det_infer.onnx",
@@ -120,11 +109,11 @@ MANIFEST = [
        "wake-word classifier (two bidirectional LSTMs, tf2onnx)"),
     _e("oww_hey_marvin", "openwakeword==0.4.0",
        "openwakeword/resources/models/hey_marvin_v0.1.onnx", ["1,16,96"],
-       "wake-word classifier (MLP with LayerNorm)", "limit", MARVIN_NOTE),
+       "wake-word classifier (MLP with LayerNorm)"),
     _e("silero_vad_seq", "silero-vad==6.2.3", "silero_vad/data/silero_vad_16k_sequence.onnx",
        ["input:4,576", "h:1,1,128", "c:1,1,128"], "voice activity detector (Conv + LSTM)"),
     _e("magika_v3", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx", ["1,2048"],
-       "file-type classifier (byte embedding + Conv + LayerNorm)", "limit", MAGIKA_NOTE),
+       "file-type classifier (byte embedding + Conv + LayerNorm)"),
     _e("silero_vad", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx",
        ["input:1,512", "state:2,1,128"], "voice activity detector (If on sample rate)",
        "refuse"),

@@ -27,6 +27,28 @@ BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Wh
              "Or", "Xor", "Mod", "BitShift")
 
 
+def _scaled_params(x: str, axis: int, ctx):
+    """`x` computed as per-channel constants combined with values that broadcast along
+    `axis` (a LayerNorm's ``scale * rsqrt(var)`` as jax2tf writes it): the constants'
+    slices ``(node, input index, param, axis)``, cut with the channels; None otherwise."""
+    node = ctx.view.producer.get(x)
+    if node is None or node.op_type not in ("Mul", "Add", "Sub", "Div"):
+        return None
+    rank = len(ctx.shape(x))
+    found = []
+    for i, name in enumerate(node.input):
+        shape = ctx.shape(name)
+        pos = axis - (rank - len(shape))
+        if pos < 0 or shape[pos] == 1:
+            if ctx.has_channels(name):
+                return None
+        elif ctx.is_const_param(name):
+            found.append((node.name, i, name, pos))
+        else:
+            return None
+    return found or None
+
+
 @register(*UNARY)
 class Unary(OpRule):
     def analyze(self, node, ctx):
@@ -78,9 +100,13 @@ class Broadcast(OpRule):
                 continue
             if ctx.has_channels(x):
                 res.tie(x, out, width=width)
-            else:
+                continue
+            computed = _scaled_params(x, axis - offset, ctx)
+            if computed is None:
                 return block_all(node, ctx, f"{node.op_type} input '{x}' varies along the "
                                             "channel axis in a way gpp-onnx cannot follow")
+            res.params.extend(ParamSlice(n, i, p, pos, out, ROLE_CHAN)
+                              for n, i, p, pos in computed)
         return res
 
     def weight_slots(self, node):
