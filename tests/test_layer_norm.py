@@ -182,3 +182,40 @@ def test_layer_norm_written_as_sums_with_a_computed_scale(tmp_path):
     ref = F.linear(z, w[g2.input[1]][:, k], w[g2.input[2]])
     got = run_model(tmp_path / "pruned.onnx", feeds)[0]
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["written", "channels_last", "chw"])
+def test_masked_layer_norm_is_exact_in_float64(kind, tmp_path):
+    """3 of 8 channels kept (1/3 has no exact float): the masked form's statistics must
+    still equal the pruned LayerNorm's in float64, where the check's last word is said."""
+    from gpp_onnx.exact import FLOAT64_TOLERANCE, float64_outputs
+
+    model = _ln_net(kind)
+    assert_pruned_equals_masked(model, tmp_path, ratio=0.625, criterion="l1")
+    feeds = feeds_for(model, batch=2)
+    (p,) = float64_outputs(onnx.load(tmp_path / "pruned.onnx"), feeds)
+    (m,) = float64_outputs(onnx.load(tmp_path / "masked.onnx"), feeds)
+    assert np.abs(p - m).max() / np.abs(m).max() < FLOAT64_TOLERANCE / 1000
+
+
+@pytest.mark.parametrize("kind", ["written", "channels_last", "chw"])
+def test_float16_layer_norm_prunes_and_stays_float16(kind, tmp_path):
+    from onnx import TensorProto
+
+    model = _ln_net(kind)
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16),
+                                               t.name))
+    for v in [*model.graph.input, *model.graph.output]:
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    from gpp_onnx import PruneConfig, prune
+
+    onnx.save(model, tmp_path / "m.onnx")
+    result = prune(tmp_path / "m.onnx", tmp_path / "p.onnx",
+                   PruneConfig(ratio=0.5, latency=False, round_to=1, criterion="l1"))
+    assert result.plan.removed_channels == 7
+    pruned = onnx.load(tmp_path / "p.onnx")
+    assert pruned.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert {t.data_type for t in pruned.graph.initializer
+            if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)} == {TensorProto.FLOAT16}

@@ -86,39 +86,52 @@ class CrossChannelNorm(OpRule):
 
     def masked_nodes(self, node, reduced, editor):
         """LayerNormalization over the kept channels, written out on the full width:
-        ``mean = sum(x w)``, ``var = sum((x - mean)^2 w)`` with ``w = keep / n_kept``, then
+        ``mean = sum(x k) / n``, ``var = sum((x - mean)^2 k) / n`` with ``k`` the 0/1
+        kept-channel mask and ``n`` the kept count, then
         ``(x - mean) / sqrt(var + eps) * scale + bias``."""
         (r,) = reduced
-        x, y = node.input[0], node.output[0]
         rank = len(r.shape)
         axes = np.arange(norm_axis(attr(node, "axis", -1), rank), rank, dtype=np.int64)
         others = np.prod([r.shape[a] for a in axes if a != r.axis])
-        n_kept = float(r.keep.sum()) * float(others)
-        w = editor.add_initializer(f"{node.name}.keep", (r.keep / n_kept).astype(r.keep.dtype))
-        ax = editor.add_initializer(f"{node.name}.axes", axes)
-        eps = editor.add_initializer(f"{node.name}.eps", np.asarray(
-            attr(node, "epsilon", 1e-5), dtype=r.keep.dtype))
-        nodes, v = [], {}
-
-        def op(key, op_type, *inputs, **attrs):
-            v[key] = y if key == "y" else editor.fresh(f"{node.name}.{key}")
-            nodes.append(helper.make_node(op_type, [v.get(i, i) for i in inputs], [v[key]],
-                                          name=editor.fresh(f"{node.name}.{key}"), **attrs))
-
-        op("xw", "Mul", x, w)
-        op("mean", "ReduceSum", "xw", ax, keepdims=1)
-        op("d", "Sub", x, "mean")
-        op("dd", "Mul", "d", "d")
-        op("ddw", "Mul", "dd", w)
-        op("var", "ReduceSum", "ddw", ax, keepdims=1)
-        op("ve", "Add", "var", eps)
-        op("sd", "Sqrt", "ve")
-        op("n", "Div", "d", "sd")
+        g = _Nodes(node, editor, r.keep.dtype)
+        k, ax = g.const("keep", r.keep), g.const("axes", axes)
+        n = g.number("count", float(r.keep.sum()) * float(others))
+        eps = g.number("eps", attr(node, "epsilon", 1e-5))
+        mean = g.op("Div", g.op("ReduceSum", g.op("Mul", node.input[0], k), ax, keepdims=1), n)
+        d = g.op("Sub", node.input[0], mean)
+        var = g.op("Div", g.op("ReduceSum", g.op("Mul", g.op("Mul", d, d), k), ax, keepdims=1), n)
+        y = g.op("Div", d, g.op("Sqrt", g.op("Add", var, eps)))
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        op("y" if bias is None else "ns", "Mul", "n", node.input[1])
+        y = g.op("Mul", y, node.input[1], out=node.output[0] if bias is None else None)
         if bias is not None:
-            op("y", "Add", "ns", bias)
-        return nodes
+            g.op("Add", y, bias, out=node.output[0])
+        return g.nodes
+
+
+class _Nodes:
+    """The nodes that stand for `node` in the masked model, under fresh names. Numbers
+    are float32 constants cast to the value's dtype: integers (a count) and the
+    LayerNorm's epsilon then stay exact where the check runs in float64."""
+
+    def __init__(self, node, editor, dtype):
+        self.node, self.editor, self.dtype = node, editor, np.dtype(dtype)
+        self.nodes: list = []
+
+    def const(self, key: str, array: np.ndarray) -> str:
+        return self.editor.add_initializer(f"{self.node.name}.{key}", array)
+
+    def number(self, key: str, value: float) -> str:
+        name = self.const(key, np.asarray(value, dtype=np.float32))
+        if self.dtype == np.float32:
+            return name
+        to = helper.np_dtype_to_tensor_dtype(self.dtype)
+        return self.op("Cast", name, to=to)
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
+        out = out or self.editor.fresh(f"{self.node.name}.{op_type.lower()}")
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out],
+                                           name=self.editor.fresh(out), **attrs))
+        return out
 
 
 def _layer_norm(node, ctx, axis: int, rank: int) -> NodeChannels:
@@ -208,13 +221,18 @@ class Reduce(OpRule):
         return pass_through(node, ctx, out_axis)
 
     def masked_nodes(self, node, reduced, editor):
-        """The same reduction of ``x * keep`` (``keep / kept fraction`` for a mean)."""
+        """The same reduction of ``x * keep`` (0/1); a mean is then rescaled to the mean
+        over the kept channels: ``* width / kept``."""
         (r,) = reduced
-        keep = r.keep / r.kept_fraction if node.op_type == "ReduceMean" else r.keep
-        w = editor.add_initializer(f"{node.name}.keep", keep.astype(r.keep.dtype))
-        xw = editor.fresh(f"{node.name}.xw")
-        mul = helper.make_node("Mul", [node.input[0], w], [xw], name=editor.fresh(xw))
-        again = helper.make_node(node.op_type, [xw, *node.input[1:]], list(node.output),
-                                 name=node.name)
+        g = _Nodes(node, editor, r.keep.dtype)
+        xk = g.op("Mul", node.input[0], g.const("keep", r.keep))
+        mean = node.op_type == "ReduceMean"
+        again = helper.make_node(node.op_type, [xk, *node.input[1:]],
+                                 [editor.fresh(f"{node.name}.sum")] if mean
+                                 else list(node.output), name=node.name)
         again.attribute.extend(node.attribute)
-        return [mul, again]
+        g.nodes.append(again)
+        if mean:
+            scaled = g.op("Mul", again.output[0], g.number("width", r.keep.size))
+            g.op("Div", scaled, g.number("kept", float(r.keep.sum())), out=node.output[0])
+        return g.nodes
