@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from conftest import assert_pruned_equals_masked, feeds_for, run_model
 from gpp_onnx import prune
@@ -89,3 +90,46 @@ def test_channel_count_used_as_a_number_stays_blocked():
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 2 * SEQ)).astype(np.float32)
     assert sess.run(None, {"input": x})[0].shape == (SEQ, 5)
+
+
+# -- Resize whose sizes re-read the resized tensor's own channel count ------------------
+
+def _unet_resize(own: bool, dynamo_form: bool = False):
+    """conv -> pool -> conv -> Resize back to the skip's size -> Concat with the skip ->
+    conv: PyTorch's ``F.interpolate(x, size=skip.shape[2:])`` writes the sizes as
+    ``Concat(Shape(x)[0:2], hw)``. ``own=False`` reads N, C from another tensor of the
+    same width instead (that C does not follow a cut of x)."""
+    b = GraphBuilder((1, 3, 8, 8), seed=2)
+    skip = b.act(b.conv("input", 8), "Relu")
+    deep = b.act(b.conv(b.pool(skip), 8), "Relu")                 # (1, 8, 4, 4)
+    other = b.act(b.conv(b.pool(skip), 8), "Relu")
+    src = deep if own else other
+    if dynamo_form:
+        nc = b.op("Shape", [src], (2,), start=0, end=2)
+    else:
+        nc = b.op("Slice", [b.op("Shape", [src], (4,)), b.const(_i64(0)), b.const(_i64(2)),
+                            b.const(_i64(0))], (2,))
+    sizes = b.op("Concat", [nc, b.const(_i64(8, 8))], (4,), axis=0)
+    up = b.op("Resize", [deep, "", "", sizes], (1, 8, 8, 8), mode="linear")
+    y = b.act(b.conv(b.concat([up, skip]), 6), "Relu")
+    if not own:
+        y = b.binary("Add", y, b.conv(b.op("Resize", [other, "", b.const(
+            np.array([1, 1, 2, 2], np.float32))], (1, 8, 8, 8), mode="nearest"), 6))
+    return b.build(b.gemm(b.flatten(b.gap(y)), 3)), deep
+
+
+@pytest.mark.parametrize("dynamo_form", [False, True])
+def test_resize_sizes_from_own_shape_follow_the_cut(dynamo_form, tmp_path):
+    model, value = _unet_resize(own=True, dynamo_form=dynamo_form)
+    analysis = analyze_model(normalize(model))
+    deep = next(g for g in analysis.groups if value in g.values)
+    assert deep.prunable, deep.reason
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion="l1")
+    assert len(result.plan.removed[deep.key]) == 4
+
+
+def test_resize_sizes_read_from_another_tensor_keep_the_channels():
+    model, value = _unet_resize(own=False)
+    analysis = analyze_model(normalize(model))
+    deep = next(g for g in analysis.groups if value in g.values)
+    assert not deep.prunable and "Resize" in deep.reason

@@ -221,7 +221,7 @@ class ShapeRule(OpRule):
         res = NodeChannels(out_axes={y: None})
         if a is not None:
             read = shape_dims_read(ctx.view, node)
-            if read is None or (a in read and not _reads_only_own_width(ctx.view, node, a)):
+            if (read is None or a in read) and not _reads_only_own_width(ctx.view, node, a):
                 res.blocked.append((x, "the channel count is read by Shape and used "
                                        "in computation"))
         return res
@@ -294,12 +294,79 @@ def _reads_only_own_width(view, node, a: int) -> bool:
     ``x.view(T * b, x.size(2))``): after a cut the runtime reads the new width there, so
     that shape follows the cut without being rewritten."""
     for user in view.consumers.get(node.output[0], []):
-        if a not in (_dims_read_by(view, node, user) or set()):
+        dims = _dims_read_by(view, node, user)
+        if dims is not None and a not in dims:
             continue
-        if _own_width_dim(view, user.output[0], node.input[0]) != a or not all(
+        if _into_own_resizes(view, user, node.input[0], a):
+            continue
+        if dims is None or _own_width_dim(view, user.output[0], node.input[0]) != a or not all(
                 _own_width_piece(view, r, a) for r in _reshapes_fed(view, user.output[0])):
             return False
     return True
+
+
+def _into_own_resizes(view, user, x: str, a: int) -> bool:
+    """The shape vector `user` passes on (through constant Slices and Casts) ends in one
+    Concat whose result is only the ``sizes`` of Resizes of x itself that hold x's own
+    channel count there (``resize_keeps_own_width``)."""
+    node = user
+    while node.op_type in ("Slice", "Cast", "Identity"):
+        users = view.consumers.get(node.output[0], [])
+        if len(users) != 1:
+            return False
+        node = users[0]
+    if node.op_type != "Concat":
+        return False
+    resizes, todo = [], [node.output[0]]
+    while todo:
+        for u in view.consumers.get(todo.pop(), []):
+            if u.op_type in ("Cast", "Identity"):
+                todo.append(u.output[0])
+            else:
+                resizes.append(u)
+    return bool(resizes) and all(r.op_type == "Resize" and r.input[0] == x
+                                 and resize_keeps_own_width(view, r, a) for r in resizes)
+
+
+def shape_vector_dims(view, value: str, x: str) -> list[int] | None:
+    """The dims of x that the 1-D vector `value` holds, in order, when it is ``Shape(x)``
+    (with its start/end) cut by constant Slices or passed through Casts; else None."""
+    node = view.producer.get(value)
+    if node is None:
+        return None
+    if node.op_type in ("Cast", "Identity"):
+        return shape_vector_dims(view, node.input[0], x)
+    if node.op_type == "Slice":
+        inner, cut = shape_vector_dims(view, node.input[0], x), _const_slice(view, node)
+        return None if inner is None or cut is None else inner[cut]
+    if node.op_type != "Shape" or node.input[0] != x:
+        return None
+    rank = len(view.shape(x))
+    start = norm_axis(attr(node, "start", 0), rank)
+    end = rank if attr(node, "end") is None else norm_axis(attr(node, "end"), rank)
+    return list(range(start, max(start, min(end, rank))))
+
+
+def resize_keeps_own_width(view, resize, a: int) -> bool:
+    """A Resize of x whose computed ``sizes`` hold x's own channel count at position `a`
+    (PyTorch's ``F.interpolate(x, size=...)``: ``Concat(Shape(x)[0:2], hw)``): the runtime
+    reads the new width after a cut, so the sizes follow it without a rewrite."""
+    sizes = resize.input[3] if len(resize.input) > 3 else ""
+    prod = view.producer.get(sizes)
+    while prod is not None and prod.op_type in ("Cast", "Identity"):
+        prod = view.producer.get(prod.input[0])
+    if prod is None or prod.op_type != "Concat":
+        return False
+    offset = 0
+    for piece in prod.input:
+        shape = view.shape(piece)
+        if shape is None or len(shape) != 1:
+            return False
+        if offset <= a < offset + shape[0]:
+            dims = shape_vector_dims(view, piece, resize.input[0])
+            return dims is not None and len(dims) == shape[0] and dims[a - offset] == a
+        offset += shape[0]
+    return False
 
 
 def _own_width_dim(view, value: str, x: str) -> int | None:

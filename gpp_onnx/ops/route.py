@@ -229,15 +229,19 @@ class ResizeRule(OpRule):
         a = ctx.axis(x)
         if a is None:
             return NodeChannels(out_axes={y: None})
+        from .layout import resize_keeps_own_width
+
         sizes = node.input[3] if len(node.input) > 3 and node.input[3] else None
-        if ctx.shape(y)[a] != ctx.shape(x)[a] or (sizes and not ctx.is_const_param(sizes)) \
-                or attr(node, "axes") is not None:
+        computed = sizes and not ctx.is_const_param(sizes)
+        if ctx.shape(y)[a] != ctx.shape(x)[a] or attr(node, "axes") is not None or (
+                computed and not resize_keeps_own_width(ctx.view, node, a)):
             return block_all(node, ctx, "Resize changes (or may change) the channel axis")
         return pass_through(node, ctx)
 
     def rewrite(self, node, edit):
         kept = edit.kept(node.input[0])
-        if kept is None or len(node.input) < 4 or not node.input[3]:
+        if kept is None or len(node.input) < 4 or not node.input[3] \
+                or edit.view.const(node.input[3]) is None:  # computed: follows the cut
             return
         sizes = edit.view.const(node.input[3]).copy()
         sizes[edit.axis(node.input[0])] = len(kept)
