@@ -75,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--allocation", choices=["uniform", "global"], default="uniform")
     p.add_argument("--at", action="append", default=[])
+    p.add_argument("--branch-widths", type=lambda t: tuple(int(v) for v in t.split(",")))
     p.add_argument("--split", choices=["even", "final"], default="final")
     p.add_argument("--acc-floor", type=float, default=1.0,
                    help="gpp arms: 1.0 (default) never stops early: every round is measured")
@@ -190,8 +191,11 @@ def gpp_arm(args) -> int:
         config = PruneConfig(data=data, target_macs=1.0, rounds=args.rounds, round_to=1,
                              allocation=args.allocation, latency=False, seed=args.seed,
                              train=opts)
+        from gpp_onnx.grow import Widths
+
         grow = gpp_onnx.GrowConfig(max_modules=args.max_modules, at=tuple(args.at),
-                                   min_gain=args.min_gain)
+                                   min_gain=args.min_gain,
+                                   widths=Widths(*(args.branch_widths or (None,) * 3)))
         work = out.with_name(out.name + ".gpp-work")
         gpp_onnx.gpp(path, out, config, gpp_onnx.GppOptions(
             budget_epochs=args.budget_epochs, grow=grow, grow_share=args.grow_share,
@@ -202,7 +206,7 @@ def gpp_arm(args) -> int:
     measure(args.gpp, onnx.load(out), args.base_epochs + rep["epochs_used"], {
         "settings": {k: getattr(args, k) for k in (
             "max_modules", "budget_epochs", "grow_share", "rounds", "allocation", "at",
-            "min_gain", "split", "acc_floor")},
+            "min_gain", "split", "acc_floor", "branch_widths")},
         "kept": rep["grow"]["kept"], "grown_macs": rep["grow"]["macs"],
         "best": rep["best"], "branches": rep["grow"]["after"]})
     arms_path.write_text(json.dumps(arms, indent=1))
