@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import model as model_io
@@ -20,16 +21,21 @@ from .schedule import GppOptions
 logger = logging.getLogger("gpp_onnx")
 
 
-def _grow_config(args):
+def _modules(args, max_modules: int):
+    """--at, --branch-widths, --min-gain (grow and gpp --grow)."""
     from .grow import GrowConfig, Widths
 
-    epochs = args.epochs if args.epochs is not None else (2.0 if args.data else 0.0)
-    return GrowConfig(max_modules=args.max_modules, at=tuple(args.at),
+    return GrowConfig(max_modules=max_modules, at=tuple(args.at),
                       widths=Widths(*(args.branch_widths or (None, None, None))),
-                      min_gain=args.min_gain, data=_data_options(args),
-                      train=TrainOptions(epochs=epochs, lr=args.lr, batch_size=args.batch_size,
-                                         device=args.device),
-                      seed=args.seed, input_shape=_input_shape(args.input_shape))
+                      min_gain=args.min_gain)
+
+
+def _grow_config(args):
+    epochs = args.epochs if args.epochs is not None else (2.0 if args.data else 0.0)
+    return replace(_modules(args, args.max_modules), data=_data_options(args),
+                   train=TrainOptions(epochs=epochs, lr=args.lr, batch_size=args.batch_size,
+                                      device=args.device),
+                   seed=args.seed, input_shape=_input_shape(args.input_shape))
 
 
 def _prune_config(args) -> PruneConfig:
@@ -57,7 +63,8 @@ def _run(args) -> int:
     elif args.command == "gpp":
         options = GppOptions(args.budget_epochs, args.push_share, args.split, args.acc_floor,
                              PushWeights(args.sep, args.cov, args.align),
-                             Path(args.work_dir) if args.work_dir else None, args.resume)
+                             Path(args.work_dir) if args.work_dir else None, args.resume,
+                             _modules(args, args.grow) if args.grow else None, args.grow_share)
         print(report.gpp_summary(push_prune.gpp(args.model, args.output, _prune_config(args),
                                               options)))
     elif args.command == "profile":

@@ -6,6 +6,7 @@ import argparse
 
 from .config import DataOptions, LatencyOptions
 from .errors import InputError
+from .grow.loop import MIN_GAIN
 from .importance import criterion_names
 from .push import PushWeights
 from .schedule import GPP_ROUNDS, SPLITS, GppOptions
@@ -117,6 +118,15 @@ def _gpp_parser(sub) -> None:
     gp.add_argument("--acc-floor", type=float, default=GppOptions.acc_floor,
                     help="stop when held-out accuracy falls more than this below the start")
     _push_weight_args(gp, GppOptions.weights)
+    gp.add_argument("--grow", type=_count, default=0, metavar="N",
+                    help="first grow up to N Inception modules (each kept while held-out "
+                    "accuracy gains more than --min-gain), then prune back: the target "
+                    "(--target-macs or --target-params; --ratio is refused) is a fraction of "
+                    "the input model's cost, so --target-macs 1.0 prunes back to it")
+    gp.add_argument("--grow-share", type=float, default=GppOptions.grow_share,
+                    help="with --grow: share of --budget-epochs spent growing, evenly over "
+                    "the N modules; the rounds get the rest (default %(default)s)")
+    _module_args(gp)
     gp.add_argument("--work-dir", help="checkpoints of finished rounds (default: OUTPUT.gpp-work)")
     gp.add_argument("--resume", action="store_true",
                     help="continue the run in the work folder after its last finished round")
@@ -217,21 +227,37 @@ def _grow_parser(sub) -> None:
     gr.add_argument("model")
     gr.add_argument("-o", "--output", required=True, help="path of the grown model")
     _data_args(gr)
-    gr.add_argument("--at", action="append", default=[], metavar="VALUE",
-                    help="grow after this value (a conv block's output; repeatable; "
-                    "default: one per resolution stage, deepest first)")
     gr.add_argument("--max-modules", type=int, default=3)
     gr.add_argument("--epochs", type=float, help="training epochs after each module "
                     "(default: 2 with --data, else 0: insert only)")
-    gr.add_argument("--min-gain", type=float, default=0.1, help="held-out accuracy points "
-                    "a module must add to be kept")
-    gr.add_argument("--branch-widths", type=_widths, metavar="W3,W33,WP",
-                    help="output widths of the 1x1->3x3, 1x1->3x3->3x3 and pool->1x1 "
-                    "branches (default: C/2,C/4,C/4 of the input's C, multiples of 8)")
+    _module_args(gr)
     gr.add_argument("--lr", type=float, default=0.01)
     gr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     gr.add_argument("--seed", type=int, default=0)
     gr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
+
+
+def _module_args(p: argparse.ArgumentParser) -> None:
+    """Where modules grow and how wide, and what keeps them: the options grow and
+    gpp --grow share."""
+    p.add_argument("--at", action="append", default=[], metavar="VALUE",
+                   help="grow after this value (a conv block's output; repeatable; "
+                   "default: one per resolution stage, deepest first)")
+    p.add_argument("--min-gain", type=float, default=MIN_GAIN, help="held-out accuracy "
+                   "points a module must add to be kept (default %(default)s)")
+    p.add_argument("--branch-widths", type=_widths, metavar="W3,W33,WP",
+                   help="output widths of the 1x1->3x3, 1x1->3x3->3x3 and pool->1x1 "
+                   "branches (default: C/2,C/4,C/4 of the input's C, multiples of 8)")
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a count like 2")
+    return n
 
 
 def _widths(text: str) -> tuple[int, int, int]:

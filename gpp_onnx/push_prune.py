@@ -14,11 +14,13 @@ import onnx
 
 from . import distributed, latency, preflight, report, schedule, verify
 from . import model as model_io
+from .analysis import analyze_model
 from .analysis.features import final_hidden_layer
 from .config import DataOptions, PruneConfig, TrainOptions
 from .errors import InputError
 from .finetune import train_model
 from .graph import GraphView
+from .grow.phase import check_grow
 from .pipeline import _check_precision, _load, _preflight, start_run
 from .push import PushReport, PushWeights, push_model
 from .rounds import load_data
@@ -92,6 +94,7 @@ def gpp(model, output=None, config: PruneConfig | None = None,
                          "with labels (a folder, .npz, IDX file, fashion-mnist or digits); "
                          "without labels, prune with --finetune-epochs distils instead")
     config = replace(config, data=replace(config.data, labels=True)).checked()
+    options.check_grow(config)
     src = None if isinstance(model, onnx.ModelProto) else Path(model)
     dst = None if output is None else Path(output)
     if options.work_dir is None and dst is not None:
@@ -104,6 +107,8 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     start = start_run(model if src is None else src, replace(config, latency=False))
     schedule.check_data(start.data, config)
     options = options.checked(config, len(start.data.train.y))
+    if options.grow is not None:
+        check_grow(start.analysis.view, options.grow_settings(config))
     run = schedule.Run(config, options, start.data, start.before, start.accuracy,
                        start.tolerance, {g.key: g.width for g in start.analysis.groups})
     best, state = schedule.run_schedule(start.normalized, run,
@@ -122,6 +127,9 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     data_report = report.gpp_report(src or "<in-memory model>", dst, config, options, state,
                                     start.before, after, start.accuracy,
                                     timing.ratio if timing else None, time.perf_counter() - t0)
+    if state.grown is not None:  # how the rounds trimmed each grown module's branches
+        data_report["grow"]["after"] = report.module_branches(
+            analyze_model(best, config.input_shape))
     report_path = None
     if dst is not None and writer:
         report_path = model_io.write_text(dst.with_suffix(".report.json"),

@@ -42,21 +42,29 @@ def analysis_table(result) -> str:
 
 
 def grown_modules(analysis) -> list[str]:
-    """One line per module `gpp-onnx grow` inserted (its Concat is named grow<k>.concat):
-    each branch's channel group and width."""
+    """One line per module `gpp-onnx grow` inserted: each branch's channel group and width."""
+    return [f"grown module {m['module']}: " + ", ".join(
+        f"{b} -> group {v['group']} ({v['width']})" for b, v in m["branches"].items())
+        for m in module_branches(analysis)]
+
+
+def module_branches(analysis) -> list[dict]:
+    """Per module `gpp-onnx grow` inserted (its Concat is named grow<k>.concat): its name,
+    output value and each branch's channel group and width."""
     from .grow.module import BRANCHES
 
-    lines = []
+    found = []
     for node in analysis.view.nodes:
         if node.op_type != "Concat" or not node.name.startswith("grow") \
                 or not node.name.endswith(".concat"):
             continue
-        parts = []
+        branches = {}
         for branch, value in zip(BRANCHES, node.input):
             key = next((g.key for g in analysis.groups if value in g.values), "?")
-            parts.append(f"{branch} -> group {key} ({analysis.view.shape(value)[1]})")
-        lines.append(f"grown module {node.name[:-len('.concat')]}: " + ", ".join(parts))
-    return lines
+            branches[branch] = {"group": key, "width": int(analysis.view.shape(value)[1])}
+        found.append({"module": node.name[:-len(".concat")], "output": node.output[0],
+                      "branches": branches})
+    return found
 
 
 def prune_summary(result) -> str:
@@ -184,6 +192,33 @@ def gpp_rounds_table(rows, before) -> str:
                   "MACs kept", "S_w off-diag.", "epochs"], body)
 
 
+def gpp_grow_lines(grow: dict | None, before) -> list[str]:
+    """The grow phase of `gpp --grow`: per module where, branch widths grown -> in the
+    result, added cost, held-out accuracy, kept; then the phase's epochs."""
+    if grow is None:
+        return []
+    after = {m["output"]: m["branches"] for m in grow.get("after") or []}
+    rows = []
+    for m in grow["modules"]:
+        grown = [stop - start for start, stop in m["branches"].values()]
+        widths = "/".join(map(str, grown))
+        if m["output"] in after:
+            widths += " -> " + "/".join(str(v["width"]) for v in after[m["output"]].values())
+        rows.append([m["index"], m["at"], f"{m['size'][0]}x{m['size'][1]}", widths,
+                     human(m["params"]), human(m["macs"]),
+                     "" if m["accuracy"] is None else f"{m['accuracy']:.4f}",
+                     "" if m["gain_points"] is None else f"{m['gain_points']:+.2f}",
+                     "yes" if m["kept"] else "no"])
+    head = ["module", "at", "size", "1x1/3x3/3x3dbl/pool (grown -> result)", "+params",
+            "+MACs", "accuracy", "gain (pts)", "kept"]
+    return [table(head, rows, "llllrrrrl"),
+            f"grow: kept {grow['kept']} of {len(grow['modules'])} module(s), "
+            f"{grow['epochs']:.2f} epochs ({grow['epochs_per_module']:.2f} per module, "
+            f"{grow['round_epochs']:.2f} left to the rounds); "
+            f"params {human(before.params)} -> {human(grow['params'])}, MACs "
+            f"{human(before.macs)} -> {human(grow['macs'])}"]
+
+
 def gpp_summary(result) -> str:
     b, a = result.before, result.after
     acc = result.best["accuracy"]
@@ -194,6 +229,7 @@ def gpp_summary(result) -> str:
     if result.latency_ratio is not None:
         rows.append(["latency (onnxruntime)", "", "", f"{result.latency_ratio:.3f}"])
     lines = [table(["", "before", "after", "after/before"], rows),
+             *gpp_grow_lines(result.report.get("grow"), b),
              gpp_rounds_table(result.rows, b),
              f"result: round {result.best['round']} after {result.best['stage']}; "
              f"{result.epochs:.2f} training epochs used"]
@@ -212,6 +248,7 @@ def gpp_report(src, dst, config, options, state, before, after, acc_before, late
         "schedule": {"budget_epochs": options.budget_epochs, "push_share": options.push_share,
                      "split": options.split,
                      "acc_floor": options.acc_floor, "push_weights": vars(options.weights),
+                     "round_budget_epochs": options.round_budget(),
                      "work_dir": None if options.work_dir is None else str(options.work_dir)},
         "epochs_used": state.epochs, "stopped": state.stop, "best": state.best,
         "before": {"params": before.params, "macs": before.macs, "accuracy": acc_before},
@@ -219,6 +256,8 @@ def gpp_report(src, dst, config, options, state, before, after, acc_before, late
         "ratios": {"params": after.params / max(before.params, 1),
                    "macs": after.macs / max(before.macs, 1), "latency": latency},
         "rounds": list(state.rows),
+        "grow": None if state.grown is None else dict(state.grown, share=options.grow_share,
+                                                      round_epochs=options.round_budget()),
     }
 
 

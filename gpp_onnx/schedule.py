@@ -17,6 +17,14 @@ between rounds.
   share 0.25, final) were chosen on the validation split of two Fashion-MNIST VGG nets at
   90% MACs removed with 2 epochs (global allocation): final/0.25 0.8944 and 0.8918, even/0.5 0.8918 and
   0.8828, one round 0.8870-0.8908 (docs/fashion-mnist.md).
+* **Grow** (``GppOptions.grow``, METHOD 5). Before the rounds, ``grow_step`` grows up to
+  N Inception modules (``grow.loop.grow_model``: each trained ``budget x grow_share / N``
+  epochs and kept while held-out accuracy gains more than ``min_gain`` points); the
+  rounds then share the other ``budget x (1 - grow_share)`` epochs (those of modules
+  never tried are not spent). The target stays a fraction f of the *input's* cost, so
+  round k cuts the grown model (cost G) to ``G (f I / G)^(k/K)`` of the input's cost I:
+  the rounds' plan is made for the fraction ``f I / G`` of the grown model
+  (``Run.round_targets``), and a model meets the target when its cost is below f I.
 * **Best model.** Each model met on the way that meets the target (right after a cut,
   after a fine-tune) is a candidate; the one with the best held-out accuracy is the result,
   so a fine-tune that lowers accuracy never makes the result worse.
@@ -50,6 +58,8 @@ from .config import PruneConfig
 from .errors import DataError, InputError
 from .evaluation import accuracy
 from .finetune import train_model
+from .grow.loop import GrowConfig
+from .grow.phase import grow_phase
 from .push import PushWeights, offdiag_share, push_model
 from .rounds import one_round
 from .stats import ModelStats
@@ -75,6 +85,37 @@ class GppOptions:
     weights: PushWeights = PushWeights(cov=3.0)
     work_dir: Path | None = None    # checkpoints (None: nothing kept between rounds)
     resume: bool = False
+    # grow before the rounds: max_modules, at, widths, min_gain (None: no grow); its data,
+    # training and seed are the run's (grow_settings)
+    grow: GrowConfig | None = None
+    # of the budget spent growing (evenly over the modules): with --grow 2 and 6 epochs,
+    # 1.5 per module and 3 for the rounds
+    grow_share: float = 0.5
+
+    def round_budget(self) -> float:
+        """The rounds' epochs (push and fine-tune): what the grow phase leaves."""
+        return self.budget_epochs * (1 - self.grow_share if self.grow else 1.0)
+
+    def grow_settings(self, config: PruneConfig) -> GrowConfig:
+        """The grow phase's GrowConfig: each module trains its share of the budget with the
+        run's data, learning rate, batch size and seed."""
+        epochs = self.budget_epochs * self.grow_share / self.grow.max_modules
+        return replace(self.grow, data=config.data, seed=config.seed,
+                       input_shape=config.input_shape,
+                       train=replace(config.train, epochs=epochs, distill=0.0))
+
+    def check_grow(self, config: PruneConfig) -> None:
+        """Grow settings that need no model or data (before any work)."""
+        if self.grow is None:
+            return
+        if config.target_macs is None and config.target_params is None:
+            raise InputError("--grow prunes back to a cost relative to the input model - give "
+                             "--target-macs or --target-params (--ratio, --eta and "
+                             "--target-latency have no meaning after a grow)")
+        if not 0.0 < self.grow_share < 1.0:
+            raise InputError(f"--grow-share {self.grow_share} is outside (0, 1) - e.g. 0.5 "
+                             "grows with half of --budget-epochs")
+        self.grow_settings(config).checked()
 
     def checked(self, config: PruneConfig, train_size: int) -> "GppOptions":
         if not 0.0 <= self.push_share <= 1.0:
@@ -83,13 +124,23 @@ class GppOptions:
             raise InputError(f"--split {self.split} is unknown - use one of {', '.join(SPLITS)}")
         if self.acc_floor < 0:
             raise InputError(f"--acc-floor {self.acc_floor} must be >= 0 (e.g. 0.05)")
-        steps = self.budget_epochs / config.rounds * math.ceil(
-            train_size / config.train.batch_size)
+        batches = math.ceil(train_size / config.train.batch_size)
+        if self.grow is not None:
+            g = self.grow_settings(config)
+            steps = g.train.epochs * batches
+            if steps < MIN_ROUND_STEPS:
+                raise InputError(
+                    f"--budget-epochs {self.budget_epochs:g} gives {steps:.0f} training steps "
+                    f"per grown module (--grow-share {self.grow_share:g} over {g.max_modules} "
+                    f"modules); a module needs at least {MIN_ROUND_STEPS} - raise "
+                    "--budget-epochs or --grow-share, or grow fewer modules")
+        steps = self.round_budget() / config.rounds * batches
         if steps < MIN_ROUND_STEPS:
             raise InputError(
                 f"--budget-epochs {self.budget_epochs:g} gives {steps:.0f} training steps per "
                 f"round over {config.rounds} rounds; a round needs at least {MIN_ROUND_STEPS} "
-                "- raise --budget-epochs or lower --rounds")
+                "- raise --budget-epochs or lower --rounds"
+                + (" or --grow-share" if self.grow else ""))
         return self
 
 
@@ -101,12 +152,13 @@ class State:
     best: dict | None = None                   # round, stage, accuracy, params, macs
     stop: str | None = None                    # why the run ended early
     cost: tuple[int, int] | None = None        # params, MACs of the current model
+    grown: dict | None = None                  # the grow phase's row, once it ran
     best_model: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
 
     def to_json(self, fingerprint: str) -> str:
         return json.dumps({"fingerprint": fingerprint, "done": self.done,
                            "epochs": self.epochs, "rows": list(self.rows), "best": self.best,
-                           "stop": self.stop}, indent=1)
+                           "stop": self.stop, "grown": self.grown}, indent=1)
 
 
 @dataclass(frozen=True)
@@ -119,15 +171,41 @@ class Run:
     accuracy: float                            # the start's held-out accuracy
     tolerance: object                          # verify.Tolerance of the original
     widths: dict = field(default_factory=dict)  # the original's group widths, by key
+    start: ModelStats | None = None            # the grown model's cost (None: no grow)
 
     def push_epochs(self, k: int) -> float:
-        return self.options.budget_epochs * self.options.push_share / self.config.rounds
+        return self.options.round_budget() * self.options.push_share / self.config.rounds
 
     def finetune_epochs(self, k: int) -> float:
-        rest = self.options.budget_epochs * (1 - self.options.push_share)
+        rest = self.options.round_budget() * (1 - self.options.push_share)
         if self.options.split == "final":
             return rest if k == self.config.rounds else 0.0
         return rest / self.config.rounds
+
+    def round_targets(self) -> tuple[PruneConfig, ModelStats]:
+        """The config and the cost round k's plan interpolates from: the input's, or after
+        a grow the grown model's with the target (a fraction of the input's cost)
+        restated as a fraction of it."""
+        if self.start is None:
+            return self.config, self.before
+        c = self.config
+        if c.target_macs is not None:
+            c = replace(c, target_macs=min(1.0, c.target_macs * self.before.macs
+                                           / max(self.start.macs, 1)))
+        else:
+            c = replace(c, target_params=min(1.0, c.target_params * self.before.params
+                                             / max(self.start.params, 1)))
+        return c, self.start
+
+
+def grow_step(model, state: State, run: Run):
+    """The grow phase before round 1 (grow.phase): modules kept while they pay."""
+    grown, row = grow_phase(model, run.options.grow_settings(run.config), run.data)
+    state = replace(state, epochs=state.epochs + row["epochs"], grown=row,
+                    cost=(row["params"], row["macs"]))
+    state = _consider(state, run, grown, 0, "grow", row["accuracy"], row["params"],
+                      row["macs"])
+    return grown, state, row
 
 
 def push_step(model, state: State, run: Run):
@@ -146,11 +224,12 @@ def push_step(model, state: State, run: Run):
 
 def prune_step(model, state: State, run: Run):
     k = state.done + 1
-    config = replace(run.config, train=replace(run.config.train, epochs=0.0))
+    config, base = run.round_targets()
+    config = replace(config, train=replace(config.train, epochs=0.0))
     analysis = analyze_model(model, config.input_shape).keeping(config.ignore)
     if not analysis.prunable:
         return model, replace(state, stop="nothing left to prune"), {}
-    cut = one_round(analysis, config, run.data, k, None, run.before, run.tolerance, run.widths)
+    cut = one_round(analysis, config, run.data, k, None, base, run.tolerance, run.widths)
     row = {"removed_channels": cut.plan.removed_channels, "params": cut.params,
            "macs": cut.macs, "accuracy_after_cut": cut.accuracy_cut,
            "equivalence_relative_error": cut.error}
@@ -210,6 +289,13 @@ def run_schedule(model: onnx.ModelProto, run: Run, fingerprint: str
     work = run.options.work_dir
     if work is not None:
         model, state = _open_work(work, model, run, fingerprint)
+    if run.options.grow is not None and state.grown is None:
+        logger.info("grow: up to %d module(s)", run.options.grow.max_modules)
+        model, state, _ = grow_step(model, state, run)
+        if work is not None:
+            _checkpoint(work, model, state, fingerprint, "grown.onnx")
+    if state.grown is not None:  # the rounds interpolate from the grown model's cost
+        run = replace(run, start=ModelStats(state.grown["params"], state.grown["macs"]))
     while state.done < run.config.rounds and not state.stop:
         logger.info("round %d of %d", state.done + 1, run.config.rounds)
         model, state = run_round(model, state, run)
@@ -231,7 +317,11 @@ def fingerprint(model: onnx.ModelProto, config: PruneConfig, options: GppOptions
     settings.pop("timing", None)
     opts = {"budget_epochs": options.budget_epochs, "push_share": options.push_share,
             "split": options.split,
-            "acc_floor": options.acc_floor, "weights": vars(options.weights)}
+            "acc_floor": options.acc_floor, "weights": vars(options.weights),
+            "grow": None if options.grow is None else {
+                "max_modules": options.grow.max_modules, "at": list(options.grow.at),
+                "widths": vars(options.grow.widths), "min_gain": options.grow.min_gain,
+                "share": options.grow_share}}
     h = hashlib.sha256(model.SerializeToString(deterministic=True))
     h.update(json.dumps([settings, opts], sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
@@ -277,14 +367,16 @@ def _offdiag(model, run: Run) -> float:
     return offdiag_share(model, run.data.val, _feature(model, run.config))
 
 
-def _checkpoint(work: Path, model, state: State, fingerprint: str) -> None:
+def _checkpoint(work: Path, model, state: State, fingerprint: str,
+                name: str | None = None) -> None:
     if not distributed.is_writer():  # several processes: rank 0 keeps the checkpoint
         return
-    model_io.save(model, work / f"round-{state.done}.onnx")
+    model_io.save(model, work / (name or f"round-{state.done}.onnx"))
     if state.best_model is not None:
         model_io.save(state.best_model, work / "best.onnx")
     model_io.write_text(work / "state.json", state.to_json(fingerprint))
-    logger.info("round %d checkpointed in %s", state.done, work)
+    logger.info("%s checkpointed in %s", f"round {state.done}" if name is None else "grow",
+                work)
 
 
 def check_work(options: GppOptions) -> None:
@@ -315,9 +407,13 @@ def _open_work(work: Path, model, run: Run, fingerprint: str):
         raise InputError(f"--resume: {work} holds a run of another model or other settings - "
                          "give the same model and options, or another --work-dir")
     state = State(saved["done"], saved["epochs"], tuple(saved["rows"]), saved["best"],
-                  saved["stop"])
+                  saved["stop"], grown=saved.get("grown"))
     if state.best is not None:
         state = replace(state, best_model=model_io.load(work / "best.onnx"))
-    current = model_io.load(work / f"round-{state.done}.onnx") if state.done else model
-    logger.info("resuming after round %d of %d from %s", state.done, run.config.rounds, work)
+    if state.done:
+        current = model_io.load(work / f"round-{state.done}.onnx")
+    else:
+        current = model_io.load(work / "grown.onnx") if state.grown is not None else model
+    logger.info("resuming after %s from %s", f"round {state.done} of {run.config.rounds}"
+                if state.done or state.grown is None else "the grow phase", work)
     return current, state

@@ -17,6 +17,15 @@ Then two arms with the same total number of training epochs:
 Every model is evaluated on the 10k test file through onnxruntime. The held-out split
 (10% of the training file, the pipeline's default) serves grow's keep/drop decisions
 and prune's scoring only. Prints a table and writes ``OUT/grow_bench.json``.
+
+``--gpp NAME`` runs one arm of ``gpp --grow`` instead (the product command:
+``--max-modules`` is N, ``--budget-epochs`` the whole budget after the base's training,
+``--grow-share``, ``--rounds``, ``--allocation``, ``--at``; target ``--target-macs 1.0``:
+the base's MACs), next to the base trained as many epochs in all. Each arm is a row of
+``OUT/gpp_arms.json`` (a rerun skips finished arms; the base and the longer-trained base
+are kept as files, an interrupted gpp resumes from its work folder). Rows show held-out
+(val) accuracy, which chooses settings; test accuracy only with ``--test``, once the
+settings are chosen.
 """
 from __future__ import annotations
 
@@ -60,6 +69,17 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpp", metavar="NAME", help="run one gpp --grow arm under this name")
+    p.add_argument("--budget-epochs", type=float, default=3)
+    p.add_argument("--grow-share", type=float, default=2 / 3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--allocation", choices=["uniform", "global"], default="uniform")
+    p.add_argument("--at", action="append", default=[])
+    p.add_argument("--branch-widths", type=lambda t: tuple(int(v) for v in t.split(",")))
+    p.add_argument("--split", choices=["even", "final"], default="final")
+    p.add_argument("--acc-floor", type=float, default=1.0,
+                   help="gpp arms: 1.0 (default) never stops early: every round is measured")
+    p.add_argument("--test", action="store_true", help="gpp arms: test accuracy too")
     return p.parse_args(argv)
 
 
@@ -79,6 +99,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.gpp:
+        return gpp_arm(args)
     data = DataOptions("fashion-mnist", limit=args.limit)
     model = base_net(args.seed)
     view = GraphView(model)
@@ -122,6 +144,88 @@ def main(argv=None) -> int:
          "modules": grown.report["modules"]}, indent=1))
     print(table(rows))
     return 0
+
+
+def gpp_arm(args) -> int:
+    """One ``gpp --grow`` arm and the base trained as long (see the module docstring)."""
+    import onnx
+
+    import gpp_onnx
+    from gpp_onnx.config import DataOptions, PruneConfig, TrainOptions
+    from gpp_onnx.evaluation import accuracy, dataset_for
+    from gpp_onnx.finetune import train_model
+    from gpp_onnx.graph import GraphView
+    from gpp_onnx.rounds import load_data
+
+    data = DataOptions("fashion-mnist", limit=args.limit)
+    model = base_net(args.seed)
+    splits = load_data(GraphView(model), PruneConfig(data=data, seed=args.seed))
+    test = dataset_for(GraphView(model), "fashion-mnist:test") if args.test else None
+    opts = TrainOptions(lr=args.lr)
+    path = args.out / "base.onnx"
+    if not path.exists():
+        onnx.save(train_model(model, splits.train, _epochs(opts, args.base_epochs), args.seed),
+                  path)
+    total = args.base_epochs + args.budget_epochs
+    longer = args.out / f"base-{total:g}.onnx"
+    if not longer.exists():
+        onnx.save(train_model(onnx.load(path), splits.train,
+                              _epochs(opts, args.budget_epochs), args.seed + 1), longer)
+    arms_path = args.out / "gpp_arms.json"
+    arms = json.loads(arms_path.read_text()) if arms_path.exists() else {}
+
+    def measure(name, m, epochs, extra=None):
+        s = stats(m)
+        row = {"arm": name, "epochs": epochs, "params": s.params, "macs": s.macs,
+               "val_accuracy": accuracy(m, splits.val),
+               "test_accuracy": accuracy(m, test) if test is not None else None, **(extra or {})}
+        if arms.get(name, {}).get("test_accuracy") is not None and test is None:
+            row["test_accuracy"] = arms[name]["test_accuracy"]
+        arms[name] = {**arms.get(name, {}), **row}
+
+    measure("base", onnx.load(path), args.base_epochs)
+    measure(f"base trained {total:g} epochs", onnx.load(longer), total)
+    out = args.out / f"{args.gpp}.onnx"
+    if not out.exists():
+        t0 = time.perf_counter()
+        config = PruneConfig(data=data, target_macs=1.0, rounds=args.rounds, round_to=1,
+                             allocation=args.allocation, latency=False, seed=args.seed,
+                             train=opts)
+        from gpp_onnx.grow import Widths
+
+        grow = gpp_onnx.GrowConfig(max_modules=args.max_modules, at=tuple(args.at),
+                                   min_gain=args.min_gain,
+                                   widths=Widths(*(args.branch_widths or (None,) * 3)))
+        work = out.with_name(out.name + ".gpp-work")
+        gpp_onnx.gpp(path, out, config, gpp_onnx.GppOptions(
+            budget_epochs=args.budget_epochs, grow=grow, grow_share=args.grow_share,
+            split=args.split, acc_floor=args.acc_floor,
+            resume=(work / "state.json").exists()))
+        arms[args.gpp] = {"seconds": round(time.perf_counter() - t0, 1)}
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    measure(args.gpp, onnx.load(out), args.base_epochs + rep["epochs_used"], {
+        "settings": {k: getattr(args, k) for k in (
+            "max_modules", "budget_epochs", "grow_share", "rounds", "allocation", "at",
+            "min_gain", "split", "acc_floor", "branch_widths")},
+        "kept": rep["grow"]["kept"], "grown_macs": rep["grow"]["macs"],
+        "best": rep["best"], "branches": rep["grow"]["after"]})
+    arms_path.write_text(json.dumps(arms, indent=1))
+    print(gpp_table(arms.values()))
+    return 0
+
+
+def gpp_table(rows) -> str:
+    def acc(v):
+        return "" if v is None else f"{v:.4f}"
+
+    head = (f"{'arm':<28} {'epochs':>6} {'params':>8} {'MACs':>9} {'grown MACs':>10} "
+            f"{'val acc':>8} {'test acc':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['arm']:<28} {r['epochs']:>6g} {r['params']:>8d} {r['macs']:>9d} "
+                     f"{r.get('grown_macs') or '':>10} {acc(r['val_accuracy']):>8} "
+                     f"{acc(r.get('test_accuracy')):>8}")
+    return "\n".join(lines)
 
 
 def _epochs(opts, epochs):
