@@ -28,9 +28,13 @@ between rounds.
 * **Best model.** Each model met on the way that meets the target (right after a cut,
   after a fine-tune) is a candidate; the one with the best held-out accuracy is the result,
   so a fine-tune that lowers accuracy never makes the result worse.
-* **Stopping.** After the last round; after a round whose best held-out accuracy is more
-  than ``acc_floor`` below the start's (then the result is the best candidate so far, and
-  an error if none met the target); when nothing is left to prune.
+* **Stopping.** After the last round; when held-out accuracy falls more than
+  ``acc_floor`` below the start's (then the result is the best candidate so far, and an
+  error if none met the target); when nothing is left to prune. The floor judges each
+  cut once it has been trained on: a round that fine-tunes (or the last) by its best
+  model after the cut and the fine-tune; a cut left to the next round's push (``split=
+  "final"``) by that push's result. A cut is never judged before any training: the
+  untrained cuts before the last round sit far below the start by design.
 * **Checkpoints and resume.** After each round the work folder holds ``round-K.onnx`` (the
   model the next round starts from), ``best.onnx`` and ``state.json`` (a fingerprint of
   the input model and the settings, the rows, the best candidate). ``resume`` continues
@@ -219,7 +223,10 @@ def push_step(model, state: State, run: Run):
                              run.options.weights, seed=run.config.seed + 1000 * k)
     row = {"accuracy_after_push": rep.accuracy_after, "offdiag_before_push": rep.offdiag_before,
            "offdiag_after_push": rep.offdiag_after, "push_epochs": epochs}
-    return pushed, replace(state, epochs=state.epochs + epochs), row
+    state = replace(state, epochs=state.epochs + epochs)
+    if state.rows and not _judged(state.rows[-1], run):  # the previous cut, now trained on
+        state = _floor(state, run, rep.accuracy_after, k)
+    return pushed, state, row
 
 
 def prune_step(model, state: State, run: Run):
@@ -271,15 +278,26 @@ def run_round(model, state: State, run: Run) -> tuple[onnx.ModelProto, State]:
         return model, state
     row["epochs_used"] = state.epochs
     row["offdiag_after_round"] = _offdiag(model, run)
-    # the floor judges the models the round made (after its cut, after its fine-tune)
     best = max(row[key] for key in ("accuracy_after_cut", "accuracy_after_finetune")
                if row.get(key) is not None)
     row["accuracy"] = best
-    if run.accuracy - best > run.options.acc_floor:
-        state = replace(state, stop=f"held-out accuracy {best:.4f} fell more than "
-                                    f"{run.options.acc_floor:g} below the start's "
-                                    f"{run.accuracy:.4f} in round {k}")
+    if _judged(row, run):
+        state = _floor(state, run, best, k)
     return model, replace(state, done=k, rows=state.rows + (row,))
+
+
+def _judged(row: dict, run: Run) -> bool:
+    """Whether the floor judged this round's cut in the round itself (it was fine-tuned,
+    or it is the last); otherwise the next round's push result judges it."""
+    return row.get("accuracy_after_finetune") is not None or row["round"] >= run.config.rounds
+
+
+def _floor(state: State, run: Run, accuracy: float, k: int) -> State:
+    if state.stop or run.accuracy - accuracy <= run.options.acc_floor:
+        return state
+    return replace(state, stop=f"held-out accuracy {accuracy:.4f} fell more than "
+                               f"{run.options.acc_floor:g} below the start's "
+                               f"{run.accuracy:.4f} in round {k}")
 
 
 def run_schedule(model: onnx.ModelProto, run: Run, fingerprint: str

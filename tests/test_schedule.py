@@ -150,5 +150,21 @@ def test_the_accuracy_floor_stops_the_run_and_keeps_its_rounds(trained, tmp_path
                  "--rounds", "2", "--budget-epochs", "2", "--round-to", "1", "--acc-floor", "0",
                  "--no-latency", "-o", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and "no model met the target" in err and "in round 1" in err
+    assert code == 2 and "no model met the target" in err and "in round 2" in err
     assert not out.exists() and (tmp_path / "o.onnx.gpp-work" / "round-1.onnx").exists()
+
+
+def test_the_floor_waits_for_training_before_judging_a_cut(trained, tmp_path):
+    """With the fine-tune after the last cut (the default split), the earlier cuts are
+    judged by the push that follows them, not right after the cut: a cut that drops more
+    than the floor but recovers under the next push does not stop the run."""
+    out = tmp_path / "o.onnx"
+    code = main(["-q", "gpp", str(trained), "--data", "digits", "--target-macs", "0.05",
+                 "--rounds", "3", "--budget-epochs", "4", "--round-to", "1", "--no-latency",
+                 "--acc-floor", "0.03", "-o", str(out)])
+    assert code == 0 and out.exists()
+    rows = json.loads(out.with_suffix(".report.json").read_text())["rounds"]
+    start = ort_accuracy(trained, held_out(trained))
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert start - rows[1]["accuracy_after_cut"] > 0.03          # a cut below the floor ...
+    assert start - rows[2]["accuracy_after_push"] <= 0.03        # ... that the push recovered
