@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from . import distributed, latency, preflight, report, schedule, verify
+from . import distributed, latency, preflight, report, schedule, verify, workdir
 from . import model as model_io
 from .analysis import analyze_model
 from .analysis.features import final_hidden_layer
@@ -100,7 +100,7 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     if options.work_dir is None and dst is not None:
         options = replace(options, work_dir=dst.with_name(dst.name + ".gpp-work"))
     _preflight(model, src, dst, config.data)
-    schedule.check_work(options)
+    workdir.check_work(options)
     if options.work_dir is not None:
         preflight.check_writable(Path(options.work_dir) / "state.json")
     t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     run = schedule.Run(config, options, start.data, start.before, start.accuracy,
                        start.tolerance, {g.key: g.width for g in start.analysis.groups})
     best, state = schedule.run_schedule(start.normalized, run,
-                                        schedule.fingerprint(start.normalized, config, options))
+                                        workdir.fingerprint(start.normalized, config, options))
     verify.check(best, "result")
     verify.make_session(best, "result")
     writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports

@@ -35,7 +35,7 @@ between rounds.
   model after the cut and the fine-tune; a cut left to the next round's push (``split=
   "final"``) by that push's result. A cut is never judged before any training: the
   untrained cuts before the last round sit far below the start by design.
-* **Checkpoints and resume.** After each round the work folder holds ``round-K.onnx`` (the
+* **Checkpoints and resume** (``workdir.py``). After each round the work folder holds ``round-K.onnx`` (the
   model the next round starts from), ``best.onnx`` and ``state.json`` (a fingerprint of
   the input model and the settings, the rows, the best candidate). ``resume`` continues
   after the last finished round. A round is a function of the model it starts from, the
@@ -44,7 +44,6 @@ between rounds.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -54,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import distributed
+from . import workdir
 from . import model as model_io
 from .analysis import analyze_model
 from .analysis.features import final_hidden_layer
@@ -311,38 +310,20 @@ def run_schedule(model: onnx.ModelProto, run: Run, fingerprint: str
         logger.info("grow: up to %d module(s)", run.options.grow.max_modules)
         model, state, _ = grow_step(model, state, run)
         if work is not None:
-            _checkpoint(work, model, state, fingerprint, "grown.onnx")
+            workdir.save(work, model, state, fingerprint, "grown.onnx")
     if state.grown is not None:  # the rounds interpolate from the grown model's cost
         run = replace(run, start=ModelStats(state.grown["params"], state.grown["macs"]))
     while state.done < run.config.rounds and not state.stop:
         logger.info("round %d of %d", state.done + 1, run.config.rounds)
         model, state = run_round(model, state, run)
         if work is not None and state.rows and state.rows[-1]["round"] == state.done:
-            _checkpoint(work, model, state, fingerprint)
+            workdir.save(work, model, state, fingerprint)
     if state.best_model is None:
         why = state.stop or "the target was not reached"
         where = f"; the finished rounds are in {work}" if work is not None else ""
         raise DataError(f"no model met the target ({why}){where} - loosen --acc-floor, give "
                         "a larger --budget-epochs or more --rounds, or a milder target")
     return state.best_model, state
-
-
-def fingerprint(model: onnx.ModelProto, config: PruneConfig, options: GppOptions) -> str:
-    """The input model and every setting that changes what a round computes."""
-    settings = config.to_dict()
-    settings["train"].pop("device", None)
-    settings.pop("latency", None)
-    settings.pop("timing", None)
-    opts = {"budget_epochs": options.budget_epochs, "push_share": options.push_share,
-            "split": options.split,
-            "acc_floor": options.acc_floor, "weights": vars(options.weights),
-            "grow": None if options.grow is None else {
-                "max_modules": options.grow.max_modules, "at": list(options.grow.at),
-                "widths": vars(options.grow.widths), "min_gain": options.grow.min_gain,
-                "share": options.grow_share}}
-    h = hashlib.sha256(model.SerializeToString(deterministic=True))
-    h.update(json.dumps([settings, opts], sort_keys=True, default=str).encode())
-    return h.hexdigest()[:20]
 
 
 def check_data(data, config: PruneConfig) -> None:
@@ -385,39 +366,9 @@ def _offdiag(model, run: Run) -> float:
     return offdiag_share(model, run.data.val, _feature(model, run.config))
 
 
-def _checkpoint(work: Path, model, state: State, fingerprint: str,
-                name: str | None = None) -> None:
-    if not distributed.is_writer():  # several processes: rank 0 keeps the checkpoint
-        return
-    model_io.save(model, work / (name or f"round-{state.done}.onnx"))
-    if state.best_model is not None:
-        model_io.save(state.best_model, work / "best.onnx")
-    model_io.write_text(work / "state.json", state.to_json(fingerprint))
-    logger.info("%s checkpointed in %s", f"round {state.done}" if name is None else "grow",
-                work)
-
-
-def check_work(options: GppOptions) -> None:
-    """Before any work: a fresh run needs a work folder without a run in it, --resume one
-    with a run."""
-    work = options.work_dir
-    if work is None:
-        if options.resume:
-            raise InputError("--resume needs the work folder of the run (--work-dir, or an "
-                             "output path next to which it lies)")
-        return
-    path = Path(work) / "state.json"
-    if not options.resume and path.exists():
-        raise InputError(f"{work} holds a previous run - pass --resume to continue it, or "
-                         "remove it (or choose another --work-dir) to start again")
-    if options.resume and not path.exists():
-        raise InputError(f"--resume: {work} holds no run to continue (no state.json) - drop "
-                         "--resume to start one")
-
-
 def _open_work(work: Path, model, run: Run, fingerprint: str):
     """A fresh work folder, or (resume) the model and state after its last finished round."""
-    check_work(run.options)
+    workdir.check_work(run.options)
     if not run.options.resume:
         return model, State()
     saved = json.loads((work / "state.json").read_text())

@@ -1,0 +1,66 @@
+"""The gpp run's work folder: the fingerprint of a run, checkpoints after each finished
+round (``round-K.onnx``, ``best.onnx``, ``state.json``; ``grown.onnx`` after the grow
+phase) and the checks a fresh run or ``--resume`` makes before any work."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import onnx
+
+from . import distributed
+from . import model as model_io
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(model: onnx.ModelProto, config, options) -> str:
+    """The input model and every setting that changes what a round computes."""
+    settings = config.to_dict()
+    settings["train"].pop("device", None)
+    settings.pop("latency", None)
+    settings.pop("timing", None)
+    opts = {"budget_epochs": options.budget_epochs, "push_share": options.push_share,
+            "split": options.split,
+            "acc_floor": options.acc_floor, "weights": vars(options.weights),
+            "grow": None if options.grow is None else {
+                "max_modules": options.grow.max_modules, "at": list(options.grow.at),
+                "widths": vars(options.grow.widths), "min_gain": options.grow.min_gain,
+                "share": options.grow_share}}
+    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    h.update(json.dumps([settings, opts], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def save(work: Path, model, state, fingerprint: str,
+                name: str | None = None) -> None:
+    """Write `model` (``round-K.onnx`` or `name`), the best model and ``state.json``."""
+    if not distributed.is_writer():  # several processes: rank 0 keeps the checkpoint
+        return
+    model_io.save(model, work / (name or f"round-{state.done}.onnx"))
+    if state.best_model is not None:
+        model_io.save(state.best_model, work / "best.onnx")
+    model_io.write_text(work / "state.json", state.to_json(fingerprint))
+    logger.info("%s checkpointed in %s", f"round {state.done}" if name is None else "grow",
+                work)
+
+
+def check_work(options) -> None:
+    """Before any work: a fresh run needs a work folder without a run in it, --resume one
+    with a run."""
+    work = options.work_dir
+    if work is None:
+        if options.resume:
+            raise InputError("--resume needs the work folder of the run (--work-dir, or an "
+                             "output path next to which it lies)")
+        return
+    path = Path(work) / "state.json"
+    if not options.resume and path.exists():
+        raise InputError(f"{work} holds a previous run - pass --resume to continue it, or "
+                         "remove it (or choose another --work-dir) to start again")
+    if options.resume and not path.exists():
+        raise InputError(f"--resume: {work} holds no run to continue (no state.json) - drop "
+                         "--resume to start one")
