@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import DataOptions, LatencyOptions
+from .config import DataOptions, LatencyOptions, TrainOptions
 from .errors import InputError
 from .grow.loop import MIN_GAIN
 from .importance import criterion_names
@@ -184,8 +184,9 @@ def _prune_training_args(pr: argparse.ArgumentParser) -> None:
                     "and distillation to the original model's outputs")
     pr.add_argument("--distill", type=float, default=0.0, metavar="W",
                     help="with labels: add W x the distillation loss to cross-entropy")
-    pr.add_argument("--temperature", type=float, default=1.0,
-                    help="softmax temperature of the distillation KL (class outputs)")
+    pr.add_argument("--temperature", type=float, default=TrainOptions.temperature,
+                    help="softmax temperature of the distillation KL (class outputs; "
+                         "default %(default)s, chosen on held-out agreement)")
     pr.add_argument("--lr", type=float, default=0.01, help="training learning rate")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pr.add_argument("--repair", choices=["lsq", "bias", "none"], default="lsq",
