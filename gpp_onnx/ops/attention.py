@@ -43,7 +43,7 @@ import onnx
 from .base import Blocker, NodeChannels, OpRule, attr, norm_axis
 from .index_trace import (LAYOUT, NotFollowed, apply_layout, const_input, data_input,
                           layout_ok, op_axes, scalar_side, single_axis)
-from .layout import shape_dims_read
+from .shape_reads import shape_dims_read
 
 logger = logging.getLogger(__name__)
 

@@ -229,7 +229,7 @@ class ResizeRule(OpRule):
         a = ctx.axis(x)
         if a is None:
             return NodeChannels(out_axes={y: None})
-        from .layout import resize_keeps_own_width
+        from .shape_reads import resize_keeps_own_width
 
         sizes = node.input[3] if len(node.input) > 3 and node.input[3] else None
         computed = sizes and not ctx.is_const_param(sizes)
