@@ -258,8 +258,5 @@ def _mask_reductions(model: onnx.ModelProto, analysis, kept) -> None:
         return
     editor = Editor(model)
     for node in [n for n in model.graph.node if n.name in todo]:
-        new = analysis.rules[node.name].masked_nodes(node, todo[node.name], editor)
-        position = list(model.graph.node).index(node)
-        model.graph.node.remove(node)
-        for k, n in enumerate(new):
-            model.graph.node.insert(position + k, n)
+        editor.replace([node], analysis.rules[node.name].masked_nodes(node, todo[node.name],
+                                                                      editor))
