@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from gpp_onnx import DataOptions, GppOptions, gpp
 from gpp_onnx.cli import main
 from gpp_onnx.config import PruneConfig, TrainOptions
 from gpp_onnx.data import load_dataset, split
+from gpp_onnx.errors import DataError
 from gpp_onnx.finetune import train_model
 from gpp_onnx.rounds import load_data
 from gpp_onnx.graph import GraphView
@@ -154,17 +156,62 @@ def test_the_accuracy_floor_stops_the_run_and_keeps_its_rounds(trained, tmp_path
     assert not out.exists() and (tmp_path / "o.onnx.gpp-work" / "round-1.onnx").exists()
 
 
-def test_the_floor_waits_for_training_before_judging_a_cut(trained, tmp_path):
-    """With the fine-tune after the last cut (the default split), the earlier cuts are
-    judged by the push that follows them, not right after the cut: a cut that drops more
-    than the floor but recovers under the next push does not stop the run."""
-    out = tmp_path / "o.onnx"
-    code = main(["-q", "gpp", str(trained), "--data", "digits", "--target-macs", "0.05",
-                 "--rounds", "3", "--budget-epochs", "4", "--round-to", "1", "--no-latency",
-                 "--acc-floor", "0.03", "-o", str(out)])
-    assert code == 0 and out.exists()
-    rows = json.loads(out.with_suffix(".report.json").read_text())["rounds"]
-    start = ort_accuracy(trained, held_out(trained))
-    assert [r["round"] for r in rows] == [1, 2, 3]
-    assert start - rows[1]["accuracy_after_cut"] > 0.03          # a cut below the floor ...
-    assert start - rows[2]["accuracy_after_push"] <= 0.03        # ... that the push recovered
+def _fake_rounds(monkeypatch, accuracies: list[dict]):
+    """run_schedule with the real push step over a push that only reports the given
+    held-out accuracy, and cut / fine-tune steps that only report theirs: the floor's
+    decisions, without training."""
+    from types import SimpleNamespace
+
+    from gpp_onnx import schedule
+
+    def acc(state, key):
+        return accuracies[state.done].get(key)
+
+    def push_model(model, train, val, feature, options, weights, seed):
+        return model, SimpleNamespace(accuracy_after=acc(push_model.state, "push"),
+                                      offdiag_before=0.0, offdiag_after=0.0)
+
+    def push(model, state, run):
+        push_model.state = state
+        return schedule.push_step(model, state, run)
+
+    def cut(model, state, run):
+        k = state.done + 1
+        state = schedule._consider(replace(state, cost=(1, 1)), run, model, k, "cut",
+                                   acc(state, "cut"), 1, 1)
+        return model, state, {"params": 1, "macs": 1, "accuracy_after_cut": acc(state, "cut")}
+
+    def finetune(model, state, run):
+        tuned = acc(state, "finetune")
+        return model, state, {} if tuned is None else {"accuracy_after_finetune": tuned}
+
+    monkeypatch.setattr(schedule, "push_model", push_model)
+    monkeypatch.setattr(schedule, "_feature", lambda model, config: "h")
+    monkeypatch.setattr(schedule, "_offdiag", lambda model, run: 0.0)
+    monkeypatch.setattr(schedule, "STEPS", (push, cut, finetune))
+    options = SimpleNamespace(acc_floor=0.05, work_dir=None, grow=None, weights=None)
+    config = SimpleNamespace(rounds=len(accuracies), target_macs=None, target_params=None,
+                             train=TrainOptions(), seed=0)
+    run = SimpleNamespace(accuracy=0.9, options=options, config=config,
+                          data=SimpleNamespace(train=None, val=None),
+                          push_epochs=lambda k: 0.5)
+    return schedule.run_schedule(object(), run, "fp")[1]
+
+
+def test_the_floor_judges_an_untrained_cut_by_the_next_push(monkeypatch):
+    """Cuts left to the next round's push (no fine-tune in their round) sit far below the
+    start right after the cut; the floor waits for that push."""
+    state = _fake_rounds(monkeypatch, [{"push": 0.9, "cut": 0.6}, {"push": 0.88, "cut": 0.6},
+                                       {"push": 0.87, "cut": 0.8, "finetune": 0.88}])
+    assert state.done == 3 and state.stop is None
+    # a push that does not bring the previous cut back above the floor stops the run
+    # before its own cut (no model meets the target before the last round)
+    with pytest.raises(DataError, match=r"0\.8000 fell more than 0\.05 .* in round 2"):
+        _fake_rounds(monkeypatch, [{"push": 0.9, "cut": 0.6}, {"push": 0.8, "cut": 0.6},
+                                   {"push": 0.87, "cut": 0.8, "finetune": 0.88}])
+
+
+def test_the_floor_judges_a_fine_tuned_cut_in_its_round(monkeypatch):
+    with pytest.raises(DataError, match=r"0\.8000 fell more than 0\.05 .* in round 1"):
+        _fake_rounds(monkeypatch, [{"push": 0.9, "cut": 0.6, "finetune": 0.8},
+                                   {"push": 0.88, "cut": 0.85, "finetune": 0.88}])
