@@ -244,15 +244,17 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
     repaired = None if deltas is None else {
         "mode": config.repair, "layers_refitted": len(weights or {}),
         "biases_changed": len(deltas)}
-    pruned = surgery.cut(analysis, kept, deltas, weights)
-    masked = surgery.mask(analysis, kept, deltas, weights)
+    pruned, pruned_values = surgery.cut_with_values(analysis, kept, deltas, weights)
+    masked, masked_values = surgery.mask_with_values(analysis, kept, deltas, weights)
     logger.info("round %d: cut %d channels in %d groups", k, plan.removed_channels,
                 sum(1 for v in plan.removed.values() if v))
     source = verify.serialized(pruned)
     verify.check(source)
     feeds = analysis.view.check_feeds(config.seed)
-    verdict = exact.check(pruned, masked, feeds, verify.run(pruned, feeds, "pruned model"),
-                          verify.run(masked, feeds, "masked model"), tolerance)
+    # sessions take the arrays the tensors were written from (no reading them back)
+    got = verify.run(verify.session_source(pruned, pruned_values), feeds, "pruned model")
+    reference = verify.run(verify.session_source(masked, masked_values), feeds, "masked model")
+    verdict = exact.check(pruned, masked, feeds, got, reference, tolerance)
     err = verdict.error
     logger.info("verified: pruned == masked original (relative error %.1e < %.1e)", err,
                 verdict.tolerance.value)

@@ -119,7 +119,9 @@ def _bias_array(analysis, node, delta: np.ndarray, kept, cut: bool) -> np.ndarra
 
 def _apply(analysis, kept, changes, transform, rewrite: bool,
            bias_deltas: dict[str, np.ndarray] | None = None,
-           weights: dict[tuple[str, int], np.ndarray] | None = None) -> onnx.ModelProto:
+           weights: dict[tuple[str, int], np.ndarray] | None = None):
+    """The edited model and ``values(name)``: the array each of its initializers was
+    written from (None where not known), so sessions need not read the tensors back."""
     model = without_initializers(analysis.view.model)  # _replace_initializers adds them
     edit = Edit(analysis, model, kept)
     uses = defaultdict(int)
@@ -145,8 +147,14 @@ def _apply(analysis, kept, changes, transform, rewrite: bool,
     if rewrite:
         for node in model.graph.node:
             analysis.rules[node.name].rewrite(node, edit)
-    _replace_initializers(model, analysis.view.model, edit.new_inits)
-    return model
+    written = _replace_initializers(model, analysis.view.model, edit.new_inits)
+    const = analysis.view.const
+    copied = {t.name for t in model.graph.initializer} - set(written)
+
+    def values(name: str) -> np.ndarray | None:
+        return written[name] if name in written else const(name) if name in copied else None
+
+    return model, values
 
 
 def _take(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
@@ -165,10 +173,12 @@ def _zero(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
 
 
 def _replace_initializers(model: onnx.ModelProto, source: onnx.ModelProto,
-                          arrays: dict[str, np.ndarray]) -> None:
+                          arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`model`'s initializers: those of `source` still used, each replaced by `arrays[name]`
     when given (in its old dtype), then the new ones of `arrays`. Each tensor is written
-    once: copying all of `source`'s and then overwriting would copy the weights twice."""
+    once: copying all of `source`'s and then overwriting would copy the weights twice.
+    Returns name -> the array each written tensor holds (plain dtypes)."""
+    written: dict[str, np.ndarray] = {}
     used = {name for node in model.graph.node for name in node.input}
     used |= {o.name for o in model.graph.output}
     inits = model.graph.initializer
@@ -178,28 +188,31 @@ def _replace_initializers(model: onnx.ModelProto, source: onnx.ModelProto,
             continue
         if t.name in arrays:
             dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-            _fill(inits.add(), arrays[t.name].astype(dtype, copy=False), t.name)
+            _fill(inits.add(), arrays[t.name].astype(dtype, copy=False), t.name, written)
         else:
             inits.add().CopyFrom(t)
     for name, array in arrays.items():
         if name not in old and name in used:
-            _fill(inits.add(), array, name)
+            _fill(inits.add(), array, name, written)
     graph_inputs = [v for v in model.graph.input if v.name not in old or v.name in used]
     del model.graph.input[:]
     model.graph.input.extend(graph_inputs)
     del model.graph.value_info[:]
+    return written
 
 
 _PLAIN = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int64, np.int32,
                                 np.int16, np.int8, np.uint8, np.bool_)}
 
 
-def _fill(tensor: onnx.TensorProto, array: np.ndarray, name: str) -> None:
+def _fill(tensor: onnx.TensorProto, array: np.ndarray, name: str, written: dict) -> None:
     """``tensor := numpy_helper.from_array(array, name)``, built in place for the plain
-    dtypes (the same fields, without copying the finished tensor once more)."""
+    dtypes (the same fields, without copying the finished tensor once more); those are
+    recorded in `written`."""
     if array.dtype not in _PLAIN:
         tensor.CopyFrom(numpy_helper.from_array(array, name))
         return
+    written[name] = np.ascontiguousarray(array)
     tensor.Clear()
     tensor.dims.extend(array.shape)
     tensor.name = name
@@ -213,14 +226,21 @@ def cut(analysis, kept: dict[str, np.ndarray],
     """The physically smaller model. ``bias_deltas`` (node -> change of its output bias)
     and ``weights`` ((node, input index) -> replacement, original shape) come from the
     repair; the replacements are cut like the weights they replace."""
-    model = _apply(analysis, kept, _cuts(analysis, kept), _take, True, bias_deltas, weights)
+    return cut_with_values(analysis, kept, bias_deltas, weights)[0]
+
+
+def cut_with_values(analysis, kept, bias_deltas=None, weights=None):
+    """``cut`` and ``values(name)``: the array each initializer of the result was written
+    from (None where not known), for ``verify.detach`` without reading the tensors back."""
+    model, values = _apply(analysis, kept, _cuts(analysis, kept), _take, True, bias_deltas,
+                           weights)
     drop_dead_nodes(model)  # e.g. the shape arithmetic of a dropped zero initial state
     dedupe_initializers(model)
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception as err:  # a model without inferable shapes is still a valid model
         logger.debug("shape inference after surgery failed: %s", err)
-        return model
+    return model, values
 
 
 def mask(analysis, kept: dict[str, np.ndarray],
@@ -228,4 +248,9 @@ def mask(analysis, kept: dict[str, np.ndarray],
          weights: dict[tuple[str, int], np.ndarray] | None = None) -> onnx.ModelProto:
     """The original architecture with removed channels' consumer weights zeroed (after
     the repair's replacements and bias changes, as in ``cut``)."""
+    return mask_with_values(analysis, kept, bias_deltas, weights)[0]
+
+
+def mask_with_values(analysis, kept, bias_deltas=None, weights=None):
+    """``mask`` and ``values(name)`` as in ``cut_with_values``."""
     return _apply(analysis, kept, _masks(analysis, kept), _zero, False, bias_deltas, weights)

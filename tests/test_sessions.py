@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from gpp_onnx import model as model_io
-from gpp_onnx import verify
+from gpp_onnx import surgery, verify
 from gpp_onnx.analysis import analyze_model
 from gpp_onnx.importance import magnitude
 from gpp_onnx.importance.magnitude import Magnitude
@@ -104,3 +104,30 @@ def test_checker_reads_the_file_only_when_it_holds_the_model(tmp_path, monkeypat
     onnx.save(model, tmp_path / "e.onnx", save_as_external_data=True, size_threshold=0)
     model_io.read(tmp_path / "e.onnx")
     assert [type(m).__name__ for m in checked] == ["str", "bytes", "bytes"]
+
+
+@pytest.mark.parametrize("with_values", [surgery.cut_with_values, surgery.mask_with_values])
+def test_surgery_values_are_what_its_tensors_hold(with_values):
+    """Sessions of the cut and masked models take the arrays surgery wrote; each must be
+    the value of the tensor of that name (a repaired bias included), and nothing else."""
+    model = model_io.normalize(_conv_net())
+    analysis = analyze_model(model)
+    group = analysis.prunable[0]
+    value = group.members[0].value
+    kept = {m.value: np.arange(0, analysis.view.shape(m.value)[m.axis], 2)
+            for m in group.members}
+    node = analysis.view.producer[value].name
+    deltas = {node: np.linspace(-1, 1, analysis.view.shape(value)[1]).astype(np.float32)}
+    out, values = with_values(analysis, kept, deltas)
+    known = 0
+    for t in out.graph.initializer:
+        got = values(t.name)
+        if got is not None:
+            known += 1
+            assert got.dtype == numpy_helper.to_array(t).dtype
+            assert np.array_equal(got, numpy_helper.to_array(t))
+    assert known == len(out.graph.initializer)
+    assert values("no such tensor") is None
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    assert all(np.array_equal(a, b) for a, b in zip(
+        verify.run(verify.session_source(out, values), feeds), _whole(out, False).run(None, feeds)))
