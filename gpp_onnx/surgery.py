@@ -237,10 +237,35 @@ def cut_with_values(analysis, kept, bias_deltas=None, weights=None):
     drop_dead_nodes(model)  # e.g. the shape arithmetic of a dropped zero initial state
     dedupe_initializers(model)
     try:
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        _infer_shapes(model)
     except Exception as err:  # a model without inferable shapes is still a valid model
         logger.debug("shape inference after surgery failed: %s", err)
     return model, values
+
+
+_SHAPE_ONLY = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+               onnx.TensorProto.BFLOAT16}
+SHAPE_ONLY_MIN_ELEMENTS = 4096
+
+
+def _infer_shapes(model: onnx.ModelProto) -> None:
+    """``onnx.shape_inference.infer_shapes(model)`` in place, run on a copy whose large
+    float initializers keep their type and dims but not their values (inference reads
+    values only of shape-like integer tensors), so the weights are neither serialised
+    nor parsed; the inferred graph (nodes, inputs, outputs, value_info) replaces `model`'s."""
+    skeleton = without_initializers(model)
+    for t in model.graph.initializer:
+        if t.data_type in _SHAPE_ONLY and np.prod(t.dims) >= SHAPE_ONLY_MIN_ELEMENTS:
+            head = skeleton.graph.initializer.add()
+            head.name, head.data_type = t.name, t.data_type
+            head.dims.extend(t.dims)
+        else:
+            skeleton.graph.initializer.add().CopyFrom(t)
+    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False).graph
+    graph = model.graph
+    for field in ("node", "input", "output", "value_info"):
+        del getattr(graph, field)[:]
+        getattr(graph, field).extend(getattr(inferred, field))
 
 
 def mask(analysis, kept: dict[str, np.ndarray],

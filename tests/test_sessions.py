@@ -131,3 +131,31 @@ def test_surgery_values_are_what_its_tensors_hold(with_values):
     feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
     assert all(np.array_equal(a, b) for a, b in zip(
         verify.run(verify.session_source(out, values), feeds), _whole(out, False).run(None, feeds)))
+
+
+def _shape_ops_net() -> onnx.ModelProto:
+    """Large float weights beside the shape-like integer tensors inference reads (Split
+    sizes, Slice bounds, a Reshape target, Resize scales)."""
+    from gpp_onnx.samples import GraphBuilder
+
+    b = GraphBuilder((1, 3, 16, 16), seed=0)
+    x = b.act(b.bn(b.conv("input", 64)), "Relu")
+    x = b.conv(x, 64)                                      # 64x64x3x3: shape only
+    a, c = b.split(x, [32, 32])
+    x = b.concat([b.slice(a, 0, 16), b.shuffle(b.resize(b.pool(c), 2), 4)])
+    return b.build(b.gemm(b.reshape_flatten(b.gap(x)), 80))
+
+
+@pytest.mark.parametrize("make", [_conv_net, _shape_ops_net])
+def test_shape_inference_on_the_skeleton_equals_onnx_on_the_model(make):
+    model = model_io.normalize(make())
+    analysis = analyze_model(model)
+    kept = {m.value: np.arange(0, analysis.view.shape(m.value)[m.axis], 2)
+            for g in analysis.prunable for m in g.members}
+    cut, _ = surgery._apply(analysis, kept, surgery._cuts(analysis, kept), surgery._take, True)
+    assert any(t.data_type == TensorProto.FLOAT and np.prod(t.dims) >=
+               surgery.SHAPE_ONLY_MIN_ELEMENTS for t in cut.graph.initializer)
+    reference = onnx.shape_inference.infer_shapes(cut, strict_mode=False)
+    assert len(reference.graph.value_info) > 0
+    surgery._infer_shapes(cut)
+    assert cut.SerializeToString() == reference.SerializeToString()
