@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import skeleton
 from .errors import VerificationError
 from .verify import without_initializers
 from .edit import drop_dead_nodes, unique_name
@@ -243,25 +244,13 @@ def cut_with_values(analysis, kept, bias_deltas=None, weights=None):
     return model, values
 
 
-_SHAPE_ONLY = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-               onnx.TensorProto.BFLOAT16}
-SHAPE_ONLY_MIN_ELEMENTS = 4096
-
-
 def _infer_shapes(model: onnx.ModelProto) -> None:
-    """``onnx.shape_inference.infer_shapes(model)`` in place, run on a copy whose large
-    float initializers keep their type and dims but not their values (inference reads
-    values only of shape-like integer tensors), so the weights are neither serialised
-    nor parsed; the inferred graph (nodes, inputs, outputs, value_info) replaces `model`'s."""
-    skeleton = without_initializers(model)
-    for t in model.graph.initializer:
-        if t.data_type in _SHAPE_ONLY and np.prod(t.dims) >= SHAPE_ONLY_MIN_ELEMENTS:
-            head = skeleton.graph.initializer.add()
-            head.name, head.data_type = t.name, t.data_type
-            head.dims.extend(t.dims)
-        else:
-            skeleton.graph.initializer.add().CopyFrom(t)
-    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False).graph
+    """``onnx.shape_inference.infer_shapes(model)`` in place, run on the model's skeleton
+    (``skeleton.strip``: inference reads values only of shape-like integer tensors), so
+    the weights are neither serialised nor parsed; the inferred graph (nodes, inputs,
+    outputs, value_info) replaces `model`'s."""
+    inferred = onnx.shape_inference.infer_shapes(skeleton.strip(model)[0],
+                                                 strict_mode=False).graph
     graph = model.graph
     for field in ("node", "input", "output", "value_info"):
         del getattr(graph, field)[:]

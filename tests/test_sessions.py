@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from gpp_onnx import model as model_io
-from gpp_onnx import surgery, verify
+from gpp_onnx import skeleton, surgery, verify
 from gpp_onnx.analysis import analyze_model
 from gpp_onnx.importance import magnitude
 from gpp_onnx.importance.magnitude import Magnitude
@@ -153,8 +153,8 @@ def test_shape_inference_on_the_skeleton_equals_onnx_on_the_model(make):
     kept = {m.value: np.arange(0, analysis.view.shape(m.value)[m.axis], 2)
             for g in analysis.prunable for m in g.members}
     cut, _ = surgery._apply(analysis, kept, surgery._cuts(analysis, kept), surgery._take, True)
-    assert any(t.data_type == TensorProto.FLOAT and np.prod(t.dims) >=
-               surgery.SHAPE_ONLY_MIN_ELEMENTS for t in cut.graph.initializer)
+    assert any(t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= skeleton.MIN_ELEMENTS
+               for t in cut.graph.initializer)
     reference = onnx.shape_inference.infer_shapes(cut, strict_mode=False)
     assert len(reference.graph.value_info) > 0
     surgery._infer_shapes(cut)
