@@ -159,3 +159,31 @@ def test_shape_inference_on_the_skeleton_equals_onnx_on_the_model(make):
     assert len(reference.graph.value_info) > 0
     surgery._infer_shapes(cut)
     assert cut.SerializeToString() == reference.SerializeToString()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_component_labels_are_networkx_components(seed):
+    """Ties between random elements of a few values (chains, stars, isolated elements,
+    duplicates, self-ties); reference: networkx's components numbered as found."""
+    import networkx as nx
+
+    from gpp_onnx.analysis.groups import ElementIndex, component_labels
+    from gpp_onnx.ops import Tie
+
+    rng = np.random.default_rng(seed)
+    widths = {f"v{i}": int(rng.integers(1, 40)) for i in range(int(rng.integers(2, 8)))}
+    index = ElementIndex(widths)
+    names = list(widths)
+    ties = []
+    for _ in range(int(rng.integers(0, 12))):
+        a, b = rng.choice(names, 2)
+        n = int(rng.integers(1, 1 + min(widths[a], widths[b])))
+        ties.append(Tie(a, rng.integers(0, widths[a], n), b, rng.integers(0, widths[b], n)))
+    graph = nx.Graph()
+    graph.add_nodes_from(range(index.total))
+    for t in ties:
+        graph.add_edges_from(zip(index.ids(t.a, t.ia).tolist(), index.ids(t.b, t.ib).tolist()))
+    expected = np.empty(index.total, dtype=np.int64)
+    for label, comp in enumerate(nx.connected_components(graph)):
+        expected[list(comp)] = label
+    assert np.array_equal(component_labels(index, ties), expected)
