@@ -131,11 +131,13 @@ def _signatures(labels: np.ndarray, owners: np.ndarray, n_values: int) -> list[t
 
 def _make_group(index, signature, comps, params_by_value, blocked, owners, axes) -> ChannelGroup:
     comps.sort(key=lambda ids: int(ids[0]))
+    ids = np.stack(comps)            # (width, elements per channel), each row ascending
+    owned = owners[ids]
     members = []
     for value_idx, count in signature:
         name = index.names[value_idx]
-        local = np.stack([ids[owners[ids] == value_idx] for ids in comps]) - index.offset[name]
-        members.append(Member(name, axes[name], local.reshape(len(comps), count)))
+        local = ids[owned == value_idx].reshape(len(comps), count) - index.offset[name]
+        members.append(Member(name, axes[name], local))
     members.sort(key=lambda m: index.offset[m.value])
     values = [m.value for m in members]
     params = tuple(p for v in values for p in params_by_value.get(v, ()))
