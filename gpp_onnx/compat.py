@@ -3,8 +3,8 @@ what it computes.
 
 * **Node order.** The ONNX checker wants nodes in topological order; onnxruntime sorts
   them itself, and fp16 converters append their Cast nodes at the end of the list.
-  ``sort_nodes`` is a stable topological sort (networkx, ties broken by the original
-  position, so a sorted graph keeps its order). Every sort in gpp-onnx goes through it.
+  ``sort_nodes`` is a stable topological sort (ties broken by the original position,
+  so a sorted graph keeps its order). Every sort in gpp-onnx goes through it.
 * **Old opsets.** A model below opset 11 is upgraded to ``TARGET_OPSET`` with
   ``onnx.version_converter``. The converter maps Upsample-9 / Resize-10 to Resize-11
   with Resize-11's defaults (``half_pixel`` coordinates, ``round_prefer_floor``), while
@@ -15,12 +15,12 @@ what it computes.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import sys
 from collections import Counter
 from dataclasses import dataclass
 
-import networkx as nx
 import numpy as np
 import onnx
 from onnx import helper
@@ -195,25 +195,42 @@ def _reads(node: onnx.NodeProto) -> set[str]:
 def sort_nodes(graph: onnx.GraphProto) -> bool:
     """Sort `graph.node` topologically in place (stable); return whether the order changed.
 
+    Kahn's algorithm taking the lowest-positioned ready node first (what networkx's
+    ``lexicographical_topological_sort`` does, without building its graph on every load).
     Raise InputError when the nodes form a cycle."""
     nodes = list(graph.node)
     producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    deps = nx.DiGraph()
-    deps.add_nodes_from(range(len(nodes)))
+    users: list[set[int]] = [set() for _ in nodes]
+    waiting = [0] * len(nodes)
     for i, node in enumerate(nodes):
-        deps.add_edges_from((producer[name], i) for name in _reads(node)
-                            if name in producer and producer[name] != i)
-    try:
-        order = list(nx.lexicographical_topological_sort(deps))
-    except nx.NetworkXUnfeasible:
-        cycle = [nodes[u].name or nodes[u].op_type for u, _ in nx.find_cycle(deps)]
-        raise InputError(f"the graph has a cycle through nodes {cycle[:4]} - an ONNX model "
-                         "must be acyclic; export it again") from None
+        for j in {producer[name] for name in _reads(node) if name in producer} - {i}:
+            users[j].add(i)
+            waiting[i] += 1
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in users[i]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) < len(nodes):
+        raise InputError(f"the graph has a cycle through nodes {_cycle(nodes, users)[:4]} - "
+                         "an ONNX model must be acyclic; export it again")
     if order == list(range(len(nodes))):
         return False
     del graph.node[:]
     graph.node.extend(nodes[i] for i in order)
     return True
+
+
+def _cycle(nodes, users: list[set[int]]) -> list[str]:
+    import networkx as nx
+
+    deps = nx.DiGraph()
+    deps.add_edges_from((i, j) for i, js in enumerate(users) for j in js)
+    return [nodes[u].name or nodes[u].op_type for u, _ in nx.find_cycle(deps)]
 
 
 def upgrade_opset(model: onnx.ModelProto, where: str = "model") -> onnx.ModelProto:

@@ -187,3 +187,30 @@ def test_component_labels_are_networkx_components(seed):
     for label, comp in enumerate(nx.connected_components(graph)):
         expected[list(comp)] = label
     assert np.array_equal(component_labels(index, ties), expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sort_nodes_is_networkx_lexicographical_order(seed):
+    """A random DAG of nodes listed in random order (a node may read one value twice);
+    reference: networkx's lexicographical topological sort of the node positions."""
+    import networkx as nx
+
+    from gpp_onnx.compat import sort_nodes
+
+    rng = np.random.default_rng(seed)
+    n = 40
+    nodes = []
+    for i in range(n):
+        reads = [f"v{j}" for j in rng.choice(i, size=min(i, 3), replace=False)] if i else ["x"]
+        nodes.append(helper.make_node("Sum", reads + reads[:1], [f"v{i}"], name=f"n{i}"))
+    shuffled = [nodes[i] for i in rng.permutation(n)]
+    graph = helper.make_graph(shuffled, "g", [], [])
+    producer = {node.output[0]: k for k, node in enumerate(shuffled)}
+    deps = nx.DiGraph()
+    deps.add_nodes_from(range(n))
+    deps.add_edges_from((producer[name], k) for k, node in enumerate(shuffled)
+                        for name in node.input if name in producer)
+    expected = [shuffled[k].name for k in nx.lexicographical_topological_sort(deps)]
+    assert sort_nodes(graph)
+    assert [node.name for node in graph.node] == expected
+    assert not sort_nodes(graph)           # sorted stays as it is
