@@ -124,7 +124,7 @@ class Round:
     plan: PrunePlan
     groups: list[dict]
     model: onnx.ModelProto
-    masked: onnx.ModelProto
+    masked_form: surgery.Deferred  # the masked original; ``masked`` is its ModelProto
     error: float
     params: int
     macs: int
@@ -138,6 +138,11 @@ class Round:
     fidelity: dict | None = None        # stage -> output -> relative error, top-1 agreement
     error_float64: float | None = None  # pruned vs masked in float64 (exact.py), when run
     tolerance: verify.Tolerance | None = None  # what the float32 error was held to
+
+    @property
+    def masked(self) -> onnx.ModelProto:
+        """The masked original, written into a ModelProto on first use."""
+        return self.masked_form.model
 
 
 @dataclass(frozen=True)
@@ -245,7 +250,7 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
         "mode": config.repair, "layers_refitted": len(weights or {}),
         "biases_changed": len(deltas)}
     pruned, pruned_values = surgery.cut_with_values(analysis, kept, deltas, weights)
-    masked, masked_values = surgery.mask_with_values(analysis, kept, deltas, weights)
+    masked = surgery.mask_deferred(analysis, kept, deltas, weights)
     logger.info("round %d: cut %d channels in %d groups", k, plan.removed_channels,
                 sum(1 for v in plan.removed.values() if v))
     source = verify.serialized(pruned)
@@ -253,12 +258,12 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
     feeds = analysis.view.check_feeds(config.seed)
     # sessions take the arrays the tensors were written from (no reading them back)
     got = verify.run(verify.session_source(pruned, pruned_values), feeds, "pruned model")
-    reference = verify.run(verify.session_source(masked, masked_values), feeds, "masked model")
-    verdict = exact.check(pruned, masked, feeds, got, reference, tolerance)
+    reference = verify.run(masked.session(), feeds, "masked model")
+    verdict = exact.check(pruned, lambda: masked.model, feeds, got, reference, tolerance)
     err = verdict.error
     logger.info("verified: pruned == masked original (relative error %.1e < %.1e)", err,
                 verdict.tolerance.value)
-    wide = (verify.check_in_float32(pruned, masked, feeds)
+    wide = (verify.check_in_float32(pruned, masked.model, feeds)
             if verify.low_precision(pruned) is not None else None)
     stats = Estimator(analysis).estimate(kept)
     bare = None if deltas is None else surgery.cut(analysis, kept, None, None)

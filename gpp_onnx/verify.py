@@ -77,15 +77,19 @@ _DETACHABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
                onnx.TensorProto.INT64, onnx.TensorProto.INT32}
 
 
+def detached_in_sessions(t: onnx.TensorProto) -> bool:
+    """Whether ``detach`` hands this tensor to sessions as an array."""
+    return (t.data_type in _DETACHABLE and t.data_location != onnx.TensorProto.EXTERNAL
+            and int(np.prod(t.dims, dtype=np.int64)) * 8 >= DETACH_MIN_BYTES)
+
+
 def detach(model: onnx.ModelProto, arrays=None) -> Detached:
     """`model` as a Detached; `arrays(name)` gives a tensor's value when the caller holds
     them already (e.g. ``GraphView.const``), else it is read from the tensor."""
     light = without_initializers(model)
     values = {}
     for t in model.graph.initializer:
-        size = int(np.prod(t.dims, dtype=np.int64)) * 8
-        if (t.data_type not in _DETACHABLE or size < DETACH_MIN_BYTES
-                or t.data_location == onnx.TensorProto.EXTERNAL):
+        if not detached_in_sessions(t):
             light.graph.initializer.add().CopyFrom(t)
             continue
         value = arrays(t.name) if arrays is not None else None

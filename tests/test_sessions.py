@@ -214,3 +214,21 @@ def test_sort_nodes_is_networkx_lexicographical_order(seed):
     assert sort_nodes(graph)
     assert [node.name for node in graph.node] == expected
     assert not sort_nodes(graph)           # sorted stays as it is
+
+
+def test_deferred_mask_is_mask_byte_for_byte():
+    """The masked model's weights stay arrays until its ModelProto is asked for; the session
+    of the deferred form and the ModelProto built later equal ``mask``'s."""
+    model = model_io.normalize(_conv_net())
+    analysis = analyze_model(model)
+    kept = {m.value: np.arange(0, analysis.view.shape(m.value)[m.axis], 2)
+            for g in analysis.prunable for m in g.members}
+    eager = surgery.mask(analysis, kept)
+    deferred = surgery.mask_deferred(analysis, kept)
+    assert deferred.headers            # the 64x64 conv's zeroed weight was deferred
+    assert all(not t.raw_data for t in deferred.skeleton.graph.initializer
+               if t.name in deferred.headers)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    assert all(np.array_equal(a, b) for a, b in zip(
+        verify.run(deferred.session(), feeds), _whole(eager, False).run(None, feeds)))
+    assert deferred.model.SerializeToString() == eager.SerializeToString()
