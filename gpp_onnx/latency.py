@@ -205,8 +205,9 @@ def paired_ratio(sessions, feeds, budget_s: float = 1.0, min_rounds: int = 5,
     return statistics.median(ratios)
 
 
-# two-sided 0.1% points of Student's t with n - 1 degrees of freedom, n = 4..16 rounds
-_T_999 = (12.92, 8.61, 6.87, 5.96, 5.41, 5.04, 4.78, 4.59, 4.44, 4.32, 4.22, 4.14, 4.07)
+# two-sided 0.1% points of Student's t with n - 1 degrees of freedom, n = 3..16 rounds
+_T_999 = (31.60, 12.92, 8.61, 6.87, 5.96, 5.41, 5.04, 4.78, 4.59, 4.44, 4.32, 4.22, 4.14, 4.07)
+MIN_DECIDED = 3
 DECIDED_P = 1e-3
 
 
@@ -216,23 +217,24 @@ def decided(ratios: list[float], threshold: float = 1.0) -> bool:
 
     * sign test: k of n rounds on one side, ``P(Binomial(n, 1/2) >= k) * 2 < 0.001``
       (no assumption on the noise; 11 of 11, 14 of 15, ... rounds);
-    * t test on ``log(ratio / threshold)`` once n >= 4 rounds all lie on one side: mean over
-      standard error above Student's 0.1% point (n = 4 rounds of 0.25 +- 20% decide).
+    * t test on ``log(ratio / threshold)`` once n >= 3 rounds all lie on one side: mean over
+      standard error above Student's 0.1% point (3 rounds of 0.25 +- 5% decide, 4 of
+      0.25 +- 20%).
 
     Near the threshold neither fires and the loop runs its whole budget, as without it."""
     n = len(ratios)
-    if n < 4:
+    if n < MIN_DECIDED:
         return False
     below = sum(r < threshold for r in ratios)
     k = max(below, n - below)
     tail = sum(math.comb(n, j) for j in range(k, n + 1)) / 2 ** n
     if 2 * tail < DECIDED_P:
         return True
-    if k < n or n - 4 >= len(_T_999):
+    if k < n or n - MIN_DECIDED >= len(_T_999):
         return False
     logs = [math.log(max(r, 1e-12) / threshold) for r in ratios]
     spread = statistics.stdev(logs)
     mean = statistics.fmean(logs)
     if spread == 0:
         return mean != 0
-    return abs(mean) / (spread / math.sqrt(n)) > _T_999[n - 4]
+    return abs(mean) / (spread / math.sqrt(n)) > _T_999[n - MIN_DECIDED]

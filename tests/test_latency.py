@@ -124,7 +124,9 @@ def test_prune_summary_and_report_warn_when_the_result_is_slower(tmp_path, monke
 def test_decided_only_when_the_rounds_leave_no_doubt():
     assert decided([0.25, 0.22, 0.27, 0.24])                  # t test, 4 rounds
     assert decided([1.9, 2.4, 2.1, 2.2, 2.0])                 # slower, just as clear
-    assert not decided([0.25, 0.22, 0.27])                    # too few rounds
+    assert decided([0.25, 0.26, 0.25])                        # 3 rounds, +-5%
+    assert not decided([0.25, 0.22, 0.30])                    # 3 rounds, +-20%: not yet
+    assert not decided([0.25, 0.25])                          # too few rounds
     assert not decided([0.25, 0.22, 1.1, 0.24])               # not all on one side
     spread = [0.5, 0.9, 0.3, 0.99, 0.7, 0.2, 0.95, 0.6, 0.8, 0.4, 0.9]
     assert decided(spread)                                    # sign test, 11/11
@@ -143,7 +145,7 @@ def test_an_early_decision_is_rarely_on_the_wrong_side():
     for true in (0.98, 1.02):
         for _ in range(300):
             ratios = list(np.exp(np.log(true) + 0.2 * rng.standard_normal(40)))
-            n = next((n for n in range(4, 41) if decided(ratios[:n])), None)
+            n = next((n for n in range(3, 41) if decided(ratios[:n])), None)
             runs += 1
             wrong += n is not None and (np.median(ratios[:n]) >= 1) != (true >= 1)
     assert wrong / runs < 0.01
@@ -165,7 +167,7 @@ def test_the_paired_loop_stops_once_decided(monkeypatch):
     monkeypatch.setattr(latency.time, "perf_counter", lambda: clock[0])
     fast, slow = _FakeSession(clock, 0.01), _FakeSession(clock, 0.04)
     assert latency.paired_ratio([slow, fast], {}, budget_s=10.0, threshold=1.0) == pytest.approx(0.25)
-    assert fast.runs == 1 + 4           # warm-up + four rounds
+    assert fast.runs == 1 + 3           # warm-up + three rounds
     clock[0] = 0.0
     fast, slow = _FakeSession(clock, 0.01), _FakeSession(clock, 0.04)
     assert latency.paired_ratio([slow, fast], {}, budget_s=10.0) == pytest.approx(0.25)
