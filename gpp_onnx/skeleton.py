@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .compat import sort_nodes
 from .verify import without_initializers
 
 FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -54,3 +55,50 @@ def restore(model: onnx.ModelProto, stripped: dict[str, onnx.TensorProto],
             t.raw_data = source.raw_data
         elif t.name in stripped:
             t.CopyFrom(stripped[t.name])
+
+
+def normalized(model: onnx.ModelProto, normalize) -> onnx.ModelProto | None:
+    """`normalize` (``model._normalize``) run on the skeleton and the weights restored, or
+    None where a pass would read a large weight: symbolic shape inference (Shape ops),
+    weights that are graph inputs, or a node other than Identity that computes on
+    constants alone with a weight among them."""
+    if any(n.op_type == "Shape" for n in model.graph.node):
+        return None
+    skel, stripped = strip(model)
+    if not stripped or stripped.keys() & {v.name for v in model.graph.input}:
+        return None
+    sort_nodes(skel.graph)
+    aliases = _fold_weight_identities(skel, stripped)
+    if aliases is None:
+        return None
+    folded = normalize(skel)
+    restore(folded, stripped, aliases)
+    return folded
+
+
+def _fold_weight_identities(model: onnx.ModelProto, stripped) -> dict[str, str] | None:
+    """Identity nodes of stripped float32 weights become header initializers named by their
+    output (what constant folding makes of them); returns output -> weight, or None when
+    another node computes on constants alone with a stripped weight among them."""
+    graph, outputs = model.graph, {o.name for o in model.graph.output}
+    aliases: dict[str, str] = {}
+    const = {t.name for t in graph.initializer}
+    keep = []
+    for node in graph.node:
+        source = aliases.get(node.input[0], node.input[0]) if node.input else None
+        if (node.op_type == "Identity" and node.domain in ("", "ai.onnx")
+                and source in stripped and node.output[0] not in outputs
+                and stripped[source].data_type == onnx.TensorProto.FLOAT):
+            aliases[node.output[0]] = source
+            header(graph.initializer.add(), node.output[0], stripped[source])
+            const.add(node.output[0])
+            continue
+        reads = [name for name in node.input if name]
+        if all(name in const for name in reads):
+            if any(name in stripped or name in aliases for name in reads):
+                return None
+            const.update(node.output)
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return aliases

@@ -48,7 +48,7 @@ def _folds_arithmetic_on_a_weight() -> onnx.ModelProto:
 def test_skeleton_normalisation_is_the_long_way_byte_for_byte(make):
     loaded = model_io.accept(make()).model
     assert skeleton.strip(loaded)[1]                      # there are weights to strip
-    quick = model_io._normalize_skeleton(loaded)
+    quick = skeleton.normalized(loaded, model_io._normalize)
     assert quick is not None
     assert quick.SerializeToString() == model_io._normalize(loaded).SerializeToString()
     feeds = feeds_for(loaded)
@@ -58,7 +58,7 @@ def test_skeleton_normalisation_is_the_long_way_byte_for_byte(make):
 
 def test_folding_that_reads_a_weight_takes_the_long_way():
     loaded = model_io.accept(_folds_arithmetic_on_a_weight()).model
-    assert model_io._normalize_skeleton(loaded) is None
+    assert skeleton.normalized(loaded, model_io._normalize) is None
     normalized = model_io.normalize(loaded)
     assert not any(n.op_type == "Mul" for n in normalized.graph.node)   # folded
     feeds = feeds_for(loaded)
