@@ -3,8 +3,8 @@ what it computes.
 
 * **Node order.** The ONNX checker wants nodes in topological order; onnxruntime sorts
   them itself, and fp16 converters append their Cast nodes at the end of the list.
-  ``sort_nodes`` is a stable topological sort (networkx, ties broken by the original
-  position, so a sorted graph keeps its order). Every sort in gpp-onnx goes through it.
+  ``sort_nodes`` is a stable topological sort (ties broken by the original position,
+  so a sorted graph keeps its order). Every sort in gpp-onnx goes through it.
 * **Old opsets.** A model below opset 11 is upgraded to ``TARGET_OPSET`` with
   ``onnx.version_converter``. The converter maps Upsample-9 / Resize-10 to Resize-11
   with Resize-11's defaults (``half_pixel`` coordinates, ``round_prefer_floor``), while
@@ -15,10 +15,13 @@ what it computes.
 """
 from __future__ import annotations
 
+import heapq
 import logging
+import sys
+from collections import Counter
 from dataclasses import dataclass
 
-import networkx as nx
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -62,10 +65,18 @@ class Loaded:
                 "nodes_sorted": self.sorted_nodes, "notes": list(self.notes)}
 
     def check_unchanged(self, normalized: onnx.ModelProto, feeds: dict,
-                        tol: verify.Tolerance, normalized_outputs: list | None = None) -> None:
-        """The upgrade and normalisation must not change what the file computes.
+                        tol: verify.Tolerance, normalized_outputs: list | None = None,
+                        arrays=None) -> None:
+        """The upgrade and normalisation must not change what the file computes: proven
+        from the graphs where normalising only folded constants' Identity nodes
+        (``same_computation``), else both models run on `feeds`.
         `normalized_outputs`: the normalised model's outputs on `feeds` (unoptimised), when
-        the caller has them."""
+        the caller has them; `arrays(name)`: the normalised model's initializer values,
+        when the caller holds them (e.g. ``GraphView.const``)."""
+        if not self.upgraded and same_computation(self.model, normalized, arrays):
+            logger.info("normalised model: the input's graph with constants' Identity nodes "
+                        "folded (same nodes, same weights), so it computes the same")
+            return
         reference = verify.run(self.as_read, feeds, "input model")
         if self.upgraded:
             got = verify.run(self.model, feeds, "upgraded model")
@@ -78,6 +89,88 @@ class Loaded:
             normalized_outputs = verify.run(normalized, feeds, "normalised model")
         verify.check_equivalent(normalized_outputs, reference, "normalised model",
                                 "the input model", tol)
+
+
+def same_computation(original: onnx.ModelProto, normalized: onnx.ModelProto,
+                     arrays=None) -> bool:
+    """True when `normalized` provably computes what `original` does without running
+    either: the same inputs, outputs, opsets and functions; the same nodes (op, domain,
+    inputs, outputs, attributes; names and order aside) except Identity nodes of constants
+    that became initializers; every initializer equal (type, dims, bytes) to the original
+    one of its name or, for a folded Identity, to the constant it copied. Anything else
+    (folded arithmetic, rewritten nodes) is False: the caller then runs both models.
+    `arrays(name)`: `normalized`'s initializer values when the caller holds them (compared
+    without reading its tensors' bytes again)."""
+    a, b = original.graph, normalized.graph
+    init_a = {t.name: t for t in a.initializer}
+    init_b = {t.name: t for t in b.initializer}
+    if (_opsets(original) != _opsets(normalized) or _serialized(original.functions)
+            != _serialized(normalized.functions)
+            or _serialized(v for v in a.input if v.name not in init_a)
+            != _serialized(v for v in b.input if v.name not in init_b)
+            or _serialized(a.output) != _serialized(b.output)):
+        return False
+    copied = {}  # a folded Identity's output -> the original initializer it copies
+    for node in a.node:
+        if (node.op_type == "Identity" and node.domain in ("", "ai.onnx")
+                and node.output[0] in init_b and node.output[0] not in init_a):
+            source = copied.get(node.input[0], node.input[0])
+            if source in init_a:
+                copied[node.output[0]] = source
+    kept = Counter(_node_key(n) for n in a.node if n.output[0] not in copied)
+    if kept != Counter(_node_key(n) for n in b.node):
+        return False
+    return all(name in init_a or name in copied for name in init_b) and all(
+        _same_tensor(init_a[copied.get(name, name)], t, arrays) for name, t in init_b.items())
+
+
+def _opsets(model: onnx.ModelProto) -> set[tuple[str, int]]:
+    return {(i.domain or "ai.onnx", i.version) for i in model.opset_import}
+
+
+def _serialized(messages) -> list[bytes]:
+    return [m.SerializeToString(deterministic=True) for m in messages]
+
+
+def _node_key(node: onnx.NodeProto) -> tuple:
+    attrs = sorted((a.name, a.SerializeToString(deterministic=True)) for a in node.attribute)
+    return (node.domain or "ai.onnx", node.op_type, tuple(node.input), tuple(node.output),
+            tuple(attrs))
+
+
+def _same_tensor(a: onnx.TensorProto, b: onnx.TensorProto, arrays=None) -> bool:
+    """Equal type, dims and stored values (every field but name and doc string). Where
+    `a` holds raw bytes and `arrays` gives `b`'s value, the bytes are compared with it."""
+    skip = {"name", "doc_string"}
+    value = arrays(b.name) if arrays is not None and a.HasField("raw_data") else None
+    if value is not None and sys.byteorder == "little":
+        meta = [f for f in ("data_type", "dims", "data_location", "external_data")
+                if _field(a, f) != _field(b, f)]
+        return not meta and b.HasField("raw_data") and _same_bytes(a.raw_data, value)
+    fa = [(fd.name, v) for fd, v in a.ListFields() if fd.name not in skip]
+    fb = [(fd.name, v) for fd, v in b.ListFields() if fd.name not in skip]
+    return len(fa) == len(fb) and all(
+        na == nb and _field_value(va) == _field_value(vb) for (na, va), (nb, vb) in zip(fa, fb))
+
+
+def _field(t: onnx.TensorProto, name: str):
+    return _field_value(getattr(t, name))
+
+
+def _field_value(v):
+    return v if isinstance(v, (bytes, str, int, float)) else list(v)
+
+
+def _same_bytes(raw: bytes, value: np.ndarray, chunk: int = 1 << 22) -> bool:
+    """`raw` equals the bytes of `value` (compared as 8-byte words, a chunk at a time)."""
+    mine = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+    if len(raw) != mine.size:
+        return False
+    theirs = np.frombuffer(raw, np.uint8)
+    words = mine.size // 8 * 8
+    a, b = theirs[:words].view(np.uint64), mine[:words].view(np.uint64)
+    return all(np.array_equal(a[i:i + chunk], b[i:i + chunk]) for i in range(0, a.size, chunk)
+               ) and np.array_equal(theirs[words:], mine[words:])
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -102,25 +195,42 @@ def _reads(node: onnx.NodeProto) -> set[str]:
 def sort_nodes(graph: onnx.GraphProto) -> bool:
     """Sort `graph.node` topologically in place (stable); return whether the order changed.
 
+    Kahn's algorithm taking the lowest-positioned ready node first (what networkx's
+    ``lexicographical_topological_sort`` does, without building its graph on every load).
     Raise InputError when the nodes form a cycle."""
     nodes = list(graph.node)
     producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    deps = nx.DiGraph()
-    deps.add_nodes_from(range(len(nodes)))
+    users: list[set[int]] = [set() for _ in nodes]
+    waiting = [0] * len(nodes)
     for i, node in enumerate(nodes):
-        deps.add_edges_from((producer[name], i) for name in _reads(node)
-                            if name in producer and producer[name] != i)
-    try:
-        order = list(nx.lexicographical_topological_sort(deps))
-    except nx.NetworkXUnfeasible:
-        cycle = [nodes[u].name or nodes[u].op_type for u, _ in nx.find_cycle(deps)]
-        raise InputError(f"the graph has a cycle through nodes {cycle[:4]} - an ONNX model "
-                         "must be acyclic; export it again") from None
+        for j in {producer[name] for name in _reads(node) if name in producer} - {i}:
+            users[j].add(i)
+            waiting[i] += 1
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in users[i]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) < len(nodes):
+        raise InputError(f"the graph has a cycle through nodes {_cycle(nodes, users)[:4]} - "
+                         "an ONNX model must be acyclic; export it again")
     if order == list(range(len(nodes))):
         return False
     del graph.node[:]
     graph.node.extend(nodes[i] for i in order)
     return True
+
+
+def _cycle(nodes, users: list[set[int]]) -> list[str]:
+    import networkx as nx
+
+    deps = nx.DiGraph()
+    deps.add_edges_from((i, j) for i, js in enumerate(users) for j in js)
+    return [nodes[u].name or nodes[u].op_type for u, _ in nx.find_cycle(deps)]
 
 
 def upgrade_opset(model: onnx.ModelProto, where: str = "model") -> onnx.ModelProto:

@@ -14,7 +14,7 @@ before (not the new ones) then reads ``y``:
 
 A graph output keeps its name, so a graph output cannot be the value inserted on.
 
-``finish`` sorts the nodes topologically (``compat.sort_nodes``, networkx), drops nodes
+``finish`` sorts the nodes topologically (``compat.sort_nodes``), drops nodes
 and initializers nothing reads any more, clears value_info (shapes change with an edit;
 ``GraphView`` probes them again with onnxruntime), gives every node a unique name and,
 with ``check``, runs the full ONNX checker and opens an onnxruntime session. It returns

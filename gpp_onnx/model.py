@@ -31,6 +31,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
+from . import skeleton
 from .edit import Editor, drop_dead_nodes, name_nodes
 from .compat import MIN_OPSET, Loaded, opset_version, sort_nodes, upgrade_opset
 from .errors import InputError, UnsupportedModelError
@@ -125,7 +126,14 @@ def validate(model: onnx.ModelProto, where: str = "model", file: str | None = No
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return an equivalent model with constants as initializers, folded, sorted."""
+    """Return an equivalent model with constants as initializers, folded, sorted. Where
+    folding reads no large weight, the passes run on the model's skeleton (``skeleton``)
+    and the weights are copied in once at the end: the same model, byte for byte."""
+    quick = skeleton.normalized(model, _normalize)
+    return quick if quick is not None else _normalize(model)
+
+
+def _normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 
     model = _constants_to_initializers(model)

@@ -196,7 +196,7 @@ def start_run(model, config: PruneConfig) -> Start:
                  if config.latency else None)
     tolerance = verify.measure_tolerance(normalized, feeds, source=analysis.view.detached,
                                          plain=plain, optimised_session=optimised)
-    loaded.check_unchanged(normalized, feeds, tolerance, plain)
+    loaded.check_unchanged(normalized, feeds, tolerance, plain, analysis.view.const)
     data = load_data(analysis.view, config, analysis)
     acc = accuracy(normalized, data.val) if data is not None and data.val.labelled else None
     return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc,

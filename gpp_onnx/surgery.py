@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import skeleton, verify
 from .errors import VerificationError
 from .verify import without_initializers
 from .edit import Editor, drop_dead_nodes, unique_name
@@ -122,7 +125,12 @@ def _bias_array(analysis, node, delta: np.ndarray, kept, cut: bool) -> np.ndarra
 
 def _apply(analysis, kept, changes, transform, rewrite: bool,
            bias_deltas: dict[str, np.ndarray] | None = None,
-           weights: dict[tuple[str, int], np.ndarray] | None = None) -> onnx.ModelProto:
+           weights: dict[tuple[str, int], np.ndarray] | None = None,
+           deferred: set[str] | None = None):
+    """The edited model and ``values(name)``: the array each of its initializers was
+    written from (None where not known), so sessions need not read the tensors back.
+    With `deferred`, the new tensors that sessions take as arrays are left as headers
+    (name, type, dims) and their names collected there (``Deferred``)."""
     model = without_initializers(analysis.view.model)  # _replace_initializers adds them
     edit = Edit(analysis, model, kept)
     uses = defaultdict(int)
@@ -148,8 +156,14 @@ def _apply(analysis, kept, changes, transform, rewrite: bool,
     if rewrite:
         for node in model.graph.node:
             analysis.rules[node.name].rewrite(node, edit)
-    _replace_initializers(model, analysis.view.model, edit.new_inits)
-    return model
+    written = _replace_initializers(model, analysis.view.model, edit.new_inits, deferred)
+    const = analysis.view.const
+    copied = {t.name for t in model.graph.initializer} - set(written)
+
+    def values(name: str) -> np.ndarray | None:
+        return written[name] if name in written else const(name) if name in copied else None
+
+    return model, values
 
 
 def _take(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
@@ -168,10 +182,13 @@ def _zero(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
 
 
 def _replace_initializers(model: onnx.ModelProto, source: onnx.ModelProto,
-                          arrays: dict[str, np.ndarray]) -> None:
+                          arrays: dict[str, np.ndarray], deferred: set[str] | None = None
+                          ) -> dict[str, np.ndarray]:
     """`model`'s initializers: those of `source` still used, each replaced by `arrays[name]`
     when given (in its old dtype), then the new ones of `arrays`. Each tensor is written
-    once: copying all of `source`'s and then overwriting would copy the weights twice."""
+    once: copying all of `source`'s and then overwriting would copy the weights twice.
+    Returns name -> the array each written tensor holds (plain dtypes)."""
+    written: dict[str, np.ndarray] = {}
     used = {name for node in model.graph.node for name in node.input}
     used |= {o.name for o in model.graph.output}
     inits = model.graph.initializer
@@ -181,33 +198,42 @@ def _replace_initializers(model: onnx.ModelProto, source: onnx.ModelProto,
             continue
         if t.name in arrays:
             dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-            _fill(inits.add(), arrays[t.name].astype(dtype, copy=False), t.name)
+            _fill(inits.add(), arrays[t.name].astype(dtype, copy=False), t.name, written,
+                  deferred)
         else:
             inits.add().CopyFrom(t)
     for name, array in arrays.items():
         if name not in old and name in used:
-            _fill(inits.add(), array, name)
+            _fill(inits.add(), array, name, written, deferred)
     graph_inputs = [v for v in model.graph.input if v.name not in old or v.name in used]
     del model.graph.input[:]
     model.graph.input.extend(graph_inputs)
     del model.graph.value_info[:]
+    return written
 
 
 _PLAIN = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int64, np.int32,
                                 np.int16, np.int8, np.uint8, np.bool_)}
 
 
-def _fill(tensor: onnx.TensorProto, array: np.ndarray, name: str) -> None:
+def _fill(tensor: onnx.TensorProto, array: np.ndarray, name: str, written: dict,
+          deferred: set[str] | None = None) -> None:
     """``tensor := numpy_helper.from_array(array, name)``, built in place for the plain
-    dtypes (the same fields, without copying the finished tensor once more)."""
+    dtypes (the same fields, without copying the finished tensor once more); those are
+    recorded in `written`. With `deferred`, a tensor sessions take as an array stays a
+    header (no raw data) and its name goes there."""
     if array.dtype not in _PLAIN:
         tensor.CopyFrom(numpy_helper.from_array(array, name))
         return
+    written[name] = np.ascontiguousarray(array)
     tensor.Clear()
     tensor.dims.extend(array.shape)
     tensor.name = name
-    tensor.raw_data = numpy_helper.tobytes_little_endian(array)
     tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    if deferred is not None and verify.detached_in_sessions(tensor):
+        deferred.add(name)
+        return
+    tensor.raw_data = numpy_helper.tobytes_little_endian(array)
 
 
 def cut(analysis, kept: dict[str, np.ndarray],
@@ -216,14 +242,34 @@ def cut(analysis, kept: dict[str, np.ndarray],
     """The physically smaller model. ``bias_deltas`` (node -> change of its output bias)
     and ``weights`` ((node, input index) -> replacement, original shape) come from the
     repair; the replacements are cut like the weights they replace."""
-    model = _apply(analysis, kept, _cuts(analysis, kept), _take, True, bias_deltas, weights)
+    return cut_with_values(analysis, kept, bias_deltas, weights)[0]
+
+
+def cut_with_values(analysis, kept, bias_deltas=None, weights=None):
+    """``cut`` and ``values(name)``: the array each initializer of the result was written
+    from (None where not known), for ``verify.detach`` without reading the tensors back."""
+    model, values = _apply(analysis, kept, _cuts(analysis, kept), _take, True, bias_deltas,
+                           weights)
     drop_dead_nodes(model)  # e.g. the shape arithmetic of a dropped zero initial state
     dedupe_initializers(model)
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        _infer_shapes(model)
     except Exception as err:  # a model without inferable shapes is still a valid model
         logger.debug("shape inference after surgery failed: %s", err)
-        return model
+    return model, values
+
+
+def _infer_shapes(model: onnx.ModelProto) -> None:
+    """``onnx.shape_inference.infer_shapes(model)`` in place, run on the model's skeleton
+    (``skeleton.strip``: inference reads values only of shape-like integer tensors), so
+    the weights are neither serialised nor parsed; the inferred graph (nodes, inputs,
+    outputs, value_info) replaces `model`'s."""
+    inferred = onnx.shape_inference.infer_shapes(skeleton.strip(model)[0],
+                                                 strict_mode=False).graph
+    graph = model.graph
+    for field in ("node", "input", "output", "value_info"):
+        del getattr(graph, field)[:]
+        getattr(graph, field).extend(getattr(inferred, field))
 
 
 def mask(analysis, kept: dict[str, np.ndarray],
@@ -232,9 +278,46 @@ def mask(analysis, kept: dict[str, np.ndarray],
     """The original architecture with removed channels' consumer weights zeroed and
     reductions over channels restricted to the kept ones (after the repair's replacements
     and bias changes, as in ``cut``)."""
-    model = _apply(analysis, kept, _masks(analysis, kept), _zero, False, bias_deltas, weights)
+    return mask_with_values(analysis, kept, bias_deltas, weights)[0]
+
+
+def mask_with_values(analysis, kept, bias_deltas=None, weights=None):
+    """``mask`` and ``values(name)`` as in ``cut_with_values``."""
+    model, values = _apply(analysis, kept, _masks(analysis, kept), _zero, False, bias_deltas,
+                           weights)
     _mask_reductions(model, analysis, kept)
-    return model
+    return model, values
+
+
+def mask_deferred(analysis, kept, bias_deltas=None, weights=None) -> "Deferred":
+    """``mask``, with the zeroed weights kept as arrays until a ModelProto is asked for."""
+    headers: set[str] = set()
+    model, values = _apply(analysis, kept, _masks(analysis, kept), _zero, False, bias_deltas,
+                           weights, headers)
+    _mask_reductions(model, analysis, kept)
+    return Deferred(model, values, frozenset(headers))
+
+
+@dataclass(frozen=True, eq=False)
+class Deferred:
+    """A model whose large new tensors are headers and their values arrays (``values``):
+    sessions run it detached (``session``), without the weights ever being serialised;
+    ``model`` writes them into a ModelProto on first use (the same bytes ``mask`` gives)."""
+    skeleton: onnx.ModelProto
+    values: object
+    headers: frozenset
+
+    def session(self) -> verify.Detached:
+        return verify.detach(self.skeleton, self.values)
+
+    @cached_property
+    def model(self) -> onnx.ModelProto:
+        out = onnx.ModelProto()
+        out.CopyFrom(self.skeleton)
+        for t in out.graph.initializer:
+            if t.name in self.headers:
+                t.raw_data = numpy_helper.tobytes_little_endian(self.values(t.name))
+        return out
 
 
 def _mask_reductions(model: onnx.ModelProto, analysis, kept) -> None:

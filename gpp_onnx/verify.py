@@ -77,15 +77,19 @@ _DETACHABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
                onnx.TensorProto.INT64, onnx.TensorProto.INT32}
 
 
+def detached_in_sessions(t: onnx.TensorProto) -> bool:
+    """Whether ``detach`` hands this tensor to sessions as an array."""
+    return (t.data_type in _DETACHABLE and t.data_location != onnx.TensorProto.EXTERNAL
+            and int(np.prod(t.dims, dtype=np.int64)) * 8 >= DETACH_MIN_BYTES)
+
+
 def detach(model: onnx.ModelProto, arrays=None) -> Detached:
     """`model` as a Detached; `arrays(name)` gives a tensor's value when the caller holds
     them already (e.g. ``GraphView.const``), else it is read from the tensor."""
     light = without_initializers(model)
     values = {}
     for t in model.graph.initializer:
-        size = int(np.prod(t.dims, dtype=np.int64)) * 8
-        if (t.data_type not in _DETACHABLE or size < DETACH_MIN_BYTES
-                or t.data_location == onnx.TensorProto.EXTERNAL):
+        if not detached_in_sessions(t):
             light.graph.initializer.add().CopyFrom(t)
             continue
         value = arrays(t.name) if arrays is not None else None
@@ -127,12 +131,15 @@ def serialized(model: onnx.ModelProto | bytes | str) -> bytes | str:
     return model if isinstance(model, (bytes, str)) else model.SerializeToString()
 
 
-def _session_source(model: Source) -> bytes | str | Detached:
-    """A model with large tensors is detached (see ``Detached``), a small one serialised."""
+def session_source(model: Source, arrays=None) -> bytes | str | Detached:
+    """A model with large tensors is detached (see ``Detached``; `arrays` as in
+    ``detach``), a small one serialised."""
     if not isinstance(model, onnx.ModelProto):
         return model
     elements = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
-    return detach(model) if elements * 4 >= DETACH_MIN_BYTES else model.SerializeToString()
+    return (detach(model, arrays) if elements * 4 >= DETACH_MIN_BYTES
+            else model.SerializeToString())
+
 
 
 def make_session(model: Source, where: str = "model", threads: int = 0,
@@ -150,7 +157,7 @@ def make_session(model: Source, where: str = "model", threads: int = 0,
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    source = _session_source(model)
+    source = session_source(model)
     values = []
     if isinstance(source, Detached):
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in source.arrays.values()]
@@ -236,7 +243,7 @@ def measure_tolerance(model: onnx.ModelProto, feeds: dict, where: str = "input m
     `source`: the model's bytes or file, to open sessions without serialising it again;
     `plain`: its outputs on `feeds` without optimisations, when the caller has them;
     `optimised_session`: an optimised session of it the caller keeps (for latency)."""
-    source = _session_source(model if source is None else source)
+    source = session_source(model if source is None else source)
     plain = run(source, feeds, where) if plain is None else plain
     try:
         session = optimised_session or make_session(source, where, optimize=True)
@@ -331,7 +338,7 @@ def check_in_float32(pruned: onnx.ModelProto, masked: onnx.ModelProto, feeds: di
             for k, v in ((k, np.asarray(v)) for k, v in feeds.items())}
     try:
         reference32 = upcast(masked)
-        source = _session_source(reference32)
+        source = session_source(reference32)
         reference = run(source, wide, "masked model in float32")
         tol = measure_tolerance(reference32, wide, "masked model in float32", source, reference)
         got = run(upcast(pruned), wide, "pruned model in float32")

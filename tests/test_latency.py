@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gpp_onnx import PruneConfig, latency, prune
 from gpp_onnx.cli import main
-from gpp_onnx.latency import NCHWC, LatencyCheck, Layout, channel_alignment
+from gpp_onnx.latency import NCHWC, LatencyCheck, Layout, channel_alignment, decided
 from gpp_onnx.samples import GraphBuilder
 
 
@@ -112,10 +112,63 @@ def test_prune_summary_and_report_warn_when_the_result_is_slower(tmp_path, monke
     b = GraphBuilder((1, 3, 16, 16), seed=0)
     src = tmp_path / "m.onnx"
     onnx.save(b.build(b.gemm(b.flatten(b.gap(b.act(b.conv("input", 32), "Relu"))), 4)), src)
-    monkeypatch.setattr(latency, "paired_ratio", lambda sessions, feeds, budget_s: 1.5)
+    monkeypatch.setattr(latency, "paired_ratio", lambda sessions, feeds, budget_s, **kw: 1.5)
     out = tmp_path / "p.onnx"
     assert main(["-q", "prune", str(src), "--ratio", "0.5", "-o", str(out)]) == 0
     summary = capsys.readouterr().out
     assert "warning: the pruned model is slower than the original here (latency x1.50)" in summary
     report = json.loads((tmp_path / "p.report.json").read_text())
     assert report["ratios"]["latency"] == 1.5 and len(report["warnings"]) == 1
+
+
+def test_decided_only_when_the_rounds_leave_no_doubt():
+    assert decided([0.25, 0.22, 0.27, 0.24])                  # t test, 4 rounds
+    assert decided([1.9, 2.4, 2.1, 2.2, 2.0])                 # slower, just as clear
+    assert decided([0.25, 0.26, 0.25])                        # 3 rounds, +-5%
+    assert not decided([0.25, 0.22, 0.30])                    # 3 rounds, +-20%: not yet
+    assert not decided([0.25, 0.25])                          # too few rounds
+    assert not decided([0.25, 0.22, 1.1, 0.24])               # not all on one side
+    spread = [0.5, 0.9, 0.3, 0.99, 0.7, 0.2, 0.95, 0.6, 0.8, 0.4, 0.9]
+    assert decided(spread)                                    # sign test, 11/11
+    assert not decided(spread[:10])                           # 10/10: p = 0.002
+    assert not decided(spread[:3] + [1.01] + spread[4:])      # 10/11
+    assert not decided([0.98, 1.03, 0.97, 1.01] * 10)         # near 1: runs the budget
+    assert not decided([1.0] * 6)                             # exactly on it
+
+
+def test_an_early_decision_is_rarely_on_the_wrong_side():
+    """Noisy rounds (+-20%) around a true ratio 2% off the threshold, either way: how often
+    the loop stops early with the median on the wrong side (reference: the median of 30
+    rounds is on the wrong side about a third of the time here)."""
+    rng = np.random.default_rng(0)
+    wrong = runs = 0
+    for true in (0.98, 1.02):
+        for _ in range(300):
+            ratios = list(np.exp(np.log(true) + 0.2 * rng.standard_normal(40)))
+            n = next((n for n in range(3, 41) if decided(ratios[:n])), None)
+            runs += 1
+            wrong += n is not None and (np.median(ratios[:n]) >= 1) != (true >= 1)
+    assert wrong / runs < 0.01
+
+
+class _FakeSession:
+    """Runs take `seconds` of a fake clock."""
+
+    def __init__(self, clock: list, seconds: float):
+        self.clock, self.seconds, self.runs = clock, seconds, 0
+
+    def run(self, names, feeds):
+        self.clock[0] += self.seconds
+        self.runs += 1
+
+
+def test_the_paired_loop_stops_once_decided(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock[0])
+    fast, slow = _FakeSession(clock, 0.01), _FakeSession(clock, 0.04)
+    assert latency.paired_ratio([slow, fast], {}, budget_s=10.0, threshold=1.0) == pytest.approx(0.25)
+    assert fast.runs == 1 + 3           # warm-up + three rounds
+    clock[0] = 0.0
+    fast, slow = _FakeSession(clock, 0.01), _FakeSession(clock, 0.04)
+    assert latency.paired_ratio([slow, fast], {}, budget_s=10.0) == pytest.approx(0.25)
+    assert fast.runs > 100              # no threshold: the whole budget

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from gpp_onnx import model as model_io
-from gpp_onnx import verify
+from gpp_onnx import skeleton, surgery, verify
 from gpp_onnx.analysis import analyze_model
 from gpp_onnx.importance import magnitude
 from gpp_onnx.importance.magnitude import Magnitude
@@ -104,3 +104,131 @@ def test_checker_reads_the_file_only_when_it_holds_the_model(tmp_path, monkeypat
     onnx.save(model, tmp_path / "e.onnx", save_as_external_data=True, size_threshold=0)
     model_io.read(tmp_path / "e.onnx")
     assert [type(m).__name__ for m in checked] == ["str", "bytes", "bytes"]
+
+
+@pytest.mark.parametrize("with_values", [surgery.cut_with_values, surgery.mask_with_values])
+def test_surgery_values_are_what_its_tensors_hold(with_values):
+    """Sessions of the cut and masked models take the arrays surgery wrote; each must be
+    the value of the tensor of that name (a repaired bias included), and nothing else."""
+    model = model_io.normalize(_conv_net())
+    analysis = analyze_model(model)
+    group = analysis.prunable[0]
+    value = group.members[0].value
+    kept = {m.value: np.arange(0, analysis.view.shape(m.value)[m.axis], 2)
+            for m in group.members}
+    node = analysis.view.producer[value].name
+    deltas = {node: np.linspace(-1, 1, analysis.view.shape(value)[1]).astype(np.float32)}
+    out, values = with_values(analysis, kept, deltas)
+    known = 0
+    for t in out.graph.initializer:
+        got = values(t.name)
+        if got is not None:
+            known += 1
+            assert got.dtype == numpy_helper.to_array(t).dtype
+            assert np.array_equal(got, numpy_helper.to_array(t))
+    assert known == len(out.graph.initializer)
+    assert values("no such tensor") is None
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    assert all(np.array_equal(a, b) for a, b in zip(
+        verify.run(verify.session_source(out, values), feeds), _whole(out, False).run(None, feeds)))
+
+
+def _shape_ops_net() -> onnx.ModelProto:
+    """Large float weights beside the shape-like integer tensors inference reads (Split
+    sizes, Slice bounds, a Reshape target, Resize scales)."""
+    from gpp_onnx.samples import GraphBuilder
+
+    b = GraphBuilder((1, 3, 16, 16), seed=0)
+    x = b.act(b.bn(b.conv("input", 64)), "Relu")
+    x = b.conv(x, 64)                                      # 64x64x3x3: shape only
+    a, c = b.split(x, [32, 32])
+    x = b.concat([b.slice(a, 0, 16), b.shuffle(b.resize(b.pool(c), 2), 4)])
+    return b.build(b.gemm(b.reshape_flatten(b.gap(x)), 80))
+
+
+@pytest.mark.parametrize("make", [_conv_net, _shape_ops_net])
+def test_shape_inference_on_the_skeleton_equals_onnx_on_the_model(make):
+    model = model_io.normalize(make())
+    analysis = analyze_model(model)
+    kept = {m.value: np.arange(0, analysis.view.shape(m.value)[m.axis], 2)
+            for g in analysis.prunable for m in g.members}
+    cut, _ = surgery._apply(analysis, kept, surgery._cuts(analysis, kept), surgery._take, True)
+    assert any(t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= skeleton.MIN_ELEMENTS
+               for t in cut.graph.initializer)
+    reference = onnx.shape_inference.infer_shapes(cut, strict_mode=False)
+    assert len(reference.graph.value_info) > 0
+    surgery._infer_shapes(cut)
+    assert cut.SerializeToString() == reference.SerializeToString()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_component_labels_are_networkx_components(seed):
+    """Ties between random elements of a few values (chains, stars, isolated elements,
+    duplicates, self-ties); reference: networkx's components numbered as found."""
+    import networkx as nx
+
+    from gpp_onnx.analysis.groups import ElementIndex, component_labels
+    from gpp_onnx.ops import Tie
+
+    rng = np.random.default_rng(seed)
+    widths = {f"v{i}": int(rng.integers(1, 40)) for i in range(int(rng.integers(2, 8)))}
+    index = ElementIndex(widths)
+    names = list(widths)
+    ties = []
+    for _ in range(int(rng.integers(0, 12))):
+        a, b = rng.choice(names, 2)
+        n = int(rng.integers(1, 1 + min(widths[a], widths[b])))
+        ties.append(Tie(a, rng.integers(0, widths[a], n), b, rng.integers(0, widths[b], n)))
+    graph = nx.Graph()
+    graph.add_nodes_from(range(index.total))
+    for t in ties:
+        graph.add_edges_from(zip(index.ids(t.a, t.ia).tolist(), index.ids(t.b, t.ib).tolist()))
+    expected = np.empty(index.total, dtype=np.int64)
+    for label, comp in enumerate(nx.connected_components(graph)):
+        expected[list(comp)] = label
+    assert np.array_equal(component_labels(index, ties), expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sort_nodes_is_networkx_lexicographical_order(seed):
+    """A random DAG of nodes listed in random order (a node may read one value twice);
+    reference: networkx's lexicographical topological sort of the node positions."""
+    import networkx as nx
+
+    from gpp_onnx.compat import sort_nodes
+
+    rng = np.random.default_rng(seed)
+    n = 40
+    nodes = []
+    for i in range(n):
+        reads = [f"v{j}" for j in rng.choice(i, size=min(i, 3), replace=False)] if i else ["x"]
+        nodes.append(helper.make_node("Sum", reads + reads[:1], [f"v{i}"], name=f"n{i}"))
+    shuffled = [nodes[i] for i in rng.permutation(n)]
+    graph = helper.make_graph(shuffled, "g", [], [])
+    producer = {node.output[0]: k for k, node in enumerate(shuffled)}
+    deps = nx.DiGraph()
+    deps.add_nodes_from(range(n))
+    deps.add_edges_from((producer[name], k) for k, node in enumerate(shuffled)
+                        for name in node.input if name in producer)
+    expected = [shuffled[k].name for k in nx.lexicographical_topological_sort(deps)]
+    assert sort_nodes(graph)
+    assert [node.name for node in graph.node] == expected
+    assert not sort_nodes(graph)           # sorted stays as it is
+
+
+def test_deferred_mask_is_mask_byte_for_byte():
+    """The masked model's weights stay arrays until its ModelProto is asked for; the session
+    of the deferred form and the ModelProto built later equal ``mask``'s."""
+    model = model_io.normalize(_conv_net())
+    analysis = analyze_model(model)
+    kept = {m.value: np.arange(0, analysis.view.shape(m.value)[m.axis], 2)
+            for g in analysis.prunable for m in g.members}
+    eager = surgery.mask(analysis, kept)
+    deferred = surgery.mask_deferred(analysis, kept)
+    assert deferred.headers            # the 64x64 conv's zeroed weight was deferred
+    assert all(not t.raw_data for t in deferred.skeleton.graph.initializer
+               if t.name in deferred.headers)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    assert all(np.array_equal(a, b) for a, b in zip(
+        verify.run(deferred.session(), feeds), _whole(eager, False).run(None, feeds)))
+    assert deferred.model.SerializeToString() == eager.SerializeToString()

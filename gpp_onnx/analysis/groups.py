@@ -1,7 +1,7 @@
 """Channel elements -> dependency groups.
 
 Every op rule (``gpp_onnx.ops``) states which channel elements are tied. The elements
-and ties form an undirected graph (networkx); each connected component is one
+and ties form an undirected graph; each connected component is one
 *channel* that can only be removed as a whole. Components that touch the same values
 the same number of times are parallel copies of one structure (channel 0, 1, ... of a
 conv output with its BN, activation and consumers), so they form one ``ChannelGroup``
@@ -14,7 +14,6 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
-import networkx as nx
 import numpy as np
 
 from ..ops import ROLE_OUT, ParamSlice, Tie
@@ -73,16 +72,33 @@ class ElementIndex:
 
 
 def component_labels(index: ElementIndex, ties: list[Tie]) -> np.ndarray:
-    """Label of the connected component of every element id."""
-    graph = nx.Graph()
-    graph.add_nodes_from(range(index.total))
-    for tie in ties:
-        a, b = index.ids(tie.a, tie.ia), index.ids(tie.b, tie.ib)
-        graph.add_edges_from(zip(a.tolist(), b.tolist()))
-    labels = np.empty(index.total, dtype=np.int64)
-    for label, comp in enumerate(nx.connected_components(graph)):
-        labels[list(comp)] = label
-    return labels
+    """Label of the connected component of every element id: components numbered by
+    their smallest element id (0 holds element 0), as ``networkx.connected_components``
+    finds them walking the ids in order.
+
+    Computed on the arrays of tie endpoints instead of a networkx graph of ~10^5 Python
+    nodes: every element starts as its own root; each pass hooks, for every tie whose ends
+    have different roots, the larger root under the smaller, then follows pointers until
+    each element points at its root. When no tie joins two roots, the roots are the
+    components' smallest ids."""
+    parent = np.arange(index.total, dtype=np.int64)
+    if ties:
+        a = np.concatenate([index.ids(t.a, t.ia) for t in ties])
+        b = np.concatenate([index.ids(t.b, t.ib) for t in ties])
+        while True:
+            ra, rb = parent[a], parent[b]
+            split = ra != rb
+            if not split.any():
+                break
+            low = np.minimum(ra[split], rb[split])
+            np.minimum.at(parent, ra[split], low)
+            np.minimum.at(parent, rb[split], low)
+            while True:  # pointer jumping: every element to its root
+                up = parent[parent]
+                if np.array_equal(up, parent):
+                    break
+                parent = up
+    return np.unique(parent, return_inverse=True)[1].astype(np.int64)
 
 
 def build_groups(index: ElementIndex, ties: list[Tie], params: list[ParamSlice],
@@ -92,9 +108,8 @@ def build_groups(index: ElementIndex, ties: list[Tie], params: list[ParamSlice],
     bounds = np.flatnonzero(np.diff(labels[order])) + 1
     owners = index.owner(np.arange(index.total))
     by_signature: dict[tuple, list[np.ndarray]] = defaultdict(list)
-    for ids in np.split(order, bounds):
-        vals, counts = np.unique(owners[ids], return_counts=True)
-        by_signature[tuple(zip(vals.tolist(), counts.tolist()))].append(np.sort(ids))
+    for ids, sig in zip(np.split(order, bounds), _signatures(labels, owners, len(index.names))):
+        by_signature[sig].append(ids)
     params_by_value = defaultdict(list)
     for p in params:
         params_by_value[p.value].append(p)
@@ -104,13 +119,25 @@ def build_groups(index: ElementIndex, ties: list[Tie], params: list[ParamSlice],
     return _with_unique_keys(groups)
 
 
+def _signatures(labels: np.ndarray, owners: np.ndarray, n_values: int) -> list[tuple]:
+    """Per component (in label order): ((value index, elements of it), ...) by value."""
+    keys, counts = np.unique(labels * n_values + owners, return_counts=True)
+    comp, value = np.divmod(keys, n_values)
+    starts = np.flatnonzero(np.diff(comp, prepend=-1))
+    pairs = list(zip(value.tolist(), counts.tolist()))
+    ends = [*starts[1:].tolist(), len(pairs)]
+    return [tuple(pairs[s:e]) for s, e in zip(starts.tolist(), ends)]
+
+
 def _make_group(index, signature, comps, params_by_value, blocked, owners, axes) -> ChannelGroup:
     comps.sort(key=lambda ids: int(ids[0]))
+    ids = np.stack(comps)            # (width, elements per channel), each row ascending
+    owned = owners[ids]
     members = []
     for value_idx, count in signature:
         name = index.names[value_idx]
-        local = np.stack([ids[owners[ids] == value_idx] for ids in comps]) - index.offset[name]
-        members.append(Member(name, axes[name], local.reshape(len(comps), count)))
+        local = ids[owned == value_idx].reshape(len(comps), count) - index.offset[name]
+        members.append(Member(name, axes[name], local))
     members.sort(key=lambda m: index.offset[m.value])
     values = [m.value for m in members]
     params = tuple(p for v in values for p in params_by_value.get(v, ()))
