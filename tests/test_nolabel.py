@@ -55,9 +55,23 @@ def softmax_cnn() -> onnx.ModelProto:
     return b.build(b.op("Softmax", [b.gemm(b.flatten(b.gap(x)), 4)], (1, 4), axis=1))
 
 
-def log_softmax(z):
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
+def sequence_cnn(opset: int = 17, axis: int = -1, classes: int = 5) -> onnx.ModelProto:
+    """A CTC-style recognizer head: (N, 1, 8, 8) -> conv -> mean over the rows -> (N, 8
+    positions, 8 features) -> MatMul -> Softmax over `axis` of (N, 8, classes)."""
+    b = GraphBuilder((1, 1, 8, 8), seed=0, opset=opset)
+    x = b.act(b.conv("input", 8), "Relu")
+    if opset < 18:
+        x = b.op("ReduceMean", [x], (1, 8, 1, 8), axes=[2], keepdims=1)
+    else:
+        x = b.op("ReduceMean", [x, b.const(np.array([2], dtype=np.int64))], (1, 8, 1, 8))
+    x = b.op("Reshape", [x, b.const(np.array([0, 8, 8], dtype=np.int64))], (1, 8, 8))
+    x = b.op("Transpose", [x], (1, 8, 8), perm=[0, 2, 1])
+    return b.build(b.op("Softmax", [b.matmul(x, classes)], (1, 8, classes), axis=axis))
+
+
+def log_softmax(z, axis=1):
+    z = z - z.max(axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis, keepdims=True))
 
 
 # ---------------------------------------------------------------- sources
@@ -102,6 +116,46 @@ def test_output_kinds():
     (k,) = output_kinds(analyze_model(softmax_cnn()))
     model = softmax_cnn()
     assert (k.kind, k.form, k.logits) == (CLASS, "probs", model.graph.node[-1].input[0])
+
+
+def test_a_softmax_over_positions_is_a_class_output():
+    (k,) = output_kinds(analyze_model(sequence_cnn()))
+    model = sequence_cnn()
+    assert (k.kind, k.form, k.axis, k.logits) == (CLASS, "probs", 2, model.graph.node[-1].input[0])
+    (k,) = output_kinds(analyze_model(sequence_cnn(opset=12, axis=2)))
+    assert (k.kind, k.axis) == (CLASS, 2)
+    # before opset 13 a Softmax over axis 1 of (N, T, K) normalises T*K values together
+    (k,) = output_kinds(analyze_model(sequence_cnn(opset=12, axis=1)))
+    assert k.kind == REGRESSION
+
+
+def test_distill_loss_along_the_class_axis_matches_numpy():
+    rng = np.random.default_rng(1)
+    s, t = rng.standard_normal((3, 4, 6)), rng.standard_normal((3, 4, 6)) * 2
+    lt, ls = log_softmax(t, 2), log_softmax(s, 2)
+    kl = (np.exp(lt) * (lt - ls)).sum(2).mean()  # mean over images and positions
+    kinds = [OutputKind("a", CLASS, "a_logits", "probs", axis=2)]
+    got, _ = Distill(kinds)(None, {"a": torch.from_numpy(np.exp(lt))},
+                            {"a_logits": torch.from_numpy(s)})
+    assert float(got) == pytest.approx(kl, rel=1e-6)
+
+
+def test_fidelity_of_a_sequence_output_matches_numpy(tmp_path):
+    model, other = sequence_cnn(), sequence_cnn()
+    w = other.graph.initializer[0]
+    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 1.5, w.name))
+    ds = load_dataset(DataSpec(str(digits_x(tmp_path, 40)), 1, 8, 8))
+    teacher = Teacher(model, output_kinds(analyze_model(model)))
+    (row,) = fidelity(teacher, other, (x for x, _ in iter_batches(ds, 16))).values()
+    (a,), (b,) = run_model(model, {"input": ds.x[:]}), run_model(other, {"input": ds.x[:]})
+    agree = np.mean(a.argmax(2) == b.argmax(2))  # over images and positions
+    assert 0 < agree < 1
+    assert row["top1_agreement"] == pytest.approx(agree)
+    assert row["relative_error"] == pytest.approx(
+        np.linalg.norm(b.astype(np.float64) - a) / np.linalg.norm(a.astype(np.float64)), rel=1e-5)
+    (scores,) = get_criterion("fisher").score(analyze_model(model),
+                                              Evidence(ds, batch_size=16)).values()
+    assert scores.shape == (8,) and np.all(scores >= 0) and scores.max() > 0
 
 
 def test_distill_loss_matches_numpy():

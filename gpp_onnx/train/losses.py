@@ -7,7 +7,8 @@ returns a scalar and its logs.
 
 ``Distill``: match the original model's outputs (knowledge distillation, Hinton et al.
 2015), summed over every output of the model. A class output (``teacher.OutputKind``) is
-matched by ``T^2 KL(softmax(t / T) || softmax(s / T))`` on the logits s (the teacher's
+matched by ``T^2 KL(softmax(t / T) || softmax(s / T))`` on the logits s along its class
+axis, averaged over the batch and any other positions (the teacher's
 logits t are recovered as log-probabilities where its output is a Softmax / LogSoftmax,
 which softmax maps to the same distribution); any other output by the relative squared
 error ``||s - t||^2 / ||t||^2`` over the batch, so outputs of any scale weigh alike.
@@ -89,19 +90,20 @@ class Distill:
         total, logs = 0.0, {}
         for k in self.kinds:
             s, t = values[k.logits], targets[k.name].to(values[k.logits].dtype)
-            part = self._kl(s, t, k.form) if k.kind == "class" else (
+            part = self._kl(s, t, k.form, k.axis) if k.kind == "class" else (
                 ((s - t) ** 2).sum() / (t ** 2).sum().clamp(min=1e-12))
             total = total + part
             logs[f"distill:{k.name}"] = float(part.detach())
         return self.weight * total, logs
 
-    def _kl(self, s: torch.Tensor, t: torch.Tensor, form: str) -> torch.Tensor:
+    def _kl(self, s: torch.Tensor, t: torch.Tensor, form: str, axis: int = 1) -> torch.Tensor:
+        """The KL along the class `axis`, averaged over the batch and any other positions."""
         temp = self.temperature
-        t_logp = (F.log_softmax(t, 1) if form == "logits" else
+        t_logp = (F.log_softmax(t, axis) if form == "logits" else
                   torch.log(t.clamp(min=1e-12)) if form == "probs" else t)
-        t_logp = F.log_softmax(t_logp / temp, 1)
-        s_logp = F.log_softmax(s / temp, 1)
-        return (t_logp.exp() * (t_logp - s_logp)).sum(1).mean() * temp * temp
+        t_logp = F.log_softmax(t_logp / temp, axis)
+        s_logp = F.log_softmax(s / temp, axis)
+        return (t_logp.exp() * (t_logp - s_logp)).sum(axis).mean() * temp * temp
 
 
 def labels(targets: dict, who: str) -> torch.Tensor:
