@@ -6,8 +6,10 @@ along a class axis: the probabilities / log-probabilities of a Softmax / LogSoft
 any axis but the batch's (then the student's loss reads that node's input, the logits; a
 (N, T, K) Softmax over K is a class distribution at each of T positions, as a CTC text
 recognizer's), or the model's first output when it is (N, K) (a classifier's logits, the
-convention the rest of gpp-onnx follows). Every other output (boxes, maps, embeddings,
-(N, 1) scores) is a *regression* output.
+convention the rest of gpp-onnx follows). An output of a Sigmoid is a *binary* output:
+independent probabilities (a text detector's probability map, multi-label scores), whose
+loss reads the Sigmoid's input, the logits. Every other output (boxes, embeddings, raw
+scores) is a *regression* output.
 
 Distillation targets are the teacher's outputs on the very batch being trained on,
 computed by onnxruntime when the batch is drawn (:meth:`Teacher.with_targets`); nothing
@@ -18,8 +20,7 @@ Fidelity of a model m to the original t on inputs X, per output o:
     relative error   e_o = sqrt( sum_X ||m_o(x) - t_o(x)||^2 / sum_X ||t_o(x)||^2 )
     top-1 agreement  a_o = mean_X [ argmax_k m_o(x)_k == argmax_k t_o(x)_k ]   (class outputs)
 
-(argmax along the class axis; with several positions, the mean over x and positions).
-
+(argmax along the class axis; with several positions, the mean over x and positions),
 accumulated batch by batch (memory bounded by the batch). The original against itself is
 e = 0, a = 1.
 """
@@ -38,15 +39,16 @@ from .verify import make_session, outputs
 
 logger = logging.getLogger(__name__)
 
-CLASS, REGRESSION = "class", "regression"
+CLASS, BINARY, REGRESSION = "class", "binary", "regression"
 _FORMS = {"Softmax": "probs", "LogSoftmax": "logprobs"}
 
 
 @dataclass(frozen=True)
 class OutputKind:
     name: str        # the graph output
-    kind: str        # CLASS | REGRESSION
-    logits: str      # the value a student's loss reads (a Softmax's input, else the output)
+    kind: str        # CLASS | BINARY | REGRESSION
+    logits: str      # the value a student's loss reads (a Softmax's / Sigmoid's input,
+    #                  else the output)
     form: str        # what the output holds: logits | probs | logprobs | values
     axis: int = 1    # the class axis (class outputs)
 
@@ -63,6 +65,8 @@ def output_kinds(analysis) -> tuple[OutputKind, ...]:
         if axis is not None and isinstance(shape[axis], int) and shape[axis] >= 2:
             form = _FORMS.get(node.op_type, "logits") if logits is not None else "logits"
             kinds.append(OutputKind(name, CLASS, logits or name, form, axis))
+        elif node is not None and node.op_type == "Sigmoid":
+            kinds.append(OutputKind(name, BINARY, node.input[0], "probs"))
         else:
             kinds.append(OutputKind(name, REGRESSION, name, "values"))
     return tuple(kinds)
@@ -81,8 +85,9 @@ def _softmax_axis(node, shape: tuple, opset: int) -> int | None:
 
 def describe(kinds: Iterable[OutputKind]) -> str:
     """The distillation loss per output, in words (log line and report)."""
-    parts = [f"{k.name}: KL on the class distribution" if k.kind == CLASS
-             else f"{k.name}: relative squared error" for k in kinds]
+    loss = {CLASS: "KL on the class distribution", BINARY: "KL on each probability",
+            REGRESSION: "relative squared error"}
+    parts = [f"{k.name}: {loss[k.kind]}" for k in kinds]
     return "; ".join(parts)
 
 

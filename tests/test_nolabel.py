@@ -21,7 +21,7 @@ from gpp_onnx.finetune import default_losses, train_model
 from gpp_onnx.importance import Evidence, get_criterion
 from gpp_onnx.samples import GraphBuilder, digits_cnn
 from gpp_onnx.sources import has_labels
-from gpp_onnx.teacher import CLASS, REGRESSION, OutputKind, Teacher, fidelity, output_kinds
+from gpp_onnx.teacher import BINARY, CLASS, REGRESSION, OutputKind, Teacher, fidelity, output_kinds
 from gpp_onnx.train import CrossEntropy, Distill
 
 Image = pytest.importorskip("PIL.Image")
@@ -127,6 +127,39 @@ def test_a_softmax_over_positions_is_a_class_output():
     # before opset 13 a Softmax over axis 1 of (N, T, K) normalises T*K values together
     (k,) = output_kinds(analyze_model(sequence_cnn(opset=12, axis=1)))
     assert k.kind == REGRESSION
+
+
+def sigmoid_map_cnn() -> onnx.ModelProto:
+    """A text-detector-like head: conv features -> 1x1 conv -> Sigmoid, a (N, 1, 8, 8) map."""
+    b = GraphBuilder((1, 1, 8, 8), seed=0)
+    x = b.act(b.conv("input", 8), "Relu")
+    return b.build(b.act(b.conv(x, 1, k=1), "Sigmoid"))
+
+
+def test_a_sigmoid_output_is_binary_and_distilled_on_its_logits(tmp_path):
+    model = sigmoid_map_cnn()
+    (k,) = output_kinds(analyze_model(model))
+    assert (k.kind, k.logits) == (BINARY, model.graph.node[-1].input[0])
+    rng = np.random.default_rng(2)
+    s, z = rng.standard_normal((3, 1, 4, 4)) * 3, rng.standard_normal((3, 1, 4, 4)) * 3
+    for temp in (1.0, 2.0):
+        p, q = 1 / (1 + np.exp(-z / temp)), 1 / (1 + np.exp(-s / temp))
+        kl = (p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))).mean() * temp ** 2
+        got, _ = Distill([k], temperature=temp)(
+            None, {k.name: torch.from_numpy(1 / (1 + np.exp(-z)))},
+            {k.logits: torch.from_numpy(s)})
+        assert float(got) == pytest.approx(kl, rel=1e-5)
+    # where the student's sigmoid saturates at 0 and the teacher says 1, the gradient on
+    # the logit stays near -1 / elements (the squared error of probabilities gives ~0)
+    s_sat = torch.full((1, 1, 1, 2), -30.0, dtype=torch.float64, requires_grad=True)
+    loss, _ = Distill([k])(None, {k.name: torch.ones(1, 1, 1, 2, dtype=torch.float64)},
+                           {k.logits: s_sat})
+    loss.backward()
+    np.testing.assert_allclose(s_sat.grad.numpy(), -0.5, rtol=1e-6)
+    ds = load_dataset(DataSpec(str(digits_x(tmp_path, 32)), 1, 8, 8))
+    (scores,) = get_criterion("fisher").score(analyze_model(model),
+                                              Evidence(ds, batch_size=16)).values()
+    assert scores.shape == (8,) and np.all(scores >= 0) and scores.max() > 0
 
 
 def test_distill_loss_along_the_class_axis_matches_numpy():

@@ -10,7 +10,11 @@ returns a scalar and its logs.
 matched by ``T^2 KL(softmax(t / T) || softmax(s / T))`` on the logits s along its class
 axis, averaged over the batch and any other positions (the teacher's
 logits t are recovered as log-probabilities where its output is a Softmax / LogSoftmax,
-which softmax maps to the same distribution); any other output by the relative squared
+which softmax maps to the same distribution); a binary output (a Sigmoid's probabilities
+t) by the Bernoulli KL ``T^2 mean KL(sigmoid(logit(t) / T) || sigmoid(s / T))`` over its
+elements, on the logits s (the gradient does not vanish where the student's sigmoid
+saturates on the wrong side, as the squared error of probabilities does); any other
+output by the relative squared
 error ``||s - t||^2 / ||t||^2`` over the batch, so outputs of any scale weigh alike.
 
 ``PushLoss`` (METHOD section 4, the *push* of Grow-Push-Prune) on the final hidden layer
@@ -90,8 +94,9 @@ class Distill:
         total, logs = 0.0, {}
         for k in self.kinds:
             s, t = values[k.logits], targets[k.name].to(values[k.logits].dtype)
-            part = self._kl(s, t, k.form, k.axis) if k.kind == "class" else (
-                ((s - t) ** 2).sum() / (t ** 2).sum().clamp(min=1e-12))
+            part = (self._kl(s, t, k.form, k.axis) if k.kind == "class" else
+                    self._binary_kl(s, t) if k.kind == "binary" else
+                    ((s - t) ** 2).sum() / (t ** 2).sum().clamp(min=1e-12))
             total = total + part
             logs[f"distill:{k.name}"] = float(part.detach())
         return self.weight * total, logs
@@ -104,6 +109,16 @@ class Distill:
         t_logp = F.log_softmax(t_logp / temp, axis)
         s_logp = F.log_softmax(s / temp, axis)
         return (t_logp.exp() * (t_logp - s_logp)).sum(axis).mean() * temp * temp
+
+    def _binary_kl(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The Bernoulli KL of each probability t (the teacher's Sigmoid output) against the
+        student's sigmoid(s), on the logits s, averaged over the elements."""
+        temp = self.temperature
+        t = t.clamp(1e-7, 1 - 1e-7)
+        t = torch.sigmoid((torch.log(t) - torch.log1p(-t)) / temp)
+        entropy = -(t * torch.log(t) + (1 - t) * torch.log1p(-t))
+        cross = F.binary_cross_entropy_with_logits(s / temp, t, reduction="none")
+        return (cross - entropy).mean() * temp * temp
 
 
 def labels(targets: dict, who: str) -> torch.Tensor:
