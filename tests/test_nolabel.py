@@ -488,3 +488,22 @@ def test_softmax_output_is_distilled_through_its_logits(tmp_path):
     (row,) = rep["fidelity"]["after_finetune"].values()
     assert row == {"relative_error": pytest.approx(err, rel=1e-4),
                    "top1_agreement": pytest.approx(agree)}
+
+
+def test_generated_unlabelled_images_fit_and_are_read_without_labels(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "nolabel_images.py"
+    spec = importlib.util.spec_from_file_location("nolabel_images", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for kind in tool.KINDS:
+        folder = tool.make_images(kind, 3, 48, 64, tmp_path / kind, seed=0)
+        files = sorted(folder.glob("*.png"))
+        assert len(files) == 3 and not list(folder.glob("*/"))
+        pixels = np.stack([np.asarray(Image.open(f)) for f in files])
+        assert pixels.shape == (3, 48, 64, 3) and pixels.std() > 5  # not flat
+        ds = load_dataset(DataSpec(str(folder), 3, 48, 64, resize=False))
+        assert ds.y is None and len(ds) == 3
+        np.testing.assert_allclose(ds.x[:][0], pixels[0].transpose(2, 0, 1) / 255, atol=1e-6)

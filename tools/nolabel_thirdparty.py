@@ -50,10 +50,16 @@ class Setup:
     mean: str | None = None       # --mean / --std as the model's own preprocessing does
     std: str | None = None
     gray: bool = False
+    model: str | None = None      # the thirdparty.py entry, where the name differs
+    extra: tuple = ()             # more gpp-onnx prune arguments
 
 
+# PP-OCRv4's DB head ends in two ConvTranspose layers, which the least-squares repair does
+# not refit (Conv and Gemm only); keeping the two groups that feed them whole shows the rest
+HEAD_KEPT = ("--ignore", "p2o.ConvTranspose.1", "--ignore", "conv2d_497.tmp_0")
 MODELS = {
     "ppocrv4_det": Setup("text", *IMAGENET),
+    "ppocrv4_det_head_kept": Setup("text", *IMAGENET, model="ppocrv4_det", extra=HEAD_KEPT),
     "ppocrv4_rec": Setup("line", "0.5,0.5,0.5", "0.5,0.5,0.5"),
     "nudenet_320n": Setup("photo"),                                    # x / 255
     "ddddocr_det": Setup("text", "0,0,0", "0.003921569,0.003921569,0.003921569"),  # 0..255
@@ -74,7 +80,7 @@ def _hw(shape: str, nhwc: bool) -> tuple[int, int]:
 def _prune(src: Path, dst: Path, data: Path, shape: str, setup: Setup, args, extra=()) -> dict:
     cmd = [*GPP, "prune", str(src), "--data", str(data), "--ratio", str(args.ratio),
            "--input-shape", shape, "--batch-size", str(args.batch_size), "--no-latency",
-           "--val-split", str(args.val_split), "-o", str(dst), *extra]
+           "--val-split", str(args.val_split), "-o", str(dst), *setup.extra, *extra]
     if setup.mean:
         cmd += ["--mean", setup.mean, "--std", setup.std]
     t0 = time.perf_counter()
@@ -104,8 +110,9 @@ def _shape_tuple(shape: str):
 
 
 def run_model(name: str, args) -> dict:
-    entry = next(e for e in MANIFEST if e.name == name)
-    setup, shape = MODELS[name], entry.inputs[0]
+    setup = MODELS[name]
+    entry = next(e for e in MANIFEST if e.name == (setup.model or name))
+    shape = entry.inputs[0]
     src = model_path(Path(args.cache).expanduser(), entry)
     if not src.exists():
         raise RuntimeError(f"{src} missing; run `python tools/thirdparty.py fetch`")
