@@ -176,6 +176,9 @@ def _prune_training_args(pr: argparse.ArgumentParser) -> None:
                     help="with labels: add W x the distillation loss to cross-entropy")
     pr.add_argument("--temperature", type=float, default=1.0,
                     help="softmax temperature of the distillation KL (class outputs)")
+    pr.add_argument("--batchnorm", choices=["auto", "train", "frozen"], default="auto",
+                    help="BatchNorm when fine-tuning: batch statistics (train) or the running "
+                    "ones (frozen); auto: frozen without labels, train with")
     pr.add_argument("--lr", type=float, default=0.01, help="training learning rate")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pr.add_argument("--repair", choices=["lsq", "bias", "none"], default="lsq",

@@ -35,6 +35,9 @@ class TrainOptions:
     clip_grad: float = 2.0               # max global gradient norm per step (0: no clipping)
     distill: float = 0.0                 # weight of distillation next to cross-entropy
     temperature: float = 1.0             # softmax temperature of the distillation KL
+    batchnorm: str = "auto"              # train: batch statistics (updating the running
+    #                                      ones); frozen: the running statistics; auto:
+    #                                      frozen when distilling without labels (finetune)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,9 @@ class PruneConfig:
         changes = {}
         if self.input_shape is not None:
             changes["input_shape"] = checked_input_shape(self.input_shape)
+        if self.train.batchnorm not in ("auto", "train", "frozen"):
+            raise InputError(f"--batchnorm {self.train.batchnorm} is unknown - use auto, "
+                             "train or frozen")
         if isinstance(self.repair, bool):  # older spelling: True / False
             changes["repair"] = "lsq" if self.repair else "none"
         elif self.repair not in REPAIRS:

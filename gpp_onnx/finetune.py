@@ -4,6 +4,11 @@ The losses: cross-entropy with labels, plus ``options.distill`` times the distil
 loss (``train.Distill``) when a teacher is given; without labels the distillation loss
 alone, the teacher's outputs computed per batch (``teacher.Teacher.with_targets``).
 
+BatchNorm (``options.batchnorm``): batch statistics with labels; without labels it keeps
+the running statistics (``auto``), those the original was trained with and the repair fitted
+to: on a few hundred unlabelled images in batches of 8, batch statistics made distillation
+lower the fidelity it was meant to raise (docs/nolabel.md, third-party models).
+
 ``epochs * ceil(N / batch)`` steps (fractional epochs allowed) of the one trainer
 (``gpp_onnx.train.Trainer``: SGD, cosine schedule, the gradient's global norm clipped to
 ``clip_grad`` - a repaired cut can leave large weights, and a sharp loss that plain SGD
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import onnx
 
@@ -50,6 +56,8 @@ def train_model(model: onnx.ModelProto, data: Dataset, options: TrainOptions, se
     from .torch_backend import OnnxModule, resolve_device, write_back
     from .train import Trainer
 
+    if options.batchnorm == "auto":
+        options = replace(options, batchnorm="train" if data.labelled else "frozen")
     steps = max(1, round(options.epochs * math.ceil(len(data) / options.batch_size)))
     torch.manual_seed(seed + distributed.rank())  # dropout masks differ between ranks
     module = OnnxModule(model, device=resolve_device(options.device))

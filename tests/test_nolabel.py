@@ -507,3 +507,51 @@ def test_generated_unlabelled_images_fit_and_are_read_without_labels(tmp_path):
         ds = load_dataset(DataSpec(str(folder), 3, 48, 64, resize=False))
         assert ds.y is None and len(ds) == 3
         np.testing.assert_allclose(ds.x[:][0], pixels[0].transpose(2, 0, 1) / 255, atol=1e-6)
+
+
+def bn_cnn() -> onnx.ModelProto:
+    b = GraphBuilder((1, 1, 8, 8), seed=0)
+    x = b.act(b.bn(b.conv("input", 8)), "Relu")
+    return b.build(b.gemm(b.flatten(b.gap(x)), 10))
+
+
+def _bn_stats(model):
+    node = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return init[node.input[3]], init[node.input[4]], init[model.graph.node[0].input[1]]
+
+
+@pytest.mark.parametrize("labels, batchnorm, frozen", [
+    (False, "auto", True), (True, "auto", False), (False, "train", False),
+    (True, "frozen", True)])
+def test_batchnorm_statistics_when_fine_tuning(tmp_path, labels, batchnorm, frozen):
+    model = bn_cnn()
+    mean0, var0, w0 = _bn_stats(model)
+    ds = load_dataset(DataSpec(str(digits_x(tmp_path, 64, labels)), 1, 8, 8))
+    teacher = Teacher(model, output_kinds(analyze_model(model)))
+    opts = TrainOptions(epochs=1, lr=0.05, batch_size=16, batchnorm=batchnorm)
+    mean1, var1, w1 = _bn_stats(train_model(model, ds, opts, teacher=teacher))
+    assert not np.allclose(w1, w0)  # the weights trained either way
+    assert np.array_equal(mean1, mean0) == frozen and np.array_equal(var1, var0) == frozen
+
+
+def test_frozen_batchnorm_trains_on_the_running_statistics():
+    from gpp_onnx.torch_backend import OnnxModule
+
+    module = OnnxModule(bn_cnn())
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32))
+    name = module.output_names[0]
+    with torch.no_grad():
+        want = module.eval().run([x], [name])[name]
+        module.train().freeze_batchnorm()
+        frozen = module.run([x], [name])[name]
+        again = module.eval().run([x], [name])[name]  # the running statistics stayed
+        batch_stats = module.train().run([x], [name])[name]
+    torch.testing.assert_close(frozen, want)
+    torch.testing.assert_close(again, want)
+    assert not torch.allclose(batch_stats, want, atol=1e-4)
+
+
+def test_unknown_batchnorm_mode_is_refused(tmp_path):
+    with pytest.raises(Exception, match="--batchnorm"):
+        PruneConfig(train=TrainOptions(batchnorm="fast")).checked()
