@@ -14,7 +14,8 @@ separate test folder, other seeds) and prunes it through the command line, as a 
         --input-shape S [--mean .. --std ..] --no-latency -o final.onnx
 
 (an image folder without class folders: no labels, so the ``fisher`` criterion, the
-least-squares repair to the original's outputs and distillation). The JSON report gives the
+least-squares repair to the original's outputs and distillation with BatchNorm on its
+running statistics; ``--lr`` 0.01, the default). The JSON report gives the
 fidelity on the run's held-out images (``--val-split``) after the cut, the repair and the
 fine-tuning. With ``--variants`` (default) it also writes the cut alone (``--repair none
 --finetune-epochs 0``) and the repair alone (``--finetune-epochs 0``), same plan
@@ -130,6 +131,7 @@ def run_model(name: str, args) -> dict:
            "train_images": args.images, "test_images": args.test_images,
            "params_ratio": rep["ratios"]["params"], "macs_ratio": rep["ratios"]["macs"],
            "seconds": run["seconds"], "distillation": rep.get("distillation"),
+           "load_average": os.getloadavg(),
            "heldout": rep["fidelity"]}
     if args.variants:
         models = {"distil": final}
@@ -197,9 +199,14 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-epochs", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--from-json", nargs="+", help="print the table of these results files")
     p.add_argument("--no-variants", dest="variants", action="store_false",
                    help="skip the cut-only / repair-only models and the test-folder compare")
     args = p.parse_args(argv)
+    if args.from_json:
+        rows = [r for f in args.from_json for r in json.loads(Path(f).read_text())["rows"]]
+        return show(rows, args.markdown)
     rows = []
     for name in args.models.split(","):
         print(f"{name} ...", file=sys.stderr, flush=True)
@@ -211,9 +218,17 @@ def main(argv=None) -> int:
         if args.json:
             write_json(args.json, {"machine": machine(), "git": git_state(),
                                    "args": vars(args), "rows": rows})
+    return show(rows, args.markdown)
+
+
+def show(rows: list[dict], markdown: bool = False) -> int:
     body = [r for row in rows if "error" not in row for r in rows_of(row)]
     print("fidelity to the original: relative error / top-1 agreement (class outputs)")
-    print(table(HEADERS, body))
+    if markdown:
+        print("\n".join(["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+                        + ["| " + " | ".join(r) + " |" for r in body]))
+    else:
+        print(table(HEADERS, body))
     for row in rows:
         if "error" in row:
             print(f"{row['model']}: {row['error']}")
