@@ -555,3 +555,20 @@ def test_frozen_batchnorm_trains_on_the_running_statistics():
 def test_unknown_batchnorm_mode_is_refused(tmp_path):
     with pytest.raises(Exception, match="--batchnorm"):
         PruneConfig(train=TrainOptions(batchnorm="fast")).checked()
+
+
+@pytest.mark.parametrize("repair", ["bias", "lsq"])
+def test_a_model_with_a_fixed_batch_of_one_is_repaired_and_distilled(tmp_path, repair):
+    b = GraphBuilder((1, 1, 8, 8), seed=0, dynamic_batch=False)
+    x = b.act(b.conv(b.act(b.conv("input", 8), "Relu"), 8), "Relu")
+    model = b.build(b.gemm(b.flatten(b.gap(x)), 10))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    cfg = PruneConfig(ratio=0.5, round_to=1, latency=False, repair=repair,
+                      data=DataOptions(str(digits_x(tmp_path, 120)), batch_size=16),
+                      train=TrainOptions(epochs=0.5, batch_size=16))
+    prune(src, tmp_path / "o.onnx", cfg)
+    fid = json.loads((tmp_path / "o.report.json").read_text())["fidelity"]
+    first = next(iter(fid["after_repair"]))
+    assert fid["after_repair"][first]["relative_error"] < fid["after_cut"][first]["relative_error"]
