@@ -58,6 +58,11 @@ def train_model(model: onnx.ModelProto, data: Dataset, options: TrainOptions, se
 
     if options.batchnorm == "auto":
         options = replace(options, batchnorm="train" if data.labelled else "frozen")
+    fixed = fixed_batch(model)
+    if fixed is not None and fixed != options.batch_size:
+        logger.info("%s: the model's input fixes the batch at %d, so it trains in batches of "
+                    "%d (not %d)", desc, fixed, fixed, options.batch_size)
+        options = replace(options, batch_size=fixed)
     steps = max(1, round(options.epochs * math.ceil(len(data) / options.batch_size)))
     torch.manual_seed(seed + distributed.rank())  # dropout masks differ between ranks
     module = OnnxModule(model, device=resolve_device(options.device))
@@ -65,6 +70,17 @@ def train_model(model: onnx.ModelProto, data: Dataset, options: TrainOptions, se
     batches = _batches(data, options.batch_size, seed)
     trainer.fit(batches if teacher is None else teacher.with_targets(batches), desc)
     return write_back(module, model)
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's first input fixes (a reshape may have it baked in), or
+    None where it is symbolic."""
+    inits = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name not in inits:
+            dims = value.type.tensor_type.shape.dim
+            return dims[0].dim_value if dims and dims[0].dim_value > 0 else None
+    return None
 
 
 def default_losses(data: Dataset, options: TrainOptions, teacher=None) -> list:

@@ -17,7 +17,7 @@ from gpp_onnx.analysis import analyze_model
 from gpp_onnx.cli import main
 from gpp_onnx.config import DataOptions, TrainOptions
 from gpp_onnx.data import DataSpec, iter_batches, load_dataset, split
-from gpp_onnx.finetune import default_losses, train_model
+from gpp_onnx.finetune import default_losses, fixed_batch, train_model
 from gpp_onnx.importance import Evidence, get_criterion
 from gpp_onnx.samples import GraphBuilder, digits_cnn
 from gpp_onnx.sources import has_labels
@@ -572,3 +572,20 @@ def test_a_model_with_a_fixed_batch_of_one_is_repaired_and_distilled(tmp_path, r
     fid = json.loads((tmp_path / "o.report.json").read_text())["fidelity"]
     first = next(iter(fid["after_repair"]))
     assert fid["after_repair"][first]["relative_error"] < fid["after_cut"][first]["relative_error"]
+
+
+def test_a_batch_baked_into_a_reshape_trains_in_batches_of_that_size(tmp_path):
+    b = GraphBuilder((1, 1, 8, 8), seed=0, dynamic_batch=False)
+    x = b.act(b.conv("input", 8), "Relu")  # (1, 8, 8, 8) -> Reshape to (1, 512): batch 1 fixed
+    flat = b.op("Reshape", [x, b.const(np.array([1, 512], dtype=np.int64))], (1, 512))
+    model = b.build(b.gemm(flat, 10))
+    assert fixed_batch(model) == 1 and fixed_batch(digits_cnn(0)) is None
+    teacher = Teacher(model, output_kinds(analyze_model(model)))
+    ds = load_dataset(DataSpec(str(digits_x(tmp_path, 24)), 1, 8, 8))
+    trained = train_model(model, ds, TrainOptions(epochs=1, batch_size=8, lr=0.01),
+                          teacher=teacher)
+    assert not np.allclose(_weights(trained)[0], _weights(model)[0])
+
+
+def _weights(model):
+    return [onnx.numpy_helper.to_array(t) for t in model.graph.initializer]
