@@ -187,6 +187,9 @@ def _prune_training_args(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--temperature", type=float, default=TrainOptions.temperature,
                     help="softmax temperature of the distillation KL (class outputs; "
                          "default %(default)s, chosen on held-out agreement)")
+    pr.add_argument("--batchnorm", choices=["auto", "train", "frozen"], default="auto",
+                    help="BatchNorm when fine-tuning: batch statistics (train) or the running "
+                    "ones (frozen); auto: frozen without labels, train with")
     pr.add_argument("--lr", type=float, default=0.01, help="training learning rate")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pr.add_argument("--repair", choices=["lsq", "bias", "none"], default="lsq",

@@ -38,6 +38,9 @@ class TrainOptions:
     # with the teacher (label-free, 8-epoch Fashion-MNIST VGG, 0.222 MACs, 2 epochs):
     # T=1 0.9358, 2 0.9436, 3 0.9384, 4 0.9398, 8 0.9338 (docs/nolabel.md)
     temperature: float = 2.0
+    batchnorm: str = "auto"              # train: batch statistics (updating the running
+    #                                      ones); frozen: the running statistics; auto:
+    #                                      frozen when distilling without labels (finetune)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class PruneConfig:
         changes = {}
         if self.input_shape is not None:
             changes["input_shape"] = checked_input_shape(self.input_shape)
+        if self.train.batchnorm not in ("auto", "train", "frozen"):
+            raise InputError(f"--batchnorm {self.train.batchnorm} is unknown - use auto, "
+                             "train or frozen")
         if isinstance(self.repair, bool):  # older spelling: True / False
             changes["repair"] = "lsq" if self.repair else "none"
         elif self.repair not in REPAIRS:

@@ -4,6 +4,11 @@ The losses: cross-entropy with labels, plus ``options.distill`` times the distil
 loss (``train.Distill``) when a teacher is given; without labels the distillation loss
 alone, the teacher's outputs computed per batch (``teacher.Teacher.with_targets``).
 
+BatchNorm (``options.batchnorm``): batch statistics with labels; without labels it keeps
+the running statistics (``auto``), those the original was trained with and the repair fitted
+to: on a few hundred unlabelled images in batches of 8, batch statistics made distillation
+lower the fidelity it was meant to raise (docs/nolabel.md, third-party models).
+
 ``epochs * ceil(N / batch)`` steps (fractional epochs allowed) of the one trainer
 (``gpp_onnx.train.Trainer``: SGD, cosine schedule, the gradient's global norm clipped to
 ``clip_grad`` - a repaired cut can leave large weights, and a sharp loss that plain SGD
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import onnx
 
@@ -50,6 +56,13 @@ def train_model(model: onnx.ModelProto, data: Dataset, options: TrainOptions, se
     from .torch_backend import OnnxModule, resolve_device, write_back
     from .train import Trainer
 
+    if options.batchnorm == "auto":
+        options = replace(options, batchnorm="train" if data.labelled else "frozen")
+    fixed = fixed_batch(model)
+    if fixed is not None and fixed != options.batch_size:
+        logger.info("%s: the model's input fixes the batch at %d, so it trains in batches of "
+                    "%d (not %d)", desc, fixed, fixed, options.batch_size)
+        options = replace(options, batch_size=fixed)
     steps = max(1, round(options.epochs * math.ceil(len(data) / options.batch_size)))
     torch.manual_seed(seed + distributed.rank())  # dropout masks differ between ranks
     module = OnnxModule(model, device=resolve_device(options.device))
@@ -57,6 +70,17 @@ def train_model(model: onnx.ModelProto, data: Dataset, options: TrainOptions, se
     batches = _batches(data, options.batch_size, seed)
     trainer.fit(batches if teacher is None else teacher.with_targets(batches), desc)
     return write_back(module, model)
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's first input fixes (a reshape may have it baked in), or
+    None where it is symbolic."""
+    inits = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name not in inits:
+            dims = value.type.tensor_type.shape.dim
+            return dims[0].dim_value if dims and dims[0].dim_value > 0 else None
+    return None
 
 
 def default_losses(data: Dataset, options: TrainOptions, teacher=None) -> list:

@@ -39,24 +39,25 @@ import onnx
 
 from .ops import ROLE_IN
 from .ops.conv import torch_pads
-from .verify import make_session, outputs
+from .teacher import run_rows
+from .verify import make_session
 
 logger = logging.getLogger(__name__)
 
 
 def channel_means(model: onnx.ModelProto, values: dict[str, int], batches) -> dict[str, np.ndarray]:
-    """Mean of each value along its channel axis (`values`: name -> axis) over `batches`."""
+    """Mean of each value along its channel axis (`values`: name -> axis) over `batches`
+    (run in chunks of the model's batch size where its input fixes one)."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     known = {o.name for o in exposed.graph.output}
     exposed.graph.output.extend(onnx.ValueInfoProto(name=v) for v in values if v not in known)
     session = make_session(exposed, "mean probe")
     names = list(values)
-    input_name = session.get_inputs()[0].name
     sums: dict[str, np.ndarray] = {}
     count = 0
     for x in batches:
-        got = outputs(session, {input_name: x}, "mean probe")
+        got = run_rows(session, x, "mean probe")
         by_name = dict(zip([o.name for o in session.get_outputs()], got))
         for name in names:
             v = np.moveaxis(by_name[name].astype(np.float64), values[name], 0)

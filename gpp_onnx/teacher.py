@@ -1,11 +1,15 @@
 """The original model as teacher: what each of its outputs is, its outputs per batch, and
 how closely another model follows them (fidelity).
 
-Output kinds. An output is a *class* output when it holds (N, K) class scores, K >= 2:
-the probabilities / log-probabilities of a Softmax / LogSoftmax (then the student's loss
-reads that node's input, the logits), or the model's first output (a classifier's logits,
-the convention the rest of gpp-onnx follows). Every other output (boxes, maps,
-embeddings, (N, 1) scores) is a *regression* output.
+Output kinds. An output is a *class* output when it holds class scores, K >= 2 of them
+along a class axis: the probabilities / log-probabilities of a Softmax / LogSoftmax over
+any axis but the batch's (then the student's loss reads that node's input, the logits; a
+(N, T, K) Softmax over K is a class distribution at each of T positions, as a CTC text
+recognizer's), or the model's first output when it is (N, K) (a classifier's logits, the
+convention the rest of gpp-onnx follows). An output of a Sigmoid is a *binary* output:
+independent probabilities (a text detector's probability map, multi-label scores), whose
+loss reads the Sigmoid's input, the logits. Every other output (boxes, embeddings, raw
+scores) is a *regression* output.
 
 Distillation targets are the teacher's outputs on the very batch being trained on,
 computed by onnxruntime when the batch is drawn (:meth:`Teacher.with_targets`); nothing
@@ -16,6 +20,7 @@ Fidelity of a model m to the original t on inputs X, per output o:
     relative error   e_o = sqrt( sum_X ||m_o(x) - t_o(x)||^2 / sum_X ||t_o(x)||^2 )
     top-1 agreement  a_o = mean_X [ argmax_k m_o(x)_k == argmax_k t_o(x)_k ]   (class outputs)
 
+(argmax along the class axis; with several positions, the mean over x and positions),
 accumulated batch by batch (memory bounded by the batch). The original against itself is
 e = 0, a = 1.
 """
@@ -27,21 +32,25 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .compat import opset_version
 from .errors import DataError
+from .ops.base import attr
 from .verify import make_session, outputs
 
 logger = logging.getLogger(__name__)
 
-CLASS, REGRESSION = "class", "regression"
+CLASS, BINARY, REGRESSION = "class", "binary", "regression"
 _FORMS = {"Softmax": "probs", "LogSoftmax": "logprobs"}
 
 
 @dataclass(frozen=True)
 class OutputKind:
     name: str        # the graph output
-    kind: str        # CLASS | REGRESSION
-    logits: str      # the value a student's loss reads (a Softmax's input, else the output)
+    kind: str        # CLASS | BINARY | REGRESSION
+    logits: str      # the value a student's loss reads (a Softmax's / Sigmoid's input,
+    #                  else the output)
     form: str        # what the output holds: logits | probs | logprobs | values
+    axis: int = 1    # the class axis (class outputs)
 
 
 def output_kinds(analysis) -> tuple[OutputKind, ...]:
@@ -50,19 +59,35 @@ def output_kinds(analysis) -> tuple[OutputKind, ...]:
     for i, name in enumerate(view.output_names):
         shape, node = view.shape(name), view.producer.get(name)
         logits = None if node is None else analysis.rules[node.name].logits_input(node)
-        if shape is not None and len(shape) == 2 and shape[1] >= 2 and (
-                i == 0 or logits is not None):
+        axis = None if shape is None else (
+            _softmax_axis(node, shape, opset_version(view.model)) if logits is not None
+            else 1 if i == 0 and len(shape) == 2 else None)
+        if axis is not None and isinstance(shape[axis], int) and shape[axis] >= 2:
             form = _FORMS.get(node.op_type, "logits") if logits is not None else "logits"
-            kinds.append(OutputKind(name, CLASS, logits or name, form))
+            kinds.append(OutputKind(name, CLASS, logits or name, form, axis))
+        elif node is not None and node.op_type == "Sigmoid":
+            kinds.append(OutputKind(name, BINARY, node.input[0], "probs"))
         else:
             kinds.append(OutputKind(name, REGRESSION, name, "values"))
     return tuple(kinds)
 
 
+def _softmax_axis(node, shape: tuple, opset: int) -> int | None:
+    """The axis a Softmax / LogSoftmax normalises over, or None where that is the batch
+    axis or (before opset 13, which flattens from ``axis`` on) not one axis alone."""
+    rank = len(shape)
+    axis = attr(node, "axis", -1 if opset >= 13 else 1)
+    axis = axis + rank if axis < 0 else axis
+    if axis < 1 or axis >= rank or (opset < 13 and axis != rank - 1):
+        return None
+    return axis
+
+
 def describe(kinds: Iterable[OutputKind]) -> str:
     """The distillation loss per output, in words (log line and report)."""
-    parts = [f"{k.name}: KL on the class distribution" if k.kind == CLASS
-             else f"{k.name}: relative squared error" for k in kinds]
+    loss = {CLASS: "KL on the class distribution", BINARY: "KL on each probability",
+            REGRESSION: "relative squared error"}
+    parts = [f"{k.name}: {loss[k.kind]}" for k in kinds]
     return "; ".join(parts)
 
 
@@ -113,7 +138,8 @@ def fidelity(teacher: Teacher, model, batches: Iterable[np.ndarray],
             err[k.name] += float(((m - t) ** 2).sum())
             ref[k.name] += float((t ** 2).sum())
             if k.kind == CLASS:
-                agree[k.name] += float((m.argmax(1) == t.argmax(1)).sum())
+                same = m.argmax(k.axis) == t.argmax(k.axis)
+                agree[k.name] += float(same.reshape(len(same), -1).mean(1).sum())
         count += len(x)
     return {k.name: _row(k, err[k.name], ref[k.name], agree[k.name], count)
             for k in teacher.kinds}

@@ -55,9 +55,9 @@ def softmax_cnn() -> onnx.ModelProto:
     return b.build(b.op("Softmax", [b.gemm(b.flatten(b.gap(x)), 4)], (1, 4), axis=1))
 
 
-def log_softmax(z):
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
+def log_softmax(z, axis=1):
+    z = z - z.max(axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis, keepdims=True))
 
 
 # ---------------------------------------------------------------- sources
@@ -401,3 +401,4 @@ def test_softmax_output_is_distilled_through_its_logits(tmp_path):
     (row,) = rep["fidelity"]["after_finetune"].values()
     assert row == {"relative_error": pytest.approx(err, rel=1e-4),
                    "top1_agreement": pytest.approx(agree)}
+

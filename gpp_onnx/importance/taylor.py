@@ -29,8 +29,10 @@ weights that read channel c (exactly what ``--mask-only`` zeroes).
 
 ``fisher`` (``objective="fisher"``) needs no labels: the loss is the negative
 log-likelihood of targets *sampled from the model's own outputs* (every output of the
-model): a label ``y ~ softmax(logits)`` per image for a class output, ``t = f + sigma e``
-(e standard normal, sigma^2 the batch's mean square of f) for any other output f. Its
+model, summed over an image's positions): a label ``y ~ softmax(logits)`` per image (per
+position along a class output's class axis) for a class output, ``y ~
+Bernoulli(sigmoid(logit))`` per element for a binary output, ``t = f + sigma e`` (e
+standard normal, sigma^2 the batch's mean square of f) for any other output f. Its
 expected squared gate derivative is the diagonal of the Fisher information in the gate,
 the second-order estimate of the KL divergence between the original's outputs and the
 outputs without channel c: ``E KL ~ 1/2 F_cc`` (the first-order term vanishes at the
@@ -160,10 +162,16 @@ class _FisherLoss:
             if not torch.isfinite(f).all():
                 raise DataError(f"the model produced NaN/inf values in '{k.logits}' on the "
                                 "data - check the input scaling (--mean/--std)")
-            if k.kind == "class":
+            n = len(f)
+            if k.kind == "class":  # one class sampled per position along the class axis
+                f = f.movedim(k.axis, -1).reshape(-1, f.shape[k.axis])
                 probs = F.softmax(f.detach().double(), 1)
                 target = torch.multinomial(probs, 1, generator=self.gen)[:, 0]
-                total = total + F.cross_entropy(f, target)
+                total = total + F.cross_entropy(f, target, reduction="sum") / n
+            elif k.kind == "binary":  # a Bernoulli sample of each probability
+                target = torch.bernoulli(torch.sigmoid(f.detach()), generator=self.gen)
+                total = total + F.binary_cross_entropy_with_logits(
+                    f, target, reduction="sum") / n
             else:
                 sigma = f.detach().pow(2).mean().clamp(min=1e-12).sqrt()
                 e = torch.randn(f.shape, generator=self.gen, device=f.device, dtype=f.dtype)

@@ -219,6 +219,13 @@ class OnnxModule(nn.Module):
             node.training = mode
         return self
 
+    def freeze_batchnorm(self) -> None:
+        """BatchNormalization normalises by its running statistics (and leaves them as they
+        are) until the next ``train()`` / ``eval()``; its scale and shift still train."""
+        for node in self._nodes:
+            if node.op_type == "BatchNormalization":
+                node.training = False
+
     @property
     def device(self) -> torch.device:
         for tensor in self.parameters():

@@ -7,9 +7,14 @@ returns a scalar and its logs.
 
 ``Distill``: match the original model's outputs (knowledge distillation, Hinton et al.
 2015), summed over every output of the model. A class output (``teacher.OutputKind``) is
-matched by ``T^2 KL(softmax(t / T) || softmax(s / T))`` on the logits s (the teacher's
+matched by ``T^2 KL(softmax(t / T) || softmax(s / T))`` on the logits s along its class
+axis, averaged over the batch and any other positions (the teacher's
 logits t are recovered as log-probabilities where its output is a Softmax / LogSoftmax,
-which softmax maps to the same distribution); any other output by the relative squared
+which softmax maps to the same distribution); a binary output (a Sigmoid's probabilities
+t) by the Bernoulli KL ``T^2 mean KL(sigmoid(logit(t) / T) || sigmoid(s / T))`` over its
+elements, on the logits s (the gradient does not vanish where the student's sigmoid
+saturates on the wrong side, as the squared error of probabilities does); any other
+output by the relative squared
 error ``||s - t||^2 / ||t||^2`` over the batch, so outputs of any scale weigh alike.
 
 ``PushLoss`` (METHOD section 4, the *push* of Grow-Push-Prune) on the final hidden layer
@@ -89,19 +94,31 @@ class Distill:
         total, logs = 0.0, {}
         for k in self.kinds:
             s, t = values[k.logits], targets[k.name].to(values[k.logits].dtype)
-            part = self._kl(s, t, k.form) if k.kind == "class" else (
-                ((s - t) ** 2).sum() / (t ** 2).sum().clamp(min=1e-12))
+            part = (self._kl(s, t, k.form, k.axis) if k.kind == "class" else
+                    self._binary_kl(s, t) if k.kind == "binary" else
+                    ((s - t) ** 2).sum() / (t ** 2).sum().clamp(min=1e-12))
             total = total + part
             logs[f"distill:{k.name}"] = float(part.detach())
         return self.weight * total, logs
 
-    def _kl(self, s: torch.Tensor, t: torch.Tensor, form: str) -> torch.Tensor:
+    def _kl(self, s: torch.Tensor, t: torch.Tensor, form: str, axis: int = 1) -> torch.Tensor:
+        """The KL along the class `axis`, averaged over the batch and any other positions."""
         temp = self.temperature
-        t_logp = (F.log_softmax(t, 1) if form == "logits" else
+        t_logp = (F.log_softmax(t, axis) if form == "logits" else
                   torch.log(t.clamp(min=1e-12)) if form == "probs" else t)
-        t_logp = F.log_softmax(t_logp / temp, 1)
-        s_logp = F.log_softmax(s / temp, 1)
-        return (t_logp.exp() * (t_logp - s_logp)).sum(1).mean() * temp * temp
+        t_logp = F.log_softmax(t_logp / temp, axis)
+        s_logp = F.log_softmax(s / temp, axis)
+        return (t_logp.exp() * (t_logp - s_logp)).sum(axis).mean() * temp * temp
+
+    def _binary_kl(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The Bernoulli KL of each probability t (the teacher's Sigmoid output) against the
+        student's sigmoid(s), on the logits s, averaged over the elements."""
+        temp = self.temperature
+        t = t.clamp(1e-7, 1 - 1e-7)
+        t = torch.sigmoid((torch.log(t) - torch.log1p(-t)) / temp)
+        entropy = -(t * torch.log(t) + (1 - t) * torch.log1p(-t))
+        cross = F.binary_cross_entropy_with_logits(s / temp, t, reduction="none")
+        return (cross - entropy).mean() * temp * temp
 
 
 def labels(targets: dict, who: str) -> torch.Tensor:

@@ -3,7 +3,7 @@
 ``Trainer(module, losses, options, steps)``: SGD with momentum and weight decay, a cosine
 learning-rate schedule over ``steps``, the gradient's global norm clipped to
 ``options.clip_grad``, optional mixed precision on CUDA (``amp``), BatchNorm in training
-mode. A step runs the torch backend through ``forward`` of :class:`Tapped`, which
+mode (``options.batchnorm == "frozen"``: on its running statistics). A step runs the torch backend through ``forward`` of :class:`Tapped`, which
 returns the logits and every value a loss ``needs`` (e.g. the final hidden layer for the
 push loss); the step's loss is the sum of the loss objects'. A batch is ``(x, targets)``:
 ``targets`` a dict of arrays (``"y"`` the labels, teacher outputs by output name), or the
@@ -84,6 +84,8 @@ class Trainer:
         todo = self.steps - self.step_no if steps is None else steps
         device = self.module.device
         self.module.train()
+        if self.options.batchnorm == "frozen":
+            self.module.freeze_batchnorm()
         logs = []
         for _ in track(range(todo), desc, todo, logger):
             x, targets = next(batches)
