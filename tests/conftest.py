@@ -103,3 +103,20 @@ def _private_home(tmp_path_factory, monkeypatch):
     """Caches under ~ (the latency profiles) go to a folder of this test run, never the
     user's: no test reads what another run measured."""
     monkeypatch.setenv("HOME", str(tmp_path_factory.getbasetemp() / "home"))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """The digits CNN trained a few epochs (about 0.9 held-out): the gpp schedule tests'
+    starting model, trained once per session."""
+    from gpp_onnx.config import DataOptions, TrainOptions
+    from gpp_onnx.finetune import train_model
+    from gpp_onnx.graph import GraphView
+    from gpp_onnx.rounds import load_data
+    from gpp_onnx.samples import digits_cnn
+
+    model = digits_cnn(0)
+    splits = load_data(GraphView(model), PruneConfig(data=DataOptions("digits"), seed=0))
+    path = tmp_path_factory.mktemp("gpp") / "digits.onnx"
+    onnx.save(train_model(model, splits.train, TrainOptions(epochs=6, lr=0.05), 0), path)
+    return path

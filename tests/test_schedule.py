@@ -20,25 +20,12 @@ from onnx import numpy_helper
 from gpp_onnx import DataOptions, GppOptions, gpp
 from gpp_onnx.cli import main
 from gpp_onnx.config import PruneConfig, TrainOptions
-from gpp_onnx.data import load_dataset, split
+from gpp_onnx.data import split
 from gpp_onnx.errors import DataError
-from gpp_onnx.finetune import train_model
-from gpp_onnx.rounds import load_data
 from gpp_onnx.graph import GraphView
-from gpp_onnx.samples import digits_cnn
 from gpp_onnx.stats import count
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """The digits CNN trained a few epochs (about 0.9 held-out)."""
-    model = digits_cnn(0)
-    splits = load_data(GraphView(model), PruneConfig(data=DataOptions("digits"), seed=0))
-    path = tmp_path_factory.mktemp("gpp") / "digits.onnx"
-    onnx.save(train_model(model, splits.train, TrainOptions(epochs=6, lr=0.05), 0), path)
-    return path
 
 
 def ort_accuracy(path: Path, ds) -> float:

@@ -15,27 +15,14 @@ from onnx import numpy_helper
 
 from gpp_onnx import DataOptions, GppOptions, gpp, schedule
 from gpp_onnx.cli import main
-from gpp_onnx.config import PruneConfig, TrainOptions
-from gpp_onnx.finetune import train_model
+from gpp_onnx.config import PruneConfig
 from gpp_onnx.graph import GraphView
 from gpp_onnx.grow import GrowConfig
-from gpp_onnx.rounds import load_data
-from gpp_onnx.samples import digits_cnn
 from gpp_onnx.stats import count
 
 # one module, two rounds, 4 epochs: 2 grow the module, 2 go to the rounds
 ARGS = ["--data", "digits", "--grow", "1", "--target-macs", "1.0", "--rounds", "2",
         "--budget-epochs", "4", "--round-to", "1", "--no-latency"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """The digits CNN trained a few epochs (about 0.9 held-out)."""
-    model = digits_cnn(0)
-    splits = load_data(GraphView(model), PruneConfig(data=DataOptions("digits"), seed=0))
-    path = tmp_path_factory.mktemp("gpp-grow") / "digits.onnx"
-    onnx.save(train_model(model, splits.train, TrainOptions(epochs=6, lr=0.05), 0), path)
-    return path
 
 
 @pytest.fixture(scope="module")
