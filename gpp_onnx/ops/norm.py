@@ -5,8 +5,8 @@
 * LayerNormalization over axes that include the channel axis: tied, its scale and bias
   sliced; the pruned node normalises over the kept channels (ConvNeXt, a transformer's
   embedding). The masked model writes the same statistics out (``masked_nodes``: the
-  mean and variance as sums weighted by ``keep / n_kept``, zero on removed channels), so
-  pruned == masked holds exactly.
+  mean and variance as sums over the 0/1 kept-channel mask divided by the kept count),
+  so pruned == masked holds exactly.
 * Softmax, LogSoftmax, Hardmax, LpNormalization, MeanVarianceNormalization and
   GroupNormalization over the channel axis: every output channel depends on every input
   channel, so the channels stay; over other axes they pass through.
@@ -15,9 +15,9 @@
   keepdims = 0). Over the channel axis, the reductions a removed channel can leave by
   contributing 0 (ReduceSum, ReduceMean, ReduceSumSquare, ReduceL1, ReduceL2,
   ReduceLogSum) reduce over the kept channels (a LayerNorm written out as ReduceMean,
-  Sub, Pow, ReduceMean, ...); the masked model multiplies their input by the kept-channel
-  mask (``keep / kept fraction`` for ReduceMean: the mean over the kept channels). Max,
-  Min, Prod and LogSumExp over the channel axis keep the channels.
+  Sub, Pow, ReduceMean, ...); the masked model multiplies their input by the 0/1
+  kept-channel mask (and a mean by ``width / kept``: the mean over the kept channels).
+  Max, Min, Prod and LogSumExp over the channel axis keep the channels.
 """
 from __future__ import annotations
 
