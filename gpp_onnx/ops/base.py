@@ -92,10 +92,6 @@ class Reduced:
     shape: tuple[int, ...]
     axis: int
 
-    @property
-    def kept_fraction(self) -> float:
-        return float(self.keep.sum()) / self.keep.size
-
 
 class AnalysisContext:
     """What a rule may ask while analysing: constants, shapes, channel axes so far."""
