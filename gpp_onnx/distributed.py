@@ -91,8 +91,16 @@ def setup(env: Mapping[str, str], device: str = "auto") -> bool:
 
 
 def teardown() -> None:
+    """End the process group. The ranks first free their DDP wrappers (a wrapper's
+    reducer holds gloo work) and wait for each other: a rank that closed its end while
+    the other was still finishing aborted now and then ("terminate called without an
+    active exception")."""
     dist = _group()
     if dist is not None:
+        import gc
+
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
