@@ -57,23 +57,29 @@ def read(path: str | os.PathLike) -> Loaded:
     if not p.is_file():
         raise InputError(f"{p} is not a file - pass the path of an .onnx model file")
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        # the bytes are read once: the parser and (protobuf files) the checker take them
+        fmt = onnx.serialization.registry.get_format_from_file_extension(p.suffix)
+        data = p.read_bytes()
+        model = onnx.load_model_from_string(data, format=fmt)
+        data = data if fmt in (None, "protobuf") else None
     except (DecodeError, ValueError, RuntimeError) as err:
         raise InputError(f"{p} is not a readable ONNX model ({_short(err)}) - "
                          "check the file is complete or export it again") from None
     if model.ir_version == 0 or not model.graph.node:
         raise InputError(f"{p} is not an ONNX model (no graph found) - "
                          "pass a model exported to .onnx")
-    # the checker reads a self-contained file itself (no serialising); one with external
-    # data is checked as loaded, as before
+    # the checker takes a self-contained file's bytes as read (no serialising); one with
+    # external data is checked as loaded
     external = any(onnx.external_data_helper.uses_external_data(t)
                    for t in model.graph.initializer)
+    if external:
+        data = None
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except (OSError, ValueError) as err:
         raise InputError(f"{p}: external data could not be read ({_short(err)}) - "
                          "keep the model's data files beside it") from None
-    return _prepare(model, str(p), None if external else str(p))
+    return _prepare(model, str(p), data)
 
 
 def accept(model: onnx.ModelProto, where: str = "model") -> Loaded:
@@ -84,30 +90,27 @@ def accept(model: onnx.ModelProto, where: str = "model") -> Loaded:
     return _prepare(_copy(model), where)
 
 
-def _prepare(model: onnx.ModelProto, where: str, file: str | None = None) -> Loaded:
-    """Nodes sorted, validated, old opsets upgraded. `file`: the path `model` was read
-    from, which the checker reads while it holds the model as is (nodes not sorted)."""
+def _prepare(model: onnx.ModelProto, where: str, data: bytes | None = None) -> Loaded:
+    """Nodes sorted, validated, old opsets upgraded. `data`: the bytes `model` was parsed
+    from, which the checker reads while they hold the model as is (nodes not sorted)."""
     resorted = sort_nodes(model.graph)
     if resorted:
         logger.info("%s: nodes were not in topological order; sorted them", where)
-        file = None
-    validate(model, where, file)
+        data = None
+    validate(model, where, data)
     opset = opset_version(model)
     upgraded = upgrade_opset(model, where) if opset < MIN_OPSET else model
     return Loaded(upgraded, model, opset, resorted)
 
 
-def validate(model: onnx.ModelProto, where: str = "model", file: str | None = None) -> None:
+def validate(model: onnx.ModelProto, where: str = "model", data: bytes | None = None) -> None:
     """Checker, a default-domain opset, and ops gpp-onnx refuses (quantized, control flow).
-    `file`: a path holding `model` as is; the checker then reads it (external data
-    included) instead of a serialised copy."""
+    `data`: `model` serialised, when the caller holds those bytes (else it is serialised
+    here)."""
     try:
-        if file is not None:
-            onnx.checker.check_model(file)
-        else:
-            data = serialize(model)
-            if data is not None:
-                onnx.checker.check_model(data)
+        data = serialize(model) if data is None else data
+        if data is not None:
+            onnx.checker.check_model(data)
     except (onnx.checker.ValidationError, ValueError) as err:
         raise InputError(f"{where} fails the ONNX checker ({_short(err)}) - "
                          "fix or re-export the model") from None

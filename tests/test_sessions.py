@@ -87,7 +87,7 @@ def test_save_writes_the_given_bytes_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_checker_reads_the_file_only_when_it_holds_the_model(tmp_path, monkeypatch):
+def test_checker_reads_the_files_bytes_only_when_they_hold_the_model(tmp_path, monkeypatch):
     checked = []
     real = onnx.checker.check_model
     monkeypatch.setattr(onnx.checker, "check_model",
@@ -103,7 +103,12 @@ def test_checker_reads_the_file_only_when_it_holds_the_model(tmp_path, monkeypat
     model_io.read(tmp_path / "s.onnx")  # sorted on load: the file is not the model
     onnx.save(model, tmp_path / "e.onnx", save_as_external_data=True, size_threshold=0)
     model_io.read(tmp_path / "e.onnx")
-    assert [type(m).__name__ for m in checked] == ["str", "bytes", "bytes"]
+    assert [type(m).__name__ for m in checked] == ["bytes"] * 3
+    assert checked[0] == (tmp_path / "m.onnx").read_bytes()          # as read
+    assert onnx.load_from_string(checked[1]).graph.node[0].output[0] == "h"   # sorted
+    assert checked[1] != (tmp_path / "s.onnx").read_bytes()
+    weights = onnx.load_from_string(checked[2]).graph.initializer     # data loaded
+    assert all(t.raw_data and not t.external_data for t in weights)
 
 
 @pytest.mark.parametrize("with_values", [surgery.cut_with_values, surgery.mask_with_values])
