@@ -304,19 +304,19 @@ def dedupe_initializers(model: onnx.ModelProto) -> int:
     for init in model.graph.initializer:
         kind = (init.data_type, tuple(init.dims))
         kinds[kind] = kinds.get(kind, 0) + 1
-    keep = []
-    for init in model.graph.initializer:
+    drop = []
+    for i, init in enumerate(model.graph.initializer):
         kind = (init.data_type, tuple(init.dims))
         key = kind + ((numpy_helper.to_array(init).tobytes(),) if kinds[kind] > 1 else ())
         if key in seen and init.name not in graph_io:
             rename[init.name] = seen[key]
+            drop.append(i)
         else:
             seen.setdefault(key, init.name)
-            keep.append(init)
     if not rename:
         return 0
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    for i in reversed(drop):  # in place: re-adding the kept ones would copy every weight
+        del model.graph.initializer[i]
     for node in model.graph.node:
         for i, name in enumerate(node.input):
             if name in rename:

@@ -167,7 +167,8 @@ def _apply(analysis, kept, changes, transform, rewrite: bool,
 
 
 def _take(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
-    for axis, pos in axes.items():
+    # outer axes first: they copy the longest contiguous runs while the array is largest
+    for axis, pos in sorted(axes.items(), key=lambda item: item[0]):
         array = np.take(array, pos, axis=axis)
     return np.ascontiguousarray(array)
 

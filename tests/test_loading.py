@@ -122,3 +122,28 @@ def test_shared_initializer_used_by_unpruned_consumer_is_not_shrunk(tmp_path):
     inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
     assert inits[gemm.input[2]].shape == (4,)
     assert result.plan.removed_channels == 2
+
+
+def test_dedupe_shares_byte_identical_initializers_and_keeps_the_rest():
+    """Two equal weights become one (the second's readers renamed to the first), a weight of
+    the same shape but other values and a graph output keep their own tensors, and the
+    model computes what it did."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 4)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             [(w, "a"), (w + 1, "b"), (w.copy(), "c"), (w.copy(), "out_w")]]
+    nodes = [helper.make_node("MatMul", ["x", n], [f"y{n}"]) for n in "abc"]
+    nodes += [helper.make_node("Sum", ["ya", "yb", "yc"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 4])],
+                              [helper.make_tensor_value_info("y", 1, [2, 4]),
+                               helper.make_tensor_value_info("out_w", 1, [4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": rng.standard_normal((2, 4)).astype(np.float32)}
+    before = run_model(model, feeds)
+    from gpp_onnx.model import dedupe_initializers
+    assert dedupe_initializers(model) == 1
+    assert [t.name for t in model.graph.initializer] == ["a", "b", "out_w"]
+    assert [n.input[1] for n in model.graph.node[:3]] == ["a", "b", "a"]
+    onnx.checker.check_model(model)
+    for got, want in zip(run_model(model, feeds), before):
+        np.testing.assert_array_equal(got, want)
