@@ -237,3 +237,48 @@ def test_deferred_mask_is_mask_byte_for_byte():
     assert all(np.array_equal(a, b) for a, b in zip(
         verify.run(deferred.session(), feeds), _whole(eager, False).run(None, feeds)))
     assert deferred.model.SerializeToString() == eager.SerializeToString()
+
+
+def _lstm_gemm_net(weights_listed_as_inputs: bool) -> onnx.ModelProto:
+    """LSTM (W, R large enough to be detached) -> last step -> Gemm; optionally with every
+    initializer also listed among the graph inputs, as IR 3 exporters write them."""
+    rng = np.random.default_rng(2)
+    arrays = {"W": rng.standard_normal((1, 256, 48)), "R": rng.standard_normal((1, 256, 64)),
+              "B": rng.standard_normal((1, 512)), "G": rng.standard_normal((64, 200)),
+              "starts": np.array([-1]), "ends": np.array([2 ** 62]), "axes": np.array([0])}
+    inits = [numpy_helper.from_array(a.astype(np.float32 if a.dtype.kind == "f" else np.int64),
+                                     n) for n, a in arrays.items()]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=64),
+             helper.make_node("Slice", ["y", "starts", "ends", "axes"], ["last"]),
+             helper.make_node("Reshape", ["last", "shape"], ["h"]),
+             helper.make_node("Gemm", ["h", "G"], ["out"])]
+    inits.append(numpy_helper.from_array(np.array([-1, 64], np.int64), "shape"))
+    inputs = [helper.make_tensor_value_info("x", 1, [5, 3, 48])]
+    if weights_listed_as_inputs:
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                   for t in inits]
+    graph = helper.make_graph(nodes, "rnn", inputs,
+                              [helper.make_tensor_value_info("out", 1, [3, 200])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_fed_weights_compute_bitwise_what_the_whole_model_does(listed):
+    """Unoptimised sessions of detached models take the large weights as inputs: outputs
+    equal a session of the whole model bitwise (LSTM and Gemm kernels), and the weights
+    are neither visible among the inputs nor expected in the feeds."""
+    model = _lstm_gemm_net(listed)
+    detached = verify.detach(model)
+    assert set(detached.arrays) == {"W", "R", "G"}
+    x = {"x": np.random.default_rng(3).standard_normal((5, 3, 48)).astype(np.float32)}
+    # check sessions never repack weights (ORT's packed LSTM rounds differently, 3e-6)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    want = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"]).run(None, x)
+    session = verify.make_session(detached, optimize=False)
+    assert isinstance(session, verify.FedSession)
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    got = session.run(None, x)
+    assert np.array_equal(got[0], want[0]) and np.abs(got[0]).max() > 0
