@@ -65,14 +65,15 @@ class Loaded:
                 "nodes_sorted": self.sorted_nodes, "notes": list(self.notes)}
 
     def check_unchanged(self, normalized: onnx.ModelProto, feeds: dict,
-                        tol: verify.Tolerance, normalized_outputs: list | None = None,
+                        tol: verify.Tolerance, normalized_outputs=None,
                         arrays=None) -> None:
         """The upgrade and normalisation must not change what the file computes: proven
         from the graphs where normalising only folded constants' Identity nodes
         (``same_computation``), else both models run on `feeds`.
-        `normalized_outputs`: the normalised model's outputs on `feeds` (unoptimised), when
-        the caller has them; `arrays(name)`: the normalised model's initializer values,
-        when the caller holds them (e.g. ``GraphView.const``)."""
+        `normalized_outputs`: the normalised model's outputs on `feeds` (unoptimised), or
+        a function that gives them, when the caller has them; `arrays(name)`: the
+        normalised model's initializer values, when the caller holds them (e.g.
+        ``GraphView.const``)."""
         if not self.upgraded and same_computation(self.model, normalized, arrays):
             logger.info("normalised model: the input's graph with constants' Identity nodes "
                         "folded (same nodes, same weights), so it computes the same")
@@ -87,6 +88,8 @@ class Loaded:
                                  f"export the model at opset {MIN_OPSET} or newer")
         if normalized_outputs is None:
             normalized_outputs = verify.run(normalized, feeds, "normalised model")
+        elif callable(normalized_outputs):
+            normalized_outputs = normalized_outputs()
         verify.check_equivalent(normalized_outputs, reference, "normalised model",
                                 "the input model", tol)
 

@@ -188,15 +188,16 @@ def start_run(model, config: PruneConfig) -> Start:
         raise InputError(f"{where}: nothing can be pruned ({_first_reasons(analysis)}) - "
                          "run 'gpp-onnx analyze' to see why each channel group is kept")
     _check_precision(normalized, config)
-    # one unoptimised run of the normalised model (on the shape probe's session) serves
-    # the noise measure and the unchanged check
-    feeds = analysis.view.check_feeds(config.seed)
-    plain = analysis.view.plain_outputs(feeds, "input model")
-    optimised = (verify.make_session(analysis.view.detached, "input model")
-                 if config.latency else None)
-    tolerance = verify.measure_tolerance(normalized, feeds, source=analysis.view.detached,
-                                         plain=plain, optimised_session=optimised)
-    loaded.check_unchanged(normalized, feeds, tolerance, plain, analysis.view.const)
+    # the noise is measured on the shape probe's inputs, whose unoptimised outputs the
+    # probe has (and whose optimised run warms the latency measure's session up); the
+    # unchanged check, where it must run both models, uses the check inputs
+    view = analysis.view
+    optimised = verify.make_session(view.detached, "input model") if config.latency else None
+    tolerance = verify.measure_tolerance(normalized, view.probe_feeds, source=view.detached,
+                                         plain=view.probe_outputs, optimised_session=optimised)
+    feeds = view.check_feeds(config.seed)
+    loaded.check_unchanged(normalized, feeds, tolerance,
+                           lambda: view.plain_outputs(feeds, "normalised model"), view.const)
     data = load_data(analysis.view, config, analysis)
     acc = accuracy(normalized, data.val) if data is not None and data.val.labelled else None
     return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc,

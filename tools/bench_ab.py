@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     trees = {"base": args.base.resolve(), "head": bc.ROOT}
+    for tree in trees.values():
+        bc.byte_compile(tree)
     print(f"# bench_ab\n# {bc.machine()}\n# head: {bc.git_state()}\n# base: {args.base}\n"
           f"# {bc.load_note('at start')}\n")
     for spec in args.models.split(","):

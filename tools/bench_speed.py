@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    bc.byte_compile()
     variants = [True] if args.no_latency else [False, True]  # no_latency flag values
     results: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                      "machine": bc.machine(), "git": bc.git_state(), "args": vars(args)}
