@@ -11,7 +11,8 @@ consumer weights zeroed ("masked"): ``rel_err(pruned, masked) < tol``, where
     tol = max(1e-5, 10 * noise)
 
 and ``noise`` is the model's own numeric noise, measured on the (normalised) original:
-``rel_err(onnxruntime with graph optimisations, without)`` - two correct evaluations
+``rel_err(onnxruntime with graph optimisations, without)`` on the shape probe's random
+inputs (``prune``; a caller may pass others) - two correct evaluations
 that differ only in rounding, as pruned and masked do (fusions fold BatchNorm into Conv
 and reorder sums; the masked model adds zeros the pruned one skips). A model holding
 float16/bfloat16 tensors also counts ``rel_err(f(x (1 + eps s)), f(x))``, ``s = +-1``
