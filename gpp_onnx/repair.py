@@ -13,8 +13,9 @@ Gemm after Flatten, per feature).
 
 Least-squares reconstruction (``reconstruct``, the default ``--repair lsq``) goes one step
 further, in the spirit of channel-pruning reconstruction (He et al. 2017, ThiNet): the
-layers are visited in topological order, and every Conv (group 1) and Gemm from the first
-consumer of a removed channel on gets new weights and bias fitted so that its output on
+layers are visited in topological order, and every Conv and ConvTranspose (group 1) and
+Gemm from the first consumer of a removed channel on gets new weights and bias fitted so
+that its output on
 the *pruned* network's inputs matches the *original* network's output on the data:
 
     min over W', b'   sum_rows || x_kept W' + b' - y ||^2 + lam || W' - W_kept ||^2
@@ -111,8 +112,9 @@ ERROR_SLACK = 1.05   # accept up to 5% more held-out error for a stronger ridge
 
 
 def _fit_nodes(analysis, kept) -> list:
-    """Nodes whose rule says they can be refitted (Conv: group 1, 2-D, explicit pads;
-    Gemm: transA 0) from the first consumer of a removed channel on, in topological order."""
+    """Nodes whose rule says they can be refitted (Conv, ConvTranspose: group 1, 2-D,
+    explicit pads; Gemm: transA 0) from the first consumer of a removed channel on, in
+    topological order."""
     consumers = {p.node for p in analysis.params if p.role == ROLE_IN and p.value in kept}
     nodes, started = [], False
     for node in analysis.view.nodes:
@@ -140,6 +142,38 @@ def _rows_conv(node, x, w_shape, positions):
     cols = F.unfold(F.pad(x, torch_pads(node, 2)), tuple(w_shape[2:]),
                     dilation=_attr(node, "dilations", 1), stride=_attr(node, "strides", 1))
     return _pick(cols, positions)                                 # cols: (B, C*k, L)
+
+
+def as_conv_weight(w: np.ndarray) -> np.ndarray:
+    """A ConvTranspose weight (C, O, kh, kw) as the weight of the equivalent Conv over the
+    stride-spread input, (O, C, kh, kw) with the kernel flipped; its own inverse."""
+    return np.ascontiguousarray(np.flip(w, (2, 3)).transpose(1, 0, 2, 3))
+
+
+def _rows_conv_transpose(node, x, w_shape, positions):
+    """Patch rows (B*p, C*kh*kw) of a ConvTranspose's input at output positions (B, p): the
+    input spread by the strides (zeros between), padded by the kernel's reach less the
+    pads (plus output_padding at the end), read like a stride-1 Conv with dilation d.
+    Only the sampled positions are gathered (no unfold of the whole map)."""
+    import torch
+    import torch.nn.functional as F
+
+    (sh, sw), (dh, dw) = _attr(node, "strides", [1, 1]), _attr(node, "dilations", [1, 1])
+    top, left, bottom, right = _attr(node, "pads", [0] * 4)
+    oh, ow = _attr(node, "output_padding", [0, 0])
+    kh, kw = w_shape[2:]
+    b, c, h, w = x.shape
+    spread = x.new_zeros((b, c, (h - 1) * sh + 1, (w - 1) * sw + 1))
+    spread[:, :, ::sh, ::sw] = x
+    padded = F.pad(spread, (dw * (kw - 1) - left, dw * (kw - 1) - right + ow,
+                            dh * (kh - 1) - top, dh * (kh - 1) - bottom + oh))
+    out_w = padded.shape[3] - dw * (kw - 1)
+    pos = torch.as_tensor(positions, device=x.device)
+    ys = (pos // out_w)[:, :, None, None] + dh * torch.arange(kh, device=x.device)[:, None]
+    xs = (pos % out_w)[:, :, None, None] + dw * torch.arange(kw, device=x.device)
+    img = torch.arange(b, device=x.device)[:, None, None, None]
+    patches = padded.permute(0, 2, 3, 1)[img, ys, xs]              # (B, p, kh, kw, C)
+    return patches.permute(0, 1, 4, 2, 3).reshape(-1, c * kh * kw)
 
 
 def _rows_out(y, positions):
@@ -272,7 +306,9 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
         w_param = work.params[work.param_key(wname)]
         b_param = work.params[work.param_key(bname)]
         w = w_param.detach().double().cpu().numpy()
-        conv = node.op_type == "Conv"
+        transposed = node.op_type == "ConvTranspose"
+        w = as_conv_weight(w) if transposed else w                # (O, C, kh, kw) for both
+        conv = node.op_type in ("Conv", "ConvTranspose")
         alpha = 1.0 if conv else float(_attr(node, "alpha", 1.0))
         beta = 1.0 if conv else float(_attr(node, "beta", 1.0))
         trans_b = bool(_attr(node, "transB", 0))
@@ -296,7 +332,8 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
                 v = (step.advance_to(in_value) if step is not None
                      else work.run({input_name: x}, [in_value])[in_value])
                 if conv:
-                    rows_x = _rows_conv(node, v, w.shape, pos[start:start + len(x)])
+                    rows_x = (_rows_conv_transpose if transposed else _rows_conv)(
+                        node, v, w.shape, pos[start:start + len(x)])
                     rows_x = rows_x.reshape(rows_x.shape[0], width, k)[:, torch.as_tensor(
                         kept_in, device=v.device)].reshape(rows_x.shape[0], -1)
                 else:
@@ -312,6 +349,7 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
         new_flat = np.zeros_like(flat)
         new_flat[:, cols] = theta.T / alpha
         new_w = new_flat.reshape(w.shape) if conv else (new_flat if trans_b else new_flat.T)
+        new_w = as_conv_weight(new_w) if transposed else new_w
         base = view.const(view.input(node, 2)) if view.input(node, 2) else None
         base_out = np.zeros(len(bias)) if base is None else beta * np.broadcast_to(
             base.reshape(-1) if base.size == len(bias) else base, (len(bias),))

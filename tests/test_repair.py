@@ -152,3 +152,66 @@ def test_staged_pass_gives_the_same_refit_as_a_pass_per_layer(monkeypatch):
         np.testing.assert_allclose(staged[3][key], per_layer[3][key], rtol=1e-5, atol=1e-6)
     for key in staged[2]:
         np.testing.assert_allclose(staged[2][key], per_layer[2][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attrs", [
+    {"strides": [2, 2]},
+    {"strides": [2, 3], "pads": [1, 0, 0, 2], "output_padding": [1, 2]},
+    {"strides": [1, 2], "dilations": [2, 1], "pads": [2, 1, 1, 0]},
+])
+def test_conv_transpose_rows_times_the_flipped_kernel_give_its_output(attrs):
+    """The repair's patch rows of a ConvTranspose input, multiplied by the weight as the
+    equivalent Conv's, reproduce onnxruntime's ConvTranspose at the sampled positions."""
+    import onnx
+    import torch
+    from onnx import helper, numpy_helper
+
+    from gpp_onnx.repair import _rows_conv_transpose, as_conv_weight
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 5, 3, 2)).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], **attrs)
+    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", 1, x.shape)],
+                              [helper.make_tensor_value_info("y", 1, None)],
+                              [numpy_helper.from_array(w, "w")])
+    y = run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+            {"x": x})[0]
+    count = y.shape[2] * y.shape[3]
+    positions = np.stack([rng.choice(count, 7, replace=False) for _ in range(3)])
+    conv_w = as_conv_weight(w.astype(np.float64))
+    rows = _rows_conv_transpose(node, torch.from_numpy(x).double(), conv_w.shape, positions)
+    got = rows.numpy() @ conv_w.reshape(5, -1).T                  # (3*7, O)
+    want = y.reshape(3, 5, -1).transpose(0, 2, 1)[np.arange(3)[:, None], positions]
+    np.testing.assert_allclose(got, want.reshape(-1, 5), rtol=1e-5, atol=1e-5)
+    assert np.array_equal(as_conv_weight(as_conv_weight(w)), w)
+
+
+def _decoder_net(seed):
+    """conv 12 -> relu -> conv 12 -> relu -> ConvTranspose 8 (stride 2) -> relu -> conv 4,
+    the shape of a segmentation decoder."""
+    b = GraphBuilder((1, 3, 8, 8), seed=seed)
+    h = b.act(b.conv("input", 12), "Relu")
+    h = b.act(b.conv(h, 12), "Relu")
+    h = b.act(b.conv_transpose(h, 8), "Relu")
+    return normalize(b.build(b.conv(h, 4)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lsq_refits_a_conv_transpose_and_tracks_the_original_better(seed):
+    model = _decoder_net(seed)
+    analysis, kept, deltas, weights = _cut_and_repair(model, ratio=0.5, seed=seed)
+    convt = next(n for n in analysis.view.nodes if n.op_type == "ConvTranspose")
+    assert (convt.name, 1) in weights
+    w = weights[(convt.name, 1)]
+    assert w.shape == analysis.view.const(convt.input[1]).shape
+    removed = np.setdiff1d(np.arange(w.shape[0]), kept[convt.input[0]])
+    assert len(removed) and np.all(w[removed] == 0)         # input channels are W's rows
+    images = _images(4, seed=9)
+    pruned = surgery.cut(analysis, kept, deltas, weights)
+    masked = surgery.mask(analysis, kept, deltas, weights)
+    check_equivalent(run(pruned, {"input": images}), run(masked, {"input": images}))
+    unseen = _images(200, seed=100 + seed)
+    errors = {r: _output_error(model, *_cut_and_repair(model, repair=r, seed=seed), unseen)
+              for r in ("bias", "lsq")}
+    assert errors["lsq"] < 0.9 * errors["bias"]

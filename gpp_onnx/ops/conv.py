@@ -202,3 +202,14 @@ class ConvTransposeRule(_Weighted):
             return None
         wsum = w.astype(np.float64).reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # (C, M)
         return means @ wsum[removed]
+
+    def refittable(self, node, view):
+        """2-D, group 1, explicit pads within the kernel's reach, no ``output_shape``: then
+        it is a Conv of the stride-spread input with the flipped kernel (``repair``)."""
+        w = _weight_shape(node, view)
+        if (w is None or len(w) != 4 or attr(node, "group", 1) != 1
+                or not _explicit_pads(node) or attr(node, "output_shape", None) is not None):
+            return False
+        reach = [d * (k - 1) for d, k in zip(attr(node, "dilations", [1, 1]), w[2:])]
+        pads = list(attr(node, "pads", [0] * 4))
+        return all(pads[i] <= reach[i] and pads[i + 2] <= reach[i] for i in range(2))
