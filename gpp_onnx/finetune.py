@@ -58,15 +58,19 @@ def train_model(model: onnx.ModelProto, data: Dataset, options: TrainOptions, se
 
     if options.batchnorm == "auto":
         options = replace(options, batchnorm="train" if data.labelled else "frozen")
-    fixed = fixed_batch(model)
+    fixed, accumulate = fixed_batch(model), 1
     if fixed is not None and fixed != options.batch_size:
-        logger.info("%s: the model's input fixes the batch at %d, so it trains in batches of "
-                    "%d (not %d)", desc, fixed, fixed, options.batch_size)
+        accumulate = max(1, options.batch_size // fixed)
+        logger.info("%s: the model's input fixes the batch at %d, so each step sums the "
+                    "gradients of %d batches of %d (--batch-size %d)", desc, fixed,
+                    accumulate, fixed, options.batch_size)
         options = replace(options, batch_size=fixed)
-    steps = max(1, round(options.epochs * math.ceil(len(data) / options.batch_size)))
+    steps = max(1, round(options.epochs * math.ceil(len(data) / (options.batch_size
+                                                                  * accumulate))))
     torch.manual_seed(seed + distributed.rank())  # dropout masks differ between ranks
     module = OnnxModule(model, device=resolve_device(options.device))
-    trainer = Trainer(module, losses or default_losses(data, options, teacher), options, steps)
+    trainer = Trainer(module, losses or default_losses(data, options, teacher), options, steps,
+                      accumulate=accumulate)
     batches = _batches(data, options.batch_size, seed)
     trainer.fit(batches if teacher is None else teacher.with_targets(batches), desc)
     return write_back(module, model)

@@ -196,17 +196,26 @@ def test_a_model_with_a_fixed_batch_of_one_is_repaired_and_distilled(tmp_path, r
     assert fid["after_repair"][first]["relative_error"] < fid["after_cut"][first]["relative_error"]
 
 
-def test_a_batch_baked_into_a_reshape_trains_in_batches_of_that_size(tmp_path):
-    b = GraphBuilder((1, 1, 8, 8), seed=0, dynamic_batch=False)
+def _baked_batch_net(seed):
+    b = GraphBuilder((1, 1, 8, 8), seed=seed, dynamic_batch=False)
     x = b.act(b.conv("input", 8), "Relu")  # (1, 8, 8, 8) -> Reshape to (1, 512): batch 1 fixed
     flat = b.op("Reshape", [x, b.const(np.array([1, 512], dtype=np.int64))], (1, 512))
-    model = b.build(b.gemm(flat, 10))
+    return b.build(b.gemm(flat, 10))
+
+
+def test_a_batch_baked_into_a_reshape_trains_in_batches_of_that_size(tmp_path, caplog):
+    """It runs in batches of 1; each step sums the gradients of --batch-size of them."""
+    model = _baked_batch_net(0)
     assert fixed_batch(model) == 1 and fixed_batch(digits_cnn(0)) is None
-    teacher = Teacher(model, output_kinds(analyze_model(model)))
+    other = _baked_batch_net(1)  # a teacher that differs: the distillation gradient is not 0
+    teacher = Teacher(other, output_kinds(analyze_model(other)))
     ds = load_dataset(DataSpec(str(digits_x(tmp_path, 24)), 1, 8, 8))
-    trained = train_model(model, ds, TrainOptions(epochs=1, batch_size=8, lr=0.01),
-                          teacher=teacher)
-    assert not np.allclose(_weights(trained)[0], _weights(model)[0])
+    with caplog.at_level("INFO", logger="gpp_onnx"):
+        trained = train_model(model, ds, TrainOptions(epochs=1, batch_size=8, lr=0.01),
+                              teacher=teacher)
+    assert "sums the gradients of 8 batches of 1" in caplog.text
+    assert "3 steps" in caplog.text                       # 24 images, 8 per step
+    assert np.abs(_weights(trained)[0] - _weights(model)[0]).max() > 1e-4
 
 
 def _weights(model):

@@ -129,3 +129,24 @@ def test_push_without_data_or_epochs_is_a_one_line_error(tmp_path, argv, capsys)
     out = tmp_path / "p.onnx"
     assert main(["-q", "push", str(src), *argv, "-o", str(out)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_accumulated_batches_step_as_one_batch_of_all_their_images():
+    """Two steps each summing the gradients of batches of 5 and 7 images end with the
+    weights of two plain steps on the 12 images together (the mean loss over all)."""
+    data = load_dataset(DataSpec("digits", 1, 8, 8))
+    x, y = data.x[:24].astype(np.float32), data.y[:24]
+    ends = {}
+    for accumulate in (1, 2):
+        torch.manual_seed(0)
+        module = OnnxModule(digits_cnn(0))
+        trainer = Trainer(module, [CrossEntropy()], TrainOptions(lr=0.1), steps=2,
+                          accumulate=accumulate)
+        cuts = [(0, 12), (12, 24)] if accumulate == 1 else [(0, 5), (5, 12), (12, 17), (17, 24)]
+        trainer.fit(iter([(x[a:b], y[a:b]) for a, b in cuts]), "t")
+        ends[accumulate] = {k: p.detach().numpy().copy()
+                            for k, p in module.named_onnx_parameters()}
+    start = {k: p.detach().numpy() for k, p in OnnxModule(digits_cnn(0)).named_onnx_parameters()}
+    for key, want in ends[1].items():
+        assert np.abs(want - start[key]).max() > 1e-4, key
+        np.testing.assert_allclose(ends[2][key], want, rtol=0, atol=1e-6, err_msg=key)

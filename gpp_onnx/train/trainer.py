@@ -16,6 +16,7 @@ module's.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Iterator
@@ -65,10 +66,14 @@ def _parallel(net: Tapped) -> nn.Module:
 
 
 class Trainer:
+    """`accumulate`: batches whose gradients are summed into each step (a model whose
+    input fixes the batch below ``--batch-size`` still steps on that many images)."""
+
     def __init__(self, module, losses: list, options: TrainOptions, steps: int,
-                 amp: bool = False):
+                 amp: bool = False, accumulate: int = 1):
         self.module, self.losses, self.options = module, losses, options
         self.steps = max(1, int(steps))
+        self.accumulate = max(1, int(accumulate))
         self.net = _parallel(Tapped(module, tuple(n for loss in losses for n in loss.needs)))
         self.params = [p for _, p in module.named_onnx_parameters()]
         self.opt = torch.optim.SGD(self.params, lr=options.lr, momentum=options.momentum,
@@ -88,11 +93,14 @@ class Trainer:
             self.module.freeze_batchnorm()
         logs = []
         for _ in track(range(todo), desc, todo, logger):
-            x, targets = next(batches)
-            targets = targets if isinstance(targets, dict) else {"y": targets}
-            logs.append(self.step(torch.from_numpy(x).to(device),
-                                  {k: torch.from_numpy(np.asarray(v)).to(device)
-                                   for k, v in targets.items()}, desc))
+            parts = []
+            for _ in range(self.accumulate):
+                x, targets = next(batches)
+                targets = targets if isinstance(targets, dict) else {"y": targets}
+                parts.append((torch.from_numpy(x).to(device),
+                              {k: torch.from_numpy(np.asarray(v)).to(device)
+                               for k, v in targets.items()}))
+            logs.append(self.step_on(parts, desc))
         self.module.eval()
         # each rank updated BatchNorm running stats on its own share last: keep rank 0's
         distributed.broadcast_tensors([t for _, t in self.module.named_onnx_tensors()
@@ -105,21 +113,35 @@ class Trainer:
         return logs
 
     def step(self, x: torch.Tensor, targets: dict | torch.Tensor, desc: str = "train") -> dict:
-        targets = targets if isinstance(targets, dict) else {"y": targets}
-        with torch.autocast("cuda", enabled=self.amp):
-            logits, values = self.net(x)
-        total, log = 0.0, {}
-        for loss in self.losses:
-            value, parts = loss(logits.float(), targets,
-                                {k: v.float() for k, v in values.items()})
-            total = total + value
-            log.update(parts)
-        if not torch.isfinite(total):
-            raise DataError(f"{desc} diverged (loss {float(total.detach())} at step "
-                            f"{self.step_no + 1} of {self.steps}) - lower --lr "
-                            f"(now {self.options.lr:g})")
+        return self.step_on([(x, targets if isinstance(targets, dict) else {"y": targets})],
+                            desc)
+
+    def step_on(self, batches: list[tuple[torch.Tensor, dict]], desc: str = "train") -> dict:
+        """One optimiser step on the summed gradients of `batches` (x, targets), each
+        batch's loss weighted by its share of the images (the mean over all of them)."""
+        images = sum(len(x) for x, _ in batches)
         self.opt.zero_grad(set_to_none=True)
-        (self.scaler.scale(total) if self.scaler else total).backward()
+        total_loss, log = 0.0, {}
+        for i, (x, targets) in enumerate(batches):
+            # under DDP the gradients are averaged across ranks on the last batch only
+            sync = (self.net.no_sync() if i < len(batches) - 1 and hasattr(self.net, "no_sync")
+                    else contextlib.nullcontext())
+            with sync:
+                with torch.autocast("cuda", enabled=self.amp):
+                    logits, values = self.net(x)
+                total = 0.0
+                for loss in self.losses:
+                    value, parts = loss(logits.float(), targets,
+                                        {k: v.float() for k, v in values.items()})
+                    total = total + value
+                    log.update(parts)
+                if not torch.isfinite(total):
+                    raise DataError(f"{desc} diverged (loss {float(total.detach())} at step "
+                                    f"{self.step_no + 1} of {self.steps}) - lower --lr "
+                                    f"(now {self.options.lr:g})")
+                share = total * (len(x) / images)
+                (self.scaler.scale(share) if self.scaler else share).backward()
+            total_loss += float(share.detach())
         if self.scaler:
             self.scaler.unscale_(self.opt)
         if self.options.clip_grad > 0:
@@ -131,7 +153,7 @@ class Trainer:
             self.opt.step()
         self.schedule.step()
         self.step_no += 1
-        log["loss"] = float(total.detach())
+        log["loss"] = total_loss
         return log
 
     def state_dict(self) -> dict:
