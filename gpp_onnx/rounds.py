@@ -296,6 +296,11 @@ def _measure(pruned, bare, data: Splits | None, config: PruneConfig, k: int):
     acc_tuned = accuracy(pruned, data.val) if labelled else None
     if fid is not None:
         fid["finetuned"] = _fidelity(teacher, pruned, data, config)
+        worse = lowered_fidelity(fid["repaired"] or fid["cut"], fid["finetuned"])
+        if worse and not labelled:
+            logger.warning("round %d: distillation lowered the held-out fidelity to the "
+                           "original (%s); the fine-tuned model is the one written - try a "
+                           "lower --lr or fewer --finetune-epochs", k, "; ".join(worse))
     if labelled:
         logger.info("round %d: accuracy after fine-tuning %.4f", k, acc_tuned)
         if acc_tuned < acc_cut:
@@ -303,6 +308,18 @@ def _measure(pruned, bare, data: Splits | None, config: PruneConfig, k: int):
                            "%.4f); the fine-tuned model is the one written - try a lower "
                            "--lr or fewer --finetune-epochs", k, acc_cut, acc_tuned)
     return acc_cut, acc_tuned, pruned, True, fid
+
+
+def lowered_fidelity(before: dict, after: dict) -> list[str]:
+    """The outputs whose fidelity `after` is worse than `before` (class outputs: top-1
+    agreement down; others: relative error up), each as 'name before -> after'."""
+    worse = []
+    for name, row in after.items():
+        key = "top1_agreement" if "top1_agreement" in row else "relative_error"
+        was, now = before[name][key], row[key]
+        if (now < was) if key == "top1_agreement" else (now > was):
+            worse.append(f"{name} {key.replace('_', ' ')} {was:.3f} -> {now:.3f}")
+    return worse
 
 
 def _fidelity(teacher: Teacher, model, data: Splits, config: PruneConfig) -> dict:

@@ -402,3 +402,41 @@ def test_softmax_output_is_distilled_through_its_logits(tmp_path):
     assert row == {"relative_error": pytest.approx(err, rel=1e-4),
                    "top1_agreement": pytest.approx(agree)}
 
+
+
+def test_lowered_fidelity_names_the_outputs_that_got_worse():
+    from gpp_onnx.rounds import lowered_fidelity
+
+    before = {"cls": {"relative_error": 0.3, "top1_agreement": 0.9},
+              "box": {"relative_error": 0.2}}
+    assert lowered_fidelity(before, {"cls": {"relative_error": 0.5, "top1_agreement": 0.95},
+                                     "box": {"relative_error": 0.1}}) == []
+    assert lowered_fidelity(before, {"cls": {"relative_error": 0.1, "top1_agreement": 0.8},
+                                     "box": {"relative_error": 0.25}}) == [
+        "cls top1 agreement 0.900 -> 0.800", "box relative error 0.200 -> 0.250"]
+
+
+def test_a_distillation_that_lowers_fidelity_is_reported(tmp_path, monkeypatch, caplog):
+    """Fine-tuning that moves the model away from the original (here: a stand-in that
+    scales the weights) is named in a warning with the outputs it made worse."""
+    from gpp_onnx import rounds
+
+    def spoiled(model, *args, **kwargs):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        for t in out.graph.initializer:
+            a = onnx.numpy_helper.to_array(t)
+            if a.dtype == np.float32 and a.ndim > 1:
+                t.CopyFrom(onnx.numpy_helper.from_array(a * 1.5, t.name))
+        return out
+
+    monkeypatch.setattr(rounds, "train_model", spoiled)
+    src = tmp_path / "m.onnx"
+    onnx.save(two_output_cnn(), src)
+    cfg = PruneConfig(ratio=0.5, round_to=1, latency=False,
+                      data=DataOptions(str(digits_x(tmp_path, 300))),
+                      train=TrainOptions(epochs=0.5))
+    with caplog.at_level("WARNING", logger="gpp_onnx"):
+        prune(src, tmp_path / "o.onnx", cfg)
+    assert "distillation lowered the held-out fidelity" in caplog.text
+    assert "relative error" in caplog.text and "--lr" in caplog.text
