@@ -158,13 +158,14 @@ def make_session(model: Source, where: str = "model", threads: int = 0,
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         # a check session runs a few batches: repacking every weight for faster kernels
-        # costs more than it saves (0.45 s per vgg11_bn session)
+        # costs more than it saves (0.45 s per vgg11_bn session), and fed weights (below)
+        # are never repacked, so every check session computes alike
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = threads
     source = session_source(model)
     values = []
-    fed = isinstance(source, Detached) and not optimize and not provider_list
+    fed = isinstance(source, Detached) and not optimize
     if fed:
         arrays, source = source.arrays, _weights_as_inputs(source)
     elif isinstance(source, Detached):
