@@ -61,9 +61,13 @@ def train_model(model: onnx.ModelProto, data: Dataset, options: TrainOptions, se
     fixed, accumulate = fixed_batch(model), 1
     if fixed is not None and fixed != options.batch_size:
         accumulate = max(1, options.batch_size // fixed)
-        logger.info("%s: the model's input fixes the batch at %d, so each step sums the "
-                    "gradients of %d batches of %d (--batch-size %d)", desc, fixed,
-                    accumulate, fixed, options.batch_size)
+        if accumulate > 1:
+            logger.info("%s: the model's input fixes the batch at %d, so each step sums the "
+                        "gradients of %d batches of %d (--batch-size %d)", desc, fixed,
+                        accumulate, fixed, options.batch_size)
+        else:
+            logger.info("%s: the model's input fixes the batch at %d, so it trains in "
+                        "batches of %d (not %d)", desc, fixed, fixed, options.batch_size)
         options = replace(options, batch_size=fixed)
     steps = max(1, round(options.epochs * math.ceil(len(data) / (options.batch_size
                                                                   * accumulate))))

@@ -15,8 +15,9 @@ Least-squares reconstruction (``reconstruct``, the default ``--repair lsq``) goe
 further, in the spirit of channel-pruning reconstruction (He et al. 2017, ThiNet): the
 layers are visited in topological order, and every Conv and ConvTranspose (group 1) and
 Gemm from the first consumer of a removed channel on gets new weights and bias fitted so
-that its output on
-the *pruned* network's inputs matches the *original* network's output on the data:
+that its output on the *pruned* network's inputs matches the *original* network's output
+on the data (a ConvTranspose as the stride-1 Conv of its stride-spread input with the
+flipped kernel, ``as_conv_weight``):
 
     min over W', b'   sum_rows || x_kept W' + b' - y ||^2 + lam || W' - W_kept ||^2
 
