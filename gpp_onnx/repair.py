@@ -231,6 +231,37 @@ def _ridge(a, y, theta0, train, test):
     return theta, ym - am @ theta, base / max(errors[best], 1e-30)
 
 
+def _sample_positions(view, nodes, n_img: int, rows: int, rng) -> dict:
+    """node -> (the output positions sampled for each image, (N, p), or None for a 2-D
+    output; the image of each row): about `rows` rows per layer."""
+    plans = {}
+    for node in nodes:
+        shape = view.shape(node.output[0])
+        if len(shape) == 4:
+            count = int(np.prod(shape[2:]))
+            p = min(count, max(1, -(-rows // n_img)))
+            pos = np.stack([rng.choice(count, p, replace=False) for _ in range(n_img)])
+        else:
+            pos, p = None, 1
+        plans[node.name] = (pos, np.repeat(np.arange(n_img), p))
+    return plans
+
+
+def _target_rows(original, input_name: str, nodes, plans: dict, batches) -> dict[str, list]:
+    """node -> the original network's output rows at the sampled positions, per batch."""
+    import torch
+
+    targets: dict[str, list] = {n.name: [] for n in nodes}
+    with torch.no_grad():
+        for start, x in batches:
+            out = original.run({input_name: x}, [n.output[0] for n in nodes])
+            for node in nodes:
+                pos = plans[node.name][0]
+                sl = None if pos is None else pos[start:start + len(x)]
+                targets[node.name].append(_rows_out(out[node.output[0]], sl).float().cpu())
+    return targets
+
+
 def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndarray],
                 images: np.ndarray, device="cpu", rows: int = 16384, max_dim: int = 4096,
                 batch_size: int = 64, seed: int = 0):
@@ -267,29 +298,13 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
     held_out = np.zeros(n_img, dtype=bool)
     held_out[rng.permutation(n_img)[: max(1, n_img // 5)]] = True
 
-    plans = {}  # node -> (positions (N, p) or None, row image index)
-    for node in nodes:
-        shape = view.shape(node.output[0])
-        if len(shape) == 4:
-            count = int(np.prod(shape[2:]))
-            p = min(count, max(1, -(-rows // n_img)))
-            pos = np.stack([rng.choice(count, p, replace=False) for _ in range(n_img)])
-        else:
-            pos, p = None, 1
-        plans[node.name] = (pos, np.repeat(np.arange(n_img), p))
+    plans = _sample_positions(view, nodes, n_img, rows, rng)
 
     def batches():
         for start in range(0, n_img, batch_size):
             yield start, torch.from_numpy(images[start:start + batch_size]).to(device)
 
-    targets: dict[str, list] = {n.name: [] for n in nodes}
-    with torch.no_grad():
-        for start, x in batches():
-            out = original.run({input_name: x}, [n.output[0] for n in nodes])
-            for node in nodes:
-                pos = plans[node.name][0]
-                sl = None if pos is None else pos[start:start + len(x)]
-                targets[node.name].append(_rows_out(out[node.output[0]], sl).float().cpu())
+    targets = _target_rows(original, input_name, nodes, plans, batches())
     # One staged pass of the pruned net per batch when its activations fit in memory
     # (each layer's inputs then come from the already refitted layers before it); else a
     # fresh pass up to each layer.
