@@ -136,13 +136,34 @@ def _pick(flat, positions):
     return picked.permute(0, 2, 1).reshape(-1, flat.shape[1])
 
 
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _patches(padded, positions, kernel, stride, dilation):
+    """Rows (B*p, C*kh*kw) of the patches a 2-D convolution of `padded` (B, C, H, W) reads
+    at output positions (B, p), flattened along its output width; channel-major within a
+    row, as ``F.unfold`` orders them. Only the sampled positions are gathered."""
+    import torch
+
+    (kh, kw), (sh, sw), (dh, dw) = kernel, _pair(stride), _pair(dilation)
+    b, c = padded.shape[:2]
+    out_w = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    dev = padded.device
+    pos = torch.as_tensor(positions, device=dev)
+    ys = (pos // out_w)[:, :, None, None] * sh + dh * torch.arange(kh, device=dev)[:, None]
+    xs = (pos % out_w)[:, :, None, None] * sw + dw * torch.arange(kw, device=dev)
+    img = torch.arange(b, device=dev)[:, None, None, None]
+    patches = padded.permute(0, 2, 3, 1)[img, ys, xs]              # (B, p, kh, kw, C)
+    return patches.permute(0, 1, 4, 2, 3).reshape(-1, c * kh * kw)
+
+
 def _rows_conv(node, x, w_shape, positions):
     """Patch rows (B*p, C*kh*kw) of conv input x at the given output positions (B, p)."""
     import torch.nn.functional as F
 
-    cols = F.unfold(F.pad(x, torch_pads(node, 2)), tuple(w_shape[2:]),
-                    dilation=_attr(node, "dilations", 1), stride=_attr(node, "strides", 1))
-    return _pick(cols, positions)                                 # cols: (B, C*k, L)
+    return _patches(F.pad(x, torch_pads(node, 2)), positions, tuple(w_shape[2:]),
+                    _attr(node, "strides", 1), _attr(node, "dilations", 1))
 
 
 def as_conv_weight(w: np.ndarray) -> np.ndarray:
@@ -154,12 +175,10 @@ def as_conv_weight(w: np.ndarray) -> np.ndarray:
 def _rows_conv_transpose(node, x, w_shape, positions):
     """Patch rows (B*p, C*kh*kw) of a ConvTranspose's input at output positions (B, p): the
     input spread by the strides (zeros between), padded by the kernel's reach less the
-    pads (plus output_padding at the end), read like a stride-1 Conv with dilation d.
-    Only the sampled positions are gathered (no unfold of the whole map)."""
-    import torch
+    pads (plus output_padding at the end), read like a stride-1 Conv with dilation d."""
     import torch.nn.functional as F
 
-    (sh, sw), (dh, dw) = _attr(node, "strides", [1, 1]), _attr(node, "dilations", [1, 1])
+    (sh, sw), (dh, dw) = _pair(_attr(node, "strides", 1)), _pair(_attr(node, "dilations", 1))
     top, left, bottom, right = _attr(node, "pads", [0] * 4)
     oh, ow = _attr(node, "output_padding", [0, 0])
     kh, kw = w_shape[2:]
@@ -168,13 +187,7 @@ def _rows_conv_transpose(node, x, w_shape, positions):
     spread[:, :, ::sh, ::sw] = x
     padded = F.pad(spread, (dw * (kw - 1) - left, dw * (kw - 1) - right + ow,
                             dh * (kh - 1) - top, dh * (kh - 1) - bottom + oh))
-    out_w = padded.shape[3] - dw * (kw - 1)
-    pos = torch.as_tensor(positions, device=x.device)
-    ys = (pos // out_w)[:, :, None, None] + dh * torch.arange(kh, device=x.device)[:, None]
-    xs = (pos % out_w)[:, :, None, None] + dw * torch.arange(kw, device=x.device)
-    img = torch.arange(b, device=x.device)[:, None, None, None]
-    patches = padded.permute(0, 2, 3, 1)[img, ys, xs]              # (B, p, kh, kw, C)
-    return patches.permute(0, 1, 4, 2, 3).reshape(-1, c * kh * kw)
+    return _patches(padded, positions, (kh, kw), 1, (dh, dw))
 
 
 def _rows_out(y, positions):

@@ -215,3 +215,29 @@ def test_lsq_refits_a_conv_transpose_and_tracks_the_original_better(seed):
     errors = {r: _output_error(model, *_cut_and_repair(model, repair=r, seed=seed), unseen)
               for r in ("bias", "lsq")}
     assert errors["lsq"] < 0.9 * errors["bias"]
+
+
+@pytest.mark.parametrize("attrs", [
+    {"pads": [1, 1, 1, 1]},
+    {"strides": [2, 2], "pads": [1, 0, 2, 1]},
+    {"strides": [1, 2], "dilations": [2, 1], "pads": [2, 1, 2, 0]},
+])
+def test_conv_rows_are_the_unfolded_patches_at_the_sampled_positions(attrs):
+    """The repair gathers only the sampled patches of a Conv input; they equal the columns
+    of torch's full unfold at those positions, exactly."""
+    import torch
+    import torch.nn.functional as F
+    from onnx import helper
+
+    from gpp_onnx.ops.conv import torch_pads
+    from gpp_onnx.repair import _rows_conv
+
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 2], **attrs)
+    x = torch.from_numpy(np.random.default_rng(6).standard_normal((3, 4, 9, 8)))
+    cols = F.unfold(F.pad(x, torch_pads(node, 2)), (3, 2),
+                    dilation=attrs.get("dilations", 1), stride=attrs.get("strides", 1))
+    positions = np.stack([np.random.default_rng(i).choice(cols.shape[2], 5, replace=False)
+                          for i in range(3)])
+    want = cols.permute(0, 2, 1)[torch.arange(3)[:, None], torch.as_tensor(positions)]
+    got = _rows_conv(node, x, (7, 4, 3, 2), positions)
+    assert torch.equal(got, want.reshape(-1, cols.shape[1]))
