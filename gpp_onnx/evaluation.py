@@ -46,10 +46,24 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
     return ds
 
 
+EVAL_BYTES = 512 << 20   # about what one evaluation batch may hold, activations included
+ACTIVATION_FACTOR = 16   # activations per image against its input (resnet18, 224 px: ~10x)
+
+
+def eval_batch_size(image_shape, batch_size: int = 256) -> int:
+    """`batch_size`, made smaller for large images: onnxruntime holds a batch's live
+    activations at once, and a CNN's run to about 10x its input (resnet18 at 224 px: 6.1
+    MB per image), so a batch of 256 such images took 1.5 GB. At most 256 28-px images,
+    55 at 224 px (3 channels)."""
+    per_image = 4 * int(np.prod(image_shape)) * ACTIVATION_FACTOR
+    return max(1, min(batch_size, EVAL_BYTES // max(per_image, 1)))
+
+
 def accuracy(model: onnx.ModelProto, ds: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy of `model` on `ds` (labelled) through onnxruntime; in a distributed
-    run each process counts its contiguous share of `ds` and the counts are summed (every
-    rank returns the same figure)."""
+    """Top-1 accuracy of `model` on `ds` (labelled) through onnxruntime, in batches of at
+    most `batch_size` (``eval_batch_size``); in a distributed run each process counts its
+    contiguous share of `ds` and the counts are summed (every rank returns the same
+    figure)."""
     if not ds.labelled:
         raise DataError(f"{ds.source}: accuracy needs labels and the data has none - compare "
                         "the model with its original instead (gpp-onnx compare A B --data ...)")
@@ -62,6 +76,8 @@ def accuracy(model: onnx.ModelProto, ds: Dataset, batch_size: int = 256) -> floa
     fixed_batch = session.get_inputs()[0].shape[0]
     if isinstance(fixed_batch, int) and fixed_batch > 0:
         batch_size = fixed_batch
+    else:
+        batch_size = eval_batch_size(np.shape(ds.x)[1:], batch_size)
     correct = 0
     for x, y in iter_batches(ds, batch_size):
         if len(x) != batch_size and isinstance(fixed_batch, int):

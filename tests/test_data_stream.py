@@ -176,3 +176,27 @@ def test_evaluate_streams(big_idx):
 
     assert _peak(work) < FULL_BYTES / 10
     assert result["acc"][1] == N
+
+
+def test_accuracy_batches_shrink_with_the_image_size(big_idx, monkeypatch):
+    """onnxruntime holds a batch's activations at once: large images are evaluated in
+    smaller batches (here 224-px RGB: at most 64 a batch), small ones in batches of 256;
+    the accuracy counts every image either way."""
+    from gpp_onnx import evaluation
+
+    assert evaluation.eval_batch_size((1, 28, 28)) == 256
+    assert 8 <= evaluation.eval_batch_size((3, 224, 224)) <= 64
+    assert evaluation.eval_batch_size((224, 224, 3)) == evaluation.eval_batch_size((3, 224, 224))
+    seen = []
+    real = evaluation.outputs
+    monkeypatch.setattr(evaluation, "outputs",
+                        lambda s, feeds, *a: (seen.append(len(next(iter(feeds.values())))),
+                                              real(s, feeds, *a))[1])
+    monkeypatch.setattr(evaluation, "EVAL_BYTES", 4 * SIDE * SIDE * evaluation.ACTIVATION_FACTOR * 7)
+    b = GraphBuilder((1, 1, SIDE, SIDE), seed=0)
+    model = b.build(b.gemm(b.flatten(b.gap(b.act(b.conv("input", 4, stride=4), "Relu"))), 10))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    ds = load_dataset(DataSpec(str(big_idx), 1, SIDE, SIDE)).subset(np.arange(30))
+    evaluation.accuracy(model, ds)
+    assert seen == [7, 7, 7, 7, 2]
