@@ -150,3 +150,54 @@ def test_accumulated_batches_step_as_one_batch_of_all_their_images():
     for key, want in ends[1].items():
         assert np.abs(want - start[key]).max() > 1e-4, key
         np.testing.assert_allclose(ends[2][key], want, rtol=0, atol=1e-6, err_msg=key)
+
+
+def _first_conv_weight(model) -> str:
+    return next(n.input[1] for n in model.graph.node if n.op_type == "Conv")
+
+
+def test_a_raw_scale_input_steps_as_the_unit_scale_model_does():
+    """The digits net fed x of RMS 1 and the same function fed 100 x (its first conv's
+    weight / 100): plain SGD steps on the first (RMS below the limit), the trainer's
+    preconditioned steps on the second, and the two stay the same function (first weight
+    x 100 equal, every other weight equal)."""
+    from onnx import numpy_helper
+
+    data = load_dataset(DataSpec("digits", 1, 8, 8))
+    x, y = data.x[:32].astype(np.float64), data.y[:32]
+    x = (x / np.sqrt((x[:16] ** 2).mean())).astype(np.float32)  # RMS 1 on the first batch
+    unit, raw = digits_cnn(0), digits_cnn(0)
+    first = _first_conv_weight(raw)
+    for init in raw.graph.initializer:
+        if init.name == first:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) / 100, first))
+    options = TrainOptions(lr=0.05, momentum=0.9, weight_decay=0.0, clip_grad=0.0)
+    ends = {}
+    for name, model, scale in (("unit", unit, 1.0), ("raw", raw, 100.0)):
+        module = OnnxModule(model)
+        trainer = Trainer(module, [CrossEntropy()], options, steps=3)
+        trainer.fit(iter([(x[i:i + 16] * scale, y[i:i + 16]) for i in (0, 16, 0)]), "t")
+        ends[name] = {k: p.detach().numpy().copy() for k, p in module.named_onnx_parameters()}
+    assert trainer.input_scale == pytest.approx(100, rel=1e-5)
+    start = {k: p.detach().numpy() for k, p in OnnxModule(unit).named_onnx_parameters()}
+    for key, want in ends["unit"].items():
+        got = ends["raw"][key] * (100 if key == first else 1)
+        assert np.abs(want - start[key]).max() > 1e-4, key
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=key)
+
+
+def test_input_weights_are_the_layers_reading_the_input_through_moves_only():
+    from gpp_onnx.samples import GraphBuilder
+    from gpp_onnx.train.scale import input_weights
+
+    b = GraphBuilder((1, 4, 8, 8), seed=0, name="raw_input")
+    halves = [b.op("Slice", ["input", b.const(np.array([lo])), b.const(np.array([lo + 2])),
+                             b.const(np.array([1]))], (1, 2, 8, 8)) for lo in (0, 2)]
+    joined = b.concat(halves[::-1])                               # moved: raw
+    a = b.conv(joined, 8)                                          # reads the input raw
+    normalised = b.binary("Sub", "input", b.const(np.full((1, 4, 1, 1), 0.5, np.float32)))
+    c = b.conv(normalised, 8)                                      # reads a normalised input
+    x = b.conv(b.act(b.binary("Add", a, c), "Relu"), 8)           # reads features
+    model = b.build(x)
+    convs = [n.input[1] for n in model.graph.node if n.op_type == "Conv"]
+    assert input_weights(OnnxModule(model)) == [convs[0]]

@@ -227,6 +227,11 @@ class OnnxModule(nn.Module):
                 node.training = False
 
     @property
+    def nodes(self) -> tuple[Node, ...]:
+        """The nodes in execution order (``op_type``, ``inputs``, ``outputs``, ``attrs``)."""
+        return tuple(self._nodes)
+
+    @property
     def device(self) -> torch.device:
         for tensor in self.parameters():
             return tensor.device

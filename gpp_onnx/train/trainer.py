@@ -3,7 +3,9 @@
 ``Trainer(module, losses, options, steps)``: SGD with momentum and weight decay, a cosine
 learning-rate schedule over ``steps``, the gradient's global norm clipped to
 ``options.clip_grad``, optional mixed precision on CUDA (``amp``), BatchNorm in training
-mode (``options.batchnorm == "frozen"``: on its running statistics). A step runs the torch backend through ``forward`` of :class:`Tapped`, which
+mode (``options.batchnorm == "frozen"``: on its running statistics). The layers that read
+an input of raw scale (pixels in 0..255) step as they would on a unit-scale input
+(``gpp_onnx.train.scale``). A step runs the torch backend through ``forward`` of :class:`Tapped`, which
 returns the logits and every value a loss ``needs`` (e.g. the final hidden layer for the
 push loss); the step's loss is the sum of the loss objects'. A batch is ``(x, targets)``:
 ``targets`` a dict of arrays (``"y"`` the labels, teacher outputs by output name), or the
@@ -29,6 +31,7 @@ from .. import distributed
 from ..config import TrainOptions
 from ..errors import DataError
 from ..progress import track
+from .scale import RMS_LIMIT, input_weights
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,9 @@ class Trainer:
         self.amp = amp and module.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.step_no = 0
+        named = dict(module.named_onnx_parameters())
+        self.input_weights = [named[name] for name in input_weights(module)]
+        self.input_scale: float | None = None   # set on the first step (scale module)
 
     def fit(self, batches: Iterator[tuple[np.ndarray, np.ndarray | dict]], desc: str = "train",
             steps: int | None = None) -> list[dict]:
@@ -120,6 +126,8 @@ class Trainer:
         """One optimiser step on the summed gradients of `batches` (x, targets), each
         batch's loss weighted by its share of the images (the mean over all of them)."""
         images = sum(len(x) for x, _ in batches)
+        if self.input_scale is None:
+            self.input_scale = self._input_scale([x for x, _ in batches])
         self.opt.zero_grad(set_to_none=True)
         total_loss, log = 0.0, {}
         for i, (x, targets) in enumerate(batches):
@@ -144,6 +152,10 @@ class Trainer:
             total_loss += float(share.detach())
         if self.scaler:
             self.scaler.unscale_(self.opt)
+        if self.input_scale > 1:
+            for p in self.input_weights:
+                if p.grad is not None:
+                    p.grad.div_(self.input_scale ** 2)
         if self.options.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.options.clip_grad)
         if self.scaler:
@@ -156,14 +168,31 @@ class Trainer:
         log["loss"] = total_loss
         return log
 
+    def _input_scale(self, xs: list[torch.Tensor]) -> float:
+        """The input's RMS over every rank's first batch where it exceeds RMS_LIMIT and a
+        layer reads it raw, else 1 (``gpp_onnx.train.scale``)."""
+        if not self.input_weights:
+            return 1.0
+        squares = distributed.all_sum(sum(float(x.double().pow(2).sum()) for x in xs))
+        count = distributed.all_sum(sum(x.numel() for x in xs))
+        rms = (squares / max(count, 1)) ** 0.5
+        if rms <= RMS_LIMIT:
+            return 1.0
+        logger.info("the input's RMS is %.3g: the %d layer(s) reading it step as on a "
+                    "unit-scale input (gradients / %.3g)", rms, len(self.input_weights),
+                    rms * rms)
+        return rms
+
     def state_dict(self) -> dict:
-        return {"step": self.step_no, "optimizer": self.opt.state_dict(),
+        return {"step": self.step_no, "input_scale": self.input_scale,
+                "optimizer": self.opt.state_dict(),
                 "schedule": self.schedule.state_dict(),
                 "losses": [loss.state_dict() if hasattr(loss, "state_dict") else None
                            for loss in self.losses]}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_no = state["step"]
+        self.input_scale = state.get("input_scale")
         self.opt.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         for loss, s in zip(self.losses, state["losses"]):
