@@ -178,7 +178,7 @@ def test_a_raw_scale_input_steps_as_the_unit_scale_model_does():
         trainer = Trainer(module, [CrossEntropy()], options, steps=3)
         trainer.fit(iter([(x[i:i + 16] * scale, y[i:i + 16]) for i in (0, 16, 0)]), "t")
         ends[name] = {k: p.detach().numpy().copy() for k, p in module.named_onnx_parameters()}
-    assert trainer.input_scale == pytest.approx(100, rel=1e-5)
+    assert trainer.input_scales == {first: pytest.approx(100, rel=1e-5)}
     start = {k: p.detach().numpy() for k, p in OnnxModule(unit).named_onnx_parameters()}
     for key, want in ends["unit"].items():
         got = ends["raw"][key] * (100 if key == first else 1)
@@ -186,18 +186,57 @@ def test_a_raw_scale_input_steps_as_the_unit_scale_model_does():
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=key)
 
 
-def test_input_weights_are_the_layers_reading_the_input_through_moves_only():
+def test_input_layers_read_the_input_through_parameter_free_ops_only():
     from gpp_onnx.samples import GraphBuilder
-    from gpp_onnx.train.scale import input_weights
+    from gpp_onnx.train.scale import input_layers
 
     b = GraphBuilder((1, 4, 8, 8), seed=0, name="raw_input")
     halves = [b.op("Slice", ["input", b.const(np.array([lo])), b.const(np.array([lo + 2])),
                              b.const(np.array([1]))], (1, 2, 8, 8)) for lo in (0, 2)]
-    joined = b.concat(halves[::-1])                               # moved: raw
-    a = b.conv(joined, 8)                                          # reads the input raw
-    normalised = b.binary("Sub", "input", b.const(np.full((1, 4, 1, 1), 0.5, np.float32)))
-    c = b.conv(normalised, 8)                                      # reads a normalised input
+    joined = b.concat(halves[::-1])                               # moved
+    a = b.conv(joined, 8)
+    shifted = b.binary("Sub", "input", b.const(np.full((1, 4, 1, 1), 0.5, np.float32)))
+    c = b.conv(shifted, 8)                                         # arithmetic with a constant
     x = b.conv(b.act(b.binary("Add", a, c), "Relu"), 8)           # reads features
     model = b.build(x)
+    convs = [(n.input[1], n.input[0]) for n in model.graph.node if n.op_type == "Conv"]
+    assert input_layers(OnnxModule(model)) == convs[:2]
+
+
+def test_only_layers_whose_measured_input_is_of_raw_scale_are_preconditioned():
+    """A conv reading x - 0.5 and one reading (x - 128) / 64 in the same net fed 0..255
+    values: the trainer scales the first (input RMS measured in numpy) and not the
+    second (RMS about 1)."""
+    from gpp_onnx.samples import GraphBuilder
+
+    b = GraphBuilder((1, 3, 8, 8), seed=0, name="two_stems")
+    raw = b.conv(b.binary("Sub", "input", b.const(np.full((1, 3, 1, 1), 0.5, np.float32))), 4)
+    normalised = b.binary("Div", b.binary("Sub", "input", b.const(
+        np.full((1, 3, 1, 1), 128, np.float32))), b.const(np.float32(64)))
+    model = b.build(b.binary("Add", raw, b.conv(normalised, 4)))
     convs = [n.input[1] for n in model.graph.node if n.op_type == "Conv"]
-    assert input_weights(OnnxModule(model)) == [convs[0]]
+    x = np.random.default_rng(0).uniform(0, 255, (6, 3, 8, 8)).astype(np.float32)
+    trainer = Trainer(OnnxModule(model), [], TrainOptions(lr=0.01), steps=1)
+    scales = trainer._input_scales([torch.from_numpy(x)])
+    assert scales == {convs[0]: pytest.approx(np.sqrt(((x - 0.5) ** 2).mean()), rel=1e-6)}
+
+
+def test_measuring_the_input_scale_leaves_batchnorm_and_the_random_state_alone():
+    """The raw value a conv reads comes after a BatchNormalization in node order, so the
+    measurement runs it: in training mode it would update the running statistics."""
+    from gpp_onnx.samples import GraphBuilder
+
+    b = GraphBuilder((1, 3, 8, 8), seed=0, name="bn_first")
+    a = b.conv(b.bn("input"), 4)                                   # BN: not parameter-free
+    c = b.conv(b.binary("Mul", "input", b.const(np.float32(1.0))), 4)
+    model = b.build(b.binary("Add", a, c))
+    module = OnnxModule(model).train()
+    trainer = Trainer(module, [], TrainOptions(lr=0.01), steps=1)
+    stats = {k: t.clone() for k, t in module.named_onnx_tensors()}
+    rng = torch.random.get_rng_state()
+    x = torch.from_numpy(np.random.default_rng(0).uniform(0, 255, (4, 3, 8, 8)).astype(np.float32))
+    scales = trainer._input_scales([x])
+    assert list(scales) == [[n.input[1] for n in model.graph.node if n.op_type == "Conv"][1]]
+    assert all(torch.equal(t, stats[k]) for k, t in module.named_onnx_tensors())
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(node.training for node in module.nodes)

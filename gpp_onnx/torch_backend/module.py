@@ -227,6 +227,11 @@ class OnnxModule(nn.Module):
                 node.training = False
 
     @property
+    def constant_names(self) -> tuple[str, ...]:
+        """ONNX names of the tensors that are not trained (constants, running stats)."""
+        return tuple(self._const_key)
+
+    @property
     def nodes(self) -> tuple[Node, ...]:
         """The nodes in execution order (``op_type``, ``inputs``, ``outputs``, ``attrs``)."""
         return tuple(self._nodes)

@@ -31,7 +31,7 @@ from .. import distributed
 from ..config import TrainOptions
 from ..errors import DataError
 from ..progress import track
-from .scale import RMS_LIMIT, input_weights
+from .scale import RMS_LIMIT, input_layers
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,21 @@ class Tapped(nn.Module):
         out = self.module.output_names[0]
         values = self.module.run([x], [out, *[n for n in self.names if n != out]])
         return values[out], values
+
+
+@contextlib.contextmanager
+def _inference(module):
+    """Every node of `module` in inference mode (BatchNorm on its running statistics, left
+    as they are; Dropout off: no random numbers drawn) until the block ends, then each as
+    it was."""
+    modes = [(node, node.training) for node in module.nodes]
+    for node, _ in modes:
+        node.training = False
+    try:
+        yield
+    finally:
+        for node, mode in modes:
+            node.training = mode
 
 
 def _parallel(net: Tapped) -> nn.Module:
@@ -85,9 +100,9 @@ class Trainer:
         self.amp = amp and module.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.step_no = 0
-        named = dict(module.named_onnx_parameters())
-        self.input_weights = [named[name] for name in input_weights(module)]
-        self.input_scale: float | None = None   # set on the first step (scale module)
+        self.input_layers = input_layers(module)
+        # weight name -> the RMS of the raw-scale input it reads, set on the first step
+        self.input_scales: dict[str, float] | None = None
 
     def fit(self, batches: Iterator[tuple[np.ndarray, np.ndarray | dict]], desc: str = "train",
             steps: int | None = None) -> list[dict]:
@@ -126,8 +141,8 @@ class Trainer:
         """One optimiser step on the summed gradients of `batches` (x, targets), each
         batch's loss weighted by its share of the images (the mean over all of them)."""
         images = sum(len(x) for x, _ in batches)
-        if self.input_scale is None:
-            self.input_scale = self._input_scale([x for x, _ in batches])
+        if self.input_scales is None:
+            self.input_scales = self._input_scales([x for x, _ in batches])
         self.opt.zero_grad(set_to_none=True)
         total_loss, log = 0.0, {}
         for i, (x, targets) in enumerate(batches):
@@ -152,10 +167,10 @@ class Trainer:
             total_loss += float(share.detach())
         if self.scaler:
             self.scaler.unscale_(self.opt)
-        if self.input_scale > 1:
-            for p in self.input_weights:
-                if p.grad is not None:
-                    p.grad.div_(self.input_scale ** 2)
+        for name, rms in self.input_scales.items():
+            grad = self.module.params[self.module.param_key(name)].grad
+            if grad is not None:
+                grad.div_(rms * rms)
         if self.options.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.options.clip_grad)
         if self.scaler:
@@ -168,23 +183,33 @@ class Trainer:
         log["loss"] = total_loss
         return log
 
-    def _input_scale(self, xs: list[torch.Tensor]) -> float:
-        """The input's RMS over every rank's first batch where it exceeds RMS_LIMIT and a
-        layer reads it raw, else 1 (``gpp_onnx.train.scale``)."""
-        if not self.input_weights:
-            return 1.0
-        squares = distributed.all_sum(sum(float(x.double().pow(2).sum()) for x in xs))
-        count = distributed.all_sum(sum(x.numel() for x in xs))
-        rms = (squares / max(count, 1)) ** 0.5
-        if rms <= RMS_LIMIT:
-            return 1.0
-        logger.info("the input's RMS is %.3g: the %d layer(s) reading it step as on a "
-                    "unit-scale input (gradients / %.3g)", rms, len(self.input_weights),
-                    rms * rms)
-        return rms
+    def _input_scales(self, xs: list[torch.Tensor]) -> dict[str, float]:
+        """Weight name -> the RMS of its layer's data input over every rank's first batch,
+        for the layers reading the input (``gpp_onnx.train.scale``) where it is above
+        RMS_LIMIT."""
+        if not self.input_layers:
+            return {}
+        values = sorted({value for _, value in self.input_layers})
+        squares, counts = dict.fromkeys(values, 0.0), dict.fromkeys(values, 0)
+        with torch.no_grad(), _inference(self.module):
+            for x in xs:
+                got = self.module.run([x], values)
+                for value in values:
+                    squares[value] += float(got[value].double().pow(2).sum())
+                    counts[value] += got[value].numel()
+        rms = {value: (distributed.all_sum(squares[value])
+                       / max(distributed.all_sum(counts[value]), 1)) ** 0.5
+               for value in values}
+        scales = {weight: rms[value] for weight, value in self.input_layers
+                  if rms[value] > RMS_LIMIT}
+        if scales:
+            logger.info("%d layer(s) read the input at RMS %s: they step as on a unit-scale "
+                        "input (their gradients divided by its square)", len(scales),
+                        ", ".join(sorted({f"{r:.3g}" for r in scales.values()})))
+        return scales
 
     def state_dict(self) -> dict:
-        return {"step": self.step_no, "input_scale": self.input_scale,
+        return {"step": self.step_no, "input_scales": self.input_scales,
                 "optimizer": self.opt.state_dict(),
                 "schedule": self.schedule.state_dict(),
                 "losses": [loss.state_dict() if hasattr(loss, "state_dict") else None
@@ -192,7 +217,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.step_no = state["step"]
-        self.input_scale = state.get("input_scale")
+        self.input_scales = state.get("input_scales")
         self.opt.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         for loss, s in zip(self.losses, state["losses"]):
