@@ -10,7 +10,8 @@ scratch on the Fashion-MNIST training file minus a 5k validation split (the same
 deterministic, class-stratified split ``gpp_onnx.prune`` makes with
 ``val_split=5000/60000`` and seed 0), evaluates it on the 10k test file, exports it to
 ``OUT/model.onnx`` with the legacy exporter (BatchNorm folded into the convs) and writes
-``OUT/train.json``.
+``OUT/train.json`` and the torch weights ``OUT/model.pt`` (``tools/tp_fmnist.py`` prunes
+them with Torch-Pruning).
 
 ``sweep`` prunes that model with ``gpp_onnx.prune(..., PruneConfig(target_macs=1-m, ...))``
 for every criterion x MACs-removed fraction m x fine-tune budget F (F=0: accuracy right
@@ -185,6 +186,7 @@ def cmd_train(args) -> None:
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     train_seconds = time.perf_counter() - t_start
     test_acc = torch_accuracy(model, test)
+    torch.save(model.state_dict(), out / "model.pt")   # for the PyTorch pruner baseline
     path = export_torch(model, out / "model.onnx", (1, 1, 28, 28), exporter="legacy")
     proto = onnx.load(str(path))
     onnx_test, onnx_val = accuracy(proto, test), accuracy(proto, val)
