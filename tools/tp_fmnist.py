@@ -4,6 +4,8 @@ without labels, at the same MACs target and fine-tune budget.
     python tools/fmnist_bench.py train --arch vgg --epochs 3 --out /tmp/tpw/vgg
     python tools/tp_fmnist.py --dir /tmp/tpw/vgg --target-macs 0.25 --finetune-epochs 2 \\
         --json /tmp/tpw/vgg/tp.json
+    python tools/tp_fmnist.py --dir /tmp/tpw/vgg --importances l1 --modes uniform --gpp "" \\
+        --cross       # the same cut fine-tuned by both trainers
 
 ``fmnist_bench.py train`` writes the net twice: ``model.pt`` (torch weights, BatchNorm
 unfolded) and ``model.onnx`` (exported, BatchNorm folded). Both sides start from them.
@@ -124,6 +126,55 @@ def finetune(model, train, epochs: float, seed: int, batch: int = 64) -> None:
             done += 1
 
 
+def cross(model, train, test, args, importance, mode, macs_kept) -> dict:
+    """The Torch-Pruning cut `model`, exported (BatchNorm folded) and fine-tuned by
+    gpp-onnx's trainer with the same recipe."""
+    import onnx
+
+    from adapters.pytorch import export_torch
+    from gpp_onnx.config import TrainOptions
+    from gpp_onnx.evaluation import accuracy
+    from gpp_onnx.finetune import train_model
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_torch(copy.deepcopy(model), Path(tmp) / "cut.onnx", (1, 1, 28, 28),
+                            exporter="legacy")
+        cut = onnx.load(str(path))
+    options = TrainOptions(epochs=args.finetune_epochs, lr=0.01, batch_size=64, device="cpu")
+    tuned = train_model(cut, train, options, seed=args.seed)
+    return {"method": f"torch-pruning {importance} {mode}, gpp-onnx fine-tune",
+            "labels": True, "macs_kept": macs_kept, "test_after_cut": accuracy(cut, test),
+            "test": accuracy(tuned, test), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def fold_batchnorm(model):
+    """A copy of `model` with each BatchNorm2d folded into the Conv2d before it (what the
+    ONNX exporter does)."""
+    import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).eval()
+    for parent in list(model.modules()):
+        if not isinstance(parent, torch.nn.Sequential):
+            continue
+        layers, i = list(parent), 0
+        out = []
+        while i < len(layers):
+            if (isinstance(layers[i], torch.nn.Conv2d) and i + 1 < len(layers)
+                    and isinstance(layers[i + 1], torch.nn.BatchNorm2d)):
+                out.append(fuse_conv_bn_eval(layers[i], layers[i + 1]))
+                i += 2
+            else:
+                out.append(layers[i])
+                i += 1
+        for name in list(parent._modules):
+            del parent._modules[name]
+        for k, layer in enumerate(out):
+            parent.add_module(str(k), layer)
+    return model
+
+
 def run_gpp(model: Path, out: Path, target: float, epochs: float, labels: bool) -> dict:
     from gpp_onnx.data import DataSpec, load_dataset
     from gpp_onnx.evaluation import accuracy
@@ -151,6 +202,9 @@ def main() -> None:
     p.add_argument("--importances", default=",".join(IMPORTANCES))
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--gpp", default="labels,no-labels", help="gpp-onnx runs: labels, no-labels")
+    p.add_argument("--cross", action="store_true", help="also fine-tune the first "
+                   "Torch-Pruning cut with gpp-onnx's trainer (exported: BatchNorm folded) "
+                   "and in torch with its BatchNorm folded")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="results (rewritten after each run)")
@@ -196,6 +250,18 @@ def main() -> None:
             model, ratio, macs = prune_to(base, importance, mode, args.target_macs, example,
                                           scoring, base_macs)
             cut = torch_accuracy(model, test)
+            if args.cross and not result["rows"]:
+                record(cross(model, train, test, args, importance, mode, macs / base_macs))
+                t1 = time.perf_counter()
+                folded = fold_batchnorm(model)
+                folded_cut = torch_accuracy(folded, test)
+                finetune(folded, train, args.finetune_epochs, args.seed)
+                record({"method": f"torch-pruning {importance} {mode}, BatchNorm folded",
+                        "labels": True, "macs_kept": macs / base_macs,
+                        "test_after_cut": folded_cut,
+                        "test": torch_accuracy(folded, test),
+                        "seconds": round(time.perf_counter() - t1, 1)})
+                t0 = time.perf_counter()
             finetune(model, train, args.finetune_epochs, args.seed)
             record({"method": f"torch-pruning {importance} {mode}", "labels": True,
                     "ratio": round(ratio, 4), "macs_kept": macs / base_macs,
