@@ -30,10 +30,8 @@ MOVES = frozenset({
     "Split", "Concat", "Gather", "Expand", "Tile", "Pad", "Resize", "Upsample",
     "SpaceToDepth", "DepthToSpace", "MaxPool", "AveragePool", "GlobalMaxPool",
     "GlobalAveragePool"})
-LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-
-
 ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div"})    # with a constant: still the input
+LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def input_layers(module) -> list[tuple[str, str]]:

@@ -5,8 +5,8 @@ learning-rate schedule over ``steps``, the gradient's global norm clipped to
 ``options.clip_grad``, optional mixed precision on CUDA (``amp``), BatchNorm in training
 mode (``options.batchnorm == "frozen"``: on its running statistics). The layers that read
 an input of raw scale (pixels in 0..255) step as they would on a unit-scale input
-(``gpp_onnx.train.scale``). A step runs the torch backend through ``forward`` of :class:`Tapped`, which
-returns the logits and every value a loss ``needs`` (e.g. the final hidden layer for the
+(``gpp_onnx.train.scale``). A step runs the torch backend through ``forward`` of
+:class:`Tapped`, which returns the logits and every value a loss ``needs`` (e.g. the final hidden layer for the
 push loss); the step's loss is the sum of the loss objects'. A batch is ``(x, targets)``:
 ``targets`` a dict of arrays (``"y"`` the labels, teacher outputs by output name), or the
 labels array alone (``{"y": y}``). When a process group is up (``gpp_onnx.distributed``,
