@@ -5,7 +5,8 @@
 values into a copy of the ONNX model; ``resolve_device`` turns 'auto' / 'cpu' / 'cuda'
 into a ``torch.device``.
 """
-from .module import OnnxModule, resolve_device, write_back
+from .module import OnnxModule, resolve_device
+from .writeback import write_back
 from .ops import register, registry
 
 __all__ = ["OnnxModule", "register", "registry", "resolve_device", "write_back"]
