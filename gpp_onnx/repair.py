@@ -17,7 +17,7 @@ layers are visited in topological order, and every Conv and ConvTranspose (group
 Gemm from the first consumer of a removed channel on gets new weights and bias fitted so
 that its output on the *pruned* network's inputs matches the *original* network's output
 on the data (a ConvTranspose as the stride-1 Conv of its stride-spread input with the
-flipped kernel, ``as_conv_weight``):
+flipped kernel, ``repair_rows.as_conv_weight``):
 
     min over W', b'   sum_rows || x_kept W' + b' - y ||^2 + lam || W' - W_kept ||^2
 
@@ -40,7 +40,8 @@ import numpy as np
 import onnx
 
 from .ops import ROLE_IN
-from .ops.conv import torch_pads
+from .ops.base import attr
+from .repair_rows import as_conv_weight, input_rows, rows_out
 from .teacher import run_rows
 from .verify import make_session
 
@@ -94,11 +95,6 @@ def bias_deltas(analysis, kept: dict[str, np.ndarray],
     return deltas
 
 
-def _attr(node, name, default):
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name),
-                default)
-
-
 LAMBDA_SCALES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # increasing: later = closer to W
 STAGED_BYTES = 1 << 30  # keep the pruned net's live activations for all images up to this
 
@@ -125,74 +121,6 @@ def _fit_nodes(analysis, kept) -> list:
         if analysis.view.const(node.input[1]).size:
             nodes.append(node)
     return nodes
-
-
-def _pick(flat, positions):
-    """Rows (B*p, C) of ``flat`` (B, C, L) at positions (B, p) along L."""
-    import torch
-
-    idx = torch.as_tensor(positions, device=flat.device)
-    picked = torch.gather(flat, 2, idx[:, None, :].expand(-1, flat.shape[1], -1))
-    return picked.permute(0, 2, 1).reshape(-1, flat.shape[1])
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
-def _patches(padded, positions, kernel, stride, dilation):
-    """Rows (B*p, C*kh*kw) of the patches a 2-D convolution of `padded` (B, C, H, W) reads
-    at output positions (B, p), flattened along its output width; channel-major within a
-    row, as ``F.unfold`` orders them. Only the sampled positions are gathered."""
-    import torch
-
-    (kh, kw), (sh, sw), (dh, dw) = kernel, _pair(stride), _pair(dilation)
-    b, c = padded.shape[:2]
-    out_w = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    dev = padded.device
-    pos = torch.as_tensor(positions, device=dev)
-    ys = (pos // out_w)[:, :, None, None] * sh + dh * torch.arange(kh, device=dev)[:, None]
-    xs = (pos % out_w)[:, :, None, None] * sw + dw * torch.arange(kw, device=dev)
-    img = torch.arange(b, device=dev)[:, None, None, None]
-    patches = padded.permute(0, 2, 3, 1)[img, ys, xs]              # (B, p, kh, kw, C)
-    return patches.permute(0, 1, 4, 2, 3).reshape(-1, c * kh * kw)
-
-
-def _rows_conv(node, x, w_shape, positions):
-    """Patch rows (B*p, C*kh*kw) of conv input x at the given output positions (B, p)."""
-    import torch.nn.functional as F
-
-    return _patches(F.pad(x, torch_pads(node, 2)), positions, tuple(w_shape[2:]),
-                    _attr(node, "strides", 1), _attr(node, "dilations", 1))
-
-
-def as_conv_weight(w: np.ndarray) -> np.ndarray:
-    """A ConvTranspose weight (C, O, kh, kw) as the weight of the equivalent Conv over the
-    stride-spread input, (O, C, kh, kw) with the kernel flipped; its own inverse."""
-    return np.ascontiguousarray(np.flip(w, (2, 3)).transpose(1, 0, 2, 3))
-
-
-def _rows_conv_transpose(node, x, w_shape, positions):
-    """Patch rows (B*p, C*kh*kw) of a ConvTranspose's input at output positions (B, p): the
-    input spread by the strides (zeros between), padded by the kernel's reach less the
-    pads (plus output_padding at the end), read like a stride-1 Conv with dilation d."""
-    import torch.nn.functional as F
-
-    (sh, sw), (dh, dw) = _pair(_attr(node, "strides", 1)), _pair(_attr(node, "dilations", 1))
-    top, left, bottom, right = _attr(node, "pads", [0] * 4)
-    oh, ow = _attr(node, "output_padding", [0, 0])
-    kh, kw = w_shape[2:]
-    b, c, h, w = x.shape
-    spread = x.new_zeros((b, c, (h - 1) * sh + 1, (w - 1) * sw + 1))
-    spread[:, :, ::sh, ::sw] = x
-    padded = F.pad(spread, (dw * (kw - 1) - left, dw * (kw - 1) - right + ow,
-                            dh * (kh - 1) - top, dh * (kh - 1) - bottom + oh))
-    return _patches(padded, positions, (kh, kw), 1, (dh, dw))
-
-
-def _rows_out(y, positions):
-    """Rows (B*p, O) of a layer output at the sampled positions (a Gemm's output as is)."""
-    return y if y.dim() == 2 else _pick(y.flatten(2), positions)
 
 
 class _Moments:
@@ -271,7 +199,7 @@ def _target_rows(original, input_name: str, nodes, plans: dict, batches) -> dict
             for node in nodes:
                 pos = plans[node.name][0]
                 sl = None if pos is None else pos[start:start + len(x)]
-                targets[node.name].append(_rows_out(out[node.output[0]], sl).float().cpu())
+                targets[node.name].append(rows_out(out[node.output[0]], sl).float().cpu())
     return targets
 
 
@@ -338,9 +266,9 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
         transposed = node.op_type == "ConvTranspose"
         w = as_conv_weight(w) if transposed else w                # (O, C, kh, kw) for both
         conv = node.op_type in ("Conv", "ConvTranspose")
-        alpha = 1.0 if conv else float(_attr(node, "alpha", 1.0))
-        beta = 1.0 if conv else float(_attr(node, "beta", 1.0))
-        trans_b = bool(_attr(node, "transB", 0))
+        alpha = 1.0 if conv else float(attr(node, "alpha", 1.0))
+        beta = 1.0 if conv else float(attr(node, "beta", 1.0))
+        trans_b = bool(attr(node, "transB", 0))
         in_value = node.input[0]
         width = view.shape(in_value)[1]
         kept_in = kept.get(in_value, np.arange(width))
@@ -354,21 +282,10 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
         else:
             flat = w if trans_b else w.T                          # (N_out, K)
         theta0 = alpha * flat[:, cols].T                          # (cols, O)
-        pos = plans[node.name][0]
-        parts = []
-        with torch.no_grad():
-            for (start, x), step in zip(batches(), steppers or [None] * n_batches):
-                v = (step.advance_to(in_value) if step is not None
-                     else work.run({input_name: x}, [in_value])[in_value])
-                if conv:
-                    rows_x = (_rows_conv_transpose if transposed else _rows_conv)(
-                        node, v, w.shape, pos[start:start + len(x)])
-                    rows_x = rows_x.reshape(rows_x.shape[0], width, k)[:, torch.as_tensor(
-                        kept_in, device=v.device)].reshape(rows_x.shape[0], -1)
-                else:
-                    rows_x = v.reshape(v.shape[0], -1)[:, torch.as_tensor(kept_in, device=v.device)]
-                parts.append(rows_x.double().cpu())
-        a = torch.cat(parts).numpy()
+        inputs = (step.advance_to(in_value) if step is not None
+                  else work.run({input_name: x}, [in_value])[in_value]
+                  for (_, x), step in zip(batches(), steppers or [None] * n_batches))
+        a = input_rows(node, inputs, plans[node.name][0], batch_size, w.shape, kept_in)
         y = torch.cat(targets.pop(node.name)).double().numpy()
         img = plans[node.name][1]
         theta, bias, gain = _ridge(a, y, theta0, np.flatnonzero(~held_out[img]),

@@ -166,7 +166,7 @@ def test_conv_transpose_rows_times_the_flipped_kernel_give_its_output(attrs):
     import torch
     from onnx import helper, numpy_helper
 
-    from gpp_onnx.repair import _rows_conv_transpose, as_conv_weight
+    from gpp_onnx.repair_rows import _rows_conv_transpose, as_conv_weight
 
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
@@ -230,7 +230,7 @@ def test_conv_rows_are_the_unfolded_patches_at_the_sampled_positions(attrs):
     from onnx import helper
 
     from gpp_onnx.ops.conv import torch_pads
-    from gpp_onnx.repair import _rows_conv
+    from gpp_onnx.repair_rows import _rows_conv
 
     node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 2], **attrs)
     x = torch.from_numpy(np.random.default_rng(6).standard_normal((3, 4, 9, 8)))
