@@ -203,6 +203,38 @@ def _target_rows(original, input_name: str, nodes, plans: dict, batches) -> dict
     return targets
 
 
+def _refit(node, w: np.ndarray, kept_in: np.ndarray, max_dim: int, rows_of, y: np.ndarray,
+           train: np.ndarray, test: np.ndarray):
+    """The ridge fit of one layer (module docstring): its weight `w` (float64, the node's
+    own layout) restricted to the kept input channels, refitted to the targets `y` on the
+    rows ``rows_of(conv weight shape)``. Returns (new weight in the node's layout, output
+    bias, Gemm beta), or None where the layer keeps the mean repair (too many columns, a
+    non-finite fit, or no held-out gain)."""
+    transposed = node.op_type == "ConvTranspose"
+    w = as_conv_weight(w) if transposed else w                    # (O, C, kh, kw) for both
+    conv = node.op_type in ("Conv", "ConvTranspose")
+    alpha = 1.0 if conv else float(attr(node, "alpha", 1.0))
+    beta = 1.0 if conv else float(attr(node, "beta", 1.0))
+    trans_b = bool(attr(node, "transB", 0))
+    k = int(np.prod(w.shape[2:])) if conv else 1
+    cols = (kept_in[:, None] * k + np.arange(k)).ravel()
+    if len(cols) > max_dim:
+        logger.debug("repair: %s keeps the mean repair (%d columns)", node.name, len(cols))
+        return None
+    if conv:
+        flat = w.reshape(w.shape[0], -1)                          # (O, C*k)
+    else:
+        flat = w if trans_b else w.T                              # (N_out, K)
+    theta0 = alpha * flat[:, cols].T                              # (cols, O)
+    theta, bias, gain = _ridge(rows_of(w.shape), y, theta0, train, test)
+    if not np.all(np.isfinite(theta)) or gain <= 1.0:
+        return None
+    new_flat = np.zeros_like(flat)
+    new_flat[:, cols] = theta.T / alpha
+    new_w = new_flat.reshape(w.shape) if conv else (new_flat if trans_b else new_flat.T)
+    return (as_conv_weight(new_w) if transposed else new_w), bias, beta
+
+
 def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndarray],
                 images: np.ndarray, device="cpu", rows: int = 16384, max_dim: int = 4096,
                 batch_size: int = 64, seed: int = 0):
@@ -262,40 +294,22 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
             continue
         w_param = work.params[work.param_key(wname)]
         b_param = work.params[work.param_key(bname)]
-        w = w_param.detach().double().cpu().numpy()
-        transposed = node.op_type == "ConvTranspose"
-        w = as_conv_weight(w) if transposed else w                # (O, C, kh, kw) for both
-        conv = node.op_type in ("Conv", "ConvTranspose")
-        alpha = 1.0 if conv else float(attr(node, "alpha", 1.0))
-        beta = 1.0 if conv else float(attr(node, "beta", 1.0))
-        trans_b = bool(attr(node, "transB", 0))
         in_value = node.input[0]
-        width = view.shape(in_value)[1]
-        kept_in = kept.get(in_value, np.arange(width))
-        k = int(np.prod(w.shape[2:])) if conv else 1
-        cols = (kept_in[:, None] * k + np.arange(k)).ravel()
-        if len(cols) > max_dim:
-            logger.debug("repair: %s keeps the mean repair (%d columns)", node.name, len(cols))
-            continue
-        if conv:
-            flat = w.reshape(w.shape[0], -1)                      # (O, C*k)
-        else:
-            flat = w if trans_b else w.T                          # (N_out, K)
-        theta0 = alpha * flat[:, cols].T                          # (cols, O)
-        inputs = (step.advance_to(in_value) if step is not None
-                  else work.run({input_name: x}, [in_value])[in_value]
-                  for (_, x), step in zip(batches(), steppers or [None] * n_batches))
-        a = input_rows(node, inputs, plans[node.name][0], batch_size, w.shape, kept_in)
+        kept_in = kept.get(in_value, np.arange(view.shape(in_value)[1]))
+
+        def rows_of(shape, in_value=in_value, kept_in=kept_in, node=node):
+            inputs = (step.advance_to(in_value) if step is not None
+                      else work.run({input_name: x}, [in_value])[in_value]
+                      for (_, x), step in zip(batches(), steppers or [None] * n_batches))
+            return input_rows(node, inputs, plans[node.name][0], batch_size, shape, kept_in)
+
         y = torch.cat(targets.pop(node.name)).double().numpy()
         img = plans[node.name][1]
-        theta, bias, gain = _ridge(a, y, theta0, np.flatnonzero(~held_out[img]),
-                                   np.flatnonzero(held_out[img]))
-        if not np.all(np.isfinite(theta)) or gain <= 1.0:
+        fit = _refit(node, w_param.detach().double().cpu().numpy(), kept_in, max_dim, rows_of,
+                     y, np.flatnonzero(~held_out[img]), np.flatnonzero(held_out[img]))
+        if fit is None:
             continue
-        new_flat = np.zeros_like(flat)
-        new_flat[:, cols] = theta.T / alpha
-        new_w = new_flat.reshape(w.shape) if conv else (new_flat if trans_b else new_flat.T)
-        new_w = as_conv_weight(new_w) if transposed else new_w
+        new_w, bias, beta = fit
         base = view.const(view.input(node, 2)) if view.input(node, 2) else None
         base_out = np.zeros(len(bias)) if base is None else beta * np.broadcast_to(
             base.reshape(-1) if base.size == len(bias) else base, (len(bias),))
