@@ -86,7 +86,8 @@ def test_a_killed_run_resumes_after_its_last_finished_round(trained, tmp_path):
     proc = subprocess.Popen(_cli(str(trained), "-o", str(out), *args), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (work / "round-1.onnx").exists() and proc.poll() is None:
+    # state.json is written (atomically) after round-K.onnx: it marks a round finished
+    while not (work / "state.json").exists() and proc.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
