@@ -41,7 +41,8 @@ def _grow_config(args):
 def _prune_config(args) -> PruneConfig:
     train = TrainOptions(epochs=getattr(args, "finetune_epochs", 0.0), lr=args.lr,
                          batch_size=args.batch_size, device=args.device, distill=args.distill,
-                         temperature=args.temperature, batchnorm=args.batchnorm)
+                         temperature=args.temperature, batchnorm=args.batchnorm,
+                         renorm=args.renorm)
     return PruneConfig(ratio=args.ratio, target_macs=args.target_macs,
                        target_params=args.target_params, target_latency=args.target_latency,
                        allocation=args.allocation, criterion=args.criterion,

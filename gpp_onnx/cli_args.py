@@ -190,6 +190,9 @@ def _prune_training_args(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--batchnorm", choices=["auto", "train", "frozen"], default="auto",
                     help="BatchNorm when fine-tuning: batch statistics (train) or the running "
                     "ones (frozen); auto: frozen without labels, train with")
+    pr.add_argument("--no-renorm", dest="renorm", action="store_false",
+                    help="fine-tune without the BatchNorm put back (for the length of the "
+                    "fine-tune, batch statistics only) on convs an exporter folded one into")
     pr.add_argument("--lr", type=float, default=0.01, help="training learning rate")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pr.add_argument("--repair", choices=["lsq", "bias", "none"], default="lsq",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -55,7 +55,8 @@ def push_model(model: onnx.ModelProto, train, val, feature: str, options: TrainO
     torch.manual_seed(seed + distributed.rank())  # dropout masks differ between ranks
     module = OnnxModule(model, device=resolve_device(options.device))
     push = PushLoss(feature, int(train.num_classes), weights.sep, weights.cov, weights.align)
-    Trainer(module, [CrossEntropy(), push], options, steps).fit(
+    # the push weights were chosen without BatchNorm put back on folded convs
+    Trainer(module, [CrossEntropy(), push], replace(options, renorm=False), steps).fit(
         _batches(train, options.batch_size, seed), "push")
     pushed = write_back(module, model)
     after = (accuracy(pushed, val), offdiag_share(pushed, val, feature))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
@@ -184,8 +184,9 @@ def grow_model(model: onnx.ModelProto, positions: list[Position], config: GrowCo
         after = count(GraphView(grown, config.input_shape))
         acc = gain = None
         if train:
-            grown = train_model(grown, splits.train, config.train, config.seed + k,
-                                desc=f"grow {k}")
+            # grow's figures were measured without BatchNorm put back on folded convs
+            grown = train_model(grown, splits.train, replace(config.train, renorm=False),
+                                config.seed + k, desc=f"grow {k}")
             acc = accuracy(grown, splits.val)
             gain = 100 * (acc - state.accuracy)
         elif splits is not None:

@@ -3,7 +3,10 @@
 ``Trainer(module, losses, options, steps)``: SGD with momentum and weight decay, a cosine
 learning-rate schedule over ``steps``, the gradient's global norm clipped to
 ``options.clip_grad``, optional mixed precision on CUDA (``amp``), BatchNorm in training
-mode (``options.batchnorm == "frozen"``: on its running statistics). The layers that read
+mode (``options.batchnorm == "frozen"``: on its running statistics); with
+``options.renorm`` and batch statistics, a BatchNorm on each conv an exporter folded one
+into, from the first step until the last, then folded back (``gpp_onnx.train.renorm``;
+partial ``fit`` calls keep it, in the checkpoint state). The layers that read
 an input of raw scale (pixels in 0..255) step as they would on a unit-scale input
 (``gpp_onnx.train.scale``). A step runs the torch backend through ``forward`` of
 :class:`Tapped`, which returns the logits and every value a loss ``needs`` (e.g. the final hidden layer for the
@@ -31,6 +34,7 @@ from .. import distributed
 from ..config import TrainOptions
 from ..errors import DataError
 from ..progress import track
+from . import renorm
 from .scale import RMS_LIMIT, input_layers
 
 logger = logging.getLogger(__name__)
@@ -92,8 +96,12 @@ class Trainer:
         self.module, self.losses, self.options = module, losses, options
         self.steps = max(1, int(steps))
         self.accumulate = max(1, int(accumulate))
+        self.renorm = (renorm.attach(module)
+                       if options.renorm and options.batchnorm != "frozen" else None)
         self.net = _parallel(Tapped(module, tuple(n for loss in losses for n in loss.needs)))
         self.params = [p for _, p in module.named_onnx_parameters()]
+        if self.renorm is not None:
+            self.params += list(self.renorm.parameters())
         self.opt = torch.optim.SGD(self.params, lr=options.lr, momentum=options.momentum,
                                    weight_decay=options.weight_decay)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, self.steps)
@@ -125,7 +133,13 @@ class Trainer:
         self.module.eval()
         # each rank updated BatchNorm running stats on its own share last: keep rank 0's
         distributed.broadcast_tensors([t for _, t in self.module.named_onnx_tensors()
-                                       if not isinstance(t, nn.Parameter)])
+                                       if not isinstance(t, nn.Parameter)]
+                                      + list(self.renorm.buffers() if self.renorm else []))
+        if self.renorm is not None and self.step_no >= self.steps:
+            renorm.detach(self.module)      # the last step is done: fold into the convs
+            logger.info("%s: the BatchNorms on %d folded conv(s) are folded back", desc,
+                        len(self.renorm.nodes))
+            self.renorm = None
         distributed.same_tensors(self.module.named_onnx_tensors(), "weights")
         if logs:
             first, last = logs[: 10], logs[-10:]
@@ -143,6 +157,11 @@ class Trainer:
         images = sum(len(x) for x, _ in batches)
         if self.input_scales is None:
             self.input_scales = self._input_scales([x for x, _ in batches])
+        if self.renorm is not None and not self.renorm.started:
+            with _inference(self.module):
+                self.renorm.start(self.module, [x for x, _ in batches])
+            logger.info("%s: BatchNorm put back on %d folded conv(s) for training", desc,
+                        len(self.renorm.nodes))
         self.opt.zero_grad(set_to_none=True)
         total_loss, log = 0.0, {}
         for i, (x, targets) in enumerate(batches):
@@ -210,6 +229,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"step": self.step_no, "input_scales": self.input_scales,
+                "renorm": self.renorm.state_dict() if self.renorm is not None else None,
                 "optimizer": self.opt.state_dict(),
                 "schedule": self.schedule.state_dict(),
                 "losses": [loss.state_dict() if hasattr(loss, "state_dict") else None
@@ -218,6 +238,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.step_no = state["step"]
         self.input_scales = state.get("input_scales")
+        if self.renorm is not None and state.get("renorm") is not None:
+            self.renorm.load_state_dict(state["renorm"])
         self.opt.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         for loss, s in zip(self.losses, state["losses"]):
