@@ -58,12 +58,13 @@ def test_training_steps_and_the_written_model_match_torch_batchnorm():
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
-    xs = [rng.standard_normal((8, 2, 6, 6)).astype(np.float32) for _ in range(3)]
-    ys = [rng.integers(0, 3, 8) for _ in range(3)]
+    xs = [rng.standard_normal((16, 2, 6, 6)).astype(np.float32) for _ in range(3)]
+    ys = [rng.integers(0, 3, 16) for _ in range(3)]
     net = _net()
     model = _export(net)
     # the trainer: SGD with momentum, cosine schedule over 3 steps, no decay, no clipping
-    options = TrainOptions(lr=0.1, momentum=0.9, weight_decay=0.0, clip_grad=0.0, renorm=True)
+    options = TrainOptions(lr=0.1, momentum=0.9, weight_decay=0.0, clip_grad=0.0, renorm=True,
+                           batch_size=16)
     module = OnnxModule(model)
     trainer = Trainer(module, [CrossEntropy()], options, steps=3)
     assert len(folded_convs(module)) == 2
@@ -161,3 +162,9 @@ def test_renorm_follows_batch_statistics(batchnorm, attached):
     module = OnnxModule(_export(_net()))
     Trainer(module, [CrossEntropy()], TrainOptions(renorm=True, batchnorm=batchnorm), steps=1)
     assert hasattr(module, "renorm") == attached
+
+
+def test_no_renorm_on_small_batches():
+    module = OnnxModule(_export(_net()))
+    Trainer(module, [CrossEntropy()], TrainOptions(renorm=True, batch_size=8), steps=1)
+    assert not hasattr(module, "renorm")

@@ -20,7 +20,8 @@ the training-mode output equals y exactly, and the inference-mode function is y.
 and takes the BatchNorms away: the written graph is the graph that came in, with new
 weights.
 
-Which convs (:func:`folded_convs`): a ``Conv`` whose weight and bias are trained weights
+The trainer attaches it with batch statistics (``--batchnorm`` not frozen) and at least
+:data:`MIN_BATCH` images per process in each forward. Which convs (:func:`folded_convs`): a ``Conv`` whose weight and bias are trained weights
 read by no other node, in a model without any ``BatchNormalization`` node (one that kept
 its BatchNorms folded none), and whose output does not reach a graph output through
 parameter-free ops only (a classifier head: normalising the logits over the batch is not
@@ -36,6 +37,10 @@ from .scale import MOVES
 
 EPS = 1e-5
 MOMENTUM = 0.1
+# fewer images per process and forward than this: no BatchNorm is put back (the statistics
+# of a few images are noise; on batches of 8, batch statistics made distillation lower a
+# pruned text recognizer's fidelity, docs/nolabel.md)
+MIN_BATCH = 16
 _HEAD_OPS = MOVES | {"Softmax", "LogSoftmax", "Sigmoid"}
 
 

@@ -96,8 +96,9 @@ class Trainer:
         self.module, self.losses, self.options = module, losses, options
         self.steps = max(1, int(steps))
         self.accumulate = max(1, int(accumulate))
-        self.renorm = (renorm.attach(module)
-                       if options.renorm and options.batchnorm != "frozen" else None)
+        per_forward = options.batch_size // distributed.world_size()
+        self.renorm = (renorm.attach(module) if options.renorm and options.batchnorm != "frozen"
+                       and per_forward >= renorm.MIN_BATCH else None)
         self.net = _parallel(Tapped(module, tuple(n for loss in losses for n in loss.needs)))
         self.params = [p for _, p in module.named_onnx_parameters()]
         if self.renorm is not None:
