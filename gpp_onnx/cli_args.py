@@ -193,7 +193,9 @@ def _prune_training_args(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--no-renorm", dest="renorm", action="store_false",
                     help="fine-tune without the BatchNorm put back (for the length of the "
                     "fine-tune, batch statistics only) on convs an exporter folded one into")
-    pr.add_argument("--lr", type=float, default=0.01, help="training learning rate")
+    pr.add_argument("--lr", type=float, default=None,
+                    help="fine-tuning learning rate (default 0.01; 0.03 while BatchNorm is put "
+                    "back on folded convs, chosen on validation data)")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pr.add_argument("--repair", choices=["lsq", "bias", "none"], default="lsq",
                     help="after the cut (needs --data): lsq refits the following layers "

@@ -168,3 +168,28 @@ def test_no_renorm_on_small_batches():
     module = OnnxModule(_export(_net()))
     Trainer(module, [CrossEntropy()], TrainOptions(renorm=True, batch_size=8), steps=1)
     assert not hasattr(module, "renorm")
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], (0.01, 0.03, True)),                      # the defaults
+    (["--lr", "0.2"], (0.2, 0.2, True)),           # --lr sets both rates
+    (["--no-renorm"], (0.01, 0.03, False)),
+])
+def test_prune_flags_set_the_fine_tune_rates(argv, want):
+    from gpp_onnx.cli import _prune_config, build_parser
+
+    for command in ("prune", "gpp"):
+        args = build_parser().parse_args([command, "m.onnx", "--ratio", "0.5", "-o", "o.onnx",
+                                          *argv])
+        train = _prune_config(args).train
+        assert (train.lr, train.renorm_lr, train.renorm) == want
+
+
+def test_the_rate_while_renorm_is_on_is_renorm_lr():
+    model = _export(_net())
+    on = Trainer(OnnxModule(model), [CrossEntropy()],
+                 TrainOptions(lr=0.01, renorm=True, renorm_lr=0.03), steps=1)
+    off = Trainer(OnnxModule(model), [CrossEntropy()],
+                  TrainOptions(lr=0.01, renorm=False, renorm_lr=0.03), steps=1)
+    assert [g["lr"] for g in on.opt.param_groups] == [0.03]
+    assert [g["lr"] for g in off.opt.param_groups] == [0.01]

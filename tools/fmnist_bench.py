@@ -217,11 +217,13 @@ def _key(r: dict) -> tuple:
 
 
 def cmd_sweep(args) -> None:
+    from dataclasses import replace
+
     import onnx
     import torch
 
     import gpp_onnx
-    from gpp_onnx.config import DataOptions, PruneConfig, TrainOptions
+    from gpp_onnx.config import DataOptions, PruneConfig
     from gpp_onnx.data import DataSpec, load_dataset
     from gpp_onnx.evaluation import accuracy
     from gpp_onnx.importance import criterion_names
@@ -265,7 +267,7 @@ def cmd_sweep(args) -> None:
                 config = PruneConfig(  # free widths: criteria compared channel by channel
                     target_macs=1 - m, criterion=c, seed=args.seed, latency=False, round_to=1,
                     data=DataOptions(SOURCE, val_split=VAL_SPLIT, per_class=args.per_class),
-                    train=TrainOptions(epochs=f), repair=args.repair)
+                    train=replace(PruneConfig().train, epochs=f), repair=args.repair)
                 row = {"criterion": c, "removed_target": m, "finetune_epochs": f,
                        "per_class": args.per_class, "repair": args.repair, "output": str(dst)}
                 t0 = time.perf_counter()

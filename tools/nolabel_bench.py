@@ -27,6 +27,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gpp_onnx import PruneConfig, pipeline, prune  # noqa: E402
-from gpp_onnx.config import DataOptions, TrainOptions  # noqa: E402
+from gpp_onnx.config import DataOptions  # noqa: E402
 from gpp_onnx.data import select  # noqa: E402
 from gpp_onnx.sources import resolve  # noqa: E402
 
@@ -58,13 +59,18 @@ RUNS = {"labels": (True, "auto", 0.0), "no labels": (False, "auto", 0.0),
         "labels+kd": (True, "auto", 1.0), "fisher+ce": (True, "fisher", 0.0)}
 
 
+def _lr(args) -> dict:
+    """prune's --lr: both learning rates when given, else the defaults."""
+    return {} if args.lr is None else {"lr": args.lr, "renorm_lr": args.lr}
+
+
 def run(name: str, model: Path, out: Path, data: DataOptions, args) -> dict:
     dst = out / f"{name.replace(' ', '_')}.onnx"
     _, criterion, distill = RUNS[name]
     cfg = PruneConfig(target_macs=args.target_macs, data=data, latency=False, seed=args.seed,
                       criterion=criterion,
-                      train=TrainOptions(epochs=args.finetune_epochs, lr=args.lr,
-                                         distill=distill))
+                      train=replace(PruneConfig().train, epochs=args.finetune_epochs,
+                                    distill=distill, **_lr(args)))
     t0 = time.perf_counter()
     res = prune(model, dst, cfg)
     seconds = time.perf_counter() - t0
@@ -105,7 +111,8 @@ def main() -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--target-macs", type=float, default=0.25)
     p.add_argument("--finetune-epochs", type=float, default=2.0)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=None, help="as prune's --lr (default: its "
+                   "default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit", type=int, help="training images (default: all 60k)")

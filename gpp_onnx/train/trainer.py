@@ -103,7 +103,9 @@ class Trainer:
         self.params = [p for _, p in module.named_onnx_parameters()]
         if self.renorm is not None:
             self.params += list(self.renorm.parameters())
-        self.opt = torch.optim.SGD(self.params, lr=options.lr, momentum=options.momentum,
+        self.lr = (options.renorm_lr if self.renorm is not None and options.renorm_lr is not None
+                   else options.lr)
+        self.opt = torch.optim.SGD(self.params, lr=self.lr, momentum=options.momentum,
                                    weight_decay=options.weight_decay)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, self.steps)
         self.amp = amp and module.device.type == "cuda"
@@ -161,8 +163,8 @@ class Trainer:
         if self.renorm is not None and not self.renorm.started:
             with _inference(self.module):
                 self.renorm.start(self.module, [x for x, _ in batches])
-            logger.info("%s: BatchNorm put back on %d folded conv(s) for training", desc,
-                        len(self.renorm.nodes))
+            logger.info("%s: BatchNorm put back on %d folded conv(s) for training (lr %g)",
+                        desc, len(self.renorm.nodes), self.lr)
         self.opt.zero_grad(set_to_none=True)
         total_loss, log = 0.0, {}
         for i, (x, targets) in enumerate(batches):
@@ -181,7 +183,7 @@ class Trainer:
                 if not torch.isfinite(total):
                     raise DataError(f"{desc} diverged (loss {float(total.detach())} at step "
                                     f"{self.step_no + 1} of {self.steps}) - lower --lr "
-                                    f"(now {self.options.lr:g})")
+                                    f"(now {self.lr:g})")
                 share = total * (len(x) / images)
                 (self.scaler.scale(share) if self.scaler else share).backward()
             total_loss += float(share.detach())
