@@ -193,3 +193,15 @@ def test_the_rate_while_renorm_is_on_is_renorm_lr():
                   TrainOptions(lr=0.01, renorm=False, renorm_lr=0.03), steps=1)
     assert [g["lr"] for g in on.opt.param_groups] == [0.03]
     assert [g["lr"] for g in off.opt.param_groups] == [0.01]
+
+
+def test_a_module_mid_training_is_not_written_back():
+    from gpp_onnx.errors import InputError
+
+    model = _export(_net())
+    module = OnnxModule(model)
+    trainer = Trainer(module, [CrossEntropy()], TrainOptions(renorm=True, batch_size=16), 2)
+    x = np.random.default_rng(0).standard_normal((16, 2, 6, 6)).astype(np.float32)
+    trainer.fit(iter([(x, np.zeros(16, np.int64))]), steps=1)
+    with pytest.raises(InputError, match="BatchNorms put back"):
+        write_back(module, model)

@@ -16,7 +16,7 @@ cross-entropy over 640 training images; ``random``) and each ranking (``uniform`
 ratio per layer; ``global``: ranked across layers), the pruning ratio is searched (bisection)
 for the most MACs at or below the target, counted on the exported ONNX model as gpp-onnx
 counts them. The final Linear is kept whole. Then 2 epochs of fine-tuning with labels on
-the 55k training split, the recipe of gpp-onnx's fine-tuning: SGD lr 0.01, momentum 0.9,
+the 55k training split, the recipe of gpp-onnx's fine-tuning: SGD lr 0.01 (`--lr`), momentum 0.9,
 weight decay 1e-4, cosine schedule, gradient norm clipped at 2, batch 64, no augmentation
 (BatchNorm trains, as torch does).
 
@@ -99,13 +99,13 @@ def prune_to(model, importance, mode, target, example, scoring, base_macs):
     return best
 
 
-def finetune(model, train, epochs: float, seed: int, batch: int = 64) -> None:
+def finetune(model, train, epochs: float, seed: int, batch: int = 64, lr: float = 0.01) -> None:
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     steps = max(1, round(epochs * math.ceil(len(train.y) / batch)))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     rng = np.random.default_rng(seed)
     model.train()
@@ -206,6 +206,8 @@ def main() -> None:
                    "Torch-Pruning cut with gpp-onnx's trainer (exported: BatchNorm folded) "
                    "and in torch with its BatchNorm folded")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.01, help="Torch-Pruning's fine-tuning rate "
+                   "(BatchNorm training; gpp-onnx's default with its BatchNorm put back is 0.03)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="results (rewritten after each run)")
     args = p.parse_args()
@@ -255,14 +257,14 @@ def main() -> None:
                 t1 = time.perf_counter()
                 folded = fold_batchnorm(model)
                 folded_cut = torch_accuracy(folded, test)
-                finetune(folded, train, args.finetune_epochs, args.seed)
+                finetune(folded, train, args.finetune_epochs, args.seed, lr=args.lr)
                 record({"method": f"torch-pruning {importance} {mode}, BatchNorm folded",
                         "labels": True, "macs_kept": macs / base_macs,
                         "test_after_cut": folded_cut,
                         "test": torch_accuracy(folded, test),
                         "seconds": round(time.perf_counter() - t1, 1)})
                 t0 = time.perf_counter()
-            finetune(model, train, args.finetune_epochs, args.seed)
+            finetune(model, train, args.finetune_epochs, args.seed, lr=args.lr)
             record({"method": f"torch-pruning {importance} {mode}", "labels": True,
                     "ratio": round(ratio, 4), "macs_kept": macs / base_macs,
                     "test_after_cut": cut, "test": torch_accuracy(model, test),

@@ -53,7 +53,11 @@ def write_back(module: OnnxModule, model: onnx.ModelProto) -> onnx.ModelProto:
     Each tensor goes to the initializer (or Constant node) of the same ONNX name, keeping
     its shape and element type; an untied Identity-of-constant becomes an initializer of
     its output name (a source initializer left unused is dropped). A name missing from
-    ``model`` raises InputError."""
+    ``model`` raises InputError; so does a module still carrying the BatchNorms a trainer
+    put back (``train.renorm``: they are folded after its last step)."""
+    if getattr(module, "renorm", None) is not None:
+        raise InputError("the module still carries BatchNorms put back for training - write "
+                         "it back after the trainer's last step, which folds them")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
