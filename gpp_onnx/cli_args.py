@@ -189,7 +189,8 @@ def _prune_training_args(pr: argparse.ArgumentParser) -> None:
                          "default %(default)s, chosen on held-out agreement)")
     pr.add_argument("--batchnorm", choices=["auto", "train", "frozen"], default="auto",
                     help="BatchNorm when fine-tuning: batch statistics (train) or the running "
-                    "ones (frozen); auto: frozen without labels, train with")
+                    "ones (frozen, which also keeps the BatchNorm put back on folded convs "
+                    "off); auto: frozen without labels, train with")
     pr.add_argument("--no-renorm", dest="renorm", action="store_false",
                     help="fine-tune without the BatchNorm put back (for the length of the "
                     "fine-tune, batch statistics only) on convs an exporter folded one into")

@@ -41,10 +41,11 @@ class TrainOptions:
     batchnorm: str = "auto"              # train: batch statistics (updating the running
     #                                      ones); frozen: the running statistics; auto:
     #                                      frozen when distilling without labels (finetune)
-    # with batch statistics (batchnorm not frozen): a BatchNorm on each conv the exporter
-    # folded one into, folded back at the end (train.renorm). On in the fine-tune after a
-    # cut (PruneConfig), chosen there on validation accuracy (Fashion-MNIST VGG / Inception
-    # nets, 0.25 of the MACs, 2 epochs, seeds 0-2): at lr 0.01 up on every seed, +0.13 /
+    # a BatchNorm (batch statistics) on each conv the exporter folded one into, folded back
+    # at the end (train.renorm; finetune turns it off for batchnorm "frozen"). On in the
+    # fine-tune after a cut (PruneConfig), chosen there on validation accuracy
+    # (Fashion-MNIST VGG / Inception nets, 0.25 of the MACs, 2 epochs, seeds 0-2; without
+    # labels on agreement with the original): at lr 0.01 up on every seed, +0.13 /
     # +1.11 points on average; at RENORM_LR +0.46 / +2.09 (docs/fashion-mnist.md). Off
     # elsewhere (push, grow): not measured there.
     renorm: bool = False

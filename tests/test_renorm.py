@@ -157,11 +157,22 @@ def test_only_unshared_folded_convs_before_features_get_a_batchnorm():
     assert folded_convs(OnnxModule(model2)) == []
 
 
-@pytest.mark.parametrize("batchnorm, attached", [("train", True), ("frozen", False)])
-def test_renorm_follows_batch_statistics(batchnorm, attached):
-    module = OnnxModule(_export(_net()))
-    Trainer(module, [CrossEntropy()], TrainOptions(renorm=True, batchnorm=batchnorm), steps=1)
-    assert hasattr(module, "renorm") == attached
+def test_an_explicit_frozen_batchnorm_keeps_renorm_off():
+    from gpp_onnx.data import DataSpec, load_dataset
+    from gpp_onnx.finetune import train_model
+    from gpp_onnx.samples import digits_cnn
+
+    data = load_dataset(DataSpec("digits", 1, 8, 8)).subset(np.arange(256))
+
+    def weights(**options):
+        model = train_model(digits_cnn(0), data, TrainOptions(epochs=0.5, lr=0.05, **options))
+        return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    plain = weights(renorm=False)
+    frozen = weights(renorm=True, batchnorm="frozen")
+    renormed = weights(renorm=True, batchnorm="auto")
+    assert all(np.array_equal(plain[k], frozen[k]) for k in plain)
+    assert not all(np.array_equal(plain[k], renormed[k]) for k in plain)
 
 
 def test_no_renorm_on_small_batches():

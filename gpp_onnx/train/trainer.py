@@ -4,7 +4,7 @@
 learning-rate schedule over ``steps``, the gradient's global norm clipped to
 ``options.clip_grad``, optional mixed precision on CUDA (``amp``), BatchNorm in training
 mode (``options.batchnorm == "frozen"``: on its running statistics); with
-``options.renorm`` and batch statistics, a BatchNorm on each conv an exporter folded one
+``options.renorm``, a BatchNorm (batch statistics) on each conv an exporter folded one
 into, from the first step until the last, then folded back (``gpp_onnx.train.renorm``;
 partial ``fit`` calls keep it, in the checkpoint state). The layers that read
 an input of raw scale (pixels in 0..255) step as they would on a unit-scale input
@@ -97,7 +97,7 @@ class Trainer:
         self.steps = max(1, int(steps))
         self.accumulate = max(1, int(accumulate))
         per_forward = options.batch_size // distributed.world_size()
-        self.renorm = (renorm.attach(module) if options.renorm and options.batchnorm != "frozen"
+        self.renorm = (renorm.attach(module) if options.renorm
                        and per_forward >= renorm.MIN_BATCH else None)
         self.net = _parallel(Tapped(module, tuple(n for loss in losses for n in loss.needs)))
         self.params = [p for _, p in module.named_onnx_parameters()]
