@@ -9,7 +9,8 @@ the running statistics (``auto``), those the original was trained with and the r
 to: on a few hundred unlabelled images in batches of 8, batch statistics made distillation
 lower the fidelity it was meant to raise (docs/nolabel.md, third-party models). The
 BatchNorm put back on folded convs (``options.renorm``, ``train.renorm``) is on with or
-without labels (the trainer leaves it off below 16 images per forward); only an explicit
+without labels (the trainer leaves it off for short runs and small batches,
+``train.renorm.MIN_STEPS`` / ``MIN_BATCH``); only an explicit
 ``frozen`` turns it off. Without labels it raised the held-out agreement with the original
 on every seed of the Fashion-MNIST nets (docs/nolabel.md).
 

@@ -12,10 +12,19 @@ import torch
 from torch import nn
 
 from gpp_onnx.config import TrainOptions
+from gpp_onnx.train import renorm
 from gpp_onnx.samples import GraphBuilder
 from gpp_onnx.torch_backend import OnnxModule, write_back
 from gpp_onnx.train import CrossEntropy, Trainer
 from gpp_onnx.train.renorm import EPS, folded_convs
+
+
+@pytest.fixture(autouse=True)
+def short_runs(monkeypatch):
+    """These tests train a few steps of a few images: the limits for real runs are lifted
+    (test_no_renorm_on_short_runs_or_small_batches checks them)."""
+    monkeypatch.setattr(renorm, "MIN_BATCH", 1)
+    monkeypatch.setattr(renorm, "MIN_STEPS", 1)
 
 
 def _net(seed: int = 0) -> nn.Sequential:
@@ -175,10 +184,14 @@ def test_an_explicit_frozen_batchnorm_keeps_renorm_off():
     assert not all(np.array_equal(plain[k], renormed[k]) for k in plain)
 
 
-def test_no_renorm_on_small_batches():
+@pytest.mark.parametrize("batch, steps, attached", [(32, 50, True), (31, 50, False),
+                                                     (32, 49, False)])
+def test_no_renorm_on_short_runs_or_small_batches(monkeypatch, batch, steps, attached):
+    monkeypatch.setattr(renorm, "MIN_BATCH", 32)
+    monkeypatch.setattr(renorm, "MIN_STEPS", 50)
     module = OnnxModule(_export(_net()))
-    Trainer(module, [CrossEntropy()], TrainOptions(renorm=True, batch_size=8), steps=1)
-    assert not hasattr(module, "renorm")
+    Trainer(module, [CrossEntropy()], TrainOptions(renorm=True, batch_size=batch), steps=steps)
+    assert hasattr(module, "renorm") == attached
 
 
 @pytest.mark.parametrize("argv, want", [

@@ -97,8 +97,8 @@ class Trainer:
         self.steps = max(1, int(steps))
         self.accumulate = max(1, int(accumulate))
         per_forward = options.batch_size // distributed.world_size()
-        self.renorm = (renorm.attach(module) if options.renorm
-                       and per_forward >= renorm.MIN_BATCH else None)
+        self.renorm = (renorm.attach(module) if options.renorm and per_forward >= renorm.MIN_BATCH
+                       and self.steps >= renorm.MIN_STEPS else None)
         self.net = _parallel(Tapped(module, tuple(n for loss in losses for n in loss.needs)))
         self.params = [p for _, p in module.named_onnx_parameters()]
         if self.renorm is not None:
