@@ -28,7 +28,9 @@ between rounds.
 * **Best model.** Each model met on the way that meets the target (right after a cut,
   after a fine-tune) is a candidate; the one with the best held-out accuracy is the result,
   so a fine-tune that lowers accuracy never makes the result worse.
-* **Stopping.** After the last round; when held-out accuracy falls more than
+* **Stopping.** After the last round; when a cut meets the target before the last round
+  (kept widths are rounded, so a round can overshoot its share; that round's fine-tune
+  then takes all the epochs the rounds have left); when held-out accuracy falls more than
   ``acc_floor`` below the start's (then the result is the best candidate so far, and an
   error if none met the target); when nothing is left to prune. The floor judges each
   cut once it has been trained on: a round that fine-tunes (or the last) by its best
@@ -246,8 +248,17 @@ def prune_step(model, state: State, run: Run):
 
 def finetune_step(model, state: State, run: Run):
     k = state.done + 1
+    if state.stop:
+        return model, state, {}
     epochs = run.finetune_epochs(k)
-    if epochs <= 0 or state.stop:
+    if k < run.config.rounds and _meets_target(run, k, *state.cost):
+        # the cut met the target before the last round (kept widths are rounded, so a
+        # round can overshoot its share): no cut is left to make, so the rounds end here
+        # and this fine-tune takes every epoch the rounds have left
+        epochs = run.options.round_budget() - _round_epochs(state)
+        state = replace(state, stop=f"the target was met in round {k} of {run.config.rounds}; "
+                                    f"its fine-tune took the {epochs:.2f} epochs left")
+    if epochs <= 0:
         return model, state, {}
     teacher = run.data.teacher if run.config.train.distill > 0 else None  # --distill W
     tuned = train_model(model, run.data.train, replace(run.config.train, epochs=epochs),
@@ -283,6 +294,11 @@ def run_round(model, state: State, run: Run) -> tuple[onnx.ModelProto, State]:
     if _judged(row, run):
         state = _floor(state, run, best, k)
     return model, replace(state, done=k, rows=state.rows + (row,))
+
+
+def _round_epochs(state: State) -> float:
+    """Training epochs the rounds have spent (the grow phase's not counted)."""
+    return state.epochs - (state.grown["epochs"] if state.grown else 0.0)
 
 
 def _judged(row: dict, run: Run) -> bool:

@@ -203,3 +203,33 @@ def test_the_floor_judges_a_fine_tuned_cut_in_its_round(monkeypatch):
     with pytest.raises(DataError, match=r"0\.8000 fell more than 0\.05 .* in round 1"):
         _fake_rounds(monkeypatch, [{"push": 0.9, "cut": 0.6, "finetune": 0.8},
                                    {"push": 0.88, "cut": 0.85, "finetune": 0.88}])
+
+
+def test_a_cut_that_meets_the_target_early_takes_the_epochs_left(monkeypatch):
+    """Round 1 of 3 already cut below the MACs target (rounded widths overshoot): its
+    fine-tune takes every epoch the rounds have left and the rounds end there."""
+    from types import SimpleNamespace
+
+    from gpp_onnx import schedule
+
+    trained = []
+    monkeypatch.setattr(schedule, "train_model",
+                        lambda model, data, options, seed, teacher=None:
+                        trained.append(options.epochs) or model)
+    monkeypatch.setattr(schedule, "accuracy", lambda model, data: 0.9)
+    options = schedule.GppOptions(budget_epochs=2.0)
+    config = SimpleNamespace(rounds=3, target_macs=0.5, target_params=None,
+                             train=TrainOptions(), seed=0)
+    run = SimpleNamespace(config=config, options=options, before=SimpleNamespace(macs=100),
+                          data=SimpleNamespace(train=None, val=None, teacher=None),
+                          finetune_epochs=lambda k: 0.0)
+    state = schedule.State(done=0, epochs=0.5 / 3, cost=(10, 40))   # 40 <= 0.5 x 100
+    _, after, row = schedule.finetune_step("m", state, run)
+    assert trained == [pytest.approx(2.0 - 0.5 / 3)]
+    assert row["finetune_epochs"] == pytest.approx(2.0 - 0.5 / 3)
+    assert after.stop.startswith("the target was met in round 1 of 3")
+    assert after.best["stage"] == "fine-tune" and after.epochs == pytest.approx(2.0)
+    # a cut above the target leaves the schedule alone
+    trained.clear()
+    _, after, row = schedule.finetune_step("m", replace(state, cost=(10, 60)), run)
+    assert trained == [] and row == {} and after.stop is None
