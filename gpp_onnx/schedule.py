@@ -56,7 +56,6 @@ import numpy as np
 import onnx
 
 from . import workdir
-from . import model as model_io
 from .analysis import analyze_model
 from .analysis.features import final_hidden_layer
 from .config import PruneConfig
@@ -387,18 +386,9 @@ def _open_work(work: Path, model, run: Run, fingerprint: str):
     workdir.check_work(run.options)
     if not run.options.resume:
         return model, State()
-    saved = json.loads((work / "state.json").read_text())
-    if saved.get("fingerprint") != fingerprint:
-        raise InputError(f"--resume: {work} holds a run of another model or other settings - "
-                         "give the same model and options, or another --work-dir")
+    saved, best, current = workdir.load(work, model, fingerprint)
     state = State(saved["done"], saved["epochs"], tuple(saved["rows"]), saved["best"],
-                  saved["stop"], grown=saved.get("grown"))
-    if state.best is not None:
-        state = replace(state, best_model=model_io.load(work / "best.onnx"))
-    if state.done:
-        current = model_io.load(work / f"round-{state.done}.onnx")
-    else:
-        current = model_io.load(work / "grown.onnx") if state.grown is not None else model
+                  saved["stop"], grown=saved.get("grown"), best_model=best)
     logger.info("resuming after %s from %s", f"round {state.done} of {run.config.rounds}"
                 if state.done or state.grown is None else "the grow phase", work)
     return current, state

@@ -64,3 +64,21 @@ def check_work(options) -> None:
     if options.resume and not path.exists():
         raise InputError(f"--resume: {work} holds no run to continue (no state.json) - drop "
                          "--resume to start one")
+
+
+def load(work: Path, model: onnx.ModelProto, fingerprint: str):
+    """--resume: the saved state (``state.json``, as a dict), the best model so far (None
+    before any) and the model the next round starts from: the last finished round's, else
+    the grown one, else `model`."""
+    saved = json.loads((Path(work) / "state.json").read_text())
+    if saved.get("fingerprint") != fingerprint:
+        raise InputError(f"--resume: {work} holds a run of another model or other settings - "
+                         "give the same model and options, or another --work-dir")
+    best = model_io.load(Path(work) / "best.onnx") if saved["best"] is not None else None
+    if saved["done"]:
+        current = model_io.load(Path(work) / f"round-{saved['done']}.onnx")
+    elif saved.get("grown") is not None:
+        current = model_io.load(Path(work) / "grown.onnx")
+    else:
+        current = model
+    return saved, best, current
