@@ -235,6 +235,59 @@ def _refit(node, w: np.ndarray, kept_in: np.ndarray, max_dim: int, rows_of, y: n
     return (as_conv_weight(new_w) if transposed else new_w), bias, beta
 
 
+class _Batches:
+    """The repair images in batches of `size` on `device` (iterating gives (start, x)), and
+    the pruned net's values on them (``values``): one staged pass of `work` per batch when
+    its activations fit in memory (each layer's inputs then come from the already
+    refitted layers before it), else a fresh pass up to each value asked for."""
+
+    def __init__(self, work, view, images: np.ndarray, size: int, device):
+        self.work, self.images, self.size, self.device = work, images, size, device
+        self.input_name = view.input_names[0]
+        self.steppers = None
+        if work.peak_live(_image_bytes(view)) * len(images) <= STAGED_BYTES:
+            self.steppers = [work.stepper({self.input_name: x}) for _, x in self]
+
+    def __iter__(self):
+        import torch
+
+        for start in range(0, len(self.images), self.size):
+            yield start, torch.from_numpy(self.images[start:start + self.size]).to(self.device)
+
+    def values(self, name: str):
+        """`name`'s value on each batch, from `work` as it is now."""
+        if self.steppers is not None:
+            return (step.advance_to(name) for step in self.steppers)
+        return (self.work.run({self.input_name: x}, [name])[name] for _, x in self)
+
+
+def _own_weights(masked: onnx.ModelProto) -> dict[str, tuple[str, str]]:
+    """Node name -> (weight, bias) names in the masked model, for the nodes whose weight
+    and bias no other node reads (a shared one cannot take one layer's fit)."""
+    uses: dict[str, int] = {}
+    for n in masked.graph.node:
+        for name in n.input:
+            uses[name] = uses.get(name, 0) + 1
+    return {n.name: (n.input[1], n.input[2]) for n in masked.graph.node
+            if len(n.input) > 2 and uses.get(n.input[1], 0) <= 1
+            and uses.get(n.input[2], 0) <= 1}
+
+
+def _apply(view, node, fit, w_param, b_param) -> tuple[np.ndarray, np.ndarray]:
+    """Write one layer's fit (``_refit``: weight, bias, scale) into the working module's
+    parameters; return the new weight and the change of the output bias for the cut."""
+    import torch
+
+    new_w, bias, beta = fit
+    base = view.const(view.input(node, 2)) if view.input(node, 2) else None
+    base_out = np.zeros(len(bias)) if base is None else beta * np.broadcast_to(
+        base.reshape(-1) if base.size == len(bias) else base, (len(bias),))
+    with torch.no_grad():
+        w_param.copy_(torch.as_tensor(new_w, dtype=w_param.dtype))
+        b_param.copy_(torch.as_tensor(bias / beta, dtype=b_param.dtype).view(b_param.shape))
+    return new_w.astype(np.float32), bias - base_out
+
+
 def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndarray],
                 images: np.ndarray, device="cpu", rows: int = 16384, max_dim: int = 4096,
                 batch_size: int = 64, seed: int = 0):
@@ -258,14 +311,9 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
         deltas.setdefault(node.name, np.zeros(out))
     device = resolve_device(device)
     masked = surgery.mask(analysis, kept, deltas)
-    uses: dict[str, int] = {}
-    for n in masked.graph.node:
-        for name in n.input:
-            uses[name] = uses.get(name, 0) + 1
-    mnodes = {n.name: n for n in masked.graph.node}
+    fittable = _own_weights(masked)
     work = OnnxModule(masked, device=device).eval()
     original = OnnxModule(view.model, device=device).eval()
-    input_name = view.input_names[0]
     rng = np.random.default_rng(seed)
     n_img = len(images)
     held_out = np.zeros(n_img, dtype=bool)
@@ -273,35 +321,19 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
 
     plans = _sample_positions(view, nodes, n_img, rows, rng)
 
-    def batches():
-        for start in range(0, n_img, batch_size):
-            yield start, torch.from_numpy(images[start:start + batch_size]).to(device)
-
-    targets = _target_rows(original, input_name, nodes, plans, batches())
-    # One staged pass of the pruned net per batch when its activations fit in memory
-    # (each layer's inputs then come from the already refitted layers before it); else a
-    # fresh pass up to each layer.
-    n_batches = -(-n_img // batch_size)
-    steppers = None
-    if work.peak_live(_image_bytes(view)) * n_img <= STAGED_BYTES:
-        steppers = [work.stepper({input_name: x}) for _, x in batches()]
+    data = _Batches(work, view, images, batch_size, device)
+    targets = _target_rows(original, view.input_names[0], nodes, plans, iter(data))
     weights: dict[tuple[str, int], np.ndarray] = {}
-    fitted = 0
     for node in track(nodes, "repairing", len(nodes), logger):
-        mnode = mnodes[node.name]
-        wname, bname = mnode.input[1], mnode.input[2]
-        if uses.get(wname, 0) > 1 or uses.get(bname, 0) > 1:
+        if node.name not in fittable:
             continue
-        w_param = work.params[work.param_key(wname)]
-        b_param = work.params[work.param_key(bname)]
+        w_param, b_param = (work.params[work.param_key(name)] for name in fittable[node.name])
         in_value = node.input[0]
         kept_in = kept.get(in_value, np.arange(view.shape(in_value)[1]))
 
         def rows_of(shape, in_value=in_value, kept_in=kept_in, node=node):
-            inputs = (step.advance_to(in_value) if step is not None
-                      else work.run({input_name: x}, [in_value])[in_value]
-                      for (_, x), step in zip(batches(), steppers or [None] * n_batches))
-            return input_rows(node, inputs, plans[node.name][0], batch_size, shape, kept_in)
+            return input_rows(node, data.values(in_value), plans[node.name][0], batch_size,
+                              shape, kept_in)
 
         y = torch.cat(targets.pop(node.name)).double().numpy()
         img = plans[node.name][1]
@@ -309,18 +341,10 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
                      y, np.flatnonzero(~held_out[img]), np.flatnonzero(held_out[img]))
         if fit is None:
             continue
-        new_w, bias, beta = fit
-        base = view.const(view.input(node, 2)) if view.input(node, 2) else None
-        base_out = np.zeros(len(bias)) if base is None else beta * np.broadcast_to(
-            base.reshape(-1) if base.size == len(bias) else base, (len(bias),))
-        with torch.no_grad():
-            w_param.copy_(torch.as_tensor(new_w, dtype=w_param.dtype))
-            b_param.copy_(torch.as_tensor(bias / beta, dtype=b_param.dtype).view(b_param.shape))
-        weights[(node.name, 1)] = new_w.astype(np.float32)
-        deltas[node.name] = bias - base_out
-        fitted += 1
+        weights[(node.name, 1)], deltas[node.name] = _apply(view, node, fit, w_param, b_param)
     for node in nodes:  # the bias inputs added for the fit stay only where it was used
         if node.name not in given and (node.name, 1) not in weights:
             del deltas[node.name]
-    logger.info("repair: refitted %d of %d layers on %d images", fitted, len(nodes), n_img)
+    logger.info("repair: refitted %d of %d layers on %d images", len(weights), len(nodes),
+                n_img)
     return weights, deltas
