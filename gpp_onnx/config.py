@@ -46,8 +46,9 @@ class TrainOptions:
     # fine-tune after a cut (PruneConfig), chosen there on validation accuracy
     # (Fashion-MNIST VGG / Inception nets, 0.25 of the MACs, 2 epochs, seeds 0-2; without
     # labels on agreement with the original): at lr 0.01 up on every seed, +0.13 /
-    # +1.11 points on average; at RENORM_LR +0.46 / +2.09 (docs/fashion-mnist.md). Off
-    # elsewhere (push, grow): not measured there.
+    # +1.11 points on average; at RENORM_LR +0.46 / +2.09 (docs/fashion-mnist.md). Off in
+    # push and grow (not measured there) and in the rounds after a grow (it cost 1 point
+    # there, docs/grow.md).
     renorm: bool = False
     renorm_lr: float | None = None       # the learning rate while it is on (None: lr)
 

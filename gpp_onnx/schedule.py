@@ -260,8 +260,11 @@ def finetune_step(model, state: State, run: Run):
     if epochs <= 0:
         return model, state, {}
     teacher = run.data.teacher if run.config.train.distill > 0 else None  # --distill W
-    tuned = train_model(model, run.data.train, replace(run.config.train, epochs=epochs),
-                        run.config.seed + k, teacher=teacher)
+    # after a grow, the BatchNorm put back on folded convs (train.renorm) lowered held-out
+    # accuracy (two seeds, docs/grow.md): the rounds of a grown model fine-tune without it
+    train = replace(run.config.train, epochs=epochs,
+                    renorm=run.config.train.renorm and run.options.grow is None)
+    tuned = train_model(model, run.data.train, train, run.config.seed + k, teacher=teacher)
     acc = accuracy(tuned, run.data.val)
     logger.info("round %d: accuracy after fine-tuning %.4f", k, acc)
     row = {"accuracy_after_finetune": acc, "finetune_epochs": epochs}

@@ -233,3 +233,24 @@ def test_a_cut_that_meets_the_target_early_takes_the_epochs_left(monkeypatch):
     trained.clear()
     _, after, row = schedule.finetune_step("m", replace(state, cost=(10, 60)), run)
     assert trained == [] and row == {} and after.stop is None
+
+
+def test_the_rounds_after_a_grow_fine_tune_without_the_batchnorm_put_back(monkeypatch):
+    from types import SimpleNamespace
+
+    from gpp_onnx import schedule
+
+    seen = []
+    monkeypatch.setattr(schedule, "train_model",
+                        lambda model, data, options, seed, teacher=None:
+                        seen.append(options.renorm) or model)
+    monkeypatch.setattr(schedule, "accuracy", lambda model, data: 0.9)
+    for grow in (None, object()):
+        options = schedule.GppOptions(budget_epochs=2.0, grow=grow)
+        config = SimpleNamespace(rounds=1, target_macs=0.5, target_params=None, seed=0,
+                                 train=TrainOptions(renorm=True))
+        run = SimpleNamespace(config=config, options=options, before=SimpleNamespace(macs=100),
+                              data=SimpleNamespace(train=None, val=None, teacher=None),
+                              finetune_epochs=lambda k: 1.0)
+        schedule.finetune_step("m", schedule.State(cost=(10, 40)), run)
+    assert seen == [True, False]

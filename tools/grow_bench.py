@@ -121,7 +121,6 @@ def parse_args(argv=None):
     p.add_argument("--acc-floor", type=float, default=1.0,
                    help="gpp arms: 1.0 (default) never stops early: every round is measured")
     p.add_argument("--test", action="store_true", help="gpp arms: test accuracy too")
-    p.add_argument("--no-renorm", action="store_true", help="gpp arms: as gpp's --no-renorm")
     p.add_argument("--residual", type=float, metavar="EPOCHS",
                    help="train the residual net of the comparison instead, EPOCHS epochs")
     return p.parse_args(argv)
@@ -235,8 +234,7 @@ def gpp_arm(args) -> int:
     if not out.exists():
         t0 = time.perf_counter()
         # the command's training defaults, at --lr (which sets both of its rates)
-        train = replace(PruneConfig().train, lr=args.lr, renorm_lr=args.lr,
-                        renorm=not args.no_renorm)
+        train = replace(PruneConfig().train, lr=args.lr, renorm_lr=args.lr)
         config = PruneConfig(data=data, target_macs=1.0, rounds=args.rounds, round_to=1,
                              allocation=args.allocation, latency=False, seed=args.seed,
                              train=train)
