@@ -14,16 +14,16 @@ from gpp_onnx.config import TrainOptions
 from gpp_onnx.data import DataSpec, iter_batches, load_dataset
 from gpp_onnx.samples import digits_cnn
 from gpp_onnx.torch_backend import OnnxModule
-from gpp_onnx.train import CrossEntropy, PushLoss, Trainer
+from gpp_onnx.train import CrossEntropy, PushLoss, Trainer, renorm
 
 GLOBAL_BATCH = 23          # odd: the ranks' shares differ in size (11 and 12)
 FEATURE = "relu21"         # the digits CNN's final hidden layer
 
 
-def train(losses: list) -> dict[str, np.ndarray]:
+def train(losses: list, renorm: bool = False) -> dict[str, np.ndarray]:
     data = load_dataset(DataSpec("digits", 1, 8, 8)).subset(np.arange(GLOBAL_BATCH))
     module = OnnxModule(digits_cnn(0))
-    trainer = Trainer(module, losses, TrainOptions(lr=0.1), steps=2)
+    trainer = Trainer(module, losses, TrainOptions(lr=0.1, renorm=renorm), steps=2)
     batches = (b for _ in range(2) for b in iter_batches(data, GLOBAL_BATCH,
                                                          part=distributed.part()))
     trainer.fit(batches, "step")
@@ -36,8 +36,11 @@ def main(out: str) -> None:
     try:
         ce = train([CrossEntropy()])
         push = train([CrossEntropy(), PushLoss(FEATURE, 10)])
+        renorm.MIN_BATCH = renorm.MIN_STEPS = 1     # two steps of a few images
+        normed = train([CrossEntropy()], renorm=True)
         np.savez(os.path.join(out, f"rank{distributed.rank()}.npz"),
                  **{f"ce/{k}": v for k, v in ce.items()},
+                 **{f"renorm/{k}": v for k, v in normed.items()},
                  **{f"push/{k}": v for k, v in push.items()})
     finally:
         distributed.teardown()
