@@ -157,7 +157,7 @@ def test_only_unshared_folded_convs_before_features_get_a_batchnorm():
               pads=[1, 1, 1, 1])                               # both read one weight: none
     nobias = b.conv(b.act(c2, "Relu"), 4, bias=False)          # no bias: none
     head = b.conv(b.act(nobias, "Relu"), 5, k=1)               # the logits: none
-    model = b.build(b.flatten(b.gap(head)))
+    model = b.build(b.flatten(b.gap(b.act(head, "Relu"))))     # (as squeezenet's)
     module = OnnxModule(model)
     assert [n.outputs[0] for n in folded_convs(module)] == [first]
     b2 = GraphBuilder((2, 3, 8, 8), seed=0)
@@ -229,3 +229,30 @@ def test_a_module_mid_training_is_not_written_back():
     trainer.fit(iter([(x, np.zeros(16, np.int64))]), steps=1)
     with pytest.raises(InputError, match="BatchNorms put back"):
         write_back(module, model)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_1"])   # their outputs vary with x
+def test_the_fold_keeps_the_function_on_exported_zoo_nets(name):
+    """After steps with the BatchNorms on, the module's inference function (BatchNorms in
+    inference mode) equals the written model's in onnxruntime once they are folded."""
+    import onnxruntime as ort
+    from test_torch_backend import legacy_export
+
+    from gpp_onnx.model import normalize
+
+    model, x = legacy_export(name)
+    model = normalize(model)
+    module = OnnxModule(model)
+    trainer = Trainer(module, [CrossEntropy()], TrainOptions(lr=0.2, renorm=True), steps=5)
+    assert len(trainer.renorm.nodes) > 5
+    rng = np.random.default_rng(0)
+    batch = x.numpy()                          # the export fixes the batch
+    trainer.fit(iter([(batch, rng.integers(0, 10, len(batch)))] * 4), "t", steps=4)
+    probe = rng.standard_normal(batch.shape).astype(np.float32)
+    with torch.no_grad():
+        want = module.eval()(torch.from_numpy(probe)).numpy()
+    renorm.detach(module)
+    written = write_back(module, model)
+    sess = ort.InferenceSession(written.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: probe})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())

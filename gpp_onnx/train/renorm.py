@@ -49,7 +49,8 @@ MOMENTUM = 0.1
 # short run. Between the two, not measured: the limits lean to leaving it off.
 MIN_BATCH = 32
 MIN_STEPS = 50
-_HEAD_OPS = MOVES | {"Softmax", "LogSoftmax", "Sigmoid"}
+_HEAD_OPS = MOVES | {"Softmax", "LogSoftmax", "Sigmoid", "Relu", "LeakyRelu", "Clip", "Tanh",
+                     "HardSigmoid", "HardSwish", "Softplus", "Elu", "Selu"}
 
 
 class _Norm(nn.Module):
