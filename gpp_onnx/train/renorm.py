@@ -22,11 +22,11 @@ weights.
 
 The trainer attaches it for runs of at least :data:`MIN_STEPS` steps with at least
 :data:`MIN_BATCH` images per process in each forward (``finetune`` leaves it off for
-``--batchnorm frozen``). Which convs (:func:`folded_convs`): a ``Conv`` whose weight and bias are trained weights
-read by no other node, in a model without any ``BatchNormalization`` node (one that kept
-its BatchNorms folded none), and whose output does not reach a graph output through
-parameter-free ops only (a classifier head: normalising the logits over the batch is not
-what the exporter folded).
+``--batchnorm frozen``). Which convs (:func:`folded_convs`): a ``Conv`` whose weight and
+bias are trained weights read by no other node, in a model without any
+``BatchNormalization`` node (one that kept its BatchNorms folded none), and whose output
+does not reach a graph output through parameter-free ops only (moves, pools,
+activations, softmax: a classifier head, whose outputs the exporter did not normalise).
 """
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ MOMENTUM = 0.1
 # images per process and forward. Measured: on Fashion-MNIST, 1720 steps of 64 gained on
 # every seed; on the demo's digits, 78 steps of 64 took held-out accuracy after the cut
 # from 0.9389 to 0.9611 (0.9389 without); on NudeNet, 16 steps of 16 (128 unlabelled
-# images) it made distillation
-# lower the fidelity it raises without (held-out relative error 0.0477 after the repair,
-# 0.0476 distilled without, 0.0483 with; docs/nolabel.md). The statistics of a few
+# images) it made distillation lower the fidelity it raises without (held-out relative
+# error 0.0477 after the repair, 0.0476 distilled without, 0.0483 with;
+# docs/nolabel.md). The statistics of a few
 # images are noise, and the running statistics that the fold uses lag the weights over a
 # short run. Between the two, not measured: the limits lean to leaving it off.
 MIN_BATCH = 32
@@ -60,10 +60,15 @@ class _Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
-        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))  # checkpointed
+        self.on = False                     # the same, read without a device sync
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.on = bool(self.started)
 
     def forward(self, y: torch.Tensor, training: bool) -> torch.Tensor:
-        if not bool(self.started):
+        if not self.on:
             return y
         return nn.functional.batch_norm(y, self.running_mean, self.running_var, self.weight,
                                         self.bias, training, MOMENTUM, EPS)
@@ -116,7 +121,7 @@ class Renorm(nn.Module):
 
     @property
     def started(self) -> bool:
-        return all(bool(norm.started) for norm in self.norms.values())
+        return all(norm.on for norm in self.norms.values())
 
     @torch.no_grad()
     def start(self, module, xs: list[torch.Tensor]) -> None:
@@ -141,6 +146,7 @@ class Renorm(nn.Module):
             norm.weight.copy_(torch.sqrt(var + EPS))
             norm.bias.copy_(mean)
             norm.started.fill_(True)
+            norm.on = True
 
     @torch.no_grad()
     def fold(self, module) -> None:
@@ -150,7 +156,7 @@ class Renorm(nn.Module):
             norm = self.norms[key]
             node.fn = node.plain_fn
             del node.plain_fn
-            if not bool(norm.started):
+            if not norm.on:
                 continue
             s = norm.weight / torch.sqrt(norm.running_var + EPS)
             weight, bias = named[node.inputs[1]], named[node.inputs[2]]
