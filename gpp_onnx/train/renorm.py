@@ -41,12 +41,12 @@ MOMENTUM = 0.1
 # A BatchNorm is put back only for runs of at least MIN_STEPS steps of at least MIN_BATCH
 # images per process and forward. Measured: on Fashion-MNIST, 1720 steps of 64 gained on
 # every seed; on the demo's digits, 78 steps of 64 took held-out accuracy after the cut
-# from 0.9389 to 0.9611 (0.9389 without, one thread); on NudeNet, 16 steps of 16 (128 unlabelled
-# images) it made distillation lower the fidelity it raises without (held-out relative
-# error 0.0477 after the repair, 0.0476 distilled without, 0.0483 with;
-# docs/nolabel.md). The statistics of a few
-# images are noise, and the running statistics that the fold uses lag the weights over a
-# short run. Between the two, not measured: the limits lean to leaving it off.
+# from 0.9389 to 0.9611 (0.9389 without, one thread); on NudeNet, 16 steps of 16 (128
+# unlabelled images) it made distillation lower the fidelity it raises without (held-out
+# relative error 0.0477 after the repair, 0.0476 distilled without, 0.0483 with;
+# docs/nolabel.md). The statistics of a few images are noise, and the running statistics
+# that the fold uses lag the weights over a short run. Between the two, not measured:
+# the limits lean to leaving it off.
 MIN_BATCH = 32
 MIN_STEPS = 50
 _HEAD_OPS = MOVES | {"Softmax", "LogSoftmax", "Sigmoid", "Relu", "LeakyRelu", "Clip", "Tanh",
