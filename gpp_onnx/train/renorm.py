@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..ops.elementwise import UNARY
 from .scale import MOVES
 
 EPS = 1e-5
@@ -49,8 +50,7 @@ MOMENTUM = 0.1
 # the limits lean to leaving it off.
 MIN_BATCH = 32
 MIN_STEPS = 50
-_HEAD_OPS = MOVES | {"Softmax", "LogSoftmax", "Sigmoid", "Relu", "LeakyRelu", "Clip", "Tanh",
-                     "HardSigmoid", "HardSwish", "Softplus", "Elu", "Selu"}
+_HEAD_OPS = MOVES | set(UNARY) | {"Softmax", "LogSoftmax"}   # parameter-free, to the outputs
 
 
 class _Norm(nn.Module):
