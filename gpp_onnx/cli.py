@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import model as model_io
 from . import distributed, pipeline, push_prune, report
-from .config import RENORM_LR, PruneConfig, TrainOptions
+from .config import PruneConfig, TrainOptions, with_lr
 from .errors import GppError, InputError
 from .cli_args import _data_options, _input_shape, _timing, build_parser
 from .progress import ProgressHandler
@@ -39,12 +39,10 @@ def _grow_config(args):
 
 
 def _prune_config(args) -> PruneConfig:
-    lr = TrainOptions.lr if args.lr is None else args.lr
-    train = TrainOptions(epochs=getattr(args, "finetune_epochs", 0.0), lr=lr,
-                         batch_size=args.batch_size, device=args.device, distill=args.distill,
-                         temperature=args.temperature, batchnorm=args.batchnorm,
-                         renorm=args.renorm,
-                         renorm_lr=RENORM_LR if args.lr is None else args.lr)
+    train = with_lr(replace(PruneConfig().train, epochs=getattr(args, "finetune_epochs", 0.0),
+                            batch_size=args.batch_size, device=args.device,
+                            distill=args.distill, temperature=args.temperature,
+                            batchnorm=args.batchnorm, renorm=args.renorm), args.lr)
     return PruneConfig(ratio=args.ratio, target_macs=args.target_macs,
                        target_params=args.target_params, target_latency=args.target_latency,
                        allocation=args.allocation, criterion=args.criterion,

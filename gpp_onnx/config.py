@@ -60,6 +60,12 @@ class TrainOptions:
 RENORM_LR = 0.03
 
 
+def with_lr(train: TrainOptions, lr: float | None) -> TrainOptions:
+    """`train` after ``--lr``: a given rate is both the plain one and the one while
+    BatchNorm is put back; None leaves the defaults."""
+    return train if lr is None else replace(train, lr=lr, renorm_lr=lr)
+
+
 @dataclass(frozen=True)
 class LatencyOptions:
     """How latency is measured (the summary's ratio, --target-latency, profile)."""

@@ -34,7 +34,6 @@ import json
 import logging
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,7 +195,7 @@ def gpp_arm(args) -> int:
     import onnx
 
     import gpp_onnx
-    from gpp_onnx.config import DataOptions, PruneConfig, TrainOptions
+    from gpp_onnx.config import DataOptions, PruneConfig, TrainOptions, with_lr
     from gpp_onnx.evaluation import accuracy, dataset_for
     from gpp_onnx.finetune import train_model
     from gpp_onnx.graph import GraphView
@@ -234,7 +233,7 @@ def gpp_arm(args) -> int:
     if not out.exists():
         t0 = time.perf_counter()
         # the command's training defaults, at --lr (which sets both of its rates)
-        train = replace(PruneConfig().train, lr=args.lr, renorm_lr=args.lr)
+        train = with_lr(PruneConfig().train, args.lr)
         config = PruneConfig(data=data, target_macs=1.0, rounds=args.rounds, round_to=1,
                              allocation=args.allocation, latency=False, seed=args.seed,
                              train=train)

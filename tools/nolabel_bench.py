@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gpp_onnx import PruneConfig, pipeline, prune  # noqa: E402
-from gpp_onnx.config import DataOptions  # noqa: E402
+from gpp_onnx.config import DataOptions, with_lr  # noqa: E402
 from gpp_onnx.data import select  # noqa: E402
 from gpp_onnx.sources import resolve  # noqa: E402
 
@@ -59,18 +59,13 @@ RUNS = {"labels": (True, "auto", 0.0), "no labels": (False, "auto", 0.0),
         "labels+kd": (True, "auto", 1.0), "fisher+ce": (True, "fisher", 0.0)}
 
 
-def _lr(args) -> dict:
-    """prune's --lr: both learning rates when given, else the defaults."""
-    return {} if args.lr is None else {"lr": args.lr, "renorm_lr": args.lr}
-
-
 def run(name: str, model: Path, out: Path, data: DataOptions, args) -> dict:
     dst = out / f"{name.replace(' ', '_')}.onnx"
     _, criterion, distill = RUNS[name]
     cfg = PruneConfig(target_macs=args.target_macs, data=data, latency=False, seed=args.seed,
                       criterion=criterion,
-                      train=replace(PruneConfig().train, epochs=args.finetune_epochs,
-                                    distill=distill, **_lr(args)))
+                      train=with_lr(replace(PruneConfig().train, epochs=args.finetune_epochs,
+                                            distill=distill), args.lr))
     t0 = time.perf_counter()
     res = prune(model, dst, cfg)
     seconds = time.perf_counter() - t0
