@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from . import distributed, exact, latency, repair, report, surgery, verify
-from .allocate import plan_global
+from .allocate import fill, plan_global
 from .analysis import Analysis
 from .analysis.features import final_hidden_layer
 from .config import PruneConfig
@@ -97,7 +97,8 @@ def _cumulative(analysis: Analysis, widths: dict[str, int], ratio: float, k: int
 
 def _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
                    overrides) -> PrunePlan:
-    """A MACs or params target: uniform ratio search or global allocation."""
+    """A MACs or params target: uniform ratio search (the budget its rounded widths leave
+    given back by ``allocate.fill``) or global allocation."""
     est = Estimator(analysis)
     field_name, fraction = (("macs", config.target_macs) if config.target_macs is not None
                             else ("params", config.target_params))
@@ -109,8 +110,11 @@ def _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
         return getattr(est.estimate(kept), field_name)
 
     if config.allocation != "global":
-        return plan_for_target(analysis, scores, digest, lambda p: cost(kept_elements(analysis, p)),
+        plan = plan_for_target(analysis, scores, digest, lambda p: cost(kept_elements(analysis, p)),
                                goal, config.min_keep, multiples, meta, overrides)
+        if cost(kept_elements(analysis, plan)) > goal * now:
+            return plan  # the floors stop short of the goal; the report says so
+        return fill(analysis, plan, scores, cost, goal * now, plan.meta["round_to"], overrides)
     for q in multiples:  # coarsest multiple that reaches the goal
         plan = plan_global(analysis, scores, digest, cost, goal * now, config.min_keep, q, meta)
         if cost(kept_elements(analysis, plan)) <= goal * now:

@@ -8,12 +8,12 @@ import onnx
 import pytest
 
 from gpp_onnx import latency
-from gpp_onnx.allocate import plan_global
+from gpp_onnx.allocate import fill, plan_global
 from gpp_onnx.analysis import analyze_model
 from gpp_onnx.cli import main
 from gpp_onnx.latency_model import LatencyModel, plan_for_latency
 from gpp_onnx.model import normalize
-from gpp_onnx.plan import kept_elements
+from gpp_onnx.plan import PrunePlan, kept_elements, plan_by_ratio
 from gpp_onnx.samples import GraphBuilder
 
 
@@ -70,6 +70,66 @@ def test_global_allocation_keeps_the_floor_and_the_best_channels():
         assert min(scores[k][kept]) >= max(scores[k][dropped])   # lowest scores go
 
 
+def test_fill_spends_what_is_left_on_the_cheapest_channels_and_stops_at_the_goal():
+    analysis = _analysis(_chain())
+    keys = [g.key for g in analysis.prunable]
+    scores = {k: np.linspace(1, 2, 32) for k in keys}
+    cost = _linear_cost(analysis, {keys[0]: 1.0, keys[1]: 10.0, keys[2]: 2.0})
+    half = plan_by_ratio(analysis, scores, 0.5, "d", round_to=4)   # 16 of each go: cost 208
+    assert cost(kept_elements(analysis, half)) == 208
+    # 20 left: group 0's 16 channels cost 16; then a block of 4 of group 2 (8) no longer
+    # fits, nor one of group 1 (40)
+    plan = fill(analysis, half, scores, cost, 228.0, round_to=4)
+    assert plan.removed[keys[0]] == ()
+    assert plan.removed[keys[1]] == half.removed[keys[1]]
+    assert plan.removed[keys[2]] == half.removed[keys[2]]
+    assert cost(kept_elements(analysis, plan)) == 224
+    assert plan.meta["filled_from"] == pytest.approx(208 / 228)
+
+
+def test_fill_gives_back_the_best_scored_channels_in_blocks_and_skips_fixed_groups():
+    analysis = _analysis(_chain())
+    keys = [g.key for g in analysis.prunable]
+    rng = np.random.default_rng(1)
+    scores = {k: rng.random(32) for k in keys}
+    cost = _linear_cost(analysis, {k: 1.0 for k in keys})
+    start = plan_by_ratio(analysis, scores, 0.75, "d", round_to=4)    # 8 kept of each
+    plan = fill(analysis, start, scores, cost, 8 * 3 + 12.0, round_to=4, fixed={keys[1]})
+    assert plan.removed[keys[1]] == start.removed[keys[1]]
+    assert cost(kept_elements(analysis, plan)) == 36    # the 12 left, in blocks of 4
+    for k in keys:
+        kept = sorted(set(range(32)) - set(plan.removed[k]))
+        assert len(kept) % 4 == 0 and set(plan.removed[k]) <= set(start.removed[k])
+        assert min(scores[k][kept]) >= max(scores[k][list(plan.removed[k])])
+
+
+def _conv_macs(widths, cin=3, side=16, k=3) -> int:
+    """MACs of a chain of same-padded 3x3 convs of these output widths."""
+    total = 0
+    for w in widths:
+        total, cin = total + cin * w * k * k * side * side, w
+    return total
+
+
+def test_a_macs_target_spends_the_budget_the_rounded_uniform_widths_leave(tmp_path):
+    src = tmp_path / "m.onnx"
+    full = (24, 40, 24)
+    onnx.save(_chain(widths=full, side=16), src)
+    out = tmp_path / "p.onnx"
+    assert main(["-q", "prune", str(src), "--target-macs", "0.4", "--round-to", "8",
+                 "--no-latency", "-o", str(out)]) == 0
+    kept = [int(i.dims[0]) for i in onnx.load(out).graph.initializer if len(i.dims) == 4]
+    goal = 0.4 * _conv_macs(full)
+    assert _conv_macs(kept) <= goal
+    # the uniform ratio alone keeps 16 of each (0.28 of the MACs); no group could take
+    # another block of 8 within the target
+    assert _conv_macs(kept) > _conv_macs((16, 16, 16))
+    for i, w in enumerate(kept):
+        if w < full[i]:
+            wider = kept[:i] + [min(w + 8, full[i])] + kept[i + 1:]
+            assert _conv_macs(wider) > goal
+
+
 def test_latency_model_charges_kernels_to_channels_and_falls_with_the_cut():
     analysis = _analysis(_chain(widths=(32, 64, 64), side=32))
     feeds = analysis.view.probe_feeds
@@ -78,7 +138,6 @@ def test_latency_model_charges_kernels_to_channels_and_falls_with_the_cut():
     assert model.estimate({}) == pytest.approx(model.total)
     keys = [g.key for g in analysis.prunable]
     half = {k: tuple(range(g.width // 2)) for k, g in zip(keys, analysis.prunable)}
-    from gpp_onnx.plan import PrunePlan
     kept = kept_elements(analysis, PrunePlan(half, {g.key: g.width for g in analysis.prunable},
                                              "d"))
     assert model.estimate(kept) < 0.8 * model.total
