@@ -143,7 +143,9 @@ def _cut_args(pr: argparse.ArgumentParser) -> None:
                         "onnxruntime CPU latency measured here (channels ranked globally by "
                         "utility per unit of latency; the cut model is timed and corrected)")
     pr.add_argument("--allocation", choices=["uniform", "global"],
-                    help="the same ratio in every group (default for MACs/params targets) or "
+                    help="the same ratio in every group (default for MACs/params targets, "
+                    "where the budget the rounded widths leave is given back by utility per "
+                    "cost) or "
                     "channels ranked globally by utility per unit of cost (default for "
                     "--target-latency)")
     pr.add_argument("--criterion", default="auto",
