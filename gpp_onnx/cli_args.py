@@ -116,7 +116,9 @@ def _gpp_parser(sub) -> None:
     gp.add_argument("--split", choices=SPLITS, default=GppOptions.split,
                     help="fine-tune after every cut (even) or only after the last (final)")
     gp.add_argument("--acc-floor", type=float, default=GppOptions.acc_floor,
-                    help="stop when held-out accuracy falls more than this below the start")
+                    help="end the gradual rounds when held-out accuracy falls more than this "
+                    "below the start (a MACs/params target not met yet: the rest of the cut "
+                    "is made at once and fine-tuned with the epochs left)")
     _push_weight_args(gp, GppOptions.weights)
     gp.add_argument("--grow", type=_count, default=0, metavar="N",
                     help="first grow up to N Inception modules (each kept while held-out "

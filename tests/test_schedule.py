@@ -132,11 +132,33 @@ def test_gpp_without_data_is_a_one_line_error(trained, tmp_path, capsys):
     assert code == 2 and "labelled data" in capsys.readouterr().err
 
 
-def test_the_accuracy_floor_stops_the_run_and_keeps_its_rounds(trained, tmp_path, capsys):
-    # a tenth of the MACs in two rounds: the first cut (to 0.3 of the MACs) cannot keep the
-    # start's accuracy exactly, so a floor of 0 stops the run before the target is met
+def test_below_the_floor_the_rest_of_a_macs_target_is_cut_at_once(trained, tmp_path):
+    """A tenth of the MACs over three rounds: the first cut cannot keep the start's
+    accuracy exactly, so with a floor of 0 the push of round 2 crosses it. Round 2 then
+    cuts straight to the target (no push in later rounds) and its fine-tune takes every
+    epoch left."""
     out = tmp_path / "o.onnx"
-    code = main(["-q", "gpp", str(trained), "--data", "digits", "--target-macs", "0.1",
+    assert main(["-q", "gpp", str(trained), "--data", "digits", "--target-macs", "0.1",
+                 "--rounds", "3", "--budget-epochs", "3", "--round-to", "1", "--acc-floor",
+                 "0", "--no-latency", "-o", str(out)]) == 0
+    before, after = count(GraphView(onnx.load(trained))), count(GraphView(onnx.load(out)))
+    assert after.macs <= 0.1 * before.macs
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    assert "in round 2" in rep["stopped"] and "made at once" in rep["stopped"]
+    rounds = rep["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[1]["macs"] <= 0.1 * before.macs < rounds[0]["macs"]
+    # two pushes of a quarter of the budget split over three rounds, then the rest
+    push = 3.0 * 0.25 / 3
+    assert rounds[1]["finetune_epochs"] == pytest.approx(3.0 - 2 * push)
+    assert rep["epochs_used"] == pytest.approx(3.0)
+
+
+def test_the_accuracy_floor_stops_a_ratio_run_and_keeps_its_rounds(trained, tmp_path, capsys):
+    # half of every group in two rounds: without a cost target the floor of 0 stops the
+    # run in round 2, before its last cut, and no model is written
+    out = tmp_path / "o.onnx"
+    code = main(["-q", "gpp", str(trained), "--data", "digits", "--ratio", "0.9",
                  "--rounds", "2", "--budget-epochs", "2", "--round-to", "1", "--acc-floor", "0",
                  "--no-latency", "-o", str(out)])
     err = capsys.readouterr().err
