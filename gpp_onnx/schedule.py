@@ -261,8 +261,10 @@ def finetune_step(model, state: State, run: Run):
     epochs = run.finetune_epochs(k)
     if state.at_once:
         epochs = run.options.round_budget() - _round_epochs(state)
-        state = replace(state, stop=f"{state.at_once}; the rest of the cut was made at once "
-                                    f"and fine-tuned with the {epochs:.2f} epochs left")
+        then = (f"the rest of the cut was made at once and fine-tuned with the {epochs:.2f} "
+                "epochs left" if k < run.config.rounds else
+                "the last round went on, as no model had met the target yet")
+        state = replace(state, stop=f"{state.at_once}; {then}")
     elif k < run.config.rounds and _meets_target(run, k, *state.cost):
         # the cut met the target before the last round (kept widths are rounded, so a
         # round can overshoot its share): no cut is left to make, so the rounds end here
