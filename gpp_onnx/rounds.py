@@ -98,28 +98,45 @@ def _cumulative(analysis: Analysis, widths: dict[str, int], ratio: float, k: int
 def _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
                    overrides) -> PrunePlan:
     """A MACs or params target: uniform ratio search (the budget its rounded widths leave
-    given back by ``allocate.fill``) or global allocation."""
+    given back by ``allocate.fill``) or global allocation, with the coarsest width
+    multiple that reaches the goal.
+
+    Before the last of several rounds, only the multiples the last round's goal can be
+    reached with are tried: an early round that rounds to a coarser block (its goal is
+    milder) leaves widths the later rounds cannot cut evenly. On the Fashion-MNIST
+    Inception net at 0.1 of the MACs, three cuts without push ended at 0.8468 held-out
+    after rounds of 8- and 4-channel blocks, 0.8780 with 2-channel blocks throughout."""
     est = Estimator(analysis)
     field_name, fraction = (("macs", config.target_macs) if config.target_macs is not None
                             else ("params", config.target_params))
     now = getattr(est.estimate({}), field_name)
     original = getattr(base, field_name) if base is not None else now
-    goal = min(1.0, fraction ** (k / config.rounds) * original / max(now, 1))
 
     def cost(kept) -> float:
         return getattr(est.estimate(kept), field_name)
 
-    if config.allocation != "global":
+    def plan_at(goal, q) -> PrunePlan:
+        if config.allocation == "global":
+            return plan_global(analysis, scores, digest, cost, goal * now, config.min_keep, q,
+                               meta)
         plan = plan_for_target(analysis, scores, digest, lambda p: cost(kept_elements(analysis, p)),
-                               goal, config.min_keep, multiples, meta, overrides)
+                               goal, config.min_keep, q, meta, overrides)
         if cost(kept_elements(analysis, plan)) > goal * now:
             return plan  # the floors stop short of the goal; the report says so
-        return fill(analysis, plan, scores, cost, goal * now, plan.meta["round_to"], overrides)
-    for q in multiples:  # coarsest multiple that reaches the goal
-        plan = plan_global(analysis, scores, digest, cost, goal * now, config.min_keep, q, meta)
-        if cost(kept_elements(analysis, plan)) <= goal * now:
-            break
-    return plan
+        return fill(analysis, plan, scores, cost, goal * now, q, overrides)
+
+    def coarsest(goal, qs) -> tuple[int, PrunePlan]:
+        for q in qs:
+            plan = plan_at(goal, q)
+            if cost(kept_elements(analysis, plan)) <= goal * now:
+                break
+        return q, plan
+
+    if k < config.rounds and len(multiples) > 1:
+        last, _ = coarsest(min(1.0, fraction * original / max(now, 1)), multiples)
+        multiples = tuple(q for q in multiples if q <= last)
+    return coarsest(min(1.0, fraction ** (k / config.rounds) * original / max(now, 1)),
+                    multiples)[1]
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,29 @@ def test_a_macs_target_spends_the_budget_the_rounded_uniform_widths_leave(tmp_pa
             assert _conv_macs(wider) > goal
 
 
+def test_early_rounds_round_widths_to_the_block_the_last_round_needs():
+    """Round 1 of 3 has a mild goal that 8-channel blocks reach, but the last round's
+    goal needs blocks of 4: round 1 already rounds to 4, as the last round does, where
+    the same goal in a single round rounds to 8."""
+    from gpp_onnx.config import PruneConfig
+    from gpp_onnx.rounds import _plan_for_cost
+
+    analysis = _analysis(_chain(widths=(32, 32, 32), side=8))
+    rng = np.random.default_rng(0)
+    scores = {g.key: rng.random(g.width) + 0.1 for g in analysis.prunable}
+
+    def plan(fraction, rounds, k):
+        return _plan_for_cost(analysis, PruneConfig(target_macs=fraction, rounds=rounds),
+                              scores, "d", k, None, (8, 4, 2, 1), {}, {})
+
+    first, last = plan(0.03, 3, 1), plan(0.03, 3, 3)
+    alone = plan(0.03 ** (1 / 3), 1, 1)
+    assert alone.meta["round_to"] == 8
+    assert first.meta["round_to"] == last.meta["round_to"] == 4
+    for g in analysis.prunable:
+        assert (g.width - len(first.removed[g.key])) % 4 == 0
+
+
 def test_latency_model_charges_kernels_to_channels_and_falls_with_the_cut():
     analysis = _analysis(_chain(widths=(32, 64, 64), side=32))
     feeds = analysis.view.probe_feeds
