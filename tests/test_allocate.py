@@ -56,18 +56,27 @@ def test_global_allocation_cuts_the_expensive_group_first():
     assert plan.meta["allocation"] == "global"
 
 
-def test_global_allocation_keeps_the_floor_and_the_best_channels():
+def _random_scores(seed: int):
+    """The 3-conv chain, random scores and a cost of one unit per kept channel."""
     analysis = _analysis(_chain())
     keys = [g.key for g in analysis.prunable]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     scores = {k: rng.random(32) for k in keys}
-    cost = _linear_cost(analysis, {k: 1.0 for k in keys})
+    return analysis, keys, scores, _linear_cost(analysis, {k: 1.0 for k in keys})
+
+
+def _kept_are_the_best(plan, scores, key) -> list[int]:
+    kept = sorted(set(range(32)) - set(plan.removed[key]))
+    assert min(scores[key][kept]) >= max(scores[key][list(plan.removed[key])])
+    return kept
+
+
+def test_global_allocation_keeps_the_floor_and_the_best_channels():
+    analysis, keys, scores, cost = _random_scores(0)
     plan = plan_global(analysis, scores, "d", cost, 0.01 * cost({}), min_keep=3, round_to=4)
     for k in keys:
-        kept = sorted(set(range(32)) - set(plan.removed[k]))
+        kept = _kept_are_the_best(plan, scores, k)               # lowest scores go
         assert len(kept) >= 3 and len(kept) % 4 == 0              # floor, then multiple
-        dropped = list(plan.removed[k])
-        assert min(scores[k][kept]) >= max(scores[k][dropped])   # lowest scores go
 
 
 def test_fill_spends_what_is_left_on_the_cheapest_channels_and_stops_at_the_goal():
@@ -88,19 +97,14 @@ def test_fill_spends_what_is_left_on_the_cheapest_channels_and_stops_at_the_goal
 
 
 def test_fill_gives_back_the_best_scored_channels_in_blocks_and_skips_fixed_groups():
-    analysis = _analysis(_chain())
-    keys = [g.key for g in analysis.prunable]
-    rng = np.random.default_rng(1)
-    scores = {k: rng.random(32) for k in keys}
-    cost = _linear_cost(analysis, {k: 1.0 for k in keys})
+    analysis, keys, scores, cost = _random_scores(1)
     start = plan_by_ratio(analysis, scores, 0.75, "d", round_to=4)    # 8 kept of each
     plan = fill(analysis, start, scores, cost, 8 * 3 + 12.0, round_to=4, fixed={keys[1]})
     assert plan.removed[keys[1]] == start.removed[keys[1]]
     assert cost(kept_elements(analysis, plan)) == 36    # the 12 left, in blocks of 4
     for k in keys:
-        kept = sorted(set(range(32)) - set(plan.removed[k]))
+        kept = _kept_are_the_best(plan, scores, k)
         assert len(kept) % 4 == 0 and set(plan.removed[k]) <= set(start.removed[k])
-        assert min(scores[k][kept]) >= max(scores[k][list(plan.removed[k])])
 
 
 def _conv_macs(widths, cin=3, side=16, k=3) -> int:
