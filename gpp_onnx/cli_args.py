@@ -9,7 +9,7 @@ from .errors import InputError
 from .grow.loop import MIN_GAIN
 from .importance import criterion_names
 from .push import PushWeights
-from .schedule import GPP_ROUNDS, SPLITS, GppOptions
+from .schedule_options import GPP_ROUNDS, SPLITS, GppOptions
 
 
 def _shape(text: str) -> tuple[str | None, tuple[int, ...]]:
