@@ -102,7 +102,6 @@ def _normalised(s) -> np.ndarray:
     return s / mean if mean > 0 else np.ones_like(s)
 
 
-
 def fill(analysis, plan: PrunePlan, scores: dict[str, np.ndarray], cost, goal: float,
          round_to: int = 1, fixed=()) -> PrunePlan:
     """`plan` with removed channels given back while cost(plan) stays <= goal.
