@@ -112,7 +112,11 @@ def fill(analysis, plan: PrunePlan, scores: dict[str, np.ndarray], cost, goal: f
     is done: adding channels elsewhere only raises what its channels cost (they feed or
     read wider tensors). Values are refreshed lazily (a popped group is re-priced and put
     back if another now leads), so a step costs about one cost evaluation. Groups in
-    `fixed` (user-set ratios) keep their plan."""
+    `fixed` (user-set ratios) keep their plan; a plan already over the goal is returned
+    as it is."""
+    start = current = cost(kept_elements(analysis, plan))
+    if start > goal:
+        return plan
     removed = {k: list(v) for k, v in plan.removed.items()}
     norm = {g.key: _normalised(scores[g.key]) for g in analysis.prunable}
     multiple = {g.key: group_multiple(g, round_to) for g in analysis.prunable}
@@ -129,7 +133,6 @@ def fill(analysis, plan: PrunePlan, scores: dict[str, np.ndarray], cost, goal: f
         c = cost(kept_elements(analysis, build(trial)))
         return float(norm[key][back].sum()) / max(c - current, 1e-12), trial, c
 
-    start = current = cost(kept_elements(analysis, plan))
     heap = [(-math.inf, key) for key in sorted(removed) if removed[key] and key not in fixed]
     heapq.heapify(heap)
     while heap:

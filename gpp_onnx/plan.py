@@ -10,7 +10,7 @@ Building a plan from scores:
 * ``--target-macs f`` / ``--target-params f``: bisection on r until the estimated cost of
   the pruned model is at most f times the original (the cost falls as r grows). Without
   ``--round-to`` the widths are multiples of the runtime's block b (latency.py), or of
-  b/2, ..., 1 when the coarser multiples cannot reach the target.
+  b/2, ..., 1 when the coarser multiples cannot reach the target (``rounds``).
 * ``--eta e`` (data-driven criteria, METHOD section 3): per group, the threshold is
   ``t = e * std(u[u > 0])`` (sample std); channels with ``u < t`` and all zero-utility
   channels go, the floors still apply.
@@ -141,20 +141,14 @@ def plan_by_threshold(analysis, scores: dict[str, np.ndarray], eta: float, diges
 
 
 def plan_for_target(analysis, scores, digest: str, cost, fraction: float, min_keep: int = 1,
-                    round_to: int | tuple[int, ...] = 1, meta: dict | None = None,
+                    round_to: int = 1, meta: dict | None = None,
                     overrides: dict[str, float] | None = None) -> PrunePlan:
-    """Smallest uniform ratio whose plan has cost(plan) <= fraction * cost(empty plan).
-
-    Given several width multiples (coarsest first), the first one that meets the goal is
-    used; when none does, the finest one's closest plan (the floors stop short of the
-    target; the report says so)."""
+    """Smallest uniform ratio whose plan has cost(plan) <= fraction * cost(empty plan);
+    when none has, the closest plan (the floors stop short of the target; the report
+    says so). Which width multiple to try is the caller's (``rounds._plan_for_cost``)."""
     goal = fraction * cost(plan_by_ratio(analysis, scores, 0.0, digest))
-    for q in (round_to,) if isinstance(round_to, int) else round_to:
-        plan = _search_ratio(analysis, scores, digest, cost, goal, min_keep, q,
-                             dict(meta or {}, round_to=q), overrides)
-        if cost(plan) <= goal:
-            break
-    return plan
+    return _search_ratio(analysis, scores, digest, cost, goal, min_keep, round_to,
+                         dict(meta or {}, round_to=round_to), overrides)
 
 
 def _search_ratio(analysis, scores, digest, cost, goal, min_keep, round_to, meta,

@@ -121,8 +121,6 @@ def _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
                                meta)
         plan = plan_for_target(analysis, scores, digest, lambda p: cost(kept_elements(analysis, p)),
                                goal, config.min_keep, q, meta, overrides)
-        if cost(kept_elements(analysis, plan)) > goal * now:
-            return plan  # the floors stop short of the goal; the report says so
         return fill(analysis, plan, scores, cost, goal * now, q, overrides)
 
     def coarsest(goal, qs) -> tuple[int, PrunePlan]:
