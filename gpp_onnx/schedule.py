@@ -183,19 +183,22 @@ def finetune_step(model, state: State, run: Run):
     if state.stop:
         return model, state, {}
     epochs = run.finetune_epochs(k)
-    if state.at_once:
+    rounds = run.config.rounds
+    if state.at_once or (k < rounds and _meets_target(run, k, *state.cost)):
+        # no cut is left to make: the floor sent this round's cut straight to the target,
+        # or kept widths, rounded, took it there before the last round. The rounds end
+        # here and this fine-tune takes every epoch they have left
         epochs = run.options.round_budget() - _round_epochs(state)
-        then = (f"the rest of the cut was made at once and fine-tuned with the {epochs:.2f} "
-                "epochs left" if k < run.config.rounds else
-                "the last round went on, as no model had met the target yet")
-        state = replace(state, stop=f"{state.at_once}; {then}")
-    elif k < run.config.rounds and _meets_target(run, k, *state.cost):
-        # the cut met the target before the last round (kept widths are rounded, so a
-        # round can overshoot its share): no cut is left to make, so the rounds end here
-        # and this fine-tune takes every epoch the rounds have left
-        epochs = run.options.round_budget() - _round_epochs(state)
-        state = replace(state, stop=f"the target was met in round {k} of {run.config.rounds}; "
-                                    f"its fine-tune took the {epochs:.2f} epochs left")
+        if not state.at_once:
+            why = f"the target was met in round {k} of {rounds}; its fine-tune took the "
+        elif k < rounds:
+            why = (f"{state.at_once}; the rest of the cut was made at once and fine-tuned "
+                   "with the ")
+        else:
+            why = (f"{state.at_once}; the last round went on, as no model had met the target; "
+                   "its fine-tune took the ")
+        why += f"{epochs:.2f} epochs left"
+        state = replace(state, stop=why)
     if epochs <= 0:
         return model, state, {}
     teacher = run.data.teacher if run.config.train.distill > 0 else None  # --distill W
