@@ -18,6 +18,15 @@ Every model is evaluated on the 10k test file through onnxruntime. The held-out 
 (10% of the training file, the pipeline's default) serves grow's keep/drop decisions
 and prune's scoring only. Prints a table and writes ``OUT/grow_bench.json``.
 
+``--gpp NAME --ceiling`` instead trains the grown model (modules inserted untrained at
+``--at`` or the automatic positions) for the whole ``--budget-epochs`` without pruning:
+the most a prune back to the base's cost can keep of what the modules add.
+
+``--gpp NAME --widened MACS``: the other comparison of the grow issue, the base's convs
+widened alike to about MACS (the grown model's MACs), trained from scratch as long as
+the grown model is before its rounds, then ``gpp`` (no grow) back to the base's MACs
+with the rounds' share of the budget and settings.
+
 ``--gpp NAME`` runs one arm of ``gpp --grow`` instead (the product command:
 ``--max-modules`` is N, ``--budget-epochs`` the whole budget after the base's training,
 ``--grow-share``, ``--rounds``, ``--allocation``, ``--at``; target ``--target-macs 1.0``:
@@ -41,12 +50,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def base_net(seed: int = 0):
+def base_net(seed: int = 0, widths: tuple[int, int] = (8, 16)):
     from gpp_onnx.samples import GraphBuilder
 
     b = GraphBuilder((1, 1, 28, 28), seed=seed, name="fmnist_small")
-    x = b.pool(b.act(b.conv("input", 8), "Relu"))          # 14x14
-    x = b.pool(b.act(b.conv(x, 16), "Relu"))               # 7x7
+    x = b.pool(b.act(b.conv("input", widths[0]), "Relu"))  # 14x14
+    x = b.pool(b.act(b.conv(x, widths[1]), "Relu"))        # 7x7
     return b.build(b.gemm(b.flatten(x), 10))
 
 
@@ -120,6 +129,11 @@ def parse_args(argv=None):
     p.add_argument("--acc-floor", type=float, default=1.0,
                    help="gpp arms: 1.0 (default) never stops early: every round is measured")
     p.add_argument("--test", action="store_true", help="gpp arms: test accuracy too")
+    p.add_argument("--widened", type=float, metavar="MACS",
+                   help="with --gpp NAME: a base widened to about MACS (the grown model's), "
+                        "trained as long as the grown one, then gpp back to the base's MACs")
+    p.add_argument("--ceiling", action="store_true",
+                   help="with --gpp NAME: the grown model trained --budget-epochs, unpruned")
     p.add_argument("--residual", type=float, metavar="EPOCHS",
                    help="train the residual net of the comparison instead, EPOCHS epochs")
     return p.parse_args(argv)
@@ -229,6 +243,10 @@ def gpp_arm(args) -> int:
 
     measure("base", onnx.load(path), args.base_epochs)
     measure(f"base trained {total:g} epochs", onnx.load(longer), total)
+    if args.ceiling:
+        return ceiling_arm(args, onnx.load(path), splits, measure, arms, arms_path)
+    if args.widened:
+        return widened_arm(args, onnx.load(path), splits, measure, arms, arms_path)
     out = args.out / f"{args.gpp}.onnx"
     if not out.exists():
         t0 = time.perf_counter()
@@ -255,6 +273,74 @@ def gpp_arm(args) -> int:
             "min_gain", "split", "acc_floor", "branch_widths")},
         "kept": rep["grow"]["kept"], "grown_macs": rep["grow"]["macs"],
         "best": rep["best"], "branches": rep["grow"]["after"]})
+    arms_path.write_text(json.dumps(arms, indent=1))
+    print(gpp_table(arms.values()))
+    return 0
+
+
+def ceiling_arm(args, base, splits, measure, arms, arms_path) -> int:
+    """The grown model (modules at ``--at``, else the automatic positions, inserted
+    untrained) trained the whole ``--budget-epochs`` from the base, never pruned: what
+    the grown capacity gives within the budget, the most a prune back can keep."""
+    import onnx
+
+    import gpp_onnx
+    from gpp_onnx.config import TrainOptions
+    from gpp_onnx.finetune import train_model
+    from gpp_onnx.grow import Widths
+
+    out = args.out / f"{args.gpp}.onnx"
+    if not out.exists():
+        grown = gpp_onnx.grow(base, max_modules=args.max_modules, at=tuple(args.at),
+                              widths=Widths(*(args.branch_widths or (None,) * 3)),
+                              train=TrainOptions(epochs=0)).model
+        onnx.save(train_model(grown, splits.train,
+                              _epochs(TrainOptions(lr=args.lr), args.budget_epochs),
+                              args.seed + 1), out)
+    measure(args.gpp, onnx.load(out), args.base_epochs + args.budget_epochs, {
+        "settings": {"ceiling": True, "max_modules": args.max_modules, "at": args.at,
+                     "branch_widths": args.branch_widths}})
+    arms_path.write_text(json.dumps(arms, indent=1))
+    print(gpp_table(arms.values()))
+    return 0
+
+
+def widened_arm(args, base, splits, measure, arms, arms_path) -> int:
+    """The base's two convs widened alike (8k, 16k rounded) to the MACs closest to
+    ``--widened``, trained from scratch as long as the grown model is before its rounds
+    (``--base-epochs`` + the grow share of ``--budget-epochs``), then ``gpp`` without grow
+    back to the base's MACs with the rest of the budget, the rounds' settings otherwise."""
+    import onnx
+
+    import gpp_onnx
+    from gpp_onnx.config import DataOptions, PruneConfig, TrainOptions, with_lr
+    from gpp_onnx.finetune import train_model
+
+    base_macs = stats(base).macs
+    grid = [(round(8 * f / 10), round(16 * f / 10)) for f in range(10, 41)]
+    widths = min(grid, key=lambda w: abs(stats(base_net(args.seed, w)).macs - args.widened))
+    wide_path = args.out / f"widened-{widths[0]}-{widths[1]}.onnx"
+    before = args.base_epochs + args.budget_epochs * args.grow_share
+    if not wide_path.exists():
+        onnx.save(train_model(base_net(args.seed, widths), splits.train,
+                              _epochs(TrainOptions(lr=args.lr), before), args.seed), wide_path)
+    wide = onnx.load(wide_path)
+    measure(f"widened {widths[0]}/{widths[1]}", wide, before)
+    out = args.out / f"{args.gpp}.onnx"
+    if not out.exists():
+        config = PruneConfig(data=DataOptions("fashion-mnist", limit=args.limit),
+                             target_macs=base_macs / stats(wide).macs, rounds=args.rounds,
+                             round_to=1, allocation=args.allocation, latency=False,
+                             seed=args.seed, train=with_lr(PruneConfig().train, args.lr))
+        work = out.with_name(out.name + ".gpp-work")
+        gpp_onnx.gpp(wide_path, out, config, gpp_onnx.GppOptions(
+            budget_epochs=args.budget_epochs * (1 - args.grow_share), split=args.split,
+            acc_floor=args.acc_floor, resume=(work / "state.json").exists()))
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    measure(args.gpp, onnx.load(out), before + rep["epochs_used"], {
+        "settings": {"widened": list(widths), "rounds": args.rounds,
+                     "allocation": args.allocation, "split": args.split},
+        "grown_macs": stats(wide).macs, "best": rep["best"]})
     arms_path.write_text(json.dumps(arms, indent=1))
     print(gpp_table(arms.values()))
     return 0
