@@ -96,6 +96,12 @@ def prune_summary(result) -> str:
                                       else "the original's outputs are the reference"))
     if rep.get("fidelity"):
         lines.append(fidelity_table(rep["fidelity"]))
+    cut_kept = [str(r["round"]) for r in rep["rounds"] if r.get("kept") == "cut"
+                and (r.get("accuracy_after_finetune") is not None
+                     or (r.get("fidelity") or {}).get("finetuned"))]
+    if cut_kept:
+        lines.append(f"kept the repaired cut, not the fine-tuned model, in round(s) "
+                     f"{', '.join(cut_kept)}: fine-tuning did worse on the held-out data")
     if rep["config"]["mask_only"]:
         lines.append("mask-only: the written model keeps the original shapes with the removed "
                      "channels zeroed; 'after' counts the equivalent pruned model")
@@ -336,8 +342,7 @@ def json_report(src, dst, config, rounds, before, after, latency, acc_before, se
                    "file_bytes": sizes[0], "accuracy": acc_before},
         "after": {"params": after.params, "macs": after.macs,
                   "file_bytes": sizes[1],
-                  "accuracy": last.accuracy_tuned if last.accuracy_tuned is not None
-                  else last.accuracy_cut},
+                  "accuracy": last.accuracy_tuned if last.finetuned else last.accuracy_cut},
         "ratios": {"params": after.params / max(before.params, 1),
                    "macs": after.macs / max(before.macs, 1), "latency": latency},
         "equivalence_relative_error": max(r.error for r in rounds),
@@ -350,6 +355,7 @@ def json_report(src, dst, config, rounds, before, after, latency, acc_before, se
                     "removed_channels": r.plan.removed_channels,
                     "accuracy_after_cut": r.accuracy_cut,
                     "accuracy_after_finetune": r.accuracy_tuned, "fidelity": r.fidelity,
+                    "kept": "fine-tuned" if r.finetuned else "cut",
                     "equivalence_relative_error": r.error, "repair": r.repair,
                     "equivalence_relative_error_float32": r.error_float32,
                     "equivalence_relative_error_float64": r.error_float64,

@@ -157,6 +157,8 @@ class Round:
     fidelity: dict | None = None        # stage -> output -> relative error, top-1 agreement
     error_float64: float | None = None  # pruned vs masked in float64 (exact.py), when run
     tolerance: verify.Tolerance | None = None  # what the float32 error was held to
+    finetuned: bool = False             # `model` is the fine-tuned one (else the cut:
+    #                                     no fine-tuning, or it did worse on held-out data)
 
     @property
     def masked(self) -> onnx.ModelProto:
@@ -291,12 +293,18 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
     groups = report.group_rows(analysis, plan, scores)
     return Round(k, plan, groups, pruned, masked, err, params, stats.macs, acc_cut, acc_tuned,
                  repaired, wide, None if tuned else source, fid, verdict.error_float64,
-                 verdict.tolerance)
+                 verdict.tolerance, tuned)
 
 
 def _measure(pruned, bare, data: Splits | None, config: PruneConfig, k: int):
     """Accuracy (with labels) and fidelity after the cut, fine-tuning, and both again:
-    (acc_cut, acc_tuned, model, whether it was fine-tuned, fidelity)."""
+    (acc_cut, acc_tuned, model, whether it was fine-tuned, fidelity).
+
+    The model returned is the fine-tuned one unless fine-tuning made it worse on the
+    held-out data: with labels, a lower accuracy than the repaired cut's; without, a lower
+    fidelity to the original on some output and a higher one on none
+    (``lowered_fidelity``). Then the repaired cut is kept and a warning says so: both
+    are measured on the same held-out images, the choice a validation split is for."""
     if data is None:
         return None, None, pruned, False, None
     labelled, teacher = data.val.labelled, data.teacher
@@ -311,34 +319,42 @@ def _measure(pruned, bare, data: Splits | None, config: PruneConfig, k: int):
     if config.train.epochs <= 0:
         return acc_cut, None, pruned, False, fid
     distil = teacher if not labelled or config.train.distill > 0 else None
-    pruned = train_model(pruned, data.train, config.train, config.seed + k, teacher=distil)
-    acc_tuned = accuracy(pruned, data.val) if labelled else None
+    tuned = train_model(pruned, data.train, config.train, config.seed + k, teacher=distil)
+    acc_tuned = accuracy(tuned, data.val) if labelled else None
+    worse = better = None
     if fid is not None:
-        fid["finetuned"] = _fidelity(teacher, pruned, data, config)
+        fid["finetuned"] = _fidelity(teacher, tuned, data, config)
         worse = lowered_fidelity(fid["repaired"] or fid["cut"], fid["finetuned"])
-        if worse and not labelled:
-            logger.warning("round %d: distillation lowered the held-out fidelity to the "
-                           "original (%s); the fine-tuned model is the one written - try a "
-                           "lower --lr or fewer --finetune-epochs", k, "; ".join(worse))
+        better = lowered_fidelity(fid["repaired"] or fid["cut"], fid["finetuned"], raised=True)
     if labelled:
         logger.info("round %d: accuracy after fine-tuning %.4f", k, acc_tuned)
         if acc_tuned < acc_cut:
             logger.warning("round %d: fine-tuning lowered the held-out accuracy (%.4f -> "
-                           "%.4f); the fine-tuned model is the one written - try a lower "
-                           "--lr or fewer --finetune-epochs", k, acc_cut, acc_tuned)
-    return acc_cut, acc_tuned, pruned, True, fid
+                           "%.4f); the repaired cut is kept - try a lower --lr or fewer "
+                           "--finetune-epochs", k, acc_cut, acc_tuned)
+            return acc_cut, acc_tuned, pruned, False, fid
+    elif worse:
+        logger.warning("round %d: distillation lowered the held-out fidelity to the "
+                       "original (%s); %s - try a lower --lr or fewer --finetune-epochs", k,
+                       "; ".join(worse), "it raised it on no output, so the repaired cut is "
+                       "kept" if not better else f"the fine-tuned model is kept (it raised the "
+                       f"fidelity of {len(better)} other output(s))")
+        if not better:
+            return acc_cut, acc_tuned, pruned, False, fid
+    return acc_cut, acc_tuned, tuned, True, fid
 
 
-def lowered_fidelity(before: dict, after: dict) -> list[str]:
+def lowered_fidelity(before: dict, after: dict, raised: bool = False) -> list[str]:
     """The outputs whose fidelity `after` is worse than `before` (class outputs: top-1
-    agreement down; others: relative error up), each as 'name before -> after'."""
-    worse = []
+    agreement down; others: relative error up), each as 'name before -> after'; with
+    `raised`, those whose fidelity is better instead."""
+    changed = []
     for name, row in after.items():
         key = "top1_agreement" if "top1_agreement" in row else "relative_error"
         was, now = before[name][key], row[key]
-        if (now < was) if key == "top1_agreement" else (now > was):
-            worse.append(f"{name} {key.replace('_', ' ')} {was:.3f} -> {now:.3f}")
-    return worse
+        if ((now < was) if key == "top1_agreement" else (now > was)) != raised and now != was:
+            changed.append(f"{name} {key.replace('_', ' ')} {was:.3f} -> {now:.3f}")
+    return changed
 
 
 def _fidelity(teacher: Teacher, model, data: Splits, config: PruneConfig) -> dict:

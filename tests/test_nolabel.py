@@ -404,21 +404,29 @@ def test_softmax_output_is_distilled_through_its_logits(tmp_path):
 
 
 
-def test_lowered_fidelity_names_the_outputs_that_got_worse():
+def test_lowered_fidelity_names_the_outputs_that_got_worse_or_better():
     from gpp_onnx.rounds import lowered_fidelity
 
     before = {"cls": {"relative_error": 0.3, "top1_agreement": 0.9},
               "box": {"relative_error": 0.2}}
-    assert lowered_fidelity(before, {"cls": {"relative_error": 0.5, "top1_agreement": 0.95},
-                                     "box": {"relative_error": 0.1}}) == []
-    assert lowered_fidelity(before, {"cls": {"relative_error": 0.1, "top1_agreement": 0.8},
-                                     "box": {"relative_error": 0.25}}) == [
+    up = {"cls": {"relative_error": 0.5, "top1_agreement": 0.95}, "box": {"relative_error": 0.1}}
+    down = {"cls": {"relative_error": 0.1, "top1_agreement": 0.8}, "box": {"relative_error": 0.25}}
+    same = {"cls": {"relative_error": 0.1, "top1_agreement": 0.9}, "box": {"relative_error": 0.2}}
+    assert lowered_fidelity(before, up) == []
+    assert lowered_fidelity(before, up, raised=True) == [
+        "cls top1 agreement 0.900 -> 0.950", "box relative error 0.200 -> 0.100"]
+    assert lowered_fidelity(before, down) == [
         "cls top1 agreement 0.900 -> 0.800", "box relative error 0.200 -> 0.250"]
+    assert lowered_fidelity(before, down, raised=True) == []
+    assert lowered_fidelity(before, same) == lowered_fidelity(before, same, raised=True) == []
 
 
-def test_a_distillation_that_lowers_fidelity_is_reported(tmp_path, monkeypatch, caplog):
+def test_a_distillation_that_lowers_fidelity_is_reported_and_not_kept(tmp_path, monkeypatch,
+                                                                      caplog):
     """Fine-tuning that moves the model away from the original (here: a stand-in that
-    scales the weights) is named in a warning with the outputs it made worse."""
+    scales the weights) is named in a warning with the outputs it made worse; as it
+    raised the fidelity of no output, the model written is the repaired cut, the very
+    weights the same prune writes without fine-tuning."""
     from gpp_onnx import rounds
 
     def spoiled(model, *args, **kwargs):
@@ -430,13 +438,22 @@ def test_a_distillation_that_lowers_fidelity_is_reported(tmp_path, monkeypatch, 
                 t.CopyFrom(onnx.numpy_helper.from_array(a * 1.5, t.name))
         return out
 
-    monkeypatch.setattr(rounds, "train_model", spoiled)
     src = tmp_path / "m.onnx"
     onnx.save(two_output_cnn(), src)
     cfg = PruneConfig(ratio=0.5, round_to=1, latency=False,
-                      data=DataOptions(str(digits_x(tmp_path, 300))),
-                      train=TrainOptions(epochs=0.5))
+                      data=DataOptions(str(digits_x(tmp_path, 300))))
+    prune(src, tmp_path / "cut.onnx", cfg, train=TrainOptions(epochs=0))
+    monkeypatch.setattr(rounds, "train_model", spoiled)
     with caplog.at_level("WARNING", logger="gpp_onnx"):
-        prune(src, tmp_path / "o.onnx", cfg)
+        result = prune(src, tmp_path / "o.onnx", cfg, train=TrainOptions(epochs=0.5))
     assert "distillation lowered the held-out fidelity" in caplog.text
     assert "relative error" in caplog.text and "--lr" in caplog.text
+    fid = result.report["fidelity"]
+    assert not rounds.lowered_fidelity(fid["after_repair"], fid["after_finetune"], raised=True)
+    assert result.report["rounds"][0]["kept"] == "cut"
+    written = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "o.onnx")
+               .graph.initializer}
+    cut = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "cut.onnx")
+           .graph.initializer}
+    assert written.keys() == cut.keys()
+    assert all(np.array_equal(written[k], cut[k]) for k in cut)
