@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import model as model_io
 from . import distributed, pipeline, push_prune, report
-from .config import PruneConfig, TrainOptions, with_lr
+from .config import DISTILL, PruneConfig, TrainOptions, with_lr
 from .errors import GppError, InputError
 from .cli_args import _data_options, _input_shape, _timing, build_parser
 from .progress import ProgressHandler
@@ -41,7 +41,8 @@ def _grow_config(args):
 def _prune_config(args) -> PruneConfig:
     train = with_lr(replace(PruneConfig().train, epochs=getattr(args, "finetune_epochs", 0.0),
                             batch_size=args.batch_size, device=args.device,
-                            distill=args.distill, temperature=args.temperature,
+                            distill=DISTILL if args.distill is None else args.distill,
+                            temperature=args.temperature,
                             batchnorm=args.batchnorm, renorm=args.renorm), args.lr)
     return PruneConfig(ratio=args.ratio, target_macs=args.target_macs,
                        target_params=args.target_params, target_latency=args.target_latency,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import DataOptions, LatencyOptions, TrainOptions
+from .config import DISTILL, DataOptions, LatencyOptions, TrainOptions
 from .errors import InputError
 from .grow.loop import MIN_GAIN
 from .importance import criterion_names
@@ -186,8 +186,10 @@ def _prune_training_args(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--no-labels", action="store_true",
                     help="ignore the data's labels: label-free criterion (fisher), repair "
                     "and distillation to the original model's outputs")
-    pr.add_argument("--distill", type=float, default=0.0, metavar="W",
-                    help="with labels: add W x the distillation loss to cross-entropy")
+    pr.add_argument("--distill", type=float, metavar="W",
+                    help="with labels: add W x the distillation loss (the original model as "
+                    f"teacher) to cross-entropy (default {DISTILL:g}, chosen on validation "
+                    "accuracy; 0: cross-entropy alone)")
     pr.add_argument("--temperature", type=float, default=TrainOptions.temperature,
                     help="softmax temperature of the distillation KL (class outputs; "
                          "default %(default)s, chosen on held-out agreement)")
