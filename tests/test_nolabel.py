@@ -140,6 +140,30 @@ def test_losses_without_labels_and_with_distill(tmp_path):
     assert [type(x) for x in both] == [CrossEntropy, Distill] and both[1].weight == 0.5
 
 
+@pytest.mark.parametrize("flag, weight", [([], 1.0), (["--distill", "0"], None),
+                                          (["--distill", "0.5"], 0.5)])
+def test_labelled_cli_fine_tune_distils_by_default(tmp_path, monkeypatch, flag, weight):
+    """With labels, `prune --finetune-epochs` trains on cross-entropy plus the original's
+    outputs at weight 1 unless --distill says otherwise (0: cross-entropy alone)."""
+    from gpp_onnx import finetune, rounds
+
+    seen = []
+
+    def spy(model, data, options, seed=0, desc="", losses=None, teacher=None):
+        seen.append([(type(x).__name__, x.weight)
+                     for x in finetune.default_losses(data, options, teacher)])
+        return model
+
+    monkeypatch.setattr(rounds, "train_model", spy)
+    src = tmp_path / "m.onnx"
+    onnx.save(digits_cnn(0), src)
+    assert main(["-q", "prune", str(src), "--data", str(digits_x(tmp_path, 200, True)),
+                 "--ratio", "0.5", "--finetune-epochs", "1", "--no-latency", "-o",
+                 str(tmp_path / "o.onnx"), *flag]) == 0
+    want = [("CrossEntropy", 1.0)] + ([("Distill", weight)] if weight else [])
+    assert seen == [want]
+
+
 def test_teacher_targets_are_the_originals_outputs_per_batch(tmp_path):
     model = two_output_cnn()
     teacher = Teacher(model, output_kinds(analyze_model(model)))
