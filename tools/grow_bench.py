@@ -209,7 +209,7 @@ def gpp_arm(args) -> int:
     import onnx
 
     import gpp_onnx
-    from gpp_onnx.config import DataOptions, PruneConfig, TrainOptions, with_lr
+    from gpp_onnx.config import DataOptions, PruneConfig, TrainOptions
     from gpp_onnx.evaluation import accuracy, dataset_for
     from gpp_onnx.finetune import train_model
     from gpp_onnx.graph import GraphView
@@ -250,11 +250,7 @@ def gpp_arm(args) -> int:
     out = args.out / f"{args.gpp}.onnx"
     if not out.exists():
         t0 = time.perf_counter()
-        # the command's training defaults, at --lr (which sets both of its rates)
-        train = with_lr(PruneConfig().train, args.lr)
-        config = PruneConfig(data=data, target_macs=1.0, rounds=args.rounds, round_to=1,
-                             allocation=args.allocation, latency=False, seed=args.seed,
-                             train=train)
+        config = rounds_config(args, 1.0)
         from gpp_onnx.grow import Widths
 
         grow = gpp_onnx.GrowConfig(max_modules=args.max_modules, at=tuple(args.at),
@@ -305,6 +301,17 @@ def ceiling_arm(args, base, splits, measure, arms, arms_path) -> int:
     return 0
 
 
+def rounds_config(args, target_macs: float):
+    """The PruneConfig of a gpp arm's rounds: the command's training defaults at --lr
+    (which sets both of its rates), free widths, no latency."""
+    from gpp_onnx.config import DataOptions, PruneConfig, with_lr
+
+    return PruneConfig(data=DataOptions("fashion-mnist", limit=args.limit),
+                       target_macs=target_macs, rounds=args.rounds, round_to=1,
+                       allocation=args.allocation, latency=False, seed=args.seed,
+                       train=with_lr(PruneConfig().train, args.lr))
+
+
 def widened_arm(args, base, splits, measure, arms, arms_path) -> int:
     """The base's two convs widened alike (8k, 16k rounded) to the MACs closest to
     ``--widened``, trained from scratch as long as the grown model is before its rounds
@@ -313,7 +320,7 @@ def widened_arm(args, base, splits, measure, arms, arms_path) -> int:
     import onnx
 
     import gpp_onnx
-    from gpp_onnx.config import DataOptions, PruneConfig, TrainOptions, with_lr
+    from gpp_onnx.config import TrainOptions
     from gpp_onnx.finetune import train_model
 
     base_macs = stats(base).macs
@@ -328,10 +335,7 @@ def widened_arm(args, base, splits, measure, arms, arms_path) -> int:
     measure(f"widened {widths[0]}/{widths[1]}", wide, before)
     out = args.out / f"{args.gpp}.onnx"
     if not out.exists():
-        config = PruneConfig(data=DataOptions("fashion-mnist", limit=args.limit),
-                             target_macs=base_macs / stats(wide).macs, rounds=args.rounds,
-                             round_to=1, allocation=args.allocation, latency=False,
-                             seed=args.seed, train=with_lr(PruneConfig().train, args.lr))
+        config = rounds_config(args, base_macs / stats(wide).macs)
         work = out.with_name(out.name + ".gpp-work")
         gpp_onnx.gpp(wide_path, out, config, gpp_onnx.GppOptions(
             budget_epochs=args.budget_epochs * (1 - args.grow_share), split=args.split,
