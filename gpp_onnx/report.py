@@ -96,9 +96,7 @@ def prune_summary(result) -> str:
                                       else "the original's outputs are the reference"))
     if rep.get("fidelity"):
         lines.append(fidelity_table(rep["fidelity"]))
-    cut_kept = [str(r["round"]) for r in rep["rounds"] if r.get("kept") == "cut"
-                and (r.get("accuracy_after_finetune") is not None
-                     or (r.get("fidelity") or {}).get("finetuned"))]
+    cut_kept = [str(r["round"]) for r in rep["rounds"] if r.get("kept") == "cut"]
     if cut_kept:
         lines.append(f"kept the repaired cut, not the fine-tuned model, in round(s) "
                      f"{', '.join(cut_kept)}: fine-tuning did worse on the held-out data")
@@ -355,7 +353,7 @@ def json_report(src, dst, config, rounds, before, after, latency, acc_before, se
                     "removed_channels": r.plan.removed_channels,
                     "accuracy_after_cut": r.accuracy_cut,
                     "accuracy_after_finetune": r.accuracy_tuned, "fidelity": r.fidelity,
-                    "kept": "fine-tuned" if r.finetuned else "cut",
+                    "kept": r.kept,
                     "equivalence_relative_error": r.error, "repair": r.repair,
                     "equivalence_relative_error_float32": r.error_float32,
                     "equivalence_relative_error_float64": r.error_float64,

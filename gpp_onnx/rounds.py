@@ -161,6 +161,15 @@ class Round:
     #                                     no fine-tuning, or it did worse on held-out data)
 
     @property
+    def kept(self) -> str | None:
+        """Which model a round that fine-tuned kept: 'fine-tuned', or 'cut' where the
+        fine-tune did worse on held-out data; None where it did not fine-tune."""
+        if self.finetuned:
+            return "fine-tuned"
+        ran = self.accuracy_tuned is not None or (self.fidelity or {}).get("finetuned")
+        return "cut" if ran else None
+
+    @property
     def masked(self) -> onnx.ModelProto:
         """The masked original, written into a ModelProto on first use."""
         return self.masked_form.model
