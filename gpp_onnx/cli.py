@@ -34,13 +34,13 @@ def _grow_config(args):
     epochs = args.epochs if args.epochs is not None else (2.0 if args.data else 0.0)
     return replace(_modules(args, args.max_modules), data=_data_options(args),
                    train=TrainOptions(epochs=epochs, lr=args.lr, batch_size=args.batch_size,
-                                      device=args.device),
+                                      device=args.device, amp=args.amp),
                    seed=args.seed, input_shape=_input_shape(args.input_shape))
 
 
 def _prune_config(args) -> PruneConfig:
     train = with_lr(replace(PruneConfig().train, epochs=getattr(args, "finetune_epochs", 0.0),
-                            batch_size=args.batch_size, device=args.device,
+                            batch_size=args.batch_size, device=args.device, amp=args.amp,
                             distill=DISTILL if args.distill is None else args.distill,
                             temperature=args.temperature,
                             batchnorm=args.batchnorm, renorm=args.renorm), args.lr)
@@ -79,7 +79,8 @@ def _run(args) -> int:
     elif args.command == "push":
         res = push_prune.push(args.model, args.output, _data_options(args),
                             TrainOptions(epochs=args.epochs, lr=args.lr,
-                                         batch_size=args.batch_size, device=args.device),
+                                         batch_size=args.batch_size, device=args.device,
+                                         amp=args.amp),
                             PushWeights(args.sep, args.cov, args.align), args.feature_tensor,
                             args.seed, _input_shape(args.input_shape))
         print(report.push_summary(res))

@@ -203,7 +203,7 @@ def _prune_training_args(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--lr", type=float, default=None,
                     help="fine-tuning learning rate (default 0.01; 0.03 while BatchNorm is put "
                     "back on folded convs, chosen on validation data)")
-    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _device_args(pr)
     pr.add_argument("--repair", choices=["lsq", "bias", "none"], default="lsq",
                     help="after the cut (needs --data): lsq refits the following layers "
                     "to the original outputs (default), bias folds the removed channels' "
@@ -230,7 +230,7 @@ def _push_parser(sub) -> None:
     _data_args(pu)
     pu.add_argument("--epochs", type=float, default=1.0)
     pu.add_argument("--lr", type=float, default=0.01)
-    pu.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _device_args(pu)
     _push_weight_args(pu)
     pu.add_argument("--feature-tensor", help="value name of the final hidden layer")
     pu.add_argument("--seed", type=int, default=0)
@@ -248,9 +248,17 @@ def _grow_parser(sub) -> None:
                     "(default: 2 with --data, else 0: insert only)")
     _module_args(gr)
     gr.add_argument("--lr", type=float, default=0.01)
-    gr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _device_args(gr)
     gr.add_argument("--seed", type=int, default=0)
     gr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the torch side trains (auto: cuda where torch sees a GPU)")
+    p.add_argument("--amp", action="store_true", help="train in mixed precision (float16 "
+                   "autocast with loss scaling) on CUDA; the model is written in float32. "
+                   "Ignored on the CPU")
 
 
 def _module_args(p: argparse.ArgumentParser) -> None:

@@ -32,6 +32,7 @@ class TrainOptions:
     weight_decay: float = 1e-4
     batch_size: int = 64
     device: str = "auto"                 # auto | cpu | cuda
+    amp: bool = False                    # float16 autocast + loss scaling (CUDA only)
     clip_grad: float = 2.0               # max global gradient norm per step (0: no clipping)
     distill: float = 0.0                 # weight of distillation next to cross-entropy
     # softmax temperature of the distillation KL: 2 was chosen on held-out top-1 agreement

@@ -70,6 +70,40 @@ def test_training_on_cuda_learns_and_writes_back():
     assert rel_err(run(again, {"input": x}), run(trained, {"input": x})) < 1e-6
 
 
+def test_mixed_precision_training_on_cuda():
+    """--amp: the forward runs in float16 under autocast with loss scaling, the model
+    still learns, and what is written is float32."""
+    import math
+
+    from onnx import TensorProto
+
+    from gpp_onnx.finetune import _batches
+    from gpp_onnx.train import CrossEntropy, Trainer
+
+    data = _digits()
+    model = digits_cnn(0)
+    before = accuracy(model, data)
+    module = OnnxModule(model, device="cuda")
+    dtypes = set()
+    run_values = module.run
+
+    def recording(*args, **kwargs):
+        values = run_values(*args, **kwargs)
+        dtypes.update(v.dtype for v in values.values())
+        return values
+
+    module.run = recording
+    steps = 3 * math.ceil(len(data) / 64)
+    trainer = Trainer(module, [CrossEntropy()], TrainOptions(lr=0.05, device="cuda", amp=True),
+                      steps)
+    trainer.fit(_batches(data, 64, 0))
+    assert trainer.scaler is not None and torch.float16 in dtypes
+    trained = write_back(module, model)
+    assert {t.data_type for t in trained.graph.initializer} <= {TensorProto.FLOAT,
+                                                                TensorProto.INT64}
+    assert accuracy(trained, data) > max(0.8, before + 0.3)
+
+
 def test_gpp_scores_on_cuda_match_cpu():
     data = _digits()
     model = normalize(train_model(digits_cnn(1), data, TrainOptions(epochs=2, lr=0.05,

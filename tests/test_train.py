@@ -92,6 +92,38 @@ def test_a_resumed_trainer_continues_exactly():
         torch.testing.assert_close(second.state_dict()[k], v)
 
 
+def test_mixed_precision_is_ignored_on_the_cpu():
+    """--amp is for CUDA: on the CPU the trainer steps exactly as without it."""
+    data = load_dataset(DataSpec("digits", 1, 8, 8))
+    weights = []
+    for amp in (False, True):
+        torch.manual_seed(0)
+        module = OnnxModule(digits_cnn(0))
+        trainer = Trainer(module, [CrossEntropy()], TrainOptions(lr=0.05, device="cpu",
+                                                                 amp=amp), 4)
+        trainer.fit(_batches(data, 32, 0))
+        assert trainer.scaler is None
+        weights.append(module.state_dict())
+    for k, v in weights[0].items():
+        assert torch.equal(weights[1][k], v)
+    assert any(not torch.equal(v, OnnxModule(digits_cnn(0)).state_dict()[k])
+               for k, v in weights[0].items())     # it did train
+
+
+@pytest.mark.parametrize("command", ["prune", "gpp", "push", "grow"])
+def test_every_training_command_takes_amp(command):
+    from gpp_onnx import cli
+    from gpp_onnx.cli_args import build_parser
+
+    def train_options(*flags):
+        args = build_parser().parse_args([command, "m.onnx", "-o", "o.onnx", *flags])
+        if command == "push":
+            return args
+        return (cli._grow_config(args) if command == "grow" else cli._prune_config(args)).train
+
+    assert train_options("--amp").amp and not train_options().amp
+
+
 def test_push_command_writes_a_checked_model_and_its_report(tmp_path, capsys):
     import json
 

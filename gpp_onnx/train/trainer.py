@@ -2,7 +2,7 @@
 
 ``Trainer(module, losses, options, steps)``: SGD with momentum and weight decay, a cosine
 learning-rate schedule over ``steps``, the gradient's global norm clipped to
-``options.clip_grad``, optional mixed precision on CUDA (``amp``), BatchNorm in training
+``options.clip_grad``, optional mixed precision on CUDA (``options.amp``), BatchNorm in training
 mode (``options.batchnorm == "frozen"``: on its running statistics); with
 ``options.renorm``, a BatchNorm (batch statistics) on each conv an exporter folded one
 into, from the first step until the last, then folded back (``gpp_onnx.train.renorm``;
@@ -92,7 +92,7 @@ class Trainer:
     input fixes the batch below ``--batch-size`` still steps on that many images)."""
 
     def __init__(self, module, losses: list, options: TrainOptions, steps: int,
-                 amp: bool = False, accumulate: int = 1):
+                 accumulate: int = 1):
         self.module, self.losses, self.options = module, losses, options
         self.steps = max(1, int(steps))
         self.accumulate = max(1, int(accumulate))
@@ -108,7 +108,7 @@ class Trainer:
         self.opt = torch.optim.SGD(self.params, lr=self.lr, momentum=options.momentum,
                                    weight_decay=options.weight_decay)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, self.steps)
-        self.amp = amp and module.device.type == "cuda"
+        self.amp = options.amp and module.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.step_no = 0
         self.input_layers = input_layers(module)
@@ -235,6 +235,7 @@ class Trainer:
                 "renorm": self.renorm.state_dict() if self.renorm is not None else None,
                 "optimizer": self.opt.state_dict(),
                 "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "losses": [loss.state_dict() if hasattr(loss, "state_dict") else None
                            for loss in self.losses]}
 
@@ -245,6 +246,8 @@ class Trainer:
             self.renorm.load_state_dict(state["renorm"])
         self.opt.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
         for loss, s in zip(self.losses, state["losses"]):
             if s is not None:
                 loss.load_state_dict(s)
