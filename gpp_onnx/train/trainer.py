@@ -40,6 +40,9 @@ from .scale import RMS_LIMIT, input_layers
 logger = logging.getLogger(__name__)
 
 
+_AMP_WARNED: list[bool] = []
+
+
 class Tapped(nn.Module):
     """An OnnxModule whose forward returns its output and the named intermediate values."""
 
@@ -109,6 +112,10 @@ class Trainer:
                                    weight_decay=options.weight_decay)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, self.steps)
         self.amp = options.amp and module.device.type == "cuda"
+        if options.amp and not self.amp and not _AMP_WARNED:
+            _AMP_WARNED.append(True)         # once per run, not once per round
+            logger.warning("--amp applies on CUDA only: training in float32 on %s",
+                           module.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.step_no = 0
         self.input_layers = input_layers(module)
