@@ -23,17 +23,62 @@ def check_output(src: Path | None, dst: Path, size: int = 0) -> None:
     input file's size, or `size` bytes for a model given in memory, src None)."""
     if dst.suffix == "":
         raise InputError(f"output {dst} has no extension - name it like model.pruned.onnx")
-    same = src is not None and (dst.resolve() == src.resolve() or (
-        dst.exists() and src.exists() and os.path.samefile(src, dst)))
-    if same:
-        raise InputError(f"output {dst} is the input model - choose another path with -o; "
-                         "gpp-onnx never overwrites its input")
+    if src is not None:
+        inputs = input_files(src)
+        # the model, its report, and the weights file a model over 2 GB is saved with
+        for out in (dst, dst.with_suffix(".report.json"), dst.parent / (dst.name + ".data")):
+            hit = next((f for f in inputs if _same_file(out, f)), None)
+            if hit is not None:
+                what = "the input model" if _same_file(hit, src) else \
+                    f"the input model's external data file ({hit.name})"
+                raise InputError(f"output {dst} would overwrite {what} - choose another "
+                                 "path with -o; gpp-onnx never overwrites its input")
     folder = check_writable(dst)
     need = src.stat().st_size if src is not None and src.is_file() else size
     free = shutil.disk_usage(folder).free
     if free < need:
         raise InputError(f"only {free / 2**20:.0f} MiB free in {folder} for an output of up to "
                          f"{need / 2**20:.0f} MiB - free some space or choose another -o")
+
+
+def input_files(src: Path) -> list[Path]:
+    """The files a model reads: the .onnx and the external data files its tensors name
+    (resolved beside it). Only the graph is parsed; no tensor data is read."""
+    import onnx
+
+    files = [src]
+    try:
+        model = onnx.load_model(str(src), load_external_data=False)
+    except Exception:          # unreadable: loading reports it, with its own message
+        return files
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in tensor.external_data}.get("location")
+            if where and (src.parent / where) not in files:
+                files.append(src.parent / where)
+    return files
+
+
+def _tensors(graph):
+    """Every tensor a graph holds: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(sub)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """`a` and `b` name the same file (the same path once resolved, or a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def check_writable(path: Path) -> Path:

@@ -130,8 +130,41 @@ def test_output_equal_to_input_is_refused(tmp_path, capsys):
     onnx.save(sample_cnn(), src)
     before = _digest(src)
     code, err = _run_cli(capsys, ["prune", str(src), "-o", str(src)])
-    assert code == 2 and "is the input model" in err[0]
+    assert code == 2 and "would overwrite the input model -" in err[0]
     assert _digest(src) == before
+
+
+@pytest.mark.parametrize("command", ["prune", "push", "grow", "gpp"])
+def test_output_over_the_inputs_external_data_is_refused(command, tmp_path, capsys):
+    """-o naming the file an input's weights live in would leave the input unreadable."""
+    src = tmp_path / "model.onnx"
+    onnx.save(sample_cnn(), src, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    files = {p.name: _digest(p) for p in tmp_path.iterdir()}
+    extra = {"prune": ["--ratio", "0.5"], "push": ["--data", "digits"], "grow": [],
+             "gpp": ["--target-macs", "0.5", "--data", "digits"]}[command]
+    code, err = _run_cli(capsys, [command, str(src), "-o", str(tmp_path / "weights.bin"),
+                                  *extra])
+    assert code == 2 and len(err) == 1
+    assert "would overwrite the input model's external data file (weights.bin)" in err[0]
+    assert {p.name: _digest(p) for p in tmp_path.iterdir()} == files
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    """Written files are readable as the umask allows (not the temporary file's 0600)."""
+    import os
+    import stat
+
+    from gpp_onnx import model as model_io
+
+    old = os.umask(0o022)
+    try:
+        path = model_io.save(sample_cnn(), tmp_path / "m.onnx")
+        text = model_io.write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(text.stat().st_mode) == 0o644
 
 
 def test_analyze_bad_file_exit_2(tmp_path, capsys):
