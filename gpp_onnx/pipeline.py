@@ -264,11 +264,12 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
     preflight.check_data(data.source if data is not None else None)
     a, b = model_io.load(path_a), model_io.load(path_b)
     view_a, view_b = GraphView(a, input_shape), GraphView(b, input_shape)
+    sessions = [verify.make_session(a, str(path_a)), verify.make_session(b, str(path_b))]
+    verify.check_same_inputs(*sessions, str(path_a), str(path_b))
     ds = None
     if data is not None:
         ds = dataset_for(view_a, data.source, data.mean, data.std, data.resize, data.limit,
                          workers=data.workers, labels=False)
-    sessions = [verify.make_session(a, str(path_a)), verify.make_session(b, str(path_b))]
     la, lb = verify.latency(sessions, view_a.probe_feeds, min_runs=repeats, max_runs=repeats)
     cmp = Comparison(count(view_a), count(view_b), Path(path_a).stat().st_size,
                      Path(path_b).stat().st_size, la, lb)

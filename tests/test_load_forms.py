@@ -247,6 +247,53 @@ def test_float16_with_data_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp16.onnx"]
 
 
+def _half_input(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` computing in float16 end to end: float16 weights, input and output."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16),
+                                               t.name))
+    for v in (*out.graph.input, *out.graph.output):
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del out.graph.value_info[:]
+    return out
+
+
+def test_a_float16_input_model_is_evaluated_and_compared_on_images(tmp_path, capsys):
+    """Images are prepared in float32; a model that takes float16 gets them in float16."""
+    from gpp_onnx.data import DataSpec, load_dataset
+    from gpp_onnx.samples import digits_cnn
+
+    src, wide = tmp_path / "half.onnx", tmp_path / "wide.onnx"
+    onnx.save(_half_input(digits_cnn(0)), src)
+    onnx.save(digits_cnn(0), wide)
+    data = load_dataset(DataSpec("digits", 1, 8, 8))
+    session = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": data.x[:].astype(np.float16)})[0]
+    expected = float(np.mean(logits.argmax(1) == data.y))
+    assert main(["-q", "evaluate", str(src), "--data", "digits"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == f"top-1 accuracy {expected:.4f} on {len(data)} images"
+    assert main(["-q", "compare", str(wide), str(src), "--data", "digits"]) == 0
+    agreement = [line for line in capsys.readouterr().out.splitlines()
+                 if "top-1 agreement" in line]
+    assert len(agreement) == 1 and float(agreement[0].split()[-1]) > 0.95
+
+
+def test_compare_of_models_with_other_inputs_is_one_line_exit_2(tmp_path, capsys):
+    from gpp_onnx.samples import digits_cnn
+
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(sample_cnn(), a)
+    onnx.save(digits_cnn(0), b)
+    assert main(["-q", "compare", str(a), str(b)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not take the inputs of" in err[0]
+    assert "[1, 1, 8, 8]" in err[0] or "['?', 1, 8, 8]" in err[0]
+
+
 # -- tolerance ----------------------------------------------------------------------------
 def test_clean_float32_model_keeps_the_1e5_tolerance(tmp_path):
     src = tmp_path / "m.onnx"
