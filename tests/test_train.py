@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -122,6 +123,34 @@ def test_every_training_command_takes_amp(command):
         return (cli._grow_config(args) if command == "grow" else cli._prune_config(args)).train
 
     assert train_options("--amp").amp and not train_options().amp
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_a_model_ending_in_softmax_trains_on_its_logits(opset):
+    """Cross-entropy reads the Softmax's input: the same steps as the model without it."""
+    from onnx import helper
+
+    data = load_dataset(DataSpec("digits", 1, 8, 8))
+    plain = digits_cnn(0)
+    probs = onnx.ModelProto()
+    probs.CopyFrom(plain)
+    out = probs.graph.output[0].name
+    probs.graph.node[-1].output[0] = "z"
+    probs.graph.node.append(helper.make_node("Softmax", ["z"], [out], **(
+        {} if opset >= 13 else {"axis": 1})))
+    del probs.opset_import[:]
+    probs.opset_import.append(helper.make_opsetid("", opset))
+    weights = []
+    for model in (plain, probs):
+        torch.manual_seed(0)
+        module = OnnxModule(model)
+        Trainer(module, [CrossEntropy()], TrainOptions(lr=0.05, device="cpu"), 4).fit(
+            _batches(data, 32, 0))
+        weights.append(module.state_dict())
+    for k, v in weights[0].items():
+        torch.testing.assert_close(weights[1][k], v)
+    assert any(not torch.equal(v, OnnxModule(plain).state_dict()[k])
+               for k, v in weights[0].items())
 
 
 def test_push_command_writes_a_checked_model_and_its_report(tmp_path, capsys):

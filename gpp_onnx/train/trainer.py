@@ -43,16 +43,32 @@ logger = logging.getLogger(__name__)
 _AMP_WARNED: list[bool] = []
 
 
+def logits_value(module) -> str:
+    """The value the losses read as the logits: the model's first output, or the input of
+    the Softmax over the classes that produces it (cross-entropy on probabilities would
+    apply a softmax twice and barely train)."""
+    out = module.output_names[0]
+    for node in module.nodes:
+        if out in node.outputs:
+            axis = node.attr("axis", 1 if node.opset < 13 else -1)
+            if node.op_type == "Softmax" and axis in (1, -1):
+                return node.inputs[0]
+            break
+    return out
+
+
 class Tapped(nn.Module):
-    """An OnnxModule whose forward returns its output and the named intermediate values."""
+    """An OnnxModule whose forward returns its logits (``logits_value``) and the named
+    intermediate values."""
 
     def __init__(self, module, names: tuple[str, ...] = ()):
         super().__init__()
         self.module = module
         self.names = tuple(dict.fromkeys(names))
+        self.logits = logits_value(module)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self.module.output_names[0]
+        out = self.logits
         values = self.module.run([x], [out, *[n for n in self.names if n != out]])
         return values[out], values
 
