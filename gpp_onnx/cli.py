@@ -91,7 +91,8 @@ def _run(args) -> int:
     elif args.command == "evaluate":
         if not args.data:
             raise InputError("evaluate needs --data (labelled images)")
-        acc, n = pipeline.evaluate(args.model, _data_options(args))
+        acc, n = pipeline.evaluate(args.model, _data_options(args),
+                                   _input_shape(args.input_shape))
         print(f"top-1 accuracy {acc:.4f} on {n} images")
     elif args.command == "compare":
         cmp = pipeline.compare(args.model_a, args.model_b, _input_shape(args.input_shape),

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="top-1 accuracy through onnxruntime")
     ev.add_argument("model")
     _data_args(ev)
+    ev.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
 
     cmp = sub.add_parser("compare", help="params, MACs, file size and latency of two models")
     cmp.add_argument("model_a")

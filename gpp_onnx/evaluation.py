@@ -16,6 +16,41 @@ from .verify import make_session, outputs
 logger = logging.getLogger(__name__)
 
 
+def data_input_shape(model, input_shape, source: str | None):
+    """`input_shape`, or, where it is None and the model's one 4-D image input leaves its
+    height and width free, that input at the size of `source`'s images (as stored; an image
+    folder: its first image's). Without data a free side is probed at 224
+    (``graph.DEFAULT_IMAGE_SIDE``); with data, resizing every image to 224 would run the
+    model on another size than its data. `model`: a ModelProto or a path."""
+    if input_shape is not None or source is None:
+        return input_shape
+    if not isinstance(model, onnx.ModelProto):
+        try:
+            model = onnx.load_model(str(model), load_external_data=False)
+        except Exception:                # unreadable: loading says so, with its own message
+            return None
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in inits]
+    if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 4:
+        return None
+    fixed = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+             for d in inputs[0].type.tensor_type.shape.dim]
+    nhwc = fixed[3] in (1, 3) and fixed[1] not in (1, 3)
+    sides, channel = ((1, 2), 3) if nhwc else ((2, 3), 1)
+    if all(fixed[a] is not None for a in sides):
+        return None
+    from .sources import native_shape
+
+    c, h, w = native_shape(source)
+    shape = [1, *fixed[1:]]
+    for axis, size in zip((channel, *sides), (c, h, w)):
+        shape[axis] = size if shape[axis] is None else shape[axis]
+    logger.info("input '%s' takes images of any size: run at the data's %dx%d "
+                "(--input-shape sets another)", inputs[0].name, shape[sides[0]],
+                shape[sides[1]])
+    return tuple(shape)
+
+
 def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool = True,
                 limit: int | None = None, seed: int = 0, workers: int | None = None,
                 labels: bool | None = None) -> Dataset:

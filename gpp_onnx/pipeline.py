@@ -16,7 +16,7 @@ from .analysis import Analysis, analyze_model
 from .config import DataOptions, LatencyOptions, PruneConfig
 from .data import iter_batches
 from .errors import InputError, UnsupportedModelError
-from .evaluation import accuracy, dataset_for
+from .evaluation import accuracy, data_input_shape, dataset_for
 from .graph import GraphView
 from .latency_model import LatencyModel, group_costs
 from .plan import PrunePlan
@@ -108,6 +108,9 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     if (plan_path or plan_out) and config.rounds > 1:
         raise InputError("a plan describes one round - use --rounds 1 with --plan/--plan-out")
     _preflight(model, src, dst, config.data)
+    if config.data is not None:
+        config = replace(config, input_shape=data_input_shape(model, config.input_shape,
+                                                              config.data.source))
     if config.latency or config.target_latency is not None:
         latency.providers_for(config.timing)  # a provider that is not there: say so first
     if plan_out is not None:
@@ -263,6 +266,7 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
     if any, are not used)."""
     preflight.check_data(data.source if data is not None else None)
     a, b = model_io.load(path_a), model_io.load(path_b)
+    input_shape = data_input_shape(a, input_shape, data.source if data is not None else None)
     view_a, view_b = GraphView(a, input_shape), GraphView(b, input_shape)
     sessions = [verify.make_session(a, str(path_a)), verify.make_session(b, str(path_b))]
     verify.check_same_inputs(*sessions, str(path_a), str(path_b))
@@ -301,10 +305,11 @@ def profile(path, input_shape=None, options: LatencyOptions = LatencyOptions(),
     return LatencyProfile(model.total, model.fixed, model.block, group_costs(analysis, model))
 
 
-def evaluate(path, data: DataOptions) -> tuple[float, int]:
+def evaluate(path, data: DataOptions, input_shape=None) -> tuple[float, int]:
     """Top-1 accuracy of the model at `path` on all of `data` (onnxruntime)."""
     preflight.check_data(data.source)
     model = model_io.load(path)
-    ds = dataset_for(GraphView(model), data.source, data.mean, data.std, data.resize,
+    view = GraphView(model, data_input_shape(model, input_shape, data.source))
+    ds = dataset_for(view, data.source, data.mean, data.std, data.resize,
                      data.limit, workers=data.workers, labels=True)
     return accuracy(model, ds, data.batch_size), len(ds)

@@ -18,6 +18,7 @@ from .analysis import analyze_model
 from .analysis.features import final_hidden_layer
 from .config import DataOptions, PruneConfig, TrainOptions
 from .errors import InputError
+from .evaluation import data_input_shape
 from .finetune import train_model
 from .graph import GraphView
 from .grow.phase import check_grow
@@ -50,6 +51,7 @@ def push(model, output=None, data: DataOptions | None = None,
     src = None if isinstance(model, onnx.ModelProto) else Path(model)
     dst = None if output is None else Path(output)
     _preflight(model, src, dst, data)
+    input_shape = data_input_shape(model, input_shape, data.source)
     _, normalized, analysis = _load(model if src is None else src, input_shape)
     config = PruneConfig(data=replace(data, labels=True), seed=seed, train=train).checked()
     _check_precision(normalized, config)
@@ -100,6 +102,8 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     if options.work_dir is None and dst is not None:
         options = replace(options, work_dir=dst.with_name(dst.name + ".gpp-work"))
     _preflight(model, src, dst, config.data)
+    config = replace(config, input_shape=data_input_shape(model, config.input_shape,
+                                                          config.data.source))
     workdir.check_work(options)
     if options.work_dir is not None:
         preflight.check_writable(Path(options.work_dir) / "state.json")

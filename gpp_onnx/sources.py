@@ -92,6 +92,14 @@ class Raw:
     classes: tuple[str, ...] | None = None
 
 
+def native_shape(source: str) -> tuple[int, int, int]:
+    """(C, H, W) of the source's images as stored (an image folder: its first image's)."""
+    pixels = resolve(source).pixels
+    if isinstance(pixels, ArrayPixels):
+        return tuple(int(d) for d in pixels.array.shape[1:])
+    return _probe(pixels.paths[0])
+
+
 def check_source(source: str) -> None:
     """Raise DataError unless ``source`` names an existing, readable source; reads no pixels."""
     kind, path, _ = _locate(source)

@@ -294,6 +294,34 @@ def test_compare_of_models_with_other_inputs_is_one_line_exit_2(tmp_path, capsys
     assert "[1, 1, 8, 8]" in err[0] or "['?', 1, 8, 8]" in err[0]
 
 
+def test_free_image_sides_run_at_the_datas_size(tmp_path, capsys):
+    """A model that takes any image size runs at its data's (8x8 digits), not at 224."""
+    from gpp_onnx.data import DataSpec, load_dataset
+    from gpp_onnx.graph import GraphView
+    from gpp_onnx.stats import count
+
+    b = GraphBuilder((1, 1, 8, 8), seed=0)
+    x = b.act(b.conv(b.act(b.conv("input", 8), "Relu"), 8), "Relu")
+    model = b.build(b.gemm(b.flatten(b.gap(x)), 10))
+    for value, axes in ((model.graph.input[0], (0, 2, 3)), (model.graph.output[0], (0,))):
+        for axis in axes:
+            value.type.tensor_type.shape.dim[axis].dim_param = f"d{axis}"
+    del model.graph.value_info[:]
+    src, out = tmp_path / "free.onnx", tmp_path / "small.onnx"
+    onnx.save(model, src)
+    data = load_dataset(DataSpec("digits", 1, 8, 8))
+    session = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    expected = float(np.mean(session.run(None, {"input": data.x[:]})[0].argmax(1) == data.y))
+    assert main(["-q", "evaluate", str(src), "--data", "digits"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == \
+        f"top-1 accuracy {expected:.4f} on {len(data)} images"
+    assert main(["-q", "prune", str(src), "--data", "digits", "--ratio", "0.5",
+                 "--no-latency", "-o", str(out)]) == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["before"]["macs"] == count(GraphView(model, (1, 1, 8, 8))).macs
+    assert report["before"]["macs"] < count(GraphView(model)).macs      # 224 px
+
+
 # -- tolerance ----------------------------------------------------------------------------
 def test_clean_float32_model_keeps_the_1e5_tolerance(tmp_path):
     src = tmp_path / "m.onnx"

@@ -12,6 +12,7 @@ from .. import model as model_io
 from .. import distributed, preflight, report, verify
 from ..config import PruneConfig
 from ..errors import UnsupportedModelError
+from ..evaluation import data_input_shape
 from ..graph import GraphView
 from ..stats import ModelStats, count
 from .loop import GrowConfig, ModuleRow, check_memory, grow_model, plan_positions
@@ -50,6 +51,9 @@ def grow(model, output=None, config: GrowConfig | None = None, **options) -> Gro
     if dst is not None:  # output writable with room, data readable: before any work
         preflight.check_output(src, dst, model.ByteSize() if src is None else 0)
     preflight.check_data(config.data.source if config.data is not None else None)
+    if config.data is not None:
+        config = replace(config, input_shape=data_input_shape(model, config.input_shape,
+                                                              config.data.source))
     t0 = time.perf_counter()
     loaded = model_io.accept(model) if src is None else model_io.read(src)
     if verify.low_precision(loaded.model) is not None:
