@@ -129,8 +129,8 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     slower = timing.warning(config.round_to) if timing is not None else None
     if dst is not None and writer:
         model_io.save(result_model, dst, None if config.mask_only else last.source)
-    sizes = (src.stat().st_size if src else start.loaded.as_read.ByteSize(),
-             dst.stat().st_size if dst and writer else result_model.ByteSize())
+    sizes = (model_io.file_size(src) if src else start.loaded.as_read.ByteSize(),
+             model_io.file_size(dst) if dst and writer else result_model.ByteSize())
     after = ModelStats(last.params, last.macs)
     tolerance = max((r.tolerance or start.tolerance for r in rounds), key=lambda t: t.value)
     data_report = report.json_report(
@@ -275,8 +275,8 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
         ds = dataset_for(view_a, data.source, data.mean, data.std, data.resize, data.limit,
                          workers=data.workers, labels=False)
     la, lb = verify.latency(sessions, view_a.probe_feeds, min_runs=repeats, max_runs=repeats)
-    cmp = Comparison(count(view_a), count(view_b), Path(path_a).stat().st_size,
-                     Path(path_b).stat().st_size, la, lb)
+    cmp = Comparison(count(view_a), count(view_b), model_io.file_size(path_a),
+                     model_io.file_size(path_b), la, lb)
     if ds is None:
         return cmp
     teacher = Teacher(a, output_kinds(analyze_model(a, input_shape)), str(path_a))

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import model as model_io
 from .data import check_source
 from .errors import InputError
 
@@ -24,7 +25,7 @@ def check_output(src: Path | None, dst: Path, size: int = 0) -> None:
     if dst.suffix == "":
         raise InputError(f"output {dst} has no extension - name it like model.pruned.onnx")
     if src is not None:
-        inputs = input_files(src)
+        inputs = model_io.stored_files(src)
         # the model, its report, and the weights file a model over 2 GB is saved with
         for out in (dst, dst.with_suffix(".report.json"), dst.parent / (dst.name + ".data")):
             hit = next((f for f in inputs if _same_file(out, f)), None)
@@ -39,36 +40,6 @@ def check_output(src: Path | None, dst: Path, size: int = 0) -> None:
     if free < need:
         raise InputError(f"only {free / 2**20:.0f} MiB free in {folder} for an output of up to "
                          f"{need / 2**20:.0f} MiB - free some space or choose another -o")
-
-
-def input_files(src: Path) -> list[Path]:
-    """The files a model reads: the .onnx and the external data files its tensors name
-    (resolved beside it). Only the graph is parsed; no tensor data is read."""
-    import onnx
-
-    files = [src]
-    try:
-        model = onnx.load_model(str(src), load_external_data=False)
-    except Exception:          # unreadable: loading reports it, with its own message
-        return files
-    for tensor in _tensors(model.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            where = {e.key: e.value for e in tensor.external_data}.get("location")
-            if where and (src.parent / where) not in files:
-                files.append(src.parent / where)
-    return files
-
-
-def _tensors(graph):
-    """Every tensor a graph holds: initializers and node attributes, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("t"):
-                yield a.t
-            yield from a.tensors
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                yield from _tensors(sub)
 
 
 def _same_file(a: Path, b: Path) -> bool:

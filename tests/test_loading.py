@@ -32,6 +32,10 @@ def test_external_data(tmp_path):
     assert (tmp_path / "ext.onnx.data").exists() and src.stat().st_size < 20_000
     result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=1, latency=False))
     assert result.after.params < result.before.params
+    # the model's size counts the file its weights live in
+    sizes = result.report["before"]["file_bytes"], result.report["after"]["file_bytes"]
+    assert sizes == (src.stat().st_size + (tmp_path / "ext.onnx.data").stat().st_size,
+                     (tmp_path / "p.onnx").stat().st_size)
     feeds = feeds_for(model)
     assert run_model(tmp_path / "p.onnx", feeds)[0].shape == (2, 10)
 
