@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import DataError
+from .report import plural
 from .sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IMAGE_EXTENSIONS, ArrayPixels,
                       FilePixels, check_source, resolve)
 
@@ -190,7 +191,7 @@ def load_dataset(spec: DataSpec) -> Dataset:
                  raw.source, _workers(spec, raw.pixels))
     log.info("%d samples %s from %s, prepared as %s per batch%s", len(ds),
              f"of {ds.num_classes} classes" if ds.labelled else "without labels", ds.source,
-             ds.x.shape[1:], f" by {ds.workers} worker processes" if ds.workers else "")
+             ds.x.shape[1:], f" by {plural(ds.workers, 'worker process')}" if ds.workers else "")
     return ds
 
 
@@ -201,7 +202,8 @@ def select(raw, labels: bool | None, limit: int | None, seed: int
     n_x, where, y = len(raw.pixels), raw.source, raw.y if labels is not False else None
     if y is None and labels:
         raise DataError(f"{where}: no labels (no class sub-folders, no array 'y' or no IDX "
-                        "labels file); give labelled data, or prune without labels")
+                        "labels file); give labelled data (a sub-folder per class, an .npz with y, an "
+                        "IDX labels file) - of the commands, only prune works without labels")
     if n_x == 0:
         raise DataError(f"{where}: the dataset is empty; give some images")
     if y is not None:
@@ -335,7 +337,8 @@ def _check_fit(shape: tuple[int, ...], spec: DataSpec, where: str) -> None:
                         f"{spec.channels}; give grayscale or {spec.channels}-channel images")
     if (height, width) != (spec.height, spec.width) and not spec.resize:
         raise DataError(f"{where}: images are {height}x{width} but the model takes "
-                        f"{spec.height}x{spec.width}; enable --resize or give images of that size")
+                        f"{spec.height}x{spec.width}; drop --no-resize (images are then resized) or "
+                        "give images of that size")
 
 
 def _adapt(x: np.ndarray, spec: DataSpec, pixels) -> np.ndarray:

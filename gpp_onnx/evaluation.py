@@ -78,6 +78,17 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
         raise DataError(f"output '{view.output_names[0]}' has shape {out_shape}; a classifier "
                         "gives (N, classes) - pass a classification model")
     check_labels(ds, int(out_shape[1]))
+    classes = ds.num_classes
+    if out_shape[1] != classes:
+        # another output holding exactly one score per class is the likelier logits
+        match = [n for n in view.output_names[1:]
+                 if (s := view.shape(n)) is not None and len(s) == 2 and s[1] == classes]
+        if match:
+            raise DataError(f"the model's first output '{view.output_names[0]}' has "
+                            f"{out_shape[1]} values and its output '{match[0]}' {classes}, "
+                            f"one per class of the data - gpp-onnx reads the first output "
+                            "as the class scores: export the model with the class scores "
+                            "first")
     return ds
 
 

@@ -226,8 +226,8 @@ def _check_precision(model: onnx.ModelProto, config: PruneConfig) -> None:
     if low is not None and config.data is not None:
         raise UnsupportedModelError(
             f"the model holds {low} tensors and --data runs it through the float32 torch "
-            "backend (scoring, repair, fine-tuning) - prune it without --data (e.g. "
-            "--criterion l1), or prune its float32 version")
+            "backend (scoring, repair, training) - give the float32 version of the model "
+            "(or, to prune this one, prune it without --data, e.g. --criterion l1)")
 
 
 def _preflight(model, src: Path | None, dst: Path | None, data: DataOptions | None) -> None:

@@ -13,6 +13,11 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.0f}{unit}"
 
 
+def plural(n: int, word: str) -> str:
+    """'1 group', '2 groups', '3 worker processes'."""
+    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
+
+
 def table(headers: list[str], rows: list[list], align: str | None = None) -> str:
     cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -106,7 +111,8 @@ def prune_summary(result) -> str:
     groups = sum(1 for v in result.plan.removed.values() if v)
     lines += [f"loaded: {note}" for note in result.notes]
     tol = result.tolerance
-    lines += [f"removed {removed} channels in {groups} groups; pruned == masked original "
+    lines += [f"removed {plural(removed, 'channel')} in {plural(groups, 'group')}; pruned == "
+              "masked original "
               f"(relative error {result.equivalence_error:.1e} < tolerance {tol.value:.1e}; "
               f"the model's own noise {tol.noise:.1e})" + _float64_note(rep["rounds"]),
               f"wrote {result.output} (report: {result.report_path})" if result.output

@@ -281,8 +281,8 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
         "biases_changed": len(deltas)}
     pruned, pruned_values = surgery.cut_with_values(analysis, kept, deltas, weights)
     masked = surgery.mask_deferred(analysis, kept, deltas, weights)
-    logger.info("round %d: cut %d channels in %d groups", k, plan.removed_channels,
-                sum(1 for v in plan.removed.values() if v))
+    logger.info("round %d: cut %s in %s", k, report.plural(plan.removed_channels, "channel"),
+                report.plural(sum(1 for v in plan.removed.values() if v), "group"))
     source = verify.serialized(pruned)
     verify.check(source)
     feeds = analysis.view.check_feeds(config.seed)

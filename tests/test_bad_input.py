@@ -167,6 +167,24 @@ def test_outputs_get_the_usual_file_mode(tmp_path):
     assert stat.S_IMODE(text.stat().st_mode) == 0o644
 
 
+def test_class_scores_that_are_not_the_first_output_are_named(tmp_path, capsys):
+    """An embedding first and the logits second: the labels would fit the embedding's
+    width, so the run would train and measure the wrong output; it stops and says so."""
+    b = GraphBuilder((1, 1, 8, 8), seed=0)
+    emb = b.gemm(b.flatten(b.gap(b.act(b.conv("input", 8), "Relu"))), 32)
+    logits = b.gemm(b.act(emb, "Relu"), 10)
+    model = b.build(emb)
+    model.graph.output.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT,
+                                                            ["N", 10]))
+    src, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    code, err = _run_cli(capsys, ["prune", str(src), "--data", "digits", "--ratio", "0.5",
+                                  "--feature-tensor", emb, "-o", str(out)])
+    assert code == 2 and len(err) == 1
+    assert f"its output '{logits}' 10, one per class" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 def test_analyze_bad_file_exit_2(tmp_path, capsys):
     bad = tmp_path / "m.onnx"
     bad.write_text("nope")

@@ -126,7 +126,7 @@ def test_image_folder_rgb_for_one_channel_model_errors(tmp_path):
 
 def test_size_mismatch_without_resize_names_sizes_and_flag(tmp_path):
     root = make_folder(tmp_path / "imgs")
-    with raises(r"10x12 but the model takes 28x28.*--resize"):
+    with raises(r"10x12 but the model takes 28x28.*drop --no-resize"):
         load_dataset(spec(root, height=28, width=28, resize=False))
 
 

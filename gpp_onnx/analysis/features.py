@@ -26,7 +26,8 @@ def final_hidden_layer(view, override: str | None = None) -> str:
         value = next(i for i in node.input if i and not view.is_const(i))
         node = view.producer.get(value)
     if node is None or node.op_type not in ("Gemm", "MatMul") or not view.is_const(node.input[1]):
-        what = "nothing" if node is None else f"{node.op_type} node '{node.name}'"
+        what = "nothing" if node is None else \
+            f"{node.op_type} node '{node.name}', value '{value}'"
         raise InputError(f"the model's last layer is not a linear classifier (found {what}) - "
                          "pass --feature-tensor NAME with the final hidden layer's value name")
     return node.input[0]

@@ -64,7 +64,8 @@ def grow(model, output=None, config: GrowConfig | None = None, **options) -> Gro
     positions = plan_positions(view, config)
     need = check_memory(view, positions, config)
     _check_normalized(loaded, normalized, view)
-    splits = load_data(view, PruneConfig(data=config.data, seed=config.seed,
+    data = None if config.data is None else replace(config.data, labels=True)
+    splits = load_data(view, PruneConfig(data=data, seed=config.seed,
                                          input_shape=config.input_shape))
     before = count(view)
     state = grow_model(normalized, positions, config, splits)
