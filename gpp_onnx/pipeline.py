@@ -127,6 +127,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
               if config.latency and writer else None)
     ratio = timing.ratio if timing is not None else None
     slower = timing.warning(config.round_to) if timing is not None else None
+    warnings = [w for w in (slower, _widened(start.loaded.model, result_model)) if w]
     if dst is not None and writer:
         model_io.save(result_model, dst, None if config.mask_only else last.source)
     sizes = (model_io.file_size(src) if src else start.loaded.as_read.ByteSize(),
@@ -136,7 +137,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     data_report = report.json_report(
         src or "<in-memory model>", dst, config, rounds, start.before, after, ratio,
         start.accuracy, time.perf_counter() - t0, start.loaded.to_dict(), tolerance,
-        [slower] if slower else [], sizes, _distillation(start, config))
+        warnings, sizes, _distillation(start, config))
     report_path = None
     if dst is not None and writer:
         report_path = model_io.write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
@@ -145,6 +146,17 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     return PruneResult(dst, report_path, last.plan, start.before, after, last.error, ratio,
                        data_report, tuple(rounds), start.accuracy, tolerance,
                        start.loaded.notes, result_model)
+
+
+def _widened(original: onnx.ModelProto, result: onnx.ModelProto) -> str | None:
+    """A warning where the input stored low-precision weights behind Casts and the result
+    holds them in float32 (normalising folds each Cast of a constant)."""
+    low = verify.low_precision(original)
+    if low is None or verify.low_precision(result) is not None:
+        return None
+    return (f"the input stores its weights in {low} behind Cast nodes; the output holds "
+            f"them in float32 (the Casts folded), twice the bytes per weight - convert it "
+            f"back to {low} weights if its file size matters")
 
 
 def with_label_mode(config: PruneConfig) -> PruneConfig:
@@ -275,7 +287,9 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
         ds = dataset_for(view_a, data.source, data.mean, data.std, data.resize, data.limit,
                          workers=data.workers, labels=False)
     la, lb = verify.latency(sessions, view_a.probe_feeds, min_runs=repeats, max_runs=repeats)
-    cmp = Comparison(count(view_a), count(view_b), model_io.file_size(path_a),
+    # counted on the normalised graphs: a weight behind a Cast is a constant there
+    stats = [count(GraphView(model_io.normalize(m), input_shape)) for m in (a, b)]
+    cmp = Comparison(*stats, model_io.file_size(path_a),
                      model_io.file_size(path_b), la, lb)
     if ds is None:
         return cmp

@@ -322,6 +322,44 @@ def test_free_image_sides_run_at_the_datas_size(tmp_path, capsys):
     assert report["before"]["macs"] < count(GraphView(model)).macs      # 224 px
 
 
+def _weights_behind_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each float32 weight stored in float16, cast back to float32 before its use."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    casts = []
+    for t in out.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            name = t.name
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16),
+                                               name + ".fp16"))
+            casts.append(helper.make_node("Cast", [name + ".fp16"], [name],
+                                          to=TensorProto.FLOAT))
+    nodes = casts + list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def test_weights_behind_casts_are_counted_and_their_widening_is_reported(tmp_path, capsys):
+    from gpp_onnx.graph import GraphView
+    from gpp_onnx.report import human
+    from gpp_onnx.stats import count
+
+    plain = _chain()
+    src, out = tmp_path / "cast.onnx", tmp_path / "small.onnx"
+    onnx.save(_weights_behind_casts(plain), src)
+    result = prune(src, out, PruneConfig(ratio=0.5, latency=False))
+    assert any("float16 behind Cast nodes" in w for w in result.report["warnings"])
+    assert main(["-q", "compare", str(src), str(out)]) == 0
+    macs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("MACs")]
+    assert macs[0].split()[1] == human(count(GraphView(plain)).macs)
+    # a model computing in float16 keeps float16 weights: nothing to report
+    onnx.save(_to_float16(plain, fp32_head=False), tmp_path / "half.onnx")
+    half = prune(tmp_path / "half.onnx", tmp_path / "half_small.onnx",
+                 PruneConfig(ratio=0.5, latency=False))
+    assert not any("behind Cast" in w for w in half.report["warnings"])
+
+
 # -- tolerance ----------------------------------------------------------------------------
 def test_clean_float32_model_keeps_the_1e5_tolerance(tmp_path):
     src = tmp_path / "m.onnx"
