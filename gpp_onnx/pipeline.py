@@ -279,7 +279,7 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
     preflight.check_data(data.source if data is not None else None)
     a, b = model_io.load(path_a), model_io.load(path_b)
     input_shape = data_input_shape(a, input_shape, data.source if data is not None else None)
-    view_a, view_b = GraphView(a, input_shape), GraphView(b, input_shape)
+    view_a = GraphView(a, input_shape)
     sessions = [verify.make_session(a, str(path_a)), verify.make_session(b, str(path_b))]
     verify.check_same_inputs(*sessions, str(path_a), str(path_b))
     ds = None
