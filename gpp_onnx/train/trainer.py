@@ -168,7 +168,8 @@ class Trainer:
             self.renorm = None
         distributed.same_tensors(self.module.named_onnx_tensors(), "weights")
         if logs:
-            first, last = logs[: 10], logs[-10:]
+            k = min(10, max(1, len(logs) // 2))   # first and last steps, not overlapping
+            first, last = logs[:k], logs[-k:]
             logger.info("%s: %d steps on %s, loss %.3f -> %.3f", desc, len(logs), device,
                         np.mean([r["loss"] for r in first]), np.mean([r["loss"] for r in last]))
         return logs
