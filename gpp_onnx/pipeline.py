@@ -120,6 +120,9 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     rounds = _run_rounds(start, config, plan_path)
     last = rounds[-1]
     result_model = last.masked if config.mask_only else last.model
+    source = None if config.mask_only else last.source
+    result_model, widened = _half_weights_back(start, result_model)
+    source = None if widened is not None else source
     writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports
     timing = (latency.measure(start.analysis.view.model, last.model,
                               latency.timing_feeds(start.analysis.view, config.timing),
@@ -127,9 +130,9 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
               if config.latency and writer else None)
     ratio = timing.ratio if timing is not None else None
     slower = timing.warning(config.round_to) if timing is not None else None
-    warnings = [w for w in (slower, _widened(start.loaded.model, result_model)) if w]
+    warnings = [w for w in (slower, widened) if w]
     if dst is not None and writer:
-        model_io.save(result_model, dst, None if config.mask_only else last.source)
+        model_io.save(result_model, dst, source)
     sizes = (model_io.file_size(src) if src else start.loaded.as_read.ByteSize(),
              model_io.file_size(dst) if dst and writer else result_model.ByteSize())
     after = ModelStats(last.params, last.macs)
@@ -148,15 +151,25 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
                        start.loaded.notes, result_model)
 
 
-def _widened(original: onnx.ModelProto, result: onnx.ModelProto) -> str | None:
-    """A warning where the input stored low-precision weights behind Casts and the result
-    holds them in float32 (normalising folds each Cast of a constant)."""
-    low = verify.low_precision(original)
-    if low is None or verify.low_precision(result) is not None:
-        return None
-    return (f"the input stores its weights in {low} behind Cast nodes; the output holds "
-            f"them in float32 (the Casts folded), twice the bytes per weight - convert it "
-            f"back to {low} weights if its file size matters")
+def _half_weights_back(start: Start, result: onnx.ModelProto
+                       ) -> tuple[onnx.ModelProto, str | None]:
+    """`result` with the weights the input stored in float16 behind Casts stored so again
+    where their values are still float16 ones (``model_io.store_half``: the same function,
+    checked), and a warning for those a repair or fine-tune moved off float16 (None where
+    the input has no such weights). Normalising had folded the Casts into float32."""
+    names = model_io.half_weights(start.loaded.model)
+    if not names:
+        return result, None
+    stored, widened = model_io.store_half(result, names)
+    if stored is not result:
+        feeds = start.analysis.view.check_feeds(0)
+        verify.check_equivalent(verify.run(stored, feeds, "model with float16 weights"),
+                                verify.run(result, feeds), "model with float16 weights",
+                                "the verified model")
+    warning = (f"{widened} of the weights the input stores in float16 (behind Cast nodes) "
+               "are written in float32: the repair or fine-tuning moved their values off "
+               "float16" if widened else "")
+    return stored, warning
 
 
 def with_label_mode(config: PruneConfig) -> PruneConfig:

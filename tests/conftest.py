@@ -54,7 +54,8 @@ def n_params(path) -> int:
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
         if a.name == "value"]
-    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type == onnx.TensorProto.FLOAT)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats)
 
 
 def prune_both(model: onnx.ModelProto, tmp_path: Path, **config):

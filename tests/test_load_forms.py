@@ -14,9 +14,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import prune_both, rel_err, run_model
+from conftest import assert_pruned_equals_masked, prune_both, rel_err, run_model
 import gpp_onnx
 from gpp_onnx import PruneConfig, prune
+from gpp_onnx.config import DataOptions, TrainOptions
 from gpp_onnx.cli import main
 from gpp_onnx.errors import InputError
 from gpp_onnx.samples import GraphBuilder, sample_cnn
@@ -340,24 +341,31 @@ def _weights_behind_casts(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def test_weights_behind_casts_are_counted_and_their_widening_is_reported(tmp_path, capsys):
+def test_weights_behind_casts_are_counted_and_stored_back_in_float16(tmp_path, capsys):
+    """Normalising folds the Casts; a cut that only slices writes the weights back in
+    float16 behind Casts, exactly; a repair that moves them off float16 says so."""
     from gpp_onnx.graph import GraphView
     from gpp_onnx.report import human
     from gpp_onnx.stats import count
 
     plain = _chain()
-    src, out = tmp_path / "cast.onnx", tmp_path / "small.onnx"
-    onnx.save(_weights_behind_casts(plain), src)
-    result = prune(src, out, PruneConfig(ratio=0.5, latency=False))
-    assert any("float16 behind Cast nodes" in w for w in result.report["warnings"])
-    assert main(["-q", "compare", str(src), str(out)]) == 0
+    cast = _weights_behind_casts(plain)
+    result = assert_pruned_equals_masked(cast, tmp_path, ratio=0.5)
+    pruned = onnx.load(tmp_path / "pruned.onnx")
+    assert {t.data_type for t in pruned.graph.initializer} == {TensorProto.FLOAT16}
+    assert not result.report["warnings"]
+    assert main(["-q", "compare", str(tmp_path / "model.onnx"),
+                 str(tmp_path / "pruned.onnx")]) == 0
     macs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("MACs")]
     assert macs[0].split()[1] == human(count(GraphView(plain)).macs)
-    # a model computing in float16 keeps float16 weights: nothing to report
-    onnx.save(_to_float16(plain, fp32_head=False), tmp_path / "half.onnx")
-    half = prune(tmp_path / "half.onnx", tmp_path / "half_small.onnx",
-                 PruneConfig(ratio=0.5, latency=False))
-    assert not any("behind Cast" in w for w in half.report["warnings"])
+    # fine-tuning moves the weights off float16: they stay float32, and the run says so
+    repaired = prune(tmp_path / "model.onnx", tmp_path / "repaired.onnx",
+                     PruneConfig(ratio=0.5, latency=False,
+                                 data=DataOptions("digits", labels=False),
+                                 train=TrainOptions(epochs=0.2)))
+    assert any("are written in float32" in w for w in repaired.report["warnings"])
+    assert TensorProto.FLOAT in {t.data_type
+                                 for t in onnx.load(tmp_path / "repaired.onnx").graph.initializer}
 
 
 # -- tolerance ----------------------------------------------------------------------------
