@@ -202,8 +202,9 @@ def select(raw, labels: bool | None, limit: int | None, seed: int
     n_x, where, y = len(raw.pixels), raw.source, raw.y if labels is not False else None
     if y is None and labels:
         raise DataError(f"{where}: no labels (no class sub-folders, no array 'y' or no IDX "
-                        "labels file); give labelled data (a sub-folder per class, an .npz with y, an "
-                        "IDX labels file) - of the commands, only prune works without labels")
+                        "labels file); give labelled data (a sub-folder per class, an .npz "
+                        "with y, an IDX labels file) - of the commands, only prune works "
+                        "without labels")
     if n_x == 0:
         raise DataError(f"{where}: the dataset is empty; give some images")
     if y is not None:
@@ -337,8 +338,8 @@ def _check_fit(shape: tuple[int, ...], spec: DataSpec, where: str) -> None:
                         f"{spec.channels}; give grayscale or {spec.channels}-channel images")
     if (height, width) != (spec.height, spec.width) and not spec.resize:
         raise DataError(f"{where}: images are {height}x{width} but the model takes "
-                        f"{spec.height}x{spec.width}; drop --no-resize (images are then resized) or "
-                        "give images of that size")
+                        f"{spec.height}x{spec.width}; drop --no-resize (images are then "
+                        "resized) or give images of that size")
 
 
 def _adapt(x: np.ndarray, spec: DataSpec, pixels) -> np.ndarray:

@@ -362,9 +362,10 @@ def half_weights(original: onnx.ModelProto) -> set[str]:
     """The values of `original` that are a float16 initializer cast to float32: normalising
     folds each such Cast into a float32 weight of that name."""
     inits = {t.name: t.data_type for t in original.graph.initializer}
+    half, wide = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
     return {n.output[0] for n in original.graph.node
-            if n.op_type == "Cast" and n.input and inits.get(n.input[0]) == onnx.TensorProto.FLOAT16
-            and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)}
+            if n.op_type == "Cast" and n.input and inits.get(n.input[0]) == half
+            and any(a.name == "to" and a.i == wide for a in n.attribute)}
 
 
 def store_half(model: onnx.ModelProto, names: set[str]) -> tuple[onnx.ModelProto, int]:
@@ -372,8 +373,10 @@ def store_half(model: onnx.ModelProto, names: set[str]) -> tuple[onnx.ModelProto
     stored in float16 behind a Cast, as the input stored it: the same function, bit for
     bit. Returns the model (`model` itself where nothing changed) and how many of `names`
     stay float32 (values a repair or fine-tune moved off float16)."""
+    inputs = {v.name for v in model.graph.input}    # (an old IR lists weights as inputs)
     weights = {t.name: t for t in model.graph.initializer
-               if t.name in names and t.data_type == onnx.TensorProto.FLOAT}
+               if t.name in names and t.name not in inputs
+               and t.data_type == onnx.TensorProto.FLOAT}
     exact = {}
     for name, t in weights.items():
         array = numpy_helper.to_array(t)
