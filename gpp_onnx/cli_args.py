@@ -3,6 +3,7 @@ arguments into configs and calls the public API)."""
 from __future__ import annotations
 
 import argparse
+import math
 
 from .config import DISTILL, DataOptions, LatencyOptions, TrainOptions
 from .errors import InputError
@@ -10,6 +11,31 @@ from .grow.loop import MIN_GAIN
 from .importance import criterion_names
 from .push import PushWeights
 from .schedule_options import GPP_ROUNDS, SPLITS, GppOptions
+
+
+def _number(kind, low=None, above: bool = False, high=None, below: bool = False):
+    """An argparse type: a finite `kind` value within [low, high] (`above` / `below`:
+    the bound itself excluded). A value outside is argparse's one-line error, exit 2."""
+    def parse(text: str):
+        value = kind(text)       # ValueError: argparse's "invalid float value"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if low is not None and (value < low or above and value == low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if above else '>='} {low}")
+        if high is not None and (value > high or below and value == high):
+            raise argparse.ArgumentTypeError(f"{text} must be {'<' if below else '<='} {high}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+FINITE = _number(float)
+NONNEG = _number(float, 0)               # training epochs, loss weights: 0 or more
+POSITIVE = _number(float, 0, above=True)  # learning rates, temperatures, budgets
+FRACTION = _number(float, 0, high=1, below=True)
+COUNT = _number(int, 1)                  # batch sizes, images, rounds
+SOME = _number(int, 0)                   # 0 or more
 
 
 def _shape(text: str) -> tuple[str | None, tuple[int, ...]]:
@@ -71,15 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("model_a")
     cmp.add_argument("model_b")
     cmp.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
-    cmp.add_argument("--repeats", type=int, default=30)
+    cmp.add_argument("--repeats", type=COUNT, default=30)
     _data_args(cmp)
 
     demo = sub.add_parser("demo", help="train a small CNN on the bundled digits, then push, "
                           "prune and fine-tune it in gpp rounds, report")
     demo.add_argument("--out", default="gpp-demo", help="folder for the demo's files")
-    demo.add_argument("--ratio", type=float, default=0.5)
-    demo.add_argument("--epochs", type=float, default=10, help="training epochs")
-    demo.add_argument("--budget-epochs", type=float, default=4,
+    demo.add_argument("--ratio", type=FRACTION, default=0.5)
+    demo.add_argument("--epochs", type=NONNEG, default=10, help="training epochs")
+    demo.add_argument("--budget-epochs", type=POSITIVE, default=4,
                       help="push and fine-tuning epochs of the gpp rounds")
     return parser
 
@@ -89,13 +115,13 @@ def _prune_parser(sub) -> None:
     pr.add_argument("model")
     pr.add_argument("-o", "--output", required=True, help="path of the pruned model")
     _cut_args(pr)
-    pr.add_argument("--rounds", type=int, default=1, help="prune in this many rounds")
+    pr.add_argument("--rounds", type=COUNT, default=1, help="prune in this many rounds")
     pr.add_argument("--mask-only", action="store_true",
                     help="keep the shapes; zero the removed channels' weights instead")
     pr.add_argument("--plan", help="replay a plan written by --plan-out")
     pr.add_argument("--plan-out", help="write the plan (JSON) here")
     _prune_training_args(pr)
-    pr.add_argument("--finetune-epochs", type=float, default=0.0,
+    pr.add_argument("--finetune-epochs", type=NONNEG, default=0.0,
                     help="fine-tuning after each cut (needs --data): cross-entropy with "
                     "labels, distillation of the original's outputs without")
 
@@ -106,17 +132,17 @@ def _gpp_parser(sub) -> None:
     gp.add_argument("model")
     gp.add_argument("-o", "--output", required=True, help="path of the result")
     _cut_args(gp)
-    gp.add_argument("--rounds", type=int, default=GPP_ROUNDS, help="push/prune rounds "
+    gp.add_argument("--rounds", type=COUNT, default=GPP_ROUNDS, help="push/prune rounds "
                     f"(default {GPP_ROUNDS})")
     _prune_training_args(gp)
-    gp.add_argument("--budget-epochs", type=float, default=2.0,
+    gp.add_argument("--budget-epochs", type=POSITIVE, default=2.0,
                     help="training epochs in all, split evenly over the rounds")
-    gp.add_argument("--push-share", type=float, default=GppOptions.push_share,
+    gp.add_argument("--push-share", type=FINITE, default=GppOptions.push_share,
                     help="share of the budget spent on push before the cuts (evenly over the "
                     "rounds); the rest fine-tunes")
     gp.add_argument("--split", choices=SPLITS, default=GppOptions.split,
                     help="fine-tune after every cut (even) or only after the last (final)")
-    gp.add_argument("--acc-floor", type=float, default=GppOptions.acc_floor,
+    gp.add_argument("--acc-floor", type=NONNEG, default=GppOptions.acc_floor,
                     help="end the gradual rounds when held-out accuracy falls more than this "
                     "below the start (a MACs/params target not met yet: the rest of the cut "
                     "is made at once and fine-tuned with the epochs left)")
@@ -126,7 +152,7 @@ def _gpp_parser(sub) -> None:
                     "accuracy gains more than --min-gain), then prune back: the target "
                     "(--target-macs or --target-params; --ratio is refused) is a fraction of "
                     "the input model's cost, so --target-macs 1.0 prunes back to it")
-    gp.add_argument("--grow-share", type=float, default=GppOptions.grow_share,
+    gp.add_argument("--grow-share", type=FINITE, default=GppOptions.grow_share,
                     help="with --grow: share of --budget-epochs spent growing, evenly over "
                     "the N modules; the rounds get the rest (default %(default)s)")
     _module_args(gp)
@@ -138,11 +164,11 @@ def _gpp_parser(sub) -> None:
 def _cut_args(pr: argparse.ArgumentParser) -> None:
     """What to cut and how it is scored: the options prune and gpp share."""
     target = pr.add_mutually_exclusive_group()
-    target.add_argument("--ratio", type=float, help="remove this fraction of each prunable "
+    target.add_argument("--ratio", type=FRACTION, help="remove this fraction of each prunable "
                         "group's channels (default 0.5)")
-    target.add_argument("--target-macs", type=float, help="keep this fraction of the MACs")
-    target.add_argument("--target-params", type=float, help="keep this fraction of the params")
-    target.add_argument("--target-latency", type=float, help="keep this fraction of the "
+    target.add_argument("--target-macs", type=POSITIVE, help="keep this fraction of the MACs")
+    target.add_argument("--target-params", type=POSITIVE, help="keep this fraction of the params")
+    target.add_argument("--target-latency", type=POSITIVE, help="keep this fraction of the "
                         "onnxruntime CPU latency measured here (channels ranked globally by "
                         "utility per unit of latency; the cut model is timed and corrected)")
     pr.add_argument("--allocation", choices=["uniform", "global"],
@@ -154,15 +180,15 @@ def _cut_args(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--criterion", default="auto",
                     help=f"one of {', '.join(criterion_names())} (default: gpp with --data, "
                     "else l1)")
-    pr.add_argument("--eta", type=float, help="threshold factor: remove channels whose utility "
+    pr.add_argument("--eta", type=POSITIVE, help="threshold factor: remove channels whose utility "
                     "is below eta * std of their group's (METHOD 3)")
     pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
                     help="keep this group whole (a group key, value or node name; repeatable)")
     pr.add_argument("--group-ratio", action="append", default=[], type=_name_ratio,
                     metavar="NAME=R", help="this group's own ratio (repeatable)")
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--min-keep", type=int, default=1, help="channels every group keeps")
-    pr.add_argument("--round-to", type=int, help="kept widths are multiples of this (default: "
+    pr.add_argument("--seed", type=SOME, default=0)
+    pr.add_argument("--min-keep", type=COUNT, default=1, help="channels every group keeps")
+    pr.add_argument("--round-to", type=COUNT, help="kept widths are multiples of this (default: "
                     "the block onnxruntime's fast conv layout needs here, 8 or 16; 1: free)")
     pr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
     pr.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
@@ -170,11 +196,11 @@ def _cut_args(pr: argparse.ArgumentParser) -> None:
 
 
 def _push_weight_args(p: argparse.ArgumentParser, w: PushWeights = PushWeights()) -> None:
-    p.add_argument("--sep", type=float, default=w.sep, help="push: weight of class separation (default %(default)s)")
-    p.add_argument("--cov", type=float, default=w.cov,
+    p.add_argument("--sep", type=NONNEG, default=w.sep, help="push: weight of class separation (default %(default)s)")
+    p.add_argument("--cov", type=NONNEG, default=w.cov,
                    help="push: weight of the within-class covariance off the diagonal "
                    "(default %(default)s)")
-    p.add_argument("--align", type=float, default=w.align,
+    p.add_argument("--align", type=NONNEG, default=w.align,
                    help="push: weight of concentrating discriminant power on few neurons "
                    "(default %(default)s)")
 
@@ -187,11 +213,11 @@ def _prune_training_args(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--no-labels", action="store_true",
                     help="ignore the data's labels: label-free criterion (fisher), repair "
                     "and distillation to the original model's outputs")
-    pr.add_argument("--distill", type=float, metavar="W",
+    pr.add_argument("--distill", type=NONNEG, metavar="W",
                     help="with labels: add W x the distillation loss (the original model as "
                     f"teacher) to cross-entropy (default {DISTILL:g}, chosen on validation "
                     "accuracy; 0: cross-entropy alone)")
-    pr.add_argument("--temperature", type=float, default=TrainOptions.temperature,
+    pr.add_argument("--temperature", type=POSITIVE, default=TrainOptions.temperature,
                     help="softmax temperature of the distillation KL (class outputs; "
                          "default %(default)s, chosen on held-out agreement)")
     pr.add_argument("--batchnorm", choices=["auto", "train", "frozen"], default="auto",
@@ -201,7 +227,7 @@ def _prune_training_args(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--no-renorm", dest="renorm", action="store_false",
                     help="fine-tune without the BatchNorm put back (for the length of the "
                     "fine-tune, batch statistics only) on convs an exporter folded one into")
-    pr.add_argument("--lr", type=float, default=None,
+    pr.add_argument("--lr", type=POSITIVE, default=None,
                     help="fine-tuning learning rate (default 0.01; 0.03 while BatchNorm is put "
                     "back on folded convs, chosen on validation data)")
     _device_args(pr)
@@ -218,7 +244,7 @@ def _profile_parser(sub) -> None:
     pf.add_argument("model")
     pf.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
     _timing_args(pf, "")
-    pf.add_argument("--runs", type=int, default=20, help="profiled runs")
+    pf.add_argument("--runs", type=COUNT, default=20, help="profiled runs")
     pf.add_argument("--json", help="write every group's cost-vs-width curve here "
                     "(python tools/plot_report.py latency FILE draws it)")
 
@@ -229,12 +255,12 @@ def _push_parser(sub) -> None:
     pu.add_argument("model")
     pu.add_argument("-o", "--output", required=True, help="path of the pushed model")
     _data_args(pu)
-    pu.add_argument("--epochs", type=float, default=1.0)
-    pu.add_argument("--lr", type=float, default=0.01)
+    pu.add_argument("--epochs", type=POSITIVE, default=1.0)
+    pu.add_argument("--lr", type=POSITIVE, default=0.01)
     _device_args(pu)
     _push_weight_args(pu)
     pu.add_argument("--feature-tensor", help="value name of the final hidden layer")
-    pu.add_argument("--seed", type=int, default=0)
+    pu.add_argument("--seed", type=SOME, default=0)
     pu.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
 
 
@@ -244,13 +270,13 @@ def _grow_parser(sub) -> None:
     gr.add_argument("model")
     gr.add_argument("-o", "--output", required=True, help="path of the grown model")
     _data_args(gr)
-    gr.add_argument("--max-modules", type=int, default=3)
-    gr.add_argument("--epochs", type=float, help="training epochs after each module "
+    gr.add_argument("--max-modules", type=COUNT, default=3)
+    gr.add_argument("--epochs", type=NONNEG, help="training epochs after each module "
                     "(default: 2 with --data, else 0: insert only)")
     _module_args(gr)
-    gr.add_argument("--lr", type=float, default=0.01)
+    gr.add_argument("--lr", type=POSITIVE, default=0.01)
     _device_args(gr)
-    gr.add_argument("--seed", type=int, default=0)
+    gr.add_argument("--seed", type=SOME, default=0)
     gr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
 
 
@@ -268,7 +294,7 @@ def _module_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--at", action="append", default=[], metavar="VALUE",
                    help="grow after this value (a conv block's output; repeatable; "
                    "default: one per resolution stage, deepest first)")
-    p.add_argument("--min-gain", type=float, default=MIN_GAIN, help="held-out accuracy "
+    p.add_argument("--min-gain", type=FINITE, default=MIN_GAIN, help="held-out accuracy "
                    "points a module must add to be kept (default %(default)s)")
     p.add_argument("--branch-widths", type=_widths, metavar="W3,W33,WP",
                    help="output widths of the 1x1->3x3, 1x1->3x3->3x3 and pool->1x1 "
@@ -300,9 +326,9 @@ def _timing_args(p: argparse.ArgumentParser, prefix: str) -> None:
     --threads/--batch)."""
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
                    help="onnxruntime provider to time (cuda needs onnxruntime-gpu)")
-    p.add_argument(f"--{prefix}threads", dest="timing_threads", type=int, default=0,
+    p.add_argument(f"--{prefix}threads", dest="timing_threads", type=SOME, default=0,
                    help="onnxruntime intra-op threads when timing (default: its own choice)")
-    p.add_argument(f"--{prefix}batch", dest="timing_batch", type=int, default=1,
+    p.add_argument(f"--{prefix}batch", dest="timing_batch", type=COUNT, default=1,
                    help="images per timed run (models with a dynamic batch)")
     p.add_argument("--no-latency-cache", action="store_true",
                    help="profile again instead of reusing ~/.cache/gpp-onnx")
@@ -334,11 +360,11 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="images: a class-per-folder directory (or a folder of "
                    "images, no labels), an .npz with x (and y), IDX files, "
                    "'fashion-mnist[:test]' or 'digits'")
-    p.add_argument("--val-split", type=float, default=0.1, help="held-out fraction (prune)")
-    p.add_argument("--limit", type=int, help="use at most this many images")
-    p.add_argument("--per-class", type=int, default=32, help="images per class for scoring")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, help="processes that prepare batches (default: a "
+    p.add_argument("--val-split", type=FRACTION, default=0.1, help="held-out fraction (prune)")
+    p.add_argument("--limit", type=COUNT, help="use at most this many images")
+    p.add_argument("--per-class", type=COUNT, default=32, help="images per class for scoring")
+    p.add_argument("--batch-size", type=COUNT, default=64)
+    p.add_argument("--workers", type=SOME, help="processes that prepare batches (default: a "
                    "few for image folders, none for arrays)")
     p.add_argument("--mean", type=_floats, help="per-channel mean subtracted after /255")
     p.add_argument("--std", type=_floats, help="per-channel std divided after the mean")

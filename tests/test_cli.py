@@ -137,3 +137,24 @@ def test_prune_api_accepts_min_keep(tmp_path):
     result = prune(tmp_path / "m.onnx", tmp_path / "p.onnx",
                    PruneConfig(ratio=0.9, min_keep=3, round_to=1, latency=False))
     assert result.plan.removed == {"conv1": (int(result.plan.removed["conv1"][0]),)}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gpp", "--lr", "-1"], "argument --lr: -1 must be > 0"),
+    (["gpp", "--budget-epochs", "nan"], "argument --budget-epochs: nan is not a finite number"),
+    (["gpp", "--budget-epochs", "inf"], "is not a finite number"),
+    (["prune", "--batch-size", "0"], "argument --batch-size: 0 must be >= 1"),
+    (["prune", "--per-class", "0"], "argument --per-class: 0 must be >= 1"),
+    (["prune", "--val-split", "1"], "argument --val-split: 1 must be < 1"),
+    (["prune", "--finetune-epochs", "-2"], "must be >= 0"),
+    (["push", "--epochs", "0"], "argument --epochs: 0 must be > 0"),
+    (["grow", "--seed", "-1"], "argument --seed: -1 must be >= 0"),
+])
+def test_numeric_options_out_of_range_are_refused_by_the_parser(argv, message, tmp_path,
+                                                                   capsys):
+    command, *options = argv
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), *options])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+    assert list(tmp_path.iterdir()) == []
