@@ -64,13 +64,34 @@ def check_work(options) -> None:
     if options.resume and not path.exists():
         raise InputError(f"--resume: {work} holds no run to continue (no state.json) - drop "
                          "--resume to start one")
+    if options.resume:
+        _saved(Path(work))
+
+
+_KEYS = ("fingerprint", "done", "epochs", "rows", "best", "stop")
+
+
+def _saved(work: Path) -> dict:
+    """The run's state.json; InputError where it is not one this tool wrote."""
+    path = work / "state.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        saved, why = None, " ".join(str(err).split())[:120]
+    else:
+        missing = [k for k in _KEYS if not isinstance(saved, dict) or k not in saved]
+        why = f"{', '.join(missing)} missing" if missing else ""
+    if why:
+        raise InputError(f"--resume: {path} is not a state this tool wrote ({why}) - remove "
+                         f"{work} to start the run again")
+    return saved
 
 
 def load(work: Path, model: onnx.ModelProto, fingerprint: str):
     """--resume: the saved state (``state.json``, as a dict), the best model so far (None
     before any) and the model the next round starts from: the last finished round's, else
     the grown one, else `model`."""
-    saved = json.loads((Path(work) / "state.json").read_text())
+    saved = _saved(Path(work))
     if saved.get("fingerprint") != fingerprint:
         raise InputError(f"--resume: {work} holds a run of another model or other settings - "
                          "give the same model and options, or another --work-dir")

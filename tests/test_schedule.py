@@ -127,6 +127,20 @@ def test_bad_gpp_input_is_a_one_line_error_and_writes_nothing(trained, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("state", ["{not json", "[]", '{"fingerprint": "x"}'])
+def test_resume_from_a_state_this_tool_did_not_write_is_refused_before_the_work(
+        trained, tmp_path, capsys, state):
+    work = tmp_path / "o.onnx.gpp-work"
+    work.mkdir()
+    (work / "state.json").write_text(state)
+    code = main(["gpp", str(trained), "--data", "digits", "--target-macs", "0.5", "-o",
+                 str(tmp_path / "o.onnx"), "--no-latency", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is not a state this tool wrote" in err[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["o.onnx.gpp-work", "state.json"]
+    assert (work / "state.json").read_text() == state
+
+
 def test_gpp_without_data_is_a_one_line_error(trained, tmp_path, capsys):
     code = main(["gpp", str(trained), "--target-macs", "0.5", "-o", str(tmp_path / "o.onnx")])
     assert code == 2 and "labelled data" in capsys.readouterr().err
