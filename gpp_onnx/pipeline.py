@@ -19,7 +19,7 @@ from .errors import InputError, UnsupportedModelError
 from .evaluation import accuracy, data_input_shape, dataset_for
 from .graph import GraphView
 from .latency_model import LatencyModel, group_costs
-from .plan import PrunePlan
+from .plan import PrunePlan, model_digest
 from .rounds import Round, load_data, one_round
 from .sources import has_labels
 from .stats import Estimator, ModelStats, count
@@ -71,6 +71,8 @@ def _load(model, input_shape) -> tuple[model_io.Loaded, onnx.ModelProto, Analysi
     logger.info("loaded %s (%d nodes)", "the model" if isinstance(model, onnx.ModelProto)
                 else model, len(loaded.model.graph.node))
     normalized = model_io.normalize(loaded.model)
+    distributed.check_same("models", {"model": model_digest(normalized)},
+                           "start every process with the same model")
     analysis = analyze_model(normalized, input_shape)
     logger.info("analysed: %d channel groups, %d prunable", len(analysis.groups),
                 len(analysis.prunable))
@@ -210,6 +212,8 @@ def start_run(model, config: PruneConfig) -> Start:
     """Load, normalise and analyse; refuse what cannot be pruned; measure the tolerance;
     load the data and the starting accuracy."""
     loaded, normalized, analysis = _load(model, config.input_shape)
+    distributed.check_same("options", {"options": config.to_dict()},
+                           "start every process with the same options")
     analysis = analysis.keeping(config.ignore)
     if not analysis.prunable:
         where = "the model" if isinstance(model, onnx.ModelProto) else model

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import torch
 
 from gpp_onnx import distributed
@@ -142,6 +143,24 @@ def test_ranks_with_different_data_stop_before_training(tmp_path):
     assert len(errors) == 1 and "different data" in errors[0] and "--limit" in errors[0]
     assert "error" not in runs[1].stderr
     assert "push 1/" not in runs[0].stderr                # stopped before training
+    assert list(dirs[0].iterdir()) == list(dirs[1].iterdir()) == []
+
+
+@pytest.mark.parametrize("what", ["models", "options"])
+def test_ranks_with_another_model_or_other_options_stop_before_the_work(tmp_path, what):
+    srcs = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    onnx.save(digits_cnn(0), srcs[0])
+    onnx.save(digits_cnn(0) if what == "options" else sample_cnn(), srcs[1])
+    dirs = [tmp_path / "rank0", tmp_path / "rank1"]
+    for d in dirs:
+        d.mkdir()
+    macs = ["0.5", "0.5" if what == "models" else "0.3"]
+    runs = _ranks([["prune", str(src), "--target-macs", m, "--no-latency", "-o", "p.onnx"]
+                   for src, m in zip(srcs, macs)], dirs)
+    assert [r.returncode for r in runs] == [2, 2]
+    errors = [line for line in runs[0].stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"the processes see different {what}" in errors[0]
+    assert "error" not in runs[1].stderr
     assert list(dirs[0].iterdir()) == list(dirs[1].iterdir()) == []
 
 
