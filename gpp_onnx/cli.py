@@ -152,8 +152,15 @@ def _reporting(args) -> int:
     except KeyboardInterrupt:
         print("gpp-onnx: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except Exception as err:  # a bug: say so on one line; -v shows the traceback
-        if args.verbose:
+    except Exception as err:
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+            # the machine's memory, not a bug (torch's CUDA one is an OutOfMemoryError)
+            text = " ".join(str(err).split())[:160]
+            print(f"gpp-onnx: error{_rank_tag()}: out of memory ({text}) - nothing was "
+                  "written; lower --batch-size, --limit or --input-shape, or use a machine "
+                  "with more memory", file=sys.stderr)
+            return 2
+        if args.verbose:      # a bug: say so on one line; -v shows the traceback
             raise
         print(f"gpp-onnx: internal error{_rank_tag()}: {type(err).__name__}: {err} - nothing "
               "was written; rerun with -v for the traceback and please report it", file=sys.stderr)

@@ -158,3 +158,16 @@ def test_numeric_options_out_of_range_are_refused_by_the_parser(argv, message, t
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_running_out_of_memory_is_a_one_line_error_not_a_bug(tmp_path, capsys, monkeypatch):
+    from gpp_onnx import pipeline
+
+    def too_big(*args, **kwargs):
+        raise MemoryError("Unable to allocate 74.5 GiB for an array")
+
+    monkeypatch.setattr(pipeline, "analyze", too_big)
+    assert main(["analyze", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gpp-onnx: error: out of memory (Unable")
+    assert "internal error" not in err[0]
