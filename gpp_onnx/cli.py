@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import model as model_io
-from . import distributed, pipeline, push_prune, report
+from . import distributed, pipeline, preflight, push_prune, report
 from .config import DISTILL, PruneConfig, TrainOptions, with_lr
 from .errors import GppError, InputError
 from .cli_args import _data_options, _input_shape, _timing, build_parser
@@ -70,6 +70,8 @@ def _run(args) -> int:
         print(report.gpp_summary(push_prune.gpp(args.model, args.output, _prune_config(args),
                                               options)))
     elif args.command == "profile":
+        if args.json:
+            preflight.check_side_output(Path(args.json), "--json", Path(args.model))
         prof = pipeline.profile(args.model, _input_shape(args.input_shape), _timing(args),
                                 args.runs)
         print(report.profile_table(prof))

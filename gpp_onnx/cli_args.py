@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a small CNN on the bundled digits, then push, "
                           "prune and fine-tune it in gpp rounds, report")
     demo.add_argument("--out", default="gpp-demo", help="folder for the demo's files")
-    demo.add_argument("--ratio", type=FRACTION, default=0.5)
+    demo.add_argument("--ratio", type=FINITE, default=0.5)
     demo.add_argument("--epochs", type=NONNEG, default=10, help="training epochs")
     demo.add_argument("--budget-epochs", type=POSITIVE, default=4,
                       help="push and fine-tuning epochs of the gpp rounds")
@@ -164,11 +164,11 @@ def _gpp_parser(sub) -> None:
 def _cut_args(pr: argparse.ArgumentParser) -> None:
     """What to cut and how it is scored: the options prune and gpp share."""
     target = pr.add_mutually_exclusive_group()
-    target.add_argument("--ratio", type=FRACTION, help="remove this fraction of each prunable "
+    target.add_argument("--ratio", type=FINITE, help="remove this fraction of each prunable "
                         "group's channels (default 0.5)")
-    target.add_argument("--target-macs", type=POSITIVE, help="keep this fraction of the MACs")
-    target.add_argument("--target-params", type=POSITIVE, help="keep this fraction of the params")
-    target.add_argument("--target-latency", type=POSITIVE, help="keep this fraction of the "
+    target.add_argument("--target-macs", type=FINITE, help="keep this fraction of the MACs")
+    target.add_argument("--target-params", type=FINITE, help="keep this fraction of the params")
+    target.add_argument("--target-latency", type=FINITE, help="keep this fraction of the "
                         "onnxruntime CPU latency measured here (channels ranked globally by "
                         "utility per unit of latency; the cut model is timed and corrected)")
     pr.add_argument("--allocation", choices=["uniform", "global"],
@@ -180,7 +180,7 @@ def _cut_args(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--criterion", default="auto",
                     help=f"one of {', '.join(criterion_names())} (default: gpp with --data, "
                     "else l1)")
-    pr.add_argument("--eta", type=POSITIVE, help="threshold factor: remove channels whose utility "
+    pr.add_argument("--eta", type=FINITE, help="threshold factor: remove channels whose utility "
                     "is below eta * std of their group's (METHOD 3)")
     pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
                     help="keep this group whole (a group key, value or node name; repeatable)")

@@ -116,7 +116,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     if config.latency or config.target_latency is not None:
         latency.providers_for(config.timing)  # a provider that is not there: say so first
     if plan_out is not None:
-        preflight.check_writable(Path(plan_out))
+        preflight.check_side_output(Path(plan_out), "--plan-out", src, dst)
     t0 = time.perf_counter()
     start = start_run(model if src is None else src, config)
     rounds = _run_rounds(start, config, plan_path)

@@ -52,6 +52,19 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def check_side_output(path: Path, flag: str, src: Path | None, dst: Path | None = None) -> None:
+    """A second file a run writes (`flag`'s: a plan, a profile) is neither one of the
+    input model's files nor the model output or its report; then check_writable."""
+    taken = [*(model_io.stored_files(src) if src is not None else [])]
+    if dst is not None:
+        taken += [dst, dst.with_suffix(".report.json")]
+    hit = next((f for f in taken if _same_file(path, f)), None)
+    if hit is not None:
+        raise InputError(f"{flag} {path} would overwrite {hit} - give it a path of its own; "
+                         "gpp-onnx never overwrites its input or its other outputs")
+    check_writable(path)
+
+
 def check_writable(path: Path) -> Path:
     """The existing folder that ``path`` will be written in (its own, or the nearest existing
     one above it, which the save creates folders in); InputError unless it takes a file."""

@@ -104,7 +104,8 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     _preflight(model, src, dst, config.data)
     config = replace(config, input_shape=data_input_shape(model, config.input_shape,
                                                           config.data.source))
-    workdir.check_work(options)
+    workdir.check_work(options, tuple(model_io.stored_files(src) if src else ())
+                       + ((dst,) if dst is not None else ()))
     if options.work_dir is not None:
         preflight.check_writable(Path(options.work_dir) / "state.json")
     t0 = time.perf_counter()
@@ -127,7 +128,7 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     if dst is not None and writer:
         model_io.save(best, dst)
     if options.work_dir is not None and writer:  # a finished run leaves nothing to resume
-        shutil.rmtree(options.work_dir, ignore_errors=True)
+        workdir.remove(Path(options.work_dir))
     data_report = report.gpp_report(src or "<in-memory model>", dst, config, options, state,
                                     start.before, after, start.accuracy,
                                     timing.ratio if timing else None, time.perf_counter() - t0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import onnx
@@ -48,15 +49,29 @@ def save(work: Path, model, state, fingerprint: str,
                 work)
 
 
-def check_work(options) -> None:
+def _ours(work: Path) -> list[Path]:
+    """The files of `work` a run writes (checkpoints, the state)."""
+    return [p for p in work.iterdir() if p.is_file() and (
+        p.name in ("best.onnx", "grown.onnx", "state.json")
+        or re.fullmatch(r"round-\d+\.onnx", p.name)
+        or re.fullmatch(r"\..*\.tmp", p.name))] if work.is_dir() else []
+
+
+def check_work(options, inputs: tuple[Path, ...] = ()) -> None:
     """Before any work: a fresh run needs a work folder without a run in it, --resume one
-    with a run."""
+    with a run; neither the input model (`inputs`: its files) nor the output may lie in it,
+    since a finished run removes its checkpoints."""
     work = options.work_dir
     if work is None:
         if options.resume:
             raise InputError("--resume needs the work folder of the run (--work-dir, or an "
                              "output path next to which it lies)")
         return
+    folder = Path(work).resolve()
+    for f in inputs:
+        if folder in Path(f).resolve().parents:
+            raise InputError(f"--work-dir {work} holds {f}, and the run writes and removes "
+                             "checkpoints there - choose a folder of its own")
     path = Path(work) / "state.json"
     if not options.resume and path.exists():
         raise InputError(f"{work} holds a previous run - pass --resume to continue it, or "
@@ -64,6 +79,10 @@ def check_work(options) -> None:
     if options.resume and not path.exists():
         raise InputError(f"--resume: {work} holds no run to continue (no state.json) - drop "
                          "--resume to start one")
+    named = [p.name for p in _ours(Path(work)) if p.suffix == ".onnx"]
+    if not options.resume and named:
+        raise InputError(f"{work} holds a checkpoint-named file ({named[0]}) a fresh run "
+                         "would overwrite - choose another --work-dir")
     if options.resume:
         _saved(Path(work))
 
@@ -85,6 +104,17 @@ def _saved(work: Path) -> dict:
         raise InputError(f"--resume: {path} is not a state this tool wrote ({why}) - remove "
                          f"{work} to start the run again")
     return saved
+
+
+def remove(work: Path) -> None:
+    """After a finished run: its checkpoints and state, then the folder if nothing else
+    is left in it (a folder the user gave keeps what was theirs)."""
+    for p in _ours(Path(work)):
+        p.unlink(missing_ok=True)
+    try:
+        Path(work).rmdir()
+    except OSError:
+        pass
 
 
 def load(work: Path, model: onnx.ModelProto, fingerprint: str):

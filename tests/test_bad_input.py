@@ -185,6 +185,24 @@ def test_class_scores_that_are_not_the_first_output_are_named(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+@pytest.mark.parametrize("argv", [
+    ["prune", "{src}", "--ratio", "0.5", "--no-latency", "-o", "{out}", "--plan-out", "{src}"],
+    ["prune", "{src}", "--ratio", "0.5", "--no-latency", "-o", "{out}", "--plan-out", "{out}"],
+    ["prune", "{src}", "--ratio", "0.5", "--no-latency", "-o", "{out}", "--plan-out",
+     "{report}"],
+    ["profile", "{src}", "--json", "{src}"],
+], ids=["plan-over-input", "plan-over-output", "plan-over-report", "profile-over-input"])
+def test_a_second_output_over_the_input_or_the_output_is_refused(argv, tmp_path, capsys):
+    src, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
+    onnx.save(sample_cnn(), src)
+    before = _digest(src)
+    paths = {"src": src, "out": out, "report": out.with_suffix(".report.json")}
+    code, err = _run_cli(capsys, [a.format(**paths) for a in argv])
+    assert code == 2 and len(err) == 1 and "would overwrite" in err[0]
+    assert _digest(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 def test_analyze_bad_file_exit_2(tmp_path, capsys):
     bad = tmp_path / "m.onnx"
     bad.write_text("nope")

@@ -141,6 +141,22 @@ def test_resume_from_a_state_this_tool_did_not_write_is_refused_before_the_work(
     assert (work / "state.json").read_text() == state
 
 
+def test_a_given_work_dir_keeps_what_was_there_and_may_not_hold_the_model(trained, tmp_path,
+                                                                          capsys):
+    work = tmp_path / "mine"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    args = ["-q", "gpp", str(trained), "--data", "digits", "--target-macs", "0.5",
+            "--budget-epochs", "1", "--rounds", "1", "--no-latency", "--work-dir", str(work)]
+    assert main([*args, "-o", str(tmp_path / "o.onnx")]) == 0
+    assert sorted(p.name for p in work.rglob("*")) == ["notes.txt", "sub"]  # checkpoints gone
+    capsys.readouterr()
+    assert main([*args, "-o", str(work / "o.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "choose a folder of its own" in err[0]
+    assert sorted(p.name for p in work.rglob("*")) == ["notes.txt", "sub"]
+
+
 def test_gpp_without_data_is_a_one_line_error(trained, tmp_path, capsys):
     code = main(["gpp", str(trained), "--target-macs", "0.5", "-o", str(tmp_path / "o.onnx")])
     assert code == 2 and "labelled data" in capsys.readouterr().err
