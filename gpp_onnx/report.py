@@ -91,7 +91,8 @@ def prune_summary(result) -> str:
     if b.get("accuracy") is not None:
         rows.append(["top-1 accuracy (held-out)", f"{b['accuracy']:.4f}", f"{a['accuracy']:.4f}",
                      f"{a['accuracy'] - b['accuracy']:+.4f}"])
-    removed = result.plan.removed_channels
+    # over all rounds: each later round cuts the model the one before left
+    removed = sum(g["width"] - g["kept"] for g in rep["groups"])
     lines = [table(["", "before", "after", "after/before"], rows)]
     if len(rep["rounds"]) > 1 or b.get("accuracy") is not None:
         lines.append(rounds_table(rep["rounds"], b["macs"]))
@@ -108,7 +109,7 @@ def prune_summary(result) -> str:
     if rep["config"]["mask_only"]:
         lines.append("mask-only: the written model keeps the original shapes with the removed "
                      "channels zeroed; 'after' counts the equivalent pruned model")
-    groups = sum(1 for v in result.plan.removed.values() if v)
+    groups = sum(1 for g in rep["groups"] if g["kept"] < g["width"])
     lines += [f"loaded: {note}" for note in result.notes]
     tol = result.tolerance
     lines += [f"removed {plural(removed, 'channel')} in {plural(groups, 'group')}; pruned == "
@@ -329,6 +330,18 @@ def group_rows(analysis, plan, scores: dict) -> list[dict]:
     return rows
 
 
+def _final_widths(rounds) -> list[dict]:
+    """The first round's group rows (widths of the input, its utilities) with the width
+    each group keeps after the last round (the later rounds cut the cut model)."""
+    rows = [dict(row) for row in rounds[0].groups]
+    later = {}
+    for r in rounds[1:]:
+        later.update({row["key"]: row["kept"] for row in r.groups})
+    for row in rows:
+        row["kept"] = later.get(row["key"], row["kept"])
+    return rows
+
+
 def json_report(src, dst, config, rounds, before, after, latency, acc_before, seconds,
                 loading: dict | None = None, tolerance=None, warnings=(),
                 sizes: tuple[int, int] = (0, 0), distillation: str | None = None) -> dict:
@@ -364,7 +377,7 @@ def json_report(src, dst, config, rounds, before, after, latency, acc_before, se
                     "equivalence_relative_error_float32": r.error_float32,
                     "equivalence_relative_error_float64": r.error_float64,
                     "criterion": r.plan.meta.get("criterion_report")} for r in rounds],
-        "groups": rounds[0].groups,
+        "groups": _final_widths(rounds),
         "plan": json.loads(last.plan.to_json()),
     }
 

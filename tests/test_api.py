@@ -122,3 +122,38 @@ def test_an_in_memory_model_is_pruned_without_writing_or_touching_it(tmp_path, m
 def _conv_weights_of(model) -> list[np.ndarray]:
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     return [init[n.input[1]] for n in model.graph.node if n.op_type == "Conv"]
+
+
+def test_a_prune_in_rounds_reports_the_widths_it_wrote(tmp_path, capsys):
+    """With --rounds 3, each round cuts the model the one before left: the report's kept
+    widths are the written model's, and the summary counts every round's channels."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from gpp_onnx.cli import main
+    from gpp_onnx.samples import GraphBuilder
+
+    b = GraphBuilder((1, 3, 16, 16), seed=0)
+    x = b.act(b.conv("input", 32), "Relu")
+    x = b.act(b.conv(x, 32), "Relu")
+    x = b.act(b.conv(x, 16), "Relu")
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(b.build(b.gemm(b.flatten(b.gap(x)), 10)), src)
+    assert main(["-q", "prune", str(src), "--rounds", "3", "--ratio", "0.5", "--round-to", "1",
+                 "--no-latency", "-o", str(out)]) == 0
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    written = onnx.load(out)
+    inits = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    producer = {o: n for n in written.graph.node for o in n.output}
+    checked = 0
+    for row in rep["groups"]:
+        node = producer.get(row["key"])
+        if node is not None and node.op_type == "Conv":
+            assert inits[node.input[1]].shape[0] == row["kept"], row["key"]
+            checked += 1
+    assert checked == 3
+    total = sum(r["removed_channels"] for r in rep["rounds"])
+    assert len(rep["rounds"]) == 3 and total == sum(g["width"] - g["kept"] for g in rep["groups"])
+    assert f"removed {total} channels" in capsys.readouterr().out
