@@ -150,7 +150,7 @@ def _reporting(args) -> int:
         return 2
     except GppError as err:
         print(f"gpp-onnx: error{_rank_tag()}: {err}", file=sys.stderr)
-        return 2
+        return _alone(2)
     except KeyboardInterrupt:
         print("gpp-onnx: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -161,12 +161,29 @@ def _reporting(args) -> int:
             print(f"gpp-onnx: error{_rank_tag()}: out of memory ({text}) - nothing was "
                   "written; lower --batch-size, --limit or --input-shape, or use a machine "
                   "with more memory", file=sys.stderr)
-            return 2
+            return _alone(2)
+        if distributed.world_size() > 1 and (
+                "closed by peer" in str(err) or type(err).__name__.startswith("Dist")):
+            print(f"gpp-onnx: error{_rank_tag()}: another process stopped (its error is "
+                  "above) - nothing was written", file=sys.stderr)
+            return _alone(2)
         if args.verbose:      # a bug: say so on one line; -v shows the traceback
             raise
         print(f"gpp-onnx: internal error{_rank_tag()}: {type(err).__name__}: {err} - nothing "
               "was written; rerun with -v for the traceback and please report it", file=sys.stderr)
-        return 1
+        return _alone(1)
+
+
+def _alone(code: int) -> int:
+    """`code` for an error this process met on its own. Under torchrun the other processes
+    may be waiting for it in a collective step, and ending the run normally would wait
+    for them at the last barrier: the process exits now instead, and torchrun stops the
+    others (an error every process meets together is RanksDisagree, ended normally)."""
+    if distributed.world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 @contextlib.contextmanager

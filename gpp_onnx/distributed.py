@@ -222,8 +222,9 @@ def check_same(what: str, fields: Mapping[str, object], fix: str) -> None:
         seen = [d[key] for d in every]
         if len(set(seen)) > 1:
             odd = next(r for r, d in enumerate(seen) if d != seen[0])
+            verb = "differ" if key.endswith("s") else "differs"
             raise RanksDisagree(f"the processes see different {what}: rank {odd}'s {key} "
-                                f"differs from rank 0's - {fix}")
+                                f"{verb} from rank 0's - {fix}")
 
 
 def same_tensors(named, what: str) -> None:

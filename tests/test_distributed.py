@@ -164,6 +164,23 @@ def test_ranks_with_another_model_or_other_options_stop_before_the_work(tmp_path
     assert list(dirs[0].iterdir()) == list(dirs[1].iterdir()) == []
 
 
+def test_an_error_one_rank_meets_alone_ends_every_rank(tmp_path):
+    """Rank 1 alone is given data that does not exist: it says so and stops, and rank 0,
+    waiting for it in a collective step, stops too instead of waiting for the timeout."""
+    src = tmp_path / "digits.onnx"
+    onnx.save(digits_cnn(0), src)
+    dirs = [tmp_path / "rank0", tmp_path / "rank1"]
+    for d in dirs:
+        d.mkdir()
+    args = ["prune", str(src), "--target-macs", "0.5", "--finetune-epochs", "0.2",
+            "--no-latency", "-o", "p.onnx", "--data"]
+    runs = _ranks([args + ["digits"], args + [str(tmp_path / "missing")]], dirs)
+    assert [r.returncode for r in runs] == [2, 2]
+    assert "unknown data source" in runs[1].stderr
+    assert "another process stopped" in runs[0].stderr
+    assert list(dirs[0].iterdir()) == list(dirs[1].iterdir()) == []
+
+
 def test_gpp_rounds_in_two_processes_checkpoint_once(tmp_path):
     """The push/prune schedule: rank 0 alone keeps the work folder and writes the result."""
     src = tmp_path / "digits.onnx"
