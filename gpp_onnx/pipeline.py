@@ -109,6 +109,15 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     dst = None if output is None else Path(output)
     if (plan_path or plan_out) and config.rounds > 1:
         raise InputError("a plan describes one round - use --rounds 1 with --plan/--plan-out")
+    if plan_path is not None:
+        given = [flag for flag, v in (("--eta", config.eta),
+                                      ("--target-macs", config.target_macs),
+                                      ("--target-params", config.target_params),
+                                      ("--target-latency", config.target_latency)) if v]
+        if given:
+            raise InputError(f"--plan fixes the channels to cut, so {given[0]} would be "
+                             "ignored - drop one of them")
+        PrunePlan.load(plan_path)             # readable: before the work
     _preflight(model, src, dst, config.data)
     if config.data is not None:
         config = replace(config, input_shape=data_input_shape(model, config.input_shape,

@@ -58,7 +58,7 @@ class PrunePlan:
     def load(cls, path) -> "PrunePlan":
         try:
             return cls.from_json(Path(path).read_text())
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise InputError(f"cannot read plan {path} ({err}) - pass a file written by "
                              "--plan-out") from None
 

@@ -215,3 +215,24 @@ def test_python_dash_m_reports_errors_with_exit_2(tmp_path):
                            "-o", str(tmp_path / "y.onnx")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("gpp-onnx: error: model file not found")
+
+
+@pytest.mark.parametrize("plan, extra, message", [
+    ("[]", [], "cannot read plan"),
+    ('{"format": "gpp-onnx-plan/1", "removed": null}', [], "cannot read plan"),
+    (None, ["--target-macs", "0.1"], "--target-macs would be ignored"),
+])
+def test_a_plan_that_cannot_be_used_is_refused(plan, extra, message, tmp_path, capsys):
+    src, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
+    onnx.save(sample_cnn(), src)
+    path = tmp_path / "plan.json"
+    if plan is None:    # a real plan, with a target it would override
+        assert main(["-q", "prune", str(src), "--ratio", "0.5", "--no-latency", "-o",
+                     str(tmp_path / "a.onnx"), "--plan-out", str(path)]) == 0
+        capsys.readouterr()
+    else:
+        path.write_text(plan)
+    code, err = _run_cli(capsys, ["prune", str(src), "--plan", str(path), "--no-latency",
+                                  "-o", str(out), *extra])
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert not out.exists()
