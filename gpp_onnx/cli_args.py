@@ -255,7 +255,7 @@ def _push_parser(sub) -> None:
     pu.add_argument("model")
     pu.add_argument("-o", "--output", required=True, help="path of the pushed model")
     _data_args(pu)
-    pu.add_argument("--epochs", type=POSITIVE, default=1.0)
+    pu.add_argument("--epochs", type=NONNEG, default=1.0)
     pu.add_argument("--lr", type=POSITIVE, default=0.01)
     _device_args(pu)
     _push_weight_args(pu)
@@ -270,7 +270,7 @@ def _grow_parser(sub) -> None:
     gr.add_argument("model")
     gr.add_argument("-o", "--output", required=True, help="path of the grown model")
     _data_args(gr)
-    gr.add_argument("--max-modules", type=COUNT, default=3)
+    gr.add_argument("--max-modules", type=SOME, default=3)
     gr.add_argument("--epochs", type=NONNEG, help="training epochs after each module "
                     "(default: 2 with --data, else 0: insert only)")
     _module_args(gr)

@@ -67,6 +67,7 @@ CASES = [
     ("digits", ["--at", "input"], "model input"),
     ("mlp", [], "no Conv"),
     ("digits", ["--branch-widths", "300000,300000,300000"], "GiB"),    # memory estimate
+    ("digits", ["--branch-widths", "6000,6000,6000"], "over the 2 GiB an ONNX file holds"),
     ("three", ["--data", "digits", "--epochs", "1"], "label"),         # 10 classes, 3 outputs
     ("digits", ["--epochs", "1"], "needs --data"),
     ("digits", ["--max-modules", "0"], "--max-modules"),

@@ -162,11 +162,18 @@ def available_bytes() -> int | None:
 def check_memory(view: GraphView, positions: list[Position], config: GrowConfig) -> int:
     batch = config.train.batch_size if config.train.epochs > 0 else 2
     need = estimate_bytes(count(view).params, positions, config.widths, batch)
+    weights = estimate_bytes(count(view).params, positions, config.widths, 0) // 4
+    if weights >= 2 ** 31:
+        raise InputError(f"the grown model would hold about {weights / 2**30:.1f} GiB of "
+                         "weights, over the 2 GiB an ONNX file holds without external data "
+                         "- use smaller --branch-widths or fewer modules (--max-modules, "
+                         "gpp's --grow N)")
     have = available_bytes()
     if have is not None and need > have:
         raise InputError(f"growing {len(positions)} module(s) needs about {need / 2**30:.1f} "
                          f"GiB, {have / 2**30:.1f} GiB is available - use smaller "
-                         "--branch-widths, fewer --max-modules or a smaller --batch-size")
+                         "--branch-widths, fewer modules (--max-modules, gpp's --grow N) or "
+                         "a smaller --batch-size")
     return need
 
 
