@@ -141,7 +141,8 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
               if config.latency and writer else None)
     ratio = timing.ratio if timing is not None else None
     slower = timing.warning(config.round_to) if timing is not None else None
-    warnings = [w for w in (slower, widened) if w]
+    warnings = [w for w in (slower, widened, _short_of_target(config, start.before, last))
+                if w]
     if dst is not None and writer:
         model_io.save(result_model, dst, source)
     sizes = (model_io.file_size(src) if src else start.loaded.as_read.ByteSize(),
@@ -160,6 +161,20 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     return PruneResult(dst, report_path, last.plan, start.before, after, last.error, ratio,
                        data_report, tuple(rounds), start.accuracy, tolerance,
                        start.loaded.notes, result_model)
+
+
+def _short_of_target(config: PruneConfig, before: ModelStats, last) -> str | None:
+    """A warning where the cut stayed above a MACs or params target, or cut nothing."""
+    limits = "--min-keep, --round-to and the groups kept whole bound the cut"
+    for flag, what, target, kept, total in (
+            ("--target-macs", "MACs", config.target_macs, last.macs, before.macs),
+            ("--target-params", "params", config.target_params, last.params, before.params)):
+        if target is not None and kept > (target + 0.01) * total:
+            return (f"the cut keeps {kept / max(total, 1):.3f} of the {what}, above "
+                    f"{flag} {target:g}: {limits}")
+    if last.params >= before.params and config.target_latency is None:
+        return f"nothing was cut: {limits}"
+    return None
 
 
 def _half_weights_back(start: Start, result: onnx.ModelProto

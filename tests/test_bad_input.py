@@ -236,3 +236,18 @@ def test_a_plan_that_cannot_be_used_is_refused(plan, extra, message, tmp_path, c
                                   "-o", str(out), *extra])
     assert code == 2 and len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--target-macs", "0.5", "--min-keep", "100"], "above --target-macs 0.5"),
+    (["--ratio", "0.5", "--min-keep", "100"], "nothing was cut"),
+])
+def test_a_cut_that_misses_its_target_says_so(extra, message, tmp_path, capsys):
+    import json
+
+    src, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
+    onnx.save(sample_cnn(), src)
+    assert main(["prune", str(src), "--no-latency", "-o", str(out), *extra]) == 0
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    assert any(message in w for w in rep["warnings"])
+    assert message in capsys.readouterr().out
