@@ -39,8 +39,10 @@ def analysis_table(result) -> str:
                      f"{100 * share.params:.1f}%", f"{100 * share.macs:.1f}%",
                      "" if g.prunable else g.reason])
     a = result.analysis
+    shapes = ", ".join(f"'{s.name}': {'x'.join(map(str, s.shape))}" for s in a.view.inputs)
     head = (f"{len(a.groups)} channel groups, {len(a.prunable)} prunable; "
-            f"{human(result.stats.params)} params, {human(result.stats.macs)} MACs")
+            f"{human(result.stats.params)} params, {human(result.stats.macs)} MACs "
+            f"(input {shapes}; --input-shape sets free sizes)")
     body = table(["group", "width", "members", "prunable", "params", "MACs", "why not"],
                  rows, "lrrlrrl")
     return "\n".join([head, body, *grown_modules(a)])

@@ -195,6 +195,8 @@ def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = 
         train, val = split(ds, opts.val_split, config.seed)
     else:
         train = val = ds
+        logger.warning("--val-split 0: nothing is held out, so every 'held-out' figure (and "
+                       "the choice between models) is measured on the training images")
     logger.info("data: %d training and %d held-out images, %s from %s", len(train), len(val),
                 f"{ds.num_classes} classes" if ds.labelled else "no labels", ds.source)
     distributed.check_same("data", data_digest(ds, train, val), "start every process with "
