@@ -152,7 +152,11 @@ def _reporting(args) -> int:
         print(f"gpp-onnx: error{_rank_tag()}: {err}", file=sys.stderr)
         return _alone(2)
     except KeyboardInterrupt:
-        print("gpp-onnx: interrupted; nothing was written", file=sys.stderr)
+        work = (getattr(args, "work_dir", None)
+                or (args.output + ".gpp-work" if args.command == "gpp" else None))
+        kept = (f"; the finished rounds are kept in {work} - rerun with --resume to go on"
+                if work and (Path(work) / "state.json").exists() else "")
+        print(f"gpp-onnx: interrupted; nothing was written{kept}", file=sys.stderr)
         return 130
     except Exception as err:
         if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":

@@ -203,8 +203,8 @@ def select(raw, labels: bool | None, limit: int | None, seed: int
     if y is None and labels:
         raise DataError(f"{where}: no labels (no class sub-folders, no array 'y' or no IDX "
                         "labels file); give labelled data (a sub-folder per class, an .npz "
-                        "with y, an IDX labels file) - of the commands, only prune works "
-                        "without labels")
+                        "with y, an IDX labels file) - of the commands, only prune and "
+                        "compare work without labels")
     if n_x == 0:
         raise DataError(f"{where}: the dataset is empty; give some images")
     if y is not None:

@@ -84,7 +84,18 @@ def check_work(options, inputs: tuple[Path, ...] = ()) -> None:
         raise InputError(f"{work} holds a checkpoint-named file ({named[0]}) a fresh run "
                          "would overwrite - choose another --work-dir")
     if options.resume:
-        _saved(Path(work))
+        _check_files(Path(work), _saved(Path(work)))
+
+
+def _check_files(work: Path, saved: dict) -> None:
+    """The checkpoints `saved` (a state.json) names are in `work`."""
+    needed = ((["best.onnx"] if saved["best"] is not None else [])
+              + ([f"round-{saved['done']}.onnx"] if saved["done"] else
+                 ["grown.onnx"] if saved.get("grown") is not None else []))
+    missing = [name for name in needed if not (work / name).is_file()]
+    if missing:
+        raise InputError(f"--resume: {work} lacks {missing[0]}, which its state.json names - "
+                         f"remove {work} to start the run again")
 
 
 _KEYS = ("fingerprint", "done", "epochs", "rows", "best", "stop")
@@ -125,6 +136,7 @@ def load(work: Path, model: onnx.ModelProto, fingerprint: str):
     if saved.get("fingerprint") != fingerprint:
         raise InputError(f"--resume: {work} holds a run of another model or other settings - "
                          "give the same model and options, or another --work-dir")
+    _check_files(Path(work), saved)
     best = model_io.load(Path(work) / "best.onnx") if saved["best"] is not None else None
     if saved["done"]:
         current = model_io.load(Path(work) / f"round-{saved['done']}.onnx")

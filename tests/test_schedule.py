@@ -157,6 +157,17 @@ def test_a_given_work_dir_keeps_what_was_there_and_may_not_hold_the_model(traine
     assert sorted(p.name for p in work.rglob("*")) == ["notes.txt", "sub"]
 
 
+def test_resume_without_the_checkpoint_its_state_names_is_refused(trained, tmp_path, capsys):
+    work = tmp_path / "o.onnx.gpp-work"
+    work.mkdir()
+    (work / "state.json").write_text(json.dumps({"fingerprint": "x", "done": 1, "epochs": 0.5,
+                                                 "rows": [], "best": None, "stop": None}))
+    code = main(["gpp", str(trained), "--data", "digits", "--target-macs", "0.5", "-o",
+                 str(tmp_path / "o.onnx"), "--no-latency", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "lacks round-1.onnx" in err[0]
+
+
 def test_gpp_without_data_is_a_one_line_error(trained, tmp_path, capsys):
     code = main(["gpp", str(trained), "--target-macs", "0.5", "-o", str(tmp_path / "o.onnx")])
     assert code == 2 and "labelled data" in capsys.readouterr().err
