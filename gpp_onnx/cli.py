@@ -13,6 +13,7 @@ from . import model as model_io
 from . import distributed, pipeline, preflight, push_prune, report
 from .config import DISTILL, PruneConfig, TrainOptions, with_lr
 from .errors import GppError, InputError
+from .grow.loop import MIN_GAIN
 from .cli_args import _data_options, _input_shape, _timing, build_parser
 from .progress import ProgressHandler
 from .push import PushWeights
@@ -63,6 +64,14 @@ def _run(args) -> int:
                                 plan_path=args.plan, plan_out=args.plan_out)
         print(report.prune_summary(result))
     elif args.command == "gpp":
+        if not args.grow:
+            given = [flag for flag, on in (
+                ("--at", args.at), ("--branch-widths", args.branch_widths),
+                ("--grow-share", args.grow_share != GppOptions.grow_share),
+                ("--min-gain", args.min_gain != MIN_GAIN)) if on]
+            if given:
+                raise InputError(f"{given[0]} sets how gpp grows - add --grow N (modules to "
+                                 "grow) or drop it")
         options = GppOptions(args.budget_epochs, args.push_share, args.split, args.acc_floor,
                              PushWeights(args.sep, args.cov, args.align),
                              Path(args.work_dir) if args.work_dir else None, args.resume,

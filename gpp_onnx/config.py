@@ -175,6 +175,9 @@ class PruneConfig:
         for name, r in self.group_ratios:
             if not 0.0 <= r < 1.0:
                 raise InputError(f"the ratio {r} for '{name}' is outside [0, 1)")
+            if name in self.ignore:
+                raise InputError(f"'{name}' is both kept whole (--ignore) and given a ratio "
+                                 "(--group-ratio) - drop one of them")
 
     def _check_data_options(self) -> None:
         if self.criterion in DATA_CRITERIA and self.data is None:

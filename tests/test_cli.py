@@ -171,3 +171,28 @@ def test_running_out_of_memory_is_a_one_line_error_not_a_bug(tmp_path, capsys, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("gpp-onnx: error: out of memory (Unable")
     assert "internal error" not in err[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gpp", "--target-macs", "0.5", "--data", "digits", "--at", "relu3"],
+     "--at sets how gpp grows - add --grow N"),
+    (["gpp", "--target-macs", "0.5", "--data", "digits", "--grow-share", "0.3"],
+     "--grow-share sets how gpp grows"),
+    (["prune", "--ratio", "0.5", "--ignore", "conv1", "--group-ratio", "conv1=0.25"],
+     "both kept whole (--ignore) and given a ratio"),
+    (["push", "--data", "digits", "--feature-tensor", "input"], "is not a computed value"),
+])
+def test_options_that_would_be_ignored_are_refused(argv, message, tmp_path, capsys):
+    import onnx
+
+    from gpp_onnx.samples import digits_cnn
+
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(digits_cnn(0), src)
+    command, *options = argv
+    assert main(["-q", command, str(src), "-o", str(out), "--no-latency", *options]
+                if command != "push" else ["-q", command, str(src), "-o", str(out),
+                                           *options]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()

@@ -15,7 +15,8 @@ from ..ops import lookup
 
 def final_hidden_layer(view, override: str | None = None) -> str:
     if override:
-        if view.shape(override) is None or view.is_const(override):
+        if (view.shape(override) is None or view.is_const(override)
+                or override in {s.name for s in view.inputs}):
             raise InputError(f"--feature-tensor '{override}' is not a computed value of the "
                              "model - pick a name from 'gpp-onnx analyze' (group members)")
         return override
