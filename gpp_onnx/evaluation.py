@@ -10,7 +10,7 @@ from . import distributed
 from .arrays import load_arrays
 from .data import DataSpec, Dataset, check_labels, iter_batches, load_dataset
 from .errors import DataError
-from .graph import GraphView
+from .graph import DEFAULT_IMAGE_SIDE, GraphView
 from .verify import make_session, outputs
 
 logger = logging.getLogger(__name__)
@@ -19,9 +19,11 @@ logger = logging.getLogger(__name__)
 def data_input_shape(model, input_shape, source: str | None):
     """`input_shape`, or, where it is None and the model's one 4-D image input leaves its
     height and width free, that input at the size of `source`'s images (as stored; an image
-    folder: its first image's). Without data a free side is probed at 224
-    (``graph.DEFAULT_IMAGE_SIDE``); with data, resizing every image to 224 would run the
-    model on another size than its data. `model`: a ModelProto or a path."""
+    folder: its first image's) when they are no larger than 224 on either side. Without
+    data a free side is probed at 224 (``graph.DEFAULT_IMAGE_SIDE``); blowing small images
+    (28x28) up to it would run the model on another size than its data, at many times the
+    cost, while larger images stay resized down to it, which bounds time and memory
+    (--input-shape sets any size). `model`: a ModelProto or a path."""
     if input_shape is not None or source is None:
         return input_shape
     if not isinstance(model, onnx.ModelProto):
@@ -42,6 +44,11 @@ def data_input_shape(model, input_shape, source: str | None):
     from .sources import native_shape
 
     c, h, w = native_shape(source)
+    if max(h, w) > DEFAULT_IMAGE_SIDE:
+        logger.info("input '%s' takes images of any size: the data's (%dx%d) are resized to "
+                    "%d on each free side (--input-shape sets another size)", inputs[0].name,
+                    h, w, DEFAULT_IMAGE_SIDE)
+        return None
     shape = [1, *fixed[1:]]
     for axis, size in zip((channel, *sides), (c, h, w)):
         shape[axis] = size if shape[axis] is None else shape[axis]

@@ -321,6 +321,17 @@ def test_free_image_sides_run_at_the_datas_size(tmp_path, capsys):
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["before"]["macs"] == count(GraphView(model, (1, 1, 8, 8))).macs
     assert report["before"]["macs"] < count(GraphView(model)).macs      # 224 px
+    # images larger than 224 a side stay resized down to 224 (time and memory bounded)
+    from PIL import Image
+    for k in range(4):
+        folder = tmp_path / "big" / f"c{k % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((300, 320), 40 * k, np.uint8)).save(folder / f"{k}.png")
+    big = tmp_path / "big_small.onnx"
+    assert main(["-q", "prune", str(src), "--data", str(tmp_path / "big"), "--ratio", "0.5",
+                 "--criterion", "l1", "--no-latency", "-o", str(big)]) == 0
+    report = json.loads(big.with_suffix(".report.json").read_text())
+    assert report["before"]["macs"] == count(GraphView(model)).macs
 
 
 def _weights_behind_casts(model: onnx.ModelProto) -> onnx.ModelProto:
