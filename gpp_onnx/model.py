@@ -358,57 +358,6 @@ def file_size(path) -> int:
     return sum(f.stat().st_size for f in stored_files(Path(path)) if f.is_file())
 
 
-def half_weights(original: onnx.ModelProto) -> set[str]:
-    """The values of `original` that are a float16 initializer cast to float32: normalising
-    folds each such Cast into a float32 weight of that name."""
-    inits = {t.name: t.data_type for t in original.graph.initializer}
-    half, wide = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
-    return {n.output[0] for n in original.graph.node
-            if n.op_type == "Cast" and n.input and inits.get(n.input[0]) == half
-            and any(a.name == "to" and a.i == wide for a in n.attribute)}
-
-
-def store_half(model: onnx.ModelProto, names: set[str]) -> tuple[onnx.ModelProto, int]:
-    """`model` with each float32 weight in `names` whose every value float16 holds exactly
-    stored in float16 behind a Cast, as the input stored it: the same function, bit for
-    bit. Returns the model (`model` itself where nothing changed) and how many of `names`
-    stay float32 (values a repair or fine-tune moved off float16)."""
-    inputs = {v.name for v in model.graph.input}    # (an old IR lists weights as inputs)
-    weights = {t.name: t for t in model.graph.initializer
-               if t.name in names and t.name not in inputs
-               and t.data_type == onnx.TensorProto.FLOAT}
-    exact = {}
-    for name, t in weights.items():
-        array = numpy_helper.to_array(t)
-        half = array.astype(np.float16)
-        if np.array_equal(half.astype(np.float32), array):
-            exact[name] = half
-    if not exact:
-        return model, len(weights)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    taken = {t.name for t in out.graph.initializer} | {o for n in out.graph.node
-                                                       for o in n.output}
-    casts, kept = [], []
-    for t in out.graph.initializer:
-        if t.name not in exact:
-            kept.append(t)
-            continue
-        stored = t.name + ".float16"
-        while stored in taken:
-            stored += "_"
-        taken.add(stored)
-        kept.append(numpy_helper.from_array(exact[t.name], stored))
-        casts.append(onnx.helper.make_node("Cast", [stored], [t.name],
-                                           name=stored + ".cast", to=onnx.TensorProto.FLOAT))
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
-    nodes = casts + list(out.graph.node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out, len(weights) - len(exact)
-
-
 def serialize(model: onnx.ModelProto) -> bytes | None:
     """The model's protobuf bytes; None when it is too large for one protobuf (2 GB).
     (``ByteSize()`` costs as much as serialising, so the size is read off the bytes.)"""

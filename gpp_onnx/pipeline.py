@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import distributed, latency, preflight, report, verify
+from . import distributed, half, latency, preflight, report, verify
 from . import model as model_io
 from .analysis import Analysis, analyze_model
 from .config import DataOptions, LatencyOptions, PruneConfig
@@ -107,17 +107,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     config = with_label_mode(replace(config or PruneConfig(), **options)).checked()
     src = None if isinstance(model, onnx.ModelProto) else Path(model)
     dst = None if output is None else Path(output)
-    if (plan_path or plan_out) and config.rounds > 1:
-        raise InputError("a plan describes one round - use --rounds 1 with --plan/--plan-out")
-    if plan_path is not None:
-        given = [flag for flag, v in (("--eta", config.eta),
-                                      ("--target-macs", config.target_macs),
-                                      ("--target-params", config.target_params),
-                                      ("--target-latency", config.target_latency)) if v]
-        if given:
-            raise InputError(f"--plan fixes the channels to cut, so {given[0]} would be "
-                             "ignored - drop one of them")
-        PrunePlan.load(plan_path)             # readable: before the work
+    _check_plan_args(config, plan_path, plan_out)
     _preflight(model, src, dst, config.data)
     if config.data is not None:
         config = replace(config, input_shape=data_input_shape(model, config.input_shape,
@@ -163,6 +153,22 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
                        start.loaded.notes, result_model)
 
 
+def _check_plan_args(config: PruneConfig, plan_path, plan_out) -> None:
+    """--plan / --plan-out go with one round; a plan fixes the cut, so no target beside
+    it; the plan is read before the work."""
+    if (plan_path or plan_out) and config.rounds > 1:
+        raise InputError("a plan describes one round - use --rounds 1 with --plan/--plan-out")
+    if plan_path is not None:
+        given = [flag for flag, v in (("--eta", config.eta),
+                                      ("--target-macs", config.target_macs),
+                                      ("--target-params", config.target_params),
+                                      ("--target-latency", config.target_latency)) if v]
+        if given:
+            raise InputError(f"--plan fixes the channels to cut, so {given[0]} would be "
+                             "ignored - drop one of them")
+        PrunePlan.load(plan_path)
+
+
 def _short_of_target(config: PruneConfig, before: ModelStats, last) -> str | None:
     """A warning where the cut stayed above a MACs or params target, or cut nothing."""
     limits = "--min-keep, --round-to and the groups kept whole bound the cut"
@@ -180,13 +186,13 @@ def _short_of_target(config: PruneConfig, before: ModelStats, last) -> str | Non
 def _half_weights_back(start: Start, result: onnx.ModelProto
                        ) -> tuple[onnx.ModelProto, str | None]:
     """`result` with the weights the input stored in float16 behind Casts stored so again
-    where their values are still float16 ones (``model_io.store_half``: the same function,
+    where their values are still float16 ones (``half.store_half``: the same function,
     checked), and a warning for those a repair or fine-tune moved off float16 (None where
     the input has no such weights). Normalising had folded the Casts into float32."""
-    names = model_io.half_weights(start.loaded.model)
+    names = half.half_weights(start.loaded.model)
     if not names:
         return result, None
-    stored, widened = model_io.store_half(result, names)
+    stored, widened = half.store_half(result, names)
     if stored is not result:
         feeds = start.analysis.view.check_feeds(0)
         verify.check_equivalent(verify.run(stored, feeds, "model with float16 weights"),
