@@ -54,7 +54,8 @@ def _ours(work: Path) -> list[Path]:
     return [p for p in work.iterdir() if p.is_file() and (
         p.name in ("best.onnx", "grown.onnx", "state.json")
         or re.fullmatch(r"round-\d+\.onnx", p.name)
-        or re.fullmatch(r"\..*\.tmp", p.name))] if work.is_dir() else []
+        or re.fullmatch(r"\.(best|grown|round-\d+)\.onnx\..*\.tmp|\.state\.json\..*\.tmp",
+                        p.name))] if work.is_dir() else []
 
 
 def check_work(options, inputs: tuple[Path, ...] = ()) -> None:
