@@ -13,9 +13,9 @@ def half_weights(original: onnx.ModelProto) -> set[str]:
     """The values of `original` that are a float16 initializer cast to float32: normalising
     folds each such Cast into a float32 weight of that name."""
     inits = {t.name: t.data_type for t in original.graph.initializer}
-    half, wide = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    low, wide = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
     return {n.output[0] for n in original.graph.node
-            if n.op_type == "Cast" and n.input and inits.get(n.input[0]) == half
+            if n.op_type == "Cast" and n.input and inits.get(n.input[0]) == low
             and any(a.name == "to" and a.i == wide for a in n.attribute)}
 
 
@@ -31,9 +31,9 @@ def store_half(model: onnx.ModelProto, names: set[str]) -> tuple[onnx.ModelProto
     exact = {}
     for name, t in weights.items():
         array = numpy_helper.to_array(t)
-        half = array.astype(np.float16)
-        if np.array_equal(half.astype(np.float32), array):
-            exact[name] = half
+        low = array.astype(np.float16)
+        if np.array_equal(low.astype(np.float32), array):
+            exact[name] = low
     if not exact:
         return model, len(weights)
     out = onnx.ModelProto()
@@ -50,8 +50,8 @@ def store_half(model: onnx.ModelProto, names: set[str]) -> tuple[onnx.ModelProto
             stored += "_"
         taken.add(stored)
         kept.append(numpy_helper.from_array(exact[t.name], stored))
-        casts.append(helper.make_node("Cast", [stored], [t.name],
-                                           name=stored + ".cast", to=onnx.TensorProto.FLOAT))
+        casts.append(helper.make_node("Cast", [stored], [t.name], name=stored + ".cast",
+                                      to=onnx.TensorProto.FLOAT))
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept)
     nodes = casts + list(out.graph.node)
