@@ -57,6 +57,10 @@ def _prune_config(args) -> PruneConfig:
 
 
 def _run(args) -> int:
+    if getattr(args, "device", "auto") == "cuda":   # a GPU torch cannot use: before the work
+        from .torch_backend import resolve_device
+
+        resolve_device("cuda")
     if args.command == "analyze":
         print(report.analysis_table(pipeline.analyze(args.model, _input_shape(args.input_shape))))
     elif args.command == "prune":

@@ -131,8 +131,8 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
               if config.latency and writer else None)
     ratio = timing.ratio if timing is not None else None
     slower = timing.warning(config.round_to) if timing is not None else None
-    warnings = [w for w in (slower, widened, _short_of_target(config, start.before, last))
-                if w]
+    warnings = [w for w in (slower, widened,
+                            _short_of_target(config, start.before, last, ratio)) if w]
     if dst is not None and writer:
         model_io.save(result_model, dst, source)
     sizes = (model_io.file_size(src) if src else start.loaded.as_read.ByteSize(),
@@ -169,9 +169,16 @@ def _check_plan_args(config: PruneConfig, plan_path, plan_out) -> None:
         PrunePlan.load(plan_path)
 
 
-def _short_of_target(config: PruneConfig, before: ModelStats, last) -> str | None:
-    """A warning where the cut stayed above a MACs or params target, or cut nothing."""
+def _short_of_target(config: PruneConfig, before: ModelStats, last,
+                     latency_ratio: float | None = None) -> str | None:
+    """A warning where the cut stayed above a MACs, params or latency target (latency:
+    by more than 0.05, the timing's noise here), or cut nothing."""
     limits = "--min-keep, --round-to and the groups kept whole bound the cut"
+    target = config.target_latency
+    if target is not None and latency_ratio is not None and latency_ratio > target + 0.05:
+        return (f"the cut runs at {latency_ratio:.3f} of the latency measured here, above "
+                f"--target-latency {target:g}: the parts no channel cut shortens, and "
+                f"{limits}")
     for flag, what, target, kept, total in (
             ("--target-macs", "MACs", config.target_macs, last.macs, before.macs),
             ("--target-params", "params", config.target_params, last.params, before.params)):

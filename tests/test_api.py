@@ -157,3 +157,18 @@ def test_a_prune_in_rounds_reports_the_widths_it_wrote(tmp_path, capsys):
     total = sum(r["removed_channels"] for r in rep["rounds"])
     assert len(rep["rounds"]) == 3 and total == sum(g["width"] - g["kept"] for g in rep["groups"])
     assert f"removed {total} channels" in capsys.readouterr().out
+
+
+def test_a_latency_target_missed_by_more_than_the_noise_is_a_warning():
+    from types import SimpleNamespace
+
+    from gpp_onnx.config import PruneConfig
+    from gpp_onnx.pipeline import _short_of_target
+    from gpp_onnx.stats import ModelStats
+
+    before = ModelStats(1000, 10_000)
+    last = SimpleNamespace(params=500, macs=5_000)
+    config = PruneConfig(target_latency=0.5)
+    assert "above --target-latency 0.5" in _short_of_target(config, before, last, 0.61)
+    assert _short_of_target(config, before, last, 0.54) is None      # within the noise
+    assert _short_of_target(PruneConfig(target_macs=0.5), before, last) is None

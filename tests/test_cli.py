@@ -196,3 +196,12 @@ def test_options_that_would_be_ignored_are_refused(argv, message, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is here")
+def test_device_cuda_without_a_gpu_is_refused_before_the_model_is_read(tmp_path, capsys):
+    # the model path does not exist: the device is checked first
+    assert main(["prune", str(tmp_path / "missing.onnx"), "--device", "cuda", "-o",
+                 str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cuda" in err[0].lower() and "not found" not in err[0]
