@@ -56,6 +56,22 @@ def _prune_config(args) -> PruneConfig:
                        ignore=tuple(args.ignore), group_ratios=tuple(args.group_ratio))
 
 
+def _gpp_options(args) -> GppOptions:
+    """gpp's schedule options; its grow options only with --grow N."""
+    if not args.grow:
+        given = [flag for flag, on in (
+            ("--at", args.at), ("--branch-widths", args.branch_widths),
+            ("--grow-share", args.grow_share != GppOptions.grow_share),
+            ("--min-gain", args.min_gain != MIN_GAIN)) if on]
+        if given:
+            raise InputError(f"{given[0]} sets how gpp grows - add --grow N (modules to "
+                             "grow) or drop it")
+    return GppOptions(args.budget_epochs, args.push_share, args.split, args.acc_floor,
+                      PushWeights(args.sep, args.cov, args.align),
+                      Path(args.work_dir) if args.work_dir else None, args.resume,
+                      _modules(args, args.grow) if args.grow else None, args.grow_share)
+
+
 def _run(args) -> int:
     if getattr(args, "device", "auto") == "cuda":   # a GPU torch cannot use: before the work
         from .torch_backend import resolve_device
@@ -68,20 +84,8 @@ def _run(args) -> int:
                                 plan_path=args.plan, plan_out=args.plan_out)
         print(report.prune_summary(result))
     elif args.command == "gpp":
-        if not args.grow:
-            given = [flag for flag, on in (
-                ("--at", args.at), ("--branch-widths", args.branch_widths),
-                ("--grow-share", args.grow_share != GppOptions.grow_share),
-                ("--min-gain", args.min_gain != MIN_GAIN)) if on]
-            if given:
-                raise InputError(f"{given[0]} sets how gpp grows - add --grow N (modules to "
-                                 "grow) or drop it")
-        options = GppOptions(args.budget_epochs, args.push_share, args.split, args.acc_floor,
-                             PushWeights(args.sep, args.cov, args.align),
-                             Path(args.work_dir) if args.work_dir else None, args.resume,
-                             _modules(args, args.grow) if args.grow else None, args.grow_share)
         print(report.gpp_summary(push_prune.gpp(args.model, args.output, _prune_config(args),
-                                              options)))
+                                              _gpp_options(args))))
     elif args.command == "profile":
         if args.json:
             preflight.check_side_output(Path(args.json), "--json", Path(args.model))

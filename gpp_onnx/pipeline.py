@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import distributed, half, latency, preflight, report, verify
+from . import distributed, files, half, latency, preflight, report, verify
 from . import model as model_io
 from .analysis import Analysis, analyze_model
 from .config import DataOptions, LatencyOptions, PruneConfig
@@ -20,6 +20,7 @@ from .evaluation import accuracy, data_input_shape, dataset_for
 from .graph import GraphView
 from .latency_model import LatencyModel, group_costs
 from .plan import PrunePlan, model_digest
+from .session_inputs import check_same_inputs
 from .rounds import Round, load_data, one_round
 from .sources import has_labels
 from .stats import Estimator, ModelStats, count
@@ -135,8 +136,8 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
                             _short_of_target(config, start.before, last, ratio)) if w]
     if dst is not None and writer:
         model_io.save(result_model, dst, source)
-    sizes = (model_io.file_size(src) if src else start.loaded.as_read.ByteSize(),
-             model_io.file_size(dst) if dst and writer else result_model.ByteSize())
+    sizes = (files.file_size(src) if src else start.loaded.as_read.ByteSize(),
+             files.file_size(dst) if dst and writer else result_model.ByteSize())
     after = ModelStats(last.params, last.macs)
     tolerance = max((r.tolerance or start.tolerance for r in rounds), key=lambda t: t.value)
     data_report = report.json_report(
@@ -335,7 +336,7 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
     input_shape = data_input_shape(a, input_shape, data.source if data is not None else None)
     view_a = GraphView(a, input_shape)
     sessions = [verify.make_session(a, str(path_a)), verify.make_session(b, str(path_b))]
-    verify.check_same_inputs(*sessions, str(path_a), str(path_b))
+    check_same_inputs(*sessions, str(path_a), str(path_b))
     ds = None
     if data is not None:
         ds = dataset_for(view_a, data.source, data.mean, data.std, data.resize, data.limit,
@@ -343,8 +344,8 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
     la, lb = verify.latency(sessions, view_a.probe_feeds, min_runs=repeats, max_runs=repeats)
     # counted on the normalised graphs: a weight behind a Cast is a constant there
     stats = [count(GraphView(model_io.normalize(m), input_shape)) for m in (a, b)]
-    cmp = Comparison(*stats, model_io.file_size(path_a),
-                     model_io.file_size(path_b), la, lb)
+    cmp = Comparison(*stats, files.file_size(path_a),
+                     files.file_size(path_b), la, lb)
     if ds is None:
         return cmp
     teacher = Teacher(a, output_kinds(analyze_model(a, input_shape)), str(path_a))

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import model as model_io
+from . import files
 from .data import check_source
 from .errors import InputError
 
@@ -25,7 +25,7 @@ def check_output(src: Path | None, dst: Path, size: int = 0) -> None:
     if dst.suffix == "":
         raise InputError(f"output {dst} has no extension - name it like model.pruned.onnx")
     if src is not None:
-        inputs = model_io.stored_files(src)
+        inputs = files.stored_files(src)
         # the model, its report, and the weights file a model over 2 GB is saved with
         for out in (dst, dst.with_suffix(".report.json"), dst.parent / (dst.name + ".data")):
             hit = next((f for f in inputs if _same_file(out, f)), None)
@@ -55,7 +55,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def check_side_output(path: Path, flag: str, src: Path | None, dst: Path | None = None) -> None:
     """A second file a run writes (`flag`'s: a plan, a profile) is neither one of the
     input model's files nor the model output or its report; then check_writable."""
-    taken = [*(model_io.stored_files(src) if src is not None else [])]
+    taken = [*(files.stored_files(src) if src is not None else [])]
     if dst is not None:
         taken += [dst, dst.with_suffix(".report.json")]
     hit = next((f for f in taken if _same_file(path, f)), None)

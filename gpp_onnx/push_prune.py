@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from . import distributed, latency, preflight, report, schedule, verify, workdir
+from . import distributed, files, latency, preflight, report, schedule, verify, workdir
 from . import model as model_io
 from .analysis import analyze_model
 from .analysis.features import final_hidden_layer
@@ -104,7 +104,7 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     _preflight(model, src, dst, config.data)
     config = replace(config, input_shape=data_input_shape(model, config.input_shape,
                                                           config.data.source))
-    workdir.check_work(options, tuple(model_io.stored_files(src) if src else ())
+    workdir.check_work(options, tuple(files.stored_files(src) if src else ())
                        + ((dst,) if dst is not None else ()))
     if options.work_dir is not None:
         preflight.check_writable(Path(options.work_dir) / "state.json")
