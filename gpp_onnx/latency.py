@@ -43,6 +43,7 @@ from . import verify
 from .config import LatencyOptions
 from .errors import InputError
 from .graph import random_feeds
+from .session_inputs import typed_feeds
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,23 @@ def measure(original: verify.Source, pruned: verify.Source, feeds,
     ratio = paired_ratio(sessions, feeds, budget_s, threshold=1.0)
     layouts = (Layout.of(original), Layout.of(pruned)) if ratio >= 1.0 else (None, None)
     return LatencyCheck(ratio, *layouts)
+
+
+def medians(sessions: list, feeds: dict, budget_s: float = 3.0, min_runs: int = 5,
+            max_runs: int = 50) -> list[float]:
+    """Median latency (seconds) of each session, runs interleaved, within a time budget."""
+    each = [typed_feeds(s, feeds) for s in sessions]
+    for s, f in zip(sessions, each):  # warm-up
+        s.run(None, f)
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    while len(times[0]) < max_runs and (len(times[0]) < min_runs
+                                        or time.perf_counter() - start < budget_s):
+        for i, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            s.run(None, each[i])
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def paired_ratio(sessions, feeds, budget_s: float = 1.0, min_rounds: int = 5,

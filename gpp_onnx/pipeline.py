@@ -341,7 +341,7 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
     if data is not None:
         ds = dataset_for(view_a, data.source, data.mean, data.std, data.resize, data.limit,
                          workers=data.workers, labels=False)
-    la, lb = verify.latency(sessions, view_a.probe_feeds, min_runs=repeats, max_runs=repeats)
+    la, lb = latency.medians(sessions, view_a.probe_feeds, min_runs=repeats, max_runs=repeats)
     # counted on the normalised graphs: a weight behind a Cast is a constant there
     stats = [count(GraphView(model_io.normalize(m), input_shape)) for m in (a, b)]
     cmp = Comparison(*stats, files.file_size(path_a),

@@ -17,7 +17,6 @@ batch of a source is scaled alike; a 16/32-bit image file is scaled by its own r
 """
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .idx import read_idx
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
                               ".webp", ".ppm", ".pgm", ".pbm"})
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _IDX_IMAGES = re.compile(r"images[-._]idx\d[-._]ubyte(\.gz)?$", re.IGNORECASE)
 _SPLITS = {"train": ("train",), "test": ("t10k", "test")}
 _SCAN_CHUNK = 1 << 24  # pixel values per chunk when scanning an array's range
@@ -327,33 +326,6 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | No
     return x, y, names
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX array: memory-mapped if uncompressed, else decompressed once (raw dtype)."""
-    try:
-        with open(path, "rb") as f:
-            gz = f.read(2) == b"\x1f\x8b"
-        data = gzip.decompress(path.read_bytes()) if gz else None
-        with open(path, "rb") as f:
-            head = data[:4] if gz else f.read(4)
-            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES:
-                raise DataError(f"{path}: not an IDX file (bad magic number); give MNIST-format "
-                                "files")
-            ndim, dtype = head[3], np.dtype(_IDX_DTYPES[head[2]])
-            dims_bytes = data[4:4 + 4 * ndim] if gz else f.read(4 * ndim)
-        size = len(data) if gz else path.stat().st_size
-    except (OSError, EOFError) as err:
-        raise DataError(f"cannot read {path}: {err}; re-download or fix the file") from None
-    offset = 4 + 4 * ndim
-    dims = struct.unpack(f">{ndim}I", dims_bytes) if len(dims_bytes) == 4 * ndim else None
-    if dims is None or size - offset != int(np.prod(dims)) * dtype.itemsize:
-        raise DataError(f"{path}: IDX data does not fit its header {dims}; file truncated?")
-    if gz:
-        return np.frombuffer(data, dtype, offset=offset).reshape(dims)
-    if int(np.prod(dims)) == 0:
-        return np.zeros(dims, dtype)
-    return np.memmap(path, dtype, "r", offset, dims)
-
-
 def _labels_beside(path: Path) -> tuple[str, list[Path]]:
     """The labels file's name for an IDX images file, and the copies of it found beside."""
     base = re.sub(r"images([-._])idx\d(.*?)(\.gz)?$", r"labels\1idx1\2", path.name, flags=re.I)
@@ -362,12 +334,12 @@ def _labels_beside(path: Path) -> tuple[str, list[Path]]:
 
 def _load_idx(path: Path) -> Raw:
     base, found = _labels_beside(path)
-    images = _read_idx(path)
+    images = read_idx(path)
     if images.ndim != 3:
         raise DataError(f"{path}: IDX images must be N,H,W, got {images.shape}; give MNIST layout")
     if not found:
         log.info("%s: no labels file %s[.gz] beside it, so no labels", path, base)
-    labels = as_labels(_read_idx(found[0]), str(path)) if found else None
+    labels = as_labels(read_idx(found[0]), str(path)) if found else None
     pixels = ArrayPixels(images[:, None], unit_scale(images, str(path)), str(path))
     return Raw(labels, pixels, str(path))
 

@@ -31,8 +31,6 @@ Where the float32 rule fails or is widened by the model's noise, float64 decides
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -332,23 +330,6 @@ def check_equivalent(got: list[np.ndarray], reference: list[np.ndarray],
                                 f"{tolerance.noise:.1e}); nothing was written - please "
                                 "report this model")
     return err
-
-
-def latency(sessions: list, feeds: dict, budget_s: float = 3.0, min_runs: int = 5,
-            max_runs: int = 50) -> list[float]:
-    """Median latency (seconds) of each session, runs interleaved, within a time budget."""
-    each = [typed_feeds(s, feeds) for s in sessions]
-    for s, f in zip(sessions, each):  # warm-up
-        s.run(None, f)
-    times: list[list[float]] = [[] for _ in sessions]
-    start = time.perf_counter()
-    while len(times[0]) < max_runs and (len(times[0]) < min_runs
-                                        or time.perf_counter() - start < budget_s):
-        for i, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            s.run(None, each[i])
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def upcast(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -235,7 +235,7 @@ _CROSS_CUTTING = [  # (file suffix or "~", function name, label): totals over al
     ("onnx/checker.py", "check_model", "onnx.checker.check_model"),
     ("gpp_onnx/graph.py", "_probe", "gpp graph._probe (shape probe)"),
     ("gpp_onnx/analysis/groups.py", "build_groups", "gpp build_groups (channel grouping)"),
-    ("gpp_onnx/verify.py", "latency", "gpp verify.latency (latency loop)"),
+    ("gpp_onnx/latency.py", "medians", "gpp latency.medians (latency loop)"),
 ]
 
 
