@@ -123,7 +123,8 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     last = rounds[-1]
     result_model = last.masked if config.mask_only else last.model
     source = None if config.mask_only else last.source
-    result_model, widened = _half_weights_back(start, result_model)
+    result_model, widened = half_weights_back(start.loaded.model, start.analysis.view,
+                                              result_model)
     source = None if widened is not None else source
     writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports
     timing = (latency.measure(start.analysis.view.model, last.model,
@@ -191,23 +192,24 @@ def _short_of_target(config: PruneConfig, before: ModelStats, last,
     return None
 
 
-def _half_weights_back(start: Start, result: onnx.ModelProto
-                       ) -> tuple[onnx.ModelProto, str | None]:
-    """`result` with the weights the input stored in float16 behind Casts stored so again
+def half_weights_back(original: onnx.ModelProto, view: GraphView, result: onnx.ModelProto
+                      ) -> tuple[onnx.ModelProto, str | None]:
+    """`result` with the weights `original` stored in float16 behind Casts stored so again
     where their values are still float16 ones (``half.store_half``: the same function,
-    checked), and a warning for those a repair or fine-tune moved off float16 (None where
-    the input has no such weights). Normalising had folded the Casts into float32."""
-    names = half.half_weights(start.loaded.model)
+    checked on the check inputs of `view`), and a warning for those a repair or training moved off float16
+    (None where `original` has no such weights). Normalising had folded the Casts into
+    float32."""
+    names = half.half_weights(original)
     if not names:
         return result, None
     stored, widened = half.store_half(result, names)
     if stored is not result:
-        feeds = start.analysis.view.check_feeds(0)
+        feeds = view.check_feeds(0)
         verify.check_equivalent(verify.run(stored, feeds, "model with float16 weights"),
                                 verify.run(result, feeds), "model with float16 weights",
                                 "the verified model")
     warning = (f"{widened} of the weights the input stores in float16 (behind Cast nodes) "
-               "are written in float32: the repair or fine-tuning moved their values off "
+               "are written in float32: the repair or training moved their values off "
                "float16" if widened else "")
     return stored, warning
 

@@ -22,7 +22,7 @@ from .evaluation import data_input_shape
 from .finetune import train_model
 from .graph import GraphView
 from .grow.phase import check_grow
-from .pipeline import _check_precision, _load, _preflight, start_run
+from .pipeline import _check_precision, _load, _preflight, half_weights_back, start_run
 from .push import PushReport, PushWeights, push_model
 from .rounds import load_data
 from .schedule import GppOptions
@@ -52,12 +52,13 @@ def push(model, output=None, data: DataOptions | None = None,
     dst = None if output is None else Path(output)
     _preflight(model, src, dst, data)
     input_shape = data_input_shape(model, input_shape, data.source)
-    _, normalized, analysis = _load(model if src is None else src, input_shape)
+    loaded, normalized, analysis = _load(model if src is None else src, input_shape)
     config = PruneConfig(data=replace(data, labels=True), seed=seed, train=train).checked()
     _check_precision(normalized, config)
     splits = load_data(analysis.view, config)
     feature = final_hidden_layer(analysis.view, feature_tensor)
     pushed, rep = push_model(normalized, splits.train, splits.val, feature, train, weights, seed)
+    pushed = _float16_back(loaded.model, analysis.view, pushed)
     verify.check(pushed, "pushed model")
     verify.make_session(pushed, "pushed model")
     if dst is not None and distributed.is_writer():
@@ -118,6 +119,7 @@ def gpp(model, output=None, config: PruneConfig | None = None,
                        start.tolerance, {g.key: g.width for g in start.analysis.groups})
     best, state = schedule.run_schedule(start.normalized, run,
                                         workdir.fingerprint(start.normalized, config, options))
+    best = _float16_back(start.loaded.model, start.analysis.view, best)
     verify.check(best, "result")
     verify.make_session(best, "result")
     writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports
@@ -142,6 +144,16 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     return GppResult(dst, report_path, start.before, after, start.accuracy, state.rows,
                      state.best, state.epochs, timing.ratio if timing else None, data_report,
                      best)
+
+
+def _float16_back(original: onnx.ModelProto, view: GraphView, trained: onnx.ModelProto
+                  ) -> onnx.ModelProto:
+    """`trained` with the input's float16-behind-Cast weights stored so where their values
+    still are float16 ones; the others are written in float32, with a warning."""
+    trained, widened = half_weights_back(original, view, trained)
+    if widened:
+        logger.warning("%s", widened)
+    return trained
 
 
 def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, budget: float = 4,

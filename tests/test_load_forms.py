@@ -495,3 +495,31 @@ def test_bad_load_options_are_one_line_exit_2(kind, extra, message, tmp_path, ca
     assert message in errors[0] and " - " in errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     assert src.read_bytes() == before
+
+
+def test_training_commands_say_when_float16_weights_are_written_in_float32(tmp_path, caplog):
+    """push and gpp train every weight off float16: the weights the input stored in float16
+    behind Casts are written in float32, and the run says how many."""
+    from gpp_onnx import gpp, push
+    from gpp_onnx.schedule import GppOptions
+
+    src = tmp_path / "model.onnx"
+    onnx.save(_weights_behind_casts(_chain()), src)
+    rng = np.random.default_rng(0)
+    y = np.arange(300) % 5
+    x = np.clip(rng.normal(size=(300, 3, 8, 8)) * 0.1 + y[:, None, None, None] / 5, 0, 1)
+    x = x.astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    data = DataOptions(str(tmp_path / "data.npz"))
+    with caplog.at_level("WARNING"):
+        push(src, tmp_path / "pushed.onnx", data, TrainOptions(epochs=0.5))
+    warned = [r.getMessage() for r in caplog.records if "written in float32" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("6 of the weights")  # 2 convs, Gemm: w + b
+    assert {t.data_type for t in onnx.load(tmp_path / "pushed.onnx").graph.initializer} == {
+        TensorProto.FLOAT}
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        gpp(src, tmp_path / "small.onnx", PruneConfig(data=data, target_macs=0.5, rounds=1,
+                                                      latency=False),
+            GppOptions(budget_epochs=5.0))
+    assert any("written in float32" in r.getMessage() for r in caplog.records)
