@@ -255,6 +255,8 @@ def start_run(model, config: PruneConfig) -> Start:
     distributed.check_same("options", {"options": config.to_dict()},
                            "start every process with the same options")
     analysis = analysis.keeping(config.ignore)
+    for name, _ in config.group_ratios:  # a name that designates nothing: before the work
+        analysis.find_group(name)
     if not analysis.prunable:
         where = "the model" if isinstance(model, onnx.ModelProto) else model
         raise InputError(f"{where}: nothing can be pruned ({_first_reasons(analysis)}) - "

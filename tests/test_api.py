@@ -9,6 +9,7 @@ from onnx import numpy_helper
 
 from gpp_onnx import PruneConfig, prune
 from gpp_onnx.cli import main
+from gpp_onnx.config import DataOptions
 from gpp_onnx.errors import InputError
 from gpp_onnx.importance import register_criterion
 from gpp_onnx.samples import GraphBuilder
@@ -93,6 +94,18 @@ def test_bad_names_and_ratios_are_one_line_errors(src, tmp_path, argv, capsys):
     code = main(["-q", "prune", str(src), *argv, "--no-latency", "-o", str(out)])
     assert code == 2 and not out.exists()
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_an_unknown_group_ratio_name_is_refused_before_the_data_is_read(src, monkeypatch):
+    import gpp_onnx.pipeline
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before the name was checked")
+
+    monkeypatch.setattr(gpp_onnx.pipeline, "load_data", no_data)
+    with pytest.raises(InputError, match="'x' names no channel group"):
+        prune(src, config=PruneConfig(ratio=0.5, group_ratios=(("x", 0.5),), latency=False,
+                                      data=DataOptions("digits")))
 
 
 def test_a_malformed_group_ratio_is_refused_by_the_parser(src, tmp_path, capsys):
