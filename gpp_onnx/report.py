@@ -172,9 +172,14 @@ def fidelity_stages(rounds) -> dict | None:
             "after_repair": fid.get("repaired"), "after_finetune": fid.get("finetuned")}
 
 
+def _unsigned_zero(value: float, digits: int) -> float:
+    """`value` rounded to `digits`, a measured -0.0 (noise around nothing) shown as 0.0."""
+    return round(value, digits) + 0.0
+
+
 def profile_table(prof, top: int = 30) -> str:
-    rows = [[r["key"], r["width"], f"{100 * r['share']:.1f}%", f"{r['us_per_channel']:.2f}"]
-            for r in prof.groups[:top]]
+    rows = [[r["key"], r["width"], f"{_unsigned_zero(100 * r['share'], 1):.1f}%",
+             f"{_unsigned_zero(r['us_per_channel'], 2):.2f}"] for r in prof.groups[:top]]
     head = (f"onnxruntime latency {prof.total_seconds * 1e3:.2f} ms per run, "
             f"{100 * prof.fixed_seconds / max(prof.total_seconds, 1e-12):.1f}% not tied to "
             f"channels; widths padded to multiples of {prof.block}")

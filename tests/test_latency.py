@@ -172,3 +172,20 @@ def test_the_paired_loop_stops_once_decided(monkeypatch):
     fast, slow = _FakeSession(clock, 0.01), _FakeSession(clock, 0.04)
     assert latency.paired_ratio([slow, fast], {}, budget_s=10.0) == pytest.approx(0.25)
     assert fast.runs > 100              # no threshold: the whole budget
+
+
+def test_profile_table_shows_noise_around_zero_as_zero():
+    """A group whose measured cost is a hair below zero shows 0.0%, not -0.0%; real values
+    keep their sign."""
+    from types import SimpleNamespace
+
+    from gpp_onnx.report import profile_table
+
+    prof = SimpleNamespace(total_seconds=1e-3, fixed_seconds=5e-4, block=16, groups=[
+        {"key": "a", "width": 8, "share": -0.0001, "us_per_channel": -0.001},
+        {"key": "b", "width": 8, "share": -0.02, "us_per_channel": -0.5}])
+    lines = profile_table(prof).splitlines()
+    row_a = next(line for line in lines if line.split()[0] == "a").split()
+    row_b = next(line for line in lines if line.split()[0] == "b").split()
+    assert row_a[2:] == ["0.0%", "0.00"]
+    assert row_b[2:] == ["-2.0%", "-0.50"]
