@@ -190,7 +190,8 @@ def load_dataset(spec: DataSpec) -> Dataset:
     ds = Dataset(Images(raw.pixels, spec, idx), None if y is None else y[idx], classes,
                  raw.source, _workers(spec, raw.pixels))
     log.info("%d samples %s from %s, prepared as %s per batch%s", len(ds),
-             f"of {ds.num_classes} classes" if ds.labelled else "without labels", ds.source,
+             f"of {ds.num_classes} classes" if ds.labelled
+             else "(labels not used)" if spec.labels is False else "without labels", ds.source,
              ds.x.shape[1:], f" by {plural(ds.workers, 'worker process')}" if ds.workers else "")
     return ds
 
