@@ -182,6 +182,9 @@ class Splits:
     teacher: Teacher | None = None      # the original model's outputs, per batch
 
 
+FEW_HELD_OUT = 100  # fewer held-out images than this: their accuracy moves by over a point
+
+
 def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = None
               ) -> Splits | None:
     """The data split into training and held-out parts; with `analysis` (of the original),
@@ -197,6 +200,10 @@ def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = 
         train = val = ds
         logger.warning("--val-split 0: nothing is held out, so every 'held-out' figure (and "
                        "the choice between models) is measured on the training images")
+    if 0 < len(val) < FEW_HELD_OUT and val is not train:
+        logger.warning("only %d held-out images: each is %.1f%% of a held-out accuracy, so "
+                       "the figures and the choices made on them are noisy - hold out more "
+                       "(--val-split) or give more data", len(val), 100 / len(val))
     logger.info("data: %d training and %d held-out images, %s from %s", len(train), len(val),
                 f"{ds.num_classes} classes" if ds.labelled else "no labels", ds.source)
     distributed.check_same("data", data_digest(ds, train, val), "start every process with "

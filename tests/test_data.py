@@ -426,3 +426,24 @@ def test_resize_matches_torch_bilinear(size):
     want = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode="bilinear",
                                            align_corners=False).numpy()
     np.testing.assert_allclose(resize_bilinear(x, *size), want, atol=1e-5)
+
+
+def test_a_tiny_held_out_set_is_warned_about(caplog):
+    """Fewer than 100 held-out images: a warning says each is over a point of accuracy;
+    the default split of the digits (180 images) stays quiet."""
+    from gpp_onnx.config import DataOptions, PruneConfig
+    from gpp_onnx.graph import GraphView
+    from gpp_onnx.rounds import load_data
+    from gpp_onnx.samples import GraphBuilder
+
+    b = GraphBuilder((1, 1, 8, 8), seed=0)
+    view = GraphView(b.build(b.gemm(b.flatten(b.gap(b.conv("input", 4))), 10)))
+    with caplog.at_level("WARNING"):
+        splits = load_data(view, PruneConfig(data=DataOptions("digits", val_split=0.02)))
+    assert len(splits.val) == 36
+    assert any("only 36 held-out images: each is 2.8% of" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        splits = load_data(view, PruneConfig(data=DataOptions("digits")))
+    assert len(splits.val) == 180 and not caplog.records
