@@ -248,9 +248,10 @@ class Start:
     original_session: object = field(default=None, repr=False, compare=False)
 
 
-def start_run(model, config: PruneConfig) -> Start:
+def start_run(model, config: PruneConfig, per_class: int = 0) -> Start:
     """Load, normalise and analyse; refuse what cannot be pruned; measure the tolerance;
-    load the data and the starting accuracy."""
+    load the data (every class with `per_class` training images) and the starting
+    accuracy."""
     loaded, normalized, analysis = _load(model, config.input_shape)
     distributed.check_same("options", {"options": config.to_dict()},
                            "start every process with the same options")
@@ -272,7 +273,7 @@ def start_run(model, config: PruneConfig) -> Start:
     feeds = view.check_feeds(config.seed)
     loaded.check_unchanged(normalized, feeds, tolerance,
                            lambda: view.plain_outputs(feeds, "normalised model"), view.const)
-    data = load_data(analysis.view, config, analysis)
+    data = load_data(analysis.view, config, analysis, per_class)
     acc = accuracy(normalized, data.val) if data is not None and data.val.labelled else None
     return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc,
                  optimised)

@@ -24,7 +24,7 @@ from .graph import GraphView
 from .grow.phase import check_grow
 from .pipeline import _check_precision, _load, _preflight, half_weights_back, start_run
 from .push import PushReport, PushWeights, push_model
-from .rounds import load_data
+from .rounds import LDA_PER_CLASS, load_data
 from .schedule import GppOptions
 from .stats import ModelStats
 
@@ -55,7 +55,7 @@ def push(model, output=None, data: DataOptions | None = None,
     loaded, normalized, analysis = _load(model if src is None else src, input_shape)
     config = PruneConfig(data=replace(data, labels=True), seed=seed, train=train).checked()
     _check_precision(normalized, config)
-    splits = load_data(analysis.view, config)
+    splits = load_data(analysis.view, config, per_class=LDA_PER_CLASS)
     feature = final_hidden_layer(analysis.view, feature_tensor)
     pushed, rep = push_model(normalized, splits.train, splits.val, feature, train, weights, seed)
     pushed = _float16_back(loaded.model, analysis.view, pushed)
@@ -110,8 +110,8 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     if options.work_dir is not None:
         preflight.check_writable(Path(options.work_dir) / "state.json")
     t0 = time.perf_counter()
-    start = start_run(model if src is None else src, replace(config, latency=False))
-    schedule.check_data(start.data, config)
+    start = start_run(model if src is None else src, replace(config, latency=False),
+                      LDA_PER_CLASS)
     options = options.checked(config, len(start.data.train.y))
     if options.grow is not None:
         check_grow(start.analysis.view, options.grow_settings(config))

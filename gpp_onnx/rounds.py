@@ -22,6 +22,7 @@ from .analysis import Analysis
 from .analysis.features import final_hidden_layer
 from .config import PruneConfig
 from .data import iter_batches, split
+from .errors import DataError
 from .evaluation import accuracy, dataset_for
 from .finetune import train_model
 from .graph import GraphView
@@ -183,12 +184,15 @@ class Splits:
 
 
 FEW_HELD_OUT = 100  # fewer held-out images than this: their accuracy moves by over a point
+LDA_PER_CLASS = 2   # LDA's within-class scatter needs two training images of every class
 
 
-def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = None
-              ) -> Splits | None:
+def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = None,
+              per_class: int = 0) -> Splits | None:
     """The data split into training and held-out parts; with `analysis` (of the original),
-    the original as teacher too."""
+    the original as teacher too. `per_class`: the training images every class needs (the
+    class discriminants of push: ``LDA_PER_CLASS``), checked before anything is said
+    about the split."""
     if config.data is None:
         return None
     opts = config.data
@@ -198,6 +202,8 @@ def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = 
         train, val = split(ds, opts.val_split, config.seed)
     else:
         train = val = ds
+    _check_per_class(train, per_class)
+    if opts.val_split <= 0:
         logger.warning("--val-split 0: nothing is held out, so every 'held-out' figure (and "
                        "the choice between models) is measured on the training images")
     if 0 < len(val) < FEW_HELD_OUT and val is not train:
@@ -216,6 +222,17 @@ def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = 
                         "repair to its outputs, fine-tuning on %s", config.criterion,
                         describe(teacher.kinds))
     return Splits(train, val, teacher)
+
+
+def _check_per_class(train, needed: int) -> None:
+    if needed <= 0 or not train.labelled:
+        return
+    counts = np.bincount(np.asarray(train.y), minlength=int(train.num_classes))
+    if counts.min() < needed:
+        c = int(counts.argmin())
+        raise DataError(f"{train.source}: class {c} has {counts[c]} training image(s); the "
+                        f"class discriminants need at least {needed} of every class - "
+                        "give more data (or a smaller --val-split)")
 
 
 def data_digest(ds, train, val) -> dict[str, object]:

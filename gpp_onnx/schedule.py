@@ -56,7 +56,6 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from . import workdir
@@ -73,9 +72,6 @@ from .schedule_options import GppOptions
 from .stats import ModelStats
 
 logger = logging.getLogger(__name__)
-
-MIN_PER_CLASS = 2      # LDA's within-class scatter needs two images of every class
-
 
 @dataclass(frozen=True)
 class State:
@@ -290,16 +286,6 @@ def run_schedule(model: onnx.ModelProto, run: Run, fingerprint: str
         raise DataError(f"no model met the target ({why}){where} - loosen --acc-floor, give "
                         "a larger --budget-epochs or more --rounds, or a milder target")
     return state.best_model, state
-
-
-def check_data(data, config: PruneConfig) -> None:
-    """LDA and the push statistics need every class in the training split, twice."""
-    counts = np.bincount(np.asarray(data.train.y), minlength=int(data.train.num_classes))
-    if counts.min() < MIN_PER_CLASS:
-        c = int(counts.argmin())
-        raise DataError(f"{data.train.source}: class {c} has {counts[c]} training image(s); the "
-                        f"class discriminants need at least {MIN_PER_CLASS} of every class - "
-                        "give more data (or a smaller --val-split)")
 
 
 def _consider(state: State, run: Run, model, k: int, stage: str, acc, params: int,

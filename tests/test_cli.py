@@ -198,6 +198,22 @@ def test_options_that_would_be_ignored_are_refused(argv, message, tmp_path, caps
     assert not out.exists()
 
 
+def test_push_on_too_few_images_of_a_class_is_one_line(tmp_path, capsys):
+    """15 digits: one or two training images a class and 2 held out; the discriminants'
+    need is the one line said (not the few held-out images too)."""
+    import onnx
+
+    from gpp_onnx.samples import digits_cnn
+
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(digits_cnn(0), src)
+    assert main(["-q", "push", str(src), "--data", "digits", "--limit", "15", "-o",
+                 str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the class discriminants need at least 2 of every class" in err[0]
+    assert not out.exists()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is here")
 def test_device_cuda_without_a_gpu_is_refused_before_the_model_is_read(tmp_path, capsys):
     # the model path does not exist: the device is checked first
