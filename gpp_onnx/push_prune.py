@@ -17,6 +17,7 @@ from . import model as model_io
 from .analysis import analyze_model
 from .analysis.features import final_hidden_layer
 from .config import DataOptions, PruneConfig, TrainOptions
+from .data import iter_batches
 from .errors import InputError
 from .evaluation import data_input_shape
 from .finetune import train_model
@@ -27,6 +28,7 @@ from .push import PushReport, PushWeights, push_model
 from .rounds import LDA_PER_CLASS, load_data
 from .schedule import GppOptions
 from .stats import ModelStats
+from .teacher import fidelity
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +133,12 @@ def gpp(model, output=None, config: PruneConfig | None = None,
         model_io.save(best, dst)
     if options.work_dir is not None and writer:  # a finished run leaves nothing to resume
         workdir.remove(Path(options.work_dir))
+    fid = (fidelity(start.data.teacher, best, (x for x, _ in iter_batches(
+        start.data.val, config.data.batch_size)), "result") if writer else None)
     data_report = report.gpp_report(src or "<in-memory model>", dst, config, options, state,
                                     start.before, after, start.accuracy,
-                                    timing.ratio if timing else None, time.perf_counter() - t0)
+                                    timing.ratio if timing else None, time.perf_counter() - t0,
+                                    start.tolerance, fid)
     if state.grown is not None:  # how the rounds trimmed each grown module's branches
         data_report["grow"]["after"] = report.module_branches(
             analyze_model(best, config.input_shape))

@@ -251,6 +251,15 @@ def gpp_summary(result) -> str:
              gpp_rounds_table(result.rows, b),
              f"result: round {result.best['round']} after {result.best['stage']}; "
              f"{result.epochs:.2f} training epochs used"]
+    rep = result.report
+    if rep.get("fidelity"):
+        lines.append(fidelity_table(rep["fidelity"], {"before": "before", "result": "result"}))
+    errors = [r["equivalence_relative_error"] for r in result.rows
+              if r.get("equivalence_relative_error") is not None]
+    if errors and rep.get("equivalence_tolerance") is not None:
+        lines.append(f"every cut: pruned == masked (relative error at most {max(errors):.1e} "
+                     f"< tolerance {rep['equivalence_tolerance']:.1e}; the model's own noise "
+                     f"{rep['model_noise']:.1e})")
     if result.report.get("stopped"):
         lines.append(f"stopped early: {result.report['stopped']}")
     lines.append(f"wrote {result.output} (report: {result.report_path})" if result.output
@@ -259,7 +268,11 @@ def gpp_summary(result) -> str:
 
 
 def gpp_report(src, dst, config, options, state, before, after, acc_before, latency,
-               seconds) -> dict:
+               seconds, tolerance=None, fidelity=None) -> dict:
+    """`tolerance`: the pruned == masked check's (verify.Tolerance); `fidelity`: the written
+    model's to the original on the held-out inputs (teacher.fidelity)."""
+    from .teacher import identical_rows
+
     return {
         "input": str(src), "output": None if dst is None else str(dst),
         "config": config.to_dict(), "seconds": round(seconds, 3),
@@ -274,6 +287,10 @@ def gpp_report(src, dst, config, options, state, before, after, acc_before, late
         "ratios": {"params": after.params / max(before.params, 1),
                    "macs": after.macs / max(before.macs, 1), "latency": latency},
         "rounds": list(state.rows),
+        "equivalence_tolerance": None if tolerance is None else tolerance.value,
+        "model_noise": None if tolerance is None else tolerance.noise,
+        "fidelity": None if not fidelity else {"before": identical_rows(fidelity),
+                                               "result": fidelity},
         "grow": None if state.grown is None else dict(state.grown, share=options.grow_share,
                                                       round_epochs=options.round_budget()),
     }

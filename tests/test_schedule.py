@@ -68,6 +68,17 @@ def test_gpp_meets_the_target_and_writes_the_best_held_out_model(trained, tmp_pa
     assert rep["epochs_used"] == pytest.approx(2.0) and len(rep["rounds"]) == 2
     assert {"accuracy_after_push", "offdiag_after_push", "params", "macs"} <= set(rep["rounds"][0])
     assert not (tmp_path / "small.onnx.gpp-work").exists()  # nothing left to resume
+    # the written model's fidelity to the input on the held-out images, computed here
+    ds = held_out(trained)
+    x = np.asarray(ds.x[:], dtype=np.float32)
+    t, m = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {
+        "input": x})[0].astype(np.float64) for p in (trained, out))
+    fid = next(iter(rep["fidelity"]["result"].values()))
+    assert fid["relative_error"] == pytest.approx(
+        np.sqrt(((m - t) ** 2).sum() / (t ** 2).sum()), rel=1e-6)
+    assert fid["top1_agreement"] == pytest.approx((m.argmax(1) == t.argmax(1)).mean(), abs=1e-9)
+    assert rep["equivalence_tolerance"] == 1e-5 and 0 <= rep["model_noise"] < 1e-5
+    assert max(r["equivalence_relative_error"] for r in rep["rounds"]) < 1e-5
 
 
 def _cli(*args: str) -> list[str]:
