@@ -71,9 +71,27 @@ def _input_shape(given: list | None):
     return dict(given)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block before them), exit code 2;
+    subcommands' parsers are of this class too."""
+
+    def error(self, message: str, prog: str | None = None):
+        prog = prog or self.prog
+        self.exit(2, f"{prog}: error: {message} - see '{prog} --help'\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, with an unknown option blamed on the subcommand it was given to."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = getattr(parsed, "command", None)
+            self.error(f"unrecognized arguments: {' '.join(extra)}",
+                       f"{self.prog} {command}" if command else None)
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpp-onnx", description="Make ONNX CNN classifiers "
-                                     "physically smaller (Grow-Push-Prune).")
+    parser = _Parser(prog="gpp-onnx", description="Make ONNX CNN classifiers "
+                     "physically smaller (Grow-Push-Prune).")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors and results")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,23 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="top-1 accuracy through onnxruntime")
     ev.add_argument("model")
-    _data_args(ev)
+    _data_args(ev, held_out=False)
     ev.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
 
     cmp = sub.add_parser("compare", help="params, MACs, file size and latency of two models")
     cmp.add_argument("model_a")
     cmp.add_argument("model_b")
     cmp.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
-    cmp.add_argument("--repeats", type=COUNT, default=30)
-    _data_args(cmp)
+    cmp.add_argument("--repeats", type=COUNT, default=30,
+                     help="timed runs of each model, interleaved (default %(default)s)")
+    _data_args(cmp, held_out=False)
 
     demo = sub.add_parser("demo", help="train a small CNN on the bundled digits, then push, "
                           "prune and fine-tune it in gpp rounds, report")
     demo.add_argument("--out", default="gpp-demo", help="folder for the demo's files")
-    demo.add_argument("--ratio", type=FINITE, default=0.5)
-    demo.add_argument("--epochs", type=NONNEG, default=10, help="training epochs")
+    demo.add_argument("--ratio", type=FINITE, default=0.5,
+                      help="fraction of the MACs the gpp rounds remove (default %(default)s)")
+    demo.add_argument("--epochs", type=NONNEG, default=10,
+                      help="epochs training the small CNN (default %(default)s)")
     demo.add_argument("--budget-epochs", type=POSITIVE, default=4,
-                      help="push and fine-tuning epochs of the gpp rounds")
+                      help="push and fine-tuning epochs of the gpp rounds (default %(default)s)")
     return parser
 
 
@@ -115,7 +136,8 @@ def _prune_parser(sub) -> None:
     pr.add_argument("model")
     pr.add_argument("-o", "--output", required=True, help="path of the pruned model")
     _cut_args(pr)
-    pr.add_argument("--rounds", type=COUNT, default=1, help="prune in this many rounds")
+    pr.add_argument("--rounds", type=COUNT, default=1,
+                    help="prune in this many rounds (default %(default)s)")
     pr.add_argument("--mask-only", action="store_true",
                     help="keep the shapes; zero the removed channels' weights instead")
     pr.add_argument("--plan", help="replay a plan written by --plan-out")
@@ -123,7 +145,7 @@ def _prune_parser(sub) -> None:
     _prune_training_args(pr)
     pr.add_argument("--finetune-epochs", type=NONNEG, default=0.0,
                     help="fine-tuning after each cut (needs --data): cross-entropy with "
-                    "labels, distillation of the original's outputs without")
+                    "labels, distillation of the original's outputs without (default 0)")
 
 
 def _gpp_parser(sub) -> None:
@@ -134,9 +156,10 @@ def _gpp_parser(sub) -> None:
     _cut_args(gp)
     gp.add_argument("--rounds", type=COUNT, default=GPP_ROUNDS, help="push/prune rounds "
                     f"(default {GPP_ROUNDS})")
-    _prune_training_args(gp)
+    _prune_training_args(gp, labels_optional=False)
     gp.add_argument("--budget-epochs", type=POSITIVE, default=2.0,
-                    help="training epochs in all, split evenly over the rounds")
+                    help="training epochs in all (default %(default)s): --push-share of them "
+                    "for the pushes, the rest for fine-tuning after the last cut (--split)")
     gp.add_argument("--push-share", type=FINITE, default=GppOptions.push_share,
                     help="share of the budget spent on push before the cuts (evenly over the "
                     "rounds); the rest fine-tunes")
@@ -178,16 +201,18 @@ def _cut_args(pr: argparse.ArgumentParser) -> None:
                     "channels ranked globally by utility per unit of cost (default for "
                     "--target-latency)")
     pr.add_argument("--criterion", default="auto",
-                    help=f"one of {', '.join(criterion_names())} (default: gpp with --data, "
-                    "else l1)")
+                    help=f"one of {', '.join(criterion_names())} (default: gpp with labelled "
+                    "--data, fisher with unlabelled, else l1)")
     pr.add_argument("--eta", type=FINITE, help="threshold factor: remove channels whose utility "
                     "is below eta * std of their group's (METHOD 3)")
     pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
                     help="keep this group whole (a group key, value or node name; repeatable)")
     pr.add_argument("--group-ratio", action="append", default=[], type=_name_ratio,
                     metavar="NAME=R", help="this group's own ratio (repeatable)")
-    pr.add_argument("--seed", type=SOME, default=0)
-    pr.add_argument("--min-keep", type=COUNT, default=1, help="channels every group keeps")
+    pr.add_argument("--seed", type=SOME, default=0, help="seed of the data split, sampling "
+                    "and training (default %(default)s)")
+    pr.add_argument("--min-keep", type=COUNT, default=1,
+                    help="channels every group keeps (default %(default)s)")
     pr.add_argument("--round-to", type=COUNT, help="kept widths are multiples of this (default: "
                     "the block onnxruntime's fast conv layout needs here, 8 or 16; 1: free)")
     pr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
@@ -205,14 +230,15 @@ def _push_weight_args(p: argparse.ArgumentParser, w: PushWeights = PushWeights()
                    "(default %(default)s)")
 
 
-def _prune_training_args(pr: argparse.ArgumentParser) -> None:
-    """Data, fine-tuning and repair options of prune."""
-    _data_args(pr)
+def _prune_training_args(pr: argparse.ArgumentParser, labels_optional: bool = True) -> None:
+    """Data, fine-tuning and repair options of prune (and gpp, which needs labels)."""
+    _data_args(pr, scoring=True)
     pr.add_argument("--feature-tensor", help="value name of the final hidden layer "
                     "(default: the input of the last Gemm/MatMul)")
-    pr.add_argument("--no-labels", action="store_true",
-                    help="ignore the data's labels: label-free criterion (fisher), repair "
-                    "and distillation to the original model's outputs")
+    if labels_optional:
+        pr.add_argument("--no-labels", action="store_true",
+                        help="ignore the data's labels: label-free criterion (fisher), repair "
+                        "and distillation to the original model's outputs")
     pr.add_argument("--distill", type=NONNEG, metavar="W",
                     help="with labels: add W x the distillation loss (the original model as "
                     f"teacher) to cross-entropy (default {DISTILL:g}, chosen on validation "
@@ -244,9 +270,9 @@ def _profile_parser(sub) -> None:
     pf.add_argument("model")
     pf.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
     _timing_args(pf, "")
-    pf.add_argument("--runs", type=COUNT, default=20, help="profiled runs")
+    pf.add_argument("--runs", type=COUNT, default=20, help="profiled runs (default %(default)s)")
     pf.add_argument("--json", help="write every group's cost-vs-width curve here "
-                    "(python tools/plot_report.py latency FILE draws it)")
+                    "(python tools/plot_report.py latency FILE -o curves.png draws it)")
 
 
 def _push_parser(sub) -> None:
@@ -255,12 +281,15 @@ def _push_parser(sub) -> None:
     pu.add_argument("model")
     pu.add_argument("-o", "--output", required=True, help="path of the pushed model")
     _data_args(pu)
-    pu.add_argument("--epochs", type=NONNEG, default=1.0)
-    pu.add_argument("--lr", type=POSITIVE, default=0.01)
+    pu.add_argument("--epochs", type=NONNEG, default=1.0,
+                    help="training epochs (default %(default)s)")
+    pu.add_argument("--lr", type=POSITIVE, default=0.01,
+                    help="learning rate (default %(default)s)")
     _device_args(pu)
     _push_weight_args(pu)
     pu.add_argument("--feature-tensor", help="value name of the final hidden layer")
-    pu.add_argument("--seed", type=SOME, default=0)
+    pu.add_argument("--seed", type=SOME, default=0,
+                    help="seed of the data split and training (default %(default)s)")
     pu.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
 
 
@@ -270,13 +299,16 @@ def _grow_parser(sub) -> None:
     gr.add_argument("model")
     gr.add_argument("-o", "--output", required=True, help="path of the grown model")
     _data_args(gr)
-    gr.add_argument("--max-modules", type=SOME, default=3)
+    gr.add_argument("--max-modules", type=SOME, default=3,
+                    help="modules to grow at most (default %(default)s)")
     gr.add_argument("--epochs", type=NONNEG, help="training epochs after each module "
                     "(default: 2 with --data, else 0: insert only)")
     _module_args(gr)
-    gr.add_argument("--lr", type=POSITIVE, default=0.01)
+    gr.add_argument("--lr", type=POSITIVE, default=0.01,
+                    help="learning rate (default %(default)s)")
     _device_args(gr)
-    gr.add_argument("--seed", type=SOME, default=0)
+    gr.add_argument("--seed", type=SOME, default=0,
+                    help="seed of the data split and training (default %(default)s)")
     gr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
 
 
@@ -356,14 +388,23 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"'{text}' is not a list like 0.5,0.5,0.5") from None
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
+def _data_args(p: argparse.ArgumentParser, held_out: bool = True,
+               scoring: bool = False) -> None:
+    """The data options; `held_out`: the command holds images out (training commands),
+    `scoring`: it scores channels on some of them (prune, gpp)."""
     p.add_argument("--data", help="images: a class-per-folder directory (or a folder of "
                    "images, no labels), an .npz with x (and y), IDX files, "
                    "'fashion-mnist[:test]' or 'digits'")
-    p.add_argument("--val-split", type=FRACTION, default=0.1, help="held-out fraction (prune)")
+    if held_out:
+        p.add_argument("--val-split", type=FRACTION, default=DataOptions.val_split,
+                       help="fraction of the images held out for accuracy, fidelity and the "
+                       "choices made on them (default %(default)s)")
     p.add_argument("--limit", type=COUNT, help="use at most this many images")
-    p.add_argument("--per-class", type=COUNT, default=32, help="images per class for scoring")
-    p.add_argument("--batch-size", type=COUNT, default=64)
+    if scoring:
+        p.add_argument("--per-class", type=COUNT, default=DataOptions.per_class,
+                       help="images per class for scoring (default %(default)s)")
+    p.add_argument("--batch-size", type=COUNT, default=DataOptions.batch_size,
+                   help="images per batch (default %(default)s)")
     p.add_argument("--workers", type=SOME, help="processes that prepare batches (default: a "
                    "few for image folders, none for arrays)")
     p.add_argument("--mean", type=_floats, help="per-channel mean subtracted after /255")
@@ -376,5 +417,6 @@ def _data_options(args) -> DataOptions | None:
     if not args.data:
         return None
     return DataOptions(args.data, args.mean, args.std, not args.no_resize, args.limit,
-                       args.val_split, args.per_class, args.batch_size, args.workers,
-                       False if getattr(args, "no_labels", False) else None)
+                       getattr(args, "val_split", DataOptions.val_split),
+                       getattr(args, "per_class", DataOptions.per_class), args.batch_size,
+                       args.workers, False if getattr(args, "no_labels", False) else None)

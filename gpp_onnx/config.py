@@ -180,6 +180,12 @@ class PruneConfig:
                                  "(--group-ratio) - drop one of them")
 
     def _check_data_options(self) -> None:
+        from .importance import criterion_names
+
+        if isinstance(self.criterion, str) and self.criterion not in ("auto",
+                                                                      *criterion_names()):
+            raise InputError(f"unknown criterion '{self.criterion}' - choose one of "
+                             f"{', '.join(criterion_names())}")
         if self.criterion in DATA_CRITERIA and self.data is None:
             what = "labelled data" if self.criterion in LABEL_CRITERIA else "data"
             raise InputError(f"criterion '{self.criterion}' needs {what} - pass --data "

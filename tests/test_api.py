@@ -96,16 +96,20 @@ def test_bad_names_and_ratios_are_one_line_errors(src, tmp_path, argv, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_an_unknown_group_ratio_name_is_refused_before_the_data_is_read(src, monkeypatch):
+@pytest.mark.parametrize("options, message", [
+    ({"group_ratios": (("x", 0.5),)}, "'x' names no channel group"),
+    ({"criterion": "gppp"}, "unknown criterion 'gppp' - choose one of"),
+])
+def test_unknown_names_are_refused_before_the_data_is_read(src, monkeypatch, options, message):
     import gpp_onnx.pipeline
 
     def no_data(*args, **kwargs):
         raise AssertionError("the data was read before the name was checked")
 
     monkeypatch.setattr(gpp_onnx.pipeline, "load_data", no_data)
-    with pytest.raises(InputError, match="'x' names no channel group"):
-        prune(src, config=PruneConfig(ratio=0.5, group_ratios=(("x", 0.5),), latency=False,
-                                      data=DataOptions("digits")))
+    with pytest.raises(InputError, match=message):
+        prune(src, config=PruneConfig(ratio=0.5, latency=False, data=DataOptions("digits"),
+                                      **options))
 
 
 def test_a_malformed_group_ratio_is_refused_by_the_parser(src, tmp_path, capsys):

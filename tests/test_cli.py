@@ -156,7 +156,31 @@ def test_numeric_options_out_of_range_are_refused_by_the_parser(argv, message, t
     with pytest.raises(SystemExit) as exit_:
         main([command, str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), *options])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"gpp-onnx {command}: error: argument ")
+    assert err[0].endswith(f"{message} - see 'gpp-onnx {command} --help'")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "m.onnx", "--data", "digits", "--val-split", "0.5"],
+     "unrecognized arguments: --val-split 0.5"),      # evaluate measures every image
+    (["compare", "a.onnx", "b.onnx", "--per-class", "8"], "unrecognized arguments: --per-class"),
+    (["gpp", "m.onnx", "-o", "o.onnx", "--no-labels"], "unrecognized arguments: --no-labels"),
+    (["push", "m.onnx", "-o", "o.onnx", "--per-class", "8"], "unrecognized arguments"),
+    (["prune", "m.onnx", "--ratio", "0.5", "--target-macs", "0.5", "-o", "o.onnx"],
+     "argument --target-macs: not allowed with argument --ratio"),
+    (["prune", "m.onnx"], "the following arguments are required: -o/--output"),
+])
+def test_options_a_command_does_not_take_are_one_line_errors(argv, message, tmp_path, capsys,
+                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"gpp-onnx {argv[0]}: error: {message}")
+    assert err[0].endswith(f" - see 'gpp-onnx {argv[0]} --help'")
     assert list(tmp_path.iterdir()) == []
 
 
