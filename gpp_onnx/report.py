@@ -207,7 +207,7 @@ def gpp_rounds_table(rows, before) -> str:
              f(r["macs"] / max(before.macs, 1), ".3f"), f(r.get("offdiag_after_push"), ".3f"),
              f(r.get("epochs_used"), ".2f")] for r in rows]
     return table(["round", "acc. push", "acc. cut", "acc. fine-tune", "params kept",
-                  "MACs kept", "S_w off-diag.", "epochs"], body)
+                  "MACs kept", "S_w off-diag.", "epochs so far"], body)
 
 
 def gpp_grow_lines(grow: dict | None, before) -> list[str]:
