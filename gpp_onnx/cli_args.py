@@ -393,8 +393,9 @@ def _data_args(p: argparse.ArgumentParser, held_out: bool = True,
     """The data options; `held_out`: the command holds images out (training commands),
     `scoring`: it scores channels on some of them (prune, gpp)."""
     p.add_argument("--data", help="images: a class-per-folder directory (or a folder of "
-                   "images, no labels), an .npz with x (and y), IDX files, "
-                   "'fashion-mnist[:test]' or 'digits'")
+                   "images, no labels), an .npz with x (and y), IDX files, a CIFAR-10/100 "
+                   "folder (FOLDER:test for its test split), 'fashion-mnist[:test]' or "
+                   "'digits'")
     if held_out:
         p.add_argument("--val-split", type=FRACTION, default=DataOptions.val_split,
                        help="fraction of the images held out for accuracy, fidelity and the "

@@ -8,6 +8,8 @@ without ``y``, an IDX images file without its labels file beside it.
 * ``.npz``: ``x`` is memory-mapped when stored uncompressed (``numpy.savez``: the member's
   bytes are located through its zip local header); ``numpy.savez_compressed`` cannot be
   mapped, so its raw ``x`` is read once. ``y`` and ``classes`` are small and read whole.
+* CIFAR-10/100, python or binary layout (cifar.py): a split's batches are read into
+  memory once (150 MB of uint8 for CIFAR-10's 50k training images).
 * ImageFolder: file paths are listed once and each file's header is probed up front
   (readable, channels, size); pixels are decoded when a batch asks for them.
 
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cifar
 from .errors import DataError
 from .idx import read_idx
 
@@ -123,12 +126,13 @@ def has_labels(source: str) -> bool:
     if kind == "idx":
         return bool(_labels_beside(path)[1])
     if kind == "dir":
-        if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+        if cifar.find(path) is not None or any(p.is_dir() and not p.name.startswith(".")
+                                               for p in path.iterdir()):
             return True
         return any(_IDX_IMAGES.search(p.name) for p in path.iterdir()) and \
             _load_idx_dir(path, None).y is not None
-    if kind == "idx-split":
-        return _load_idx_dir(path, split_name).y is not None
+    if kind == "dir-split":
+        return _load_split(path, split_name).y is not None
     return True
 
 
@@ -136,14 +140,37 @@ def resolve(source: str) -> Raw:
     """Labels and a pixel store for ``source`` (an existing path wins over a built-in name)."""
     kind, path, split_name = _locate(source)
     if kind == "dir":
-        return _load_idx_dir(path, None) or _load_image_folder(path)
+        return _load_idx_dir(path, None) or _load_cifar(path, "train") or \
+            _load_image_folder(path)
     if kind == "npz":
         return _load_npz(path)
     if kind == "idx":
         return _load_idx(path)
-    if kind == "idx-split":
-        return _load_idx_dir(path, split_name)
+    if kind == "cifar-file":
+        x, y = cifar.read_file(path)
+        return Raw(y, ArrayPixels(x, 255.0, str(path)), str(path))
+    if kind == "dir-split":
+        return _load_split(path, split_name)
     return _load_builtin(kind, split_name)
+
+
+def _load_split(folder: Path, split_name: str) -> Raw:
+    """``FOLDER:train`` / ``FOLDER:test`` of an IDX or CIFAR folder."""
+    raw = _load_idx_dir(folder, split_name) or _load_cifar(folder, split_name)
+    if raw is None:
+        raise DataError(f"{folder}:{split_name}: the folder holds no IDX or CIFAR files, so it "
+                        "has no splits; give the folder itself")
+    return raw
+
+
+def _load_cifar(folder: Path, split_name: str) -> Raw | None:
+    """A CIFAR-10/100 folder's split (cifar.py), or None where `folder` holds none."""
+    root = cifar.find(folder)
+    if root is None:
+        return None
+    x, y, names = cifar.load(root, split_name)
+    log.info("%s: CIFAR %s split, %d images", root, split_name, len(x))
+    return Raw(y, ArrayPixels(x, 255.0, f"{root}:{split_name}"), f"{root}:{split_name}", names)
 
 
 def _locate(source: str) -> tuple[str, Path | None, str | None]:
@@ -154,9 +181,12 @@ def _locate(source: str) -> tuple[str, Path | None, str | None]:
         return "npz", path, None
     if path.is_file() and _IDX_IMAGES.search(path.name):
         return "idx", path, None
+    if path.is_file() and cifar.is_batch_file(path):
+        return "cifar-file", path, None
     if path.is_file():
         raise DataError(f"{path}: unsupported file type; give an ImageFolder directory, an .npz "
-                        "file (arrays x, y) or an MNIST-style *-images-idx3-ubyte[.gz] file")
+                        "file (arrays x, y), an MNIST-style *-images-idx3-ubyte[.gz] file or a "
+                        "CIFAR folder or batch file")
     name, _, split_name = source.lower().partition(":")
     if name in ("digits", "fashion-mnist"):
         if name == "fashion-mnist" and (split_name or "train") not in _SPLITS:
@@ -165,7 +195,7 @@ def _locate(source: str) -> tuple[str, Path | None, str | None]:
         return name, None, split_name or "train"
     base, _, split_name = source.rpartition(":")
     if split_name in _SPLITS and Path(base).expanduser().is_dir():
-        return "idx-split", Path(base).expanduser(), split_name
+        return "dir-split", Path(base).expanduser(), split_name
     raise DataError(f"unknown data source {source!r}: no such file or directory and not a built-in "
                     "name (digits, fashion-mnist[:test]); give a data directory or file")
 
@@ -254,8 +284,8 @@ def _load_image_folder(root: Path) -> Raw:
         log.info("%s: images without class sub-folders, so no labels", root)
         return Raw(None, FilePixels(tuple(loose)), str(root))
     if not class_dirs:
-        raise DataError(f"{root}: no readable images (no class folders, images or IDX files); "
-                        "give a folder of images or one sub-folder of images per class")
+        raise DataError(f"{root}: no readable images (no class folders, images, IDX or CIFAR "
+                        "files); give a folder of images or one sub-folder of images per class")
     per_class = [sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
                         and p.is_file()) for d in class_dirs]
     for folder, files in zip(class_dirs, per_class):
