@@ -347,13 +347,15 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
         ds = dataset_for(view_a, data.source, data.mean, data.std, data.resize, data.limit,
                          workers=data.workers, labels=False)
     la, lb = latency.medians(sessions, view_a.probe_feeds, min_runs=repeats, max_runs=repeats)
-    # counted on the normalised graphs: a weight behind a Cast is a constant there
-    stats = [count(GraphView(model_io.normalize(m), input_shape)) for m in (a, b)]
+    # counted and analysed on the normalised graphs (a weight behind a Cast is a constant
+    # there; the channel analysis reads only normalised graphs)
+    normalized = [model_io.normalize(m) for m in (a, b)]
+    stats = [count(GraphView(m, input_shape)) for m in normalized]
     cmp = Comparison(*stats, files.file_size(path_a),
                      files.file_size(path_b), la, lb)
     if ds is None:
         return cmp
-    teacher = Teacher(a, output_kinds(analyze_model(a, input_shape)), str(path_a))
+    teacher = Teacher(a, output_kinds(analyze_model(normalized[0], input_shape)), str(path_a))
     batches = (x for x, _ in iter_batches(ds, data.batch_size))
     return replace(cmp, fidelity=fidelity(teacher, b, batches, str(path_b)), images=len(ds),
                    source=ds.source)

@@ -275,3 +275,47 @@ def test_exported_crnn_prunes_to_under_0_8x_params(exporter, layers, view, tmp_p
         expected = _torch_cut(net, list(result.plan.removed.values()))(x).numpy()
     got = run_model(tmp_path / "pruned.onnx", {"input": x.numpy()})
     assert rel_err(got, [expected]) < 1e-4
+
+
+class WidthLSTM(torch.nn.Module):
+    """Conv backbone -> the columns as a sequence of C*H features -> LSTM -> mean over the
+    sequence -> Linear: a classifier with a recurrent head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.rnn, self.fc = torch.nn.LSTM(16 * 7, 24), torch.nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = torch.max_pool2d(torch.relu(self.c1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.c2(x)), 2)
+        n, c, h, w = x.shape
+        y, _ = self.rnn(x.permute(3, 0, 1, 2).reshape(w, n, c * h))
+        return self.fc(y.mean(0))
+
+
+def test_compare_with_data_on_a_recurrent_classifier(tmp_path, capsys):
+    """compare --data reads the recurrent model's outputs (its analysis runs on the
+    normalised graph, as prune's does): the relative error and top-1 agreement it prints
+    are the ones computed here from both models' outputs."""
+    from adapters.pytorch import export_torch
+
+    from gpp_onnx.cli import main
+
+    torch.manual_seed(0)
+    src = export_torch(WidthLSTM().eval(), tmp_path / "m.onnx", (1, 1, 28, 28),
+                       exporter="legacy")
+    assert_pruned_equals_masked(onnx.load(str(src)), tmp_path, ratio=0.5)
+    x = np.random.default_rng(0).integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "x.npz", x=x)
+    assert main(["-q", "compare", str(src), str(tmp_path / "pruned.onnx"), "--data",
+                 str(tmp_path / "x.npz")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    feeds = {"input": (x[:, None] / 255).astype(np.float32)}
+    t = run_model(src, feeds)[0].astype(np.float64)
+    m = run_model(tmp_path / "pruned.onnx", feeds)[0].astype(np.float64)
+    error = next(v for v in out if "relative error" in v).split()[-1]
+    agreement = next(v for v in out if "top-1 agreement" in v).split()[-1]
+    assert float(error) == pytest.approx(np.sqrt(((m - t) ** 2).sum() / (t ** 2).sum()),
+                                         abs=1e-4)
+    assert float(agreement) == pytest.approx((m.argmax(1) == t.argmax(1)).mean(), abs=1e-4)
