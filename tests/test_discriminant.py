@@ -139,3 +139,30 @@ def test_tracing_batch_is_capped_by_bytes_and_scores_do_not_depend_on_it(name, m
     one = get_criterion(name).score(analysis, evidence)
     for key in whole:
         np.testing.assert_allclose(one[key], whole[key], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["gpp", "gpp-deconv"])
+def test_a_dropout_with_its_mask_output_changes_no_score(name):
+    """A head Dropout that also outputs its (boolean) mask, as some exporters write it, is
+    the identity at inference: every group's channels score as they do without the
+    Dropout, up to the group's scale (a group sums its values' signals, and the Dropout's
+    output is one more value of the final hidden layer's group)."""
+    def head(dropout: bool):
+        b = GraphBuilder((1, 2, 6, 6), seed=3)
+        h = b.act(b.conv("input", 4, k=1), "Relu")
+        f = b.act(b.gemm(b.flatten(b.gap(b.act(b.conv(h, 6, k=1), "Relu"))), 8), "Relu")
+        if dropout:
+            f, _ = b.op("Dropout", [f], b.shapes[f], n_out=2)
+        return b.build(b.gemm(f, 3)), f
+
+    scores = []
+    for dropout in (False, True):
+        model, feature = head(dropout)
+        analysis = analyze_model(normalize(model))
+        scores.append(get_criterion(name).score(analysis, Evidence(_data(), feature,
+                                                                   device="cpu")))
+    plain, masked = scores
+    assert set(plain) <= set(masked)
+    for key in plain:
+        np.testing.assert_allclose(masked[key] / masked[key].max(),
+                                   plain[key] / plain[key].max(), rtol=1e-6, atol=1e-12)

@@ -177,7 +177,11 @@ class DiscriminantCriterion:
             out = module.run({input_name: torch.from_numpy(x).to(device)},
                              [evidence.feature, *values])
             h = out[evidence.feature]
-            targets = [out[v] for v in values]
+            # values no gradient reaches (a Dropout's boolean mask, integer outputs) score 0
+            differentiable = [v for v in values if out[v].requires_grad]
+            targets = [out[v] for v in differentiable]
+            if not targets:
+                continue
             if self.objective == "lda-nll":
                 label = torch.as_tensor(np.searchsorted(self.lda.classes, y), device=device)
                 loss = torch.nn.functional.cross_entropy(self.lda.logits(_pool(h)), label,
@@ -186,7 +190,7 @@ class DiscriminantCriterion:
             else:
                 seed = (h * w.view(1, -1, *([1] * (h.dim() - 2)))).detach()
                 grads = torch.autograd.grad(h, targets, grad_outputs=seed, allow_unused=True)
-            for v, g in zip(values, grads):
+            for v, g in zip(differentiable, grads):
                 if g is None:
                     continue
                 g = g * out[v].detach() if self.contribution else g
