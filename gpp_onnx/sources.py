@@ -136,27 +136,29 @@ def has_labels(source: str) -> bool:
     return True
 
 
-def resolve(source: str) -> Raw:
-    """Labels and a pixel store for ``source`` (an existing path wins over a built-in name)."""
+def resolve(source: str, labels: bool = True) -> Raw:
+    """Labels and a pixel store for ``source`` (an existing path wins over a built-in name);
+    `labels` False: labels stored apart from the images (an .npz's y, an IDX labels file)
+    are not read, so labels a run ignores cannot stop it."""
     kind, path, split_name = _locate(source)
     if kind == "dir":
-        return _load_idx_dir(path, None) or _load_cifar(path, "train") or \
+        return _load_idx_dir(path, None, labels) or _load_cifar(path, "train") or \
             _load_image_folder(path)
     if kind == "npz":
-        return _load_npz(path)
+        return _load_npz(path, labels)
     if kind == "idx":
-        return _load_idx(path)
+        return _load_idx(path, labels)
     if kind == "cifar-file":
         x, y = cifar.read_file(path)
         return Raw(y, ArrayPixels(x, 255.0, str(path)), str(path))
     if kind == "dir-split":
-        return _load_split(path, split_name)
+        return _load_split(path, split_name, labels)
     return _load_builtin(kind, split_name)
 
 
-def _load_split(folder: Path, split_name: str) -> Raw:
+def _load_split(folder: Path, split_name: str, labels: bool = True) -> Raw:
     """``FOLDER:train`` / ``FOLDER:test`` of an IDX or CIFAR folder."""
-    raw = _load_idx_dir(folder, split_name) or _load_cifar(folder, split_name)
+    raw = _load_idx_dir(folder, split_name, labels) or _load_cifar(folder, split_name)
     if raw is None:
         raise DataError(f"{folder}:{split_name}: the folder holds no IDX or CIFAR files, so it "
                         "has no splits; give the folder itself")
@@ -320,8 +322,9 @@ def _npz_member_map(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
     return np.memmap(path, dtype, "r", offset, shape, order="F" if fortran else "C")
 
 
-def _load_npz(path: Path) -> Raw:
+def _load_npz(path: Path, labels: bool = True) -> Raw:
     x, y, names = read_npz(path)
+    y = y if labels else None
     x = x[:, None] if x.ndim == 3 else x
     if x.ndim != 4 or (x.shape[1] not in (1, 3, 4) and x.shape[3] not in (1, 3, 4)):
         raise DataError(f"{path}: cannot tell the channel axis of x {x.shape}; store x as N,H,W "
@@ -362,19 +365,19 @@ def _labels_beside(path: Path) -> tuple[str, list[Path]]:
     return base, [p for p in (path.parent / base, path.parent / (base + ".gz")) if p.is_file()]
 
 
-def _load_idx(path: Path) -> Raw:
-    base, found = _labels_beside(path)
+def _load_idx(path: Path, labels: bool = True) -> Raw:
+    base, found = _labels_beside(path) if labels else ("", [])
     images = read_idx(path)
     if images.ndim != 3:
         raise DataError(f"{path}: IDX images must be N,H,W, got {images.shape}; give MNIST layout")
-    if not found:
+    if not found and labels:
         log.info("%s: no labels file %s[.gz] beside it, so no labels", path, base)
     labels = as_labels(read_idx(found[0]), str(path)) if found else None
     pixels = ArrayPixels(images[:, None], unit_scale(images, str(path)), str(path))
     return Raw(labels, pixels, str(path))
 
 
-def _load_idx_dir(folder: Path, split_name: str | None) -> Raw | None:
+def _load_idx_dir(folder: Path, split_name: str | None, labels: bool = True) -> Raw | None:
     """The IDX pair in ``folder`` (the only one, else the split's); None if it holds none."""
     unique: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):  # a plain file sorts before its .gz twin: keep it
@@ -384,12 +387,12 @@ def _load_idx_dir(folder: Path, split_name: str | None) -> Raw | None:
     if not files:
         return None
     if split_name is None and len(files) == 1:
-        return _load_idx(files[0])
+        return _load_idx(files[0], labels)
     matches = [p for p in files if p.name.lower().startswith(_SPLITS[split_name or "train"])]
     if len(matches) != 1:
         raise DataError(f"{folder}: {len(matches)} {split_name or 'train'} IDX images files among "
                         f"{[p.name for p in files]}; give the path of one images file")
-    return _load_idx(matches[0])
+    return _load_idx(matches[0], labels)
 
 
 def _load_builtin(name: str, split_name: str) -> Raw:

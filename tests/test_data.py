@@ -447,3 +447,18 @@ def test_a_tiny_held_out_set_is_warned_about(caplog):
     with caplog.at_level("WARNING"):
         splits = load_data(view, PruneConfig(data=DataOptions("digits")))
     assert len(splits.val) == 180 and not caplog.records
+
+
+@pytest.mark.parametrize("y", [np.array(["cat", "dog"] * 5), np.eye(2)[np.arange(10) % 2],
+                               np.arange(10) % 2 + 0.5])
+def test_labels_a_run_ignores_cannot_stop_it(tmp_path, y):
+    """An .npz whose y gpp-onnx cannot read as class ids: refused where labels are used,
+    and the images load where they are ignored (--no-labels, compare)."""
+    x = np.random.default_rng(0).integers(0, 256, (10, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    spec = DataSpec(str(tmp_path / "d.npz"), 1, 8, 8)
+    with pytest.raises(DataError):
+        load_dataset(spec)
+    ds = load_dataset(DataSpec(str(tmp_path / "d.npz"), 1, 8, 8, labels=False))
+    assert ds.y is None and len(ds) == 10
+    np.testing.assert_array_equal(np.asarray(ds.x[:], np.float32)[:, 0], x / np.float32(255))
