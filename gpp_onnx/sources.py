@@ -288,8 +288,7 @@ def _load_image_folder(root: Path) -> Raw:
     if not class_dirs:
         raise DataError(f"{root}: no readable images (no class folders, images, IDX or CIFAR "
                         "files); give a folder of images or one sub-folder of images per class")
-    per_class = [sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                        and p.is_file()) for d in class_dirs]
+    per_class = [_images_under(d) for d in class_dirs]
     for folder, files in zip(class_dirs, per_class):
         if not files:
             raise DataError(f"class folder {folder} holds no images; add some or remove it")
@@ -298,6 +297,23 @@ def _load_image_folder(root: Path) -> Raw:
     paths = tuple(p for files in per_class for p in files)
     return Raw(labels.astype(np.int64), FilePixels(paths), str(root),
                tuple(d.name for d in class_dirs))
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """The image files below `folder`, sorted, as torchvision's ImageFolder finds them:
+    symlinked folders followed (once each), hidden files and folders left out (Jupyter's
+    .ipynb_checkpoints copies, macOS's ._ AppleDouble files)."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(top) / f for f in files if not f.startswith(".")
+                  and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(p for p in found if p.is_file())
 
 
 def _npz_member_map(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:

@@ -462,3 +462,25 @@ def test_labels_a_run_ignores_cannot_stop_it(tmp_path, y):
     ds = load_dataset(DataSpec(str(tmp_path / "d.npz"), 1, 8, 8, labels=False))
     assert ds.y is None and len(ds) == 10
     np.testing.assert_array_equal(np.asarray(ds.x[:], np.float32)[:, 0], x / np.float32(255))
+
+
+def test_image_folder_skips_hidden_entries_and_follows_linked_folders(tmp_path):
+    """Class folders are listed as torchvision's ImageFolder lists them: Jupyter's
+    .ipynb_checkpoints copies and macOS's ._ files are left out, a symlinked sub-folder is
+    read (once, even where a link points back up the tree)."""
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        for j in range(3):
+            write_png(tmp_path / "data" / c / f"{j}.png", rng.integers(0, 256, (4, 4), np.uint8))
+    write_png(tmp_path / "data" / "a" / ".ipynb_checkpoints" / "0.png",
+              np.zeros((4, 4), np.uint8))
+    (tmp_path / "data" / "a" / "._1.png").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    for j in range(2):
+        write_png(tmp_path / "extra" / f"{j}.png", rng.integers(0, 256, (4, 4), np.uint8))
+    (tmp_path / "data" / "b" / "more").symlink_to(tmp_path / "extra")
+    (tmp_path / "extra" / "loop").symlink_to(tmp_path / "data" / "b")
+    raw = sources.resolve(str(tmp_path / "data"))
+    names = [str(p.relative_to(tmp_path / "data")) for p in raw.pixels.paths]
+    assert names == ["a/0.png", "a/1.png", "a/2.png", "b/0.png", "b/1.png", "b/2.png",
+                     "b/more/0.png", "b/more/1.png"]
+    assert raw.y.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
