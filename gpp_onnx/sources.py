@@ -15,7 +15,8 @@ without ``y``, an IDX images file without its labels file beside it.
 
 Scaling to [0, 1] is decided once per array source from its dtype and value range
 (uint8 / 255, larger integers / 65535 or their maximum, floats in (1, 255] / 255), so every
-batch of a source is scaled alike; a 16/32-bit image file is scaled by its own range.
+batch of a source is scaled alike; a 16-bit image file is divided by 65535 (its format's
+range, so two files of one folder are scaled alike), a 32-bit one by 65535 or its maximum.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", "
 _IDX_IMAGES = re.compile(r"images[-._]idx\d[-._]ubyte(\.gz)?$", re.IGNORECASE)
 _SPLITS = {"train": ("train",), "test": ("t10k", "test")}
 _SCAN_CHUNK = 1 << 24  # pixel values per chunk when scanning an array's range
+_WARNED_ORDER: set[Path] = set()  # image folders whose class order was warned about
 
 
 @dataclass(frozen=True, eq=False)
@@ -267,7 +269,15 @@ def _read_image(path: Path) -> np.ndarray:
         with _pil().open(path) as img:
             if img.mode[0] in "IF":  # 16/32-bit integer or float pixels
                 arr = np.asarray(img)
-                arr = arr.astype(np.float32) / np.float32(unit_scale(arr[None], str(path)))
+                # 16-bit files by their format's range, whatever their brightest pixel;
+                # 32-bit integers (no range of their own) likewise up to 65535
+                scale = 65535.0 if img.mode.startswith("I;16") else unit_scale(
+                    arr[None], str(path)) if img.mode[0] == "F" else float(
+                    max(65535, arr.max(initial=0)))
+                if img.mode == "I" and arr.min(initial=0) < 0:
+                    raise DataError(f"{path}: negative pixel values; store images as 8- or "
+                                    "16-bit")
+                arr = arr.astype(np.float32) / np.float32(scale)
             else:
                 mode = "L" if _channels(img.mode) == 1 else "RGB"
                 arr = np.asarray(img.convert(mode), np.float32) / np.float32(255)
@@ -293,6 +303,14 @@ def _load_image_folder(root: Path) -> Raw:
         if not files:
             raise DataError(f"class folder {folder} holds no images; add some or remove it")
     _pil()
+    names = [d.name for d in class_dirs]
+    if all(n.isdigit() for n in names) and names != sorted(names, key=int) and (
+            root not in _WARNED_ORDER):
+        _WARNED_ORDER.add(root)  # once a run, though the folder is listed more than once
+        log.warning("%s: class folders named by numbers are classes in text order, as "
+                    "ImageFolder takes them (class 0 '%s', 1 '%s', 2 '%s', ...), not in number "
+                    "order - if the model's classes follow the numbers, pad the names with "
+                    "zeros (01, 02, ..., 10)", root, *(names + ["", ""])[:3])
     labels = np.repeat(np.arange(len(class_dirs)), [len(files) for files in per_class])
     paths = tuple(p for files in per_class for p in files)
     return Raw(labels.astype(np.int64), FilePixels(paths), str(root),

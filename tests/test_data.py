@@ -118,6 +118,18 @@ def test_image_folder_other_pil_modes(tmp_path):
     np.testing.assert_allclose(ds.x[:], 1.0)
 
 
+def test_sixteen_bit_files_are_scaled_by_their_format_not_their_brightest_pixel(tmp_path):
+    """Two 16-bit files, brightest pixels 255 and 256: both divided by 65535, so images
+    0.4% apart stay 0.4% apart (a per-file rule had put them 256x apart)."""
+    for top in (255, 256):
+        (tmp_path / "sixteen" / str(top)).mkdir(parents=True)
+        Image.fromarray(np.array([[0, top]] * 2, np.uint16)).save(
+            tmp_path / "sixteen" / str(top) / "x.png")
+    ds = load_dataset(spec(tmp_path / "sixteen", 1, 2, 2))
+    got = np.asarray(ds.x[:], np.float32)[:, 0, 0, 1]
+    np.testing.assert_allclose(got, np.array([255, 256], np.float32) / 65535, rtol=1e-6)
+
+
 def test_image_folder_rgb_for_one_channel_model_errors(tmp_path):
     root = make_folder(tmp_path / "imgs", rgb=True)
     with raises("3 channels but the model takes 1.*grayscale"):
@@ -484,3 +496,19 @@ def test_image_folder_skips_hidden_entries_and_follows_linked_folders(tmp_path):
     assert names == ["a/0.png", "a/1.png", "a/2.png", "b/0.png", "b/1.png", "b/2.png",
                      "b/more/0.png", "b/more/1.png"]
     assert raw.y.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+
+
+def test_class_folders_named_by_numbers_out_of_text_order_are_warned_about(tmp_path, caplog):
+    """Folders 1..10 are classes in text order (1, 10, 2, ...), as ImageFolder takes them;
+    the run says so, since a model's classes usually follow the numbers."""
+    for c in range(1, 11):
+        write_png(tmp_path / "num" / str(c) / "x.png", np.zeros((4, 4), np.uint8))
+        write_png(tmp_path / "pad" / f"{c:02d}" / "x.png", np.zeros((4, 4), np.uint8))
+    with caplog.at_level("WARNING"):
+        raw = sources.resolve(str(tmp_path / "num"))
+    assert list(raw.classes[:3]) == ["1", "10", "2"]
+    assert any("class 0 '1', 1 '10', 2 '2'" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        sources.resolve(str(tmp_path / "pad"))
+    assert not caplog.records
