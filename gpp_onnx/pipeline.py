@@ -275,8 +275,18 @@ def start_run(model, config: PruneConfig, per_class: int = 0) -> Start:
                            lambda: view.plain_outputs(feeds, "normalised model"), view.const)
     data = load_data(analysis.view, config, analysis, per_class)
     acc = accuracy(normalized, data.val) if data is not None and data.val.labelled else None
+    if acc is not None:
+        _warn_if_chance(acc, data.val.num_classes)
     return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc,
                  optimised)
+
+
+def _warn_if_chance(acc: float, classes: int) -> None:
+    """An input model at chance on its own data: the labels or the scaling do not match."""
+    if classes >= 3 and acc <= 1.5 / classes:
+        logger.warning("the input model's held-out accuracy is %.3f, about chance for %d "
+                       "classes: check that the labels follow the model's class order and "
+                       "the input scaling (--mean/--std)", acc, classes)
 
 
 def _run_rounds(start: Start, config: PruneConfig, plan_path) -> list[Round]:

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+import gpp_onnx
 from gpp_onnx import DataOptions, GppOptions, gpp
 from gpp_onnx.cli import main
 from gpp_onnx.config import PruneConfig, TrainOptions
@@ -328,3 +329,21 @@ def test_the_rounds_after_a_grow_fine_tune_without_the_batchnorm_put_back(monkey
                               finetune_epochs=lambda k: 1.0)
         schedule.finetune_step("m", schedule.State(cost=(10, 40)), run)
     assert seen == [True, False]
+
+
+def test_an_input_model_at_chance_on_its_data_is_warned_about(trained, tmp_path, caplog):
+    """The digits with every label moved one class on: the trained model scores about
+    nothing on them, and the run says to check the labels' order."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    np.savez(tmp_path / "shifted.npz", x=digits.images[:, None] / 16.0,
+             y=(digits.target + 1) % 10)
+    np.savez(tmp_path / "right.npz", x=digits.images[:, None] / 16.0, y=digits.target)
+    for name, warned in (("shifted", True), ("right", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            gpp_onnx.prune(trained, config=PruneConfig(
+                ratio=0.5, latency=False, data=DataOptions(str(tmp_path / f"{name}.npz"))))
+        said = [r.getMessage() for r in caplog.records if "about chance" in r.getMessage()]
+        assert bool(said) == warned, said
