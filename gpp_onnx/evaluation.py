@@ -69,8 +69,8 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
         names = ", ".join(s.name for s in view.inputs)
         raise DataError(f"the model has {len(view.inputs)} inputs ({names}) and --data feeds "
                         "one - data (evaluation, scoring, repair, training) needs a "
-                        "single-input model; prune this one without --data (magnitude "
-                        "criteria)")
+                        "single-input model; this one can be pruned (magnitude criteria) "
+                        "and compared without --data")
     spec = view.inputs[0]
     if len(spec.shape) != 4:
         ds = load_arrays(source, spec.shape[1:], spec.name, labels, limit, seed)

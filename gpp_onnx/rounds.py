@@ -228,6 +228,12 @@ def _check_per_class(train, needed: int) -> None:
     if needed <= 0 or not train.labelled:
         return
     counts = np.bincount(np.asarray(train.y), minlength=int(train.num_classes))
+    if counts.min() == 0:
+        c, used = int(counts.argmin()), int((counts > 0).sum())
+        raise DataError(f"{train.source}: class {c} has no training images (the labels use "
+                        f"{used} of the class ids 0..{len(counts) - 1}); the class "
+                        f"discriminants need at least {needed} images of every class - give "
+                        "images of every class, or number the classes present 0, 1, 2, ...")
     if counts.min() < needed:
         c = int(counts.argmin())
         raise DataError(f"{train.source}: class {c} has {counts[c]} training image(s); the "

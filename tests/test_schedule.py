@@ -347,3 +347,20 @@ def test_an_input_model_at_chance_on_its_data_is_warned_about(trained, tmp_path,
                 ratio=0.5, latency=False, data=DataOptions(str(tmp_path / f"{name}.npz"))))
         said = [r.getMessage() for r in caplog.records if "about chance" in r.getMessage()]
         assert bool(said) == warned, said
+
+
+def test_labels_that_skip_class_ids_are_told_apart_from_too_few_images(trained, tmp_path,
+                                                                         capsys):
+    """Labels using ids 0, 1, 2 and 7 only: the error says ids are missing (more data or a
+    smaller --val-split would not help)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    np.savez(tmp_path / "d.npz", x=digits.images[:, None] / 16.0,
+             y=np.array([0, 1, 2, 7])[digits.target % 4])
+    out = tmp_path / "o.onnx"
+    assert main(["-q", "gpp", str(trained), "--data", str(tmp_path / "d.npz"),
+                 "--target-macs", "0.5", "--no-latency", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "class 3 has no training images (the labels use 4 of the " \
+        "class ids 0..7)" in err[0] and not out.exists()
