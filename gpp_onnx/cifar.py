@@ -16,12 +16,15 @@ dicts, lists, strings, numbers and numpy arrays, so a file from elsewhere cannot
 """
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError
+
+log = logging.getLogger(__name__)
 
 SIDE = 32
 PIXELS = 3 * SIDE * SIDE
@@ -35,7 +38,8 @@ _BIN100 = {"train": ("train.bin",), "test": ("test.bin",)}
 _SAFE = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
          ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
          ("numpy._core.multiarray", "scalar"), ("builtins", "bytearray"),
-         ("_codecs", "encode")}  # protocol 2 writes bytes through it
+         ("_codecs", "encode"),  # protocol 2 writes bytes through it
+         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
 
 
 class _Unpickler(pickle.Unpickler):
@@ -64,8 +68,12 @@ def find(folder: Path) -> Path | None:
     """`folder` itself if it holds a CIFAR layout, or its one CIFAR sub-folder."""
     if layout(folder) is not None:
         return folder
-    found = [folder / name for name in FOLDERS if (folder / name).is_dir()]
-    return found[0] if len(found) == 1 and layout(found[0]) is not None else None
+    found = [folder / name for name in FOLDERS
+             if (folder / name).is_dir() and layout(folder / name) is not None]
+    if len(found) > 1:
+        raise DataError(f"{folder} holds {len(found)} CIFAR folders "
+                        f"({', '.join(p.name for p in found)}); give the path of one of them")
+    return found[0] if found else None
 
 
 def is_batch_file(path: Path) -> bool:
@@ -82,6 +90,11 @@ def load(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, .
     if not files:
         raise DataError(f"{folder}: no {split} files {', '.join(splits[split])}; give the "
                         "folder as distributed (or FOLDER:train / FOLDER:test)")
+    if len(files) < len(splits[split]):
+        missing = [f for f in splits[split] if not (folder / f).is_file()]
+        log.warning("%s: %d of its %d %s batches are missing (%s); reading the %d there",
+                    folder, len(missing), len(splits[split]), split, ", ".join(missing),
+                    len(files))
     parts = [read_file(p) for p in files]
     x = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     y = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]

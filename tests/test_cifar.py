@@ -146,3 +146,37 @@ def test_a_folder_without_the_split_asked_for_says_so(tmp_path):
     np.zeros(3073, np.uint8).tofile(folder / "data_batch_1.bin")
     with pytest.raises(DataError, match="no test files test_batch.bin"):
         sources.resolve(f"{folder}:test")
+
+
+def test_a_folder_with_both_layouts_asks_for_one(cifar10, tmp_path):
+    root, _, _ = cifar10
+    import shutil
+
+    for form in ("py", "bin"):
+        shutil.copytree(root / form / f"cifar-10-batches-{form}",
+                        tmp_path / f"cifar-10-batches-{form}")
+    with pytest.raises(DataError, match="holds 2 CIFAR folders .* give the path of one"):
+        sources.resolve(str(tmp_path))
+
+
+def test_missing_training_batches_are_warned_about(cifar10, caplog):
+    """The fixture's folders hold data_batch_1 and _2 of the five: read, with a warning."""
+    root, (x, _), _ = cifar10
+    with caplog.at_level("WARNING"):
+        got_x, _, _ = _read(str(root / "bin"))
+    assert len(got_x) == len(x)
+    assert any("3 of its 5 train batches are missing (data_batch_3.bin" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_batches_pickled_with_the_newest_protocol_are_read(tmp_path):
+    x, y = _images(3, 5)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({"data": x.reshape(3, -1), "labels": y.tolist()}, f,
+                    protocol=pickle.HIGHEST_PROTOCOL)
+    got_x, got_y, classes = _read(str(folder))
+    np.testing.assert_array_equal(got_x, x / np.float32(255))
+    np.testing.assert_array_equal(got_y, y)
+    assert classes is None
