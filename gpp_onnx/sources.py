@@ -287,6 +287,10 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def _load_image_folder(root: Path) -> Raw:
+    broken = sorted(p.name for p in root.iterdir() if p.is_symlink() and not p.exists())
+    if broken:
+        raise DataError(f"{root}: {broken[0]} links to nothing (a class folder missing would "
+                        "shift every later class's label); fix or remove the link")
     class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                         key=lambda p: p.name)
     loose = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
@@ -298,7 +302,7 @@ def _load_image_folder(root: Path) -> Raw:
     if not class_dirs:
         raise DataError(f"{root}: no readable images (no class folders, images, IDX or CIFAR "
                         "files); give a folder of images or one sub-folder of images per class")
-    per_class = [_images_under(d) for d in class_dirs]
+    per_class = [_images_under(d, root) for d in class_dirs]
     for folder, files in zip(class_dirs, per_class):
         if not files:
             raise DataError(f"class folder {folder} holds no images; add some or remove it")
@@ -317,14 +321,23 @@ def _load_image_folder(root: Path) -> Raw:
                tuple(d.name for d in class_dirs))
 
 
-def _images_under(folder: Path) -> list[Path]:
-    """The image files below `folder`, sorted, as torchvision's ImageFolder finds them:
-    symlinked folders followed (once each), hidden files and folders left out (Jupyter's
-    .ipynb_checkpoints copies, macOS's ._ AppleDouble files)."""
+def _images_under(folder: Path, root: Path) -> list[Path]:
+    """The image files below the class folder `folder` of the data folder `root`, sorted,
+    as torchvision's ImageFolder finds them: symlinked folders followed (once each), hidden
+    files and folders left out (Jupyter's .ipynb_checkpoints copies, macOS's ._ AppleDouble
+    files). A link back into the data folder outside this class (or above it) is skipped
+    with a warning: its images would count again, under this class's label."""
     found, seen = [], set()
+    data, own = Path(os.path.realpath(root)), Path(os.path.realpath(folder))
     for top, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(top)
-        if real in seen:  # a link back up the tree
+        real = Path(os.path.realpath(top))
+        if real in seen:  # a link back up this class's tree
+            dirs[:] = []
+            continue
+        if (real.is_relative_to(data) and not real.is_relative_to(own)) or \
+                data.is_relative_to(real):
+            log.warning("%s: skipped, it links back into the data folder %s (its images "
+                        "would count again as class '%s')", top, root, folder.name)
             dirs[:] = []
             continue
         seen.add(real)

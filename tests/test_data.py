@@ -512,3 +512,22 @@ def test_class_folders_named_by_numbers_out_of_text_order_are_warned_about(tmp_p
     with caplog.at_level("WARNING"):
         sources.resolve(str(tmp_path / "pad"))
     assert not caplog.records
+
+
+def test_links_back_into_the_data_folder_are_skipped_and_dangling_ones_refused(tmp_path,
+                                                                              caplog):
+    """A link from one class folder to the data folder (or to another class) would count
+    images again under the wrong label: skipped, with a warning. A class folder link that
+    points nowhere would shift the labels after it: refused."""
+    for c in ("a", "b"):
+        for j in range(2):
+            write_png(tmp_path / "data" / c / f"{j}.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "data" / "a" / "all").symlink_to(tmp_path / "data")
+    (tmp_path / "data" / "a" / "other").symlink_to(tmp_path / "data" / "b")
+    with caplog.at_level("WARNING"):
+        raw = sources.resolve(str(tmp_path / "data"))
+    assert raw.y.tolist() == [0, 0, 1, 1]
+    assert sum("links back into the data folder" in r.getMessage() for r in caplog.records) == 2
+    (tmp_path / "data" / "c").symlink_to(tmp_path / "gone")
+    with pytest.raises(DataError, match="c links to nothing"):
+        sources.resolve(str(tmp_path / "data"))
