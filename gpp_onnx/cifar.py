@@ -135,8 +135,12 @@ def _read_pickle(path: Path, hundred: bool) -> tuple[np.ndarray, np.ndarray]:
     if "data" not in batch or key not in batch:
         raise DataError(f"{path}: a CIFAR batch needs 'data' and '{key}', it has "
                         f"{sorted(batch)}; give the files as distributed")
-    x, y = np.asarray(batch["data"]), np.asarray(batch[key], np.int64)
-    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != PIXELS or len(x) != len(y):
+    try:
+        x, y = np.asarray(batch["data"]), np.asarray(batch[key], np.int64)
+    except (ValueError, TypeError) as err:
+        raise DataError(f"{path}: its '{key}' are not class ids ({err}); give the files as "
+                        "distributed") from None
+    if y.ndim != 1 or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != PIXELS or len(x) != len(y):
         raise DataError(f"{path}: data {x.shape} {x.dtype} with {len(y)} labels is not "
                         f"N x {PIXELS} uint8 with N labels; give the files as distributed")
     return x.reshape(-1, 3, SIDE, SIDE), y
