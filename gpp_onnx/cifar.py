@@ -140,7 +140,8 @@ def _read_pickle(path: Path, hundred: bool) -> tuple[np.ndarray, np.ndarray]:
     except (ValueError, TypeError) as err:
         raise DataError(f"{path}: its '{key}' are not class ids ({err}); give the files as "
                         "distributed") from None
-    if y.ndim != 1 or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != PIXELS or len(x) != len(y):
+    if y.ndim != 1 or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != PIXELS or \
+            len(x) != len(y):
         raise DataError(f"{path}: data {x.shape} {x.dtype} with {len(y)} labels is not "
                         f"N x {PIXELS} uint8 with N labels; give the files as distributed")
     return x.reshape(-1, 3, SIDE, SIDE), y

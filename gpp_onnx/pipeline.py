@@ -196,9 +196,9 @@ def half_weights_back(original: onnx.ModelProto, view: GraphView, result: onnx.M
                       ) -> tuple[onnx.ModelProto, str | None]:
     """`result` with the weights `original` stored in float16 behind Casts stored so again
     where their values are still float16 ones (``half.store_half``: the same function,
-    checked on the check inputs of `view`), and a warning for those a repair or training moved off float16
-    (None where `original` has no such weights). Normalising had folded the Casts into
-    float32."""
+    checked on the check inputs of `view`), and a warning for those a repair or training
+    moved off float16 (None where `original` has no such weights). Normalising had folded
+    the Casts into float32."""
     names = half.half_weights(original)
     if not names:
         return result, None

@@ -283,7 +283,8 @@ class WidthLSTM(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.c1, self.c2 = torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.c1 = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
         self.rnn, self.fc = torch.nn.LSTM(16 * 7, 24), torch.nn.Linear(24, 10)
 
     def forward(self, x):
