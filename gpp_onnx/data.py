@@ -224,7 +224,9 @@ def _check_labels_of(raw, y: np.ndarray, limit: int | None, seed: int) -> np.nda
     if y.min() < 0:
         raise DataError(f"{where}: negative label {y.min()}; labels must be class indices")
     if raw.classes is not None and y.max() >= len(raw.classes):
-        raise DataError(f"{where}: label {y.max()} but {len(raw.classes)} class names; fix y")
+        raise DataError(f"{where}: label {y.max()} but {len(raw.classes)} class names; the "
+                        "labels or the names are wrong - fix the .npz's y or classes, or "
+                        "download the data set again")
     if len(present := np.unique(y)) < 2:
         raise DataError(f"{where}: only one class (label {present[0]}); give two classes or more")
     if limit is None or limit >= len(y):
@@ -334,7 +336,7 @@ def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
 def _check_fit(shape: tuple[int, ...], spec: DataSpec, where: str) -> None:
     """Images of (C, H, W) ``shape`` can be adapted to the model input, else DataError."""
     channels, height, width = shape
-    if channels != spec.channels and channels != 1:
+    if channels != spec.channels and channels != 1 and (channels, spec.channels) != (4, 3):
         raise DataError(f"{where}: images have {channels} channels but the model takes "
                         f"{spec.channels}; give grayscale or {spec.channels}-channel images")
     if (height, width) != (spec.height, spec.width) and not spec.resize:
@@ -344,8 +346,11 @@ def _check_fit(shape: tuple[int, ...], spec: DataSpec, where: str) -> None:
 
 
 def _adapt(x: np.ndarray, spec: DataSpec, pixels) -> np.ndarray:
-    """Match the model's size (bilinear resize) and channel count (replicating grayscale)."""
+    """Match the model's size (bilinear resize) and channel count (replicating grayscale,
+    dropping the alpha of RGBA arrays as it is dropped from RGBA image files)."""
     _check_fit(x.shape[1:], spec, getattr(pixels, "source", "image file"))
+    if x.shape[1] == 4 and spec.channels == 3:
+        x = x[:, :3]
     if x.shape[2:] != (spec.height, spec.width):
         x = resize_bilinear(x, spec.height, spec.width)
     if x.shape[1] != spec.channels:

@@ -531,3 +531,18 @@ def test_links_back_into_the_data_folder_are_skipped_and_dangling_ones_refused(t
     (tmp_path / "data" / "c").symlink_to(tmp_path / "gone")
     with pytest.raises(DataError, match="c links to nothing"):
         sources.resolve(str(tmp_path / "data"))
+
+
+def test_rgba_arrays_lose_their_alpha_as_rgba_files_do(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (6, 5, 5, 4), dtype=np.uint8)
+    np.savez(tmp_path / "rgba.npz", x=x, y=np.arange(6) % 2)
+    for i in range(6):
+        write_png(tmp_path / "files" / str(i % 2) / f"{i}.png", x[i], mode="RGBA")
+    arrays = load_dataset(DataSpec(str(tmp_path / "rgba.npz"), 3, 5, 5))
+    files = load_dataset(DataSpec(str(tmp_path / "files"), 3, 5, 5))
+    want = x[..., :3].transpose(0, 3, 1, 2) / np.float32(255)
+    np.testing.assert_allclose(np.asarray(arrays.x[:], np.float32), want, rtol=1e-6)
+    order = np.argsort([int(p.stem) for p in files.x.pixels.paths])
+    np.testing.assert_allclose(np.asarray(files.x[:], np.float32)[order], want, rtol=1e-6)
+    with pytest.raises(DataError, match="4 channels but the model takes 1"):
+        load_dataset(DataSpec(str(tmp_path / "rgba.npz"), 1, 5, 5))
