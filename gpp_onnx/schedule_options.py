@@ -80,9 +80,11 @@ class GppOptions:
                     "--budget-epochs or --grow-share, or grow fewer modules")
         steps = self.round_budget() / config.rounds * batches
         if steps < MIN_ROUND_STEPS:
+            enough = math.ceil(10 * self.budget_epochs * MIN_ROUND_STEPS / steps) / 10
             raise InputError(
                 f"--budget-epochs {self.budget_epochs:g} gives {steps:.0f} training steps per "
-                f"round over {config.rounds} rounds; a round needs at least {MIN_ROUND_STEPS} "
-                "- raise --budget-epochs or lower --rounds"
-                + (" or --grow-share" if self.grow else ""))
+                f"round over {config.rounds} rounds ({batches} batches of "
+                f"{config.train.batch_size} an epoch); a round needs at least "
+                f"{MIN_ROUND_STEPS} - raise --budget-epochs to {enough:g}, or lower "
+                "--batch-size or --rounds" + (" or --grow-share" if self.grow else ""))
         return self

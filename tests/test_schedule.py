@@ -364,3 +364,19 @@ def test_labels_that_skip_class_ids_are_told_apart_from_too_few_images(trained, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("gpp-onnx: error:") and "class 3 has no training images (the " \
         "labels use 4 of the class ids 0..7)" in err[-1] and not out.exists()
+
+
+def test_too_short_a_budget_names_one_that_is_enough():
+    """The refusal's suggested --budget-epochs passes the same check; a tenth less fails."""
+    import re
+
+    from gpp_onnx.errors import InputError
+
+    config = PruneConfig(data=DataOptions("digits"), target_macs=0.5).checked()
+    with pytest.raises(InputError) as err:
+        GppOptions(budget_epochs=0.1).checked(config, 1617)
+    enough = float(re.search(r"raise --budget-epochs to ([0-9.]+)", str(err.value)).group(1))
+    assert "26 batches of 64 an epoch" in str(err.value)
+    GppOptions(budget_epochs=enough).checked(config, 1617)
+    with pytest.raises(InputError):
+        GppOptions(budget_epochs=enough - 0.1).checked(config, 1617)
