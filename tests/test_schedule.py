@@ -380,3 +380,35 @@ def test_too_short_a_budget_names_one_that_is_enough():
     GppOptions(budget_epochs=enough).checked(config, 1617)
     with pytest.raises(InputError):
         GppOptions(budget_epochs=enough - 0.1).checked(config, 1617)
+    # with --grow, the budget named is enough for the grown modules and the rounds alike
+    from gpp_onnx.grow import GrowConfig
+
+    config = PruneConfig(data=DataOptions("digits"), target_macs=1.0).checked()
+    with pytest.raises(InputError, match="per grown module") as err:
+        GppOptions(budget_epochs=0.5, grow=GrowConfig(max_modules=1)).checked(config, 1617)
+    enough = float(re.search(r"raise --budget-epochs to ([0-9.]+)", str(err.value)).group(1))
+    GppOptions(budget_epochs=enough, grow=GrowConfig(max_modules=1)).checked(config, 1617)
+
+
+def test_gradual_cuts_leave_the_last_round_the_widths_one_cut_would_choose(tmp_path):
+    """16 and 32 channels in blocks of 8 at half the MACs: three rounds end where one cut
+    does (8 and 24 channels), not at 8 and 16 (a quarter of the MACs) because an early
+    round had cut 32 to 16. Widths read from the written models."""
+    from gpp_onnx.samples import GraphBuilder
+
+    b = GraphBuilder((1, 1, 28, 28), seed=0)
+    x = b.pool(b.act(b.conv("input", 16), "Relu"))
+    model = b.build(b.gemm(b.flatten(b.gap(b.act(b.conv(x, 32), "Relu"))), 10))
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+
+    def widths(path):
+        m = onnx.load(path)
+        inits = {t.name: t for t in m.graph.initializer}
+        return [list(inits[n.input[1]].dims)[0] for n in m.graph.node if n.op_type == "Conv"]
+
+    for rounds in (1, 3):
+        gpp_onnx.prune(src, tmp_path / f"r{rounds}.onnx", PruneConfig(
+            target_macs=0.5, rounds=rounds, round_to=8, latency=False))
+    assert widths(tmp_path / "r1.onnx") == [8, 24]
+    assert widths(tmp_path / "r3.onnx") == [8, 24]
