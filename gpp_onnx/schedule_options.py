@@ -69,22 +69,25 @@ class GppOptions:
         if self.acc_floor < 0:
             raise InputError(f"--acc-floor {self.acc_floor} must be >= 0 (e.g. 0.05)")
         batches = math.ceil(train_size / config.train.batch_size)
+        # steps per grown module and per round, each in proportion to --budget-epochs; the
+        # budget named in a refusal is enough for both
+        steps = {"round": self.round_budget() / config.rounds * batches}
         if self.grow is not None:
-            g = self.grow_settings(config)
-            steps = g.train.epochs * batches
-            if steps < MIN_ROUND_STEPS:
-                raise InputError(
-                    f"--budget-epochs {self.budget_epochs:g} gives {steps:.0f} training steps "
-                    f"per grown module (--grow-share {self.grow_share:g} over {g.max_modules} "
-                    f"modules); a module needs at least {MIN_ROUND_STEPS} - raise "
-                    "--budget-epochs or --grow-share, or grow fewer modules")
-        steps = self.round_budget() / config.rounds * batches
-        if steps < MIN_ROUND_STEPS:
-            enough = math.ceil(10 * self.budget_epochs * MIN_ROUND_STEPS / steps) / 10
+            steps["module"] = self.grow_settings(config).train.epochs * batches
+        enough = max(math.ceil(10 * self.budget_epochs * MIN_ROUND_STEPS / n) / 10
+                     for n in steps.values())
+        per = f"{batches} batches of {config.train.batch_size} an epoch"
+        if steps.get("module", MIN_ROUND_STEPS) < MIN_ROUND_STEPS:
             raise InputError(
-                f"--budget-epochs {self.budget_epochs:g} gives {steps:.0f} training steps per "
-                f"round over {config.rounds} rounds ({batches} batches of "
-                f"{config.train.batch_size} an epoch); a round needs at least "
+                f"--budget-epochs {self.budget_epochs:g} gives {steps['module']:.0f} training "
+                f"steps per grown module (--grow-share {self.grow_share:g} over "
+                f"{self.grow.max_modules} modules, {per}); a module needs at least "
+                f"{MIN_ROUND_STEPS} - raise --budget-epochs to {enough:g} or --grow-share, "
+                "lower --batch-size, or grow fewer modules")
+        if steps["round"] < MIN_ROUND_STEPS:
+            raise InputError(
+                f"--budget-epochs {self.budget_epochs:g} gives {steps['round']:.0f} training "
+                f"steps per round over {config.rounds} rounds ({per}); a round needs at least "
                 f"{MIN_ROUND_STEPS} - raise --budget-epochs to {enough:g}, or lower "
                 "--batch-size or --rounds" + (" or --grow-share" if self.grow else ""))
         return self
