@@ -97,7 +97,7 @@ class Run:
     """What every step of a run reads and none changes."""
     config: PruneConfig                        # its train.epochs are ignored (budget)
     options: GppOptions
-    data: object                               # rounds.Splits
+    data: object                               # splits.Splits
     before: ModelStats
     accuracy: float                            # the start's held-out accuracy
     tolerance: object                          # verify.Tolerance of the original

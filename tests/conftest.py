@@ -113,7 +113,7 @@ def trained(tmp_path_factory) -> Path:
     from gpp_onnx.config import DataOptions, TrainOptions
     from gpp_onnx.finetune import train_model
     from gpp_onnx.graph import GraphView
-    from gpp_onnx.rounds import load_data
+    from gpp_onnx.splits import load_data
     from gpp_onnx.samples import digits_cnn
 
     model = digits_cnn(0)

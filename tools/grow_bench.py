@@ -80,7 +80,7 @@ def residual_arm(args) -> int:
     from gpp_onnx.evaluation import accuracy, dataset_for
     from gpp_onnx.finetune import train_model
     from gpp_onnx.graph import GraphView
-    from gpp_onnx.rounds import load_data
+    from gpp_onnx.splits import load_data
 
     data = DataOptions("fashion-mnist", limit=args.limit)
     model = residual_net(args.seed)
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     from gpp_onnx.evaluation import accuracy, dataset_for
     from gpp_onnx.finetune import train_model
     from gpp_onnx.graph import GraphView
-    from gpp_onnx.rounds import load_data
+    from gpp_onnx.splits import load_data
     from gpp_onnx.config import PruneConfig
 
     args = parse_args(argv)
@@ -213,7 +213,7 @@ def gpp_arm(args) -> int:
     from gpp_onnx.evaluation import accuracy, dataset_for
     from gpp_onnx.finetune import train_model
     from gpp_onnx.graph import GraphView
-    from gpp_onnx.rounds import load_data
+    from gpp_onnx.splits import load_data
 
     data = DataOptions("fashion-mnist", limit=args.limit)
     model = base_net(args.seed)

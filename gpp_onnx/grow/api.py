@@ -43,7 +43,7 @@ def grow(model, output=None, config: GrowConfig | None = None, **options) -> Gro
     ``min_gain`` points. `options` are GrowConfig fields: ``grow(m, max_modules=1,
     train=TrainOptions(epochs=0))``. With `output` the grown model is written there,
     atomically, with a JSON report beside it."""
-    from ..rounds import load_data
+    from ..splits import load_data
 
     config = replace(config or GrowConfig(), **options).checked()
     src = None if isinstance(model, onnx.ModelProto) else Path(model)

@@ -179,7 +179,7 @@ def check_memory(view: GraphView, positions: list[Position], config: GrowConfig)
 
 def grow_model(model: onnx.ModelProto, positions: list[Position], config: GrowConfig,
                splits=None) -> GrowState:
-    """The loop of the module docstring; `splits`: rounds.Splits (train, val) or None."""
+    """The loop of the module docstring; `splits`: splits.Splits (train, val) or None."""
     acc = accuracy(model, splits.val) if splits is not None else None
     state = GrowState(model, acc, base_accuracy=acc)
     train = splits is not None and config.train.epochs > 0

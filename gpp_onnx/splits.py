@@ -1,0 +1,94 @@
+"""A run's data: the source loaded for the model's input, split into training and held-out
+images (class-stratified, seeded), checked for what the run needs (the images per class
+the class discriminants need), and, for pruning, the original model as teacher. Every
+process of a distributed run must load the same split (``data_digest``)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import distributed
+from .analysis import Analysis
+from .config import PruneConfig
+from .data import split
+from .errors import DataError
+from .evaluation import dataset_for
+from .graph import GraphView
+from .teacher import Teacher, describe, output_kinds
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: object
+    val: object
+    teacher: Teacher | None = None      # the original model's outputs, per batch
+
+
+FEW_HELD_OUT = 100  # fewer held-out images than this: their accuracy moves by over a point
+LDA_PER_CLASS = 2   # LDA's within-class scatter needs two training images of every class
+
+
+def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = None,
+              per_class: int = 0) -> Splits | None:
+    """The data split into training and held-out parts; with `analysis` (of the original),
+    the original as teacher too. `per_class`: the training images every class needs (the
+    class discriminants of push: ``LDA_PER_CLASS``), checked before anything is said
+    about the split."""
+    if config.data is None:
+        return None
+    opts = config.data
+    ds = dataset_for(view, opts.source, opts.mean, opts.std, opts.resize, opts.limit, config.seed,
+                     opts.workers, opts.labels)
+    if opts.val_split > 0:
+        train, val = split(ds, opts.val_split, config.seed)
+    else:
+        train = val = ds
+    _check_per_class(train, per_class)
+    if opts.val_split <= 0:
+        logger.warning("--val-split 0: nothing is held out, so every 'held-out' figure (and "
+                       "the choice between models) is measured on the training images")
+    if 0 < len(val) < FEW_HELD_OUT and val is not train:
+        logger.warning("only %d held-out images: each is %.1f%% of a held-out accuracy, so "
+                       "the figures and the choices made on them are noisy - hold out more "
+                       "(--val-split) or give more data", len(val), 100 / len(val))
+    logger.info("data: %d training and %d held-out images, %s from %s", len(train), len(val),
+                f"{ds.num_classes} classes" if ds.labelled else "no labels", ds.source)
+    distributed.check_same("data", data_digest(ds, train, val), "start every process with "
+                           "the same --data, --limit, --val-split and --seed")
+    teacher = None
+    if analysis is not None:
+        teacher = Teacher(analysis.view.detached, output_kinds(analysis))
+        if not ds.labelled:
+            logger.info("no labels: the original model is the teacher - criterion %s, "
+                        "repair to its outputs, fine-tuning on %s", config.criterion,
+                        describe(teacher.kinds))
+    return Splits(train, val, teacher)
+
+
+def _check_per_class(train, needed: int) -> None:
+    if needed <= 0 or not train.labelled:
+        return
+    counts = np.bincount(np.asarray(train.y), minlength=int(train.num_classes))
+    if counts.min() == 0:
+        c, used = int(counts.argmin()), int((counts > 0).sum())
+        raise DataError(f"{train.source}: class {c} has no training images (the labels use "
+                        f"{used} of the class ids 0..{len(counts) - 1}); the class "
+                        f"discriminants need at least {needed} images of every class - give "
+                        "images of every class, or number the classes present 0, 1, 2, ...")
+    if counts.min() < needed:
+        c = int(counts.argmin())
+        raise DataError(f"{train.source}: class {c} has {counts[c]} training image(s); the "
+                        f"class discriminants need at least {needed} of every class - "
+                        "give more data (or a smaller --val-split)")
+
+
+def data_digest(ds, train, val) -> dict[str, object]:
+    """What the processes of one run must agree on: source, images picked, labels."""
+    return {"source": ds.source, "classes": ds.classes, "size": (len(train), len(val)),
+            "images": (train.x.index.tobytes(), val.x.index.tobytes()),
+            "labels": tuple(None if s.y is None else s.y.tobytes() for s in (train, val)),
+            "input": getattr(ds.x, "spec", ds.x.shape[1:])}  # Images: decoding spec; Arrays: rows
