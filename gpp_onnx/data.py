@@ -36,8 +36,9 @@ import numpy as np
 
 from .errors import DataError
 from .report import plural
-from .sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IMAGE_EXTENSIONS, ArrayPixels,
-                      FilePixels, check_source, resolve)
+from .image_files import IMAGE_EXTENSIONS, FilePixels
+from .sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, ArrayPixels, check_source,
+                      resolve)
 
 log = logging.getLogger(__name__)
 

@@ -33,18 +33,16 @@ import numpy as np
 from . import cifar
 from .errors import DataError
 from .idx import read_idx
+from .image_files import (IMAGE_EXTENSIONS, WARNED_ORDER, FilePixels, images_under, pil,
+                          probe, unit_scale)
 
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
-                              ".webp", ".ppm", ".pgm", ".pbm"})
 _IDX_IMAGES = re.compile(r"images[-._]idx\d[-._]ubyte(\.gz)?$", re.IGNORECASE)
 _SPLITS = {"train": ("train",), "test": ("t10k", "test")}
-_SCAN_CHUNK = 1 << 24  # pixel values per chunk when scanning an array's range
-_WARNED_ORDER: set[Path] = set()  # image folders whose class order was warned about
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,26 +65,6 @@ class ArrayPixels:
 
 
 @dataclass(frozen=True, eq=False)
-class FilePixels:
-    """Image files, decoded one by one when read (C is 1 for grayscale, else 3)."""
-    paths: tuple[Path, ...]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def shapes(self, pos: np.ndarray) -> dict[tuple[int, ...], str]:
-        """Each distinct (C, H, W) among the files at ``pos``, with the first file that has it;
-        reads only headers, so an unreadable file fails here, before the work."""
-        found: dict[tuple[int, ...], str] = {}
-        for i in pos:
-            found.setdefault(_probe(self.paths[i]), str(self.paths[i]))
-        return found
-
-    def read(self, pos: np.ndarray) -> list[np.ndarray]:
-        return [_read_image(self.paths[i]) for i in pos]
-
-
-@dataclass(frozen=True, eq=False)
 class Raw:
     """A resolved source: labels (None: the source has none), a pixel store, class names
     (None: 0..K-1)."""
@@ -101,7 +79,7 @@ def native_shape(source: str) -> tuple[int, int, int]:
     pixels = resolve(source).pixels
     if isinstance(pixels, ArrayPixels):
         return tuple(int(d) for d in pixels.array.shape[1:])
-    return _probe(pixels.paths[0])
+    return probe(pixels.paths[0])
 
 
 def check_source(source: str) -> None:
@@ -215,77 +193,6 @@ def as_labels(y: np.ndarray, source: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def unit_scale(x: np.ndarray, source: str) -> float:
-    """The divisor that maps ``x``'s pixels to [0, 1], from a scan chunk by chunk (so a
-    memory map is never copied whole); uint8 needs no scan."""
-    if x.dtype.kind not in "iubf":
-        raise DataError(f"{source}: pixels have dtype {x.dtype}; store x as uint8 or float")
-    if x.dtype == np.uint8 or x.dtype.kind == "b":
-        return 255.0 if x.dtype == np.uint8 else 1.0
-    flat, lo, hi = x.reshape(len(x), -1) if x.ndim else x.reshape(1, 1), np.inf, -np.inf
-    step = max(1, _SCAN_CHUNK // max(flat.shape[1], 1))
-    for start in range(0, len(flat), step):
-        chunk = np.asarray(flat[start:start + step])
-        if x.dtype.kind == "f" and not np.isfinite(chunk).all():
-            raise DataError(f"{source}: NaN or infinite pixel values; clean or drop those images")
-        if chunk.size:
-            lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
-    if x.dtype.kind in "iu":
-        if lo < 0:
-            raise DataError(f"{source}: negative pixel values; store pixels as uint8 or [0, 1]")
-        return 255.0 if hi <= 255 else float(max(hi, 65535))
-    if lo >= 0 and 1 < hi <= 255:
-        log.info("%s: float pixels in [0, %g] divided by 255", source, hi)
-        return 255.0
-    if lo < 0 or hi > 1:
-        log.warning("%s: float pixels in [%g, %g] taken as already normalised", source, lo, hi)
-    return 1.0
-
-
-def _pil():
-    try:
-        from PIL import Image
-    except ImportError:
-        raise DataError("reading image files needs Pillow; run `pip install pillow`") from None
-    return Image
-
-
-def _channels(mode: str) -> int:
-    return 1 if mode[0] in "IF" or mode in ("1", "L", "LA", "La") else 3
-
-
-def _probe(path: Path) -> tuple[int, int, int]:
-    """(C, H, W) of an image file from its header."""
-    try:
-        with _pil().open(path) as img:
-            return _channels(img.mode), img.size[1], img.size[0]
-    except OSError as err:
-        raise DataError(f"cannot read image {path}: {err}; fix or remove the file") from None
-
-
-def _read_image(path: Path) -> np.ndarray:
-    """One image file as (1, C, H, W) float32 in [0, 1]."""
-    try:
-        with _pil().open(path) as img:
-            if img.mode[0] in "IF":  # 16/32-bit integer or float pixels
-                arr = np.asarray(img)
-                # 16-bit files by their format's range, whatever their brightest pixel;
-                # 32-bit integers (no range of their own) likewise up to 65535
-                scale = 65535.0 if img.mode.startswith("I;16") else unit_scale(
-                    arr[None], str(path)) if img.mode[0] == "F" else float(
-                    max(65535, arr.max(initial=0)))
-                if img.mode == "I" and arr.min(initial=0) < 0:
-                    raise DataError(f"{path}: negative pixel values; store images as 8- or "
-                                    "16-bit")
-                arr = arr.astype(np.float32) / np.float32(scale)
-            else:
-                mode = "L" if _channels(img.mode) == 1 else "RGB"
-                arr = np.asarray(img.convert(mode), np.float32) / np.float32(255)
-    except OSError as err:
-        raise DataError(f"cannot read image {path}: {err}; fix or remove the file") from None
-    return (arr[:, :, None] if arr.ndim == 2 else arr).transpose(2, 0, 1)[None]
-
-
 def _load_image_folder(root: Path) -> Raw:
     broken = sorted(p.name for p in root.iterdir() if p.is_symlink() and not p.exists())
     if broken:
@@ -296,21 +203,21 @@ def _load_image_folder(root: Path) -> Raw:
     loose = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
                    and p.is_file() and not p.name.startswith("."))
     if not class_dirs and loose:
-        _pil()
+        pil()
         log.info("%s: images without class sub-folders, so no labels", root)
         return Raw(None, FilePixels(tuple(loose)), str(root))
     if not class_dirs:
         raise DataError(f"{root}: no readable images (no class folders, images, IDX or CIFAR "
                         "files); give a folder of images or one sub-folder of images per class")
-    per_class = [_images_under(d, root) for d in class_dirs]
+    per_class = [images_under(d, root) for d in class_dirs]
     for folder, files in zip(class_dirs, per_class):
         if not files:
             raise DataError(f"class folder {folder} holds no images; add some or remove it")
-    _pil()
+    pil()
     names = [d.name for d in class_dirs]
     if all(n.isdigit() for n in names) and names != sorted(names, key=int) and (
-            root not in _WARNED_ORDER):
-        _WARNED_ORDER.add(root)  # once a run, though the folder is listed more than once
+            root not in WARNED_ORDER):
+        WARNED_ORDER.add(root)  # once a run, though the folder is listed more than once
         log.warning("%s: class folders named by numbers are classes in text order, as "
                     "ImageFolder takes them (class 0 '%s', 1 '%s', 2 '%s', ...), not in number "
                     "order - if the model's classes follow the numbers, pad the names with "
@@ -319,32 +226,6 @@ def _load_image_folder(root: Path) -> Raw:
     paths = tuple(p for files in per_class for p in files)
     return Raw(labels.astype(np.int64), FilePixels(paths), str(root),
                tuple(d.name for d in class_dirs))
-
-
-def _images_under(folder: Path, root: Path) -> list[Path]:
-    """The image files below the class folder `folder` of the data folder `root`, sorted,
-    as torchvision's ImageFolder finds them: symlinked folders followed (once each), hidden
-    files and folders left out (Jupyter's .ipynb_checkpoints copies, macOS's ._ AppleDouble
-    files). A link back into the data folder outside this class (or above it) is skipped
-    with a warning: its images would count again, under this class's label."""
-    found, seen = [], set()
-    data, own = Path(os.path.realpath(root)), Path(os.path.realpath(folder))
-    for top, dirs, files in os.walk(folder, followlinks=True):
-        real = Path(os.path.realpath(top))
-        if real in seen:  # a link back up this class's tree
-            dirs[:] = []
-            continue
-        if (real.is_relative_to(data) and not real.is_relative_to(own)) or \
-                data.is_relative_to(real):
-            log.warning("%s: skipped, it links back into the data folder %s (its images "
-                        "would count again as class '%s')", top, root, folder.name)
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(top) / f for f in files if not f.startswith(".")
-                  and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(p for p in found if p.is_file())
 
 
 def _npz_member_map(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:

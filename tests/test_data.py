@@ -445,7 +445,7 @@ def test_a_tiny_held_out_set_is_warned_about(caplog):
     the default split of the digits (180 images) stays quiet."""
     from gpp_onnx.config import DataOptions, PruneConfig
     from gpp_onnx.graph import GraphView
-    from gpp_onnx.rounds import load_data
+    from gpp_onnx.splits import load_data
     from gpp_onnx.samples import GraphBuilder
 
     b = GraphBuilder((1, 1, 8, 8), seed=0)
