@@ -10,11 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import model as model_io
-from . import distributed, pipeline, preflight, push_prune, report
+from . import distributed, pipeline, preflight, push_prune, report, training_report
 from .config import DISTILL, PruneConfig, TrainOptions, with_lr
 from .errors import GppError, InputError
 from .grow.loop import MIN_GAIN
-from .cli_args import _data_options, _input_shape, _timing, build_parser
+from .cli_args import _data_options, _timing, build_parser
+from .cli_types import input_shape as _input_shape
 from .progress import ProgressHandler
 from .push import PushWeights
 from .schedule import GppOptions
@@ -84,7 +85,7 @@ def _run(args) -> int:
                                 plan_path=args.plan, plan_out=args.plan_out)
         print(report.prune_summary(result))
     elif args.command == "gpp":
-        print(report.gpp_summary(push_prune.gpp(args.model, args.output, _prune_config(args),
+        print(training_report.gpp_summary(push_prune.gpp(args.model, args.output, _prune_config(args),
                                               _gpp_options(args))))
     elif args.command == "profile":
         if args.json:
@@ -102,11 +103,11 @@ def _run(args) -> int:
                                          amp=args.amp),
                             PushWeights(args.sep, args.cov, args.align), args.feature_tensor,
                             args.seed, _input_shape(args.input_shape))
-        print(report.push_summary(res))
+        print(training_report.push_summary(res))
     elif args.command == "grow":
         from .grow import grow
 
-        print(report.grow_summary(grow(args.model, args.output, _grow_config(args))))
+        print(training_report.grow_summary(grow(args.model, args.output, _grow_config(args))))
     elif args.command == "evaluate":
         if not args.data:
             raise InputError("evaluate needs --data (labelled images)")
@@ -119,7 +120,7 @@ def _run(args) -> int:
         print(report.comparison_table(cmp, Path(args.model_a).name, Path(args.model_b).name))
     elif args.command == "demo":
         result = push_prune.demo(Path(args.out), args.ratio, args.epochs, args.budget_epochs)
-        print(report.gpp_summary(result))
+        print(training_report.gpp_summary(result))
     return 0
 
 
