@@ -3,72 +3,18 @@ arguments into configs and calls the public API)."""
 from __future__ import annotations
 
 import argparse
-import math
 
+from .cli_types import (COUNT, FINITE, FRACTION, NONNEG, POSITIVE, SOME, count, floats,
+                        name_ratio, shape, widths)
 from .config import DISTILL, DataOptions, LatencyOptions, TrainOptions
-from .errors import InputError
 from .grow.loop import MIN_GAIN
 from .importance import criterion_names
 from .push import PushWeights
 from .schedule_options import GPP_ROUNDS, SPLITS, GppOptions
 
 
-def _number(kind, low=None, above: bool = False, high=None, below: bool = False):
-    """An argparse type: a finite `kind` value within [low, high] (`above` / `below`:
-    the bound itself excluded). A value outside is argparse's one-line error, exit 2."""
-    def parse(text: str):
-        value = kind(text)       # ValueError: argparse's "invalid float value"
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        if low is not None and (value < low or above and value == low):
-            raise argparse.ArgumentTypeError(f"{text} must be {'>' if above else '>='} {low}")
-        if high is not None and (value > high or below and value == high):
-            raise argparse.ArgumentTypeError(f"{text} must be {'<' if below else '<='} {high}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-FINITE = _number(float)
-NONNEG = _number(float, 0)               # training epochs, loss weights: 0 or more
-POSITIVE = _number(float, 0, above=True)  # learning rates, temperatures, budgets
-FRACTION = _number(float, 0, high=1, below=True)
-COUNT = _number(int, 1)                  # batch sizes, images, rounds
-SOME = _number(int, 0)                   # 0 or more
-
-
-def _shape(text: str) -> tuple[str | None, tuple[int, ...]]:
-    """'1,3,224,224' or 'NAME:1,3,224,224' (the name may hold ':', as TF's 'input:0')."""
-    name, _, sizes = text.rpartition(":")
-    try:
-        dims = tuple(int(v) for v in sizes.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,224,224 or "
-                                         "NAME:1,3,224,224") from None
-    if not dims or min(dims) <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must list positive sizes")
-    return (name or None), dims
-
-
 SHAPE_HELP = ("concrete input shape, e.g. 1,3,224,224; NAME:1,3,224,224 per input "
               "(repeat for each input of a multi-input model)")
-
-
-def _input_shape(given: list | None):
-    """--input-shape values -> None, one shape, or {input name: shape}."""
-    if not given:
-        return None
-    names = [name for name, _ in given]
-    if names == [None]:
-        return given[0][1]
-    if None in names:
-        raise InputError("--input-shape was given without an input name next to other "
-                         "shapes - name each one as NAME:1,3,224,224")
-    if len(set(names)) != len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        raise InputError(f"--input-shape gives input '{twice}' twice - give one shape per input")
-    return dict(given)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="table of channel groups and why some cannot be pruned")
     an.add_argument("model")
-    an.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
+    an.add_argument("--input-shape", type=shape, action="append", help=SHAPE_HELP)
 
     _prune_parser(sub)
     _gpp_parser(sub)
@@ -109,12 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="top-1 accuracy through onnxruntime")
     ev.add_argument("model")
     _data_args(ev, held_out=False)
-    ev.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
+    ev.add_argument("--input-shape", type=shape, action="append", help=SHAPE_HELP)
 
     cmp = sub.add_parser("compare", help="params, MACs, file size and latency of two models")
     cmp.add_argument("model_a")
     cmp.add_argument("model_b")
-    cmp.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
+    cmp.add_argument("--input-shape", type=shape, action="append", help=SHAPE_HELP)
     cmp.add_argument("--repeats", type=COUNT, default=30,
                      help="timed runs of each model, interleaved (default %(default)s)")
     _data_args(cmp, held_out=False)
@@ -170,7 +116,7 @@ def _gpp_parser(sub) -> None:
                     "below the start (a MACs/params target not met yet: the rest of the cut "
                     "is made at once and fine-tuned with the epochs left)")
     _push_weight_args(gp, GppOptions.weights)
-    gp.add_argument("--grow", type=_count, default=0, metavar="N",
+    gp.add_argument("--grow", type=count, default=0, metavar="N",
                     help="first grow up to N Inception modules (each kept while held-out "
                     "accuracy gains more than --min-gain), then prune back: the target "
                     "(--target-macs or --target-params; --ratio is refused) is a fraction of "
@@ -207,7 +153,7 @@ def _cut_args(pr: argparse.ArgumentParser) -> None:
                     "is below eta * std of their group's (METHOD 3)")
     pr.add_argument("--ignore", action="append", default=[], metavar="NAME",
                     help="keep this group whole (a group key, value or node name; repeatable)")
-    pr.add_argument("--group-ratio", action="append", default=[], type=_name_ratio,
+    pr.add_argument("--group-ratio", action="append", default=[], type=name_ratio,
                     metavar="NAME=R", help="this group's own ratio (repeatable)")
     pr.add_argument("--seed", type=SOME, default=0, help="seed of the data split, sampling "
                     "and training (default %(default)s)")
@@ -215,7 +161,7 @@ def _cut_args(pr: argparse.ArgumentParser) -> None:
                     help="channels every group keeps (default %(default)s)")
     pr.add_argument("--round-to", type=COUNT, help="kept widths are multiples of this (default: "
                     "the block onnxruntime's fast conv layout needs here, 8 or 16; 1: free)")
-    pr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
+    pr.add_argument("--input-shape", type=shape, action="append", help=SHAPE_HELP)
     pr.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     _timing_args(pr, "latency-")
 
@@ -268,7 +214,7 @@ def _prune_training_args(pr: argparse.ArgumentParser, labels_optional: bool = Tr
 def _profile_parser(sub) -> None:
     pf = sub.add_parser("profile", help="per-group onnxruntime latency cost on this machine")
     pf.add_argument("model")
-    pf.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
+    pf.add_argument("--input-shape", type=shape, action="append", help=SHAPE_HELP)
     _timing_args(pf, "")
     pf.add_argument("--runs", type=COUNT, default=20, help="profiled runs (default %(default)s)")
     pf.add_argument("--json", help="write every group's cost-vs-width curve here "
@@ -290,7 +236,7 @@ def _push_parser(sub) -> None:
     pu.add_argument("--feature-tensor", help="value name of the final hidden layer")
     pu.add_argument("--seed", type=SOME, default=0,
                     help="seed of the data split and training (default %(default)s)")
-    pu.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
+    pu.add_argument("--input-shape", type=shape, action="append", help=SHAPE_HELP)
 
 
 def _grow_parser(sub) -> None:
@@ -309,7 +255,7 @@ def _grow_parser(sub) -> None:
     _device_args(gr)
     gr.add_argument("--seed", type=SOME, default=0,
                     help="seed of the data split and training (default %(default)s)")
-    gr.add_argument("--input-shape", type=_shape, action="append", help=SHAPE_HELP)
+    gr.add_argument("--input-shape", type=shape, action="append", help=SHAPE_HELP)
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -328,29 +274,9 @@ def _module_args(p: argparse.ArgumentParser) -> None:
                    "default: one per resolution stage, deepest first)")
     p.add_argument("--min-gain", type=FINITE, default=MIN_GAIN, help="held-out accuracy "
                    "points a module must add to be kept (default %(default)s)")
-    p.add_argument("--branch-widths", type=_widths, metavar="W3,W33,WP",
+    p.add_argument("--branch-widths", type=widths, metavar="W3,W33,WP",
                    help="output widths of the 1x1->3x3, 1x1->3x3->3x3 and pool->1x1 "
                    "branches (default: C/2,C/4,C/4 of the input's C, multiples of 8)")
-
-
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a count like 2")
-    return n
-
-
-def _widths(text: str) -> tuple[int, int, int]:
-    try:
-        got = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        got = ()
-    if len(got) != 3 or min(got) < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not three positive widths like 32,16,16")
-    return got
 
 
 def _timing_args(p: argparse.ArgumentParser, prefix: str) -> None:
@@ -369,23 +295,6 @@ def _timing_args(p: argparse.ArgumentParser, prefix: str) -> None:
 def _timing(args) -> LatencyOptions:
     return LatencyOptions(args.provider, args.timing_threads, args.timing_batch,
                           None if args.no_latency_cache else LatencyOptions.cache)
-
-
-def _name_ratio(text: str) -> tuple[str, float]:
-    name, sep, value = text.rpartition("=")
-    try:
-        if not sep or not name:
-            raise ValueError
-        return name, float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not NAME=RATIO, e.g. conv1=0.25") from None
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a list like 0.5,0.5,0.5") from None
 
 
 def _data_args(p: argparse.ArgumentParser, held_out: bool = True,
@@ -408,8 +317,8 @@ def _data_args(p: argparse.ArgumentParser, held_out: bool = True,
                    help="images per batch (default %(default)s)")
     p.add_argument("--workers", type=SOME, help="processes that prepare batches (default: a "
                    "few for image folders, none for arrays)")
-    p.add_argument("--mean", type=_floats, help="per-channel mean subtracted after /255")
-    p.add_argument("--std", type=_floats, help="per-channel std divided after the mean")
+    p.add_argument("--mean", type=floats, help="per-channel mean subtracted after /255")
+    p.add_argument("--std", type=floats, help="per-channel std divided after the mean")
     p.add_argument("--no-resize", action="store_true",
                    help="refuse images whose size differs from the model input")
 

@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import verify
+
 
 def half_weights(original: onnx.ModelProto) -> set[str]:
     """The values of `original` that are a float16 initializer cast to float32: normalising
@@ -58,3 +60,25 @@ def store_half(model: onnx.ModelProto, names: set[str]) -> tuple[onnx.ModelProto
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     return out, len(weights) - len(exact)
+
+
+def weights_back(original: onnx.ModelProto, view, result: onnx.ModelProto
+                 ) -> tuple[onnx.ModelProto, str | None]:
+    """`result` with the weights `original` stored in float16 behind Casts stored so again
+    where their values are still float16 ones (``store_half``: the same function,
+    checked on the check inputs of `view`), and a warning for those a repair or training
+    moved off float16 (None where `original` has no such weights). Normalising had folded
+    the Casts into float32."""
+    names = half_weights(original)
+    if not names:
+        return result, None
+    stored, widened = store_half(result, names)
+    if stored is not result:
+        feeds = view.check_feeds(0)
+        verify.check_equivalent(verify.run(stored, feeds, "model with float16 weights"),
+                                verify.run(result, feeds), "model with float16 weights",
+                                "the verified model")
+    warning = (f"{widened} of the weights the input stores in float16 (behind Cast nodes) "
+               "are written in float32: the repair or training moved their values off "
+               "float16" if widened else "")
+    return stored, warning

@@ -20,9 +20,10 @@ from .evaluation import accuracy, data_input_shape, dataset_for
 from .graph import GraphView
 from .latency_model import LatencyModel, group_costs
 from .plan import PrunePlan, model_digest
+from .rounds import Round, one_round
 from .session_inputs import check_same_inputs
-from .rounds import Round, load_data, one_round
 from .sources import has_labels
+from .splits import load_data
 from .stats import Estimator, ModelStats, count
 from .teacher import Teacher, describe, fidelity, output_kinds
 
@@ -123,7 +124,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     last = rounds[-1]
     result_model = last.masked if config.mask_only else last.model
     source = None if config.mask_only else last.source
-    result_model, widened = half_weights_back(start.loaded.model, start.analysis.view,
+    result_model, widened = half.weights_back(start.loaded.model, start.analysis.view,
                                               result_model)
     source = None if widened is not None else source
     writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports
@@ -192,28 +193,6 @@ def _short_of_target(config: PruneConfig, before: ModelStats, last,
     return None
 
 
-def half_weights_back(original: onnx.ModelProto, view: GraphView, result: onnx.ModelProto
-                      ) -> tuple[onnx.ModelProto, str | None]:
-    """`result` with the weights `original` stored in float16 behind Casts stored so again
-    where their values are still float16 ones (``half.store_half``: the same function,
-    checked on the check inputs of `view`), and a warning for those a repair or training
-    moved off float16 (None where `original` has no such weights). Normalising had folded
-    the Casts into float32."""
-    names = half.half_weights(original)
-    if not names:
-        return result, None
-    stored, widened = half.store_half(result, names)
-    if stored is not result:
-        feeds = view.check_feeds(0)
-        verify.check_equivalent(verify.run(stored, feeds, "model with float16 weights"),
-                                verify.run(result, feeds), "model with float16 weights",
-                                "the verified model")
-    warning = (f"{widened} of the weights the input stores in float16 (behind Cast nodes) "
-               "are written in float32: the repair or training moved their values off "
-               "float16" if widened else "")
-    return stored, warning
-
-
 def with_label_mode(config: PruneConfig) -> PruneConfig:
     """Settle whether the data's labels are used (DataOptions.labels None: where the source
     has them), before the criterion is chosen and anything is loaded."""
@@ -239,7 +218,7 @@ class Start:
     normalized: onnx.ModelProto
     analysis: Analysis
     tolerance: verify.Tolerance
-    data: object                         # rounds.Splits or None
+    data: object                         # splits.Splits or None
     before: ModelStats
     accuracy: float | None
     # the normalised original, ORT-optimised: its noise measure's session, kept for the

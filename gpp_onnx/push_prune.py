@@ -12,7 +12,8 @@ from pathlib import Path
 
 import onnx
 
-from . import distributed, files, latency, preflight, report, schedule, verify, workdir
+from . import (distributed, files, half, latency, preflight, report, schedule, training_report,
+               verify, workdir)
 from . import model as model_io
 from .analysis import analyze_model
 from .analysis.features import final_hidden_layer
@@ -23,9 +24,9 @@ from .evaluation import data_input_shape
 from .finetune import train_model
 from .graph import GraphView
 from .grow.phase import check_grow
-from .pipeline import _check_precision, _load, _preflight, half_weights_back, start_run
+from .pipeline import _check_precision, _load, _preflight, start_run
 from .push import PushReport, PushWeights, push_model
-from .rounds import LDA_PER_CLASS, load_data
+from .splits import LDA_PER_CLASS, load_data
 from .schedule import GppOptions
 from .stats import ModelStats
 from .teacher import fidelity
@@ -98,19 +99,7 @@ def gpp(model, output=None, config: PruneConfig | None = None,
         raise InputError("gpp needs labelled data (push trains on the classes) - pass --data "
                          "with labels (a folder, .npz, IDX file, fashion-mnist or digits); "
                          "without labels, prune with --finetune-epochs distils instead")
-    config = replace(config, data=replace(config.data, labels=True)).checked()
-    options.check_grow(config)
-    src = None if isinstance(model, onnx.ModelProto) else Path(model)
-    dst = None if output is None else Path(output)
-    if options.work_dir is None and dst is not None:
-        options = replace(options, work_dir=dst.with_name(dst.name + ".gpp-work"))
-    _preflight(model, src, dst, config.data)
-    config = replace(config, input_shape=data_input_shape(model, config.input_shape,
-                                                          config.data.source))
-    workdir.check_work(options, tuple(files.stored_files(src) if src else ())
-                       + ((dst,) if dst is not None else ()))
-    if options.work_dir is not None:
-        preflight.check_writable(Path(options.work_dir) / "state.json")
+    src, dst, config, options = _gpp_checks(model, output, config, options)
     t0 = time.perf_counter()
     start = start_run(model if src is None else src, replace(config, latency=False),
                       LDA_PER_CLASS)
@@ -135,10 +124,10 @@ def gpp(model, output=None, config: PruneConfig | None = None,
         workdir.remove(Path(options.work_dir))
     fid = (fidelity(start.data.teacher, best, (x for x, _ in iter_batches(
         start.data.val, config.data.batch_size)), "result") if writer else None)
-    data_report = report.gpp_report(src or "<in-memory model>", dst, config, options, state,
-                                    start.before, after, start.accuracy,
-                                    timing.ratio if timing else None, time.perf_counter() - t0,
-                                    start.tolerance, fid)
+    data_report = training_report.gpp_report(
+        src or "<in-memory model>", dst, config, options, state, start.before, after,
+        start.accuracy, timing.ratio if timing else None, time.perf_counter() - t0,
+        start.tolerance, fid)
     if state.grown is not None:  # how the rounds trimmed each grown module's branches
         data_report["grow"]["after"] = report.module_branches(
             analyze_model(best, config.input_shape))
@@ -151,11 +140,31 @@ def gpp(model, output=None, config: PruneConfig | None = None,
                      best)
 
 
+def _gpp_checks(model, output, config: PruneConfig, options: GppOptions):
+    """What gpp checks before the work: options, the input, output and work folder, the
+    data's image size. Returns (input path or None, output path or None, config, options)
+    with the input shape and the work folder settled."""
+    config = replace(config, data=replace(config.data, labels=True)).checked()
+    options.check_grow(config)
+    src = None if isinstance(model, onnx.ModelProto) else Path(model)
+    dst = None if output is None else Path(output)
+    if options.work_dir is None and dst is not None:
+        options = replace(options, work_dir=dst.with_name(dst.name + ".gpp-work"))
+    _preflight(model, src, dst, config.data)
+    config = replace(config, input_shape=data_input_shape(model, config.input_shape,
+                                                          config.data.source))
+    workdir.check_work(options, tuple(files.stored_files(src) if src else ())
+                       + ((dst,) if dst is not None else ()))
+    if options.work_dir is not None:
+        preflight.check_writable(Path(options.work_dir) / "state.json")
+    return src, dst, config, options
+
+
 def _float16_back(original: onnx.ModelProto, view: GraphView, trained: onnx.ModelProto
                   ) -> onnx.ModelProto:
     """`trained` with the input's float16-behind-Cast weights stored so where their values
     still are float16 ones; the others are written in float32, with a warning."""
-    trained, widened = half_weights_back(original, view, trained)
+    trained, widened = half.weights_back(original, view, trained)
     if widened:
         logger.warning("%s", widened)
     return trained
