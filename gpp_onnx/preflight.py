@@ -68,6 +68,9 @@ def check_side_output(path: Path, flag: str, src: Path | None, dst: Path | None 
 def check_writable(path: Path) -> Path:
     """The existing folder that ``path`` will be written in (its own, or the nearest existing
     one above it, which the save creates folders in); InputError unless it takes a file."""
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a folder - name a file in it, e.g. "
+                         f"{path / 'model.onnx'}")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

@@ -54,6 +54,19 @@ def test_output_folder_is_a_file(tmp_path, model, capsys):
     assert "not a folder" in err
 
 
+@pytest.mark.parametrize("command", ["prune", "gpp"])
+def test_output_that_is_a_folder(tmp_path, model, capsys, command):
+    """-o naming an existing folder: refused before the model is read (it used to fail
+    after the work, in the final rename)."""
+    (tmp_path / "out.onnx").mkdir()
+    argv = _prune(model, tmp_path / "out.onnx") if command == "prune" else [
+        "gpp", str(model), "-o", str(tmp_path / "out.onnx"), "--data", "digits",
+        "--target-macs", "0.5", "--no-latency"]
+    code, err = _run(capsys, tmp_path, argv)
+    assert code == 2 and err.startswith("gpp-onnx: error: cannot write")
+    assert "it is a folder - name a file in it" in err
+
+
 def test_unwritable_output_folder(tmp_path, model, capsys, monkeypatch):
     out = tmp_path / "ro"
     out.mkdir()
