@@ -127,7 +127,8 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     data_report = training_report.gpp_report(
         src or "<in-memory model>", dst, config, options, state, start.before, after,
         start.accuracy, timing.ratio if timing else None, time.perf_counter() - t0,
-        start.tolerance, fid)
+        start.tolerance, fid,
+        [w for w in (timing.warning(config.round_to) if timing else None,) if w])
     if state.grown is not None:  # how the rounds trimmed each grown module's branches
         data_report["grow"]["after"] = report.module_branches(
             analyze_model(best, config.input_shape))

@@ -81,11 +81,12 @@ def gpp_summary(result) -> str:
         lines.append(f"stopped early: {result.report['stopped']}")
     lines.append(f"wrote {result.output} (report: {result.report_path})" if result.output
                  else "nothing written (result.model holds the result)")
+    lines += [f"warning: {w}" for w in rep.get("warnings", ())]
     return "\n".join(lines)
 
 
 def gpp_report(src, dst, config, options, state, before, after, acc_before, latency,
-               seconds, tolerance=None, fidelity=None) -> dict:
+               seconds, tolerance=None, fidelity=None, warnings=()) -> dict:
     """`tolerance`: the pruned == masked check's (verify.Tolerance); `fidelity`: the written
     model's to the original on the held-out inputs (teacher.fidelity)."""
     from .teacher import identical_rows
@@ -108,6 +109,7 @@ def gpp_report(src, dst, config, options, state, before, after, acc_before, late
         "model_noise": None if tolerance is None else tolerance.noise,
         "fidelity": None if not fidelity else {"before": identical_rows(fidelity),
                                                "result": fidelity},
+        "warnings": list(warnings),     # lines the summary shows (a slower model)
         "grow": None if state.grown is None else dict(state.grown, share=options.grow_share,
                                                       round_epochs=options.round_budget()),
     }

@@ -121,6 +121,18 @@ def test_prune_summary_and_report_warn_when_the_result_is_slower(tmp_path, monke
     assert report["ratios"]["latency"] == 1.5 and len(report["warnings"]) == 1
 
 
+def test_gpp_summary_and_report_warn_when_the_result_is_slower(trained, tmp_path,
+                                                              monkeypatch, capsys):
+    monkeypatch.setattr(latency, "paired_ratio", lambda sessions, feeds, budget_s, **kw: 1.5)
+    out = tmp_path / "g.onnx"
+    assert main(["-q", "gpp", str(trained), "--data", "digits", "--target-macs", "0.5",
+                 "--rounds", "1", "--budget-epochs", "2", "-o", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "warning: the pruned model is slower than the original here (latency x1.50)" in summary
+    report = json.loads((tmp_path / "g.report.json").read_text())
+    assert report["ratios"]["latency"] == 1.5 and len(report["warnings"]) == 1
+
+
 def test_decided_only_when_the_rounds_leave_no_doubt():
     assert decided([0.25, 0.22, 0.27, 0.24])                  # t test, 4 rounds
     assert decided([1.9, 2.4, 2.1, 2.2, 2.0])                 # slower, just as clear
