@@ -174,8 +174,11 @@ def _reporting(args) -> int:
                 or (args.output + ".gpp-work" if args.command == "gpp" else None))
         kept = (f"; the finished rounds are kept in {work} - rerun with --resume to go on"
                 if work and (Path(work) / "state.json").exists() else "")
-        print(f"gpp-onnx: interrupted; nothing was written{kept}", file=sys.stderr)
-        return 130
+        if distributed.is_writer():  # Ctrl-C reaches every process; rank 0 says it once
+            print(f"gpp-onnx: interrupted; nothing was written{kept}", file=sys.stderr)
+        # under torchrun another process may sit in a collective step that would wait for
+        # this one at the last barrier: end now (torchrun stops the others)
+        return _alone(130)
     except Exception as err:
         if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
             # the machine's memory, not a bug (torch's CUDA one is an OutOfMemoryError)
@@ -223,7 +226,12 @@ def _world(args):
     finally:
         logger.setLevel(level)
         if started:
-            distributed.teardown()
+            try:
+                distributed.teardown()
+            except Exception:  # another process ended first (an error or Ctrl-C it met)
+                print(f"gpp-onnx: error{_rank_tag()}: another process stopped - nothing was "
+                      "written", file=sys.stderr)
+                _alone(2)
 
 
 def _rank_tag() -> str:

@@ -195,3 +195,41 @@ def test_gpp_rounds_in_two_processes_checkpoint_once(tmp_path):
     assert "round 2 checkpointed" in runs[0].stderr
     assert sorted(p.name for p in dirs[0].iterdir()) == ["small.onnx", "small.report.json"]
     assert list(dirs[1].iterdir()) == [] and runs[1].stdout == ""
+
+
+def test_an_interrupt_under_torchrun_ends_every_rank_at_once(tmp_path):
+    """Ctrl-C reaching rank 0 mid-run (after round 1 is checkpointed): rank 0 says it was
+    interrupted and stops; rank 1, waiting for it in a collective step, stops too, instead
+    of both waiting at the closing barrier for the process group's timeout."""
+    import signal
+    import time
+
+    src = tmp_path / "digits.onnx"
+    onnx.save(digits_cnn(0), src)
+    dirs = [tmp_path / "rank0", tmp_path / "rank1"]
+    for d in dirs:
+        d.mkdir()
+    args = ["gpp", str(src), "--data", "digits", "--ratio", "0.5", "--rounds", "3",
+            "--budget-epochs", "30", "--no-latency", "-o", "small.onnx", "--work-dir", "work"]
+    port = str(_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "gpp_onnx", *args], cwd=d,
+                              env=_env(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r, d in enumerate(dirs)]
+    try:
+        deadline = time.monotonic() + 240
+        while not (dirs[0] / "work" / "state.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (dirs[0] / "work" / "state.json").exists()
+        procs[0].send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=60) for p in procs]
+    finally:
+        for p in procs:  # a rank left waiting would hold the port and the cores
+            if p.poll() is None:
+                p.kill()
+    err = [p.communicate()[1] for p in procs]
+    assert codes == [130, 2], err
+    assert "gpp-onnx: interrupted; nothing was written; the finished rounds are kept" in err[0]
+    assert "another process stopped" in err[1]
+    assert not (dirs[0] / "small.onnx").exists() and list(dirs[1].iterdir()) == []
