@@ -187,8 +187,8 @@ def _reporting(args) -> int:
                   "written; lower --batch-size, --limit or --input-shape, or use a machine "
                   "with more memory", file=sys.stderr)
             return _alone(2)
-        if distributed.world_size() > 1 and (
-                "closed by peer" in str(err) or type(err).__name__.startswith("Dist")):
+        if distributed.world_size() > 1 and (  # gloo: "Connection closed/reset by peer"
+                "by peer" in str(err) or type(err).__name__.startswith("Dist")):
             print(f"gpp-onnx: error{_rank_tag()}: another process stopped (its error is "
                   "above) - nothing was written", file=sys.stderr)
             return _alone(2)
