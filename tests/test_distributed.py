@@ -51,6 +51,16 @@ def _ranks(args_per_rank: list[list[str]], cwds: list[Path]) -> list[subprocess.
             for p in procs]
 
 
+def _digits_and_rank_dirs(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """The digits CNN saved, and an empty working folder per rank of two."""
+    src = tmp_path / "digits.onnx"
+    onnx.save(digits_cnn(0), src)
+    dirs = [tmp_path / "rank0", tmp_path / "rank1"]
+    for d in dirs:
+        d.mkdir()
+    return src, dirs
+
+
 def test_batch_shares_are_disjoint_and_cover_the_batch():
     ds = load_dataset(DataSpec("digits", 1, 8, 8)).subset(np.arange(23))
     whole = [y for _, y in iter_batches(ds, 10, shuffle=True, seed=3)]
@@ -131,11 +141,7 @@ def test_prune_in_two_processes_writes_once(tmp_path):
 
 
 def test_ranks_with_different_data_stop_before_training(tmp_path):
-    src = tmp_path / "digits.onnx"
-    onnx.save(digits_cnn(0), src)
-    dirs = [tmp_path / "rank0", tmp_path / "rank1"]
-    for d in dirs:
-        d.mkdir()
+    src, dirs = _digits_and_rank_dirs(tmp_path)
     common = ["push", str(src), "--data", "digits", "--epochs", "1", "-o", "pushed.onnx"]
     runs = _ranks([common + ["--limit", "1000"], common + ["--limit", "900"]], dirs)
     assert [r.returncode for r in runs] == [2, 2]
@@ -167,11 +173,7 @@ def test_ranks_with_another_model_or_other_options_stop_before_the_work(tmp_path
 def test_an_error_one_rank_meets_alone_ends_every_rank(tmp_path):
     """Rank 1 alone is given data that does not exist: it says so and stops, and rank 0,
     waiting for it in a collective step, stops too instead of waiting for the timeout."""
-    src = tmp_path / "digits.onnx"
-    onnx.save(digits_cnn(0), src)
-    dirs = [tmp_path / "rank0", tmp_path / "rank1"]
-    for d in dirs:
-        d.mkdir()
+    src, dirs = _digits_and_rank_dirs(tmp_path)
     args = ["prune", str(src), "--target-macs", "0.5", "--finetune-epochs", "0.2",
             "--no-latency", "-o", "p.onnx", "--data"]
     runs = _ranks([args + ["digits"], args + [str(tmp_path / "missing")]], dirs)
@@ -183,11 +185,7 @@ def test_an_error_one_rank_meets_alone_ends_every_rank(tmp_path):
 
 def test_gpp_rounds_in_two_processes_checkpoint_once(tmp_path):
     """The push/prune schedule: rank 0 alone keeps the work folder and writes the result."""
-    src = tmp_path / "digits.onnx"
-    onnx.save(digits_cnn(0), src)
-    dirs = [tmp_path / "rank0", tmp_path / "rank1"]
-    for d in dirs:
-        d.mkdir()
+    src, dirs = _digits_and_rank_dirs(tmp_path)
     args = ["gpp", str(src), "--data", "digits", "--ratio", "0.5", "--rounds", "2",
             "--budget-epochs", "2", "--no-latency", "-o", "small.onnx", "--work-dir", "work"]
     runs = _ranks([args, args], dirs)
@@ -204,11 +202,7 @@ def test_an_interrupt_under_torchrun_ends_every_rank_at_once(tmp_path):
     import signal
     import time
 
-    src = tmp_path / "digits.onnx"
-    onnx.save(digits_cnn(0), src)
-    dirs = [tmp_path / "rank0", tmp_path / "rank1"]
-    for d in dirs:
-        d.mkdir()
+    src, dirs = _digits_and_rank_dirs(tmp_path)
     args = ["gpp", str(src), "--data", "digits", "--ratio", "0.5", "--rounds", "3",
             "--budget-epochs", "30", "--no-latency", "-o", "small.onnx", "--work-dir", "work"]
     port = str(_port())
