@@ -203,13 +203,18 @@ def test_an_interrupt_under_torchrun_ends_every_rank_at_once(tmp_path):
     import time
 
     src, dirs = _digits_and_rank_dirs(tmp_path)
+    # short rounds, then a final fine-tune of about 300 epochs that the interrupt cuts short
+    # however fast the machine is
     args = ["gpp", str(src), "--data", "digits", "--ratio", "0.5", "--rounds", "3",
-            "--budget-epochs", "30", "--no-latency", "-o", "small.onnx", "--work-dir", "work"]
+            "--budget-epochs", "300", "--push-share", "0.01", "--no-latency", "-o",
+            "small.onnx", "--work-dir", "work"]
     port = str(_port())
+    # SIGINT's default handling in the ranks, whatever the shell that started the tests set
     procs = [subprocess.Popen([sys.executable, "-m", "gpp_onnx", *args], cwd=d,
                               env=_env(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
              for r, d in enumerate(dirs)]
     try:
         deadline = time.monotonic() + 240
