@@ -15,7 +15,7 @@ from .config import DISTILL, PruneConfig, TrainOptions, with_lr
 from .errors import GppError, InputError
 from .grow.loop import MIN_GAIN
 from .cli_args import _data_options, _timing, build_parser
-from .cli_types import input_shape as _input_shape
+from .cli_types import input_shape
 from .progress import ProgressHandler
 from .push import PushWeights
 from .schedule import GppOptions
@@ -37,7 +37,7 @@ def _grow_config(args):
     return replace(_modules(args, args.max_modules), data=_data_options(args),
                    train=TrainOptions(epochs=epochs, lr=args.lr, batch_size=args.batch_size,
                                       device=args.device, amp=args.amp),
-                   seed=args.seed, input_shape=_input_shape(args.input_shape))
+                   seed=args.seed, input_shape=input_shape(args.input_shape))
 
 
 def _prune_config(args) -> PruneConfig:
@@ -51,7 +51,7 @@ def _prune_config(args) -> PruneConfig:
                        allocation=args.allocation, criterion=args.criterion,
                        eta=args.eta, rounds=args.rounds, seed=args.seed, min_keep=args.min_keep,
                        round_to=args.round_to, mask_only=getattr(args, "mask_only", False),
-                       input_shape=_input_shape(args.input_shape), latency=not args.no_latency,
+                       input_shape=input_shape(args.input_shape), latency=not args.no_latency,
                        timing=_timing(args), data=_data_options(args), train=train,
                        feature_tensor=args.feature_tensor, repair=args.repair,
                        ignore=tuple(args.ignore), group_ratios=tuple(args.group_ratio))
@@ -79,7 +79,7 @@ def _run(args) -> int:
 
         resolve_device("cuda")
     if args.command == "analyze":
-        print(report.analysis_table(pipeline.analyze(args.model, _input_shape(args.input_shape))))
+        print(report.analysis_table(pipeline.analyze(args.model, input_shape(args.input_shape))))
     elif args.command == "prune":
         result = pipeline.prune(args.model, args.output, _prune_config(args),
                                 plan_path=args.plan, plan_out=args.plan_out)
@@ -90,7 +90,7 @@ def _run(args) -> int:
     elif args.command == "profile":
         if args.json:
             preflight.check_side_output(Path(args.json), "--json", Path(args.model))
-        prof = pipeline.profile(args.model, _input_shape(args.input_shape), _timing(args),
+        prof = pipeline.profile(args.model, input_shape(args.input_shape), _timing(args),
                                 args.runs)
         print(report.profile_table(prof))
         if args.json and distributed.is_writer():
@@ -102,7 +102,7 @@ def _run(args) -> int:
                                          batch_size=args.batch_size, device=args.device,
                                          amp=args.amp),
                             PushWeights(args.sep, args.cov, args.align), args.feature_tensor,
-                            args.seed, _input_shape(args.input_shape))
+                            args.seed, input_shape(args.input_shape))
         print(training_report.push_summary(res))
     elif args.command == "grow":
         from .grow import grow
@@ -112,10 +112,10 @@ def _run(args) -> int:
         if not args.data:
             raise InputError("evaluate needs --data (labelled images)")
         acc, n = pipeline.evaluate(args.model, _data_options(args),
-                                   _input_shape(args.input_shape))
+                                   input_shape(args.input_shape))
         print(f"top-1 accuracy {acc:.4f} on {n} images")
     elif args.command == "compare":
-        cmp = pipeline.compare(args.model_a, args.model_b, _input_shape(args.input_shape),
+        cmp = pipeline.compare(args.model_a, args.model_b, input_shape(args.input_shape),
                                args.repeats, _data_options(args))
         print(report.comparison_table(cmp, Path(args.model_a).name, Path(args.model_b).name))
     elif args.command == "demo":

@@ -17,7 +17,16 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
                               ".webp", ".ppm", ".pgm", ".pbm"})
-WARNED_ORDER: set[Path] = set()  # image folders whose class order was warned about
+_WARNED: set[str] = set()  # warnings about a folder already given this run
+
+
+def warn_once(message: str, *args) -> None:
+    """A warning about a data folder, given once a run although the folder is listed more
+    than once (a free input size reads it before the data is loaded)."""
+    text = message % args
+    if text not in _WARNED:
+        _WARNED.add(text)
+        log.warning("%s", text)
 _SCAN_CHUNK = 1 << 24  # pixel values per chunk when scanning an array's range
 
 
@@ -100,8 +109,8 @@ def images_under(folder: Path, root: Path) -> list[Path]:
             continue
         if (real.is_relative_to(data) and not real.is_relative_to(own)) or \
                 data.is_relative_to(real):
-            log.warning("%s: skipped, it links back into the data folder %s (its images "
-                        "would count again as class '%s')", top, root, folder.name)
+            warn_once("%s: skipped, it links back into the data folder %s (its images "
+                      "would count again as class '%s')", top, root, folder.name)
             dirs[:] = []
             continue
         seen.add(real)

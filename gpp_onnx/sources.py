@@ -33,8 +33,8 @@ import numpy as np
 from . import cifar
 from .errors import DataError
 from .idx import read_idx
-from .image_files import (IMAGE_EXTENSIONS, WARNED_ORDER, FilePixels, images_under, pil,
-                          probe, unit_scale)
+from .image_files import (IMAGE_EXTENSIONS, FilePixels, images_under, pil, probe, unit_scale,
+                          warn_once)
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +215,11 @@ def _load_image_folder(root: Path) -> Raw:
             raise DataError(f"class folder {folder} holds no images; add some or remove it")
     pil()
     names = [d.name for d in class_dirs]
-    if all(n.isdigit() for n in names) and names != sorted(names, key=int) and (
-            root not in WARNED_ORDER):
-        WARNED_ORDER.add(root)  # once a run, though the folder is listed more than once
-        log.warning("%s: class folders named by numbers are classes in text order, as "
-                    "ImageFolder takes them (class 0 '%s', 1 '%s', 2 '%s', ...), not in number "
-                    "order - if the model's classes follow the numbers, pad the names with "
-                    "zeros (01, 02, ..., 10)", root, *(names + ["", ""])[:3])
+    if all(n.isdigit() for n in names) and names != sorted(names, key=int):
+        warn_once("%s: class folders named by numbers are classes in text order, as "
+                  "ImageFolder takes them (class 0 '%s', 1 '%s', 2 '%s', ...), not in number "
+                  "order - if the model's classes follow the numbers, pad the names with "
+                  "zeros (01, 02, ..., 10)", root, *(names + ["", ""])[:3])
     labels = np.repeat(np.arange(len(class_dirs)), [len(files) for files in per_class])
     paths = tuple(p for files in per_class for p in files)
     return Raw(labels.astype(np.int64), FilePixels(paths), str(root),
