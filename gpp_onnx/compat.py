@@ -78,9 +78,9 @@ class Loaded:
             logger.info("normalised model: the input's graph with constants' Identity nodes "
                         "folded (same nodes, same weights), so it computes the same")
             return
-        reference = verify.run(self.as_read, feeds, "input model")
+        reference = _run(self.as_read, feeds, "input model")
         if self.upgraded:
-            got = verify.run(self.model, feeds, "upgraded model")
+            got = _run(self.model, feeds, "upgraded model")
             err = verify.relative_error(got, reference)
             if not err < tol.value:
                 raise InputError(f"upgrading from opset {self.opset_read} to {self.opset} "
@@ -92,6 +92,15 @@ class Loaded:
             normalized_outputs = normalized_outputs()
         verify.check_equivalent(normalized_outputs, reference, "normalised model",
                                 "the input model", tol)
+
+
+def _run(model: onnx.ModelProto, feeds: dict, where: str) -> list:
+    """`verify.run`, in chunks of the batch the model's input fixes (``batch``: the
+    normalised model may take any batch)."""
+    from . import batch
+
+    return batch.run_in_chunks(lambda f: verify.run(model, f, where), feeds,
+                               batch.fixed(model))
 
 
 def same_computation(original: onnx.ModelProto, normalized: onnx.ModelProto,

@@ -31,7 +31,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
-from . import skeleton
+from . import batch, skeleton
 from .edit import Editor, drop_dead_nodes, name_nodes
 from .compat import MIN_OPSET, Loaded, opset_version, sort_nodes, upgrade_opset
 from .errors import InputError, UnsupportedModelError
@@ -129,9 +129,22 @@ def validate(model: onnx.ModelProto, where: str = "model", data: bytes | None = 
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return an equivalent model with constants as initializers, folded, sorted. Where
+    """Return an equivalent model with constants as initializers, folded, sorted, and a
+    batch the input fixed made symbolic where that changes nothing (``batch``). Where
     folding reads no large weight, the passes run on the model's skeleton (``skeleton``)
     and the weights are copied in once at the end: the same model, byte for byte."""
+    b = batch.fixed(model)
+    if b is not None:
+        freed = _normalize_any(batch.free(model, b))
+        if batch.same_function(model, freed, b):
+            logger.info("the input fixes the batch at %d: it is made free for scoring and "
+                        "training (checked: a batch of %d computes what its halves do); "
+                        "written models declare %d again", b, 2 * b, b)
+            return freed
+    return _normalize_any(model)
+
+
+def _normalize_any(model: onnx.ModelProto) -> onnx.ModelProto:
     quick = skeleton.normalized(model, _normalize)
     return quick if quick is not None else _normalize(model)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import distributed, files, half, latency, preflight, report, verify
+from . import batch, distributed, files, half, latency, preflight, report, verify
 from . import model as model_io
 from .analysis import Analysis, analyze_model
 from .config import DataOptions, LatencyOptions, PruneConfig
@@ -126,6 +126,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     source = None if config.mask_only else last.source
     result_model, widened = half.weights_back(start.loaded.model, start.analysis.view,
                                               result_model)
+    result_model = batch.declare(start.loaded.model, result_model)
     source = None if widened is not None else source
     writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports
     timing = (latency.measure(start.analysis.view.model, last.model,

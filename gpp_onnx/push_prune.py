@@ -12,8 +12,8 @@ from pathlib import Path
 
 import onnx
 
-from . import (distributed, files, half, latency, preflight, report, schedule, training_report,
-               verify, workdir)
+from . import (batch, distributed, files, half, latency, preflight, report, schedule,
+               training_report, verify, workdir)
 from . import model as model_io
 from .analysis import analyze_model
 from .analysis.features import final_hidden_layer
@@ -61,7 +61,7 @@ def push(model, output=None, data: DataOptions | None = None,
     splits = load_data(analysis.view, config, per_class=LDA_PER_CLASS)
     feature = final_hidden_layer(analysis.view, feature_tensor)
     pushed, rep = push_model(normalized, splits.train, splits.val, feature, train, weights, seed)
-    pushed = _float16_back(loaded.model, analysis.view, pushed)
+    pushed = batch.declare(loaded.model, _float16_back(loaded.model, analysis.view, pushed))
     verify.check(pushed, "pushed model")
     verify.make_session(pushed, "pushed model")
     if dst is not None and distributed.is_writer():
@@ -110,7 +110,8 @@ def gpp(model, output=None, config: PruneConfig | None = None,
                        start.tolerance, {g.key: g.width for g in start.analysis.groups})
     best, state = schedule.run_schedule(start.normalized, run,
                                         workdir.fingerprint(start.normalized, config, options))
-    best = _float16_back(start.loaded.model, start.analysis.view, best)
+    best = batch.declare(start.loaded.model,
+                         _float16_back(start.loaded.model, start.analysis.view, best))
     verify.check(best, "result")
     verify.make_session(best, "result")
     writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports

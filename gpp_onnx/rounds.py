@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import distributed, exact, latency, repair, report, surgery, verify
+from . import batch, distributed, exact, latency, repair, report, surgery, verify
 from .allocate import fill, plan_global
 from .analysis import Analysis
 from .analysis.features import final_hidden_layer
@@ -199,7 +199,18 @@ def _evidence(analysis: Analysis, config: PruneConfig, data: Splits | None) -> E
     criterion = get_criterion(config.criterion, config.seed)
     needs_feature = getattr(criterion, "needs_feature", False) or config.feature_tensor is not None
     feature = final_hidden_layer(analysis.view, config.feature_tensor) if needs_feature else None
-    return Evidence(scoring, feature, config.train.device, config.data.batch_size, config.seed)
+    size, scoring = _in_whole_batches(analysis, config, scoring)
+    return Evidence(scoring, feature, config.train.device, size, config.seed)
+
+
+def _in_whole_batches(analysis: Analysis, config: PruneConfig, images):
+    """(batch size, `images`) to run the model on: --batch-size and all of them, or for a
+    model whose input still fixes the batch at b (normalising could not free it, ``batch``)
+    b and the first multiple of b of them."""
+    fixed = batch.fixed(analysis.view.model)
+    if fixed is None:
+        return config.data.batch_size, images
+    return fixed, images.subset(np.arange(len(images) - len(images) % fixed))
 
 
 UNLABELLED_CLASSES = 10  # without labels, scoring takes per_class x this many images
@@ -223,16 +234,18 @@ def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
     if data is None or config.repair == "none" or not kept:
         return None, None
     values = repair.values_to_measure(analysis, kept)
-    sample = _per_class(data.train, config.data.per_class, config.seed)
-    batches = (x for x, _ in iter_batches(sample, config.data.batch_size))
+    size, sample = _in_whole_batches(
+        analysis, config, _per_class(data.train, config.data.per_class, config.seed))
+    batches = (x for x, _ in iter_batches(sample, size))
     means = repair.channel_means(analysis.view.model, values, batches)
     deltas = repair.bias_deltas(analysis, kept, means)
     if config.repair != "lsq":
         return deltas, None
     rng = np.random.default_rng(config.seed)
-    pick = np.sort(rng.permutation(len(sample))[:REPAIR_IMAGES])
+    limit = REPAIR_IMAGES - (REPAIR_IMAGES % size if batch.fixed(analysis.view.model) else 0)
+    pick = np.sort(rng.permutation(len(sample))[:limit])
     weights, deltas = repair.reconstruct(analysis, kept, deltas, sample.subset(pick).x,
-                                         config.train.device, batch_size=config.data.batch_size,
+                                         config.train.device, batch_size=size,
                                          seed=config.seed)
     return deltas, weights
 

@@ -143,15 +143,17 @@ def session_source(model: Source, arrays=None) -> bytes | str | Detached:
 
 
 def make_session(model: Source, where: str = "model", threads: int = 0,
-                 provider_list: list[str] | None = None, optimize: bool = True):
-    """An onnxruntime session of a model, its bytes, its file or its detached form. Numeric
+                 provider_list: list[str] | None = None, optimize: bool = True,
+                 quiet: bool = False):
+    """An onnxruntime session of a model, its bytes, its file or its detached form
+    (`quiet`: onnxruntime logs nothing, for runs that may fail by design). Numeric
     checks use ``optimize=False``: ORT's fusions round differently from graph to graph, and
     a check compares graphs, not ORT's rewrites. An unoptimised session of a detached model
     takes the large weights as inputs fed with every run (``FedSession``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4 if quiet else 3
     # spinning intra-op threads distort interleaved timings on few cores
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 
 from .. import model as model_io
-from .. import distributed, preflight, report, verify
+from .. import batch, distributed, preflight, report, verify
 from ..config import PruneConfig
 from ..errors import UnsupportedModelError
 from ..evaluation import data_input_shape
@@ -69,6 +69,7 @@ def grow(model, output=None, config: GrowConfig | None = None, **options) -> Gro
                                          input_shape=config.input_shape))
     before = count(view)
     state = grow_model(normalized, positions, config, splits)
+    state = replace(state, model=batch.declare(loaded.model, state.model))
     verify.check(state.model, "grown model")
     after = count(GraphView(state.model, config.input_shape))
     acc_before = state.base_accuracy
