@@ -44,6 +44,7 @@ class Edit:
         self._kept = kept
         self.model = model
         self.new_inits: dict[str, np.ndarray] = {}
+        self._renamed: dict[str, str] = {}   # an input given its own copy -> the name it had
         self._taken = set(analysis.view.init_protos) | set(analysis.view.producer)
 
     def axis(self, value: str) -> int | None:
@@ -67,7 +68,14 @@ class Edit:
         self.new_inits[name] = np.asarray(array)
         while len(node.input) <= index:
             node.input.append("")
+        if node.input[index]:
+            self._renamed[name] = self._renamed.get(node.input[index], node.input[index])
         node.input[index] = name
+
+    def original(self, name: str) -> str:
+        """The input's name in the analysed model (an initializer shared with another node
+        is given its own copy, under a new name, before the rules rewrite)."""
+        return self._renamed.get(name, name)
 
     def set_attr(self, node: onnx.NodeProto, name: str, value) -> None:
         self.remove_attr(node, name)

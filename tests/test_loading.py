@@ -59,6 +59,21 @@ def test_shared_initializers_and_identity(tmp_path):
     assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
 
 
+def test_a_conv_weight_two_convs_read_by_name(tmp_path):
+    """A weight-tied block, a -> conv(W) -> Relu -> conv(W) -> + a: both convs read one
+    initializer by name (no Identity to fold apart); each cut gets its own copy."""
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    a = b.act(b.conv("input", 8), "Relu")
+    w = b.weight(8, 8, 3, 3)
+    y1 = b.op("Conv", [a, w], (1, 8, 8, 8), kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    y2 = b.op("Conv", [b.act(y1, "Relu"), w], (1, 8, 8, 8), kernel_shape=[3, 3],
+              pads=[1, 1, 1, 1])
+    model = b.build(b.gemm(b.flatten(b.gap(b.act(b.binary("Add", a, y2), "Relu"))), 3))
+    assert sum(w in n.input for n in model.graph.node) == 2
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
+    assert result.plan.removed_channels > 0
+
+
 def test_opset_11_model(tmp_path):
     b = GraphBuilder((1, 3, 8, 8), seed=0, opset=11)
     x = b.act(b.bn(b.conv("input", 8)), "Relu")

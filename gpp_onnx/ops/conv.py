@@ -122,7 +122,7 @@ class ConvRule(_Weighted):
         return res
 
     def rewrite(self, node, edit):
-        w = node.input[1]
+        w = edit.original(node.input[1])
         if edit.view.shape(w)[1] == 1 and attr(node, "group", 1) > 1:
             kept = edit.kept(node.input[0])
             if kept is not None:
@@ -186,7 +186,7 @@ class ConvTransposeRule(_Weighted):
 
     def rewrite(self, node, edit):
         groups = attr(node, "group", 1)
-        if groups > 1 and groups == edit.view.shape(node.input[1])[0]:
+        if groups > 1 and groups == edit.view.shape(edit.original(node.input[1]))[0]:
             kept = edit.kept(node.input[0])
             if kept is not None:
                 edit.set_attr(node, "group", len(kept))
