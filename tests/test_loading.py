@@ -74,6 +74,25 @@ def test_a_conv_weight_two_convs_read_by_name(tmp_path):
     assert result.plan.removed_channels > 0
 
 
+def test_a_conv_whose_bias_the_graph_computes_keeps_its_channels(tmp_path):
+    """conv1's bias is GAP -> 1x1 conv -> Reshape of the input: its outputs cannot be cut
+    (the bias is no constant to slice); conv2's can. (A bias row per image: batch 1.)"""
+    b = GraphBuilder((1, 3, 8, 8), seed=0, dynamic_batch=False)
+    gate = b.op("Conv", [b.gap("input"), b.weight(8, 3, 1, 1)], (1, 8, 1, 1),
+                kernel_shape=[1, 1])
+    bias = b.op("Reshape", [gate, b.const(np.array([8], dtype=np.int64))], (8,))
+    a = b.op("Conv", ["input", b.weight(8, 3, 3, 3), bias], (1, 8, 8, 8),
+             kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    y = b.act(b.conv(b.act(a, "Relu"), 8), "Relu")
+    model = b.build(b.gemm(b.flatten(b.gap(y)), 3))
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
+    assert result.plan.removed_channels == 4
+    pruned = onnx.load(str(tmp_path / "pruned.onnx"))
+    conv = next(n for n in pruned.graph.node if n.op_type == "Conv" and bias in n.input)
+    inits = {t.name: t.dims for t in pruned.graph.initializer}
+    assert list(inits[conv.input[1]]) == [8, 3, 3, 3]
+
+
 def test_opset_11_model(tmp_path):
     b = GraphBuilder((1, 3, 8, 8), seed=0, opset=11)
     x = b.act(b.bn(b.conv("input", 8)), "Relu")

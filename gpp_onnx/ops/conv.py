@@ -81,6 +81,16 @@ class _Weighted(OpRule):
         return (2, 1.0)
 
 
+def _bias(node, ctx, res: NodeChannels, b: str | None, y: str) -> None:
+    """The bias is cut with the outputs; one the graph computes keeps them all."""
+    if not b:
+        return
+    if ctx.is_const_param(b):
+        res.params.append(ParamSlice(node.name, 2, b, 0, y, ROLE_CHAN))
+    else:
+        res.blocked.append((y, f"{node.op_type} bias is computed, not constant"))
+
+
 def _input_ok(node, ctx, res: NodeChannels, x: str) -> bool:
     """Conv-like ops read channels on axis 1; anything else blocks the input."""
     if ctx.axis(x) == 1:
@@ -102,8 +112,7 @@ class ConvRule(_Weighted):
         groups = attr(node, "group", 1)
         res = NodeChannels(out_axes={y: 1})
         res.params.append(ParamSlice(node.name, 1, w, 0, y, ROLE_OUT))
-        if b:
-            res.params.append(ParamSlice(node.name, 2, b, 0, y, ROLE_CHAN))
+        _bias(node, ctx, res, b, y)
         if not _input_ok(node, ctx, res, x):
             if groups > 1:
                 res.blocked.append((y, "grouped Conv whose input channels must stay"))
@@ -168,8 +177,7 @@ class ConvTransposeRule(_Weighted):
         groups = attr(node, "group", 1)
         m = mg * groups
         res = NodeChannels(out_axes={y: 1})
-        if b:
-            res.params.append(ParamSlice(node.name, 2, b, 0, y, ROLE_CHAN))
+        _bias(node, ctx, res, b, y)
         if groups > 1 and groups == c:  # depthwise transpose: rows are input channels
             res.params.append(ParamSlice(node.name, 1, w, 0, x, ROLE_OUT))
             if _input_ok(node, ctx, res, x):
