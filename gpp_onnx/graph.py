@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import InputError
+from .errors import InputError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +227,7 @@ def _exposed_session(model: onnx.ModelProto, detached):
     every value exposed as an output. The exposed model is the detached bytes followed by a
     ModelProto holding only the extra graph outputs: protobuf parses concatenated messages
     as one merged message (repeated fields appended), so nothing is copied again."""
+    from .errors import VerificationError
     from .verify import make_session
 
     extra = onnx.ModelProto()
@@ -236,8 +237,13 @@ def _exposed_session(model: onnx.ModelProto, detached):
             if out and out not in known:
                 extra.graph.output.append(onnx.ValueInfoProto(name=out))
                 known.add(out)
-    return make_session(detached.with_data(detached.data + extra.SerializeToString()),
-                        where="shape probe", optimize=False)
+    try:
+        return make_session(detached.with_data(detached.data + extra.SerializeToString()),
+                            where="the model", optimize=False)
+    except VerificationError as err:
+        raise UnsupportedModelError(f"{err} - gpp-onnx runs models through onnxruntime's CPU "
+                                    "provider: export one with standard ONNX ops (no custom "
+                                    "domains) in float32 or float16") from None
 
 
 def _probe(session, inputs: list[InputSpec], feeds: dict) -> dict[str, np.ndarray]:

@@ -154,6 +154,7 @@ def _normalize(model: onnx.ModelProto) -> onnx.ModelProto:
 
     model = _constants_to_initializers(model)
     sort_nodes(model.graph)
+    name_nodes(model)  # onnx-graphsurgeon prints every node of a name it sees twice
     model = _infer_shapes(model)
     graph = gs.import_onnx(model)
     graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False)

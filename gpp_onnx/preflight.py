@@ -32,8 +32,10 @@ def check_output(src: Path | None, dst: Path, size: int = 0) -> None:
             if hit is not None:
                 what = "the input model" if _same_file(hit, src) else \
                     f"the input model's external data file ({hit.name})"
-                raise InputError(f"output {dst} would overwrite {what} - choose another "
-                                 "path with -o; gpp-onnx never overwrites its input")
+                kind = "report" if out.suffix == ".json" else "weights file"
+                written = "" if out == dst else f" (its {kind} {out.name})"
+                raise InputError(f"output {dst}{written} would overwrite {what} - choose "
+                                 "another path with -o; gpp-onnx never overwrites its input")
     folder = check_writable(dst)
     need = src.stat().st_size if src is not None and src.is_file() else size
     free = shutil.disk_usage(folder).free

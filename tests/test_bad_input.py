@@ -68,6 +68,22 @@ def _cycle():
                        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 3])])
 
 
+def _custom_op():
+    """conv -> a custom-domain op onnxruntime does not know -> conv."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("w2", (4, 8, 3, 3)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4),
+             helper.make_node("MyRelu", ["a"], ["r"], domain="com.example"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1] * 4)]
+    model = _model_with(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                              [1, 3, 8, 8])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                        inits)
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    return model
+
+
 def _nothing_prunable():
     b = GraphBuilder((1, 6), seed=0)
     return b.build(b.gemm("input", 3))
@@ -82,7 +98,7 @@ def _write(kind, path):
     else:
         onnx.save({"quantized": _quantized, "control_flow": _control_flow,
                    "checker": _fails_checker, "nothing": _nothing_prunable,
-                   "cycle": _cycle}[kind](), path)
+                   "cycle": _cycle, "custom_op": _custom_op}[kind](), path)
 
 
 CASES = [
@@ -93,6 +109,7 @@ CASES = [
     ("quantized", [], "quantized"),
     ("control_flow", [], "control flow"),
     ("nothing", [], "nothing can be pruned"),
+    ("custom_op", [], "onnxruntime cannot open it"),
     ("good", ["--ratio", "1.0"], "outside [0, 1)"),
     ("good", ["--ratio", "-0.1"], "outside [0, 1)"),
     ("good", ["--criterion", "magic"], "unknown criterion"),
@@ -116,6 +133,14 @@ def test_bad_input_is_one_line_exit_2_no_output(kind, extra, message, tmp_path, 
     assert not out.exists() and not (tmp_path / "out.report.json").exists()
     assert _digest(src) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_report_over_the_input_is_named_in_the_refusal(tmp_path, capsys):
+    src = tmp_path / "x.report.json"    # a model file named like the output's report
+    onnx.save(sample_cnn(), src)
+    code, err = _run_cli(capsys, ["prune", str(src), "-o", str(tmp_path / "x.onnx")])
+    assert code == 2 and "(its report x.report.json) would overwrite the input model" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.report.json"]
 
 
 def test_missing_file(tmp_path, capsys):

@@ -8,6 +8,8 @@ from onnx import helper, numpy_helper
 
 from conftest import assert_pruned_equals_masked, feeds_for, run_model
 from gpp_onnx import PruneConfig, prune
+from gpp_onnx import model as model_io
+from gpp_onnx.analysis import analyze_model
 from gpp_onnx.samples import GraphBuilder, sample_cnn
 
 
@@ -91,6 +93,19 @@ def test_a_conv_whose_bias_the_graph_computes_keeps_its_channels(tmp_path):
     conv = next(n for n in pruned.graph.node if n.op_type == "Conv" and bias in n.input)
     inits = {t.name: t.dims for t in pruned.graph.initializer}
     assert list(inits[conv.input[1]]) == [8, 3, 3, 3]
+
+
+def test_duplicate_node_names_print_nothing_but_the_table(tmp_path, capsys):
+    from gpp_onnx.cli import main
+
+    model = sample_cnn()
+    for node in model.graph.node:
+        node.name = "same"
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    assert main(["analyze", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{len(analyze_model(model_io.normalize(model)).groups)} channel groups")
 
 
 def test_opset_11_model(tmp_path):
