@@ -39,6 +39,7 @@ class StepPruner:
                                               train=replace(base.train, epochs=0.0))).checked()
         self.start = start_run(model, self.config)
         self.model: onnx.ModelProto = self.start.normalized
+        self.widths = {g.key: g.width for g in self.start.analysis.groups}  # the steps' goal
         self.rounds: list[Round] = []
         self._module = None
 
@@ -65,7 +66,7 @@ class StepPruner:
         analysis = analyze_model(self.model, self.config.input_shape).keeping(
             self.config.ignore)
         done = one_round(analysis, self.config, self.start.data, len(self.rounds) + 1, None,
-                         self.start.before, self.start.tolerance)
+                         self.start.before, self.start.tolerance, self.widths)
         self.rounds.append(done)
         self.model, self._module = done.model, None
         logger.info("step %d of %d: %d channels cut, %d params", len(self.rounds), self.steps,
