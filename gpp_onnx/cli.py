@@ -179,6 +179,9 @@ def _reporting(args) -> int:
         # under torchrun another process may sit in a collective step that would wait for
         # this one at the last barrier: end now (torchrun stops the others)
         return _alone(130)
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _alone(141)   # as a shell reports a process ended by SIGPIPE
     except Exception as err:
         if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
             # the machine's memory, not a bug (torch's CUDA one is an OutOfMemoryError)

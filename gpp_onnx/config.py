@@ -34,7 +34,9 @@ class TrainOptions:
     device: str = "auto"                 # auto | cpu | cuda
     amp: bool = False                    # float16 autocast + loss scaling (CUDA only)
     clip_grad: float = 2.0               # max global gradient norm per step (0: no clipping)
-    distill: float = 0.0                 # weight of distillation next to cross-entropy
+    distill: float | None = None         # weight of distillation next to cross-entropy
+    #                                      (None: DISTILL in the fine-tune after a cut,
+    #                                      PruneConfig; 0 elsewhere)
     # softmax temperature of the distillation KL: 2 was chosen on held-out top-1 agreement
     # with the teacher (label-free, 8-epoch Fashion-MNIST VGG, 0.222 MACs, 2 epochs):
     # T=1 0.9358, 2 0.9436, 3 0.9384, 4 0.9398, 8 0.9338 (docs/nolabel.md)
@@ -50,8 +52,9 @@ class TrainOptions:
     # +1.11 points on average; at RENORM_LR +0.46 / +2.09 (docs/fashion-mnist.md). Off in
     # push and grow (not measured there) and in the rounds after a grow (it cost 1 point
     # there, docs/grow.md).
-    renorm: bool = False
-    renorm_lr: float | None = None       # the learning rate while it is on (None: lr)
+    renorm: bool | None = None           # None: on in the fine-tune after a cut, else off
+    renorm_lr: float | None = None       # the learning rate while it is on (None: lr;
+    #                                      after a cut RENORM_LR unless lr is set)
 
 
 # the fine-tune's learning rate while BatchNorm is put back (TrainOptions.renorm), chosen
@@ -65,6 +68,20 @@ RENORM_LR = 0.03
 # (Fashion-MNIST VGG / Inception nets at 0.25 and 0.1 of the MACs, 2 epochs, seeds 0-2,
 # mean of the four): W = 0 0.9000, 0.5 0.9026, 1 0.9033, 3 0.9012 (docs/fashion-mnist.md)
 DISTILL = 1.0
+
+
+def finetune_defaults(train: TrainOptions) -> TrainOptions:
+    """`train` for the fine-tune after a cut: what it leaves unset (None) takes that
+    fine-tune's defaults - distillation at DISTILL, the BatchNorm put back at RENORM_LR
+    (at `train.lr` where that is not the default rate, as ``--lr`` sets both)."""
+    fill = {}
+    if train.distill is None:
+        fill["distill"] = DISTILL
+    if train.renorm is None:
+        fill["renorm"] = True
+    if fill.get("renorm", train.renorm) and train.renorm_lr is None:
+        fill["renorm_lr"] = RENORM_LR if train.lr == TrainOptions.lr else train.lr
+    return replace(train, **fill) if fill else train
 
 
 def with_lr(train: TrainOptions, lr: float | None) -> TrainOptions:
@@ -115,7 +132,7 @@ class PruneConfig:
     latency: bool = True                # measure onnxruntime latency before/after
     timing: LatencyOptions = LatencyOptions()
     data: DataOptions | None = None
-    train: TrainOptions = TrainOptions(renorm=True, renorm_lr=RENORM_LR, distill=DISTILL)
+    train: TrainOptions = TrainOptions()  # unset distill / renorm: the fine-tune's defaults
     feature_tensor: str | None = None   # final hidden layer override
     repair: str = "lsq"                 # after the cut (needs data): lsq | bias | none
     ignore: tuple[str, ...] = ()        # groups kept whole: group keys, values or node names
@@ -123,6 +140,7 @@ class PruneConfig:
 
     def checked(self) -> "PruneConfig":
         """Validate; default to ratio 0.5 when no target is given."""
+        self = self._typed()
         targets = [t for t in (self.ratio, self.target_macs, self.target_params,
                                self.target_latency, self.eta) if t is not None]
         if len(targets) > 1:
@@ -146,10 +164,38 @@ class PruneConfig:
                              f"{', '.join(REPAIRS)}")
         if not targets:
             changes["ratio"] = 0.5
+        train = finetune_defaults(self.train)
+        if train != self.train:
+            changes["train"] = train
         if self.criterion == "auto":
             changes["criterion"] = ("l1" if self.data is None else
                                     "fisher" if self.data.labels is False else "gpp")
         return replace(self, **changes) if changes else self
+
+    def _typed(self) -> "PruneConfig":
+        """The fields the Python API may be given in another type: numbers as numbers,
+        options as their classes; a dict of group ratios is taken as its items."""
+        for name in ("ratio", "target_macs", "target_params", "target_latency", "eta"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, float))):
+                raise InputError(f"{name}={value!r} is not a number - e.g. {name}=0.5")
+        for name in ("rounds", "min_keep", "round_to", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InputError(f"{name}={value!r} is not a whole number - e.g. {name}=2")
+        for name, cls in (("data", DataOptions), ("train", TrainOptions),
+                          ("timing", LatencyOptions)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, cls):
+                raise InputError(f"{name}={value!r} is not a {cls.__name__} - give "
+                                 f"{name}=gpp_onnx.config.{cls.__name__}(...)")
+        if isinstance(self.ignore, (str, bytes)):
+            raise InputError(f"ignore={self.ignore!r} is one name - give a list of names, "
+                             f"ignore=[{self.ignore!r}]")
+        if isinstance(self.group_ratios, dict):
+            return replace(self, group_ratios=tuple(self.group_ratios.items()))
+        return self
 
     def _check_targets(self) -> None:
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
@@ -172,6 +218,10 @@ class PruneConfig:
                                   or self.allocation == "global"):
             raise InputError("per-group ratios go with --ratio or a uniform --target-macs / "
                              "--target-params")
+        names = [name for name, _ in self.group_ratios]
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice is not None:
+            raise InputError(f"'{twice}' is given two ratios (--group-ratio) - give it one")
         for name, r in self.group_ratios:
             if not 0.0 <= r < 1.0:
                 raise InputError(f"the ratio {r} for '{name}' is outside [0, 1)")
@@ -195,7 +245,7 @@ class PruneConfig:
                              "none (or --no-labels) - use --criterion fisher, or give labels")
         if self.train.epochs > 0 and self.data is None:
             raise InputError("fine-tuning needs data - pass --data")
-        if self.train.distill < 0 or self.train.temperature <= 0:
+        if (self.train.distill or 0) < 0 or self.train.temperature <= 0:
             raise InputError("--distill must be >= 0 and --temperature > 0")
         if self.eta is not None and self.eta < 0:
             raise InputError(f"--eta {self.eta} must be >= 0 (e.g. 0.1)")

@@ -32,7 +32,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +156,21 @@ def providers_for(options: LatencyOptions) -> list[str]:
 def session(model, where: str, options: LatencyOptions):
     """A timing session: all graph optimisations, the options' provider and threads."""
     return verify.make_session(model, where, options.threads, providers_for(options))
+
+
+def timing_for(original: onnx.ModelProto, options: LatencyOptions) -> LatencyOptions:
+    """`options` for the model as the file declares it: a model whose input fixes the
+    batch at b (``batch``; normalising frees it for training) is timed on batches of b,
+    and another --latency-batch is refused."""
+    from . import batch
+
+    b = batch.fixed(original)
+    if b is None or options.batch == b:
+        return options
+    if options.batch != 1:
+        raise InputError(f"--latency-batch {options.batch}: the model's input fixes the "
+                         f"batch at {b}, so it runs on {b} at a time - drop --latency-batch")
+    return replace(options, batch=b)
 
 
 def timing_feeds(view, options: LatencyOptions) -> dict:

@@ -111,10 +111,14 @@ def _cached_kernel_times(model, feeds: dict, runs: int, options: LatencyOptions
     if path.is_file():
         try:
             times = json.loads(path.read_text())["kernels"]
-            logger.info("latency model: kernel times from %s", path)
-            return times
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged entry is measured again and replaced
+            if isinstance(times, dict) and all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    for k, v in times.items()) and times:
+                logger.info("latency model: kernel times from %s", path)
+                return {k: float(v) for k, v in times.items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        logger.debug("latency cache entry %s is damaged: measured again", path)
     times = _kernel_times(model, feeds, runs, options)
     try:
         write_text(path, json.dumps({"key": json.loads(key), "kernels": times}))

@@ -87,7 +87,25 @@ def accept(model: onnx.ModelProto, where: str = "model") -> Loaded:
     if not isinstance(model, onnx.ModelProto):
         raise InputError(f"{where}: expected an onnx.ModelProto or a path, got "
                          f"{type(model).__name__}")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise InputError(f"{where}: its weights are in an external data file that was not "
+                         "loaded - pass the model's path, or onnx.load it with its data")
     return _prepare(_copy(model), where)
+
+
+def open_model(model, where: str = "model") -> Loaded:
+    """`read` for a path, `accept` for an onnx.ModelProto; InputError for anything else."""
+    if isinstance(model, onnx.ModelProto):
+        return accept(model, where)
+    return read(model_path(model, where))
+
+
+def model_path(model, where: str = "model") -> Path:
+    """`model` as a Path (a str or os.PathLike), InputError for anything else."""
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model)
+    raise InputError(f"{where}: expected a path or an onnx.ModelProto, got "
+                     f"{type(model).__name__} - e.g. 'model.onnx' or onnx.load('model.onnx')")
 
 
 def _prepare(model: onnx.ModelProto, where: str, data: bytes | None = None) -> Loaded:
@@ -362,6 +380,38 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, data: bytes | None = N
             tmp.write_bytes(data)
 
     return write_atomic(dest, write)
+
+
+class Outputs:
+    """A run's output files, which appear together or not at all: a model, its report,
+    its plan. Written inside ``with Outputs() as out:`` (``out.save``, ``out.text``), each
+    is removed again when the block does not finish (an interrupt between the model and
+    its report). A file that was there before is not restored."""
+
+    def __init__(self):
+        self.written: list[Path] = []
+
+    def __enter__(self) -> "Outputs":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:
+            for path in self.written:
+                path.unlink(missing_ok=True)
+
+    def save(self, model: onnx.ModelProto, path: str | os.PathLike, data: bytes | None = None
+             ) -> Path:
+        weights = Path(path).parent / (Path(path).name + ".data")
+        had_weights = weights.exists()
+        dest = save(model, path, data)
+        self.written.append(dest)
+        if weights.exists() and not had_weights:
+            self.written.append(weights)
+        return dest
+
+    def text(self, path: str | os.PathLike, text: str) -> Path:
+        self.written.append(write_text(path, text))
+        return self.written[-1]
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

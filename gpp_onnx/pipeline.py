@@ -68,8 +68,7 @@ def load_normalized(path, input_shape=None) -> tuple[onnx.ModelProto, onnx.Model
 
 def _load(model, input_shape) -> tuple[model_io.Loaded, onnx.ModelProto, Analysis]:
     """`model`: a path or an in-memory ModelProto."""
-    loaded = (model_io.accept(model) if isinstance(model, onnx.ModelProto)
-              else model_io.read(model))
+    loaded = model_io.open_model(model)
     logger.info("loaded %s (%d nodes)", "the model" if isinstance(model, onnx.ModelProto)
                 else model, len(loaded.model.graph.node))
     normalized = model_io.normalize(loaded.model)
@@ -106,10 +105,11 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     smaller model as ``result.model``. With `output` it is also written there, atomically,
     with its JSON report beside it; without, nothing is written. `options` are PruneConfig
     fields: ``prune(m, ratio=0.5)``."""
-    config = with_label_mode(replace(config or PruneConfig(), **options)).checked()
-    src = None if isinstance(model, onnx.ModelProto) else Path(model)
+    config = with_label_mode(replace(config or PruneConfig(), **options))
+    _check_plan_args(config, plan_path, plan_out)   # before the defaults fill in a ratio
+    config = config.checked()
+    src = None if isinstance(model, onnx.ModelProto) else model_io.model_path(model)
     dst = None if output is None else Path(output)
-    _check_plan_args(config, plan_path, plan_out)
     _preflight(model, src, dst, config.data)
     if config.data is not None:
         config = replace(config, input_shape=data_input_shape(model, config.input_shape,
@@ -120,6 +120,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
         preflight.check_side_output(Path(plan_out), "--plan-out", src, dst)
     t0 = time.perf_counter()
     start = start_run(model if src is None else src, config)
+    config = replace(config, timing=latency.timing_for(start.loaded.model, config.timing))
     rounds = _run_rounds(start, config, plan_path)
     last = rounds[-1]
     result_model = last.masked if config.mask_only else last.model
@@ -137,21 +138,22 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     slower = timing.warning(config.round_to) if timing is not None else None
     warnings = [w for w in (slower, widened,
                             _short_of_target(config, start.before, last, ratio)) if w]
-    if dst is not None and writer:
-        model_io.save(result_model, dst, source)
-    sizes = (files.file_size(src) if src else start.loaded.as_read.ByteSize(),
-             files.file_size(dst) if dst and writer else result_model.ByteSize())
     after = ModelStats(last.params, last.macs)
     tolerance = max((r.tolerance or start.tolerance for r in rounds), key=lambda t: t.value)
-    data_report = report.json_report(
-        src or "<in-memory model>", dst, config, rounds, start.before, after, ratio,
-        start.accuracy, time.perf_counter() - t0, start.loaded.to_dict(), tolerance,
-        warnings, sizes, _distillation(start, config))
     report_path = None
-    if dst is not None and writer:
-        report_path = model_io.write_text(dst.with_suffix(".report.json"), report.to_json(data_report))
-    if plan_out is not None and writer:
-        model_io.write_text(plan_out, last.plan.to_json())
+    with model_io.Outputs() as out:   # the model, its report and plan: all or none
+        if dst is not None and writer:
+            out.save(result_model, dst, source)
+        sizes = (files.file_size(src) if src else start.loaded.as_read.ByteSize(),
+                 files.file_size(dst) if dst and writer else result_model.ByteSize())
+        data_report = report.json_report(
+            src or "<in-memory model>", dst, config, rounds, start.before, after, ratio,
+            start.accuracy, time.perf_counter() - t0, start.loaded.to_dict(), tolerance,
+            warnings, sizes, _distillation(start, config))
+        if dst is not None and writer:
+            report_path = out.text(dst.with_suffix(".report.json"), report.to_json(data_report))
+        if plan_out is not None and writer:
+            out.text(plan_out, last.plan.to_json())
     return PruneResult(dst, report_path, last.plan, start.before, after, last.error, ratio,
                        data_report, tuple(rounds), start.accuracy, tolerance,
                        start.loaded.notes, result_model)
@@ -163,10 +165,14 @@ def _check_plan_args(config: PruneConfig, plan_path, plan_out) -> None:
     if (plan_path or plan_out) and config.rounds > 1:
         raise InputError("a plan describes one round - use --rounds 1 with --plan/--plan-out")
     if plan_path is not None:
-        given = [flag for flag, v in (("--eta", config.eta),
+        given = [flag for flag, v in (("--eta", config.eta), ("--ratio", config.ratio),
                                       ("--target-macs", config.target_macs),
                                       ("--target-params", config.target_params),
-                                      ("--target-latency", config.target_latency)) if v]
+                                      ("--target-latency", config.target_latency),
+                                      ("--round-to", config.round_to),
+                                      ("--allocation", config.allocation),
+                                      ("--group-ratio", config.group_ratios),
+                                      ("--criterion", config.criterion != "auto")) if v]
         if given:
             raise InputError(f"--plan fixes the channels to cut, so {given[0]} would be "
                              "ignored - drop one of them")
@@ -198,8 +204,8 @@ def with_label_mode(config: PruneConfig) -> PruneConfig:
     """Settle whether the data's labels are used (DataOptions.labels None: where the source
     has them), before the criterion is chosen and anything is loaded."""
     data = config.data
-    if data is None or data.labels is not None:
-        return config
+    if not isinstance(data, DataOptions) or data.labels is not None:
+        return config   # (a data= of another type is refused by PruneConfig.checked)
     preflight.check_data(data.source)
     return replace(config, data=replace(data, labels=has_labels(data.source)))
 
@@ -207,7 +213,7 @@ def with_label_mode(config: PruneConfig) -> PruneConfig:
 def _distillation(start, config: PruneConfig) -> str | None:
     teacher = start.data.teacher if start.data is not None else None
     if teacher is None or config.train.epochs <= 0 or (
-            config.data.labels and config.train.distill <= 0):
+            config.data.labels and (config.train.distill or 0) <= 0):
         return None
     return describe(teacher.kinds)
 
@@ -238,6 +244,7 @@ def start_run(model, config: PruneConfig, per_class: int = 0) -> Start:
     analysis = analysis.keeping(config.ignore)
     for name, _ in config.group_ratios:  # a name that designates nothing: before the work
         analysis.find_group(name)
+    latency.timing_for(loaded.model, config.timing)   # a --latency-batch it refuses, too
     if not analysis.prunable:
         where = "the model" if isinstance(model, onnx.ModelProto) else model
         raise InputError(f"{where}: nothing can be pruned ({_first_reasons(analysis)}) - "
@@ -327,7 +334,9 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
     with `data`, the fidelity of b to a (teacher.fidelity) on all of its inputs (labels,
     if any, are not used)."""
     preflight.check_data(data.source if data is not None else None)
-    a, b = model_io.load(path_a), model_io.load(path_b)
+    a, b = model_io.open_model(path_a).model, model_io.open_model(path_b).model
+    path_a, path_b = (p if not isinstance(p, onnx.ModelProto) else f"<in-memory model {n}>"
+                      for p, n in ((path_a, "a"), (path_b, "b")))
     input_shape = data_input_shape(a, input_shape, data.source if data is not None else None)
     view_a = GraphView(a, input_shape)
     sessions = [verify.make_session(a, str(path_a)), verify.make_session(b, str(path_b))]
@@ -341,8 +350,9 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
     # there; the channel analysis reads only normalised graphs)
     normalized = [model_io.normalize(m) for m in (a, b)]
     stats = [count(GraphView(m, input_shape)) for m in normalized]
-    cmp = Comparison(*stats, files.file_size(path_a),
-                     files.file_size(path_b), la, lb)
+    sizes = [m.ByteSize() if str(p).startswith("<in-memory") else files.file_size(p)
+             for m, p in ((a, path_a), (b, path_b))]
+    cmp = Comparison(*stats, *sizes, la, lb)
     if ds is None:
         return cmp
     teacher = Teacher(a, output_kinds(analyze_model(normalized[0], input_shape)), str(path_a))
@@ -365,7 +375,8 @@ def profile(path, input_shape=None, options: LatencyOptions = LatencyOptions(),
     here, and the estimated latency at each kept width."""
     options = options.checked()
     latency.providers_for(options)
-    _, _, analysis = load_normalized(Path(path), input_shape)
+    original, _, analysis = load_normalized(path, input_shape)
+    options = latency.timing_for(original, options)
     model = LatencyModel.profile(analysis, latency.timing_feeds(analysis.view, options), runs,
                                  options)
     return LatencyProfile(model.total, model.fixed, model.block, group_costs(analysis, model))
@@ -374,7 +385,7 @@ def profile(path, input_shape=None, options: LatencyOptions = LatencyOptions(),
 def evaluate(path, data: DataOptions, input_shape=None) -> tuple[float, int]:
     """Top-1 accuracy of the model at `path` on all of `data` (onnxruntime)."""
     preflight.check_data(data.source)
-    model = model_io.load(path)
+    model = model_io.open_model(path).model
     view = GraphView(model, data_input_shape(model, input_shape, data.source))
     ds = dataset_for(view, data.source, data.mean, data.std, data.resize,
                      data.limit, workers=data.workers, labels=True)

@@ -87,6 +87,9 @@ def check_plan(plan: PrunePlan, analysis, digest: str) -> None:
         if removed and (len(set(removed)) >= group.width or min(removed) < 0
                         or max(removed) >= group.width):
             raise InputError(f"plan removes invalid channels of group '{key}'")
+        if len(set(removed)) != len(removed):
+            raise InputError(f"plan removes a channel of group '{key}' twice - make a new "
+                             "plan (--plan-out), or list each channel once")
 
 
 def keep_count(width: int, ratio: float, min_keep: int = 1, round_to: int = 1) -> int:

@@ -37,6 +37,10 @@ def check_output(src: Path | None, dst: Path, size: int = 0) -> None:
                 raise InputError(f"output {dst}{written} would overwrite {what} - choose "
                                  "another path with -o; gpp-onnx never overwrites its input")
     folder = check_writable(dst)
+    report = dst.with_suffix(".report.json")
+    if report.is_dir():
+        raise InputError(f"cannot write the report {report}: it is a folder - move it, or "
+                         "choose another path with -o")
     need = src.stat().st_size if src is not None and src.is_file() else size
     free = shutil.disk_usage(folder).free
     if free < need:

@@ -49,9 +49,10 @@ def push(model, output=None, data: DataOptions | None = None,
     if data is None:
         raise InputError("push needs labelled data - pass --data (a folder, .npz, IDX file, "
                          "fashion-mnist or digits)")
+    PruneConfig(data=data, train=train)._typed()   # options of the wrong type: one line
     if train.epochs <= 0:
         raise InputError(f"--epochs {train.epochs} must be > 0")
-    src = None if isinstance(model, onnx.ModelProto) else Path(model)
+    src = None if isinstance(model, onnx.ModelProto) else model_io.model_path(model)
     dst = None if output is None else Path(output)
     _preflight(model, src, dst, data)
     input_shape = data_input_shape(model, input_shape, data.source)
@@ -65,10 +66,11 @@ def push(model, output=None, data: DataOptions | None = None,
     verify.check(pushed, "pushed model")
     verify.make_session(pushed, "pushed model")
     if dst is not None and distributed.is_writer():
-        model_io.save(pushed, dst)
-        model_io.write_text(dst.with_suffix(".report.json"), report.to_json(
-            {"input": str(src or "<in-memory model>"), "output": str(dst),
-             "weights": vars(weights), "train": vars(train), "push": vars(rep)}))
+        with model_io.Outputs() as out:   # the model and its report: both or neither
+            out.save(pushed, dst)
+            out.text(dst.with_suffix(".report.json"), report.to_json(
+                {"input": str(src or "<in-memory model>"), "output": str(dst),
+                 "weights": vars(weights), "train": vars(train), "push": vars(rep)}))
     return PushResult(dst, rep, pushed)
 
 
@@ -94,7 +96,7 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     that meets the target is checked and written to `output` (with its JSON report).
     `fields` are PruneConfig fields: ``gpp(m, "out.onnx", data=DataOptions("digits"),
     target_macs=0.5)``."""
-    config = replace(config or PruneConfig(), **fields)
+    config = replace(config or PruneConfig(), **fields)._typed()
     if config.data is None or config.data.labels is False:
         raise InputError("gpp needs labelled data (push trains on the classes) - pass --data "
                          "with labels (a folder, .npz, IDX file, fashion-mnist or digits); "
@@ -104,6 +106,7 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     start = start_run(model if src is None else src, replace(config, latency=False),
                       LDA_PER_CLASS)
     options = options.checked(config, len(start.data.train.y))
+    config = replace(config, timing=latency.timing_for(start.loaded.model, config.timing))
     if options.grow is not None:
         check_grow(start.analysis.view, options.grow_settings(config))
     run = schedule.Run(config, options, start.data, start.before, start.accuracy,
@@ -119,10 +122,6 @@ def gpp(model, output=None, config: PruneConfig | None = None,
                               latency.timing_feeds(start.analysis.view, config.timing),
                               options=config.timing) if config.latency and writer else None)
     after = ModelStats(state.best["params"], state.best["macs"])
-    if dst is not None and writer:
-        model_io.save(best, dst)
-    if options.work_dir is not None and writer:  # a finished run leaves nothing to resume
-        workdir.remove(Path(options.work_dir))
     fid = (fidelity(start.data.teacher, best, (x for x, _ in iter_batches(
         start.data.val, config.data.batch_size)), "result") if writer else None)
     data_report = training_report.gpp_report(
@@ -135,8 +134,11 @@ def gpp(model, output=None, config: PruneConfig | None = None,
             analyze_model(best, config.input_shape))
     report_path = None
     if dst is not None and writer:
-        report_path = model_io.write_text(dst.with_suffix(".report.json"),
-                                          report.to_json(data_report))
+        with model_io.Outputs() as out:   # the model and its report: both or neither
+            out.save(best, dst)
+            report_path = out.text(dst.with_suffix(".report.json"), report.to_json(data_report))
+    if options.work_dir is not None and writer:  # a finished run leaves nothing to resume
+        workdir.remove(Path(options.work_dir))
     return GppResult(dst, report_path, start.before, after, start.accuracy, state.rows,
                      state.best, state.epochs, timing.ratio if timing else None, data_report,
                      best)
@@ -148,7 +150,7 @@ def _gpp_checks(model, output, config: PruneConfig, options: GppOptions):
     with the input shape and the work folder settled."""
     config = replace(config, data=replace(config.data, labels=True)).checked()
     options.check_grow(config)
-    src = None if isinstance(model, onnx.ModelProto) else Path(model)
+    src = None if isinstance(model, onnx.ModelProto) else model_io.model_path(model)
     dst = None if output is None else Path(output)
     if options.work_dir is None and dst is not None:
         options = replace(options, work_dir=dst.with_name(dst.name + ".gpp-work"))

@@ -24,7 +24,7 @@ from .config import PruneConfig
 from .data import iter_batches
 from .evaluation import accuracy
 from .finetune import train_model
-from .importance import Evidence, get_criterion
+from .importance import Evidence, checked_scores, get_criterion
 from .latency_model import plan_for_latency
 from .plan import (PrunePlan, check_plan, kept_elements, model_digest, plan_by_ratio,
                    plan_by_threshold, plan_for_target)
@@ -54,7 +54,7 @@ def make_plan(analysis: Analysis, config: PruneConfig, digest: str, evidence: Ev
 
 def _make_plan(analysis, config, digest, evidence, round_no, base, original_widths):
     criterion = get_criterion(config.criterion, config.seed)
-    scores = criterion.score(analysis, evidence)
+    scores = checked_scores(criterion, analysis, criterion.score(analysis, evidence))
     meta = {"criterion": criterion.name, "seed": config.seed, "round": round_no}
     if getattr(criterion, "report", None):
         meta["criterion_report"] = criterion.report
@@ -314,7 +314,7 @@ def _measure(pruned, bare, data: Splits | None, config: PruneConfig, k: int):
         logger.info("round %d: accuracy right after the cut %.4f", k, acc_cut)
     if config.train.epochs <= 0:
         return acc_cut, None, pruned, False, fid
-    distil = teacher if not labelled or config.train.distill > 0 else None
+    distil = teacher if not labelled or (config.train.distill or 0) > 0 else None
     tuned = train_model(pruned, data.train, config.train, config.seed + k, teacher=distil)
     acc_tuned = accuracy(tuned, data.val) if labelled else None
     worse = better = None

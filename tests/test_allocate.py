@@ -248,6 +248,23 @@ def test_kernel_profiles_are_cached_per_model_and_timing(tmp_path, monkeypatch):
                              options=LatencyOptions(threads=1, cache=str(tmp_path)))
 
 
+@pytest.mark.parametrize("entry", ['[]', '"x"', '{"kernels": []}', '{"kernels": {"a": "b"}}',
+                                   '{"kernels": {}}', "not json"])
+def test_a_damaged_cache_entry_is_measured_again(entry, tmp_path):
+    from gpp_onnx.config import LatencyOptions
+
+    analysis = _analysis(_chain(widths=(32, 64, 64), side=32))
+    feeds = analysis.view.probe_feeds
+    options = LatencyOptions(cache=str(tmp_path))
+    first = LatencyModel.profile(analysis, feeds, runs=3, options=options)
+    (path,) = (tmp_path / "latency").glob("*.json")
+    path.write_text(entry)
+    again = LatencyModel.profile(analysis, feeds, runs=3, options=options)
+    assert again.total > 0
+    assert {k.values for k in again.kernels} == {k.values for k in first.kernels}
+    assert "kernels" in json.loads(path.read_text())       # replaced by the new profile
+
+
 def test_cuda_without_onnxruntime_gpu_is_refused_before_the_work(tmp_path, capsys):
     import onnxruntime as ort
 

@@ -189,3 +189,117 @@ def test_a_latency_target_missed_by_more_than_the_noise_is_a_warning():
     assert "above --target-latency 0.5" in _short_of_target(config, before, last, 0.61)
     assert _short_of_target(config, before, last, 0.54) is None      # within the noise
     assert _short_of_target(PruneConfig(target_macs=0.5), before, last) is None
+
+
+@pytest.mark.parametrize("flags, train", [
+    ([], {}),
+    (["--lr", "0.05"], {"lr": 0.05}),
+    (["--distill", "0", "--no-renorm"], {"distill": 0.0, "renorm": False}),
+])
+def test_train_options_spelt_in_python_train_as_the_same_flags_do(flags, train):
+    """`train=TrainOptions(epochs=1)` is `--finetune-epochs 1`: what it leaves unset takes
+    the fine-tune's defaults (distillation, the BatchNorm put back at its own rate)."""
+    from gpp_onnx import TrainOptions
+    from gpp_onnx.cli import _prune_config
+    from gpp_onnx.cli_args import build_parser
+
+    argv = ["prune", "m.onnx", "-o", "o.onnx", "--data", "digits", "--finetune-epochs", "1"]
+    cli = _prune_config(build_parser().parse_args(argv + flags)).checked().train
+    api = PruneConfig(data=DataOptions("digits"),
+                      train=TrainOptions(epochs=1, **train)).checked().train
+    fields = ("lr", "distill", "renorm", "temperature", "batchnorm")
+    assert [getattr(api, f) for f in fields] == [getattr(cli, f) for f in fields]
+    if cli.renorm:
+        assert api.renorm_lr == cli.renorm_lr
+    assert (cli.distill, cli.renorm) == (train.get("distill", 1.0), train.get("renorm", True))
+
+
+class _Scores:
+    """A criterion returning `make(group)` for every prunable group."""
+    name = "odd"
+
+    def __init__(self, make):
+        self.make = make
+
+    def score(self, analysis, evidence=None):
+        return {g.key: self.make(g) for g in analysis.prunable}
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda g: np.ones(1), "gave 1 scores for group"),
+    (lambda g: np.full(g.width, np.nan), "one finite score per channel"),
+    (lambda g: "high", "one finite score per channel"),
+])
+def test_a_criterion_whose_scores_do_not_fit_is_named(src, make, message):
+    with pytest.raises(InputError, match=f"criterion 'odd' {message}" if "gave" in message
+                       else message):
+        prune(src, ratio=0.5, latency=False, criterion=_Scores(make))
+
+
+def test_a_criterion_that_scores_no_group_is_named(src):
+    empty = _Scores(None)
+    empty.score = lambda analysis, evidence=None: {}
+    with pytest.raises(InputError, match="criterion 'odd' gave no scores for group"):
+        prune(src, ratio=0.5, latency=False, criterion=empty)
+
+
+@pytest.mark.parametrize("name, factory", [(None, lambda seed: LastChannelsFirst()),
+                                           ("", lambda seed: LastChannelsFirst()),
+                                           ("pos2", "not callable")])
+def test_a_criterion_registered_without_a_name_or_factory_is_refused(name, factory):
+    from gpp_onnx.importance import criterion_names
+
+    before = criterion_names()
+    with pytest.raises(InputError):
+        register_criterion(name, factory)
+    assert criterion_names() == before
+
+
+def test_a_group_given_two_ratios_is_refused(src):
+    key = gpp_onnx_analyze(src).analysis.prunable[0].key
+    with pytest.raises(InputError, match=f"'{key}' is given two ratios"):
+        prune(src, ratio=0.5, latency=False, group_ratios=((key, 0.5), (key, 0.1)))
+
+
+def gpp_onnx_analyze(path):
+    from gpp_onnx import analyze
+    return analyze(path)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: prune(m.SerializeToString(), ratio=0.5), "expected a path or an onnx.ModelProto"),
+    (lambda m: prune(None), "expected a path or an onnx.ModelProto"),
+    (lambda m: prune(m, data="digits"), "is not a DataOptions"),
+    (lambda m: prune(m, ratio="0.5"), "is not a number"),
+    (lambda m: prune(m, rounds=1.5), "is not a whole number"),
+    (lambda m: prune(m, round_to=1.5), "is not a whole number"),
+    (lambda m: prune(m, ignore="conv"), "is one name - give a list of names"),
+])
+def test_arguments_of_the_wrong_type_are_one_line_input_errors(call, message):
+    model = _net()
+    with pytest.raises(InputError, match=message) as err:
+        call(model)
+    assert "\n" not in str(err.value)
+
+
+def test_in_memory_models_are_profiled_and_compared_and_group_ratios_may_be_a_dict(tmp_path):
+    import gpp_onnx
+
+    model = _net()
+    onnx.save(model, tmp_path / "m.onnx")
+    assert gpp_onnx.profile(model, runs=3).total_seconds > 0
+    cmp = gpp_onnx.compare(model, model, repeats=3)
+    assert cmp.a == cmp.b == gpp_onnx.compare(tmp_path / "m.onnx", tmp_path / "m.onnx",
+                                              repeats=3).a
+    key = gpp_onnx.analyze(tmp_path / "m.onnx").analysis.prunable[0].key
+    as_dict = prune(model, ratio=0.5, round_to=1, latency=False, group_ratios={key: 0.25})
+    as_pairs = prune(model, ratio=0.5, round_to=1, latency=False, group_ratios=((key, 0.25),))
+    assert as_dict.plan.removed == as_pairs.plan.removed
+
+
+def test_an_in_memory_model_without_its_external_weights_is_named(tmp_path):
+    onnx.save(_net(), tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    bare = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    with pytest.raises(InputError, match="external data file that was not loaded"):
+        prune(bare, ratio=0.5, latency=False)

@@ -3,6 +3,7 @@ input untouched."""
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 
@@ -246,6 +247,10 @@ def test_python_dash_m_reports_errors_with_exit_2(tmp_path):
     ("[]", [], "cannot read plan"),
     ('{"format": "gpp-onnx-plan/1", "removed": null}', [], "cannot read plan"),
     (None, ["--target-macs", "0.1"], "--target-macs would be ignored"),
+    (None, ["--ratio", "0.3"], "--ratio would be ignored"),
+    (None, ["--round-to", "4"], "--round-to would be ignored"),
+    (None, ["--criterion", "random"], "--criterion would be ignored"),
+    ("twice", [], "removes a channel of group"),
 ])
 def test_a_plan_that_cannot_be_used_is_refused(plan, extra, message, tmp_path, capsys):
     src, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
@@ -257,6 +262,14 @@ def test_a_plan_that_cannot_be_used_is_refused(plan, extra, message, tmp_path, c
         capsys.readouterr()
     else:
         path.write_text(plan)
+    if plan == "twice":  # a real plan, edited to remove one channel twice
+        assert main(["-q", "prune", str(src), "--no-latency", "-o", str(tmp_path / "a.onnx"),
+                     "--plan-out", str(path)]) == 0
+        capsys.readouterr()
+        data = json.loads(path.read_text())
+        key = next(k for k, v in data["removed"].items() if v)
+        data["removed"][key] = data["removed"][key][:1] * 2 + data["removed"][key][1:]
+        path.write_text(json.dumps(data))
     code, err = _run_cli(capsys, ["prune", str(src), "--plan", str(path), "--no-latency",
                                   "-o", str(out), *extra])
     assert code == 2 and len(err) == 1 and message in err[0]
@@ -276,3 +289,38 @@ def test_a_cut_that_misses_its_target_says_so(extra, message, tmp_path, capsys):
     rep = json.loads(out.with_suffix(".report.json").read_text())
     assert any(message in w for w in rep["warnings"])
     assert message in capsys.readouterr().out
+
+
+def test_an_interrupt_between_the_model_and_its_report_leaves_neither(tmp_path, capsys,
+                                                                      monkeypatch):
+    from gpp_onnx import report
+
+    src = tmp_path / "model.onnx"
+    onnx.save(sample_cnn(), src)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "to_json", interrupted)  # after the model is saved
+    assert main(["prune", str(src), "--no-latency", "--plan-out", str(tmp_path / "p.json"),
+                 "-o", str(tmp_path / "out.onnx")]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_reader_that_stops_reading_ends_the_run_quietly(tmp_path):
+    src = tmp_path / "model.onnx"
+    onnx.save(sample_cnn(), src)
+    p = subprocess.Popen([sys.executable, "-m", "gpp_onnx", "analyze", str(src)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()                     # as `| head` does once it has read enough
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) in (0, 141) and "error" not in err
+
+
+def test_a_report_path_that_is_a_folder_is_refused_before_the_work(tmp_path, capsys):
+    src = tmp_path / "model.onnx"
+    onnx.save(sample_cnn(), src)
+    (tmp_path / "out.report.json").mkdir()
+    code, err = _run_cli(capsys, ["prune", str(src), "-o", str(tmp_path / "out.onnx")])
+    assert code == 2 and "out.report.json: it is a folder" in err[0]
+    assert not (tmp_path / "out.onnx").exists()

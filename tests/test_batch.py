@@ -102,3 +102,16 @@ def test_a_model_that_keeps_its_fixed_batch_is_scored_one_image_at_a_time(tmp_pa
     prune(src, tmp_path / "o.onnx", cfg, plan_out=tmp_path / "plan.json")
     removed = json.loads((tmp_path / "plan.json").read_text())["removed"]
     assert sum(map(len, removed.values())) > 0
+
+
+def test_a_fixed_batch_is_the_batch_latency_is_timed_on(tmp_path, capsys):
+    from gpp_onnx.cli import main
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_baked([1, 512], allowzero=1), src)
+    assert main(["-q", "profile", str(src), "--batch", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fixes the batch at 1" in err[0]
+    assert main(["-q", "prune", str(src), "--latency-batch", "4", "-o",
+                 str(tmp_path / "o.onnx")]) == 2
+    assert not (tmp_path / "o.onnx").exists()

@@ -197,7 +197,7 @@ def test_no_renorm_on_short_runs_or_small_batches(monkeypatch, batch, steps, att
 @pytest.mark.parametrize("argv, want", [
     ([], (0.01, 0.03, True)),                      # the defaults
     (["--lr", "0.2"], (0.2, 0.2, True)),           # --lr sets both rates
-    (["--no-renorm"], (0.01, 0.03, False)),
+    (["--no-renorm"], (0.01, None, False)),       # no rate of its own when it is off
 ])
 def test_prune_flags_set_the_fine_tune_rates(argv, want):
     from gpp_onnx.cli import _prune_config, build_parser
@@ -205,7 +205,7 @@ def test_prune_flags_set_the_fine_tune_rates(argv, want):
     for command in ("prune", "gpp"):
         args = build_parser().parse_args([command, "m.onnx", "--ratio", "0.5", "-o", "o.onnx",
                                           *argv])
-        train = _prune_config(args).train
+        train = _prune_config(args).checked().train
         assert (train.lr, train.renorm_lr, train.renorm) == want
 
 

@@ -79,7 +79,8 @@ def _hw(shape: str, nhwc: bool) -> tuple[int, int]:
 
 
 def _prune(src: Path, dst: Path, data: Path, shape: str, setup: Setup, args, extra=()) -> dict:
-    cmd = [*GPP, "prune", str(src), "--data", str(data), "--ratio", str(args.ratio),
+    ratio = [] if "--plan" in extra else ["--ratio", str(args.ratio)]  # a plan fixes the cut
+    cmd = [*GPP, "prune", str(src), "--data", str(data), *ratio,
            "--input-shape", shape, "--batch-size", str(args.batch_size), "--no-latency",
            "--val-split", str(args.val_split), "-o", str(dst), *setup.extra, *extra]
     if setup.mean:

@@ -46,7 +46,7 @@ def grow(model, output=None, config: GrowConfig | None = None, **options) -> Gro
     from ..splits import load_data
 
     config = replace(config or GrowConfig(), **options).checked()
-    src = None if isinstance(model, onnx.ModelProto) else Path(model)
+    src = None if isinstance(model, onnx.ModelProto) else model_io.model_path(model)
     dst = None if output is None else Path(output)
     if dst is not None:  # output writable with room, data readable: before any work
         preflight.check_output(src, dst, model.ByteSize() if src is None else 0)
@@ -77,8 +77,9 @@ def grow(model, output=None, config: GrowConfig | None = None, **options) -> Gro
                    time.perf_counter() - t0)
     report_path = None
     if dst is not None and distributed.is_writer():  # several processes: rank 0 writes
-        model_io.save(state.model, dst)
-        report_path = model_io.write_text(dst.with_suffix(".report.json"), report.to_json(data))
+        with model_io.Outputs() as out:   # the model and its report: both or neither
+            out.save(state.model, dst)
+            report_path = out.text(dst.with_suffix(".report.json"), report.to_json(data))
     return GrowResult(dst, report_path, tuple(state.rows), before, after, acc_before,
                       state.accuracy, data, state.model)
 

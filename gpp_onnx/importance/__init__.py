@@ -72,9 +72,39 @@ def criterion_names() -> list[str]:
 def register_criterion(name: str, factory) -> None:
     """Make `name` usable wherever a criterion is named (--criterion, PruneConfig):
     `factory(seed)` returns an object with ``name`` and ``score(analysis, evidence)``."""
+    if not isinstance(name, str) or not name:
+        raise InputError(f"criterion name {name!r} is not a name - register under a string, "
+                         "e.g. 'position'")
+    if not callable(factory):
+        raise InputError(f"criterion '{name}': the factory is not callable - give a "
+                         "function of the seed that returns the criterion")
     if name in _CRITERIA:
         raise InputError(f"criterion '{name}' exists already - register under another name")
     _CRITERIA[name] = factory
+
+
+def checked_scores(criterion, analysis, scores) -> dict[str, np.ndarray]:
+    """`scores` as float arrays, one finite score per channel of every prunable group;
+    InputError naming the criterion and the group otherwise."""
+    name = getattr(criterion, "name", type(criterion).__name__)
+    if not isinstance(scores, dict):
+        raise InputError(f"criterion '{name}' returned {type(scores).__name__}, not a dict of "
+                         "group key -> scores")
+    out = dict(scores)
+    for group in analysis.prunable:
+        if group.key not in scores:
+            raise InputError(f"criterion '{name}' gave no scores for group '{group.key}' - "
+                             "score every group of analysis.prunable")
+        try:
+            values = np.asarray(scores[group.key], dtype=np.float64)
+        except (TypeError, ValueError):
+            values = np.zeros(0)
+        if values.shape != (group.width,) or not np.all(np.isfinite(values)):
+            raise InputError(f"criterion '{name}' gave {values.size} scores for group "
+                             f"'{group.key}' of width {group.width} - give one finite score "
+                             "per channel")
+        out[group.key] = values
+    return out
 
 
 def get_criterion(name, seed: int = 0) -> Criterion:
@@ -91,5 +121,5 @@ def get_criterion(name, seed: int = 0) -> Criterion:
                          f"{', '.join(criterion_names())}") from None
 
 
-__all__ = ["Criterion", "Evidence", "Magnitude", "RandomCriterion", "criterion_names",
-           "get_criterion", "register_criterion"]
+__all__ = ["Criterion", "Evidence", "Magnitude", "RandomCriterion", "checked_scores",
+           "criterion_names", "get_criterion", "register_criterion"]
