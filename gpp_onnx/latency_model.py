@@ -256,7 +256,8 @@ def group_costs(analysis, model: LatencyModel, points: int = 8) -> list[dict]:
     rows = []
     for g in analysis.prunable:
         step = max(model.block, -(-g.width // points))
-        widths = sorted({min(g.width, w) for w in range(step, g.width + step, step)})
+        widths = sorted({min(g.width, w) for w in range(step, g.width + step, step)}
+                        | {min(g.width, model.block)})   # the share's point, at any `points`
         curve = []
         for keep in widths:
             plan = PrunePlan({g.key: tuple(range(g.width - keep))}, {g.key: g.width}, "")

@@ -248,6 +248,16 @@ def test_kernel_profiles_are_cached_per_model_and_timing(tmp_path, monkeypatch):
                              options=LatencyOptions(threads=1, cache=str(tmp_path)))
 
 
+def test_a_groups_latency_share_does_not_depend_on_the_points_of_its_curve():
+    from gpp_onnx.latency_model import group_costs
+
+    analysis = _analysis(_chain(widths=(32, 64, 64), side=32))
+    model = LatencyModel.profile(analysis, analysis.view.probe_feeds, runs=3)
+    one = {r["key"]: r["share"] for r in group_costs(analysis, model, points=1)}
+    eight = {r["key"]: r["share"] for r in group_costs(analysis, model, points=8)}
+    assert one == pytest.approx(eight) and all(v > 0 for v in one.values())
+
+
 @pytest.mark.parametrize("entry", ['[]', '"x"', '{"kernels": []}', '{"kernels": {"a": "b"}}',
                                    '{"kernels": {}}', "not json"])
 def test_a_damaged_cache_entry_is_measured_again(entry, tmp_path):
