@@ -128,10 +128,13 @@ class LatencyCheck:
             return None
         why = ""
         if self.pruned is not None and self.original is not None and (
-                self.pruned.reorders > self.original.reorders):
-            why = (f": {self.pruned.plain_convs} convs left onnxruntime's fast layout "
-                   f"({self.pruned.reorders} layout reorders, the original has "
-                   f"{self.original.reorders})")
+                self.pruned.plain_convs > self.original.plain_convs
+                or self.pruned.reorders > self.original.reorders):
+            left = self.pruned.plain_convs - self.original.plain_convs
+            reorders = (f"{self.pruned.reorders} layout reorders, the original has "
+                        f"{self.original.reorders}")
+            why = (f": {left} of {self.original.nchwc_convs} convs left onnxruntime's fast "
+                   f"layout ({reorders})" if left > 0 else f": {reorders}")
         b = channel_alignment()
         hint = (f"leave out --round-to (default: multiples of {b} here)"
                 if round_to is not None and round_to % b else
