@@ -204,3 +204,17 @@ def test_profile_table_shows_noise_around_zero_as_zero():
     row_b = next(line for line in lines if line.split()[0] == "b").split()
     assert row_a[2:] == ["0.0%", "0.00"]
     assert row_b[2:] == ["-2.0%", "-0.50"]
+
+
+def test_a_latency_target_over_rounds_is_planned_as_the_product_of_the_rounds():
+    from types import SimpleNamespace
+
+    from gpp_onnx.report import planned_latency
+
+    def round_(measured, tries):
+        return SimpleNamespace(plan=SimpleNamespace(
+            meta={"latency_measured": measured, "latency_tries": [[0, 0]] * tries}))
+
+    rounds = (round_(0.7, 2), round_(0.75, 1))
+    result = SimpleNamespace(rounds=rounds, plan=rounds[-1].plan)
+    assert planned_latency(result) == (pytest.approx(0.525), 3)
