@@ -252,8 +252,10 @@ def _probe(session, inputs: list[InputSpec], feeds: dict) -> dict[str, np.ndarra
     try:
         values = session.run(names, feeds)
     except Exception as err:
+        detail = " ".join(str(err).replace("Please fix either the inputs/outputs or the model.",
+                                           "").split())[:240]  # ORT's index / got / expected
         raise InputError(f"the model fails to run on inputs of shape "
-                         f"{[s.shape for s in inputs]} ({str(err).splitlines()[0][:160]}) - "
+                         f"{[s.shape for s in inputs]} ({detail}) - "
                          "pass --input-shape with the size the model expects"
                          + (" (NAME:1,3,224,224 for each input)" if len(inputs) > 1 else "")
                          ) from None

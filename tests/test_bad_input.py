@@ -324,3 +324,11 @@ def test_a_report_path_that_is_a_folder_is_refused_before_the_work(tmp_path, cap
     code, err = _run_cli(capsys, ["prune", str(src), "-o", str(tmp_path / "out.onnx")])
     assert code == 2 and "out.report.json: it is a folder" in err[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_an_input_shape_the_model_cannot_take_says_which_dim_is_wrong(tmp_path, capsys):
+    src = tmp_path / "model.onnx"
+    onnx.save(sample_cnn(), src)            # 3 input channels
+    code, err = _run_cli(capsys, ["analyze", str(src), "--input-shape", "1,1,32,32"])
+    assert code == 2 and len(err) == 1
+    assert "index: 1 Got: 1 Expected: 3" in err[0] and "--input-shape" in err[0]
