@@ -190,10 +190,19 @@ def declare(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProt
 
 
 def run_in_chunks(run, feeds: dict, b: int | None) -> list[np.ndarray]:
-    """`run(feeds)` for a model whose inputs fix the batch at `b`: on chunks of b rows
-    where the feeds hold a multiple of b, outputs joined along dim 0."""
+    """`run(feeds)` for a model whose inputs fix the batch at `b`, on chunks of b rows,
+    outputs joined along dim 0 (for the file a freed model came from: its outputs have a
+    row per input row). A last chunk short of b rows is filled with copies of its first
+    row, whose outputs are dropped."""
     rows = {len(v) for v in feeds.values() if np.ndim(v) > 0}
-    if b is None or len(rows) != 1 or (n := rows.pop()) == b or n % b:
+    if b is None or len(rows) != 1 or (n := rows.pop()) == b:
         return run(feeds)
-    parts = [run({k: v[i:i + b] for k, v in feeds.items()}) for i in range(0, n, b)]
+    parts = []
+    for i in range(0, n, b):
+        chunk = {k: v[i:i + b] for k, v in feeds.items()}
+        short = b - len(next(iter(chunk.values())))
+        if short:
+            chunk = {k: np.concatenate([v, np.repeat(v[:1], short, axis=0)])
+                     for k, v in chunk.items()}
+        parts.append([o[:b - short] for o in run(chunk)])
     return [np.concatenate(p) for p in zip(*parts)]

@@ -86,6 +86,11 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
     if out_shape is None or len(out_shape) != 2:
         raise DataError(f"output '{view.output_names[0]}' has shape {out_shape}; a classifier "
                         "gives (N, classes) - pass a classification model")
+    rows = view.probe_feeds[spec.name].shape[0]
+    if out_shape[0] != rows:   # a graph that mixes its batch (kept fixed: model.normalize)
+        raise DataError(f"output '{view.output_names[0]}' has {out_shape[0]} rows for a batch "
+                        f"of {rows} images, so its classes cannot be matched to images - "
+                        "prune this model without --data")
     check_labels(ds, int(out_shape[1]))
     classes = ds.num_classes
     if out_shape[1] != classes:

@@ -156,8 +156,8 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         freed = _normalize_any(batch.free(model, b))
         if batch.same_function(model, freed, b):
             logger.info("the input fixes the batch at %d: it is made free for scoring and "
-                        "training (checked: a batch of %d computes what its halves do); "
-                        "written models declare %d again", b, 2 * b, b)
+                        "training (checked: a batch of %d computes what its halves do)",
+                        b, 2 * b)
             return freed
     return _normalize_any(model)
 

@@ -127,7 +127,9 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     source = None if config.mask_only else last.source
     result_model, widened = half.weights_back(start.loaded.model, start.analysis.view,
                                               result_model)
-    result_model = batch.declare(start.loaded.model, result_model)
+    declared = batch.declare(start.loaded.model, result_model)
+    source = source if declared is result_model else None   # (bytes of the undeclared one)
+    result_model = declared
     source = None if widened is not None else source
     writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports
     timing = (latency.measure(start.analysis.view.model, last.model,

@@ -18,16 +18,17 @@ from gpp_onnx.samples import GraphBuilder
 from test_nolabel import digits_x
 
 
-def _baked(target, allowzero=0, as_constant=False, slice_batch=False):
+def _baked(target, allowzero=0, as_constant=False, slice_batch=False, b=1):
     """input (1, 1, 8, 8) -> conv 8 -> Relu -> conv 8 -> Relu -> Reshape(target) -> Gemm 10,
     the batch written into the Reshape target as the dynamo exporter writes it;
     `slice_batch`: the second conv reads x[:1] along the batch (a graph that depends on the
     batch, which must stay fixed)."""
-    b = GraphBuilder((1, 1, 8, 8), seed=0, dynamic_batch=False)
+    n, b = b, GraphBuilder((b, 1, 8, 8), seed=0, dynamic_batch=False)
     x = b.act(b.conv("input", 8), "Relu")
     if slice_batch:
         x = b.op("Slice", [x, b.const(np.array([0])), b.const(np.array([1])),
                            b.const(np.array([0]))], (1, 8, 8, 8))
+        n = 1
     x = b.act(b.conv(x, 8), "Relu")
     target = np.array(target, dtype=np.int64)
     if as_constant:
@@ -36,7 +37,7 @@ def _baked(target, allowzero=0, as_constant=False, slice_batch=False):
                                         value=numpy_helper.from_array(target, "t")))
     else:
         shape = b.const(target)
-    flat = b.op("Reshape", [x, shape], (1, 512), allowzero=allowzero)
+    flat = b.op("Reshape", [x, shape], (n, 512), allowzero=allowzero)
     return b.build(b.gemm(flat, 10))
 
 
@@ -114,4 +115,34 @@ def test_a_fixed_batch_is_the_batch_latency_is_timed_on(tmp_path, capsys):
     assert len(err) == 1 and "fixes the batch at 1" in err[0]
     assert main(["-q", "prune", str(src), "--latency-batch", "4", "-o",
                  str(tmp_path / "o.onnx")]) == 2
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_a_cut_without_data_declares_the_input_batch_and_runs_at_it(b, tmp_path):
+    """Batch 4: the checks feed 2 images, which the file as read takes in a padded chunk."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_baked([b, 512], allowzero=1, b=b), src)
+    prune(src, tmp_path / "o.onnx", PruneConfig(ratio=0.5, round_to=1, latency=False))
+    out = onnx.load(tmp_path / "o.onnx")
+    assert [d.dim_value for d in _batch_dims(out)] == [b, b]
+    x = np.random.default_rng(3).standard_normal((b, 1, 8, 8)).astype(np.float32)
+    s = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert s.run(None, {s.get_inputs()[0].name: x})[0].shape == (b, 10)
+
+
+def test_labelled_data_for_a_model_that_mixes_its_batch_is_refused(tmp_path, capsys):
+    """input (2, 1, 8, 8) -> 2 convs -> Reshape [1, -1] -> Gemm: one row of classes for two
+    images (kept fixed: freeing would change it)."""
+    from gpp_onnx.cli import main
+
+    g = GraphBuilder((2, 1, 8, 8), seed=0, dynamic_batch=False)
+    x = g.act(g.conv(g.act(g.conv("input", 8), "Relu"), 8), "Relu")
+    flat = g.op("Reshape", [x, g.const(np.array([1, -1], dtype=np.int64))], (1, 1024))
+    src = tmp_path / "m.onnx"
+    onnx.save(g.build(g.gemm(flat, 10)), src)
+    data = str(digits_x(tmp_path, 100, labels=True))
+    assert main(["-q", "prune", str(src), "--data", data, "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 rows for a batch of 2 images" in err[0]
     assert not (tmp_path / "o.onnx").exists()
