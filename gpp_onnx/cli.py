@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import model as model_io
+from . import files
 from . import distributed, pipeline, preflight, push_prune, report, training_report
 from .config import DISTILL, PruneConfig, TrainOptions, with_lr
 from .errors import GppError, InputError
@@ -94,7 +94,7 @@ def _run(args) -> int:
                                 args.runs)
         print(report.profile_table(prof))
         if args.json and distributed.is_writer():
-            model_io.write_text(args.json, report.to_json(vars(prof)))
+            files.write_text(args.json, report.to_json(vars(prof)))
             print(f"wrote {args.json}")
     elif args.command == "push":
         res = push_prune.push(args.model, args.output, _data_options(args),

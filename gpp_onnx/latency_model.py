@@ -34,7 +34,7 @@ import numpy as np
 from . import allocate, latency, surgery
 from .config import LatencyOptions
 from .latency import channel_alignment
-from .model import write_text
+from .files import write_text
 from .plan import PrunePlan, kept_elements, plan_for_target
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Load, validate, normalise and save ONNX models.
+"""Load, validate and normalise ONNX models.
 
 Loading accepts what onnxruntime runs: external data beside the file, weights held in
 Constant nodes, initializers shared between nodes (directly or behind Identity), nodes
@@ -17,13 +17,12 @@ information. ``read`` says what it changed (``Loaded``).
   permutation as one op whose channels can be followed one by one);
 * nodes are sorted topologically.
 
-`save` writes atomically: a temporary file in the destination folder, then a rename.
+Writing (atomic, all outputs or none) is ``files.py``'s.
 """
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 from . import batch, skeleton
+from .files import serialize
 from .edit import Editor, drop_dead_nodes, name_nodes
 from .compat import MIN_OPSET, Loaded, opset_version, sort_nodes, upgrade_opset
 from .errors import InputError, UnsupportedModelError
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 CONTROL_FLOW = {"If", "Loop", "Scan"}
 QUANTIZED = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul",
              "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm"}
-_TWO_GB = 2 ** 31 - 1
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
@@ -354,91 +353,6 @@ def dedupe_initializers(model: onnx.ModelProto) -> int:
             if name in rename:
                 node.input[i] = rename[name]
     return len(rename)
-
-
-def serialize(model: onnx.ModelProto) -> bytes | None:
-    """The model's protobuf bytes; None when it is too large for one protobuf (2 GB).
-    (``ByteSize()`` costs as much as serialising, so the size is read off the bytes.)"""
-    try:
-        data = model.SerializeToString()
-    except ValueError:  # protobuf refuses messages over 2 GB
-        return None
-    return data if len(data) < _TWO_GB else None
-
-
-def save(model: onnx.ModelProto, path: str | os.PathLike, data: bytes | None = None) -> Path:
-    """Write `model` to `path` atomically (temp file in the same folder, then rename).
-    `data`: the model's bytes when the caller already serialised it."""
-    dest = Path(path)
-    data = serialize(model) if data is None else data
-
-    def write(tmp: Path) -> None:
-        if data is None:  # over 2 GB: weights beside the model
-            onnx.save(model, str(tmp), save_as_external_data=True,
-                      location=dest.name + ".data")
-        else:
-            tmp.write_bytes(data)
-
-    return write_atomic(dest, write)
-
-
-class Outputs:
-    """A run's output files, which appear together or not at all: a model, its report,
-    its plan. Written inside ``with Outputs() as out:`` (``out.save``, ``out.text``), each
-    is removed again when the block does not finish (an interrupt between the model and
-    its report). A file that was there before is not restored."""
-
-    def __init__(self):
-        self.written: list[Path] = []
-
-    def __enter__(self) -> "Outputs":
-        return self
-
-    def __exit__(self, kind, value, tb) -> None:
-        if kind is not None:
-            for path in self.written:
-                path.unlink(missing_ok=True)
-
-    def save(self, model: onnx.ModelProto, path: str | os.PathLike, data: bytes | None = None
-             ) -> Path:
-        weights = Path(path).parent / (Path(path).name + ".data")
-        had_weights = weights.exists()
-        dest = save(model, path, data)
-        self.written.append(dest)
-        if weights.exists() and not had_weights:
-            self.written.append(weights)
-        return dest
-
-    def text(self, path: str | os.PathLike, text: str) -> Path:
-        self.written.append(write_text(path, text))
-        return self.written[-1]
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Atomic text write (reports, plans, caches)."""
-    return write_atomic(Path(path), lambda tmp: tmp.write_text(text))
-
-
-def write_atomic(dest: Path, write) -> Path:
-    """`write(tmp)` into a temporary file in `dest`'s folder, then rename it to `dest`: a
-    reader never sees a partial file, and a failed write leaves nothing behind."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())    # mkstemp makes 0600; a new file's usual mode
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _short(err: BaseException) -> str:

@@ -143,7 +143,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     after = ModelStats(last.params, last.macs)
     tolerance = max((r.tolerance or start.tolerance for r in rounds), key=lambda t: t.value)
     report_path = None
-    with model_io.Outputs() as out:   # the model, its report and plan: all or none
+    with files.Outputs() as out:   # the model, its report and plan: all or none
         if dst is not None and writer:
             out.save(result_model, dst, source)
         sizes = (files.file_size(src) if src else start.loaded.as_read.ByteSize(),

@@ -66,7 +66,7 @@ def push(model, output=None, data: DataOptions | None = None,
     verify.check(pushed, "pushed model")
     verify.make_session(pushed, "pushed model")
     if dst is not None and distributed.is_writer():
-        with model_io.Outputs() as out:   # the model and its report: both or neither
+        with files.Outputs() as out:   # the model and its report: both or neither
             out.save(pushed, dst)
             out.text(dst.with_suffix(".report.json"), report.to_json(
                 {"input": str(src or "<in-memory model>"), "output": str(dst),
@@ -134,7 +134,7 @@ def gpp(model, output=None, config: PruneConfig | None = None,
             analyze_model(best, config.input_shape))
     report_path = None
     if dst is not None and writer:
-        with model_io.Outputs() as out:   # the model and its report: both or neither
+        with files.Outputs() as out:   # the model and its report: both or neither
             out.save(best, dst)
             report_path = out.text(dst.with_suffix(".report.json"), report.to_json(data_report))
     if options.work_dir is not None and writer:  # a finished run leaves nothing to resume
@@ -191,7 +191,7 @@ def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, budget: float = 4
                           desc="training")
     src, out = folder / "digits_cnn.onnx", folder / "digits_cnn.pruned.onnx"
     if distributed.is_writer():
-        model_io.save(trained, src)
+        files.save(trained, src)
         logger.info("wrote the trained sample model to %s", src)
         shutil.rmtree(out.with_name(out.name + ".gpp-work"), ignore_errors=True)  # killed
     distributed.barrier()  # the other processes read it once rank 0 has written it

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx
 
-from . import distributed
+from . import distributed, files
 from . import model as model_io
 from .errors import InputError
 
@@ -41,10 +41,10 @@ def save(work: Path, model, state, fingerprint: str,
     """Write `model` (``round-K.onnx`` or `name`), the best model and ``state.json``."""
     if not distributed.is_writer():  # several processes: rank 0 keeps the checkpoint
         return
-    model_io.save(model, work / (name or f"round-{state.done}.onnx"))
+    files.save(model, work / (name or f"round-{state.done}.onnx"))
     if state.best_model is not None:
-        model_io.save(state.best_model, work / "best.onnx")
-    model_io.write_text(work / "state.json", state.to_json(fingerprint))
+        files.save(state.best_model, work / "best.onnx")
+    files.write_text(work / "state.json", state.to_json(fingerprint))
     logger.info("%s checkpointed in %s", f"round {state.done}" if name is None else "grow",
                 work)
 

@@ -181,12 +181,12 @@ def test_outputs_get_the_usual_file_mode(tmp_path):
     import os
     import stat
 
-    from gpp_onnx import model as model_io
+    from gpp_onnx import files
 
     old = os.umask(0o022)
     try:
-        path = model_io.save(sample_cnn(), tmp_path / "m.onnx")
-        text = model_io.write_text(tmp_path / "r.json", "{}")
+        path = files.save(sample_cnn(), tmp_path / "m.onnx")
+        text = files.write_text(tmp_path / "r.json", "{}")
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -136,12 +136,12 @@ def test_lsq_repair_on_cuda_matches_cpu():
 
 def test_prune_with_finetuning_on_cuda(tmp_path):
     import gpp_onnx
-    from gpp_onnx import model as model_io
+    from gpp_onnx import files
 
     data = _digits()
-    src = model_io.save(train_model(digits_cnn(3), data, TrainOptions(epochs=10, lr=0.05,
-                                                                      device="cuda"), 3),
-                        tmp_path / "digits.onnx")
+    src = files.save(train_model(digits_cnn(3), data, TrainOptions(epochs=10, lr=0.05,
+                                                                   device="cuda"), 3),
+                     tmp_path / "digits.onnx")
     config = PruneConfig(ratio=0.5, data=DataOptions("digits"), latency=False,
                          train=TrainOptions(epochs=1, device="cuda"))
     result = gpp_onnx.prune(src, tmp_path / "small.onnx", config)

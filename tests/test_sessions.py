@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from gpp_onnx import files
 from gpp_onnx import model as model_io
 from gpp_onnx import skeleton, surgery, verify
 from gpp_onnx.analysis import analyze_model
@@ -79,7 +80,7 @@ def test_chunked_slice_norms_equal_one_float64_copy(monkeypatch, p):
 def test_save_writes_the_given_bytes_atomically(tmp_path):
     model = _conv_net()
     data = model.SerializeToString()
-    out = model_io.save(model, tmp_path / "m.onnx", data)
+    out = files.save(model, tmp_path / "m.onnx", data)
     onnx.save(model, tmp_path / "ref.onnx")
     assert out.read_bytes() == (tmp_path / "ref.onnx").read_bytes() == data
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 
 from .. import model as model_io
-from .. import batch, distributed, preflight, report, verify
+from .. import batch, distributed, files, preflight, report, verify
 from ..config import PruneConfig
 from ..errors import UnsupportedModelError
 from ..evaluation import data_input_shape
@@ -77,7 +77,7 @@ def grow(model, output=None, config: GrowConfig | None = None, **options) -> Gro
                    time.perf_counter() - t0)
     report_path = None
     if dst is not None and distributed.is_writer():  # several processes: rank 0 writes
-        with model_io.Outputs() as out:   # the model and its report: both or neither
+        with files.Outputs() as out:   # the model and its report: both or neither
             out.save(state.model, dst)
             report_path = out.text(dst.with_suffix(".report.json"), report.to_json(data))
     return GrowResult(dst, report_path, tuple(state.rows), before, after, acc_before,
