@@ -56,6 +56,12 @@ class TrainOptions:
     renorm_lr: float | None = None       # the learning rate while it is on (None: lr;
     #                                      after a cut RENORM_LR unless lr is set)
 
+    @property
+    def distill_weight(self) -> float:
+        """`distill`, 0 where it is left unset (the fine-tune after a cut sets it:
+        ``finetune_defaults``)."""
+        return self.distill or 0.0
+
 
 # the fine-tune's learning rate while BatchNorm is put back (TrainOptions.renorm), chosen
 # on validation accuracy (mean of 3 seeds, VGG / Inception): 0.01 0.9153 / 0.8883, 0.03
@@ -245,7 +251,7 @@ class PruneConfig:
                              "none (or --no-labels) - use --criterion fisher, or give labels")
         if self.train.epochs > 0 and self.data is None:
             raise InputError("fine-tuning needs data - pass --data")
-        if (self.train.distill or 0) < 0 or self.train.temperature <= 0:
+        if self.train.distill_weight < 0 or self.train.temperature <= 0:
             raise InputError("--distill must be >= 0 and --temperature > 0")
         if self.eta is not None and self.eta < 0:
             raise InputError(f"--eta {self.eta} must be >= 0 (e.g. 0.1)")

@@ -107,6 +107,6 @@ def default_losses(data: Dataset, options: TrainOptions, teacher=None) -> list:
         if teacher is None:
             raise ValueError("training without labels needs a teacher")
         return [Distill(teacher.kinds, 1.0, options.temperature)]
-    if teacher is not None and (options.distill or 0) > 0:
+    if teacher is not None and options.distill_weight > 0:
         return [CrossEntropy(), Distill(teacher.kinds, options.distill, options.temperature)]
     return [CrossEntropy()]

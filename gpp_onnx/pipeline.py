@@ -215,7 +215,7 @@ def with_label_mode(config: PruneConfig) -> PruneConfig:
 def _distillation(start, config: PruneConfig) -> str | None:
     teacher = start.data.teacher if start.data is not None else None
     if teacher is None or config.train.epochs <= 0 or (
-            config.data.labels and (config.train.distill or 0) <= 0):
+            config.data.labels and config.train.distill_weight <= 0):
         return None
     return describe(teacher.kinds)
 

@@ -314,7 +314,7 @@ def _measure(pruned, bare, data: Splits | None, config: PruneConfig, k: int):
         logger.info("round %d: accuracy right after the cut %.4f", k, acc_cut)
     if config.train.epochs <= 0:
         return acc_cut, None, pruned, False, fid
-    distil = teacher if not labelled or (config.train.distill or 0) > 0 else None
+    distil = teacher if not labelled or config.train.distill_weight > 0 else None
     tuned = train_model(pruned, data.train, config.train, config.seed + k, teacher=distil)
     acc_tuned = accuracy(tuned, data.val) if labelled else None
     worse = better = None

@@ -197,7 +197,7 @@ def finetune_step(model, state: State, run: Run):
         state = replace(state, stop=why)
     if epochs <= 0:
         return model, state, {}
-    teacher = run.data.teacher if (run.config.train.distill or 0) > 0 else None  # --distill W
+    teacher = run.data.teacher if run.config.train.distill_weight > 0 else None  # --distill W
     # after a grow, the BatchNorm put back on folded convs (train.renorm) lowered held-out
     # accuracy (two seeds, docs/grow.md): the rounds of a grown model fine-tune without it
     train = replace(run.config.train, epochs=epochs,
