@@ -140,3 +140,50 @@ def test_random_graphs_repaired_pruned_equals_repaired_masked(model, ratio, seed
 
         assert rel_err(float64_outputs(pruned, feeds),
                        float64_outputs(masked, feeds)) < FLOAT64_TOLERANCE
+
+
+@st.composite
+def fixed_batch_graphs(draw):
+    """The graphs above as a tracing exporter writes them for one example: the input fixes
+    batch 1 and every Reshape target has the 1 written in (the dynamo exporter's form,
+    with or without ``allowzero``)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    b = GraphBuilder((1, 3, 8, 8), seed=draw(st.integers(0, 2 ** 16)), dynamic_batch=False)
+    x = b.act(b.conv("input", draw(st.integers(2, 8))), "Relu")
+    for _ in range(draw(st.integers(1, 3))):
+        block = draw(st.sampled_from(BLOCKS))
+        x = block(b, x, draw(st.integers(2, 8)), draw(st.sampled_from(ACTS)))
+    model = b.build(draw(st.sampled_from(HEADS))(b, x))
+    inits = {t.name: t for t in model.graph.initializer}
+    allowzero = draw(st.booleans())
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and node.input[1] in inits:
+            target = numpy_helper.to_array(inits[node.input[1]]).copy()
+            if target[0] == -1:
+                target[0] = 1
+                inits[node.input[1]].CopyFrom(numpy_helper.from_array(target, node.input[1]))
+                if allowzero:
+                    node.attribute.append(helper.make_attribute("allowzero", 1))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    return model
+
+
+@settings(max_examples=25, deadline=None)
+@given(model=fixed_batch_graphs())
+def test_random_fixed_batch_graphs_are_freed_and_compute_what_they_did(model):
+    """Normalising frees the batch, and the freed model on 3 images computes what the file
+    as written computes on each image alone."""
+    import numpy as np
+
+    from conftest import rel_err, run_model
+    from gpp_onnx.model import normalize
+
+    freed = normalize(model)
+    assert freed.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    got = run_model(freed, {"input": x})
+    want = [np.concatenate(parts) for parts in
+            zip(*(run_model(model, {"input": x[i:i + 1]}) for i in range(3)))]
+    assert rel_err(got, want) < 1e-5
