@@ -154,9 +154,8 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     if b is not None:
         freed = _normalize_any(batch.free(model, b))
         if batch.same_function(model, freed, b):
-            logger.info("the input fixes the batch at %d: it is made free for scoring and "
-                        "training (checked: a batch of %d computes what its halves do)",
-                        b, 2 * b)
+            logger.info("the input fixes the batch at %d: it is made free for this run "
+                        "(checked: a batch of %d computes what its halves do)", b, 2 * b)
             return freed
     return _normalize_any(model)
 
