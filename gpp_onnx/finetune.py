@@ -30,6 +30,7 @@ from dataclasses import replace
 import onnx
 
 from . import distributed
+from .batch import fixed as fixed_batch  # the batch a model's inputs fix (None: free)
 from .config import TrainOptions
 from .data import Dataset, iter_batches
 from .errors import DataError
@@ -85,17 +86,6 @@ def train_model(model: onnx.ModelProto, data: Dataset, options: TrainOptions, se
     batches = _batches(data, options.batch_size, seed)
     trainer.fit(batches if teacher is None else teacher.with_targets(batches), desc)
     return write_back(module, model)
-
-
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size the model's first input fixes (a reshape may have it baked in), or
-    None where it is symbolic."""
-    inits = {t.name for t in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name not in inits:
-            dims = value.type.tensor_type.shape.dim
-            return dims[0].dim_value if dims and dims[0].dim_value > 0 else None
-    return None
 
 
 def default_losses(data: Dataset, options: TrainOptions, teacher=None) -> list:
