@@ -337,6 +337,8 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
     if any, are not used)."""
     preflight.check_data(data.source if data is not None else None)
     a, b = model_io.open_model(path_a).model, model_io.open_model(path_b).model
+    sizes = [m.ByteSize() if isinstance(p, onnx.ModelProto) else files.file_size(p)
+             for m, p in ((a, path_a), (b, path_b))]
     path_a, path_b = (p if not isinstance(p, onnx.ModelProto) else f"<in-memory model {n}>"
                       for p, n in ((path_a, "a"), (path_b, "b")))
     input_shape = data_input_shape(a, input_shape, data.source if data is not None else None)
@@ -352,8 +354,6 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
     # there; the channel analysis reads only normalised graphs)
     normalized = [model_io.normalize(m) for m in (a, b)]
     stats = [count(GraphView(m, input_shape)) for m in normalized]
-    sizes = [m.ByteSize() if str(p).startswith("<in-memory") else files.file_size(p)
-             for m, p in ((a, path_a), (b, path_b))]
     cmp = Comparison(*stats, *sizes, la, lb)
     if ds is None:
         return cmp
