@@ -161,7 +161,8 @@ def fidelity_table(stages: dict, headers: dict | None = None,
     rows = []
     for out in outputs:
         for measure, label in (("relative_error", "relative error"),
-                               ("top1_agreement", "top-1 agreement")):
+                               ("top1_agreement", "top-1 agreement"),
+                               ("agreement", "values equal")):
             if measure in stages[done[0]][out]:
                 rows.append([f"{out}: {label}"] + [f"{stages[k][out][measure]:.4f}"
                                                    for k in done])

@@ -341,15 +341,19 @@ def _measure(pruned, bare, data: Splits | None, config: PruneConfig, k: int):
 
 
 def lowered_fidelity(before: dict, after: dict, raised: bool = False) -> list[str]:
-    """The outputs whose fidelity `after` is worse than `before` (class outputs: top-1
-    agreement down; others: relative error up), each as 'name before -> after'; with
-    `raised`, those whose fidelity is better instead."""
+    """The outputs whose fidelity `after` is worse than `before`, each as 'name measure
+    before -> after'; with `raised`, those whose fidelity is better instead. Class outputs
+    compare top-1 agreement, and on a tie relative error; discrete outputs the share of
+    values equal; others relative error."""
     changed = []
     for name, row in after.items():
-        key = "top1_agreement" if "top1_agreement" in row else "relative_error"
-        was, now = before[name][key], row[key]
-        if ((now < was) if key == "top1_agreement" else (now > was)) != raised and now != was:
-            changed.append(f"{name} {key.replace('_', ' ')} {was:.3f} -> {now:.3f}")
+        for key in ("top1_agreement", "agreement", "relative_error"):
+            if key not in row or row[key] == before[name][key]:
+                continue
+            was, now = before[name][key], row[key]
+            if ((now > was) if key == "relative_error" else (now < was)) != raised:
+                changed.append(f"{name} {key.replace('_', ' ')} {was:.3f} -> {now:.3f}")
+            break
     return changed
 
 

@@ -8,7 +8,10 @@ any axis but the batch's (then the student's loss reads that node's input, the l
 recognizer's), or the model's first output when it is (N, K) (a classifier's logits, the
 convention the rest of gpp-onnx follows). An output of a Sigmoid is a *binary* output:
 independent probabilities (a text detector's probability map, multi-label scores), whose
-loss reads the Sigmoid's input, the logits. Every other output (boxes, embeddings, raw
+loss reads the Sigmoid's input, the logits (a Sigmoid output is binary whatever its
+shape). An output of integer or boolean values (an ArgMax's class index, a count) is
+*discrete*: no loss can follow it, so training leaves it out, and its fidelity is the
+fraction of its values equal to the original's. Every other output (boxes, embeddings, raw
 scores) is a *regression* output.
 
 Distillation targets are the teacher's outputs on the very batch being trained on,
@@ -19,10 +22,11 @@ Fidelity of a model m to the original t on inputs X, per output o:
 
     relative error   e_o = sqrt( sum_X ||m_o(x) - t_o(x)||^2 / sum_X ||t_o(x)||^2 )
     top-1 agreement  a_o = mean_X [ argmax_k m_o(x)_k == argmax_k t_o(x)_k ]   (class outputs)
+    agreement        mean over X and elements of [ m_o(x) == t_o(x) ]   (discrete outputs alone)
 
-(argmax along the class axis; with several positions, the mean over x and positions),
-accumulated batch by batch (memory bounded by the batch). The original against itself is
-e = 0, a = 1.
+(argmax along the class axis; with several positions, the mean over x and positions,
+wherever the batch axis lies), accumulated batch by batch (memory bounded by the batch).
+The original against itself is e = 0, a = 1.
 """
 from __future__ import annotations
 
@@ -39,14 +43,14 @@ from .verify import make_session, outputs
 
 logger = logging.getLogger(__name__)
 
-CLASS, BINARY, REGRESSION = "class", "binary", "regression"
+CLASS, BINARY, REGRESSION, DISCRETE = "class", "binary", "regression", "discrete"
 _FORMS = {"Softmax": "probs", "LogSoftmax": "logprobs"}
 
 
 @dataclass(frozen=True)
 class OutputKind:
     name: str        # the graph output
-    kind: str        # CLASS | BINARY | REGRESSION
+    kind: str        # CLASS | BINARY | REGRESSION | DISCRETE
     logits: str      # the value a student's loss reads (a Softmax's / Sigmoid's input,
     #                  else the output)
     form: str        # what the output holds: logits | probs | logprobs | values
@@ -62,14 +66,27 @@ def output_kinds(analysis) -> tuple[OutputKind, ...]:
         axis = None if shape is None else (
             _softmax_axis(node, shape, opset_version(view.model)) if logits is not None
             else 1 if i == 0 and len(shape) == 2 else None)
-        if axis is not None and isinstance(shape[axis], int) and shape[axis] >= 2:
-            form = _FORMS.get(node.op_type, "logits") if logits is not None else "logits"
-            kinds.append(OutputKind(name, CLASS, logits or name, form, axis))
+        if not view.is_float(name):
+            kinds.append(OutputKind(name, DISCRETE, name, "values"))
         elif node is not None and node.op_type == "Sigmoid":
             kinds.append(OutputKind(name, BINARY, node.input[0], "probs"))
+        elif axis is not None and isinstance(shape[axis], int) and shape[axis] >= 2:
+            form = _FORMS.get(node.op_type, "logits") if logits is not None else "logits"
+            kinds.append(OutputKind(name, CLASS, logits or name, form, axis))
         else:
             kinds.append(OutputKind(name, REGRESSION, name, "values"))
     return tuple(kinds)
+
+
+def trainable(kinds: Iterable[OutputKind]) -> tuple[OutputKind, ...]:
+    """The outputs a loss can follow (all but the discrete ones); DataError if none is."""
+    kept = tuple(k for k in kinds if k.kind != DISCRETE)
+    if not kept:
+        names = ", ".join(k.name for k in kinds)
+        raise DataError(f"every output of the model ({names}) holds integers, which no "
+                        "training loss can follow - export the model with its scores or "
+                        "logits as an output, or prune it without --data (magnitude criteria)")
+    return kept
 
 
 def _softmax_axis(node, shape: tuple, opset: int) -> int | None:
@@ -86,7 +103,7 @@ def _softmax_axis(node, shape: tuple, opset: int) -> int | None:
 def describe(kinds: Iterable[OutputKind]) -> str:
     """The distillation loss per output, in words (log line and report)."""
     loss = {CLASS: "KL on the class distribution", BINARY: "KL on each probability",
-            REGRESSION: "relative squared error"}
+            REGRESSION: "relative squared error", DISCRETE: "none (integer values)"}
     parts = [f"{k.name}: {loss[k.kind]}" for k in kinds]
     return "; ".join(parts)
 
@@ -105,13 +122,19 @@ class Teacher:
 
     def with_targets(self, batches: Iterable[tuple[np.ndarray, np.ndarray | None]]
                      ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """(x, y) batches -> (x, targets): the teacher's outputs by name, and ``y`` (the
-        labels) where the batch has them."""
+        """(x, y) batches -> (x, targets): the teacher's outputs under ``target_key(name)``,
+        and ``y`` (the labels) where the batch has them."""
         for x, y in batches:
-            targets = self.outputs(x)
+            targets = {target_key(name): v for name, v in self.outputs(x).items()}
             if y is not None:
                 targets["y"] = y
             yield x, targets
+
+
+def target_key(output: str) -> str:
+    """The key of an output's teacher values in a batch's targets: apart from the labels'
+    ``"y"``, which an output may be named too."""
+    return "teacher:" + output
 
 
 def fidelity(teacher: Teacher, model, batches: Iterable[np.ndarray],
@@ -126,45 +149,52 @@ def fidelity(teacher: Teacher, model, batches: Iterable[np.ndarray],
                         "with the same outputs")
     err = {k.name: 0.0 for k in teacher.kinds}
     ref = dict(err)
-    agree, count = dict(err), 0
+    agree = {k.name: [0, 0] for k in teacher.kinds}   # values (or positions) equal, compared
     for x in batches:
         got = dict(zip(names, run_rows(session, x, where)))
         want = teacher.outputs(x)
         for k in teacher.kinds:
-            m, t = got[k.name].astype(np.float64), want[k.name].astype(np.float64)
+            m, t = got[k.name], want[k.name]
             if m.shape != t.shape:
                 raise DataError(f"{where}: output {k.name} has shape {m.shape} where the "
                                 f"original's has {t.shape}; compare models with the same outputs")
-            err[k.name] += float(((m - t) ** 2).sum())
-            ref[k.name] += float((t ** 2).sum())
-            if k.kind == CLASS:
-                same = m.argmax(k.axis) == t.argmax(k.axis)
-                agree[k.name] += float(same.reshape(len(same), -1).mean(1).sum())
-        count += len(x)
-    return {k.name: _row(k, err[k.name], ref[k.name], agree[k.name], count)
-            for k in teacher.kinds}
+            if k.kind in (CLASS, DISCRETE):
+                same = m.argmax(k.axis) == t.argmax(k.axis) if k.kind == CLASS else m == t
+                agree[k.name][0] += int(same.sum())
+                agree[k.name][1] += same.size
+            if k.kind != DISCRETE:
+                m, t = m.astype(np.float64), t.astype(np.float64)
+                err[k.name] += float(((m - t) ** 2).sum())
+                ref[k.name] += float((t ** 2).sum())
+    return {k.name: _row(k, err[k.name], ref[k.name], *agree[k.name]) for k in teacher.kinds}
 
 
 def run_rows(session, x: np.ndarray, where: str) -> list[np.ndarray]:
-    """The session's outputs for the rows of `x`; a model with a fixed batch size runs
-    them in chunks of that size (the last one zero-padded)."""
+    """The session's outputs for the rows of `x`; a model with a fixed batch size b runs
+    them in chunks of b (the last one zero-padded), each output's chunks cut and joined
+    along its batch axis: its first axis of size b (a time-major (T, b, K) output's axis
+    1), else axis 0."""
     spec = session.get_inputs()[0]
     fixed = spec.shape[0] if spec.shape else None
     if not isinstance(fixed, int) or fixed < 1 or fixed == len(x):
         return outputs(session, {spec.name: x}, where)
-    parts = []
+    parts, axes = [], None
     for start in range(0, len(x), fixed):
         chunk = x[start:start + fixed]
         pad = np.zeros((fixed - len(chunk), *x.shape[1:]), x.dtype)
         got = outputs(session, {spec.name: np.concatenate([chunk, pad])}, where)
-        parts.append([g[: len(chunk)] for g in got])
-    return [np.concatenate(p) for p in zip(*parts)]
+        axes = axes or [next((a for a, d in enumerate(g.shape) if d == fixed), 0) for g in got]
+        parts.append([np.take(g, np.arange(len(chunk)), a) for g, a in zip(got, axes)])
+    return [np.concatenate(p, a) for p, a in zip(zip(*parts), axes)]
 
 
-def _row(kind: OutputKind, err: float, ref: float, agree: float, count: int) -> dict:
+def _row(kind: OutputKind, err: float, ref: float, equal: int, compared: int) -> dict:
+    share = equal / compared if compared else 1.0
+    if kind.kind == DISCRETE:
+        return {"agreement": share}
     row = {"relative_error": float(np.sqrt(err / max(ref, 1e-30)))}
     if kind.kind == CLASS:
-        row["top1_agreement"] = agree / max(count, 1)
+        row["top1_agreement"] = share
     return row
 
 

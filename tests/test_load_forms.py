@@ -369,9 +369,10 @@ def test_weights_behind_casts_are_counted_and_stored_back_in_float16(tmp_path, c
                  str(tmp_path / "pruned.onnx")]) == 0
     macs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("MACs")]
     assert macs[0].split()[1] == human(count(GraphView(plain)).macs)
-    # fine-tuning moves the weights off float16: they stay float32, and the run says so
+    # the repair (and fine-tuning) move the weights off float16: they stay float32, and
+    # the run says so
     repaired = prune(tmp_path / "model.onnx", tmp_path / "repaired.onnx",
-                     PruneConfig(ratio=0.5, latency=False,
+                     PruneConfig(ratio=0.5, round_to=1, latency=False,
                                  data=DataOptions("digits", labels=False),
                                  train=TrainOptions(epochs=0.2)))
     assert any("are written in float32" in w for w in repaired.report["warnings"])

@@ -21,7 +21,8 @@ from gpp_onnx.finetune import default_losses, train_model
 from gpp_onnx.importance import Evidence, get_criterion
 from gpp_onnx.samples import GraphBuilder, digits_cnn
 from gpp_onnx.sources import has_labels
-from gpp_onnx.teacher import CLASS, REGRESSION, OutputKind, Teacher, fidelity, output_kinds
+from gpp_onnx.teacher import (CLASS, REGRESSION, OutputKind, Teacher, fidelity, output_kinds,
+                               target_key)
 from gpp_onnx.train import CrossEntropy, Distill
 
 Image = pytest.importorskip("PIL.Image")
@@ -116,14 +117,15 @@ def test_distill_loss_matches_numpy():
         rel = ((r_s - r_t) ** 2).sum() / (r_t ** 2).sum()
         loss = Distill(kinds, weight=0.5, temperature=temp)
         values = {"a_logits": torch.from_numpy(s), "b": torch.from_numpy(r_s)}
-        total, logs = loss(None, {"a": torch.from_numpy(t), "b": torch.from_numpy(r_t)}, values)
+        total, logs = loss(None, {target_key("a"): torch.from_numpy(t),
+                                  target_key("b"): torch.from_numpy(r_t)}, values)
         assert logs["distill:a"] == pytest.approx(kl, rel=1e-9)
         assert logs["distill:b"] == pytest.approx(rel, rel=1e-9)
         assert float(total) == pytest.approx(0.5 * (kl + rel), rel=1e-9)
     # a Softmax output's probabilities give the same loss as its logits
     probs = np.exp(log_softmax(t))
     k_probs = [OutputKind("a", CLASS, "a_logits", "probs")]
-    same, _ = Distill(k_probs)(None, {"a": torch.from_numpy(probs)},
+    same, _ = Distill(k_probs)(None, {target_key("a"): torch.from_numpy(probs)},
                                {"a_logits": torch.from_numpy(s)})
     lt, ls = log_softmax(t), log_softmax(s)
     assert float(same) == pytest.approx((np.exp(lt) * (lt - ls)).sum(1).mean(), rel=1e-6)
@@ -170,9 +172,9 @@ def test_teacher_targets_are_the_originals_outputs_per_batch(tmp_path):
     ds = load_dataset(DataSpec(str(digits_x(tmp_path, 10)), 1, 8, 8))
     for x, targets in teacher.with_targets(iter_batches(ds, 4)):
         want = run_model(model, {"input": x})
-        assert set(targets) == {o.name for o in model.graph.output}
+        assert set(targets) == {target_key(o.name) for o in model.graph.output}
         for out, w in zip(model.graph.output, want):
-            np.testing.assert_allclose(targets[out.name], w, rtol=1e-6)
+            np.testing.assert_allclose(targets[target_key(out.name)], w, rtol=1e-6)
 
 
 def test_distillation_moves_a_cut_model_towards_the_original(tmp_path):
@@ -435,7 +437,8 @@ def test_lowered_fidelity_names_the_outputs_that_got_worse_or_better():
               "box": {"relative_error": 0.2}}
     up = {"cls": {"relative_error": 0.5, "top1_agreement": 0.95}, "box": {"relative_error": 0.1}}
     down = {"cls": {"relative_error": 0.1, "top1_agreement": 0.8}, "box": {"relative_error": 0.25}}
-    same = {"cls": {"relative_error": 0.1, "top1_agreement": 0.9}, "box": {"relative_error": 0.2}}
+    same = {"cls": {"relative_error": 0.3, "top1_agreement": 0.9}, "box": {"relative_error": 0.2}}
+    tie = {"cls": {"relative_error": 0.4, "top1_agreement": 0.9}, "box": {"relative_error": 0.2}}
     assert lowered_fidelity(before, up) == []
     assert lowered_fidelity(before, up, raised=True) == [
         "cls top1 agreement 0.900 -> 0.950", "box relative error 0.200 -> 0.100"]
@@ -443,6 +446,12 @@ def test_lowered_fidelity_names_the_outputs_that_got_worse_or_better():
         "cls top1 agreement 0.900 -> 0.800", "box relative error 0.200 -> 0.250"]
     assert lowered_fidelity(before, down, raised=True) == []
     assert lowered_fidelity(before, same) == lowered_fidelity(before, same, raised=True) == []
+    # the same agreement: the relative error decides
+    assert lowered_fidelity(before, tie) == ["cls relative error 0.300 -> 0.400"]
+    assert lowered_fidelity(tie, before, raised=True) == ["cls relative error 0.400 -> 0.300"]
+    # a discrete output: the share of values equal
+    assert lowered_fidelity({"k": {"agreement": 0.9}}, {"k": {"agreement": 0.8}}) == [
+        "k agreement 0.900 -> 0.800"]
 
 
 def test_a_distillation_that_lowers_fidelity_is_reported_and_not_kept(tmp_path, monkeypatch,

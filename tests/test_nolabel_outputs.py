@@ -18,7 +18,8 @@ from gpp_onnx.data import DataSpec, iter_batches, load_dataset
 from gpp_onnx.finetune import fixed_batch, train_model
 from gpp_onnx.importance import Evidence, get_criterion
 from gpp_onnx.samples import GraphBuilder, digits_cnn
-from gpp_onnx.teacher import BINARY, CLASS, REGRESSION, OutputKind, Teacher, fidelity, output_kinds
+from gpp_onnx.teacher import (BINARY, CLASS, REGRESSION, OutputKind, Teacher, fidelity,
+                               output_kinds, target_key)
 from gpp_onnx.train import Distill
 from test_nolabel import digits_x, log_softmax
 
@@ -67,13 +68,13 @@ def test_a_sigmoid_output_is_binary_and_distilled_on_its_logits(tmp_path):
         p, q = 1 / (1 + np.exp(-z / temp)), 1 / (1 + np.exp(-s / temp))
         kl = (p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))).mean() * temp ** 2
         got, _ = Distill([k], temperature=temp)(
-            None, {k.name: torch.from_numpy(1 / (1 + np.exp(-z)))},
+            None, {target_key(k.name): torch.from_numpy(1 / (1 + np.exp(-z)))},
             {k.logits: torch.from_numpy(s)})
         assert float(got) == pytest.approx(kl, rel=1e-5)
     # where the student's sigmoid saturates at 0 and the teacher says 1, the gradient on
     # the logit stays near -1 / elements (the squared error of probabilities gives ~0)
     s_sat = torch.full((1, 1, 1, 2), -30.0, dtype=torch.float64, requires_grad=True)
-    loss, _ = Distill([k])(None, {k.name: torch.ones(1, 1, 1, 2, dtype=torch.float64)},
+    loss, _ = Distill([k])(None, {target_key(k.name): torch.ones(1, 1, 1, 2, dtype=torch.float64)},
                            {k.logits: s_sat})
     loss.backward()
     np.testing.assert_allclose(s_sat.grad.numpy(), -0.5, rtol=1e-6)
@@ -89,7 +90,7 @@ def test_distill_loss_along_the_class_axis_matches_numpy():
     lt, ls = log_softmax(t, 2), log_softmax(s, 2)
     kl = (np.exp(lt) * (lt - ls)).sum(2).mean()  # mean over images and positions
     kinds = [OutputKind("a", CLASS, "a_logits", "probs", axis=2)]
-    got, _ = Distill(kinds)(None, {"a": torch.from_numpy(np.exp(lt))},
+    got, _ = Distill(kinds)(None, {target_key("a"): torch.from_numpy(np.exp(lt))},
                             {"a_logits": torch.from_numpy(s)})
     assert float(got) == pytest.approx(kl, rel=1e-6)
 

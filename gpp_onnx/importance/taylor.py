@@ -149,9 +149,9 @@ class _FisherLoss:
     its outputs (module docstring)."""
 
     def __init__(self, analysis, seed: int, device):
-        from ..teacher import output_kinds
+        from ..teacher import output_kinds, trainable
 
-        self.kinds = output_kinds(analysis)
+        self.kinds = trainable(output_kinds(analysis))
         self.names = list(dict.fromkeys(k.logits for k in self.kinds))
         self.gen = torch.Generator(device=device).manual_seed(seed)
 

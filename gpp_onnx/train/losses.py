@@ -1,7 +1,7 @@
 """Loss objects for the one trainer: each sees the logits, the batch's targets (a dict:
-``"y"`` the labels where the data has them, and the teacher's outputs by output name when
-distilling) and any named intermediate value of the torch backend (``needs``), and
-returns a scalar and its logs.
+``"y"`` the labels where the data has them, and the teacher's outputs under
+``teacher.target_key(output)`` when distilling) and any named intermediate value of the
+torch backend (``needs``), and returns a scalar and its logs.
 
 ``CrossEntropy``: the classification loss.
 
@@ -87,13 +87,16 @@ class Distill:
     name = "distill"
 
     def __init__(self, kinds, weight: float = 1.0, temperature: float = 1.0):
-        self.kinds, self.weight, self.temperature = tuple(kinds), weight, temperature
+        from ..teacher import target_key, trainable
+
+        self.kinds, self.weight, self.temperature = trainable(kinds), weight, temperature
         self.needs = tuple(k.logits for k in self.kinds)
+        self.keys = tuple(target_key(k.name) for k in self.kinds)
 
     def __call__(self, logits, targets, values) -> tuple[torch.Tensor, dict]:
         total, logs = 0.0, {}
-        for k in self.kinds:
-            s, t = values[k.logits], targets[k.name].to(values[k.logits].dtype)
+        for k, key in zip(self.kinds, self.keys):
+            s, t = values[k.logits], targets[key].to(values[k.logits].dtype)
             part = (self._kl(s, t, k.form, k.axis) if k.kind == "class" else
                     self._binary_kl(s, t) if k.kind == "binary" else
                     ((s - t) ** 2).sum() / (t ** 2).sum().clamp(min=1e-12))

@@ -11,7 +11,8 @@ an input of raw scale (pixels in 0..255) step as they would on a unit-scale inpu
 (``gpp_onnx.train.scale``). A step runs the torch backend through ``forward`` of
 :class:`Tapped`, which returns the logits and every value a loss ``needs`` (e.g. the final hidden layer for the
 push loss); the step's loss is the sum of the loss objects'. A batch is ``(x, targets)``:
-``targets`` a dict of arrays (``"y"`` the labels, teacher outputs by output name), or the
+``targets`` a dict of arrays (``"y"`` the labels, teacher outputs under
+``teacher.target_key(output)``), or the
 labels array alone (``{"y": y}``). When a process group is up (``gpp_onnx.distributed``,
 started by torchrun) the net runs in DistributedDataParallel: each rank steps on its
 share of the global batch, the gradients are averaged, and every rank ends with the same
