@@ -65,6 +65,7 @@ def load_arrays(source: str, dims: tuple[int, ...], input_name: str, labels: boo
                         + ", ".join(map(str, dims)) + ")")
     if x.dtype.kind not in "iubf":
         raise DataError(f"{path}: x has dtype {x.dtype}; store numbers (float or int)")
+    y = None if labels is False else y        # labels not used are not checked either
     raw = Raw(None if y is None else as_labels(y, str(path)), ArrayPixels(x, 1.0, str(path)),
               str(path), None if names is None else tuple(map(str, names)))
     y, idx = select(raw, labels, limit, seed)

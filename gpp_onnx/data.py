@@ -183,7 +183,7 @@ def load_dataset(spec: DataSpec) -> Dataset:
     """Resolve ``spec.source``, check it, and return a view of the ``limit`` subset that
     prepares images for the model input on demand. Labels, channels, sizes (from headers for
     image files) and pixel ranges are checked here, before any batch is read."""
-    raw = resolve(spec.source, labels=spec.labels is not False)
+    raw = resolve(spec.source, labels=spec.labels is not False, channels=spec.channels)
     y, idx = select(raw, spec.labels, spec.limit, spec.seed)
     for shape, first in raw.pixels.shapes(idx).items():
         _check_fit(shape, spec, first)

@@ -33,10 +33,12 @@ def data_input_shape(model, input_shape, source: str | None):
             return None
     inits = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in inits]
-    if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 4:
+    if len(inputs) != 1:
         return None
     fixed = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
              for d in inputs[0].type.tensor_type.shape.dim]
+    if len(fixed) != 4:
+        return _array_input_shape(inputs[0].name, fixed, source)
     nhwc = fixed[3] in (1, 3) and fixed[1] not in (1, 3)
     sides, channel = ((1, 2), 3) if nhwc else ((2, 3), 1)
     if all(fixed[a] is not None for a in sides):
@@ -58,6 +60,26 @@ def data_input_shape(model, input_shape, source: str | None):
     return tuple(shape)
 
 
+def _array_input_shape(name: str, fixed: list, source: str) -> tuple | None:
+    """A non-image input with free axes besides the batch's (audio features of any
+    length): those axes at the size of an .npz's x, where its rank fits."""
+    from pathlib import Path
+
+    from .sources import read_npz
+
+    path = Path(source).expanduser()
+    if len(fixed) < 2 or None not in fixed[1:] or not (path.is_file() and
+                                                       path.suffix.lower() == ".npz"):
+        return None
+    x = read_npz(path)[0]
+    if x.ndim != len(fixed):
+        return None
+    shape = [1] + [d if d is not None else int(n) for d, n in zip(fixed[1:], x.shape[1:])]
+    logger.info("input '%s' takes any size on some axes: run at the data's %s "
+                "(--input-shape sets another)", name, tuple(shape[1:]))
+    return tuple(shape)
+
+
 def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool = True,
                 limit: int | None = None, seed: int = 0, workers: int | None = None,
                 labels: bool | None = None) -> Dataset:
@@ -72,6 +94,11 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
                         "single-input model; this one can be pruned (magnitude criteria) "
                         "and compared without --data")
     spec = view.inputs[0]
+    if np.dtype(spec.dtype).kind != "f":
+        raise DataError(f"input '{spec.name}' takes {np.dtype(spec.dtype).name} values and "
+                        "--data feeds float32 (images scaled to [0, 1]) - export the model "
+                        "with a float input (the cast and scaling outside the graph), or "
+                        "prune it without --data (magnitude criteria)")
     if len(spec.shape) != 4:
         ds = load_arrays(source, spec.shape[1:], spec.name, labels, limit, seed)
     else:

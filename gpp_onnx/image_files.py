@@ -108,7 +108,7 @@ def images_under(folder: Path, root: Path) -> list[Path]:
             dirs[:] = []
             continue
         if (real.is_relative_to(data) and not real.is_relative_to(own)) or \
-                data.is_relative_to(real):
+                (data.is_relative_to(real) and real != own):
             warn_once("%s: skipped, it links back into the data folder %s (its images "
                       "would count again as class '%s')", top, root, folder.name)
             dirs[:] = []
@@ -122,12 +122,16 @@ def images_under(folder: Path, root: Path) -> list[Path]:
 
 def unit_scale(x: np.ndarray, source: str) -> float:
     """The divisor that maps ``x``'s pixels to [0, 1], from a scan chunk by chunk (so a
-    memory map is never copied whole); uint8 needs no scan."""
+    memory map is never copied whole); uint8 needs no scan. Floats are 0..255 pixels when
+    they are whole numbers up to 255 (as images converted from uint8 are); values with
+    fractions, such as features, are taken as they are."""
     if x.dtype.kind not in "iubf":
         raise DataError(f"{source}: pixels have dtype {x.dtype}; store x as uint8 or float")
     if x.dtype == np.uint8 or x.dtype.kind == "b":
         return 255.0 if x.dtype == np.uint8 else 1.0
-    flat, lo, hi = x.reshape(len(x), -1) if x.ndim else x.reshape(1, 1), np.inf, -np.inf
+    if x.ndim == 0 or len(x) == 0:       # nothing to scale; an empty set is refused later
+        return 1.0
+    flat, lo, hi, whole = x.reshape(len(x), -1), np.inf, -np.inf, True
     step = max(1, _SCAN_CHUNK // max(flat.shape[1], 1))
     for start in range(0, len(flat), step):
         chunk = np.asarray(flat[start:start + step])
@@ -135,13 +139,19 @@ def unit_scale(x: np.ndarray, source: str) -> float:
             raise DataError(f"{source}: NaN or infinite pixel values; clean or drop those images")
         if chunk.size:
             lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+            whole = whole and x.dtype.kind == "f" and bool((chunk == np.round(chunk)).all())
     if x.dtype.kind in "iu":
         if lo < 0:
             raise DataError(f"{source}: negative pixel values; store pixels as uint8 or [0, 1]")
         return 255.0 if hi <= 255 else float(max(hi, 65535))
-    if lo >= 0 and 1 < hi <= 255:
-        log.info("%s: float pixels in [0, %g] divided by 255", source, hi)
+    if lo >= 0 and 1 < hi <= 255 and whole:
+        log.info("%s: float pixels of whole values in [0, %g] divided by 255", source, hi)
         return 255.0
+    if lo >= 0 and 1 < hi <= 255:
+        log.warning("%s: float values in [%g, %g] with fractions taken as they are, not as "
+                    "0..255 pixels (those are whole numbers) - if they are pixels, divide x "
+                    "by 255 first", source, lo, hi)
+        return 1.0
     if lo < 0 or hi > 1:
         log.warning("%s: float pixels in [%g, %g] taken as already normalised", source, lo, hi)
     return 1.0

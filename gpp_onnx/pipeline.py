@@ -305,7 +305,7 @@ def _preflight(model, src: Path | None, dst: Path | None, data: DataOptions | No
     """Output writable with room, data readable: checked before any expensive work."""
     if dst is not None:
         preflight.check_output(src, dst, model.ByteSize() if src is None else 0)
-    preflight.check_data(data.source if data is not None else None)
+    preflight.check_data(data.source if data is not None else None, dst)
 
 
 def _first_reasons(analysis: Analysis) -> str:

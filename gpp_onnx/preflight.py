@@ -93,7 +93,15 @@ def check_writable(path: Path) -> Path:
     return folder
 
 
-def check_data(source: str | None) -> None:
-    """The data source exists and is readable (DataError otherwise); None: no data."""
-    if source is not None:
-        check_source(source)
+def check_data(source: str | None, dst: Path | None = None) -> None:
+    """The data source exists and is readable (DataError otherwise), and the model output
+    `dst` and its report would not overwrite it; None: no data."""
+    if source is None:
+        return
+    check_source(source)
+    data = Path(source).expanduser()
+    if dst is not None and data.is_file():
+        for out in (dst, dst.with_suffix(".report.json")):
+            if _same_file(out, data):
+                raise InputError(f"output {out} would overwrite the data {data} - choose "
+                                 "another path with -o; gpp-onnx never overwrites its input")

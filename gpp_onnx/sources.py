@@ -116,16 +116,18 @@ def has_labels(source: str) -> bool:
     return True
 
 
-def resolve(source: str, labels: bool = True) -> Raw:
+def resolve(source: str, labels: bool = True, channels: int | None = None) -> Raw:
     """Labels and a pixel store for ``source`` (an existing path wins over a built-in name);
-    `labels` False: labels stored apart from the images (an .npz's y, an IDX labels file)
-    are not read, so labels a run ignores cannot stop it."""
+    `labels` False: labels are not read (an .npz's y, an IDX labels file), so labels a run
+    ignores cannot stop it, and an image folder's images are all taken, in class folders
+    or not; `channels`: the model's, which tells an .npz's channel axis where 1, 3 or 4
+    do not."""
     kind, path, split_name = _locate(source)
     if kind == "dir":
         return _load_idx_dir(path, None, labels) or _load_cifar(path, "train") or \
-            _load_image_folder(path)
+            _load_image_folder(path, labels)
     if kind == "npz":
-        return _load_npz(path, labels)
+        return _load_npz(path, labels, channels)
     if kind == "idx":
         return _load_idx(path, labels)
     if kind == "cifar-file":
@@ -193,7 +195,7 @@ def as_labels(y: np.ndarray, source: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _load_image_folder(root: Path) -> Raw:
+def _load_image_folder(root: Path, labels: bool = True) -> Raw:
     broken = sorted(p.name for p in root.iterdir() if p.is_symlink() and not p.exists())
     if broken:
         raise DataError(f"{root}: {broken[0]} links to nothing (a class folder missing would "
@@ -209,6 +211,17 @@ def _load_image_folder(root: Path) -> Raw:
     if not class_dirs:
         raise DataError(f"{root}: no readable images (no class folders, images, IDX or CIFAR "
                         "files); give a folder of images or one sub-folder of images per class")
+    if not labels:     # labels not used: every image below, in a class folder or not
+        found = images_under(root, root)
+        if not found:
+            raise DataError(f"{root}: no readable images in it or its sub-folders; give a "
+                            "folder of images")
+        pil()
+        return Raw(None, FilePixels(tuple(found)), str(root))
+    if loose:
+        warn_once("%s: %d images beside the class folders are left out (a class folder's "
+                  "name is its images' label); move them into one, or pass --no-labels to "
+                  "take every image without labels", root, len(loose))
     per_class = [images_under(d, root) for d in class_dirs]
     for folder, files in zip(class_dirs, per_class):
         if not files:
@@ -248,14 +261,19 @@ def _npz_member_map(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
     return np.memmap(path, dtype, "r", offset, shape, order="F" if fortran else "C")
 
 
-def _load_npz(path: Path, labels: bool = True) -> Raw:
+def _load_npz(path: Path, labels: bool = True, channels: int | None = None) -> Raw:
     x, y, names = read_npz(path)
     y = y if labels else None
     x = x[:, None] if x.ndim == 3 else x
-    if x.ndim != 4 or (x.shape[1] not in (1, 3, 4) and x.shape[3] not in (1, 3, 4)):
+    usual = (1, 3, 4) if channels is None else (channels,)
+    if x.ndim == 4 and x.shape[1] not in usual and x.shape[3] not in usual:
+        usual = (1, 3, 4)
+    if x.ndim != 4 or (x.shape[1] not in usual and x.shape[3] not in usual):
+        which = "1, 3 or 4" + ("" if channels in (None, 1, 3, 4)
+                               else f" (or the model's {channels})")
         raise DataError(f"{path}: cannot tell the channel axis of x {x.shape}; store x as N,H,W "
-                        "or N,H,W,C or N,C,H,W with 1, 3 or 4 channels")
-    x = x if x.shape[1] in (1, 3, 4) else x.transpose(0, 3, 1, 2)
+                        f"or N,H,W,C or N,C,H,W with {which} channels")
+    x = x if x.shape[1] in usual else x.transpose(0, 3, 1, 2)
     classes = tuple(map(str, names)) if names is not None else None
     labels = None if y is None else as_labels(y, str(path))
     return Raw(labels, ArrayPixels(x, unit_scale(x, str(path)), str(path)), str(path), classes)

@@ -50,7 +50,7 @@ def grow(model, output=None, config: GrowConfig | None = None, **options) -> Gro
     dst = None if output is None else Path(output)
     if dst is not None:  # output writable with room, data readable: before any work
         preflight.check_output(src, dst, model.ByteSize() if src is None else 0)
-    preflight.check_data(config.data.source if config.data is not None else None)
+    preflight.check_data(config.data.source if config.data is not None else None, dst)
     if config.data is not None:
         config = replace(config, input_shape=data_input_shape(model, config.input_shape,
                                                               config.data.source))
