@@ -112,7 +112,8 @@ class LatencyOptions:
         return self
 
 
-LABEL_CRITERIA = ("gpp", "gpp-guided", "gpp-deconv", "taylor")
+LDA_CRITERIA = ("gpp", "gpp-guided", "gpp-deconv")
+LABEL_CRITERIA = (*LDA_CRITERIA, "taylor")
 DATA_CRITERIA = (*LABEL_CRITERIA, "fisher")
 REPAIRS = ("lsq", "bias", "none")
 ALLOCATIONS = ("uniform", "global")  # least-squares refit, mean fold into biases, nothing
@@ -176,6 +177,11 @@ class PruneConfig:
         if self.criterion == "auto":
             changes["criterion"] = ("l1" if self.data is None else
                                     "fisher" if self.data.labels is False else "gpp")
+        if changes.get("criterion", self.criterion) in LDA_CRITERIA and \
+                self.data is not None and self.data.per_class < 2:
+            raise InputError(f"--per-class {self.data.per_class}: the discriminant "
+                             "criterion's LDA needs two images of every class or more (its "
+                             "within-class scatter) - give --per-class 2 or more (default 32)")
         return replace(self, **changes) if changes else self
 
     def _typed(self) -> "PruneConfig":

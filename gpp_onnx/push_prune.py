@@ -24,7 +24,7 @@ from .evaluation import data_input_shape
 from .finetune import train_model
 from .graph import GraphView
 from .grow.phase import check_grow
-from .pipeline import _check_precision, _load, _preflight, start_run
+from .pipeline import _check_precision, _load, _preflight, _short_of_target, start_run
 from .push import PushReport, PushWeights, push_model
 from .splits import LDA_PER_CLASS, load_data
 from .schedule import GppOptions
@@ -124,11 +124,12 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     after = ModelStats(state.best["params"], state.best["macs"])
     fid = (fidelity(start.data.teacher, best, (x for x, _ in iter_batches(
         start.data.val, config.data.batch_size)), "result") if writer else None)
+    ratio = timing.ratio if timing else None
+    warnings = [w for w in (timing.warning(config.round_to) if timing else None,
+                            _short_of_target(config, start.before, after, ratio)) if w]
     data_report = training_report.gpp_report(
         src or "<in-memory model>", dst, config, options, state, start.before, after,
-        start.accuracy, timing.ratio if timing else None, time.perf_counter() - t0,
-        start.tolerance, fid,
-        [w for w in (timing.warning(config.round_to) if timing else None,) if w])
+        start.accuracy, ratio, time.perf_counter() - t0, start.tolerance, fid, warnings)
     if state.grown is not None:  # how the rounds trimmed each grown module's branches
         data_report["grow"]["after"] = report.module_branches(
             analyze_model(best, config.input_shape))
@@ -157,8 +158,8 @@ def _gpp_checks(model, output, config: PruneConfig, options: GppOptions):
     _preflight(model, src, dst, config.data)
     config = replace(config, input_shape=data_input_shape(model, config.input_shape,
                                                           config.data.source))
-    workdir.check_work(options, tuple(files.stored_files(src) if src else ())
-                       + ((dst,) if dst is not None else ()))
+    workdir.check_work(options, tuple(files.stored_files(src) if src else ()),
+                       () if dst is None else (dst, dst.with_suffix(".report.json")))
     if options.work_dir is not None:
         preflight.check_writable(Path(options.work_dir) / "state.json")
     return src, dst, config, options

@@ -13,7 +13,7 @@ import onnx
 
 from . import distributed, files
 from . import model as model_io
-from .errors import InputError
+from .errors import GppError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,11 @@ def _ours(work: Path) -> list[Path]:
                         p.name))] if work.is_dir() else []
 
 
-def check_work(options, inputs: tuple[Path, ...] = ()) -> None:
+def check_work(options, inputs: tuple[Path, ...] = (), outputs: tuple[Path, ...] = ()
+               ) -> None:
     """Before any work: a fresh run needs a work folder without a run in it, --resume one
-    with a run; neither the input model (`inputs`: its files) nor the output may lie in it,
-    since a finished run removes its checkpoints."""
+    with a run; neither the input model (`inputs`: its files) nor the `outputs` (the model
+    and its report) may lie in it or be it, since a finished run removes its checkpoints."""
     work = options.work_dir
     if work is None:
         if options.resume:
@@ -69,21 +70,25 @@ def check_work(options, inputs: tuple[Path, ...] = ()) -> None:
                              "output path next to which it lies)")
         return
     folder = Path(work).resolve()
-    for f in inputs:
-        if folder in Path(f).resolve().parents:
-            raise InputError(f"--work-dir {work} holds {f}, and the run writes and removes "
+    for f in (*inputs, *outputs):
+        if folder in Path(f).resolve().parents or folder == Path(f).resolve():
+            verb = "holds" if folder != Path(f).resolve() else "is the path of"
+            raise InputError(f"--work-dir {work} {verb} {f}, and the run writes and removes "
                              "checkpoints there - choose a folder of its own")
     path = Path(work) / "state.json"
+    named = [p.name for p in _ours(Path(work)) if p.suffix == ".onnx"]
     if not options.resume and path.exists():
         raise InputError(f"{work} holds a previous run - pass --resume to continue it, or "
                          "remove it (or choose another --work-dir) to start again")
     if options.resume and not path.exists():
-        raise InputError(f"--resume: {work} holds no run to continue (no state.json) - drop "
-                         "--resume to start one")
-    named = [p.name for p in _ours(Path(work)) if p.suffix == ".onnx"]
+        raise InputError(f"--resume: {work} holds no run to continue (no state.json) - "
+                         + (f"remove {work} (a run stopped while saving its first round "
+                            "leaves checkpoints without one) and start again" if named else
+                            "drop --resume to start one"))
     if not options.resume and named:
         raise InputError(f"{work} holds a checkpoint-named file ({named[0]}) a fresh run "
-                         "would overwrite - choose another --work-dir")
+                         "would overwrite (a run stopped while saving its first round "
+                         "leaves one) - remove it or choose another --work-dir")
     if options.resume:
         _check_files(Path(work), _saved(Path(work)))
 
@@ -99,7 +104,8 @@ def _check_files(work: Path, saved: dict) -> None:
                          f"remove {work} to start the run again")
 
 
-_KEYS = ("fingerprint", "done", "epochs", "rows", "best", "stop")
+_KEYS = {"fingerprint": (str,), "done": (int,), "epochs": (int, float), "rows": (list,),
+         "best": (dict, type(None)), "stop": (str, type(None))}
 
 
 def _saved(work: Path) -> dict:
@@ -111,7 +117,10 @@ def _saved(work: Path) -> dict:
         saved, why = None, " ".join(str(err).split())[:120]
     else:
         missing = [k for k in _KEYS if not isinstance(saved, dict) or k not in saved]
-        why = f"{', '.join(missing)} missing" if missing else ""
+        wrong = [k for k, types in _KEYS.items() if not missing and (
+            not isinstance(saved[k], types) or isinstance(saved[k], bool))]
+        why = (f"{', '.join(missing)} missing" if missing else
+               f"{', '.join(wrong)} of the wrong type" if wrong else "")
     if why:
         raise InputError(f"--resume: {path} is not a state this tool wrote ({why}) - remove "
                          f"{work} to start the run again")
@@ -138,11 +147,19 @@ def load(work: Path, model: onnx.ModelProto, fingerprint: str):
         raise InputError(f"--resume: {work} holds a run of another model or other settings - "
                          "give the same model and options, or another --work-dir")
     _check_files(Path(work), saved)
-    best = model_io.load(Path(work) / "best.onnx") if saved["best"] is not None else None
+    best = _checkpoint(Path(work) / "best.onnx") if saved["best"] is not None else None
     if saved["done"]:
-        current = model_io.load(Path(work) / f"round-{saved['done']}.onnx")
+        current = _checkpoint(Path(work) / f"round-{saved['done']}.onnx")
     elif saved.get("grown") is not None:
-        current = model_io.load(Path(work) / "grown.onnx")
+        current = _checkpoint(Path(work) / "grown.onnx")
     else:
         current = model
     return saved, best, current
+
+
+def _checkpoint(path: Path) -> onnx.ModelProto:
+    try:
+        return model_io.load(path)
+    except GppError:
+        raise InputError(f"--resume: the checkpoint {path} is damaged (not a readable ONNX "
+                         f"model) - remove {path.parent} to start the run again") from None

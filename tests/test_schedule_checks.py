@@ -1,0 +1,82 @@
+"""gpp's work folder and its warnings: a work folder at the output's path, checkpoints a
+run stopped while saving, damaged checkpoints and states, a latency target missed, an LDA
+on one image per class."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpp_onnx import latency, workdir
+from gpp_onnx.cli import main
+
+
+def _gpp(trained, out, *extra):
+    return main(["-q", "gpp", str(trained), "--data", "digits", "--target-macs", "0.5",
+                 "--budget-epochs", "1", "--rounds", "1", "--no-latency", "-o", str(out),
+                 *extra])
+
+
+@pytest.mark.parametrize("at", ["o.onnx", "o.report.json"])
+def test_a_work_dir_at_the_outputs_path_is_refused_before_the_work(trained, tmp_path, capsys,
+                                                                   at):
+    code = _gpp(trained, tmp_path / "o.onnx", "--work-dir", str(tmp_path / at))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is the path of" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoints_without_a_state_name_the_folder_to_remove(trained, tmp_path, capsys):
+    """A run killed between its first checkpoint and its state.json leaves round-1.onnx
+    alone: both a fresh run and --resume say to remove it (the fresh run's advice used to
+    be to choose another folder, --resume's to drop --resume, which then failed)."""
+    work = tmp_path / "o.onnx.gpp-work"
+    work.mkdir()
+    (work / "round-1.onnx").write_bytes(trained.read_bytes())
+    for extra in ((), ("--resume",)):
+        assert _gpp(trained, tmp_path / "o.onnx", *extra) == 2
+        (err,) = capsys.readouterr().err.strip().splitlines()
+        assert "stopped while saving its first round" in err and "remove" in err
+
+
+def test_a_damaged_checkpoint_is_named_on_resume(trained, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o.onnx"
+    monkeypatch.setattr(workdir, "remove", lambda work: None)   # keep the finished run's
+    assert _gpp(trained, out) == 0
+    work = tmp_path / "o.onnx.gpp-work"
+    state = json.loads((work / "state.json").read_text())
+    round_file = work / f"round-{state['done']}.onnx"
+    round_file.write_bytes(round_file.read_bytes()[:3000])
+    out.unlink()
+    out.with_suffix(".report.json").unlink()
+    capsys.readouterr()
+    assert _gpp(trained, out, "--resume") == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert f"checkpoint {round_file} is damaged" in err and f"remove {work}" in err
+    assert not out.exists()
+
+
+def test_a_state_with_values_of_the_wrong_type_is_refused(trained, tmp_path, capsys):
+    work = tmp_path / "o.onnx.gpp-work"
+    work.mkdir()
+    (work / "state.json").write_text(json.dumps({"fingerprint": "x", "done": 1, "epochs": 0.5,
+                                                 "rows": None, "best": None, "stop": None}))
+    assert _gpp(trained, tmp_path / "o.onnx", "--resume") == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "is not a state this tool wrote (rows of the wrong type)" in err
+
+
+def test_a_latency_target_gpp_misses_is_a_warning(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: latency.LatencyCheck(0.8))
+    out = tmp_path / "o.onnx"
+    assert main(["-q", "gpp", str(trained), "--data", "digits", "--target-latency", "0.5",
+                 "--budget-epochs", "1", "--rounds", "1", "-o", str(out)]) == 0
+    warnings = json.loads(out.with_suffix(".report.json").read_text())["warnings"]
+    assert any("above --target-latency 0.5" in w for w in warnings)
+
+
+def test_the_discriminant_criterion_needs_two_images_per_class(trained, tmp_path, capsys):
+    assert _gpp(trained, tmp_path / "o.onnx", "--per-class", "1") == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "--per-class 1" in err and "two images of every class" in err
+    assert list(tmp_path.iterdir()) == []
