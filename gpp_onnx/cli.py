@@ -175,7 +175,7 @@ def _reporting(args) -> int:
         kept = (f"; the finished rounds are kept in {work} - rerun with --resume to go on"
                 if work and (Path(work) / "state.json").exists() else "")
         if distributed.is_writer():  # Ctrl-C reaches every process; rank 0 says it once
-            print(f"gpp-onnx: interrupted; nothing was written{kept}", file=sys.stderr)
+            print(f"gpp-onnx: interrupted; no output was written{kept}", file=sys.stderr)
         # under torchrun another process may sit in a collective step that would wait for
         # this one at the last barrier: end now (torchrun stops the others)
         return _alone(130)

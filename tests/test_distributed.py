@@ -229,6 +229,6 @@ def test_an_interrupt_under_torchrun_ends_every_rank_at_once(tmp_path):
                 p.kill()
     err = [p.communicate()[1] for p in procs]
     assert codes == [130, 2], err[1][-1500:]
-    assert "gpp-onnx: interrupted; nothing was written; the finished rounds are kept" in err[0]
+    assert "gpp-onnx: interrupted; no output was written; the finished rounds are kept" in err[0]
     assert "another process stopped" in err[1]
     assert not (dirs[0] / "small.onnx").exists() and list(dirs[1].iterdir()) == []
