@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -63,8 +64,6 @@ def data_input_shape(model, input_shape, source: str | None):
 def _array_input_shape(name: str, fixed: list, source: str) -> tuple | None:
     """A non-image input with free axes besides the batch's (audio features of any
     length): those axes at the size of an .npz's x, where its rank fits."""
-    from pathlib import Path
-
     from .sources import read_npz
 
     path = Path(source).expanduser()
