@@ -182,9 +182,10 @@ def _check_plan_args(config: PruneConfig, plan_path, plan_out) -> None:
 
 
 def _short_of_target(config: PruneConfig, before: ModelStats, last,
-                     latency_ratio: float | None = None) -> str | None:
+                     latency_ratio: float | None = None, cut_from=None) -> str | None:
     """A warning where the cut stayed above a MACs, params or latency target (latency:
-    by more than 0.05, the timing's noise here), or cut nothing."""
+    by more than 0.05, the timing's noise here), or cut nothing from `cut_from` (a grown
+    model's cost; default `before`, the input's)."""
     limits = "--min-keep, --round-to and the groups kept whole bound the cut"
     target = config.target_latency
     if target is not None and latency_ratio is not None and latency_ratio > target + 0.05:
@@ -197,7 +198,7 @@ def _short_of_target(config: PruneConfig, before: ModelStats, last,
         if target is not None and kept > (target + 0.01) * total:
             return (f"the cut keeps {kept / max(total, 1):.3f} of the {what}, above "
                     f"{flag} {target:g}: {limits}")
-    if last.params >= before.params and config.target_latency is None:
+    if last.params >= (cut_from or before).params and config.target_latency is None:
         return f"nothing was cut: {limits}"
     return None
 

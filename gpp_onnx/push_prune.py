@@ -126,7 +126,8 @@ def gpp(model, output=None, config: PruneConfig | None = None,
         start.data.val, config.data.batch_size)), "result") if writer else None)
     ratio = timing.ratio if timing else None
     warnings = [w for w in (timing.warning(config.round_to) if timing else None,
-                            _short_of_target(config, start.before, after, ratio)) if w]
+                            _short_of_target(config, start.before, after, ratio,
+                                             _grown_cost(state))) if w]
     data_report = training_report.gpp_report(
         src or "<in-memory model>", dst, config, options, state, start.before, after,
         start.accuracy, ratio, time.perf_counter() - t0, start.tolerance, fid, warnings)
@@ -143,6 +144,11 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     return GppResult(dst, report_path, start.before, after, start.accuracy, state.rows,
                      state.best, state.epochs, timing.ratio if timing else None, data_report,
                      best)
+
+
+def _grown_cost(state) -> ModelStats | None:
+    return None if state.grown is None else ModelStats(state.grown["params"],
+                                                        state.grown["macs"])
 
 
 def _gpp_checks(model, output, config: PruneConfig, options: GppOptions):
