@@ -162,3 +162,21 @@ def test_single_channel_map_with_lower_rank_broadcast_constant(tmp_path):
     model = b.build(b.gemm(b.flatten(b.act(x, "Relu")), 3))
     result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
     assert result.plan.removed["conv1"] and not result.plan.removed.get("conv3")
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_macs_are_per_sample_for_gemm_and_matmul_whatever_the_batch(batch):
+    """A conv's MACs are counted per sample; a Gemm's and a MatMul's were multiplied by a
+    batch the input fixes."""
+    from gpp_onnx.graph import GraphView
+    from gpp_onnx.stats import count
+
+    b = GraphBuilder((batch, 1, 8, 8), seed=0, dynamic_batch=False)
+    x = b.act(b.conv("input", 6), "Relu")                                   # 6*9 per pixel
+    seq = b.op("Reshape", [x, b.const(np.array([batch, 6, 64], dtype=np.int64))],
+               (batch, 6, 64))
+    seq = b.matmul(seq, 5)                                                  # 6 rows of 64x5
+    model = b.build(b.gemm(b.op("Reshape", [seq, b.const(np.array([batch, 30],
+                                                                    dtype=np.int64))],
+                                (batch, 30)), 3))                           # 30x3
+    assert count(GraphView(model)).macs == 64 * 6 * 9 + 6 * 64 * 5 + 30 * 3

@@ -88,7 +88,11 @@ def _matrix_macs(node, view) -> dict[int, int]:
     w = view.shape(b) if b and view.is_const(b) else None
     if w is None or len(w) != 2:
         return {}
-    rows = int(np.prod(view.shape(node.output[0])[:-1]))
+    # per sample, as a conv's: the rows of every sample the probe ran (batch 1 unless
+    # the input fixes another), wherever the batch axis lies (N, T, K) or (T, N, K)
+    first = np.shape(next(iter(view.probe_feeds.values()), 0))
+    batch = max(int(first[0]), 1) if first else 1
+    rows = int(np.prod(view.shape(node.output[0])[:-1])) // batch
     return {1: rows * int(np.prod(w))}
 
 
