@@ -69,8 +69,15 @@ class GrowConfig:
         if self.train.epochs > 0 and self.data is None:
             raise InputError(f"--epochs {self.train.epochs:g} trains each grown model and "
                              "needs --data - pass labelled data, or --epochs 0 to insert only")
+        if isinstance(self.at, str):
+            raise InputError(f"at={self.at!r} is one name - give a list of names, e.g. "
+                             f"at=[{self.at!r}]")
         if len(set(self.at)) != len(self.at):
             raise InputError("--at names a value twice - give each position once")
+        if len(self.at) > self.max_modules:
+            raise InputError(f"--at names {len(self.at)} positions and at most "
+                             f"{self.max_modules} modules are grown - raise the number of "
+                             "modules (--max-modules, or gpp's --grow) or drop positions")
         for w in (self.widths.b3x3, self.widths.b3x3dbl, self.widths.pool):
             if w is not None and w < 1:
                 raise InputError(f"--branch-widths must be positive, got {w}")
@@ -120,7 +127,7 @@ def plan_positions(view: GraphView, config: GrowConfig) -> list[Position]:
                              "with --at")
         return found[: config.max_modules]
     positions = []
-    for value in config.at[: config.max_modules]:
+    for value in config.at:
         try:
             positions.append(position(view, value))
         except NotGrowable as err:
