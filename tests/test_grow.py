@@ -159,7 +159,7 @@ def test_auto_positions_are_one_per_stage_deepest_first():
     s = b.binary("Add", c, b.conv(c, 16))             # feeds a residual Add: skipped
     d = b.act(b.conv(s, 16), "Relu")                  # last growable block at 8x8
     base = normalize(b.build(b.gemm(b.flatten(b.gap(d)), 4)))
-    got = [p.value for p in auto_positions(GraphView(base))]
+    got = [p.value for p in auto_positions(GraphView(base))[0]]
     assert got == [d, a2]
 
 

@@ -61,6 +61,17 @@ def _residual(tmp_path):
     return path, x
 
 
+def _silu(tmp_path):
+    """Conv -> x * Sigmoid(x) blocks: the conv's output feeds two ops, so no block end
+    can take a module; the error names that, not reasons that do not apply."""
+    b = GraphBuilder((1, 1, 8, 8), seed=0)
+    x = b.conv("input", 8)
+    x = b.binary("Mul", x, b.act(x, "Sigmoid"))
+    path = tmp_path / "silu.onnx"
+    onnx.save(b.build(b.gemm(b.flatten(b.gap(x)), 3)), path)
+    return path
+
+
 CASES = [
     ("digits", ["--at", "gemm20"], "not a 4-D"),                       # a 2-D value
     ("digits", ["--at", "no_such_value"], "not a value of the model"),
@@ -73,6 +84,7 @@ CASES = [
     ("digits", ["--max-modules", "0"], "--max-modules"),
     ("digits", ["--max-modules", "1", "--at", "a1", "--at", "a2"], "names 2 positions"),
     ("residual", ["--at", "RESIDUAL"], "cannot grow there"),
+    ("silu", [], "consumer"),
 ]
 
 
@@ -85,6 +97,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(kind, extra, message, digi
         path = _mlp(tmp_path)
     elif kind == "three":
         path = _three_classes(tmp_path)
+    elif kind == "silu":
+        path = _silu(tmp_path)
     else:
         path, value = _residual(tmp_path)
         extra = [value if e == "RESIDUAL" else e for e in extra]

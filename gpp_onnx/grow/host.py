@@ -238,19 +238,24 @@ def position(view: GraphView, value: str) -> Position:
     return Position(value, c, h, w, host_activation(view, value))
 
 
-def auto_positions(view: GraphView) -> list[Position]:
-    """One per resolution stage (the last growable conv block end), deepest first."""
+def auto_positions(view: GraphView) -> tuple[list[Position], str]:
+    """One per resolution stage (the last growable conv block end), deepest first; and
+    why the deepest block end that cannot take a module cannot (for an error where none
+    can)."""
     by_stage: dict[tuple[int, int], Position] = {}
+    why = "the model has no conv block end"
     for value in conv_block_ends(view):
         try:
             pos = position(view, value)
-        except NotGrowable:
+        except NotGrowable as err:
+            why = f"at {value}: {err}"
             continue
         if pos.height * pos.width == 1:  # after a global pool (e.g. squeeze-excitation)
+            why = f"{value} is 1x1, after a global pool"
             continue
         by_stage[(pos.height, pos.width)] = pos  # later blocks replace earlier ones
     order = {v: i for i, v in enumerate(view.producer)}
-    return sorted(by_stage.values(), key=lambda p: -order.get(p.value, 0))
+    return sorted(by_stage.values(), key=lambda p: -order.get(p.value, 0)), why
 
 
 def extended(array: np.ndarray, step: Widen) -> np.ndarray:

@@ -120,11 +120,10 @@ def plan_positions(view: GraphView, config: GrowConfig) -> list[Position]:
         raise InputError("the model has no Conv - grow inserts Inception modules after conv "
                          "blocks; pass a CNN")
     if not config.at:
-        found = auto_positions(view)
+        found, why = auto_positions(view)
         if not found:
-            raise InputError("no conv block's output can take a module (each feeds a residual "
-                             "Add, a Concat, a depthwise conv or the output) - name a value "
-                             "with --at")
+            raise InputError(f"no conv block's output can take a module ({why}) - name a "
+                             "value with --at")
         return found[: config.max_modules]
     positions = []
     for value in config.at:
