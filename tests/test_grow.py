@@ -94,6 +94,23 @@ def test_host_activation_is_matched_and_the_identity_stays_exact(act):
     assert identity_act == (act in ("Relu", "Clip"))  # only where act(act(x)) = act(x)
 
 
+@pytest.mark.parametrize("include_pad", [0, 1])
+def test_an_average_pool_of_zero_padding_does_not_keep_the_activations_range(include_pad):
+    """Clip(1, 6) -> AveragePool(3x3, pad 1): counting the padding in averages border
+    values below 1, so the identity branch there must not end in the Clip."""
+    b = GraphBuilder((1, 1, 8, 8), seed=3)
+    x = b.conv("input", 8)
+    lo, hi = b.const(np.float32(1.0)), b.const(np.float32(6.0))
+    x = b.op("Clip", [x, lo, hi], (1, 8, 8, 8))
+    p = b.op("AveragePool", [x], (1, 8, 8, 8), kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+             count_include_pad=include_pad)
+    base = b.build(b.gemm(b.flatten(b.gap(b.act(b.conv(p, 8), "Relu"))), 5))
+    res = _grown(base, at=(p,), max_modules=1)
+    _assert_same_function(base, res.model)
+    ops = {n.name: n.op_type for n in res.model.graph.node}
+    assert ("grow1.1x1.act" in ops) == (include_pad == 0)
+
+
 def test_flatten_gemm_and_batchnorm_consumers_are_extended():
     b = GraphBuilder((1, 3, 8, 8), seed=5)
     x = b.act(b.conv("input", 6), "Relu")

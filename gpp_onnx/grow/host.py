@@ -101,12 +101,21 @@ def host_activation(view: GraphView, value: str) -> Activation | None:
         attrs = tuple((a.name, _hashable(onnx.helper.get_attribute_value(a)))
                       for a in node.attribute)
         return Activation(node.op_type, attrs, consts)
-    if node.op_type in _RANGE_KEEPING:
+    if node.op_type in _RANGE_KEEPING and not _pads_zeros(node):
         return host_activation(view, node.input[0])
     if node.op_type == "Concat":
         acts = {host_activation(view, x) for x in node.input}
         return acts.pop() if len(acts) == 1 else None
     return None
+
+
+def _pads_zeros(node) -> bool:
+    """An AveragePool that averages zero padding in (count_include_pad=1): its values near
+    the border leave the activation's range (a Clip(1, 6) map averages below 1)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    padded = any(attrs.get("pads", ())) or attrs.get("auto_pad", b"NOTSET") not in (
+        b"NOTSET", b"VALID")
+    return node.op_type == "AveragePool" and padded and attrs.get("count_include_pad", 0) == 1
 
 
 def _hashable(value):
