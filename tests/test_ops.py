@@ -180,3 +180,15 @@ def test_macs_are_per_sample_for_gemm_and_matmul_whatever_the_batch(batch):
                                                                     dtype=np.int64))],
                                 (batch, 30)), 3))                           # 30x3
     assert count(GraphView(model)).macs == 64 * 6 * 9 + 6 * 64 * 5 + 30 * 3
+
+
+def test_an_nhwc_inputs_channel_group_is_its_last_axis():
+    """A channels-last input that a Transpose turns NCHW: the input's group is its one
+    channel (the first conv's input channels), not its height."""
+    b = GraphBuilder((1, 8, 8, 1), seed=0)
+    x = b.op("Transpose", ["input"], (1, 1, 8, 8), perm=[0, 3, 1, 2])
+    x = b.act(b.conv(x, 6), "Relu")
+    analysis = analyze_model(b.build(b.gemm(b.flatten(b.gap(x)), 3)))
+    group = next(g for g in analysis.groups if ("input", 3) in
+                 {(m.value, m.axis) for m in g.members})
+    assert group.width == 1 and not group.prunable

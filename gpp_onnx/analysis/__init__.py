@@ -77,7 +77,7 @@ def analyze_model(model: onnx.ModelProto, input_shape=None) -> Analysis:
     reductions: dict[str, list[str]] = {}
     for spec in view.inputs:
         if len(spec.shape) >= 2:
-            ctx.axes[spec.name] = 1
+            ctx.axes[spec.name] = _input_channel_axis(view, spec.name)
             blocked[spec.name] = "model input"
     patterns = attention_rules(view)  # rules of whole attention blocks, by node
     for node in view.nodes:
@@ -102,6 +102,19 @@ def analyze_model(model: onnx.ModelProto, input_shape=None) -> Analysis:
     reductions = {n: [v for v in values if v in widths] for n, values in reductions.items()}
     return Analysis(view, opset, dict(ctx.axes), rules, params, groups, blocked,
                     {n: values for n, values in reductions.items() if values})
+
+
+def _input_channel_axis(view: GraphView, name: str) -> int:
+    """Axis 1, or the axis an NHWC input's Transposes all move to axis 1 (a TensorFlow
+    export's channels-last input)."""
+    users = view.consumers.get(name, [])
+    perms = {tuple(a.ints) for n in users if n.op_type == "Transpose"
+             for a in n.attribute if a.name == "perm"}
+    if users and len(perms) == 1 and all(n.op_type == "Transpose" for n in users):
+        (perm,) = perms
+        if len(perm) > 2 and perm[1] != 1:
+            return perm[1]
+    return 1
 
 
 def _run_rule(rule: OpRule, node: onnx.NodeProto, ctx: AnalysisContext) -> NodeChannels:
