@@ -227,7 +227,7 @@ def _push_parser(sub) -> None:
     pu.add_argument("model")
     pu.add_argument("-o", "--output", required=True, help="path of the pushed model")
     _data_args(pu)
-    pu.add_argument("--epochs", type=NONNEG, default=1.0,
+    pu.add_argument("--epochs", type=POSITIVE, default=1.0,
                     help="training epochs (default %(default)s)")
     pu.add_argument("--lr", type=POSITIVE, default=0.01,
                     help="learning rate (default %(default)s)")
@@ -245,7 +245,7 @@ def _grow_parser(sub) -> None:
     gr.add_argument("model")
     gr.add_argument("-o", "--output", required=True, help="path of the grown model")
     _data_args(gr)
-    gr.add_argument("--max-modules", type=SOME, default=3,
+    gr.add_argument("--max-modules", type=COUNT, default=3,
                     help="modules to grow at most (default %(default)s)")
     gr.add_argument("--epochs", type=NONNEG, help="training epochs after each module "
                     "(default: 2 with --data, else 0: insert only)")

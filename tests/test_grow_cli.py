@@ -81,7 +81,6 @@ CASES = [
     ("digits", ["--branch-widths", "6000,6000,6000"], "over the 2 GiB an ONNX file holds"),
     ("three", ["--data", "digits", "--epochs", "1"], "label"),         # 10 classes, 3 outputs
     ("digits", ["--epochs", "1"], "needs --data"),
-    ("digits", ["--max-modules", "0"], "--max-modules"),
     ("digits", ["--max-modules", "1", "--at", "a1", "--at", "a2"], "names 2 positions"),
     ("residual", ["--at", "RESIDUAL"], "cannot grow there"),
     ("silu", [], "consumer"),
