@@ -77,8 +77,12 @@ class DataSpec:
             values = None if values is None else tuple(map(float, values))
             object.__setattr__(self, name, values)
             if values is not None and len(values) not in (1, self.channels):
+                which = "1 value" if self.channels == 1 else f"1 or {self.channels} values"
                 raise DataError(f"--{name} has {len(values)} values but the model takes "
-                                f"{self.channels} channels; give 1 or {self.channels} values")
+                                f"{self.channels} channel(s); give {which}")
+            if values is not None and not np.isfinite(values).all():
+                raise DataError(f"--{name} {','.join(map(str, values))} must be finite "
+                                "numbers, e.g. 0.5")
         if self.std is not None and min(self.std) <= 0:
             raise DataError(f"--std {self.std} must be all positive")
 

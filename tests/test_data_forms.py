@@ -142,3 +142,13 @@ def test_an_output_onto_the_data_file_is_refused(tmp_path, capsys):
     code, lines = _run(tmp_path, capsys, _cnn(), data, out_name="d.npz")
     assert code == 2 and "would overwrite the data" in lines[-1]
     assert data.read_bytes() == before
+
+
+def test_normalisation_values_must_be_finite_and_fit_the_channels(tmp_path):
+    from gpp_onnx.errors import DataError
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 1, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="must be finite"):
+        load_dataset(DataSpec(str(tmp_path / "d.npz"), 1, 8, 8, mean=(float("nan"),)))
+    with pytest.raises(DataError, match="give 1 value$"):
+        load_dataset(DataSpec(str(tmp_path / "d.npz"), 1, 8, 8, mean=(0.5, 0.5)))
