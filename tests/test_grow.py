@@ -188,3 +188,12 @@ def test_a_grown_model_grows_again_under_new_module_names():
                      and n.name.startswith("grow"))
     assert concats == ["grow1.concat", "grow2.concat"]
     _assert_same_function(base, twice)
+
+
+def test_grow_in_python_without_data_inserts_only(tmp_path):
+    """As on the command line: without data the default is 0 epochs (insert only)."""
+    base = digits_cnn(0)
+    res = grow(base, max_modules=1)
+    _assert_same_function(base, res.model)
+    with pytest.raises(Exception, match="one name"):
+        grow(base, at="relu2")

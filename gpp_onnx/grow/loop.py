@@ -55,11 +55,14 @@ class GrowConfig:
     widths: Widths = Widths()
     min_gain: float = MIN_GAIN            # accuracy points
     data: DataOptions | None = None
-    train: TrainOptions = TrainOptions(epochs=2.0)
+    train: TrainOptions | None = None     # None: 2 epochs with data, else 0 (insert only)
     seed: int = 0
     input_shape: object = None
 
     def checked(self) -> "GrowConfig":
+        if self.train is None:
+            return replace(self, train=TrainOptions(
+                epochs=2.0 if self.data is not None else 0.0)).checked()
         if self.max_modules < 1:
             raise InputError(f"--max-modules {self.max_modules} must be >= 1")
         if self.min_gain < 0:
