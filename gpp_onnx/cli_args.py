@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_types import (COUNT, FINITE, FRACTION, NONNEG, POSITIVE, SOME, count, floats,
-                        name_ratio, shape, widths)
+from .cli_types import (COUNT, FINITE, FRACTION, NONNEG, POSITIVE, SHARE, SOME, count,
+                        floats, name_ratio, shape, widths)
 from .config import DISTILL, DataOptions, LatencyOptions, TrainOptions
 from .grow.loop import MIN_GAIN
 from .importance import criterion_names
@@ -106,7 +106,7 @@ def _gpp_parser(sub) -> None:
     gp.add_argument("--budget-epochs", type=POSITIVE, default=2.0,
                     help="training epochs in all (default %(default)s): --push-share of them "
                     "for the pushes, the rest for fine-tuning after the last cut (--split)")
-    gp.add_argument("--push-share", type=FINITE, default=GppOptions.push_share,
+    gp.add_argument("--push-share", type=SHARE, default=GppOptions.push_share,
                     help="share of the budget spent on push before the cuts (evenly over the "
                     "rounds); the rest fine-tunes")
     gp.add_argument("--split", choices=SPLITS, default=GppOptions.split,

@@ -30,6 +30,7 @@ FINITE = number(float)
 NONNEG = number(float, 0)               # training epochs, loss weights: 0 or more
 POSITIVE = number(float, 0, above=True)  # learning rates, temperatures, budgets
 FRACTION = number(float, 0, high=1, below=True)
+SHARE = number(float, 0, high=1)        # a share of a budget: 0 to 1
 COUNT = number(int, 1)                  # batch sizes, images, rounds
 SOME = number(int, 0)                   # 0 or more
 

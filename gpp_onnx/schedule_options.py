@@ -63,7 +63,9 @@ class GppOptions:
 
     def checked(self, config: PruneConfig, train_size: int) -> "GppOptions":
         if not 0.0 <= self.push_share <= 1.0:
-            raise InputError(f"--push-share {self.push_share} is outside [0, 1]")
+            raise InputError(f"--push-share {self.push_share} is outside [0, 1] - e.g. "
+                             f"{GppOptions.push_share} (the share of --budget-epochs that "
+                             "pushes)")
         if self.split not in SPLITS:
             raise InputError(f"--split {self.split} is unknown - use one of {', '.join(SPLITS)}")
         if self.acc_floor < 0:
