@@ -127,7 +127,6 @@ def test_a_killed_run_resumes_after_its_last_finished_round(trained, tmp_path):
     (["--budget-epochs", "0.1"], "training steps per round"),
     (["--limit", "15"], "class discriminants need at least 2"),
     (["--resume"], "holds no run to continue"),
-    (["--push-share", "1.5"], "--push-share"),
 ])
 def test_bad_gpp_input_is_a_one_line_error_and_writes_nothing(trained, tmp_path, capsys, extra,
                                                                message):
