@@ -22,6 +22,8 @@ def fingerprint(model: onnx.ModelProto, config, options) -> str:
     """The input model and every setting that changes what a round computes."""
     settings = config.to_dict()
     settings["train"].pop("device", None)
+    if isinstance(settings.get("data"), dict):   # batch-preparing processes change nothing
+        settings["data"].pop("workers", None)
     settings.pop("latency", None)
     settings.pop("timing", None)
     opts = {"budget_epochs": options.budget_epochs, "push_share": options.push_share,

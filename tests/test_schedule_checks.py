@@ -80,3 +80,17 @@ def test_the_discriminant_criterion_needs_two_images_per_class(trained, tmp_path
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert "--per-class 1" in err and "two images of every class" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_number_of_workers_is_not_part_of_a_runs_fingerprint(trained):
+    import onnx
+
+    from gpp_onnx import DataOptions, GppOptions
+    from gpp_onnx.config import PruneConfig
+
+    model = onnx.load(trained)
+    a, b = (workdir.fingerprint(model, PruneConfig(data=DataOptions("digits", workers=w)),
+                                GppOptions()) for w in (0, 3))
+    c = workdir.fingerprint(model, PruneConfig(data=DataOptions("digits", limit=100)),
+                            GppOptions())
+    assert a == b != c
