@@ -282,8 +282,9 @@ def run_schedule(model: onnx.ModelProto, run: Run, fingerprint: str
             workdir.save(work, model, state, fingerprint)
     if state.best_model is None:
         why = state.stop or "the target was not reached"
-        where = f"; the finished rounds are in {work}" if work is not None else ""
-        raise DataError(f"no model met the target ({why}){where} - loosen --acc-floor, give "
+        kept = (f"; the finished rounds are kept in {work} (remove it, or give another "
+                "--work-dir, to run again)" if work is not None else "")
+        raise DataError(f"no model met the target ({why}){kept} - loosen --acc-floor, give "
                         "a larger --budget-epochs or more --rounds, or a milder target")
     return state.best_model, state
 
