@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "prune and fine-tune it in gpp rounds, report")
     demo.add_argument("--out", default="gpp-demo", help="folder for the demo's files")
     demo.add_argument("--ratio", type=FINITE, default=0.5,
-                      help="fraction of the MACs the gpp rounds remove (default %(default)s)")
+                      help="fraction of each channel group the gpp rounds remove (widths "
+                      "rounded up to the runtime's block; default %(default)s)")
     demo.add_argument("--epochs", type=NONNEG, default=10,
                       help="epochs training the small CNN (default %(default)s)")
     demo.add_argument("--budget-epochs", type=POSITIVE, default=4,

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                     help="comma-separated torchvision names for table 1 (default resnet50; "
                          "the speed bar also uses vgg11_bn)")
     ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--size", type=int, default=224, help="input side of the resnet50 runs")
+    ap.add_argument("--size", type=int, default=224, help="input side of the table 1 models' runs")
     ap.add_argument("--skip-tp", action="store_true", help="no Torch-Pruning runs")
     ap.add_argument("--no-latency", action="store_true",
                     help="only time `gpp-onnx prune --no-latency` (default: time gpp both "
@@ -147,10 +147,11 @@ def main(argv=None) -> int:
           f"# {bc.load_note('at start')}\n")
 
     # ---- 1. gpp vs Torch-Pruning, one model after the other ---------------------------
-    onnx_path = None
+    onnx_path, profiled = None, None    # resnet50 if it was timed, else the first model
     for spec in args.models.split(","):
         path = compare_with_tp(spec, args, work, variants, results)
-        onnx_path = path if spec == "resnet50" or onnx_path is None else onnx_path
+        if spec == "resnet50" or onnx_path is None:
+            onnx_path, profiled = path, spec
 
     # ---- 2. scaling with graph size -----------------------------------------------------
     scale_models = []
@@ -193,12 +194,12 @@ def main(argv=None) -> int:
 
     # ---- 3. stage breakdown --------------------------------------------------------------
     if not args.no_profile:
-        targets = [("resnet50", onnx_path, args.size)]
+        targets = [(profiled, onnx_path, args.size)]
         if scale_models:
             targets = [("resnet50", paths[scale_models[0][0]], args.scale_size),
                        (scale_models[1][0], paths[scale_models[1][0]], args.scale_size)]
             if args.scale_size != args.size:
-                targets.insert(0, ("resnet50", onnx_path, args.size))
+                targets.insert(0, (profiled, onnx_path, args.size))
         profiles = []
         for name, path, size in targets:
             prof = profile(name, path, args.ratio, work)

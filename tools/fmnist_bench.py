@@ -15,7 +15,8 @@ them with Torch-Pruning).
 
 ``sweep`` prunes that model with ``gpp_onnx.prune(..., PruneConfig(target_macs=1-m, ...))``
 for every criterion x MACs-removed fraction m x fine-tune budget F (F=0: accuracy right
-after the cut, with the bias repair; F>0: the same CE fine-tune budget for all criteria),
+after the cut and its least-squares repair; F>0: the same fine-tune, with the library's
+defaults, for all criteria),
 evaluates each written model on the 10k test set through onnxruntime and prints/saves a
 table. Results go to ``--json`` (default ``<model dir>/sweep.json``) after every run, and
 runs already there are skipped, so an interrupted sweep resumes where it stopped.

@@ -18,7 +18,7 @@ run's stratification uses the labels only to pick the same images, then drops th
 then measures each written model on the 10k test images (``fashion-mnist:test``) through
 onnxruntime: top-1 accuracy and its fidelity to the original (``compare --data``). Prints
 one table (plus each run's fidelity after cut / repair / fine-tuning on its held-out
-images, from its JSON report) and writes ``OUT/results.json``.
+images, from its JSON report) and writes ``OUT/results-<the runs, joined by ->.json``.
 """
 from __future__ import annotations
 

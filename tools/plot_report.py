@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 COLOURS = {"gpp": "tab:red", "gpp-guided": "tab:orange", "gpp-deconv": "tab:purple",
@@ -182,6 +183,11 @@ def plot_rounds(report_path: Path, out: Path) -> Path:
     return out
 
 
+def _refuse(message: str) -> None:
+    print(f"plot_report: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -202,6 +208,19 @@ def main(argv=None) -> None:
     r.add_argument("report")
     r.add_argument("-o", "--out", required=True)
     args = p.parse_args(argv)
+    needs = {"rounds": ("report", ("epochs_used", "rounds"), "a gpp report (gpp-onnx gpp)"),
+             "widths": ("report", ("groups",), "a prune report (gpp-onnx prune)"),
+             "latency": ("profile", ("groups",), "'gpp-onnx profile --json' output")}
+    if args.cmd in needs:
+        attr, keys, what = needs[args.cmd]
+        path = getattr(args, attr)
+        try:
+            rep = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            _refuse(f"cannot read {path} ({err}); give {what}")
+        missing = [k for k in keys if not isinstance(rep, dict) or rep.get(k) is None]
+        if missing:
+            _refuse(f"{path} has no '{missing[0]}'; '{args.cmd}' needs {what}")
     if args.cmd == "rounds":
         out = plot_rounds(Path(args.report), Path(args.out))
     elif args.cmd == "latency":
