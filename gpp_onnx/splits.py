@@ -66,6 +66,9 @@ def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = 
             logger.info("no labels: the original model is the teacher - criterion %s, "
                         "repair to its outputs, fine-tuning on %s", config.criterion,
                         describe(teacher.kinds))
+            if config.train.distill == 0 and config.train.epochs > 0:
+                logger.warning("--distill 0 is ignored without labels: matching the "
+                               "original's outputs is the fine-tune's only loss")
     return Splits(train, val, teacher)
 
 

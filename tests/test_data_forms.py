@@ -152,3 +152,10 @@ def test_normalisation_values_must_be_finite_and_fit_the_channels(tmp_path):
         load_dataset(DataSpec(str(tmp_path / "d.npz"), 1, 8, 8, mean=(float("nan"),)))
     with pytest.raises(DataError, match="give 1 value$"):
         load_dataset(DataSpec(str(tmp_path / "d.npz"), 1, 8, 8, mean=(0.5, 0.5)))
+
+
+def test_distill_0_without_labels_is_named_as_ignored(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((80, 1, 8, 8)))
+    code, lines = _run(tmp_path, capsys, _cnn(), tmp_path / "d.npz",
+                       ["--finetune-epochs", "0.1", "--distill", "0"])
+    assert code == 0 and any("--distill 0 is ignored without labels" in x for x in lines)
