@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="epochs training the small CNN (default %(default)s)")
     demo.add_argument("--budget-epochs", type=POSITIVE, default=4,
                       help="push and fine-tuning epochs of the gpp rounds (default %(default)s)")
+    for command in sub.choices.values():   # -q / -v after the command too
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="only errors and results")
+        command.add_argument("-v", "--verbose", action="store_true",
+                             default=argparse.SUPPRESS, help="debug logging")
     return parser
 
 

@@ -247,3 +247,14 @@ def test_device_cuda_without_a_gpu_is_refused_before_the_model_is_read(tmp_path,
                  str(tmp_path / "o.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cuda" in err[0].lower() and "not found" not in err[0]
+
+
+def test_quiet_may_follow_the_command(tmp_path, capsys):
+    import onnx
+
+    from gpp_onnx.samples import digits_cnn
+
+    onnx.save(digits_cnn(0), tmp_path / "m.onnx")
+    assert main(["analyze", str(tmp_path / "m.onnx"), "-q"]) == 0
+    out = capsys.readouterr()
+    assert "channel groups" in out.out and "loaded" not in out.err
