@@ -169,7 +169,10 @@ def same_function(original: onnx.ModelProto, freed: onnx.ModelProto, b: int) -> 
 
 def declare(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with dim 0 of each input and output sized as `original` declares it, where
-    `original` fixes it and `model` has it symbolic (`model` itself where nothing changes)."""
+    `original` fixes it and `model` has it symbolic - for a model whose batch normalising
+    freed (an input's dim 0); `model` itself otherwise. A model kept at its fixed batch
+    keeps the output shapes inference gives it: an output's declared dim 0 need not be
+    the batch (a time-major (T, 1, K) output declared (1, T))."""
     sizes = {}
     for value in [*original.graph.input, *original.graph.output]:
         dims = value.type.tensor_type.shape.dim
@@ -178,7 +181,8 @@ def declare(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProt
     todo = [v for v in [*model.graph.input, *model.graph.output]
             if v.name in sizes and v.type.tensor_type.shape.dim
             and not v.type.tensor_type.shape.dim[0].HasField("dim_value")]
-    if not todo:
+    inputs = {v.name for v in model.graph.input}
+    if not any(v.name in inputs for v in todo):
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)

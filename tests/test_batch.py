@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from gpp_onnx import PruneConfig, prune
 from gpp_onnx import model as model_io
@@ -146,3 +146,28 @@ def test_labelled_data_for_a_model_that_mixes_its_batch_is_refused(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "1 rows for a batch of 2 images" in err[0]
     assert not (tmp_path / "o.onnx").exists()
+
+
+def _io(name, dims):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def test_only_a_freed_batch_is_declared_again():
+    """ddddocr's recognizer declares its (T, 1, K) output as (1, T) and keeps its fixed
+    batch: the written model keeps the output shape inference gave it (dim 0 T), where it
+    had been set to the stale 1. A freed model gets its declared batch back."""
+    from gpp_onnx.batch import declare
+
+    def model(in_dims, out_dims):
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                                  [_io("x", in_dims)], [_io("y", out_dims)])
+        return helper.make_model(graph)
+
+    original = model([1, 3, 8], [1, "seqlen"])
+    kept = model([1, 3, 8], ["T", 1, 5])
+    assert declare(original, kept) is kept
+    freed = model(["N", 3, 8], ["N", 5])
+    dims = [[d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+            for v in (*declare(original, freed).graph.input,
+                      *declare(original, freed).graph.output)]
+    assert dims == [[1, 3, 8], [1, 5]]

@@ -150,3 +150,4 @@ def test_a_fixed_batch_runs_in_chunks_joined_along_each_outputs_batch_axis():
                                  for i in range(3)], axis=1)
     assert got.shape == (8, 3, 5)
     np.testing.assert_array_equal(got, one_by_one)
+
