@@ -192,3 +192,18 @@ def test_an_nhwc_inputs_channel_group_is_its_last_axis():
     group = next(g for g in analysis.groups if ("input", 3) in
                  {(m.value, m.axis) for m in g.members})
     assert group.width == 1 and not group.prunable
+
+
+def test_a_reshape_that_only_moves_the_channels_keeps_them_apart(tmp_path):
+    """tf2onnx writes the transpose to channels-last before a classifier as a Reshape
+    (N, C, 1, 1) -> (N, 1, 1, C): its channels are one-to-one, not merged into one."""
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    x = b.act(b.conv(b.act(b.conv("input", 8), "Relu"), 16), "Relu")
+    g = b.gap(x)                                                     # (1, 16, 1, 1)
+    t = b.op("Reshape", [g, b.const(np.array([-1, 1, 1, 16], dtype=np.int64))], (1, 1, 1, 16))
+    flat = b.op("Reshape", [t, b.const(np.array([-1, 16], dtype=np.int64))], (1, 16))
+    model = b.build(b.gemm(flat, 4))
+    analysis = analyze_model(model)
+    group = next(g for g in analysis.groups if (x, 1) in {(m.value, m.axis) for m in g.members})
+    assert group.width == 16 and group.prunable
+    assert_pruned_equals_masked(model, tmp_path, ratio=0.5)

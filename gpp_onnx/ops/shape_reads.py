@@ -20,12 +20,31 @@ def _reshape_axes(s_in, s_out, a) -> tuple[int | None, int | None]:
     b = len(s_out) - (len(s_in) - a)
     if b >= 1 and tuple(s_out[b:]) == tuple(s_in[a:]):
         return None, b
+    moved = _channels_alone(s_in, s_out, a)
+    if moved is not None:
+        return None, moved
     p = 0
     while p < min(a, len(s_out)) and s_in[p] == s_out[p]:
         p += 1
     if len(s_out) > p and (p == a or p >= 1):
         return p, p
     return None, None
+
+
+def _channels_alone(s_in, s_out, a) -> int | None:
+    """The output axis of the channels where every other axis but the batch's has size 1
+    on both sides: the Reshape only moves the channel axis, as a Transpose would
+    (TensorFlow's (N, C, 1, 1) -> (N, 1, 1, C) before a classifier); else None."""
+    c = s_in[a]
+    if not (isinstance(c, int) and c > 1 and len(s_in) > 1 and len(s_out) > 1
+            and s_in[0] == s_out[0]):
+        return None
+    rest_in = [d for i, d in enumerate(s_in) if i not in (0, a)]
+    axes = [k for k in range(1, len(s_out)) if s_out[k] == c]
+    if any(d != 1 for d in rest_in) or len(axes) != 1:
+        return None
+    return axes[0] if all(d == 1 for k, d in enumerate(s_out) if k not in (0, axes[0])) \
+        else None
 
 
 def shape_dims_read(view, node) -> set[int] | None:
