@@ -1,6 +1,7 @@
 """Random CNN graphs (hypothesis): pruned == masked original, for any mix of blocks."""
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -85,7 +86,16 @@ def head_reshape(b, x):
     return b.gemm(b.reshape_flatten(b.pool(x, "AveragePool")), 4)
 
 
-HEADS = [head_gap, head_flatten, head_reshape]
+def head_channels_last(b, x):
+    """tf2onnx's classifier: GAP, a Reshape (N, C, 1, 1) -> (N, 1, 1, C), a flatten."""
+    g = b.gap(x)
+    c = b.shapes[g][1]
+    t = b.op("Reshape", [g, b.const(np.array([-1, 1, 1, c], dtype=np.int64))], (1, 1, 1, c))
+    flat = b.op("Reshape", [t, b.const(np.array([-1, c], dtype=np.int64))], (1, c))
+    return b.gemm(flat, 4)
+
+
+HEADS = [head_gap, head_flatten, head_reshape, head_channels_last]
 
 
 @st.composite
