@@ -256,3 +256,45 @@ def test_the_fold_keeps_the_function_on_exported_zoo_nets(name):
     sess = ort.InferenceSession(written.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: probe})[0]
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_running_statistic_shared_with_a_bias_trains_apart_from_it():
+    """The legacy exporter shares an untrained BatchNorm's zero running mean with a zero
+    bias (and its running variance of ones with a scale): the fine-tune asked a gradient
+    of the running mean (an internal error). Each running statistic now trains as its own
+    copy: the bias and the statistic end apart, and the written model computes what the
+    trained module computes."""
+    import torch
+
+    from gpp_onnx.samples import GraphBuilder
+    from gpp_onnx.torch_backend import OnnxModule, write_back
+    from gpp_onnx.train import CrossEntropy, Trainer
+
+    b = GraphBuilder((1, 1, 8, 8), seed=0)
+    x = b.conv("input", 6)
+    y = b.act(b.bn(x), "Relu")
+    model = b.build(b.gemm(b.flatten(b.gap(y)), 3))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    bn.input[3] = conv.input[2]                   # running mean read from the conv's bias
+    bn.input[4] = bn.input[1]                     # running variance from the BN's scale
+    module = OnnxModule(model)
+    rng = np.random.default_rng(0)
+    xs = torch.from_numpy(rng.standard_normal((16, 1, 8, 8)).astype(np.float32))
+    ys = torch.from_numpy(rng.integers(0, 3, 16))
+    Trainer(module, [CrossEntropy()], TrainOptions(lr=0.1, renorm=False), 3).fit(
+        iter([(xs.numpy(), ys.numpy())] * 3), "train")
+    written = write_back(module.eval(), model)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in written.graph.initializer}
+    wconv = next(n for n in written.graph.node if n.op_type == "Conv")
+    wbn = next(n for n in written.graph.node if n.op_type == "BatchNormalization")
+    assert len({wconv.input[2], wbn.input[1], wbn.input[3], wbn.input[4]}) == 4
+    assert not np.allclose(inits[wbn.input[3]], inits[wconv.input[2]])
+    with torch.no_grad():
+        want = module(xs).numpy()
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(written.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": xs.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -117,6 +117,26 @@ def _classify(graph, constants, initializers, opset) -> tuple[set[str], set[str]
     return weights, stats - weights
 
 
+def _own_statistics(graph, opset, constants, weights) -> dict[tuple[int, int], str]:
+    """Running statistics read from a tensor that is also a weight or read elsewhere (the
+    legacy exporter shares an untrained BatchNorm's zero mean with a zero bias): each such
+    slot gets its own copy in `constants`, under a new name, so training updates it alone
+    and never asks a gradient of a running statistic."""
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    copies = {}
+    for index, node in enumerate(graph.node):
+        for slot in lookup(node, opset).stat_slots(node):
+            name = node.input[slot] if slot < len(node.input) else ""
+            if name in constants and (name in weights or uses[name] > 1):
+                copy = f"{name}::{_node_name(node, index)}.{slot}"
+                constants[copy] = constants[name].clone()
+                copies[(index, slot)] = copy
+    return copies
+
+
 class OnnxModule(nn.Module):
     """An ONNX graph executed node by node with torch ops; trainable.
 
@@ -134,6 +154,9 @@ class OnnxModule(nn.Module):
         constants, self.identity_copies = _collect_constants(graph, opset)
         initializers = {init.name for init in graph.initializer} | self.identity_copies
         weights, stats = _classify(graph, constants, initializers, opset)
+        # {(node index, slot): copy name}: running stats read from a shared tensor
+        self.stat_copies = _own_statistics(graph, opset, constants, weights)
+        stats |= set(self.stat_copies.values())
         self.onnx_dtypes = {name: tensor.dtype for name, tensor in constants.items()}
         self.params = nn.ParameterDict()
         self.consts = nn.Module()
@@ -168,7 +191,9 @@ class OnnxModule(nn.Module):
         known = set(self.input_names) | set(constants)
         nodes = []
         for index, proto in enumerate(graph.node):
-            node = Node(_node_name(proto, index), proto.op_type, tuple(proto.input),
+            inputs = tuple(self.stat_copies.get((index, slot), name)
+                           for slot, name in enumerate(proto.input))
+            node = Node(_node_name(proto, index), proto.op_type, inputs,
                         tuple(proto.output), parse_attrs(proto), opset, table.get(proto.op_type))
             if proto.op_type == "Constant" or (node.outputs and node.outputs[0] in self.identity_copies):
                 continue

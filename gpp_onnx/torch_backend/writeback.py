@@ -64,10 +64,16 @@ def write_back(module: OnnxModule, model: onnx.ModelProto) -> onnx.ModelProto:
     initializers = {init.name: init for init in graph.initializer}
     producers = {n.output[0]: n for n in graph.node if n.op_type in ("Constant", "Identity")}
     sources: set[str] = set()
+    copies = {copy: key for key, copy in getattr(module, "stat_copies", {}).items()}
     for name, value in module.named_onnx_tensors():
         array = _as_array(module, name, value)
         node = producers.get(name)
-        if name in initializers:
+        if name in copies:   # a running statistic the module read from a shared tensor
+            index, slot = copies[name]
+            graph.initializer.append(numpy_helper.from_array(array, name))
+            sources.add(graph.node[index].input[slot])   # dropped if nothing else reads it
+            graph.node[index].input[slot] = name
+        elif name in initializers:
             _replace_tensor(initializers[name], array)
         elif node is not None and node.op_type == "Constant":
             _write_constant(node, array)
