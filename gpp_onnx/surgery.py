@@ -116,11 +116,12 @@ def _masks(analysis, kept) -> dict[tuple[str, int], dict[int, np.ndarray]]:
     return masks
 
 
-def _bias_array(analysis, node, delta: np.ndarray, kept, cut: bool) -> np.ndarray:
-    """The consumer's bias plus `delta` (original output indexing), sliced when cutting."""
+def _bias_array(analysis, node, delta: np.ndarray, kept, cut: bool, edit) -> np.ndarray:
+    """The consumer's bias plus `delta` (original output indexing), sliced when cutting.
+    The bias is read under its analysed name (a shared one was given its own copy)."""
     index, scale = analysis.rules[node.name].output_bias(node)
     name = analysis.view.input(node, index)
-    base = np.zeros_like(delta) if name is None else analysis.view.const(name)
+    base = np.zeros_like(delta) if name is None else analysis.view.const(edit.original(name))
     bias = np.broadcast_to(base.reshape(-1) if base.size == delta.size else base,
                            delta.shape).astype(np.float32) + (delta / scale).astype(np.float32)
     out = node.output[0]
@@ -160,7 +161,7 @@ def _apply(analysis, kept, changes, transform, rewrite: bool,
     for node_name, delta in (bias_deltas or {}).items():
         node = nodes[node_name]
         edit.set_input_const(node, analysis.rules[node.name].output_bias(node)[0],
-                             _bias_array(analysis, node, delta, kept, cut=rewrite))
+                             _bias_array(analysis, node, delta, kept, cut=rewrite, edit=edit))
     if rewrite:
         for node in model.graph.node:
             analysis.rules[node.name].rewrite(node, edit)

@@ -241,3 +241,30 @@ def test_conv_rows_are_the_unfolded_patches_at_the_sampled_positions(attrs):
     want = cols.permute(0, 2, 1)[torch.arange(3)[:, None], torch.as_tensor(positions)]
     got = _rows_conv(node, x, (7, 4, 3, 2), positions)
     assert torch.equal(got, want.reshape(-1, cols.shape[1]))
+
+
+def test_a_bias_shared_by_name_takes_its_repair_in_each_consumer():
+    """Two convs read one bias initializer (a pruned and fine-tuned round can leave byte-
+    identical biases that are shared again); both consume a cut group and are cut. The
+    bias fold read the copy's new name and stopped with an internal error."""
+    from conftest import feeds_for, rel_err, run_model
+
+    b = GraphBuilder((1, 3, 8, 8), seed=1)
+    x = b.act(b.conv("input", 8), "Relu")
+    left, right = b.conv(x, 6), b.conv(x, 6)
+    shared = next(n for n in b.nodes if n.output[0] == left).input[2]
+    next(n for n in b.nodes if n.output[0] == right).input[2] = shared
+    y = b.act(b.binary("Add", left, right), "Relu")
+    model = normalize(b.build(b.gemm(b.flatten(b.gap(y)), 4)))
+    analysis = analyze_model(model)
+    rng = np.random.default_rng(0)
+    scores = {g.key: rng.random(g.width) for g in analysis.prunable}
+    kept = kept_elements(analysis, plan_by_ratio(analysis, scores, 0.5, model_digest(model)))
+    images = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    means = channel_means(model, values_to_measure(analysis, kept), [images])
+    deltas = bias_deltas(analysis, kept, means)
+    assert len(deltas) >= 2
+    feeds = feeds_for(model, batch=3)
+    pruned = surgery.cut(analysis, kept, deltas)
+    masked = surgery.mask(analysis, kept, deltas)
+    assert rel_err(run_model(pruned, feeds), run_model(masked, feeds)) < 1e-5
