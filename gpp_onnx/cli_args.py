@@ -209,12 +209,13 @@ def _prune_training_args(pr: argparse.ArgumentParser, labels_optional: bool = Tr
                     help="fine-tuning learning rate (default 0.01; 0.03 while BatchNorm is put "
                     "back on folded convs, chosen on validation data)")
     _device_args(pr)
-    pr.add_argument("--repair", choices=["lsq", "bias", "none"], default="lsq",
-                    help="after the cut (needs --data): lsq refits the following layers "
-                    "to the original outputs (default), bias folds the removed channels' "
-                    "means into the next biases, none leaves the weights as they are")
-    pr.add_argument("--no-repair", action="store_const", const="none", dest="repair",
-                    help="same as --repair none")
+    repair = pr.add_mutually_exclusive_group()   # both given: refused, not the last wins
+    repair.add_argument("--repair", choices=["lsq", "bias", "none"], default="lsq",
+                        help="after the cut (needs --data): lsq refits the following layers "
+                        "to the original outputs (default), bias folds the removed channels' "
+                        "means into the next biases, none leaves the weights as they are")
+    repair.add_argument("--no-repair", action="store_const", const="none", dest="repair",
+                        help="same as --repair none")
 
 
 def _profile_parser(sub) -> None:

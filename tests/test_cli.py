@@ -150,6 +150,7 @@ def test_prune_api_accepts_min_keep(tmp_path):
     (["push", "--epochs", "0"], "argument --epochs: 0 must be > 0"),
     (["grow", "--max-modules", "0"], "argument --max-modules: 0 must be >= 1"),
     (["gpp", "--push-share", "1.5"], "argument --push-share: 1.5 must be <= 1"),
+    (["prune", "--repair", "bias", "--no-repair"], "not allowed with argument --repair"),
     (["grow", "--seed", "-1"], "argument --seed: -1 must be >= 0"),
 ])
 def test_numeric_options_out_of_range_are_refused_by_the_parser(argv, message, tmp_path,
