@@ -119,7 +119,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     if plan_out is not None:
         preflight.check_side_output(Path(plan_out), "--plan-out", src, dst)
     t0 = time.perf_counter()
-    start = start_run(model if src is None else src, config)
+    start = start_run(model if src is None else src, config, scores=plan_path is None)
     config = replace(config, timing=latency.timing_for(start.loaded.model, config.timing))
     rounds = _run_rounds(start, config, plan_path)
     last = rounds[-1]
@@ -237,10 +237,10 @@ class Start:
     original_session: object = field(default=None, repr=False, compare=False)
 
 
-def start_run(model, config: PruneConfig, per_class: int = 0) -> Start:
-    """Load, normalise and analyse; refuse what cannot be pruned; measure the tolerance;
-    load the data (every class with `per_class` training images) and the starting
-    accuracy."""
+def start_run(model, config: PruneConfig, per_class: int = 0, scores: bool = True) -> Start:
+    """Load, normalise and analyse; refuse what cannot be pruned (and, where channels will
+    be `scores`d, a criterion that cannot find its feature); measure the tolerance; load
+    the data (every class with `per_class` training images) and the starting accuracy."""
     loaded, normalized, analysis = _load(model, config.input_shape)
     distributed.check_same("options", {"options": config.to_dict()},
                            "start every process with the same options")
@@ -253,6 +253,8 @@ def start_run(model, config: PruneConfig, per_class: int = 0) -> Start:
         raise InputError(f"{where}: nothing can be pruned ({_first_reasons(analysis)}) - "
                          "run 'gpp-onnx analyze' to see why each channel group is kept")
     _check_precision(normalized, config)
+    if scores:
+        _check_feature(analysis, config)
     # the noise is measured on the shape probe's inputs, whose unoptimised outputs the
     # probe has (and whose optimised run warms the latency measure's session up); the
     # unchanged check, where it must run both models, uses the check inputs
@@ -269,6 +271,19 @@ def start_run(model, config: PruneConfig, per_class: int = 0) -> Start:
         _warn_if_chance(acc, data.val.num_classes)
     return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc,
                  optimised)
+
+
+def _check_feature(analysis: Analysis, config: PruneConfig) -> None:
+    """A criterion that reads the final hidden layer finds it before the data is loaded
+    (InputError naming --feature-tensor where it cannot)."""
+    if config.data is None:
+        return
+    from .analysis.features import final_hidden_layer
+    from .importance import get_criterion
+
+    if getattr(get_criterion(config.criterion, config.seed), "needs_feature", False) \
+            or config.feature_tensor is not None:
+        final_hidden_layer(analysis.view, config.feature_tensor)
 
 
 def _warn_if_chance(acc: float, classes: int) -> None:

@@ -159,3 +159,14 @@ def test_distill_0_without_labels_is_named_as_ignored(tmp_path, capsys):
     code, lines = _run(tmp_path, capsys, _cnn(), tmp_path / "d.npz",
                        ["--finetune-epochs", "0.1", "--distill", "0"])
     assert code == 0 and any("--distill 0 is ignored without labels" in x for x in lines)
+
+
+def test_a_criterion_without_its_feature_is_refused_before_the_data_is_read(tmp_path, capsys):
+    b = GraphBuilder((1, 1, 8, 8), seed=0)
+    x = b.act(b.conv("input", 6), "Relu")
+    model = b.build(b.flatten(b.gap(b.conv(x, 3, k=1))))      # a conv classifier, no Gemm
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((30, 8, 8), np.uint8), y=np.arange(30) % 3)
+    code, lines = _run(tmp_path, capsys, model, data)
+    assert code == 2 and "--feature-tensor" in lines[-1]
+    assert not any("samples" in line for line in lines)
