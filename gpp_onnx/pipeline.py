@@ -15,15 +15,14 @@ from . import model as model_io
 from .analysis import Analysis, analyze_model
 from .config import DataOptions, LatencyOptions, PruneConfig
 from .data import iter_batches
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError
 from .evaluation import accuracy, data_input_shape, dataset_for
 from .graph import GraphView
 from .latency_model import LatencyModel, group_costs
-from .plan import PrunePlan, model_digest
+from .plan import PrunePlan
 from .rounds import Round, one_round
 from .session_inputs import check_same_inputs
-from .sources import has_labels
-from .splits import load_data
+from .start import Start, check_paths, load, start_run, with_label_mode
 from .stats import Estimator, ModelStats, count
 from .teacher import Teacher, describe, fidelity, output_kinds
 
@@ -62,27 +61,13 @@ class PruneResult:
 
 
 def load_normalized(path, input_shape=None) -> tuple[onnx.ModelProto, onnx.ModelProto, Analysis]:
-    loaded, normalized, analysis = _load(path, input_shape)
+    loaded, normalized, analysis = load(path, input_shape)
     return loaded.model, normalized, analysis
-
-
-def _load(model, input_shape) -> tuple[model_io.Loaded, onnx.ModelProto, Analysis]:
-    """`model`: a path or an in-memory ModelProto."""
-    loaded = model_io.open_model(model)
-    logger.info("loaded %s (%d nodes)", "the model" if isinstance(model, onnx.ModelProto)
-                else model, len(loaded.model.graph.node))
-    normalized = model_io.normalize(loaded.model)
-    distributed.check_same("models", {"model": model_digest(normalized)},
-                           "start every process with the same model")
-    analysis = analyze_model(normalized, input_shape)
-    logger.info("analysed: %d channel groups, %d prunable", len(analysis.groups),
-                len(analysis.prunable))
-    return loaded, normalized, analysis
 
 
 def analyze(path, input_shape=None) -> ModelAnalysis:
     """Channel groups of a model with the share of params / MACs each one controls."""
-    _, _, analysis = _load(path, input_shape)
+    _, _, analysis = load(path, input_shape)
     return ModelAnalysis(analysis, count(analysis.view), group_shares(analysis))
 
 
@@ -110,7 +95,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     config = config.checked()
     src = None if isinstance(model, onnx.ModelProto) else model_io.model_path(model)
     dst = None if output is None else Path(output)
-    _preflight(model, src, dst, config.data)
+    check_paths(model, src, dst, config.data)
     if config.data is not None:
         config = replace(config, input_shape=data_input_shape(model, config.input_shape,
                                                               config.data.source))
@@ -203,95 +188,12 @@ def _short_of_target(config: PruneConfig, before: ModelStats, last,
     return None
 
 
-def with_label_mode(config: PruneConfig) -> PruneConfig:
-    """Settle whether the data's labels are used (DataOptions.labels None: where the source
-    has them), before the criterion is chosen and anything is loaded."""
-    data = config.data
-    if not isinstance(data, DataOptions) or data.labels is not None:
-        return config   # (a data= of another type is refused by PruneConfig.checked)
-    preflight.check_data(data.source)
-    return replace(config, data=replace(data, labels=has_labels(data.source)))
-
-
 def _distillation(start, config: PruneConfig) -> str | None:
     teacher = start.data.teacher if start.data is not None else None
     if teacher is None or config.train.epochs <= 0 or (
             config.data.labels and config.train.distill_weight <= 0):
         return None
     return describe(teacher.kinds)
-
-
-@dataclass(frozen=True)
-class Start:
-    """Everything a run needs before its first cut, checked."""
-    loaded: model_io.Loaded
-    normalized: onnx.ModelProto
-    analysis: Analysis
-    tolerance: verify.Tolerance
-    data: object                         # splits.Splits or None
-    before: ModelStats
-    accuracy: float | None
-    # the normalised original, ORT-optimised: its noise measure's session, kept for the
-    # latency measure (None without it). The pruned model is cut from the normalised one,
-    # whose folded constants ORT's optimiser folds in the file's model too.
-    original_session: object = field(default=None, repr=False, compare=False)
-
-
-def start_run(model, config: PruneConfig, per_class: int = 0, scores: bool = True) -> Start:
-    """Load, normalise and analyse; refuse what cannot be pruned (and, where channels will
-    be `scores`d, a criterion that cannot find its feature); measure the tolerance; load
-    the data (every class with `per_class` training images) and the starting accuracy."""
-    loaded, normalized, analysis = _load(model, config.input_shape)
-    distributed.check_same("options", {"options": config.to_dict()},
-                           "start every process with the same options")
-    analysis = analysis.keeping(config.ignore)
-    for name, _ in config.group_ratios:  # a name that designates nothing: before the work
-        analysis.find_group(name)
-    latency.timing_for(loaded.model, config.timing)   # a --latency-batch it refuses, too
-    if not analysis.prunable:
-        where = "the model" if isinstance(model, onnx.ModelProto) else model
-        raise InputError(f"{where}: nothing can be pruned ({_first_reasons(analysis)}) - "
-                         "run 'gpp-onnx analyze' to see why each channel group is kept")
-    _check_precision(normalized, config)
-    if scores:
-        _check_feature(analysis, config)
-    # the noise is measured on the shape probe's inputs, whose unoptimised outputs the
-    # probe has (and whose optimised run warms the latency measure's session up); the
-    # unchanged check, where it must run both models, uses the check inputs
-    view = analysis.view
-    optimised = verify.make_session(view.detached, "input model") if config.latency else None
-    tolerance = verify.measure_tolerance(normalized, view.probe_feeds, source=view.detached,
-                                         plain=view.probe_outputs, optimised_session=optimised)
-    feeds = view.check_feeds(config.seed)
-    loaded.check_unchanged(normalized, feeds, tolerance,
-                           lambda: view.plain_outputs(feeds, "normalised model"), view.const)
-    data = load_data(analysis.view, config, analysis, per_class)
-    acc = accuracy(normalized, data.val) if data is not None and data.val.labelled else None
-    if acc is not None:
-        _warn_if_chance(acc, data.val.num_classes)
-    return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc,
-                 optimised)
-
-
-def _check_feature(analysis: Analysis, config: PruneConfig) -> None:
-    """A criterion that reads the final hidden layer finds it before the data is loaded
-    (InputError naming --feature-tensor where it cannot)."""
-    if config.data is None:
-        return
-    from .analysis.features import final_hidden_layer
-    from .importance import get_criterion
-
-    if getattr(get_criterion(config.criterion, config.seed), "needs_feature", False) \
-            or config.feature_tensor is not None:
-        final_hidden_layer(analysis.view, config.feature_tensor)
-
-
-def _warn_if_chance(acc: float, classes: int) -> None:
-    """An input model at chance on its own data: the labels or the scaling do not match."""
-    if classes >= 3 and acc <= 1.5 / classes:
-        logger.warning("the input model's held-out accuracy is %.3f, about chance for %d "
-                       "classes: check that the labels follow the model's class order and "
-                       "the input scaling (--mean/--std)", acc, classes)
 
 
 def _run_rounds(start: Start, config: PruneConfig, plan_path) -> list[Round]:
@@ -306,27 +208,6 @@ def _run_rounds(start: Start, config: PruneConfig, plan_path) -> list[Round]:
         rounds.append(one_round(analysis, config, start.data, k, plan_path, start.before,
                                 start.tolerance, widths))
     return rounds
-
-
-def _check_precision(model: onnx.ModelProto, config: PruneConfig) -> None:
-    low = verify.low_precision(model)
-    if low is not None and config.data is not None:
-        raise UnsupportedModelError(
-            f"the model holds {low} tensors and --data runs it through the float32 torch "
-            "backend (scoring, repair, training) - give the float32 version of the model "
-            "(or, to prune this one, prune it without --data, e.g. --criterion l1)")
-
-
-def _preflight(model, src: Path | None, dst: Path | None, data: DataOptions | None) -> None:
-    """Output writable with room, data readable: checked before any expensive work."""
-    if dst is not None:
-        preflight.check_output(src, dst, model.ByteSize() if src is None else 0)
-    preflight.check_data(data.source if data is not None else None, dst)
-
-
-def _first_reasons(analysis: Analysis) -> str:
-    reasons = sorted({g.reason.split(": ", 1)[-1] for g in analysis.groups if g.reason})
-    return "; ".join(reasons[:3]) or "no channel groups"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from .evaluation import data_input_shape
 from .finetune import train_model
 from .graph import GraphView
 from .grow.phase import check_grow
-from .pipeline import _check_precision, _load, _preflight, _short_of_target, start_run
+from .pipeline import _short_of_target
+from .start import check_paths, check_precision, load, start_run
 from .push import PushReport, PushWeights, push_model
 from .splits import LDA_PER_CLASS, load_data
 from .schedule import GppOptions
@@ -54,11 +55,11 @@ def push(model, output=None, data: DataOptions | None = None,
         raise InputError(f"--epochs {train.epochs} must be > 0")
     src = None if isinstance(model, onnx.ModelProto) else model_io.model_path(model)
     dst = None if output is None else Path(output)
-    _preflight(model, src, dst, data)
+    check_paths(model, src, dst, data)
     input_shape = data_input_shape(model, input_shape, data.source)
-    loaded, normalized, analysis = _load(model if src is None else src, input_shape)
+    loaded, normalized, analysis = load(model if src is None else src, input_shape)
     config = PruneConfig(data=replace(data, labels=True), seed=seed, train=train).checked()
-    _check_precision(normalized, config)
+    check_precision(normalized, config)
     splits = load_data(analysis.view, config, per_class=LDA_PER_CLASS)
     feature = final_hidden_layer(analysis.view, feature_tensor)
     pushed, rep = push_model(normalized, splits.train, splits.val, feature, train, weights, seed)
@@ -161,7 +162,7 @@ def _gpp_checks(model, output, config: PruneConfig, options: GppOptions):
     dst = None if output is None else Path(output)
     if options.work_dir is None and dst is not None:
         options = replace(options, work_dir=dst.with_name(dst.name + ".gpp-work"))
-    _preflight(model, src, dst, config.data)
+    check_paths(model, src, dst, config.data)
     config = replace(config, input_shape=data_input_shape(model, config.input_shape,
                                                           config.data.source))
     workdir.check_work(options, tuple(files.stored_files(src) if src else ()),

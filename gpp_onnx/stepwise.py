@@ -25,7 +25,7 @@ from . import verify
 from .analysis import analyze_model
 from .config import PruneConfig
 from .errors import InputError
-from .pipeline import start_run, with_label_mode
+from .start import start_run, with_label_mode
 from .rounds import Round, one_round
 
 logger = logging.getLogger(__name__)

@@ -101,12 +101,12 @@ def test_bad_names_and_ratios_are_one_line_errors(src, tmp_path, argv, capsys):
     ({"criterion": "gppp"}, "unknown criterion 'gppp' - choose one of"),
 ])
 def test_unknown_names_are_refused_before_the_data_is_read(src, monkeypatch, options, message):
-    import gpp_onnx.pipeline
+    import gpp_onnx.start
 
     def no_data(*args, **kwargs):
         raise AssertionError("the data was read before the name was checked")
 
-    monkeypatch.setattr(gpp_onnx.pipeline, "load_data", no_data)
+    monkeypatch.setattr(gpp_onnx.start, "load_data", no_data)   # where a run loads it
     with pytest.raises(InputError, match=message):
         prune(src, config=PruneConfig(ratio=0.5, latency=False, data=DataOptions("digits"),
                                       **options))
