@@ -8,6 +8,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -46,8 +47,10 @@ class FilePixels:
             found.setdefault(probe(self.paths[i]), str(self.paths[i]))
         return found
 
-    def read(self, pos: np.ndarray) -> list[np.ndarray]:
-        return [read_image(self.paths[i]) for i in pos]
+    def read(self, pos: np.ndarray) -> Iterator[np.ndarray]:
+        """The files at ``pos`` one by one, each decoded when the last has been taken (and
+        resized), so a batch of large photos never sits in memory at full size."""
+        return (read_image(self.paths[i]) for i in pos)
 
 
 def pil():

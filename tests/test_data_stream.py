@@ -200,3 +200,17 @@ def test_accuracy_batches_shrink_with_the_image_size(big_idx, monkeypatch):
     ds = load_dataset(DataSpec(str(big_idx), 1, SIDE, SIDE)).subset(np.arange(30))
     evaluation.accuracy(model, ds)
     assert seen == [7, 7, 7, 7, 2]
+
+
+def test_a_batch_of_large_photos_is_resized_one_at_a_time(tmp_path):
+    """Each file is resized before the next is decoded: a batch of 8 photos of 600x800
+    never holds the 8 full-size float copies (46 MB), only about one (5.8 MB)."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (60, 80, 3), np.uint8)).resize((800, 600))
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(4):
+            img.save(tmp_path / f"c{c}" / f"{i}.png")
+    ds = load_dataset(DataSpec(str(tmp_path), 3, 16, 16, workers=0))
+    one = 600 * 800 * 3 * 4
+    assert _peak(lambda: ds.x[:8]) < 3 * one
