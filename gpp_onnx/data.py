@@ -34,7 +34,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, GppError
 from .report import plural
 from .image_files import IMAGE_EXTENSIONS, FilePixels
 from .sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, ArrayPixels, check_source,
@@ -310,7 +310,10 @@ class _Batches:
     def __getitem__(self, chunk: np.ndarray):
         import torch
 
-        return torch.from_numpy(self.ds.x[chunk]), chunk
+        try:
+            return torch.from_numpy(self.ds.x[chunk]), chunk
+        except GppError as err:  # sent back as itself, not as the worker's traceback
+            return err, chunk
 
 
 def _as_is(batch):
@@ -323,6 +326,8 @@ def _with_workers(ds: Dataset, chunks: list[np.ndarray]):
     loader = DataLoader(_Batches(ds), sampler=chunks, batch_size=None, collate_fn=_as_is,
                         num_workers=ds.workers, prefetch_factor=2)
     for x, chunk in loader:
+        if isinstance(x, GppError):
+            raise x
         yield x.numpy(), None if ds.y is None else ds.y[chunk]
 
 

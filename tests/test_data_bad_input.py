@@ -117,3 +117,26 @@ def test_conv_classifier_works_with_data_for_criteria_without_features(tmp_path,
     onnx.save(_cnn(head="conv"), src)
     assert main(["-q", "prune", str(src), "-o", str(out), "--data", str(data), "--no-latency",
                  "--criterion", "taylor"]) == 0
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_image_that_fails_to_decode_is_one_line(tmp_path, capsys, workers):
+    """A truncated JPEG passes the header probe and fails when its batch is decoded, in a
+    worker process too: one line naming the file, exit 2 (not the worker's traceback)."""
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "d" / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (8, 8), np.uint8)).save(
+                tmp_path / "d" / f"c{c}" / f"{i}.png")
+    whole = tmp_path / "whole.jpg"
+    Image.fromarray(rng.integers(0, 256, (64, 64), np.uint8)).save(whole)
+    (tmp_path / "d" / "c1" / "cut.jpg").write_bytes(whole.read_bytes()[:400])
+    src = tmp_path / "m.onnx"
+    onnx.save(_cnn(), src)
+    code = main(["evaluate", str(src), "--data", str(tmp_path / "d"), "--workers", workers,
+                 "--batch-size", "4"])  # several batches: the workers take them
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("gpp-onnx: error: cannot read image")
+    assert "cut.jpg" in lines[-1] and not any("Traceback" in line for line in lines)
