@@ -67,17 +67,27 @@ def channels(mode: str) -> int:
 
 def probe(path: Path) -> tuple[int, int, int]:
     """(C, H, W) of an image file from its header."""
+    image = pil()
     try:
-        with pil().open(path) as img:
+        with image.open(path) as img:
             return channels(img.mode), img.size[1], img.size[0]
     except OSError as err:
         raise DataError(f"cannot read image {path}: {err}; fix or remove the file") from None
+    except image.DecompressionBombError as err:
+        raise _too_large(path, err) from None
+
+
+def _too_large(path: Path, err: Exception) -> DataError:
+    """Pillow refuses images of over twice its MAX_IMAGE_PIXELS (179 M pixels)."""
+    return DataError(f"cannot read image {path}: {str(err).rstrip('.')}; scale it down (the "
+                     "model takes far fewer pixels) or remove it")
 
 
 def read_image(path: Path) -> np.ndarray:
     """One image file as (1, C, H, W) float32 in [0, 1]."""
+    image = pil()
     try:
-        with pil().open(path) as img:
+        with image.open(path) as img:
             if img.mode[0] in "IF":  # 16/32-bit integer or float pixels
                 arr = np.asarray(img)
                 # 16-bit files by their format's range, whatever their brightest pixel;
@@ -94,6 +104,8 @@ def read_image(path: Path) -> np.ndarray:
                 arr = np.asarray(img.convert(mode), np.float32) / np.float32(255)
     except OSError as err:
         raise DataError(f"cannot read image {path}: {err}; fix or remove the file") from None
+    except image.DecompressionBombError as err:
+        raise _too_large(path, err) from None
     return (arr[:, :, None] if arr.ndim == 2 else arr).transpose(2, 0, 1)[None]
 
 

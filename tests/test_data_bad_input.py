@@ -140,3 +140,30 @@ def test_image_that_fails_to_decode_is_one_line(tmp_path, capsys, workers):
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and lines[-1].startswith("gpp-onnx: error: cannot read image")
     assert "cut.jpg" in lines[-1] and not any("Traceback" in line for line in lines)
+
+
+def test_image_too_large_for_pillow_is_one_line(tmp_path, capsys):
+    """A file Pillow refuses as a decompression bomb (here 20000x20000 px) is a bad input:
+    one line naming it, exit 2, not an internal error."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xffffffff)
+
+    pytest.importorskip("PIL.Image")
+    data = tmp_path / "d"
+    for c in range(3):
+        (data / f"c{c}").mkdir(parents=True)
+        (data / f"c{c}" / "0.png").write_bytes(
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 72)) + chunk(b"IEND", b""))
+    (data / "c0" / "huge.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+    src = tmp_path / "m.onnx"
+    onnx.save(_cnn(), src)
+    code = main(["evaluate", str(src), "--data", str(data), "--workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("gpp-onnx: error:") and "huge.png" in err
