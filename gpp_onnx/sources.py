@@ -218,6 +218,7 @@ def _load_image_folder(root: Path, labels: bool = True) -> Raw:
                             "folder of images")
         pil()
         return Raw(None, FilePixels(tuple(found)), str(root))
+    _refuse_split_folders(root, class_dirs)
     if loose:
         warn_once("%s: %d images beside the class folders are left out (a class folder's "
                   "name is its images' label); move them into one, or pass --no-labels to "
@@ -237,6 +238,27 @@ def _load_image_folder(root: Path, labels: bool = True) -> Raw:
     paths = tuple(p for files in per_class for p in files)
     return Raw(labels.astype(np.int64), FilePixels(paths), str(root),
                tuple(d.name for d in class_dirs))
+
+
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "eval",
+               "dev"}
+
+
+def _refuse_split_folders(root: Path, class_dirs: list[Path]) -> None:
+    """A dataset's root (train/<class>/..., val/<class>/...) given for one of its splits
+    would be read as the classes 'train' and 'val'; refused, naming the split to give."""
+    names = [d.name for d in class_dirs]
+    if not all(n.lower() in SPLIT_NAMES for n in names):
+        return
+    def splits(folder: Path) -> bool:  # sub-folders and no image of its own
+        inside = [p for p in folder.iterdir() if not p.name.startswith(".")]
+        return any(p.is_dir() for p in inside) and not any(
+            p.suffix.lower() in IMAGE_EXTENSIONS for p in inside)
+
+    if all(splits(d) for d in class_dirs):
+        first = next((d for d in class_dirs if d.name.lower().startswith("train")), class_dirs[0])
+        raise DataError(f"{root} holds the split folders {', '.join(names)}, each with class "
+                        f"folders: give one split, e.g. --data {first}")
 
 
 def _npz_member_map(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:

@@ -167,3 +167,33 @@ def test_image_too_large_for_pillow_is_one_line(tmp_path, capsys):
     code = main(["evaluate", str(src), "--data", str(data), "--workers", "0"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("gpp-onnx: error:") and "huge.png" in err
+
+
+@pytest.mark.parametrize("splits", [("train", "val"), ("train",)])
+def test_dataset_root_given_for_a_split_names_the_split(tmp_path, capsys, splits):
+    """ImageNet's layout, root/train/<class>/*.png: the root would be read as the classes
+    'train' and 'val' (or one class): refused, naming root/train."""
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    root = tmp_path / "d"
+    for split in splits:
+        for c in range(3):
+            (root / split / f"c{c}").mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8), np.uint8)).save(
+                root / split / f"c{c}" / "0.png")
+    code, err = _prune(tmp_path, capsys, _cnn(), root, ["--ratio", "0.5"])
+    assert code == 2 and f"--data {root / 'train'}" in err
+
+
+def test_classes_named_like_splits_that_hold_images_are_classes(tmp_path, capsys):
+    """Class folders named 'train' and 'test' that hold images directly stay classes."""
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for name in ("train", "test", "val"):
+        (tmp_path / "d" / name / "more").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (8, 8), np.uint8)).save(
+                tmp_path / "d" / name / f"{i}.png")
+    src = tmp_path / "m.onnx"
+    onnx.save(_cnn(), src)
+    assert main(["evaluate", str(src), "--data", str(tmp_path / "d")]) == 0
