@@ -130,6 +130,8 @@ CASES = [
                              N("Cast", ["g"], ["y"], to=TensorProto.FLOAT)], X4, {"ix": i64(1)[0]}, 17),
     ("scatter_nd_add", [N("ScatterND", ["x", "ix", "u"], ["y"], reduction="add")], X4,
      {"ix": np.array([[0, 1], [1, -3]], dtype=np.int64), "u": randn(2, 9, 10)}, 18),
+    ("flatten_negative_axis", [N("Flatten", ["x"], ["y"], axis=-1)], X4, {}, 13),
+    ("flatten_axis_minus_rank", [N("Flatten", ["x"], ["y"], axis=-4)], X4, {}, 13),
     ("reduce_squeeze_unsqueeze", [N("ReduceMean", ["x", "ax"], ["m"], keepdims=1),
                                   N("Squeeze", ["m", "sq"], ["s"]), N("Unsqueeze", ["s", "us"], ["y"])],
      X4, {"ax": i64(1, -1), "sq": i64(3), "us": i64(0, -1)}, 18),

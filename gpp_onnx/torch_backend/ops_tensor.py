@@ -67,7 +67,8 @@ def constant_of_shape(node: Node, dims):
 
 @register("Flatten")
 def flatten(node: Node, x):
-    axis = node.attr("axis", 1) % (x.dim() + 1) if x.dim() else 0
+    axis = node.attr("axis", 1)
+    axis = axis + x.dim() if axis < 0 else axis   # in [-r, r]: -1 is r - 1, not r
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
