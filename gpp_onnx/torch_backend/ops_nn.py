@@ -63,10 +63,15 @@ def conv(node: Node, x, w, b=None):
 
 
 def _conv_transpose_pads(node: Node, sizes, full, out_pad, strides) -> Pairs:
-    """ONNX ConvTranspose padding: explicit pads, or derived from output_shape / auto_pad."""
+    """ONNX ConvTranspose padding: explicit pads, or derived from output_shape / auto_pad.
+
+    A target longer than the unpadded output (kernel < stride) pads nothing, as in
+    onnxruntime: output_shape is reached with zeros after the end, auto_pad keeps the
+    unpadded length."""
     n = len(full)
     target = node.attr("output_shape")
     auto = node.attr("auto_pad", "NOTSET")
+    explicit = bool(target)
     if not target and auto in ("SAME_UPPER", "SAME_LOWER"):
         target = [size * s for size, s in zip(sizes, strides)]
     if not target:
@@ -75,6 +80,9 @@ def _conv_transpose_pads(node: Node, sizes, full, out_pad, strides) -> Pairs:
     pairs = []
     for f, op, t in zip(full, out_pad, target[-n:]):
         total = f + op - t
+        if total < 0:
+            pairs.append((0, total if explicit else 0))
+            continue
         half = total // 2
         pairs.append((half, total - half) if auto == "SAME_UPPER" else (total - half, half))
     return pairs
