@@ -124,6 +124,7 @@ CASES = [
      {"a": randn(6, 3)}, {"w": randn(5, 6), "c": randn(5)}, 17),
     ("softmax_opset11_coerced", [N("Softmax", ["x"], ["y"], axis=2)], X4, {}, 11),
     ("clip_attrs_opset6", [N("Clip", ["x"], ["y"], min=-0.5, max=0.7)], X4, {}, 6),
+    ("clip_without_bounds", [N("Clip", ["x"], ["y"])], X4, {}, 13),
     ("reshape_transpose_gather", [N("Reshape", ["x", "sh"], ["r"]),
                                   N("Transpose", ["r"], ["t"], perm=[2, 0, 1]),
                                   N("Gather", ["t", "ix"], ["y"], axis=2)],

@@ -113,6 +113,8 @@ def clip(node: Node, x, low=None, high=None):
     """Bounds from inputs (opset >= 11) or the min/max attributes (older opsets)."""
     if node.opset < 11:
         low, high = node.attr("min"), node.attr("max")
+    if low is None and high is None:   # no bound: the identity (torch.clamp refuses it)
+        return x
     return torch.clamp(x, min=low, max=high)
 
 
