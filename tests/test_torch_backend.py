@@ -420,6 +420,18 @@ def test_unsupported_op_names_node_and_op():
         OnnxModule(custom)
 
 
+@pytest.mark.parametrize("opset, attrs, shape, match", [
+    (15, {"training_mode": 1}, (8,), "training_mode"), (7, {"spatial": 0}, (8, 9, 10), "spatial")])
+def test_batchnorm_variants_onnxruntime_runs_otherwise_are_refused(opset, attrs, shape, match):
+    stats = {"s": randn(*shape), "b": randn(*shape), "m": randn(*shape), "v": np.abs(randn(*shape)) + 0.5}
+    outputs = ["y", "rm", "rv"] if attrs.get("training_mode") else ["y"]
+    model = make_model([N("BatchNormalization", ["x", "s", "b", "m", "v"], outputs, **attrs)],
+                       X4, outputs, stats, opset)
+    ort_run(model, X4)   # a valid model: onnxruntime runs it (with batch statistics, per activation)
+    with pytest.raises(UnsupportedModelError, match=match):
+        OnnxModule(model)
+
+
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

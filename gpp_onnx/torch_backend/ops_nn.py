@@ -101,7 +101,16 @@ def conv_transpose(node: Node, x, w, b=None):
     return y if b is None else y + b.reshape(1, -1, *[1] * n)
 
 
-@register("BatchNormalization")
+def _check_batch_norm(node: Node) -> None:
+    if node.attr("training_mode", 0):
+        raise node.fail("training_mode=1 normalises by each batch's statistics in onnxruntime; "
+                        "export the model in eval mode (training_mode=0)")
+    if not node.attr("spatial", 1):
+        raise node.fail("spatial=0 (per-activation statistics) is not supported; export with "
+                        "spatial=1 or opset 9 or later")
+
+
+@register("BatchNormalization", check=_check_batch_norm)
 def batch_norm(node: Node, x, scale, bias, mean, var):
     """eval(): running stats. train(): batch stats, and the running-stat buffers are updated
     in place as ``running = m * running + (1 - m) * batch`` with ONNX momentum ``m``
