@@ -157,11 +157,13 @@ def _reduce_dims(node: Node, x, axes_input) -> tuple[int, ...] | None:
     return tuple(sorted(a % x.dim() for a in axes))
 
 
-def _reducer(fn):
+def _reducer(fn, noop=None):
+    """``noop``: what the reducer leaves of x when noop_with_empty_axes skips the reduction
+    (onnxruntime keeps the element-wise part: |x| for L1 / L2, x^2 for SumSquare)."""
     def op(node: Node, x, axes=None):
         dims = _reduce_dims(node, x, axes)
         if dims is None:
-            return x
+            return x if noop is None else noop(x)
         return fn(x, dims, bool(node.attr("keepdims", 1)))
 
     return op
@@ -184,8 +186,9 @@ _REDUCERS = {
     "ReduceSumSquare": lambda x, d, k: (x * x).sum(d, keepdim=k),
     "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, d, keepdim=k),
 }
+_NOOPS = {"ReduceL1": torch.abs, "ReduceL2": torch.abs, "ReduceSumSquare": torch.square}
 for _name, _fn in _REDUCERS.items():
-    register(_name)(_reducer(_fn))
+    register(_name)(_reducer(_fn, _NOOPS.get(_name)))
 
 
 def _arg(fn):
