@@ -113,6 +113,8 @@ CASES = [
      X4, {"sc": f32(1, 1, 2, 1.5)}, 17),
     ("resize_nearest_half_pixel_down", [N("Resize", ["x", "", "", "sz"], ["y"], mode="nearest")],
      X4, {"sz": i64(2, 8, 4, 5)}, 17),
+    ("resize10_nearest_down", [N("Resize", ["x", "sc"], ["y"], mode="nearest")],
+     X4, {"sc": f32(1, 1, 1.5, 0.8)}, 10),
     ("resize_linear_half_pixel", [N("Resize", ["x", "", "sc"], ["y"], mode="linear")],
      X4, {"sc": f32(1, 1, 1.7, 0.6)}, 17),
     ("resize_linear_align_corners", [N("Resize", ["x", "", "", "sz"], ["y"], mode="linear",

@@ -293,11 +293,12 @@ def _cubic_weights(t: torch.Tensor, a: float) -> list[torch.Tensor]:
     return [far(t + 1), near(t), near(1 - t), far(2 - t)]
 
 
-def _taps(node: Node, coords: torch.Tensor, size: int):
+def _taps(node: Node, coords: torch.Tensor, size: int, scale: float):
     """(indices, weights) pairs to blend along one axis."""
     mode = node.attr("mode", "nearest")
     if mode == "nearest":
-        rounding = _ROUNDING[_legacy_or(node, "nearest_mode", "round_prefer_floor", "floor")]
+        legacy = "ceil" if scale < 1 else "floor"   # onnxruntime's rule before nearest_mode
+        rounding = _ROUNDING[_legacy_or(node, "nearest_mode", "round_prefer_floor", legacy)]
         return [(rounding(coords).clamp(0, size - 1).long(), None)]
     if mode == "linear":
         coords = coords.clamp(0, size - 1)
@@ -316,7 +317,7 @@ def _taps(node: Node, coords: torch.Tensor, size: int):
 def _resize_axis(node: Node, x, axis: int, out: int, scale: float):
     coords = _source_coords(node, out, x.shape[axis], scale, x.device)
     result = None
-    for idx, weight in _taps(node, coords, x.shape[axis]):
+    for idx, weight in _taps(node, coords, x.shape[axis], scale):
         part = x.index_select(axis, idx)
         if weight is not None:
             shape = [1] * x.dim()
