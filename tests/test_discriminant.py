@@ -166,3 +166,44 @@ def test_a_dropout_with_its_mask_output_changes_no_score(name):
     for key in plain:
         np.testing.assert_allclose(masked[key] / masked[key].max(),
                                    plain[key] / plain[key].max(), rtol=1e-6, atol=1e-12)
+
+
+def test_gpp_scores_a_flatten_head_wider_than_the_scoring_images(tmp_path):
+    """A Paddle-style head (Flatten of the conv maps into the classifier) has more neurons
+    than --per-class x classes images: the LDA classifier then separates every scoring
+    image with a saturated loss, whose gradient is exactly 0, unless scoring takes more
+    images than the layer has neurons."""
+    import gpp_onnx
+    from gpp_onnx.config import DataOptions
+
+    b = GraphBuilder((1, 2, 6, 6), seed=1)
+    h = b.act(b.conv("input", 8, k=1), "Relu")
+    model = b.build(b.gemm(b.flatten(h), 3))  # 8 x 36 = 288 features
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 240)
+    x = rng.standard_normal((720, 2, 6, 6)).astype(np.float32)
+    x[:, 0] += y[:, None, None]
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    res = gpp_onnx.prune(model, ratio=0.5, round_to=1,
+                         data=DataOptions(str(tmp_path / "d.npz"), per_class=8))
+    utility = [g["utility"] for g in res.report["groups"] if g.get("utility")]
+    assert utility and all(max(u) > 0 for u in utility)
+
+
+def test_gpp_warns_when_the_data_has_fewer_images_than_the_head_has_neurons(tmp_path, caplog):
+    """60 images for a final hidden layer of 288 neurons: no per-class count helps, so the
+    run says the discriminant scores may be 0 and names the way out."""
+    import logging
+
+    import gpp_onnx
+    from gpp_onnx.config import DataOptions
+
+    b = GraphBuilder((1, 2, 6, 6), seed=1)
+    model = b.build(b.gemm(b.flatten(b.act(b.conv("input", 8, k=1), "Relu")), 3))
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((60, 2, 6, 6)).astype(np.float32), y=y)
+    with caplog.at_level(logging.WARNING):
+        gpp_onnx.prune(model, ratio=0.5, round_to=1, data=DataOptions(str(tmp_path / "d.npz")))
+    assert any("288 neurons" in r.getMessage() and "--criterion taylor" in r.getMessage()
+               for r in caplog.records)
