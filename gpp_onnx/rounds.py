@@ -79,8 +79,20 @@ def _make_plan(analysis, config, digest, evidence, round_no, base, original_widt
         meta = dict(found.plan.meta, latency_tries=[list(t) for t in found.tries],
                     latency_measured=found.measured, latency_groups=list(found.groups))
         return replace(found.plan, meta=meta), scores
+    multiples = _dividing_cut_widths(analysis, multiples, original_widths)
     return _plan_for_cost(analysis, config, scores, digest, k, base, multiples, meta,
                           overrides), scores
+
+
+def _dividing_cut_widths(analysis: Analysis, multiples: tuple[int, ...],
+                         original_widths: dict[str, int] | None) -> tuple[int, ...]:
+    """The width multiples that divide every width an earlier round cut. A later round
+    in coarser blocks than the earlier cut leaves too little to cut: on a 16/32-channel
+    net at 0.4 of the MACs, round 1 cut 16 to 8 in blocks of 8, and the last round, in
+    blocks of 16, could only halve the 32 (0.281 of the MACs kept, one cut 0.394)."""
+    cut = [g.width for g in analysis.prunable
+           if original_widths and original_widths.get(g.key, g.width) != g.width]
+    return tuple(q for q in multiples if all(w % q == 0 for w in cut)) or (1,)
 
 
 def _cumulative(analysis: Analysis, widths: dict[str, int], ratio: float, k: int,

@@ -411,3 +411,28 @@ def test_gradual_cuts_leave_the_last_round_the_widths_one_cut_would_choose(tmp_p
             target_macs=0.5, rounds=rounds, round_to=8, latency=False))
     assert widths(tmp_path / "r1.onnx") == [8, 24]
     assert widths(tmp_path / "r3.onnx") == [8, 24]
+
+
+def test_a_later_round_takes_no_coarser_block_than_the_earlier_cuts(tmp_path, monkeypatch):
+    """Blocks of 16, 8, ... (the default on an AVX-512 machine) at 0.4 of the MACs: one cut
+    keeps 8 and 24 channels (blocks of 8). Three rounds used to end at 8 and 16 (0.28 of
+    the MACs): round 1 cut 16 to 8, and the last round, in blocks of 16, could only halve
+    the 32."""
+    from gpp_onnx import latency
+    from gpp_onnx.samples import GraphBuilder
+
+    monkeypatch.setattr(latency, "width_multiples",
+                        lambda round_to: (16, 8, 4, 2, 1) if round_to is None else (round_to,))
+    b = GraphBuilder((1, 1, 28, 28), seed=0)
+    x = b.pool(b.act(b.conv("input", 16), "Relu"))
+    model = b.build(b.gemm(b.flatten(b.gap(b.act(b.conv(x, 32), "Relu"))), 10))
+
+    def widths(m):
+        inits = {t.name: t for t in m.graph.initializer}
+        return [list(inits[n.input[1]].dims)[0] for n in m.graph.node if n.op_type == "Conv"]
+
+    for rounds in (1, 3):
+        res = gpp_onnx.prune(model, tmp_path / f"r{rounds}.onnx", PruneConfig(
+            target_macs=0.4, rounds=rounds, latency=False))
+        assert widths(onnx.load(tmp_path / f"r{rounds}.onnx")) == [8, 24]
+        assert 0.35 < res.after.macs / res.before.macs <= 0.4
