@@ -48,6 +48,7 @@ from .session_inputs import typed_feeds
 logger = logging.getLogger(__name__)
 
 FALLBACK_ALIGNMENT = 8
+TARGET_BUDGET_S = 2.0   # a ratio read against --target-latency: paired rounds for this long
 NCHWC = "com.microsoft.nchwc"
 
 
@@ -185,17 +186,21 @@ def timing_feeds(view, options: LatencyOptions) -> dict:
 
 def measure(original: verify.Source, pruned: verify.Source, feeds,
             budget_s: float = 1.0, original_session=None,
-            options: LatencyOptions = LatencyOptions()) -> LatencyCheck:
+            options: LatencyOptions = LatencyOptions(),
+            target: float | None = None) -> LatencyCheck:
     """Latency ratio of the pruned model in onnxruntime, and the layouts when it is slower.
     Each model is given as a ModelProto, its bytes or its file; `original_session`: an
     optimised session of `original` already open with the default providers and threads
     (``prune`` passes the normalised model's, opened for its noise measure), used when
-    `options` ask for the same."""
+    `options` ask for the same. Without a latency `target` the rounds stop once it is clear
+    which model is faster; with one the ratio itself is read against the target, so it is
+    timed as the plan's cuts were (TARGET_BUDGET_S, no early stop)."""
     same = options.threads == 0 and providers_for(options) == verify.providers()
     sessions = [original_session if same and original_session is not None
                 else session(original, "input model", options),
                 session(pruned, "pruned model", options)]
-    ratio = paired_ratio(sessions, feeds, budget_s, threshold=1.0)
+    ratio = (paired_ratio(sessions, feeds, budget_s, threshold=1.0) if target is None
+             else paired_ratio(sessions, feeds, max(budget_s, TARGET_BUDGET_S)))
     layouts = (Layout.of(original), Layout.of(pruned)) if ratio >= 1.0 else (None, None)
     return LatencyCheck(ratio, *layouts)
 

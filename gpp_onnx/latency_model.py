@@ -224,7 +224,8 @@ def plan_for_latency(analysis, scores, digest: str, fraction: float, feeds: dict
                                    min_keep, round_to, dict(meta or {}, allocation="uniform"))
         pruned = surgery.cut(analysis, kept_elements(analysis, plan))
         measured = latency.paired_ratio(
-            [original, latency.session(pruned, "pruned model", options)], feeds, budget_s=2.0)
+            [original, latency.session(pruned, "pruned model", options)], feeds,
+            budget_s=latency.TARGET_BUDGET_S)
         logger.info("latency target %.3f: model goal %.3f -> measured %.3f", fraction, goal,
                     measured)
         done.append((plan, goal, measured))

@@ -119,7 +119,8 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports
     timing = (latency.measure(start.analysis.view.model, last.model,
                               latency.timing_feeds(start.analysis.view, config.timing),
-                              original_session=start.original_session, options=config.timing)
+                              original_session=start.original_session, options=config.timing,
+                              target=config.target_latency)
               if config.latency and writer else None)
     ratio = timing.ratio if timing is not None else None
     slower = timing.warning(config.round_to) if timing is not None else None

@@ -121,7 +121,8 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports
     timing = (latency.measure(start.normalized, best,
                               latency.timing_feeds(start.analysis.view, config.timing),
-                              options=config.timing) if config.latency and writer else None)
+                              options=config.timing, target=config.target_latency)
+              if config.latency and writer else None)
     after = ModelStats(state.best["params"], state.best["macs"])
     fid = (fidelity(start.data.teacher, best, (x for x, _ in iter_batches(
         start.data.val, config.data.batch_size)), "result") if writer else None)

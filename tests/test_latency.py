@@ -218,3 +218,23 @@ def test_a_latency_target_over_rounds_is_planned_as_the_product_of_the_rounds():
     rounds = (round_(0.7, 2), round_(0.75, 1))
     result = SimpleNamespace(rounds=rounds, plan=rounds[-1].plan)
     assert planned_latency(result) == (pytest.approx(0.525), 3)
+
+
+def test_a_latency_target_is_checked_on_a_ratio_timed_like_the_plans(monkeypatch):
+    # the early stop (threshold 1.0) only says which model is faster, after as few as 3
+    # rounds: a ratio that noisy, read against --target-latency + 0.05, warned on half the
+    # resnet18 runs whose plan measured 0.49-0.51
+    calls = []
+
+    def fake(sessions, feeds, budget_s=1.0, **kw):
+        calls.append(dict(kw, budget_s=budget_s))
+        return 0.5
+
+    monkeypatch.setattr(latency, "paired_ratio", fake)
+    b = GraphBuilder((1, 3, 16, 16), seed=0)
+    model = b.build(b.gemm(b.flatten(b.gap(b.act(b.conv("input", 32), "Relu"))), 4))
+    res = prune(model, target_latency=0.5)
+    assert calls[-1].get("threshold") is None and calls[-1]["budget_s"] >= 2.0
+    assert res.latency_ratio == 0.5
+    prune(model, ratio=0.5)
+    assert calls[-1]["threshold"] == 1.0       # without a target: stop once decided
