@@ -212,7 +212,7 @@ def plan_for_latency(analysis, scores, digest: str, fraction: float, feeds: dict
     the last goal by target / measured before both sides are known. The plan kept is the
     slowest one that meets the target, else the fastest tried."""
     model = LatencyModel.profile(analysis, feeds, options=options)
-    original = latency.session(analysis.view.model, "input model", options)
+    original = latency.session(latency.as_written(analysis.view.model), "input model", options)
     goal, done = fraction, []
     for _ in range(tries):
         if allocation == "global":
