@@ -113,7 +113,7 @@ def _cached_kernel_times(model, feeds: dict, runs: int, options: LatencyOptions
             times = json.loads(path.read_text())["kernels"]
             if isinstance(times, dict) and all(
                     isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                    for k, v in times.items()) and times:
+                    and math.isfinite(v) and v >= 0 for k, v in times.items()) and times:
                 logger.info("latency model: kernel times from %s", path)
                 return {k: float(v) for k, v in times.items()}
         except (OSError, ValueError, KeyError, TypeError):
