@@ -272,3 +272,18 @@ def test_the_original_is_timed_with_its_initializers_shared_as_the_cut_model_has
     originals = [m for where, m in timed if where == "input model"]
     assert originals, "the original was timed in its normalised form (biases unshared)"
     assert len({n.input[2] for n in originals[-1].graph.node if n.op_type == "Conv"}) == 1
+
+
+def test_compare_reads_the_ratio_from_paired_rounds(monkeypatch, tmp_path):
+    """The ratio of two separate medians swung from 0.15 to 1.2 between `compare` runs on a
+    busy machine: the printed ratio is the paired one (the medians stay for the ms)."""
+    from gpp_onnx import pipeline
+
+    b = GraphBuilder((1, 3, 16, 16), seed=0)
+    model = b.build(b.gemm(b.flatten(b.gap(b.act(b.conv("input", 32), "Relu"))), 4))
+    onnx.save(model, tmp_path / "a.onnx")
+    prune(tmp_path / "a.onnx", tmp_path / "b.onnx", ratio=0.5, latency=False)
+    monkeypatch.setattr(latency, "medians", lambda *a, **k: [1e-3, 2e-3])
+    monkeypatch.setattr(latency, "paired_ratio", lambda sessions, feeds, **k: 0.4)
+    cmp = pipeline.compare(tmp_path / "a.onnx", tmp_path / "b.onnx")
+    assert cmp.latency_ratio == 0.4 and cmp.latency_b == 2e-3
