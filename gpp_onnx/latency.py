@@ -246,8 +246,9 @@ def paired_ratio(sessions, feeds, budget_s: float = 1.0, min_rounds: int = 5,
     pair alike; small models get many rounds within the budget. With `threshold`, the
     loop ends as soon as the rounds leave no doubt on which side of it the median lies
     (``decided``); only that side is asked for then, not the ratio's last digit."""
-    for s in sessions:  # warm-up
-        s.run(None, feeds)
+    each = [typed_feeds(s, feeds) for s in sessions]  # e.g. a float16 model beside its float32 one
+    for s, f in zip(sessions, each):  # warm-up
+        s.run(None, f)
     ratios: list[float] = []
     start = time.perf_counter()
     while len(ratios) < max_rounds and (len(ratios) < min_rounds
@@ -255,7 +256,7 @@ def paired_ratio(sessions, feeds, budget_s: float = 1.0, min_rounds: int = 5,
         t = [0.0, 0.0]
         for i in (0, 1) if len(ratios) % 2 == 0 else (1, 0):
             t0 = time.perf_counter()
-            sessions[i].run(None, feeds)
+            sessions[i].run(None, each[i])
             t[i] = time.perf_counter() - t0
         ratios.append(t[1] / max(t[0], 1e-9))
         if threshold is not None and decided(ratios, threshold):

@@ -21,7 +21,7 @@ from .graph import GraphView
 from .latency_model import LatencyModel, group_costs
 from .plan import PrunePlan
 from .rounds import Round, one_round
-from .session_inputs import check_same_inputs, typed_feeds
+from .session_inputs import check_same_inputs
 from .start import Start, check_paths, load, start_run, with_label_mode
 from .stats import Estimator, ModelStats, count
 from .teacher import Teacher, describe, fidelity, output_kinds
@@ -253,8 +253,7 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
         ds = dataset_for(view_a, data.source, data.mean, data.std, data.resize, data.limit,
                          workers=data.workers, labels=False)
     la, lb = latency.medians(sessions, view_a.probe_feeds, min_runs=repeats, max_runs=repeats)
-    paired = latency.paired_ratio(sessions, typed_feeds(sessions[0], view_a.probe_feeds),
-                                  budget_s=latency.TARGET_BUDGET_S)
+    paired = latency.paired_ratio(sessions, view_a.probe_feeds, budget_s=latency.TARGET_BUDGET_S)
     # counted and analysed on the normalised graphs (a weight behind a Cast is a constant
     # there; the channel analysis reads only normalised graphs)
     normalized = [model_io.normalize(m) for m in (a, b)]

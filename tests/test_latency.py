@@ -176,6 +176,9 @@ class _FakeSession:
         self.clock[0] += self.seconds
         self.runs += 1
 
+    def get_inputs(self):
+        return []
+
 
 def test_the_paired_loop_stops_once_decided(monkeypatch):
     clock = [0.0]
