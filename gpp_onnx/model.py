@@ -15,6 +15,8 @@ information. ``read`` says what it changed (``Loaded``).
 * channel shuffles ``Reshape(N,g,C/g,H,W) -> Transpose(0,2,1,3,4) -> Reshape(N,C,H,W)``
   become one ``Gather(axis=1, indices=pi)`` with ``pi[j*g+i] = i*(C/g)+j`` (the same
   permutation as one op whose channels can be followed one by one);
+* a dense layer written as ``MatMul(x, W) -> Add(b)`` (Paddle, tf2onnx) becomes
+  ``Gemm(x, W, b)``, which the repairs refit (``dense``);
 * nodes are sorted topologically.
 
 Writing (atomic, all outputs or none) is ``files.py``'s.
@@ -33,6 +35,7 @@ from onnx import helper, numpy_helper
 from . import batch, skeleton
 from .files import serialize
 from .edit import Editor, drop_dead_nodes, name_nodes
+from .dense import dense_to_gemm
 from .compat import MIN_OPSET, Loaded, opset_version, sort_nodes, upgrade_opset
 from .errors import InputError, UnsupportedModelError
 
@@ -178,6 +181,7 @@ def _normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     _copy_model_fields(model, folded)
     del folded.graph.value_info[:]
     _shuffles_to_gather(folded)
+    dense_to_gemm(folded)
     sort_nodes(folded.graph)
     name_nodes(folded)
     return folded
