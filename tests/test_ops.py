@@ -207,3 +207,14 @@ def test_a_reshape_that_only_moves_the_channels_keeps_them_apart(tmp_path):
     group = next(g for g in analysis.groups if (x, 1) in {(m.value, m.axis) for m in g.members})
     assert group.width == 16 and group.prunable
     assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
+
+
+def test_a_gather_of_one_logit_does_not_stop_the_cut(tmp_path):
+    """A classifier that returns one column of its (N, C) output (``prob[:, 1]``)."""
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    x = b.act(b.conv(b.act(b.conv("input", 8), "Relu"), 8), "Relu")
+    logits = b.gemm(b.flatten(b.gap(x)), 2)
+    model = b.build(b.op("Gather", [logits, b.const(np.array(1, dtype=np.int64))], (1,),
+                         axis=1))
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
+    assert result.plan.removed_channels

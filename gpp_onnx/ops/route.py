@@ -200,9 +200,10 @@ class GatherRule(OpRule):
         a = edit.axis(x)
         if a is None or a != norm_axis(attr(node, "axis", 0), len(edit.view.shape(x))):
             return
-        kept_x, kept_y = edit.kept(x), edit.kept_or_all(y)
+        kept_x = edit.kept(x)
         if kept_x is None and edit.kept(y) is None:
             return
+        kept_y = edit.kept_or_all(y)
         indices = edit.view.const(node.input[1])
         src = np.where(indices < 0, indices + edit.view.shape(x)[a], indices)[kept_y]
         if kept_x is not None:
