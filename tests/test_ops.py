@@ -218,3 +218,18 @@ def test_a_gather_of_one_logit_does_not_stop_the_cut(tmp_path):
                          axis=1))
     result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
     assert result.plan.removed_channels
+
+def test_a_gather_of_one_channel_leaves_the_gated_convs_prunable(tmp_path):
+    """x[:, 0] (Gather, scalar index) gating another conv's output: its (N, H, W) result
+    has no channel axis, so the gated conv's group stays prunable."""
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    x = b.act(b.conv("input", 8), "Relu")
+    g = b.op("Gather", [b.conv(x, 4, k=1), b.const(np.array(0, dtype=np.int64))],
+             (1, 8, 8), axis=1)
+    gate = b.op("Unsqueeze", [b.act(g, "Sigmoid"), b.const(np.array([1], dtype=np.int64))],
+                (1, 1, 8, 8))
+    y = b.conv(x, 12)
+    model = _head(b, b.act(b.binary("Mul", y, gate), "Relu"))
+    assert analyze_model(normalize(model)).group(y).prunable
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
+    assert result.plan.removed[y]

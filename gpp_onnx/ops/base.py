@@ -203,12 +203,16 @@ def pass_through(node: onnx.NodeProto, ctx: AnalysisContext,
 
 def block_all(node: onnx.NodeProto, ctx: AnalysisContext, reason: str) -> NodeChannels:
     res = NodeChannels()
+    ranks = set()
     for name in node.input:
         if ctx.has_channels(name):
             res.blocked.append((name, reason))
+            ranks.add(len(ctx.shape(name)))
     for name in node.output:
         rank = ctx.view.rank(name) if name else None
-        if rank and rank >= 2 and ctx.view.is_float(name):
+        # an output of another rank than its channel inputs (a Gather of one channel, a
+        # max over channels with keepdims 0) has lost the channel axis: axis 1 is another
+        if rank and rank >= 2 and ctx.view.is_float(name) and (not ranks or rank in ranks):
             res.out_axes[name] = 1
             res.blocked.append((name, reason))
         elif name:
