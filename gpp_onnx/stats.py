@@ -59,41 +59,58 @@ def count(view: GraphView) -> ModelStats:
 
 
 class Estimator:
-    """Params and MACs of the pruned model for a kept-element map, without surgery."""
+    """Params and MACs of the pruned model for a kept-element map, without surgery.
+
+    Cuts are per weight slot (node, input): a parameter several nodes read (a block
+    applied twice) is cut by each on its own, and surgery gives each distinct cut its
+    own copy (identical ones are shared again)."""
 
     def __init__(self, analysis):
         view = analysis.view
         self.macs = slot_macs(view)
         self.sizes = param_sizes(view.model)
-        self.cuts: dict[tuple[str, int], list] = defaultdict(list)  # (param, axis) -> slices
-        self.slot_cuts: dict[tuple[str, int], set] = defaultdict(set)
+        self.cuts: dict[tuple[str, int, int], list] = defaultdict(list)  # (node, input, axis)
+        self.slot_axes: dict[tuple[str, int], list[int]] = defaultdict(list)
         for p in analysis.params:
-            self.cuts[(p.param, p.axis)].append(p)
-            self.slot_cuts[(p.node, p.input_index)].add((p.param, p.axis))
-        self.dims = {name: view.shape(name) for name, _ in self.cuts}
+            key = (p.node, p.input_index, p.axis)
+            if key not in self.cuts:
+                self.slot_axes[(p.node, p.input_index)].append(p.axis)
+            self.cuts[key].append(p)
+        self.dims = {key: view.shape(slices[0].param)[key[2]] for key, slices in self.cuts.items()}
+        self.users: dict[str, list[tuple[str, int]]] = defaultdict(list)  # param -> slots
+        for node in view.nodes:
+            for i, name in enumerate(node.input):
+                if name in self.sizes:
+                    self.users[name].append((node.name, i))
 
-    def _fractions(self, kept: dict[str, np.ndarray]) -> dict[tuple[str, int], float]:
-        frac = {}
-        for (param, axis), slices in self.cuts.items():
-            size = self.dims[param][axis]
+    def _positions(self, kept: dict[str, np.ndarray]) -> dict[tuple[str, int, int], np.ndarray]:
+        pos = {}
+        for key, slices in self.cuts.items():
             for p in slices:
                 if p.value in kept:
-                    frac[(param, axis)] = len(p.positions(kept[p.value])) / size
+                    pos[key] = p.positions(kept[p.value])
                     break
-        return frac
+        return pos
+
+    def _slot_fraction(self, slot, pos) -> float:
+        f = 1.0
+        for axis in self.slot_axes.get(slot, ()):
+            key = (*slot, axis)
+            if key in pos:
+                f *= len(pos[key]) / self.dims[key]
+        return f
 
     def estimate(self, kept: dict[str, np.ndarray]) -> ModelStats:
-        frac = self._fractions(kept)
+        pos = self._positions(kept)
         params = 0.0
-        per_param: dict[str, float] = defaultdict(lambda: 1.0)
-        for (param, _axis), f in frac.items():
-            per_param[param] *= f
         for name, size in self.sizes.items():
-            params += size * per_param[name]
+            copies = {}
+            for slot in self.users.get(name, ()) or [None]:
+                cut = tuple((axis, pos[(*slot, axis)].tobytes())
+                            for axis in self.slot_axes.get(slot, ()) if (*slot, axis) in pos)
+                copies.setdefault(cut, self._slot_fraction(slot, pos) if cut else 1.0)
+            params += size * sum(copies.values())
         macs = 0.0
         for slot, m in self.macs.items():
-            f = 1.0
-            for key in self.slot_cuts.get(slot, ()):
-                f *= frac.get(key, 1.0)
-            macs += m * f
+            macs += m * self._slot_fraction(slot, pos)
         return ModelStats(int(round(params)), int(round(macs)))

@@ -233,3 +233,22 @@ def test_a_gather_of_one_channel_leaves_the_gated_convs_prunable(tmp_path):
     assert analyze_model(normalize(model)).group(y).prunable
     result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
     assert result.plan.removed[y]
+
+
+def test_a_conv_weight_read_by_two_convs_is_counted_per_conv(tmp_path):
+    """One weight applied twice (a recursive block): each conv cuts its own copy, so the
+    printed MACs and params are the written model's and --target-macs is met."""
+    from gpp_onnx.graph import GraphView
+    from gpp_onnx.stats import count
+
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    x = b.act(b.conv("input", 16), "Relu")
+    w = b.weight(16, 16, 3, 3)
+    for _ in range(2):
+        x = b.act(b.op("Conv", [x, w], b.shapes[x], kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    src = tmp_path / "m.onnx"
+    onnx.save(_head(b, x), src)
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(target_macs=0.3, latency=False))
+    written = count(GraphView(onnx.load(tmp_path / "p.onnx")))
+    assert (result.after.macs, result.after.params) == (written.macs, written.params)
+    assert written.macs <= 0.3 * result.before.macs
