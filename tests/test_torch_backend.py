@@ -66,6 +66,24 @@ def f32(*values):
 N = helper.make_node
 X4 = {"x": randn(2, 8, 9, 10)}
 
+
+def _special():
+    x = randn(2, 3, 4, 5)
+    x.flat[[0, 7, 19]], x.flat[[3, 30]], x.flat[[11, 50]] = np.inf, -np.inf, np.nan
+    return {"x": x}
+
+
+SPECIAL = _special()
+
+
+def _as_float(op, **attrs):
+    return [N(op, ["x"], ["b"], **attrs), N("Cast", ["b"], ["y"], to=TensorProto.FLOAT)]
+
+
+def _of_abs(op, *inputs, **attrs):
+    """``op`` of |x| (ReduceLogSum wants a positive sum)."""
+    return [N("Abs", ["x"], ["a"]), N(op, ["a", *inputs], ["y"], **attrs)]
+
 # (id, nodes, inputs, initializers, opset); the graph output is always "y".
 CASES = [
     ("grouped_conv_asym_pads", [N("Conv", ["x", "w", "b"], ["y"], group=4, strides=[2, 1],
@@ -147,6 +165,25 @@ CASES = [
     ("reduce_squeeze_unsqueeze", [N("ReduceMean", ["x", "ax"], ["m"], keepdims=1),
                                   N("Squeeze", ["m", "sq"], ["s"]), N("Unsqueeze", ["s", "us"], ["y"])],
      X4, {"ax": i64(1, -1), "sq": i64(3), "us": i64(0, -1)}, 18),
+    # activations and predicates
+    ("celu_alpha", [N("Celu", ["x"], ["y"], alpha=0.7)], X4, {}, 17),
+    ("thresholded_relu", [N("ThresholdedRelu", ["x"], ["y"], alpha=0.3)], X4, {}, 17),
+    ("shrink_bias", [N("Shrink", ["x"], ["y"], lambd=0.4, bias=0.25)], X4, {}, 17),
+    ("shrink_default", [N("Shrink", ["x"], ["y"])], X4, {}, 17),
+    ("is_inf", _as_float("IsInf"), SPECIAL, {}, 17),
+    ("is_inf_negative_only", _as_float("IsInf", detect_positive=0), SPECIAL, {}, 17),
+    ("is_inf_positive_only", _as_float("IsInf", detect_negative=0), SPECIAL, {}, 17),
+    ("is_nan", _as_float("IsNaN"), SPECIAL, {}, 17),
+    # Hardmax: opset 11 flattens to 2-D at axis (default 1); opset 13 one axis (default -1)
+    ("hardmax_opset11_coerced", [N("Hardmax", ["x"], ["y"])], X4, {}, 11),
+    ("hardmax_opset11_axis2", [N("Hardmax", ["x"], ["y"], axis=2)], X4, {}, 11),
+    ("hardmax_opset13_default_last_axis", [N("Hardmax", ["x"], ["y"])], X4, {}, 13),
+    ("hardmax_opset13_channel_axis", [N("Hardmax", ["x"], ["y"], axis=1)], X4, {}, 13),
+    # ReduceLogSum: axes attribute before opset 18, input after; noop keeps log x
+    ("reduce_log_sum_opset13_axes", _of_abs("ReduceLogSum", axes=[1, 3], keepdims=0), X4, {}, 13),
+    ("reduce_log_sum_all", _of_abs("ReduceLogSum"), X4, {}, 18),
+    ("reduce_log_sum_axes_input", _of_abs("ReduceLogSum", "ax", keepdims=1), X4, {"ax": i64(-1)}, 18),
+    ("reduce_log_sum_noop_empty_axes", _of_abs("ReduceLogSum", noop_with_empty_axes=1), X4, {}, 18),
 ]
 
 

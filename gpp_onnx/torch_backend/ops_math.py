@@ -1,4 +1,4 @@
-"""Element-wise ops, activations, comparisons, softmax and reductions."""
+"""Element-wise ops, activations, comparisons, softmax / hardmax and reductions."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ _UNARY = {
     "Reciprocal": torch.reciprocal, "Floor": torch.floor, "Ceil": torch.ceil,
     "Round": torch.round, "Sign": torch.sign, "Sin": torch.sin, "Cos": torch.cos,
     "Not": torch.logical_not, "Softsign": F.softsign, "Softplus": F.softplus, "Mish": F.mish,
-    "HardSwish": F.hardswish,
+    "HardSwish": F.hardswish, "IsNaN": torch.isnan,
 }
 _BINARY = {
     "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul,
@@ -108,6 +108,33 @@ def selu(node: Node, x):
     return gamma * torch.where(x > 0, x, alpha * (torch.exp(x) - 1.0))
 
 
+@register("Celu")
+def celu(node: Node, x):
+    """``max(0, x) + min(0, alpha * (exp(x / alpha) - 1))``."""
+    return F.celu(x, node.attr("alpha", 1.0))
+
+
+@register("ThresholdedRelu")
+def thresholded_relu(node: Node, x):
+    """``x > alpha ? x : 0`` (alpha 1.0 by default)."""
+    return F.threshold(x, node.attr("alpha", 1.0), 0.0)
+
+
+@register("Shrink")
+def shrink(node: Node, x):
+    """``x < -lambd ? x + bias : x > lambd ? x - bias : 0`` (lambd 0.5, bias 0)."""
+    lambd, bias = node.attr("lambd", 0.5), node.attr("bias", 0.0)
+    inner = torch.where(x > lambd, x - bias, torch.zeros_like(x))
+    return torch.where(x < -lambd, x + bias, inner)
+
+
+@register("IsInf")
+def is_inf(node: Node, x):
+    """True at +inf when detect_positive, at -inf when detect_negative (both by default)."""
+    pos, neg = node.attr("detect_positive", 1), node.attr("detect_negative", 1)
+    return (torch.isposinf(x) & bool(pos)) | (torch.isneginf(x) & bool(neg))
+
+
 @register("Clip")
 def clip(node: Node, x, low=None, high=None):
     """Bounds from inputs (opset >= 11) or the min/max attributes (older opsets)."""
@@ -149,6 +176,14 @@ register("Softmax")(_coerced(torch.softmax))
 register("LogSoftmax")(_coerced(torch.log_softmax))
 
 
+def _hardmax(x, dim: int):
+    """1 at the first maximum along ``dim``, 0 elsewhere (no gradient: piecewise constant)."""
+    return torch.zeros_like(x).scatter_(dim, x.argmax(dim, keepdim=True), 1.0)
+
+
+register("Hardmax")(_coerced(_hardmax))
+
+
 def _reduce_dims(node: Node, x, axes_input) -> tuple[int, ...] | None:
     """Reduced dims from the ``axes`` input or attribute; None means 'leave x as is'."""
     axes = ints(axes_input) if axes_input is not None else node.attr("axes")
@@ -159,7 +194,8 @@ def _reduce_dims(node: Node, x, axes_input) -> tuple[int, ...] | None:
 
 def _reducer(fn, noop=None):
     """``noop``: what the reducer leaves of x when noop_with_empty_axes skips the reduction
-    (onnxruntime keeps the element-wise part: |x| for L1 / L2, x^2 for SumSquare)."""
+    (onnxruntime keeps the element-wise part: |x| for L1 / L2, x^2 for SumSquare, log x
+    for LogSum; LogSumExp returns x)."""
     def op(node: Node, x, axes=None):
         dims = _reduce_dims(node, x, axes)
         if dims is None:
@@ -185,8 +221,10 @@ _REDUCERS = {
     "ReduceL2": lambda x, d, k: torch.sqrt((x * x).sum(d, keepdim=k)),
     "ReduceSumSquare": lambda x, d, k: (x * x).sum(d, keepdim=k),
     "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, d, keepdim=k),
+    "ReduceLogSum": lambda x, d, k: torch.log(x.sum(d, keepdim=k)),
 }
-_NOOPS = {"ReduceL1": torch.abs, "ReduceL2": torch.abs, "ReduceSumSquare": torch.square}
+_NOOPS = {"ReduceL1": torch.abs, "ReduceL2": torch.abs, "ReduceSumSquare": torch.square,
+          "ReduceLogSum": torch.log}
 for _name, _fn in _REDUCERS.items():
     register(_name)(_reducer(_fn, _NOOPS.get(_name)))
 
