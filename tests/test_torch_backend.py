@@ -65,6 +65,7 @@ def f32(*values):
 
 N = helper.make_node
 X4 = {"x": randn(2, 8, 9, 10)}
+S2D = {"x": randn(2, 3, 6, 4)}  # spatial dims divisible by the block
 
 
 def _special():
@@ -179,6 +180,12 @@ CASES = [
     ("hardmax_opset11_axis2", [N("Hardmax", ["x"], ["y"], axis=2)], X4, {}, 11),
     ("hardmax_opset13_default_last_axis", [N("Hardmax", ["x"], ["y"])], X4, {}, 13),
     ("hardmax_opset13_channel_axis", [N("Hardmax", ["x"], ["y"], axis=1)], X4, {}, 13),
+    # layout
+    ("depth_to_space_dcr", [N("DepthToSpace", ["x"], ["y"], blocksize=2)], X4, {}, 13),
+    ("depth_to_space_crd", [N("DepthToSpace", ["x"], ["y"], blocksize=2, mode="CRD")], X4, {}, 13),
+    ("depth_to_space_opset1", [N("DepthToSpace", ["x"], ["y"], blocksize=2)], X4, {}, 1),
+    ("space_to_depth", [N("SpaceToDepth", ["x"], ["y"], blocksize=2)], S2D, {}, 13),
+    ("space_to_depth_opset1", [N("SpaceToDepth", ["x"], ["y"], blocksize=2)], S2D, {}, 1),
     # ReduceLogSum: axes attribute before opset 18, input after; noop keeps log x
     ("reduce_log_sum_opset13_axes", _of_abs("ReduceLogSum", axes=[1, 3], keepdims=0), X4, {}, 13),
     ("reduce_log_sum_all", _of_abs("ReduceLogSum"), X4, {}, 18),

@@ -1,4 +1,5 @@
-"""Layout, shape, indexing and constant ops, plus Pad and Resize."""
+"""Layout, shape, indexing and constant ops (DepthToSpace / SpaceToDepth included), plus
+Pad and Resize."""
 from __future__ import annotations
 
 import math
@@ -196,6 +197,34 @@ def expand(node: Node, x, dims):
 @register("Tile")
 def tile(node: Node, x, repeats):
     return x.repeat(ints(repeats))
+
+
+def _check_depth_to_space(node: Node) -> None:
+    if node.attr("mode", "DCR") not in ("DCR", "CRD"):
+        raise node.fail(f"mode '{node.attr('mode')}' is not defined; use DCR or CRD")
+
+
+@register("DepthToSpace", check=_check_depth_to_space)
+def depth_to_space(node: Node, x):
+    """(N, C, H, W) -> (N, C / b^2, H b, W b), b = blocksize. Output pixel (h b + i,
+    w b + j) of channel c is input channel ``(i b + j) C / b^2 + c`` in DCR mode (the
+    default, and the only mode before opset 11), ``c b^2 + i b + j`` in CRD mode."""
+    b = node.attr("blocksize")
+    if node.attr("mode", "DCR") == "CRD":
+        return F.pixel_shuffle(x, b)
+    n, c, h, w = x.shape
+    y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+    return y.reshape(n, c // (b * b), h * b, w * b)
+
+
+@register("SpaceToDepth")
+def space_to_depth(node: Node, x):
+    """(N, C, H, W) -> (N, C b^2, H / b, W / b), the inverse of DCR DepthToSpace: pixel
+    (h b + i, w b + j) of channel c goes to channel ``(i b + j) C + c``."""
+    b = node.attr("blocksize")
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+    return y.reshape(n, c * b * b, h // b, w // b)
 
 
 @register("Range")
