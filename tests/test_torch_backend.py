@@ -186,6 +186,18 @@ CASES = [
     ("depth_to_space_opset1", [N("DepthToSpace", ["x"], ["y"], blocksize=2)], X4, {}, 1),
     ("space_to_depth", [N("SpaceToDepth", ["x"], ["y"], blocksize=2)], S2D, {}, 13),
     ("space_to_depth_opset1", [N("SpaceToDepth", ["x"], ["y"], blocksize=2)], S2D, {}, 1),
+    # normalizations: GroupNormalization-18 scales per group, -21 per channel
+    ("group_norm_opset18_per_group", [N("GroupNormalization", ["x", "s", "b"], ["y"],
+                                        num_groups=4, epsilon=1e-3)],
+     X4, {"s": randn(4), "b": randn(4)}, 18),
+    ("group_norm_opset21_per_channel", [N("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=2)],
+     X4, {"s": randn(8), "b": randn(8)}, 21),
+    ("lp_normalization_default", [N("LpNormalization", ["x"], ["y"])], X4, {}, 17),
+    ("lp_normalization_p1_axis1", [N("LpNormalization", ["x"], ["y"], axis=1, p=1)], X4, {}, 17),
+    ("lp_normalization_zero_norm", [N("Relu", ["x"], ["r"]), N("Sub", ["r", "r"], ["z"]),
+                                    N("LpNormalization", ["z"], ["y"], axis=1)], X4, {}, 17),
+    ("mvn_default_axes", [N("MeanVarianceNormalization", ["x"], ["y"])], X4, {}, 13),
+    ("mvn_channel_axes_opset9", [N("MeanVarianceNormalization", ["x"], ["y"], axes=[1, -1])], X4, {}, 9),
     # ReduceLogSum: axes attribute before opset 18, input after; noop keeps log x
     ("reduce_log_sum_opset13_axes", _of_abs("ReduceLogSum", axes=[1, 3], keepdims=0), X4, {}, 13),
     ("reduce_log_sum_all", _of_abs("ReduceLogSum"), X4, {}, 18),

@@ -76,7 +76,7 @@ class CrossChannelNorm(OpRule):
         return res
 
     def weight_slots(self, node):
-        return (1, 2) if node.op_type == "LayerNormalization" else ()
+        return (1, 2) if node.op_type in ("LayerNormalization", "GroupNormalization") else ()
 
     def feature_pass(self, node, view):
         return self.logits_input(node) is not None

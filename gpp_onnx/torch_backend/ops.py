@@ -5,7 +5,7 @@ attributes, opset, training flag) and ``inputs`` are the node's input tensors in
 order, ``None`` for an omitted optional input (trailing omitted inputs are simply not
 passed, so give them defaults). It returns one tensor or a tuple with one tensor per
 node output. Implementations live in ``ops_nn`` (conv, norm, gemm, pooling),
-``ops_rnn`` (LSTM, GRU, RNN), ``ops_math`` (element-wise, activations, reductions) and
+``ops_norm`` (group, Lp and mean-variance normalization), ``ops_rnn`` (LSTM, GRU, RNN), ``ops_math`` (element-wise, activations, reductions) and
 ``ops_tensor`` (layout, shape, indexing, resize); they register themselves with
 :func:`register`.
 
@@ -60,7 +60,7 @@ def register(*op_types: str, check: CheckFn | None = None) -> Callable[[OpFn], O
 
 def registry() -> dict[str, OpFn]:
     """All registered ops by op_type (imports the op modules on first use)."""
-    from . import ops_math, ops_nn, ops_rnn, ops_tensor  # noqa: F401  (registration side effect)
+    from . import ops_math, ops_nn, ops_norm, ops_rnn, ops_tensor  # noqa: F401  (registration)
 
     return _OPS
 
