@@ -198,6 +198,17 @@ CASES = [
                                     N("LpNormalization", ["z"], ["y"], axis=1)], X4, {}, 17),
     ("mvn_default_axes", [N("MeanVarianceNormalization", ["x"], ["y"])], X4, {}, 13),
     ("mvn_channel_axes_opset9", [N("MeanVarianceNormalization", ["x"], ["y"], axes=[1, -1])], X4, {}, 9),
+    # Lp pooling: opset 18 adds dilations and ceil_mode
+    ("lp_pool_p3_pads_strides", [N("LpPool", ["x"], ["y"], kernel_shape=[3, 2], strides=[2, 2],
+                                   pads=[1, 0, 0, 1], p=3)], X4, {}, 11),
+    ("lp_pool_same_upper", [N("LpPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2],
+                              auto_pad="SAME_UPPER")], X4, {}, 11),
+    ("lp_pool_ceil_dilations", [N("LpPool", ["x"], ["y"], kernel_shape=[2, 3], strides=[3, 2],
+                                  dilations=[2, 1], ceil_mode=1, p=1)], X4, {}, 18),
+    ("lp_pool_relu_zero_windows", [N("Relu", ["x"], ["r"]),
+                                   N("LpPool", ["r"], ["y"], kernel_shape=[1, 2])], X4, {}, 18),
+    ("global_lp_pool_default", [N("GlobalLpPool", ["x"], ["y"])], X4, {}, 17),
+    ("global_lp_pool_p3", [N("GlobalLpPool", ["x"], ["y"], p=3)], X4, {}, 17),
     # ReduceLogSum: axes attribute before opset 18, input after; noop keeps log x
     ("reduce_log_sum_opset13_axes", _of_abs("ReduceLogSum", axes=[1, 3], keepdims=0), X4, {}, 13),
     ("reduce_log_sum_all", _of_abs("ReduceLogSum"), X4, {}, 18),

@@ -1,4 +1,5 @@
-"""Layer ops: convolution, normalization, Gemm/MatMul, pooling and Dropout."""
+"""Layer ops: convolution, batch / instance / layer normalization, Gemm/MatMul, pooling
+(max, average, Lp) and Dropout. The other normalizations are in ``ops_norm``."""
 from __future__ import annotations
 
 import math
@@ -225,6 +226,34 @@ def global_avg_pool(node: Node, x):
 @register("GlobalMaxPool")
 def global_max_pool(node: Node, x):
     return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+def _root(total, p: float):
+    """``total ** (1 / p)`` with 0 where total is 0, gradient included (a window of zeros
+    after a Relu would send inf * 0 = NaN back through ``|x| ** p``)."""
+    positive = total > 0
+    safe = torch.where(positive, total, torch.ones_like(total))
+    return torch.where(positive, safe ** (1.0 / p), torch.zeros_like(total))
+
+
+@register("LpPool")
+def lp_pool(node: Node, x):
+    """``(sum over the window of |x| ** p) ** (1 / p)``, p 2 by default; pads add 0.
+    Geometry as MaxPool (strides, pads / auto_pad, and from opset 18 dilations and
+    ceil_mode): the window sum is a depthwise convolution with ones."""
+    kernel, strides, dilations, _, applied = _pool_args(node, x)
+    p = float(node.attr("p", 2))
+    powered = F.pad(x.abs() ** p, torch_pad(applied))
+    ones = torch.ones((x.shape[1], 1, *kernel), dtype=x.dtype, device=x.device)
+    total = _CONV[len(kernel)](powered, ones, None, strides, 0, dilations, x.shape[1])
+    return _root(total, p)
+
+
+@register("GlobalLpPool")
+def global_lp_pool(node: Node, x):
+    """``(sum over all spatial positions of |x| ** p) ** (1 / p)``, p 2 by default."""
+    p = float(node.attr("p", 2))
+    return _root((x.abs() ** p).sum(dim=tuple(range(2, x.dim())), keepdim=True), p)
 
 
 @register("Dropout")
