@@ -227,6 +227,63 @@ def test_hand_built_parity(case):
     assert rel_err(got, ref) < TOL
 
 
+CASE = {c[0]: c for c in CASES}
+# differentiable ops among the cases: (case id, smooth away from x = 0, so that the
+# gradient must equal onnxruntime's central difference)
+GRADIENT_CASES = [
+    ("celu_alpha", True), ("thresholded_relu", False), ("shrink_bias", False),
+    ("depth_to_space_dcr", True), ("depth_to_space_crd", True), ("space_to_depth", True),
+    ("group_norm_opset18_per_group", True), ("group_norm_opset21_per_channel", True),
+    ("lp_normalization_default", True), ("lp_normalization_p1_axis1", True),
+    ("mvn_default_axes", True), ("mvn_channel_axes_opset9", True),
+    ("lp_pool_p3_pads_strides", True), ("lp_pool_ceil_dilations", True),
+    ("global_lp_pool_default", True), ("global_lp_pool_p3", True),
+    ("reduce_log_sum_opset13_axes", True), ("reduce_log_sum_noop_empty_axes", True),
+]
+
+
+def _case_gradients(case_id):
+    """(module, x, dL/dx) for L = sum(y * w), w fixed and random."""
+    _, nodes, inputs, inits, opset = CASE[case_id]
+    model = make_model(nodes, inputs, ["y"], inits, opset)
+    module = OnnxModule(model).train()
+    x = torch.from_numpy(inputs["x"]).requires_grad_()
+    y = module(x)
+    w = torch.from_numpy(np.random.default_rng(1).standard_normal(tuple(y.shape)).astype(np.float32))
+    (y * w).sum().backward()
+    return model, module, x, w
+
+
+@pytest.mark.parametrize("case_id, smooth", GRADIENT_CASES, ids=[c for c, _ in GRADIENT_CASES])
+def test_gradients_flow_and_match_onnxruntime_differences(case_id, smooth):
+    """The gradient reaches the input and every weight (GroupNormalization's scale and
+    bias are Parameters), finite and nonzero; for an op smooth away from 0 its
+    directional derivative equals onnxruntime's central difference (directions kept off
+    the elements near 0, where |x| bends)."""
+    model, module, x, w = _case_gradients(case_id)
+    grads = [x.grad] + [p.grad for _, p in module.named_onnx_parameters()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    if case_id.startswith("group_norm"):
+        assert sorted(name for name, _ in module.named_onnx_parameters()) == ["b", "s"]
+    if not smooth:
+        return
+    xv = x.detach().numpy()
+    v = np.random.default_rng(2).standard_normal(xv.shape).astype(np.float32) * (np.abs(xv) > 0.05)
+    h = 1e-3
+    up, down = (ort_run(model, {"x": (xv + sign * h * v).astype(np.float32)})[0] for sign in (1, -1))
+    numeric = float(((up - down) * w.numpy()).sum()) / (2 * h)
+    analytic = float((x.grad.numpy() * v).sum())
+    assert abs(numeric - analytic) < 1e-2 * max(abs(analytic), 1.0)
+
+
+@pytest.mark.parametrize("case_id", ["lp_normalization_zero_norm", "lp_pool_relu_zero_windows"])
+def test_zero_norms_and_windows_have_finite_gradients(case_id):
+    """A zero Lp norm / an all-zero LpPool window: the value is 0 and the gradient finite
+    (inf * 0 would put NaN into every weight upstream)."""
+    _, _, x, _ = _case_gradients(case_id)
+    assert torch.isfinite(x.grad).all()
+
+
 # ---------------------------------------------------------------- torchvision zoo
 ZOO = {
     "resnet18": ({}, 64), "mobilenet_v3_small": ({}, 64), "shufflenet_v2_x0_5": ({}, 64),
