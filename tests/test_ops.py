@@ -219,6 +219,7 @@ def test_a_gather_of_one_logit_does_not_stop_the_cut(tmp_path):
     result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
     assert result.plan.removed_channels
 
+
 def test_a_gather_of_one_channel_leaves_the_gated_convs_prunable(tmp_path):
     """x[:, 0] (Gather, scalar index) gating another conv's output: its (N, H, W) result
     has no channel axis, so the gated conv's group stays prunable."""
@@ -252,3 +253,65 @@ def test_a_conv_weight_read_by_two_convs_is_counted_per_conv(tmp_path):
     written = count(GraphView(onnx.load(tmp_path / "p.onnx")))
     assert (result.after.macs, result.after.params) == (written.macs, written.params)
     assert written.macs <= 0.3 * result.before.macs
+
+def _after_conv(op, shape=None, opset=17, params=(), **attrs):
+    """conv1 (8 channels) -> `op` -> conv (6) -> head; `params`: the op's constant inputs."""
+    def family(b):
+        x = b.act(b.conv("input", 8), "Sigmoid")
+        inputs = [x, *(b.const(np.asarray(p, np.float32)) for p in params)]
+        y = b.op(op, inputs, shape or b.shapes[x], **attrs)
+        return _head(b, b.conv(y, 6))
+    family.opset = opset
+    return family
+
+
+def _group_norm_channels_last(b):
+    """channels moved to the last axis: GroupNormalization's groups run over the height,
+    its statistics over every axis from 1, the channels included."""
+    x = b.act(b.conv("input", 8), "Relu")
+    t = b.op("Transpose", [x], (1, 16, 16, 8), perm=[0, 2, 3, 1])
+    ones, zeros = b.const(np.ones(16, np.float32)), b.const(np.zeros(16, np.float32))
+    g = b.op("GroupNormalization", [t, ones, zeros], (1, 16, 16, 8), num_groups=4)
+    return _head(b, b.conv(b.op("Transpose", [g], (1, 8, 16, 16), perm=[0, 3, 1, 2]), 6))
+
+
+_group_norm_channels_last.opset = 21
+
+# (id, family, whether conv1's channels may be pruned through the op)
+MIXING = [
+    ("depth_to_space_dcr", _after_conv("DepthToSpace", (1, 2, 32, 32), blocksize=2), False),
+    ("depth_to_space_crd", _after_conv("DepthToSpace", (1, 2, 32, 32), blocksize=2, mode="CRD"), False),
+    ("space_to_depth", _after_conv("SpaceToDepth", (1, 32, 8, 8), blocksize=2), False),
+    ("group_norm", _after_conv("GroupNormalization", opset=21, params=(np.ones(8), np.zeros(8)),
+                               num_groups=4), False),
+    ("group_norm_channels_last", _group_norm_channels_last, False),
+    ("lp_normalization_axis1", _after_conv("LpNormalization", axis=1), False),
+    ("lp_normalization_last_axis", _after_conv("LpNormalization"), True),
+    ("mvn_over_channels", _after_conv("MeanVarianceNormalization", opset=13, axes=[1, 2, 3]), False),
+    ("mvn_per_channel", _after_conv("MeanVarianceNormalization", opset=13, axes=[0, 2, 3]), True),
+    ("hardmax_13_axis1", _after_conv("Hardmax", opset=13, axis=1), False),
+    ("hardmax_11_coerced_from_axis1", _after_conv("Hardmax", opset=11), False),
+    ("hardmax_13_last_axis", _after_conv("Hardmax", opset=13), True),
+    ("lp_pool", _after_conv("LpPool", (1, 8, 8, 8), kernel_shape=[2, 2], strides=[2, 2], p=3), True),
+    ("global_lp_pool", _after_conv("GlobalLpPool", (1, 8, 1, 1)), True),
+    ("celu", _after_conv("Celu", alpha=0.5), True),
+    ("shrink", _after_conv("Shrink", lambd=0.6, bias=0.1), True),
+    ("thresholded_relu", _after_conv("ThresholdedRelu", alpha=0.6), True),
+    ("reduce_log_sum_over_channels", _after_conv("ReduceLogSum", (1, 1, 16, 16), opset=13,
+                                                 axes=[1]), True),
+]
+
+
+@pytest.mark.parametrize("family, prunable", [m[1:] for m in MIXING], ids=[m[0] for m in MIXING])
+def test_channel_mixing_ops_keep_channels_and_pruned_equals_masked(family, prunable, tmp_path):
+    """Ops whose outputs mix channels (DepthToSpace / SpaceToDepth move them into space,
+    GroupNormalization, and Lp / mean-variance normalization and Hardmax over the channel
+    axis, take statistics across them) keep conv1's channels; the per-channel ones tie
+    them (a ReduceLogSum over the channels reduces over the kept ones). Either way the
+    pruned model equals the masked original."""
+    model = family(GraphBuilder((1, 3, 16, 16), seed=3, opset=family.opset))
+    analysis = analyze_model(model)
+    group = next(g for g in analysis.groups if g.key == "conv1")
+    assert group.prunable == prunable, group.reason
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion="l1")
+    assert result.plan.removed_channels > 0 and bool(result.plan.removed.get("conv1")) == prunable

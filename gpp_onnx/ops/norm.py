@@ -7,9 +7,11 @@
   embedding). The masked model writes the same statistics out (``masked_nodes``: the
   mean and variance as sums over the 0/1 kept-channel mask divided by the kept count),
   so pruned == masked holds exactly.
-* Softmax, LogSoftmax, Hardmax, LpNormalization, MeanVarianceNormalization and
-  GroupNormalization over the channel axis: every output channel depends on every input
-  channel, so the channels stay; over other axes they pass through.
+* Softmax, LogSoftmax, Hardmax, LpNormalization and MeanVarianceNormalization over the
+  channel axis: every output channel depends on every input channel, so the channels
+  stay; over other axes they pass through. GroupNormalization takes its statistics over
+  every axis from 1 (a group of axis-1 entries and all positions), so channels on any of
+  those axes stay, channels-last ones included; its scale and bias are trained weights.
 * Pools (Max/Average/Lp, Global*): per channel over space: tied.
 * Reduce* over axes without the channel axis: tied (the axis index shifts when
   keepdims = 0). Over the channel axis, the reductions a removed channel can leave by
@@ -161,8 +163,8 @@ def _layer_norm(node, ctx, axis: int, rank: int) -> NodeChannels:
 
 def _normalised_axes(node, ctx, rank: int) -> set[int]:
     op = node.op_type
-    if op in ("GroupNormalization",):
-        return {1}
+    if op == "GroupNormalization":   # axis 1 split into groups, statistics over all after
+        return set(range(1, rank))
     if op == "MeanVarianceNormalization":
         return {norm_axis(a, rank) for a in attr(node, "axes", [0, 2, 3])}
     if op == "LayerNormalization":
