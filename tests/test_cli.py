@@ -259,3 +259,22 @@ def test_quiet_may_follow_the_command(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "m.onnx"), "-q"]) == 0
     out = capsys.readouterr()
     assert "channel groups" in out.out and "loaded" not in out.err
+
+
+def test_an_op_the_torch_backend_lacks_names_the_prune_that_still_works(tmp_path, capsys):
+    """prune --data with the default criterion needs the torch backend; its one-line
+    refusal (after the warnings about the untrained model's few held-out images) names
+    the way out, and that way out (--criterion l1 --repair bias) prunes. --criterion l1
+    alone is no way out: the default lsq repair runs the backend too."""
+    b = GraphBuilder((1, 1, 8, 8), seed=0)
+    x = b.act(b.conv(b.act(b.conv("input", 8), "Relu"), 8), "Tan")   # Tan: no torch op
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(b.build(b.gemm(b.flatten(b.gap(b.act(b.conv(x, 16), "Relu"))), 10)), src)
+    argv = ["-q", "prune", str(src), "--data", "digits", "--limit", "300", "--ratio", "0.5",
+            "--round-to", "1", "--no-latency", "-o", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gpp-onnx: error: node") and "(Tan): op is not supported" in err[-1]
+    assert "--criterion l1 --repair bias" in err[-1] and not out.exists()
+    assert main([*argv, "--criterion", "l1", "--repair", "bias"]) == 0
+    assert out.exists()

@@ -30,6 +30,8 @@ from .ops_tensor import constant_value
 logger = logging.getLogger(__name__)
 
 _DOMAINS = ("", "ai.onnx")
+_WITHOUT_BACKEND = ("or prune without the backend: no --data, or --criterion l1 --repair bias "
+                    "and no --finetune-epochs")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -209,11 +211,13 @@ class OnnxModule(nn.Module):
     @staticmethod
     def _validate(node: Node, domain: str, known: set[str]) -> None:
         if domain not in _DOMAINS:
-            raise node.fail(f"domain '{domain}' is not supported; the torch backend runs "
-                            "standard ONNX ops only (export without custom/contrib ops)")
+            raise node.fail(f"domain '{domain}' is not supported; the torch backend (data "
+                            "criteria, lsq repair, fine-tuning, push) runs standard ONNX ops "
+                            f"only: export without custom/contrib ops, {_WITHOUT_BACKEND}")
         if node.fn is None:
-            raise node.fail("op is not supported by the torch backend; rewrite or "
-                            "decompose it into supported ops before pruning")
+            raise node.fail("op is not supported by the torch backend (data criteria, lsq "
+                            "repair, fine-tuning, push); rewrite or decompose it into "
+                            f"supported ops, {_WITHOUT_BACKEND}")
         check = check_for(node.op_type)
         if check is not None:
             check(node)
