@@ -157,7 +157,6 @@ def fixed_batch_graphs(draw):
     """The graphs above as a tracing exporter writes them for one example: the input fixes
     batch 1 and every Reshape target has the 1 written in (the dynamo exporter's form,
     with or without ``allowzero``)."""
-    import numpy as np
     from onnx import helper, numpy_helper
 
     b = GraphBuilder((1, 3, 8, 8), seed=draw(st.integers(0, 2 ** 16)), dynamic_batch=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from conftest import assert_pruned_equals_masked, feeds_for, run_model
 from gpp_onnx import prune, PruneConfig

@@ -162,7 +162,6 @@ def test_staged_pass_gives_the_same_refit_as_a_pass_per_layer(monkeypatch):
 def test_conv_transpose_rows_times_the_flipped_kernel_give_its_output(attrs):
     """The repair's patch rows of a ConvTranspose input, multiplied by the weight as the
     equivalent Conv's, reproduce onnxruntime's ConvTranspose at the sampled positions."""
-    import onnx
     import torch
     from onnx import helper, numpy_helper
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import assert_pruned_equals_masked, feeds_for, run_model
+from conftest import assert_pruned_equals_masked, run_model
 from gpp_onnx import prune
 from gpp_onnx.analysis import analyze_model
 from gpp_onnx.model import normalize
