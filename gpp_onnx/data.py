@@ -378,7 +378,11 @@ def _stratified_pick(y: np.ndarray, n: int, seed: int, reserve: int = 0) -> np.n
     room, rest = cap - take, n - int(take.sum())
     quota = rest * room / max(int(room.sum()), 1)
     extra = np.floor(quota).astype(np.int64)
-    extra[np.argsort(extra - quota, kind="stable")[: rest - int(extra.sum())]] += 1
     rng = np.random.default_rng(seed)
+    # the remainder goes to the largest fractions; fewer than one per class are spread at
+    # random (in class order, --limit 50 of 100 equal classes took classes 0-49 only)
+    order = (rng.permutation(len(labels)) if n < np.count_nonzero(cap)
+             else np.arange(len(labels)))
+    extra[order[np.argsort((extra - quota)[order], kind="stable")[: rest - int(extra.sum())]]] += 1
     picks = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(labels, take + extra)]
     return np.sort(np.concatenate(picks)).astype(np.int64)

@@ -546,3 +546,10 @@ def test_rgba_arrays_lose_their_alpha_as_rgba_files_do(tmp_path):
     np.testing.assert_allclose(np.asarray(files.x[:], np.float32)[order], want, rtol=1e-6)
     with pytest.raises(DataError, match="4 channels but the model takes 1"):
         load_dataset(DataSpec(str(tmp_path / "rgba.npz"), 1, 5, 5))
+
+
+def test_fewer_picks_than_classes_spread_over_the_classes():
+    """--limit 50 of 100 equal classes: 50 classes drawn at random, not classes 0-49."""
+    y = np.repeat(np.arange(100), 5)
+    classes = y[data._stratified_pick(y, 50, seed=0)]
+    assert len(set(classes.tolist())) == 50 and classes.max() > 60
