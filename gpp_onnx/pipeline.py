@@ -108,14 +108,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     config = replace(config, timing=latency.timing_for(start.loaded.model, config.timing))
     rounds = _run_rounds(start, config, plan_path)
     last = rounds[-1]
-    result_model = last.masked if config.mask_only else last.model
-    source = None if config.mask_only else last.source
-    result_model, widened = half.weights_back(start.loaded.model, start.analysis.view,
-                                              result_model)
-    declared = batch.declare(start.loaded.model, result_model)
-    source = source if declared is result_model else None   # (bytes of the undeclared one)
-    result_model = declared
-    source = None if widened is not None else source
+    result_model, source, widened = _as_written(start, last, config.mask_only)
     writer = distributed.is_writer()   # several processes: rank 0 times, writes, reports
     timing = (latency.measure(start.analysis.view.model, last.model,
                               latency.timing_feeds(start.analysis.view, config.timing),
@@ -145,6 +138,20 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     return PruneResult(dst, report_path, last.plan, start.before, after, last.error, ratio,
                        data_report, tuple(rounds), start.accuracy, tolerance,
                        start.loaded.notes, result_model)
+
+
+def _as_written(start: Start, last: Round, mask_only: bool):
+    """(the model to write, its bytes where the check read the same model, the warning
+    where float16 weights were widened): the last round's cut (or masked model) with the
+    input's float16 weights and fixed batch given back."""
+    result_model = last.masked if mask_only else last.model
+    source = None if mask_only else last.source
+    result_model, widened = half.weights_back(start.loaded.model, start.analysis.view,
+                                              result_model)
+    declared = batch.declare(start.loaded.model, result_model)
+    source = source if declared is result_model else None   # (bytes of the undeclared one)
+    source = None if widened is not None else source
+    return declared, source, widened
 
 
 def _check_plan_args(config: PruneConfig, plan_path, plan_out) -> None:
