@@ -75,16 +75,47 @@ def _dense_pair(mm, inits, ranks, readers, outputs):
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Rank of each value onnx's shape inference finds (run on the model's skeleton)."""
+    """Rank of each value onnx's shape inference finds (run on the model's skeleton). A
+    Reshape to a computed shape (tf2onnx's flatten: the batch read by Shape, Concat, Cast)
+    has no inferred shape, yet its rank is the shape tensor's length: it is declared and
+    inference runs again, so the layers after it get ranks too."""
     from .skeleton import strip
 
     skel, _ = strip(model)
+    ranks = _inferred_ranks(skel)
+    lengths = _inferred_lengths(skel)
+    unknown = {n.output[0]: lengths[n.input[1]] for n in skel.graph.node
+               if n.op_type == "Reshape" and n.output[0] not in ranks and n.input[1] in lengths}
+    if unknown:
+        skel.graph.value_info.extend(
+            helper.make_tensor_value_info(name, 0, [None] * rank)
+            for name, rank in unknown.items())
+        ranks = _inferred_ranks(skel)
+    return ranks
+
+
+def _inferred(model: onnx.ModelProto) -> list:
     try:
-        inferred = onnx.shape_inference.infer_shapes(skel)
+        g = onnx.shape_inference.infer_shapes(model).graph
     except Exception as err:  # no ranks: nothing is rewritten
         logger.debug("shape inference failed: %s", err)
-        return {}
-    g = inferred.graph
-    return {v.name: len(v.type.tensor_type.shape.dim)
-            for v in [*g.input, *g.value_info, *g.output]
-            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+        return []
+    return [v for v in [*g.input, *g.value_info, *g.output]
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")]
+
+
+def _inferred_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in _inferred(model)}
+
+
+def _inferred_lengths(model: onnx.ModelProto) -> dict[str, int]:
+    """Name -> length of each 1-D value of a known length."""
+    out = {}
+    for v in _inferred(model):
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) == 1 and dims[0].HasField("dim_value"):
+            out[v.name] = dims[0].dim_value
+    for t in model.graph.initializer:
+        if len(t.dims) == 1:
+            out[t.name] = t.dims[0]
+    return out

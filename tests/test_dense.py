@@ -83,3 +83,24 @@ def test_the_least_squares_repair_refits_a_matmul_add_head(tmp_path):
     assert done.repair["layers_refitted"] == 3            # the conv and both dense layers
     (cut,), (repaired,) = done.fidelity["cut"].values(), done.fidelity["repaired"].values()
     assert repaired["relative_error"] < 0.5 * cut["relative_error"]
+
+
+def test_a_flatten_to_a_computed_shape_feeds_a_dense_layer():
+    """tf2onnx flattens to a shape it computes (the batch read by Shape, then Concat and
+    Cast): shape inference gives that Reshape no shape, but its rank is the shape's length,
+    so the MatMul + Add after it is a dense layer too (onnx infers that rank from opset
+    14 on; tf2onnx writes opset 13)."""
+    b = GraphBuilder((1, 3, 8, 8), seed=0, opset=13)
+    x = b.op("Transpose", [b.act(b.conv("input", 8), "Relu")], (1, 8, 8, 8), perm=[0, 2, 3, 1])
+    dims = b.op("Cast", [b.op("Shape", [x], (4,))], (4,), to=onnx.TensorProto.INT32)
+    one = b.const(np.array([1], np.int64))
+    zero = b.const(np.array([0], np.int64))
+    n = b.op("Slice", [dims, zero, one, zero], (1,))
+    shape = b.op("Concat", [n, b.const(np.array([512], np.int32))], (2,), axis=0)
+    shape = b.op("Cast", [shape], (2,), to=onnx.TensorProto.INT64)
+    flat = b.op("Reshape", [x, shape], (1, 512))
+    model = b.build(_dense(b, b.act(_dense(b, flat, 16), "Relu"), 4))
+    normal = model_io.normalize(model)
+    assert [n.op_type for n in normal.graph.node].count("Gemm") == 2
+    x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(normal, x), _run(model, x), rtol=1e-5, atol=1e-6)
