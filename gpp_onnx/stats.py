@@ -104,8 +104,12 @@ class Estimator:
         pos = self._positions(kept)
         params = 0.0
         for name, size in self.sizes.items():
+            slots = self.users.get(name, ())
+            if len(slots) <= 1:
+                params += size * (self._slot_fraction(slots[0], pos) if slots else 1.0)
+                continue
             copies = {}
-            for slot in self.users.get(name, ()) or [None]:
+            for slot in slots:
                 cut = tuple((axis, pos[(*slot, axis)].tobytes())
                             for axis in self.slot_axes.get(slot, ()) if (*slot, axis) in pos)
                 copies.setdefault(cut, self._slot_fraction(slot, pos) if cut else 1.0)
