@@ -122,12 +122,20 @@ def warn_if_chance(acc: float, classes: int) -> None:
 
 
 def check_precision(model: onnx.ModelProto, config: PruneConfig) -> None:
-    low = verify.low_precision(model)
+    low = verify.low_precision(model) or _float64(model)
     if low is not None and config.data is not None:
         raise UnsupportedModelError(
             f"the model holds {low} tensors and --data runs it through the float32 torch "
             "backend (scoring, repair, training) - give the float32 version of the model "
             "(or, to prune this one, prune it without --data, e.g. --criterion l1)")
+
+
+def _float64(model: onnx.ModelProto) -> str | None:
+    """'float64' where the model takes double input (onnxruntime runs double MatMul and
+    Gemm; the torch backend would feed such a model float32 images and fail)."""
+    if any(v.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE for v in model.graph.input):
+        return "float64"
+    return None
 
 
 def check_paths(model, src: Path | None, dst: Path | None, data: DataOptions | None) -> None:

@@ -332,3 +332,30 @@ def test_an_input_shape_the_model_cannot_take_says_which_dim_is_wrong(tmp_path, 
     code, err = _run_cli(capsys, ["analyze", str(src), "--input-shape", "1,1,32,32"])
     assert code == 2 and len(err) == 1
     assert "index: 1 Got: 1 Expected: 3" in err[0] and "--input-shape" in err[0]
+
+
+@pytest.mark.parametrize("command", [["prune", "--ratio", "0.5", "--finetune-epochs", "0"],
+                                     ["push", "--epochs", "1"]])
+def test_a_float64_model_with_data_is_refused_in_one_line(command, tmp_path, capsys):
+    """onnxruntime runs a double MatMul/Gemm classifier; the torch backend fed it float32
+    images and stopped with an internal error (exit 1)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s) * 0.3, n)
+             for n, s in [("W1", (16, 12)), ("b1", (12,)), ("W2", (12, 5)), ("b2", (5,))]]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"]),
+             helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "W2"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "mlp64", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["N", 5])], inits)
+    src, data, out = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "out.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), src)
+    np.savez(data, x=rng.standard_normal((100, 16)).astype(np.float32),
+             y=rng.integers(0, 5, 100))
+    code, err = _run_cli(capsys, [command[0], str(src), "--data", str(data), "-o", str(out),
+                                  *command[1:]])
+    assert code == 2
+    assert len(err) == 1 and "float64" in err[0] and " - " in err[0]
+    assert not out.exists()
