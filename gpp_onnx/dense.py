@@ -23,6 +23,15 @@ from .edit import Editor
 logger = logging.getLogger(__name__)
 
 FLOAT = onnx.TensorProto.FLOAT
+REPLACED = "MatMul + Add as one Gemm; the MatMul's output was "
+
+
+def aliases(model: onnx.ModelProto) -> dict[str, str]:
+    """The MatMul outputs the rewrite replaced -> the Gemm outputs that stand for them, so
+    a name read off the user's file (``--ignore``, ``--group-ratio``, ``--feature-tensor``)
+    still finds its layer; the two differ by the constant bias only."""
+    return {n.doc_string[len(REPLACED):]: n.output[0] for n in model.graph.node
+            if n.op_type == "Gemm" and n.doc_string.startswith(REPLACED)}
 
 
 def dense_to_gemm(model: onnx.ModelProto) -> int:
@@ -45,7 +54,8 @@ def dense_to_gemm(model: onnx.ModelProto) -> int:
             continue
         add, bias = pair
         gemm = helper.make_node("Gemm", [mm.input[0], mm.input[1], bias], [add.output[0]],
-                                name=mm.name or add.name or "dense")
+                                name=mm.name or add.name or "dense",
+                                doc_string=f"{REPLACED}{mm.output[0]}")
         editor.replace([mm, add], [gemm])
         done += 1
     if done:

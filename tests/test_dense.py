@@ -104,3 +104,26 @@ def test_a_flatten_to_a_computed_shape_feeds_a_dense_layer():
     assert [n.op_type for n in normal.graph.node].count("Gemm") == 2
     x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(_run(normal, x), _run(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_matmul_output_name_of_the_users_file_still_names_its_layer(tmp_path):
+    """Netron shows a Paddle/tf2onnx dense layer by its MatMul's output, which the Gemm
+    replaces: --ignore, --group-ratio and --feature-tensor still take that name."""
+    from gpp_onnx.cli import main
+
+    model = _head_model()
+    hidden = next(n.output[0] for n in model.graph.node if n.op_type == "MatMul")
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((60, 3, 8, 8)).astype(np.float32),
+             y=np.arange(60) % 5)
+    for extra in (["--ignore", hidden], ["--group-ratio", f"{hidden}=0.25"],
+                  ["--data", str(tmp_path / "d.npz"), "--feature-tensor", hidden]):
+        assert main(["-q", "prune", str(src), "-o", str(tmp_path / "o.onnx"), "--ratio",
+                     "0.5", "--no-latency", *extra]) == 0
+    res = gpp_onnx.prune(model, ratio=0.5, round_to=1, ignore=(hidden,))
+    group = res.rounds[0].plan.removed
+    gemm = model_io.normalize(model).graph.node
+    hidden_gemm = next(n.output[0] for n in gemm if n.op_type == "Gemm")
+    assert not any(hidden_gemm in k for k in group if group[k])

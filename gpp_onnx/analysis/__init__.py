@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import onnx
 
+from ..dense import aliases as dense_aliases
 from ..errors import InputError
 from ..graph import GraphView
 from ..model import opset_version
@@ -52,6 +53,9 @@ class Analysis:
             for g in self.groups:
                 if out in g.values:
                     return g.key
+        alias = dense_aliases(self.view.model).get(name)
+        if alias is not None:
+            return self.find_group(alias)
         raise InputError(f"'{name}' names no channel group, value or node of this model - "
                          "run 'gpp-onnx analyze' to list the groups")
 

@@ -8,6 +8,7 @@ criteria that read it. ``--feature-tensor NAME`` overrides the search.
 """
 from __future__ import annotations
 
+from ..dense import aliases as dense_aliases
 from ..errors import InputError
 from ..model import opset_version
 from ..ops import lookup
@@ -15,6 +16,7 @@ from ..ops import lookup
 
 def final_hidden_layer(view, override: str | None = None) -> str:
     if override:
+        override = dense_aliases(view.model).get(override, override)
         if (view.shape(override) is None or view.is_const(override)
                 or override in {s.name for s in view.inputs}):
             raise InputError(f"--feature-tensor '{override}' is not a computed value of the "
