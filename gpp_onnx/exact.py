@@ -59,8 +59,10 @@ def _cast_keeping_float64(node, x):
     return x.to(torch.float64 if dtype.is_floating_point else dtype)
 
 
-def float64_outputs(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray] | None:
-    """The graph outputs computed in float64 by the torch backend; None when it cannot."""
+def float64_outputs(model: onnx.ModelProto, feeds: dict, extra: list[str] = ()
+                    ) -> list[np.ndarray] | None:
+    """The graph outputs, then the values named in `extra`, computed in float64 by the
+    torch backend; None when it cannot."""
     import torch
 
     from .torch_backend import OnnxModule
@@ -70,8 +72,9 @@ def float64_outputs(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray] | N
     try:
         module = OnnxModule(model, op_overrides={"Cast": _cast_keeping_float64}).double().eval()
         with torch.no_grad():
-            values = module.run(wide)
-        return [values[name].to(torch.float64).cpu().numpy() for name in module.output_names]
+            names = [*module.output_names, *extra]
+            values = module.run(wide, names)
+        return [values[name].to(torch.float64).cpu().numpy() for name in names]
     except Exception as err:  # noqa: BLE001 - any backend gap leaves the float32 verdict
         logger.warning("float64 evaluation not possible (%s); the float32 check decides",
                        str(err).splitlines()[0][:200])
@@ -80,10 +83,11 @@ def float64_outputs(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray] | N
 
 def check(pruned: onnx.ModelProto, masked, feeds: dict,
           got: list[np.ndarray], reference: list[np.ndarray],
-          tolerance: verify.Tolerance) -> Verdict:
+          tolerance: verify.Tolerance, extra: list[str] = ()) -> Verdict:
     """Pruned (outputs `got`) == masked (outputs `reference`) on `feeds`, see the module
     docstring; raise VerificationError when they differ. `masked`: the masked model, or a
-    function returning it (built only when float64 has to decide)."""
+    function returning it (built only when float64 has to decide). `got` and `reference`
+    end with the values named in `extra` (``verify.saturated_inputs``)."""
     failure = None
     try:
         err = verify.check_equivalent(got, reference, tolerance=tolerance)
@@ -91,9 +95,9 @@ def check(pruned: onnx.ModelProto, masked, feeds: dict,
             return Verdict(err, None, tolerance)
     except VerificationError as exc:
         failure, err = exc, verify.relative_error(got, reference)
-    got64 = float64_outputs(pruned, feeds)
+    got64 = float64_outputs(pruned, feeds, extra)
     masked = masked() if callable(masked) else masked
-    ref64 = float64_outputs(masked, feeds) if got64 is not None else None
+    ref64 = float64_outputs(masked, feeds, extra) if got64 is not None else None
     if ref64 is None:
         if failure is not None:
             raise failure

@@ -250,10 +250,15 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
     source = verify.serialized(pruned)
     verify.check(source)
     feeds = analysis.view.check_feeds(config.seed)
-    # sessions take the arrays the tensors were written from (no reading them back)
-    got = verify.run(verify.session_source(pruned, pruned_values), feeds, "pruned model")
-    reference = verify.run(masked.session(), feeds, "masked model")
-    verdict = exact.check(pruned, lambda: masked.model, feeds, got, reference, tolerance)
+    # sessions take the arrays the tensors were written from (no reading them back); the
+    # logits in front of a final Softmax/Sigmoid are compared too (a saturated one hides them)
+    made = {o for n in masked.skeleton.graph.node for o in n.output}
+    extra = [name for name in verify.saturated_inputs(pruned) if name in made]
+    got = verify.run(verify.exposing(verify.session_source(pruned, pruned_values), extra),
+                     feeds, "pruned model")
+    reference = verify.run(verify.exposing(masked.session(), extra), feeds, "masked model")
+    verdict = exact.check(pruned, lambda: masked.model, feeds, got, reference, tolerance,
+                          extra)
     err = verdict.error
     logger.info("verified: pruned == masked original (relative error %.1e < %.1e)", err,
                 verdict.tolerance.value)

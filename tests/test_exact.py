@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import feeds_for, run_model
-from gpp_onnx import exact, prune, verify
+from gpp_onnx import exact, prune, surgery, verify
 from gpp_onnx.errors import VerificationError
 from gpp_onnx.samples import GraphBuilder
 
@@ -128,3 +128,89 @@ def test_clean_model_skips_the_float64_run(sample_model):
     res = prune(sample_model, ratio=0.5, latency=False)
     assert res.tolerance.value == verify.EQUIVALENCE_TOLERANCE
     assert res.report["rounds"][0]["equivalence_relative_error_float64"] is None
+
+
+# -- a saturated classifier output hides the logits ---------------------------------------
+def saturated_classifier(head: str = "Softmax", seed: int = 0) -> onnx.ModelProto:
+    """conv-relu-conv-relu-gap-gemm, logits scaled by 3000, then `head`: a classifier whose
+    logits on the N(0, 1) check inputs are 40 to 3000 away from 0 and from each other (a
+    net trained on [0, 1] images gives margins of 20 and more), so its Softmax / Sigmoid
+    is 0 or 1 to far below 1e-9."""
+    b = GraphBuilder((1, 3, 8, 8), seed=seed)
+    x = b.act(b.conv("input", 16), "Relu")
+    x = b.act(b.conv(x, 16), "Relu")
+    logits = b.gemm(b.flatten(b.gap(x)), 6)
+    scale = b.const(np.float32(3000.0), "scale")
+    return b.build(b.act(b.binary("Mul", logits, scale), head, **(
+        {"axis": 1} if head == "Softmax" else {})))
+
+
+def _float16_edges(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` computing in float16: float16 weights, a Cast after the input and one in
+    front of the output (what fp16 converters write)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for t in g.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16),
+                                               t.name))
+    inp, res = g.input[0].name, g.output[0].name
+    for node in g.node:
+        node.input[:] = [inp + ".fp16" if i == inp else i for i in node.input]
+        node.output[:] = [res + ".fp16" if o == res else o for o in node.output]
+    g.node.insert(0, onnx.helper.make_node("Cast", [inp], [inp + ".fp16"],
+                                           to=onnx.TensorProto.FLOAT16))
+    g.node.append(onnx.helper.make_node("Cast", [res + ".fp16"], [res],
+                                        to=onnx.TensorProto.FLOAT))
+    return out
+
+
+def test_saturated_inputs_are_the_logits_behind_casts_and_the_activation():
+    model = _float16_edges(saturated_classifier())
+    mul = next(n for n in model.graph.node if n.op_type == "Mul")
+    assert verify.saturated_inputs(model) == [mul.output[0]]
+    # a LogSoftmax does not saturate (its outputs move with the logits): nothing extra
+    b = GraphBuilder((1, 3, 8, 8))
+    assert verify.saturated_inputs(b.build(b.act(b.gemm(b.flatten(b.gap("input")), 4),
+                                                 "LogSoftmax", axis=1))) == []
+
+
+@pytest.mark.parametrize("form", ["Softmax", "Sigmoid", "Softmax-float16"])
+def test_a_wrong_cut_behind_a_saturated_output_is_refused(form, monkeypatch):
+    """A surgery bug that moves one kept channel (its weights and bias times 1.5) changes
+    the logits by percents, but the saturated outputs by less than 1e-9: the check
+    compares the logits too and refuses it; the correct cut passes."""
+    model = saturated_classifier(form.split("-")[0])
+    model = _float16_edges(model) if form.endswith("float16") else model
+    options = dict(ratio=0.125, round_to=1, latency=False)
+    res = prune(model, **options)
+    assert res.equivalence_error < res.tolerance.value
+    cut = surgery.cut_with_values
+
+    def wrong_cut(*args, **kwargs):
+        pruned, _ = cut(*args, **kwargs)
+        conv = [n for n in pruned.graph.node if n.op_type == "Conv"][1]
+        tensors = [next(t for t in pruned.graph.initializer if t.name == name)
+                   for name in conv.input[1:]]
+        channel = int(np.argmax(numpy_helper.to_array(tensors[1])))  # the largest bias
+        for t in tensors:
+            array = numpy_helper.to_array(t).copy()
+            array[channel] *= 1.5
+            t.CopyFrom(numpy_helper.from_array(array, t.name))
+        return pruned, lambda name: None
+
+    monkeypatch.setattr(surgery, "cut_with_values", wrong_cut)
+    with pytest.raises(VerificationError, match="differs from the masked original"):
+        prune(model, **options)
+
+
+def test_float32_check_of_a_float16_model_compares_the_logits():
+    model = _float16_edges(saturated_classifier())
+    options = dict(ratio=0.125, round_to=1, latency=False)
+    pruned = prune(model, **options).model
+    masked = prune(model, mask_only=True, **options).model
+    feeds = feeds_for(model, batch=2)
+    assert verify.check_in_float32(pruned, masked, feeds) < verify.EQUIVALENCE_TOLERANCE
+    with pytest.raises(VerificationError, match="computed in float32"):
+        verify.check_in_float32(_wrong_copy(pruned, 1.5), masked, feeds)
