@@ -87,7 +87,7 @@ def check(pruned: onnx.ModelProto, masked, feeds: dict,
     """Pruned (outputs `got`) == masked (outputs `reference`) on `feeds`, see the module
     docstring; raise VerificationError when they differ. `masked`: the masked model, or a
     function returning it (built only when float64 has to decide). `got` and `reference`
-    end with the values named in `extra` (``verify.saturated_inputs``)."""
+    end with the values named in `extra` (``logits.saturated_inputs``)."""
     failure = None
     try:
         err = verify.check_equivalent(got, reference, tolerance=tolerance)

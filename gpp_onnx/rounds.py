@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import batch, distributed, exact, latency, repair, report, surgery, verify
+from . import batch, distributed, exact, latency, logits, repair, report, surgery, verify
 from .allocate import fill, plan_global
 from .analysis import Analysis
 from .config import PruneConfig
@@ -253,10 +253,10 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
     # sessions take the arrays the tensors were written from (no reading them back); the
     # logits in front of a final Softmax/Sigmoid are compared too (a saturated one hides them)
     made = {o for n in masked.skeleton.graph.node for o in n.output}
-    extra = [name for name in verify.saturated_inputs(pruned) if name in made]
-    got = verify.run(verify.exposing(verify.session_source(pruned, pruned_values), extra),
+    extra = [name for name in logits.saturated_inputs(pruned) if name in made]
+    got = verify.run(logits.exposing(verify.session_source(pruned, pruned_values), extra),
                      feeds, "pruned model")
-    reference = verify.run(verify.exposing(masked.session(), extra), feeds, "masked model")
+    reference = verify.run(logits.exposing(masked.session(), extra), feeds, "masked model")
     verdict = exact.check(pruned, lambda: masked.model, feeds, got, reference, tolerance,
                           extra)
     err = verdict.error

@@ -28,12 +28,8 @@ Casts to float32) and must agree within the float32 rule above (the masked copy'
 Where the float32 rule fails or is widened by the model's noise, float64 decides
 (``exact.py``).
 
-A graph output that a Softmax / Sigmoid / HardSigmoid / Tanh (or an ArgMax) makes, behind
-Casts and Identities, hides its input on random inputs: a classifier trained on [0, 1]
-images gives logit margins of 20 or more on N(0, 1) probes, its Softmax is one-hot to
-e^-20, and a cut that moves every logit changes the output by less than 1e-9. Each check
-above therefore also compares the value in front of such an op (``saturated_inputs``; the
-logits), as if it were one more output, and measures the noise on it too.
+Each check above also compares the logits in front of a final Softmax or Sigmoid
+(``logits.py``: a saturated one hides them), and measures the noise on them too.
 """
 from __future__ import annotations
 
@@ -45,6 +41,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import VerificationError
+from .logits import exposing, saturated_inputs
 from .session_inputs import typed_feeds
 
 logger = logging.getLogger(__name__)
@@ -225,46 +222,6 @@ def _weights_as_inputs(source: Detached) -> bytes:
     for i, _ in reversed(refs):
         del inits[i]
     return light.SerializeToString()
-
-
-SATURATING = {"Softmax", "Sigmoid", "HardSigmoid", "Tanh", "ArgMax", "ArgMin"}
-_PASSING = {"Cast", "Identity"}
-
-
-def saturated_inputs(model: onnx.ModelProto) -> list[str]:
-    """The values the checks compare besides the graph outputs: for each output that a
-    chain of SATURATING ops (through Casts and Identities) ends, the input of the chain's
-    first such op (a classifier's logits); none that is an output, input or weight."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    given = {v.name for v in [*model.graph.output, *model.graph.input]}
-    given |= {t.name for t in model.graph.initializer}
-    found: list[str] = []
-    for out in model.graph.output:
-        value, before = out.name, None
-        while (node := producer.get(value)) is not None and node.input \
-                and node.op_type in SATURATING | _PASSING:
-            value = node.input[0]
-            before = value if node.op_type in SATURATING else before
-        if before is not None and before not in given and before not in found:
-            found.append(before)
-    return found
-
-
-def exposing(source: bytes | str | Detached, names: list[str]) -> bytes | str | Detached:
-    """A session source whose graph also outputs `names` (`source` itself when there are
-    none): the serialised model followed by a ModelProto holding only those outputs, which
-    protobuf parses as one merged message (nothing is copied again)."""
-    if not names:
-        return source
-    extra = onnx.ModelProto()
-    extra.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    tail = extra.SerializeToString()
-    if isinstance(source, Detached):
-        return source.with_data(source.data + tail)
-    if isinstance(source, str):
-        with open(source, "rb") as f:
-            source = f.read()
-    return source + tail
 
 
 def check(model: onnx.ModelProto | bytes, where: str = "pruned model") -> None:

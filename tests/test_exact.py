@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import feeds_for, run_model
-from gpp_onnx import exact, prune, surgery, verify
+from gpp_onnx import exact, logits, prune, surgery, verify
 from gpp_onnx.errors import VerificationError
 from gpp_onnx.samples import GraphBuilder
 
@@ -169,10 +169,10 @@ def _float16_edges(model: onnx.ModelProto) -> onnx.ModelProto:
 def test_saturated_inputs_are_the_logits_behind_casts_and_the_activation():
     model = _float16_edges(saturated_classifier())
     mul = next(n for n in model.graph.node if n.op_type == "Mul")
-    assert verify.saturated_inputs(model) == [mul.output[0]]
+    assert logits.saturated_inputs(model) == [mul.output[0]]
     # a LogSoftmax does not saturate (its outputs move with the logits): nothing extra
     b = GraphBuilder((1, 3, 8, 8))
-    assert verify.saturated_inputs(b.build(b.act(b.gemm(b.flatten(b.gap("input")), 4),
+    assert logits.saturated_inputs(b.build(b.act(b.gemm(b.flatten(b.gap("input")), 4),
                                                  "LogSoftmax", axis=1))) == []
 
 
