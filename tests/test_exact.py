@@ -214,3 +214,39 @@ def test_float32_check_of_a_float16_model_compares_the_logits():
     assert verify.check_in_float32(pruned, masked, feeds) < verify.EQUIVALENCE_TOLERANCE
     with pytest.raises(VerificationError, match="computed in float32"):
         verify.check_in_float32(_wrong_copy(pruned, 1.5), masked, feeds)
+
+
+def _quiet_on_noise_classifier():
+    """A conv whose channel 0 (all weights 1/192, bias -0.35) stays at 0 after its Relu on
+    N(0, 1) inputs but fires on images in [0, 1], read by a 1x1 conv, then a classifier."""
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    w = b.rng.standard_normal((4, 3, 8, 8)).astype(np.float32) * 0.1
+    w[0] = 1.0 / 192
+    bias = np.array([-0.35, 0.1, 0.1, 0.1], np.float32)
+    h = b.act(b.op("Conv", ["input", b.const(w), b.const(bias)], (1, 4, 1, 1),
+                   kernel_shape=[8, 8]), "Relu")
+    return b.build(b.gemm(b.flatten(b.act(b.conv(h, 8, k=1), "Relu")), 3)), h
+
+
+def test_a_wrong_cut_of_a_channel_silent_on_noise_is_refused(monkeypatch):
+    """A surgery bug that halves how the 1x1 conv reads a kept channel that only images
+    light up: invisible on two N(0, 1) check inputs, so the second one is drawn from
+    U(0, 1), the scale of images fed as they are."""
+    model, quiet = _quiet_on_noise_classifier()
+    options = dict(ratio=0.25, round_to=1, latency=False, ignore=(quiet,))
+    res = prune(model, **options)
+    assert res.equivalence_error < res.tolerance.value
+    cut = surgery.cut_with_values
+
+    def wrong_cut(*args, **kwargs):
+        pruned, _ = cut(*args, **kwargs)
+        conv = [n for n in pruned.graph.node if n.op_type == "Conv"][1]
+        t = next(t for t in pruned.graph.initializer if t.name == conv.input[1])
+        array = numpy_helper.to_array(t).copy()
+        array[:, 0] *= 0.5
+        t.CopyFrom(numpy_helper.from_array(array, t.name))
+        return pruned, lambda name: None
+
+    monkeypatch.setattr(surgery, "cut_with_values", wrong_cut)
+    with pytest.raises(VerificationError, match="differs from the masked original"):
+        prune(model, **options)
