@@ -273,7 +273,10 @@ def upgrade_opset(model: onnx.ModelProto, where: str = "model") -> onnx.ModelPro
 
 
 def _keep_old_resize_semantics(model: onnx.ModelProto) -> None:
-    """Resize nodes without a coordinate mode came from Upsample-9 / Resize-10."""
+    """Resize nodes without a coordinate mode came from Upsample-9 / Resize-10. The
+    converter's ``roi`` (read only by tf_crop_and_resize, optional from opset 13) goes:
+    it is no weight of the model's, but would be counted as parameters."""
+    dropped = set()
     for node in model.graph.node:
         if node.op_type != "Resize" or node.domain not in ("", "ai.onnx"):
             continue
@@ -284,3 +287,10 @@ def _keep_old_resize_semantics(model: onnx.ModelProto) -> None:
                                                     "asymmetric"))
         if "nearest_mode" not in names:
             node.attribute.append(helper.make_attribute("nearest_mode", "floor"))
+        if TARGET_OPSET >= 13 and len(node.input) > 1 and node.input[1]:
+            dropped.add(node.input[1])
+            node.input[1] = ""
+    read = {name for node in model.graph.node for name in node.input}
+    for i in reversed(range(len(model.graph.initializer))):
+        if model.graph.initializer[i].name in dropped - read:
+            del model.graph.initializer[i]

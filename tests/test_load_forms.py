@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import assert_pruned_equals_masked, prune_both, rel_err, run_model
+from conftest import assert_pruned_equals_masked, n_params, prune_both, rel_err, run_model
 import gpp_onnx
 from gpp_onnx import PruneConfig, prune
 from gpp_onnx.config import DataOptions, TrainOptions
@@ -107,6 +107,37 @@ def test_opset9_model_is_upgraded_pruned_and_reported(tmp_path):
     x = _x((2, 3, 8, 8))
     assert rel_err(run_model(out, {"x": x}), run_model(masked, {"x": x})) < 1e-5
     assert rel_err(run_model(model, {"x": x}), run_model(masked, {"x": x})) > 1e-3
+
+
+def test_an_upgraded_upsample_adds_no_params(tmp_path):
+    """The converter's Resize roi (a float constant no computation reads) is neither
+    counted as a parameter nor written: the report counted 8 floats more than this
+    opset-9 file holds, and the written model carried them."""
+    inits = [numpy_helper.from_array(_x(shape, seed=i), name) for i, (name, shape) in
+             enumerate([("w1", (4, 3, 3, 3)), ("w2", (4, 4, 3, 3)), ("fc", (2, 4))])]
+    inits += [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+              numpy_helper.from_array(np.zeros(2, np.float32), "fb")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Upsample", ["c1", "scales"], ["u"], mode="nearest"),
+             helper.make_node("Conv", ["u", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc", "fb"], ["y"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "upsample9", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    src = tmp_path / "old.onnx"
+    onnx.save(model, src)
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=1, latency=False))
+    assert result.before.params == n_params(src) == 4 * 27 + 4 * 36 + 8 + 4 + 2
+    assert result.after.params == n_params(tmp_path / "p.onnx") == 2 * 27 + 2 * 18 + 4 + 4 + 2
+    x = _x((2, 3, 8, 8))
+    assert rel_err(run_model(tmp_path / "p.onnx", {"x": x}),
+                   run_model(_hand_masked(model, {"w2": result.plan.removed["c1"],
+                                                  "fc": result.plan.removed["c2"]}),
+                             {"x": x})) < 1e-5
 
 
 def test_a_converter_change_of_outputs_is_refused(tmp_path, capsys, monkeypatch):
