@@ -102,7 +102,8 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     if config.latency or config.target_latency is not None:
         latency.providers_for(config.timing)  # a provider that is not there: say so first
     if plan_out is not None:
-        preflight.check_side_output(Path(plan_out), "--plan-out", src, dst)
+        preflight.check_side_output(Path(plan_out), "--plan-out", src, dst,
+                                    config.data.source if config.data is not None else None)
     t0 = time.perf_counter()
     start = start_run(model if src is None else src, config, scores=plan_path is None)
     config = replace(config, timing=latency.timing_for(start.loaded.model, config.timing))

@@ -58,10 +58,14 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_side_output(path: Path, flag: str, src: Path | None, dst: Path | None = None) -> None:
+def check_side_output(path: Path, flag: str, src: Path | None, dst: Path | None = None,
+                      data: str | None = None) -> None:
     """A second file a run writes (`flag`'s: a plan, a profile) is neither one of the
-    input model's files nor the model output or its report; then check_writable."""
+    input model's files, nor the `data` file, nor the model output or its report; then
+    check_writable."""
     taken = [*(files.stored_files(src) if src is not None else [])]
+    if data is not None and Path(data).expanduser().is_file():
+        taken.append(Path(data).expanduser())
     if dst is not None:
         taken += [dst, dst.with_suffix(".report.json")]
     hit = next((f for f in taken if _same_file(path, f)), None)

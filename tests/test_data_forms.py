@@ -144,6 +144,17 @@ def test_an_output_onto_the_data_file_is_refused(tmp_path, capsys):
     assert data.read_bytes() == before
 
 
+def test_a_plan_out_onto_the_data_file_is_refused(tmp_path, capsys):
+    """--plan-out naming the --data file replaced the data set with the plan (exit 0)."""
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((20, 8, 8), np.uint8), y=np.arange(20) % 3)
+    before = data.read_bytes()
+    code, lines = _run(tmp_path, capsys, _cnn(), data, ["--plan-out", str(data)])
+    assert code == 2 and "--plan-out" in lines[-1] and "would overwrite" in lines[-1]
+    assert data.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]
+
+
 def test_normalisation_values_must_be_finite_and_fit_the_channels(tmp_path):
     from gpp_onnx.errors import DataError
 
