@@ -96,6 +96,8 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     src = None if isinstance(model, onnx.ModelProto) else model_io.model_path(model)
     dst = None if output is None else Path(output)
     check_paths(model, src, dst, config.data)
+    if plan_path is not None and dst is not None:
+        preflight.check_not_over(dst, Path(plan_path), "plan")
     if config.data is not None:
         config = replace(config, input_shape=data_input_shape(model, config.input_shape,
                                                               config.data.source))

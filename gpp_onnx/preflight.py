@@ -105,7 +105,13 @@ def check_data(source: str | None, dst: Path | None = None) -> None:
     check_source(source)
     data = Path(source).expanduser()
     if dst is not None and data.is_file():
-        for out in (dst, dst.with_suffix(".report.json")):
-            if _same_file(out, data):
-                raise InputError(f"output {out} would overwrite the data {data} - choose "
-                                 "another path with -o; gpp-onnx never overwrites its input")
+        check_not_over(dst, data, "data")
+
+
+def check_not_over(dst: Path, path: Path, what: str) -> None:
+    """The model output `dst` and its report would not overwrite `path`, a file the run
+    reads (`what`: the data, the plan)."""
+    for out in (dst, dst.with_suffix(".report.json")):
+        if _same_file(out, path):
+            raise InputError(f"output {out} would overwrite the {what} {path} - choose "
+                             "another path with -o; gpp-onnx never overwrites its input")

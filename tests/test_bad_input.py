@@ -229,6 +229,21 @@ def test_a_second_output_over_the_input_or_the_output_is_refused(argv, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+@pytest.mark.parametrize("out", ["plan.json", "plan.onnx"], ids=["model", "report"])
+def test_an_output_over_the_replayed_plan_is_refused(out, tmp_path, capsys):
+    """-o (or its report) naming the --plan file replaced the plan with the model."""
+    src = tmp_path / "model.onnx"
+    onnx.save(sample_cnn(), src)
+    plan = tmp_path / ("plan.json" if out == "plan.json" else "plan.report.json")
+    assert main(["-q", "prune", str(src), "--ratio", "0.5", "--no-latency", "-o",
+                 str(tmp_path / "first.onnx"), "--plan-out", str(plan)]) == 0
+    before = {p.name: _digest(p) for p in tmp_path.iterdir()}
+    code, err = _run_cli(capsys, ["prune", str(src), "--plan", str(plan), "--no-latency",
+                                  "-o", str(tmp_path / out)])
+    assert code == 2 and len(err) == 1 and "would overwrite the plan" in err[0]
+    assert {p.name: _digest(p) for p in tmp_path.iterdir()} == before
+
+
 def test_analyze_bad_file_exit_2(tmp_path, capsys):
     bad = tmp_path / "m.onnx"
     bad.write_text("nope")
