@@ -5,7 +5,9 @@ import contextlib
 import io
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -135,8 +137,19 @@ def _quiet_onnxruntime(verbose: bool) -> None:
     ort.set_default_logger_severity(2 if verbose else 3)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a batch scheduler, torchrun stopping the others), ended like
+    Ctrl-C: a temporary file or a model without its report is removed, not left behind."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    ours = threading.current_thread() is threading.main_thread()  # only it takes handlers
+    previous = signal.signal(signal.SIGTERM, _terminate) if ours else None
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     handler = ProgressHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("gpp-onnx: %(message)s"))
@@ -152,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpp-onnx: error: {err}", file=sys.stderr)
         return 2
     finally:
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         handler.close_line()
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
@@ -169,7 +184,7 @@ def _reporting(args) -> int:
     except GppError as err:
         print(f"gpp-onnx: error{_rank_tag()}: {err}", file=sys.stderr)
         return _alone(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         work = (getattr(args, "work_dir", None)
                 or (args.output + ".gpp-work" if args.command == "gpp" else None))
         kept = (f"; the finished rounds are kept in {work} - rerun with --resume to go on"
@@ -178,7 +193,7 @@ def _reporting(args) -> int:
             print(f"gpp-onnx: interrupted; no output was written{kept}", file=sys.stderr)
         # under torchrun another process may sit in a collective step that would wait for
         # this one at the last barrier: end now (torchrun stops the others)
-        return _alone(130)
+        return _alone(143 if isinstance(err, _Terminated) else 130)   # 128 + the signal
     except BrokenPipeError:  # the reader of stdout went away (`| head`): end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return _alone(141)   # as a shell reports a process ended by SIGPIPE

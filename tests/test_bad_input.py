@@ -258,6 +258,32 @@ def test_python_dash_m_reports_errors_with_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("gpp-onnx: error: model file not found")
 
 
+_TERM_WHILE_WRITING = """
+import os, pathlib, signal, sys
+write = pathlib.Path.write_bytes
+def halfway(self, data):                  # SIGTERM (kill, timeout) halfway through the write
+    write(self, data[:len(data) // 2])
+    os.kill(os.getpid(), signal.SIGTERM)
+    write(self, data)
+pathlib.Path.write_bytes = halfway
+from gpp_onnx.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_writing_leaves_nothing(tmp_path):
+    """SIGTERM in the final write ended the process on the spot: a half-written temporary
+    model was left in the output folder (or the model without its report)."""
+    src = tmp_path / "model.onnx"
+    onnx.save(sample_cnn(), src)
+    proc = subprocess.run([sys.executable, "-c", _TERM_WHILE_WRITING, "prune", str(src),
+                           "--ratio", "0.5", "--no-latency", "-o", str(tmp_path / "out.onnx")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 143, proc.stderr[-500:]
+    assert proc.stderr.strip().splitlines()[-1] == "gpp-onnx: interrupted; no output was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 @pytest.mark.parametrize("plan, extra, message", [
     ("[]", [], "cannot read plan"),
     ('{"format": "gpp-onnx-plan/1", "removed": null}', [], "cannot read plan"),
