@@ -3,7 +3,7 @@ mistake costs a one-line error (exit 2) and not a finished analysis that cannot 
 
 * every output folder exists (or can be created) and takes a file: the same temporary file
   the atomic save writes is created there and deleted;
-* the output's disk has room for about the input model's size;
+* the output's disk has room for about the input model's size (its external data too);
 * the data source exists and is readable (its pixels are read later, batch by batch).
 Nothing is left behind.
 """
@@ -21,7 +21,8 @@ from .errors import InputError
 
 def check_output(src: Path | None, dst: Path, size: int = 0) -> None:
     """The model output ``dst``: named, not the input, writable, with room for it (the
-    input file's size, or `size` bytes for a model given in memory, src None)."""
+    input model's size with its external data, or `size` bytes for a model given in
+    memory, src None)."""
     if dst.suffix == "":
         raise InputError(f"output {dst} has no extension - name it like model.pruned.onnx")
     if src is not None:
@@ -41,11 +42,15 @@ def check_output(src: Path | None, dst: Path, size: int = 0) -> None:
     if report.is_dir():
         raise InputError(f"cannot write the report {report}: it is a folder - move it, or "
                          "choose another path with -o")
-    need = src.stat().st_size if src is not None and src.is_file() else size
+    need = files.file_size(src) if src is not None and src.is_file() else size
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise InputError(f"only {free / 2**20:.0f} MiB free in {folder} for an output of up to "
-                         f"{need / 2**20:.0f} MiB - free some space or choose another -o")
+        raise InputError(f"only {_size(free)} free in {folder} for an output of up to "
+                         f"{_size(need)} - free some space or choose another -o")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def _same_file(a: Path, b: Path) -> bool:

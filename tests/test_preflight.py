@@ -106,6 +106,20 @@ def test_no_disk_room(tmp_path, model, capsys, monkeypatch):
     assert code == 2 and "free" in err and "-o" in err
 
 
+def test_no_disk_room_for_the_inputs_external_data(tmp_path, model, capsys, monkeypatch):
+    """The room needed counts the weights beside the model, not only its small .onnx."""
+    m = onnx.load(model)
+    ext = tmp_path / "ext" / "m.onnx"
+    ext.parent.mkdir()
+    onnx.save(m, ext, save_as_external_data=True, location="m.weights", size_threshold=0)
+    usage = namedtuple("usage", "total used free")
+    room = ext.stat().st_size + 100       # the .onnx fits, its weights do not
+    assert (ext.parent / "m.weights").stat().st_size > 100
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(room, 0, room))
+    code, err = _run(capsys, tmp_path, _prune(ext, tmp_path / "o.onnx"))
+    assert code == 2 and "free" in err and "-o" in err
+
+
 def test_missing_data_source(tmp_path, model, capsys):
     code, err = _run(capsys, tmp_path, _prune(model, tmp_path / "o.onnx", "--data",
                                               tmp_path / "nowhere"))
