@@ -10,6 +10,8 @@ from pathlib import Path
 
 import onnx
 
+from .errors import InputError
+
 _TWO_GB = 2 ** 31 - 1
 
 
@@ -112,18 +114,30 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_atomic(dest: Path, write) -> Path:
     """`write(tmp)` into a temporary file in `dest`'s folder, then rename it to `dest`: a
-    reader never sees a partial file, and a failed write leaves nothing behind."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    reader never sees a partial file, and a failed write leaves nothing behind. The disk
+    filling up (or the folder going away) on the way is an InputError naming `dest`."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as err:
+        raise _unwritable(dest, err) from None
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())    # mkstemp makes 0600; a new file's usual mode
         os.replace(tmp, dest)
+    except OSError as err:
+        raise _unwritable(dest, err) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
+
+
+def _unwritable(dest: Path, err: OSError) -> InputError:
+    reason = err.strerror or type(err).__name__
+    return InputError(f"cannot write {dest} ({reason}) - free some space or choose another "
+                      "path")
 
 
 def _umask() -> int:

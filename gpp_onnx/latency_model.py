@@ -34,6 +34,7 @@ import numpy as np
 from . import allocate, latency, surgery
 from .config import LatencyOptions
 from .latency import channel_alignment
+from .errors import GppError
 from .files import write_text
 from .plan import PrunePlan, kept_elements, plan_for_target
 
@@ -122,7 +123,7 @@ def _cached_kernel_times(model, feeds: dict, runs: int, options: LatencyOptions
     times = _kernel_times(model, feeds, runs, options)
     try:
         write_text(path, json.dumps({"key": json.loads(key), "kernels": times}))
-    except OSError as err:  # a cache that cannot be written only costs time
+    except (OSError, GppError) as err:  # a cache that cannot be written only costs time
         logger.debug("latency cache not written (%s)", err)
     return times
 

@@ -244,6 +244,28 @@ def test_an_output_over_the_replayed_plan_is_refused(out, tmp_path, capsys):
     assert {p.name: _digest(p) for p in tmp_path.iterdir()} == before
 
 
+def test_a_disk_that_fills_up_while_writing_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """ENOSPC in the final write (room for the input's size was there at the start) was an
+    'internal error ... please report it' with exit 1."""
+    import errno
+    import pathlib
+
+    src = tmp_path / "model.onnx"
+    onnx.save(sample_cnn(), src)
+    before = _digest(src)
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full)
+    code, err = _run_cli(capsys, ["prune", str(src), "--ratio", "0.5", "--no-latency", "-o",
+                                  str(tmp_path / "out.onnx")])
+    assert code == 2 and len(err) == 1
+    assert "cannot write" in err[0] and "No space left on device" in err[0] and " - " in err[0]
+    assert _digest(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 def test_analyze_bad_file_exit_2(tmp_path, capsys):
     bad = tmp_path / "m.onnx"
     bad.write_text("nope")
