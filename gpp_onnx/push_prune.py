@@ -190,7 +190,8 @@ def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, budget: float = 4
     the summary shows accuracy, params, MACs, latency and every round."""
     from .samples import digits_cnn
 
-    if distributed.is_writer():
+    if distributed.is_writer():   # a file or an unwritable folder: before the training
+        preflight.check_writable(folder / "digits_cnn.onnx")
         folder.mkdir(parents=True, exist_ok=True)
     data = DataOptions("digits")
     model = digits_cnn(seed)

@@ -120,6 +120,15 @@ def test_no_disk_room_for_the_inputs_external_data(tmp_path, model, capsys, monk
     assert code == 2 and "free" in err and "-o" in err
 
 
+@pytest.mark.parametrize("out", ["blocker", "blocker/sub"])
+def test_demo_folder_that_is_a_file(tmp_path, capsys, out):
+    """demo --out naming a file (or a folder under one) was an internal error (exit 1)."""
+    (tmp_path / "blocker").write_text("x")
+    code, err = _run(capsys, tmp_path, ["demo", "--out", str(tmp_path / out)])
+    assert code == 2 and err.startswith("gpp-onnx: error: cannot write")
+    assert "blocker is not a folder" in err
+
+
 def test_missing_data_source(tmp_path, model, capsys):
     code, err = _run(capsys, tmp_path, _prune(model, tmp_path / "o.onnx", "--data",
                                               tmp_path / "nowhere"))
