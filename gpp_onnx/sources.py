@@ -75,8 +75,10 @@ class Raw:
 
 
 def native_shape(source: str) -> tuple[int, int, int]:
-    """(C, H, W) of the source's images as stored (an image folder: its first image's)."""
-    pixels = resolve(source).pixels
+    """(C, H, W) of the source's images as stored (an image folder: its first image's).
+    Labels are not read: a run that ignores them (``--no-labels``, ``compare``) must not be
+    refused for labels it never uses (an .npz's per-position y of a text recognizer)."""
+    pixels = resolve(source, labels=False).pixels
     if isinstance(pixels, ArrayPixels):
         return tuple(int(d) for d in pixels.array.shape[1:])
     return probe(pixels.paths[0])

@@ -296,6 +296,22 @@ def test_cli_prune_and_compare_without_labels(tmp_path, capsys):
     assert f"{err:.4f}" in printed and f"{agree:.4f}" in printed
 
 
+def test_labels_a_run_ignores_are_not_read_for_free_image_sizes(tmp_path, capsys):
+    """A text recognizer's npz holds one label per position, (N, T): with a free image width
+    the data's size was read with the labels, and --no-labels / compare were refused."""
+    model = digits_cnn(0)
+    for i in (2, 3):
+        model.graph.input[0].type.tensor_type.shape.dim[i].dim_param = f"s{i}"
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    data = tmp_path / "seq.npz"
+    np.savez(data, x=np.load(digits_x(tmp_path, 200))["x"], y=np.zeros((200, 4), np.int64))
+    assert main(["prune", str(src), "-o", str(out), "--data", str(data), "--no-labels",
+                 "--ratio", "0.5", "--no-latency", "--round-to", "1"]) == 0
+    assert main(["compare", str(src), str(out), "--data", str(data), "--repeats", "2"]) == 0
+    assert "top-1 agreement" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("case,message", [
     ("empty_folder", "no readable images"),
     ("broken_image", "cannot read image"),
