@@ -66,8 +66,11 @@ def output_kinds(analysis) -> tuple[OutputKind, ...]:
         axis = None if shape is None else (
             _softmax_axis(node, shape, opset_version(view.model)) if logits is not None
             else 1 if i == 0 and len(shape) == 2 else None)
+        moved = _moved_log_softmax_axis(view, node, shape)
         if not view.is_float(name):
             kinds.append(OutputKind(name, DISCRETE, name, "values"))
+        elif moved is not None:
+            kinds.append(OutputKind(name, CLASS, name, "logits", moved))
         elif node is not None and node.op_type == "Sigmoid":
             kinds.append(OutputKind(name, BINARY, node.input[0], "probs"))
         elif axis is not None and isinstance(shape[axis], int) and shape[axis] >= 2:
@@ -87,6 +90,24 @@ def trainable(kinds: Iterable[OutputKind]) -> tuple[OutputKind, ...]:
                         "training loss can follow - export the model with its scores or "
                         "logits as an output, or prune it without --data (magnitude criteria)")
     return kept
+
+
+def _moved_log_softmax_axis(view, node, shape) -> int | None:
+    """The class axis of an output that is a LogSoftmax's log-probabilities moved by a
+    Transpose (a batch-first recognizer's (N, T, K) made time-major (T, N, K) for CTC), or
+    None. The output itself is then read as logits: log_softmax(log p) = log p."""
+    if node is None or node.op_type != "Transpose" or shape is None:
+        return None
+    inner = view.producer.get(node.input[0])
+    inner_shape = None if inner is None else view.shape(inner.output[0])
+    if inner is None or inner.op_type != "LogSoftmax" or inner_shape is None:
+        return None
+    axis = _softmax_axis(inner, inner_shape, opset_version(view.model))
+    perm = attr(node, "perm", list(range(len(shape)))[::-1])
+    if axis is None or axis not in perm:
+        return None
+    moved = list(perm).index(axis)
+    return moved if moved >= 1 and isinstance(shape[moved], int) and shape[moved] >= 2 else None
 
 
 def _softmax_axis(node, shape: tuple, opset: int) -> int | None:

@@ -105,6 +105,21 @@ def test_output_kinds():
     assert (k.kind, k.form, k.logits) == (CLASS, "probs", model.graph.node[-1].input[0])
 
 
+def test_time_major_log_softmax_output_is_a_class_output():
+    """A batch-first recognizer's log_softmax(2).transpose(0, 1), the (T, N, K) CTC wants:
+    KL on the class distribution and per-position top-1 agreement, as a LogSoftmax output."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, (4, 3), np.linspace(-1, 1, 12))
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z"]),
+             helper.make_node("LogSoftmax", ["z"], ["p"], axis=2),
+             helper.make_node("Transpose", ["p"], ["out"], perm=[1, 0, 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, (1, 5, 4))], [helper.make_tensor_value_info(
+            "out", TensorProto.FLOAT, (5, 1, 3))], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (k,) = output_kinds(analyze_model(model))
+    assert (k.kind, k.logits, k.form, k.axis) == (CLASS, "out", "logits", 2)
+
+
 def test_distill_loss_matches_numpy():
     rng = np.random.default_rng(0)
     s, t = rng.standard_normal((6, 5)), rng.standard_normal((6, 5)) * 2
