@@ -103,12 +103,13 @@ def round_up(keep: int, multiple: int, width: int) -> int:
 
 
 def group_multiple(group, round_to: int) -> int:
-    """Channels of `group` are kept in multiples of this: `round_to`, or 1 when each channel
-    already spans a multiple of `round_to` elements of every tensor of the group (an
-    attention head of width d = 64), whose kept widths are then multiples anyway."""
-    if all(m.elements.shape[1] % round_to == 0 for m in group.members):
-        return 1
-    return round_to
+    """Channels of `group` are kept in multiples of this: the fewest channels that span a
+    multiple of `round_to` elements of every tensor of the group, so `round_to` for plain
+    channels, 1 for attention heads of width d = 64 (whose kept widths are multiples
+    anyway) and 2 for heads of width 8 with blocks of 16 (two heads fill a block; rounding
+    the head count itself to 16 kept every head of a 4-head layer)."""
+    return math.lcm(*(round_to // math.gcd(round_to, int(m.elements.shape[1]))
+                      for m in group.members)) if round_to > 1 else 1
 
 
 def plan_by_ratio(analysis, scores: dict[str, np.ndarray], ratio: float, digest: str,

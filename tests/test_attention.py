@@ -100,6 +100,15 @@ def test_removing_heads_matches_hand_cut(tmp_path):
     assert n_params(tmp_path / "p.onnx") == n_params(src) - len(removed) * per_head
 
 
+def test_heads_narrower_than_the_block_are_kept_in_whole_blocks_of_heads(tmp_path):
+    """Heads of D = 16 with blocks of 32: two heads fill a block, so half of 4 heads go
+    (the head count itself used to be rounded up to 32, keeping all 4)."""
+    src = tmp_path / "m.onnx"
+    onnx.save(attention_block(_weights()), src)
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=32, latency=False))
+    assert sorted(len(v) for v in result.plan.removed.values()) == [2]
+
+
 def test_attention_block_pruned_equals_masked(tmp_path):
     assert_pruned_equals_masked(attention_block(_weights(1)), tmp_path, ratio=0.5)
 
