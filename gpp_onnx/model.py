@@ -174,12 +174,17 @@ def _normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     model = _constants_to_initializers(model)
     sort_nodes(model.graph)
     name_nodes(model)  # onnx-graphsurgeon prints every node of a name it sees twice
+    declared = {o.name: o.type for o in model.graph.output}
     model = _infer_shapes(model)
     graph = gs.import_onnx(model)
     graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False)
     folded = gs.export_onnx(graph, do_type_check=False)
     _copy_model_fields(model, folded)
     del folded.graph.value_info[:]
+    for out in folded.graph.output:   # symbolic inference renames free dims ('T' became
+        kept = declared.get(out.name)  # 'floor(W/2 - 1/2) + 1'): the file's names stay
+        if kept is not None and kept.tensor_type.HasField("shape"):
+            out.type.CopyFrom(kept)
     _shuffles_to_gather(folded)
     dense_to_gemm(folded)
     sort_nodes(folded.graph)

@@ -555,3 +555,27 @@ def test_training_commands_say_when_float16_weights_are_written_in_float32(tmp_p
                                                       latency=False),
             GppOptions(budget_epochs=5.0))
     assert any("written in float32" in r.getMessage() for r in caplog.records)
+
+
+def test_a_free_output_dim_keeps_its_name(tmp_path):
+    """Symbolic shape inference (run where Shape ops are) renamed an output's free dim 'T'
+    after the input's width ('floor(W/2 - 1/2) + 1'); the written model keeps 'T'."""
+    import torch
+
+    class Seq(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.c, self.f = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.Linear(32, 5)
+
+        def forward(self, x):
+            x = torch.relu(self.c(torch.relu(self.a(x))))
+            return self.f(x.permute(3, 0, 1, 2).flatten(2))
+
+    src, dst = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    torch.onnx.export(Seq().eval(), torch.randn(1, 1, 8, 32), str(src), dynamo=False,
+                      opset_version=13, input_names=["x"], output_names=["out"],
+                      dynamic_axes={"x": {0: "N", 3: "W"}, "out": {0: "T", 1: "N"}})
+    prune(src, dst, ratio=0.5, latency=False)
+    dims = onnx.load(dst).graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["T", "N", 5]
