@@ -160,6 +160,12 @@ def _load_cifar(folder: Path, split_name: str) -> Raw | None:
 
 
 def _locate(source: str) -> tuple[str, Path | None, str | None]:
+    if isinstance(source, os.PathLike):   # DataOptions(Path(...)) from Python
+        source = os.fspath(source)
+    if not isinstance(source, str):
+        raise DataError(f"data source {type(source).__name__} is not a path or a name - give "
+                        "a folder, .npz, IDX file, 'fashion-mnist' or 'digits' (arrays: save "
+                        "them with numpy.savez(path, x=images, y=labels))")
     path = Path(source).expanduser()
     if path.is_dir():
         return "dir", path, None

@@ -303,3 +303,18 @@ def test_an_in_memory_model_without_its_external_weights_is_named(tmp_path):
     bare = onnx.load(tmp_path / "m.onnx", load_external_data=False)
     with pytest.raises(InputError, match="external data file that was not loaded"):
         prune(bare, ratio=0.5, latency=False)
+
+
+@pytest.mark.parametrize("source, message", [
+    (__import__("pathlib").Path("no_such_folder"), "unknown data source 'no_such_folder'"),
+    (np.zeros((2, 3, 8, 8), np.float32), "data source ndarray is not a path or a name"),
+])
+def test_a_data_source_of_another_type_is_a_data_error(tmp_path, monkeypatch, source, message):
+    """DataOptions(Path(...)) is read like its string; a missing one is named, not an
+    AttributeError; an array is refused in one line (save it with numpy.savez)."""
+    from gpp_onnx.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=message):
+        prune(_net(), "p.onnx", ratio=0.5, latency=False, data=DataOptions(source))
+    assert list(tmp_path.iterdir()) == []
