@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .config import checked_input_shape
 from .errors import InputError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ def input_shapes(input_shape: InputShape, names: list[str]) -> dict[str, tuple[i
     """``{input name: shape}`` from one shape (single-input models) or a dict of them."""
     if input_shape is None:
         return {}
+    input_shape = checked_input_shape(input_shape)   # analyze, profile, compare, grow too
     if isinstance(input_shape, dict):
         unknown = sorted(set(input_shape) - set(names))
         if unknown:

@@ -318,3 +318,17 @@ def test_a_data_source_of_another_type_is_a_data_error(tmp_path, monkeypatch, so
     with pytest.raises(DataError, match=message):
         prune(_net(), "p.onnx", ratio=0.5, latency=False, data=DataOptions(source))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shape", [(1, 3, -5, 8), "1,3,8,8", (0, 3, 8, 8)])
+def test_a_bad_input_shape_is_an_input_error_in_every_entry(shape):
+    """analyze / profile / compare check `input_shape` as prune does (a ValueError or a
+    batch of 0 went through before)."""
+    import gpp_onnx
+
+    model = _net()
+    for call in (lambda: gpp_onnx.analyze(model, input_shape=shape),
+                 lambda: gpp_onnx.profile(model, input_shape=shape, runs=1),
+                 lambda: gpp_onnx.compare(model, model, input_shape=shape, repeats=1)):
+        with pytest.raises(InputError, match="is not a shape"):
+            call()
