@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from numbers import Integral, Real
 
 from .errors import InputError
 
@@ -187,15 +188,22 @@ class PruneConfig:
     def _typed(self) -> "PruneConfig":
         """The fields the Python API may be given in another type: numbers as numbers,
         options as their classes; a dict of group ratios is taken as its items."""
+        numbers = {}   # numpy scalars (np.float32(0.5), np.int64(2)) as Python numbers
         for name in ("ratio", "target_macs", "target_params", "target_latency", "eta"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, (int, float))):
+                                      or not isinstance(value, Real)):
                 raise InputError(f"{name}={value!r} is not a number - e.g. {name}=0.5")
+            if value is not None and not isinstance(value, (int, float)):
+                numbers[name] = float(value)
         for name in ("rounds", "min_keep", "round_to", "seed"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
                 raise InputError(f"{name}={value!r} is not a whole number - e.g. {name}=2")
+            if value is not None and not isinstance(value, int):
+                numbers[name] = int(value)
+        if numbers:
+            self = replace(self, **numbers)
         for name, cls in (("data", DataOptions), ("train", TrainOptions),
                           ("timing", LatencyOptions)):
             value = getattr(self, name)

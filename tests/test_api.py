@@ -332,3 +332,16 @@ def test_a_bad_input_shape_is_an_input_error_in_every_entry(shape):
                  lambda: gpp_onnx.compare(model, model, input_shape=shape, repeats=1)):
         with pytest.raises(InputError, match="is not a shape"):
             call()
+
+
+def test_numpy_numbers_are_numbers():
+    """ratio=np.float32(0.5) (a sweep over np.linspace) and seed=np.int64(1) (np.arange)
+    run as their Python values; they were refused as 'not a number'."""
+    model = _net()
+    ref = prune(model, ratio=0.5, round_to=1, seed=1, latency=False)
+    for ratio, seed in ((np.float32(0.5), np.int64(1)), (np.float64(0.5), np.int32(1))):
+        res = prune(model, ratio=ratio, round_to=np.int64(1), seed=seed, latency=False)
+        assert res.plan.removed == ref.plan.removed
+        assert isinstance(res.report["config"]["ratio"], float)
+    with pytest.raises(InputError, match="is not a number"):
+        prune(model, ratio=np.bool_(True))
