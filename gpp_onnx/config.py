@@ -63,6 +63,23 @@ class TrainOptions:
         ``finetune_defaults``)."""
         return self.distill or 0.0
 
+    def checked(self) -> "TrainOptions":
+        """The checks the CLI's flags make (--finetune-epochs, --lr, --batch-size), for
+        options given from Python: a value out of range failed inside torch after the
+        cut (a negative rate, a batch of 0) or was ignored (negative epochs)."""
+        import math
+
+        for name, low, above in (("epochs", 0, False), ("lr", 0, True),
+                                 ("batch_size", 1, False)):
+            value = getattr(self, name)
+            whole = name == "batch_size"
+            if isinstance(value, bool) or not isinstance(value, Integral if whole else Real) \
+                    or not math.isfinite(value) or value < low or (above and value <= low):
+                need = f"> {low}" if above else f">= {low}"
+                raise InputError(f"TrainOptions {name}={value!r} must be a "
+                                 f"{'whole ' if whole else ''}number {need}")
+        return self
+
 
 # the fine-tune's learning rate while BatchNorm is put back (TrainOptions.renorm), chosen
 # on validation accuracy (mean of 3 seeds, VGG / Inception): 0.01 0.9153 / 0.8883, 0.03
@@ -210,6 +227,7 @@ class PruneConfig:
             if value is not None and not isinstance(value, cls):
                 raise InputError(f"{name}={value!r} is not a {cls.__name__} - give "
                                  f"{name}=gpp_onnx.config.{cls.__name__}(...)")
+        self.train.checked()
         if isinstance(self.ignore, (str, bytes)):
             raise InputError(f"ignore={self.ignore!r} is one name - give a list of names, "
                              f"ignore=[{self.ignore!r}]")

@@ -345,3 +345,29 @@ def test_numpy_numbers_are_numbers():
         assert isinstance(res.report["config"]["ratio"], float)
     with pytest.raises(InputError, match="is not a number"):
         prune(model, ratio=np.bool_(True))
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"epochs": 1, "lr": -1}, "lr=-1 must be a number > 0"),
+    ({"epochs": 1, "batch_size": 0}, "batch_size=0 must be a whole number >= 1"),
+    ({"epochs": -1}, "epochs=-1 must be a number >= 0"),
+    ({"epochs": "1"}, "epochs='1' must be a number >= 0"),
+])
+def test_train_options_out_of_range_are_refused_before_the_work(tmp_path, monkeypatch, train,
+                                                                message):
+    """What --lr / --batch-size / --finetune-epochs refuse is refused from Python too: a
+    negative rate failed in torch after the cut, a batch of 0 divided by zero, negative
+    epochs were ignored."""
+    from gpp_onnx import TrainOptions, grow, push
+
+    import gpp_onnx.start
+
+    monkeypatch.setattr(gpp_onnx.start, "load_data", lambda *a, **k: pytest.fail("data read"))
+    monkeypatch.chdir(tmp_path)
+    data = DataOptions("digits")
+    for call in (lambda: prune(_net(), "p.onnx", data=data, train=TrainOptions(**train)),
+                 lambda: push(_net(), "p.onnx", data=data, train=TrainOptions(**train)),
+                 lambda: grow(_net(), "p.onnx", data=data, train=TrainOptions(**train))):
+        with pytest.raises(InputError, match=message):
+            call()
+    assert list(tmp_path.iterdir()) == []

@@ -67,6 +67,7 @@ class GrowConfig:
             raise InputError(f"--max-modules {self.max_modules} must be >= 1")
         if self.min_gain < 0:
             raise InputError(f"--min-gain {self.min_gain} must be >= 0 (accuracy points)")
+        self.train.checked()
         if self.train.epochs < 0:
             raise InputError(f"--epochs {self.train.epochs} must be >= 0")
         if self.train.epochs > 0 and self.data is None:
