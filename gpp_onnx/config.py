@@ -223,16 +223,20 @@ class PruneConfig:
             self = replace(self, **numbers)
         for name, cls in (("data", DataOptions), ("train", TrainOptions),
                           ("timing", LatencyOptions)):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, cls):
-                raise InputError(f"{name}={value!r} is not a {cls.__name__} - give "
-                                 f"{name}=gpp_onnx.config.{cls.__name__}(...)")
+            check_type(name, getattr(self, name), cls)
         self.train.checked()
         if isinstance(self.ignore, (str, bytes)):
             raise InputError(f"ignore={self.ignore!r} is one name - give a list of names, "
                              f"ignore=[{self.ignore!r}]")
+        pairs = tuple(self.group_ratios.items() if isinstance(self.group_ratios, dict)
+                      else self.group_ratios)
+        for pair in pairs:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                    and isinstance(pair[1], Real) and not isinstance(pair[1], bool)):
+                raise InputError(f"group_ratios entry {pair!r} is not a (name, ratio) pair - "
+                                 "e.g. group_ratios={'conv1': 0.25}")
         if isinstance(self.group_ratios, dict):
-            return replace(self, group_ratios=tuple(self.group_ratios.items()))
+            return replace(self, group_ratios=pairs)
         return self
 
     def _check_targets(self) -> None:
@@ -297,6 +301,19 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_type(name: str, value, cls, module: str = "config") -> None:
+    """InputError unless `value` (an option given from Python) is None or a `cls`."""
+    if value is not None and not isinstance(value, cls):
+        raise InputError(f"{name}={value!r} is not a {cls.__name__} - give "
+                         f"{name}=gpp_onnx.{module}.{cls.__name__}(...)")
+
+
+def check_count(name: str, value, low: int = 1) -> None:
+    """InputError unless `value` is a whole number of at least `low`."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+        raise InputError(f"{name}={value!r} must be a whole number >= {low}")
 
 
 def checked_input_shape(value) -> tuple[int, ...] | dict[str, tuple[int, ...]]:

@@ -13,7 +13,7 @@ import onnx
 from . import batch, distributed, files, half, latency, preflight, report, verify
 from . import model as model_io
 from .analysis import Analysis, analyze_model
-from .config import DataOptions, LatencyOptions, PruneConfig
+from .config import DataOptions, LatencyOptions, PruneConfig, check_count, check_type
 from .data import iter_batches
 from .errors import InputError
 from .evaluation import accuracy, data_input_shape, dataset_for
@@ -248,6 +248,8 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
     """Params, MACs, file size and onnxruntime latency of two models, and their ratios;
     with `data`, the fidelity of b to a (teacher.fidelity) on all of its inputs (labels,
     if any, are not used)."""
+    check_type("data", data, DataOptions)
+    check_count("repeats", repeats)
     preflight.check_data(data.source if data is not None else None)
     a, b = model_io.open_model(path_a).model, model_io.open_model(path_b).model
     sizes = [m.ByteSize() if isinstance(p, onnx.ModelProto) else files.file_size(p)
@@ -289,6 +291,8 @@ def profile(path, input_shape=None, options: LatencyOptions = LatencyOptions(),
             runs: int = 20) -> LatencyProfile:
     """Per channel group: how much of the model's onnxruntime latency its width controls
     here, and the estimated latency at each kept width."""
+    check_type("options", options, LatencyOptions)
+    check_count("runs", runs)
     options = options.checked()
     latency.providers_for(options)
     original, _, analysis = load_normalized(path, input_shape)

@@ -17,7 +17,7 @@ from . import (batch, distributed, files, half, latency, preflight, report, sche
 from . import model as model_io
 from .analysis import analyze_model
 from .analysis.features import final_hidden_layer
-from .config import DataOptions, PruneConfig, TrainOptions
+from .config import DataOptions, PruneConfig, TrainOptions, check_type
 from .data import iter_batches
 from .errors import InputError
 from .evaluation import data_input_shape
@@ -51,6 +51,7 @@ def push(model, output=None, data: DataOptions | None = None,
         raise InputError("push needs labelled data - pass --data (a folder, .npz, IDX file, "
                          "fashion-mnist or digits)")
     PruneConfig(data=data, train=train)._typed()   # options of the wrong type: one line
+    check_type("weights", weights, PushWeights, "push_prune")
     if train.epochs <= 0:
         raise InputError(f"--epochs {train.epochs} must be > 0")
     src = None if isinstance(model, onnx.ModelProto) else model_io.model_path(model)
@@ -98,6 +99,7 @@ def gpp(model, output=None, config: PruneConfig | None = None,
     `fields` are PruneConfig fields: ``gpp(m, "out.onnx", data=DataOptions("digits"),
     target_macs=0.5)``."""
     config = replace(config or PruneConfig(), **fields)._typed()
+    check_type("options", options, GppOptions, "schedule")
     if config.data is None or config.data.labels is False:
         raise InputError("gpp needs labelled data (push trains on the classes) - pass --data "
                          "with labels (a folder, .npz, IDX file, fashion-mnist or digits); "

@@ -371,3 +371,27 @@ def test_train_options_out_of_range_are_refused_before_the_work(tmp_path, monkey
         with pytest.raises(InputError, match=message):
             call()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: __import__("gpp_onnx").compare(m, m, data="digits"), "is not a DataOptions"),
+    (lambda m: __import__("gpp_onnx").compare(m, m, repeats=0), "repeats=0 must be a whole"),
+    (lambda m: __import__("gpp_onnx").profile(m, runs=0), "runs=0 must be a whole"),
+    (lambda m: __import__("gpp_onnx").profile(m, options={"threads": 1}),
+     "is not a LatencyOptions"),
+    (lambda m: __import__("gpp_onnx").grow(m, data="digits"), "is not a DataOptions"),
+    (lambda m: __import__("gpp_onnx").grow(m, train={"epochs": 0}), "is not a TrainOptions"),
+    (lambda m: __import__("gpp_onnx").grow(m, max_modules="2"), "is not a whole number"),
+    (lambda m: __import__("gpp_onnx").push(m, data=DataOptions("digits"), weights={"sep": 1}),
+     "is not a PushWeights"),
+    (lambda m: __import__("gpp_onnx").gpp(m, data=DataOptions("digits"),
+                                          options={"budget_epochs": 1}), "is not a GppOptions"),
+    (lambda m: prune(m, group_ratios=[("x",)]), "is not a \\(name, ratio\\) pair"),
+    (lambda m: prune(m, group_ratios={"x": "0.5"}), "is not a \\(name, ratio\\) pair"),
+])
+def test_every_entry_refuses_options_of_the_wrong_type_in_one_line(call, message):
+    """As prune(data="digits") does: an AttributeError, a TypeError or a StatisticsError
+    came out of compare, profile, grow, push and gpp before."""
+    with pytest.raises(InputError, match=message) as err:
+        call(_net())
+    assert "\n" not in str(err.value)

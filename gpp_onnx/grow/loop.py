@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 
 import onnx
 
-from ..config import DataOptions, TrainOptions
+from ..config import DataOptions, TrainOptions, check_type
 from ..errors import InputError
 from ..evaluation import accuracy
 from ..finetune import train_model
@@ -60,6 +60,11 @@ class GrowConfig:
     input_shape: object = None
 
     def checked(self) -> "GrowConfig":
+        check_type("data", self.data, DataOptions)
+        check_type("train", self.train, TrainOptions)
+        if isinstance(self.max_modules, bool) or not isinstance(self.max_modules, int):
+            raise InputError(f"max_modules={self.max_modules!r} is not a whole number - e.g. "
+                             "max_modules=2")
         if self.train is None:
             return replace(self, train=TrainOptions(
                 epochs=2.0 if self.data is not None else 0.0)).checked()
