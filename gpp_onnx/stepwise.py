@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import onnx
 
-from . import verify
+from . import batch, verify
 from .analysis import analyze_model
 from .config import PruneConfig
 from .errors import InputError
@@ -75,8 +75,8 @@ class StepPruner:
 
     def to_onnx(self, module=None) -> onnx.ModelProto:
         """The current model with `module`'s weights, checked by onnx's checker and
-        onnxruntime."""
-        model = self._weights_from(module)
+        onnxruntime; an input that fixed the batch declares it again, as prune's output does."""
+        model = batch.declare(self.start.loaded.model, self._weights_from(module))
         verify.check(model, "stepwise model")
         verify.make_session(model, "stepwise model")
         return model

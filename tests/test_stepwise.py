@@ -58,3 +58,22 @@ def test_a_step_past_the_last_is_refused():
     pruner.step()
     with pytest.raises(InputError, match="all 1 steps are done"):
         pruner.step()
+
+
+def test_a_fixed_batch_is_declared_again_as_prune_declares_it():
+    """A model exported with batch 1 comes back from to_onnx() with batch 1 in its
+    input and output, as prune's result does, not with the symbolic batch of the run."""
+    from gpp_onnx import prune
+
+    model = _net()
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    pruner = StepPruner(model, steps=1, ratio=0.5, round_to=1)
+    pruner.step()
+    small = pruner.to_onnx()
+    pruned = prune(model, ratio=0.5, round_to=1, latency=False).model
+    for a, b in ((small.graph.input[0], model.graph.input[0]),
+                 (small.graph.output[0], model.graph.output[0]),
+                 (pruned.graph.input[0], model.graph.input[0])):
+        assert a.type.tensor_type.shape.dim[0] == b.type.tensor_type.shape.dim[0]
+    assert run_model(small, feeds_for(small, batch=1))[0].shape == (1, 4)
