@@ -249,9 +249,11 @@ def _workers(spec: DataSpec, pixels: ArrayPixels | FilePixels) -> int:
     return min(4, (os.cpu_count() or 1) - 1) if isinstance(pixels, FilePixels) else 0
 
 
-def split(ds: Dataset, val_fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """Deterministic class-stratified (train, val) split of index views; every class keeps a
-    train sample (without labels: a seeded random split)."""
+def split(ds: Dataset, val_fraction: float, seed: int = 0, reserve: int = 1
+          ) -> tuple[Dataset, Dataset]:
+    """Deterministic class-stratified (train, val) split of index views; every class keeps
+    `reserve` train samples, or all it has where it has no more (without labels: a seeded
+    random split)."""
     if not 0 < val_fraction < 1:
         raise DataError(f"validation fraction {val_fraction} must be strictly between 0 and 1")
     n_val = min(max(int(round(len(ds) * val_fraction)), 1), len(ds) - 1)
@@ -260,7 +262,7 @@ def split(ds: Dataset, val_fraction: float, seed: int = 0) -> tuple[Dataset, Dat
             raise DataError(f"{ds.source}: too few samples to split; give two images or more")
         val_idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:n_val])
         return ds.subset(np.setdiff1d(np.arange(len(ds)), val_idx)), ds.subset(val_idx)
-    val_idx = _stratified_pick(ds.y, n_val, seed, reserve=1) if n_val > 0 else []
+    val_idx = _stratified_pick(ds.y, n_val, seed, reserve=reserve) if n_val > 0 else []
     if len(val_idx) == 0:
         raise DataError(f"{ds.source}: too few samples to split; give two or more of a class")
     return ds.subset(np.setdiff1d(np.arange(len(ds)), val_idx)), ds.subset(val_idx)

@@ -45,6 +45,15 @@ def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = 
                      opts.workers, opts.labels)
     if opts.val_split > 0:
         train, val = split(ds, opts.val_split, config.seed)
+        if _short(train, per_class):
+            # a class of exactly `per_class` images lost one to the held-out split (one of
+            # every class is held out first), though it has what the discriminants need
+            # (a class of two digits was refused, and no smaller --val-split helped):
+            # such classes stay whole in training; splits that leave enough are unchanged
+            try:
+                train, val = split(ds, opts.val_split, config.seed, reserve=per_class)
+            except DataError:   # nothing left to hold out: _check_per_class says why
+                pass
     else:
         train = val = ds
     _check_per_class(train, per_class)
@@ -70,6 +79,14 @@ def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = 
                 logger.warning("--distill 0 is ignored without labels: matching the "
                                "original's outputs is the fine-tune's only loss")
     return Splits(train, val, teacher)
+
+
+def _short(train, needed: int) -> bool:
+    """Whether some class has fewer than `needed` training images."""
+    if needed <= 1 or not train.labelled:
+        return False
+    return bool(np.bincount(np.asarray(train.y), minlength=int(train.num_classes)).min()
+                < needed)
 
 
 def _check_per_class(train, needed: int) -> None:

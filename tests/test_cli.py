@@ -241,6 +241,27 @@ def test_push_on_too_few_images_of_a_class_is_one_line(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_class_of_two_images_keeps_both_for_the_discriminants(tmp_path, capsys):
+    """The held-out split takes one image of every class first: a class of exactly two
+    lost one and push (and gpp) refused the data for a class of one training image,
+    whatever --val-split; such a class now stays whole in training."""
+    import numpy as np
+    import onnx
+    from sklearn.datasets import load_digits
+
+    from gpp_onnx.samples import digits_cnn
+
+    d = load_digits()
+    keep = np.concatenate([np.flatnonzero(d.target != 9), np.flatnonzero(d.target == 9)[:2]])
+    np.savez(tmp_path / "d.npz", x=(d.images[keep, None] * 255 / 16).astype(np.uint8),
+             y=d.target[keep])
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(digits_cnn(0), src)
+    assert main(["-q", "push", str(src), "--data", str(tmp_path / "d.npz"), "--epochs",
+                 "0.05", "-o", str(out)]) == 0, capsys.readouterr().err
+    assert out.exists()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is here")
 def test_device_cuda_without_a_gpu_is_refused_before_the_model_is_read(tmp_path, capsys):
     # the model path does not exist: the device is checked first
