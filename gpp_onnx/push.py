@@ -35,8 +35,8 @@ class PushReport:
     feature: str
     accuracy_before: float
     accuracy_after: float
-    offdiag_before: float
-    offdiag_after: float
+    offdiag_before: float | None   # None: not measurable (see offdiag_share)
+    offdiag_after: float | None
     steps: int
 
 
@@ -60,13 +60,22 @@ def push_model(model: onnx.ModelProto, train, val, feature: str, options: TrainO
         _batches(train, options.batch_size, seed), "push")
     pushed = write_back(module, model)
     after = (accuracy(pushed, val), offdiag_share(pushed, val, feature))
-    logger.info("push: held-out accuracy %.4f -> %.4f, S_w off-diagonal energy %.3f -> %.3f",
-                before[0], after[0], before[1], after[1])
+    logger.info("push: held-out accuracy %.4f -> %.4f, S_w off-diagonal energy %s -> %s",
+                before[0], after[0], share_text(before[1]), share_text(after[1]))
     return pushed, PushReport(feature, before[0], after[0], before[1], after[1], steps)
 
 
-def offdiag_share(model: onnx.ModelProto, ds, feature: str, batch_size: int = 256) -> float:
-    """||offdiag(S_w)||_F^2 / ||S_w||_F^2 of `feature` over `ds` (spatially averaged)."""
+def share_text(share: float | None) -> str:
+    """An off-diagonal share as printed: 'n/a' where it could not be measured."""
+    return "n/a" if share is None else f"{share:.3f}"
+
+
+def offdiag_share(model: onnx.ModelProto, ds, feature: str, batch_size: int = 256
+                  ) -> float | None:
+    """||offdiag(S_w)||_F^2 / ||S_w||_F^2 of `feature` over `ds` (spatially averaged); None
+    where S_w is zero, so that there is nothing to measure: no class of `ds` has two images
+    (100 classes of 5 images held out 50, one a class; 0 was reported, the value of
+    discriminants that lie on neuron axes), or the features do not vary within a class."""
     import torch
 
     from .data import iter_batches
@@ -81,4 +90,5 @@ def offdiag_share(model: onnx.ModelProto, ds, feature: str, batch_size: int = 25
             feats.append(pooled(module.run([torch.from_numpy(x)], [feature])[feature]))
     s_w, _ = scatter(torch.cat(feats).double(), torch.from_numpy(np.asarray(ds.y)))
     off = s_w - torch.diag(torch.diagonal(s_w))
-    return float((off ** 2).sum() / (s_w ** 2).sum().clamp(min=1e-30))
+    total = (s_w ** 2).sum()
+    return None if total <= 1e-30 else float((off ** 2).sum() / total)

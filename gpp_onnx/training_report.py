@@ -2,13 +2,15 @@
 grow phase) and grow. The shared pieces (tables, fidelity) are report.py's."""
 from __future__ import annotations
 
+from .push import share_text
 from .report import fidelity_table, human, table
 
 
 def push_summary(result) -> str:
     r = result.report
     rows = [["top-1 accuracy (held-out)", f"{r.accuracy_before:.4f}", f"{r.accuracy_after:.4f}"],
-            ["S_w off-diagonal energy", f"{r.offdiag_before:.3f}", f"{r.offdiag_after:.3f}"]]
+            ["S_w off-diagonal energy", share_text(r.offdiag_before),
+             share_text(r.offdiag_after)]]
     return "\n".join([f"push on {r.feature}: {r.steps} steps",
                       table(["", "before", "after"], rows),
                       f"wrote {result.output}" if result.output else "nothing written"])

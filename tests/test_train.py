@@ -305,3 +305,27 @@ def test_measuring_the_input_scale_leaves_batchnorm_and_the_random_state_alone()
     assert all(torch.equal(t, stats[k]) for k, t in module.named_onnx_tensors())
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert all(node.training for node in module.nodes)
+
+
+def test_the_offdiagonal_share_is_not_measured_without_two_images_of_a_class(tmp_path,
+                                                                            capsys):
+    """100 classes of 5 images held out 50, one a class: S_w is zero, and the share was
+    reported as 0.000 (the value of discriminants on neuron axes); it is 'n/a' now."""
+    from gpp_onnx.cli import main
+    from gpp_onnx.push import offdiag_share
+
+    model = digits_cnn(0)
+    ds = load_dataset(DataSpec("digits", 1, 8, 8))
+    one_each = ds.subset(np.array([int(np.flatnonzero(ds.y == c)[0]) for c in range(10)]))
+    feature = final_hidden_layer(GraphView(model))
+    assert offdiag_share(model, one_each, feature) is None
+    assert offdiag_share(model, ds, feature) > 0
+    d = load_dataset(DataSpec("digits", 1, 8, 8))
+    x = np.concatenate([d.x[np.flatnonzero(d.y == c)[:3]] for c in range(10)])
+    np.savez(tmp_path / "d.npz", x=(x * 255).round().astype(np.uint8),
+             y=np.repeat(np.arange(10), 3))   # 3 a class: the 10% held out is one of 3 classes
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["-q", "push", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"),
+                 "--epochs", "0.1", "-o", str(tmp_path / "p.onnx")]) == 0
+    line = [s for s in capsys.readouterr().out.splitlines() if s.startswith("S_w")][0]
+    assert line.split()[-2:] == ["n/a", "n/a"]
