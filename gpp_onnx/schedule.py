@@ -85,11 +85,11 @@ class State:
     at_once: str | None = None                 # why the rest of the cut is made at once
     best_model: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
 
-    def to_json(self, fingerprint: str) -> str:
+    def to_json(self, fingerprint: str, settings: dict | None = None) -> str:
         return json.dumps({"fingerprint": fingerprint, "done": self.done,
                            "epochs": self.epochs, "rows": list(self.rows), "best": self.best,
-                           "stop": self.stop, "grown": self.grown, "at_once": self.at_once},
-                          indent=1)
+                           "stop": self.stop, "grown": self.grown, "at_once": self.at_once,
+                           "settings": settings}, indent=1)
 
 
 @dataclass(frozen=True)
@@ -266,20 +266,21 @@ def run_schedule(model: onnx.ModelProto, run: Run, fingerprint: str
     """All rounds (from the checkpoint when resuming); returns the best model and the state."""
     state = State()
     work = run.options.work_dir
+    settings = workdir.settings(run.config, run.options)   # named when --resume is refused
     if work is not None:
-        model, state = _open_work(work, model, run, fingerprint)
+        model, state = _open_work(work, model, run, fingerprint, settings)
     if run.options.grow is not None and state.grown is None:
         logger.info("grow: up to %d module(s)", run.options.grow.max_modules)
         model, state, _ = grow_step(model, state, run)
         if work is not None:
-            workdir.save(work, model, state, fingerprint, "grown.onnx")
+            workdir.save(work, model, state, fingerprint, "grown.onnx", settings)
     if state.grown is not None:  # the rounds interpolate from the grown model's cost
         run = replace(run, start=ModelStats(state.grown["params"], state.grown["macs"]))
     while state.done < run.config.rounds and not state.stop:
         logger.info("round %d of %d", state.done + 1, run.config.rounds)
         model, state = run_round(model, state, run)
         if work is not None and state.rows and state.rows[-1]["round"] == state.done:
-            workdir.save(work, model, state, fingerprint)
+            workdir.save(work, model, state, fingerprint, run_settings=settings)
     if state.best_model is None:
         why = state.stop or "the target was not reached"
         kept = (f"; the finished rounds are kept in {work} (remove it, or give another "
@@ -319,12 +320,12 @@ def _offdiag(model, run: Run) -> float:
     return offdiag_share(model, run.data.val, _feature(model, run.config))
 
 
-def _open_work(work: Path, model, run: Run, fingerprint: str):
+def _open_work(work: Path, model, run: Run, fingerprint: str, settings: dict | None = None):
     """A fresh work folder, or (resume) the model and state after its last finished round."""
     workdir.check_work(run.options)
     if not run.options.resume:
         return model, State()
-    saved, best, current = workdir.load(work, model, fingerprint)
+    saved, best, current = workdir.load(work, model, fingerprint, settings)
     state = State(saved["done"], saved["epochs"], tuple(saved["rows"]), saved["best"],
                   saved["stop"], grown=saved.get("grown"), at_once=saved.get("at_once"),
                   best_model=best)

@@ -20,6 +20,29 @@ logger = logging.getLogger(__name__)
 
 def fingerprint(model: onnx.ModelProto, config, options) -> str:
     """The input model and every setting that changes what a round computes."""
+    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    h.update(json.dumps(_settings(config, options), sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def settings(config, options) -> dict:
+    """The settings the fingerprint covers, flat ('train.lr': 0.01, ...), as state.json
+    keeps them so that --resume can name the one that changed."""
+    flat: dict = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = json.loads(json.dumps(value, default=str))
+
+    config_part, options_part = _settings(config, options)
+    walk("", {**config_part, **options_part})
+    return flat
+
+
+def _settings(config, options) -> list:
     settings = config.to_dict()
     settings["train"].pop("device", None)
     if isinstance(settings.get("data"), dict):   # batch-preparing processes change nothing
@@ -33,20 +56,18 @@ def fingerprint(model: onnx.ModelProto, config, options) -> str:
                 "max_modules": options.grow.max_modules, "at": list(options.grow.at),
                 "widths": vars(options.grow.widths), "min_gain": options.grow.min_gain,
                 "share": options.grow_share}}
-    h = hashlib.sha256(model.SerializeToString(deterministic=True))
-    h.update(json.dumps([settings, opts], sort_keys=True, default=str).encode())
-    return h.hexdigest()[:20]
+    return [settings, opts]
 
 
 def save(work: Path, model, state, fingerprint: str,
-                name: str | None = None) -> None:
+                name: str | None = None, run_settings: dict | None = None) -> None:
     """Write `model` (``round-K.onnx`` or `name`), the best model and ``state.json``."""
     if not distributed.is_writer():  # several processes: rank 0 keeps the checkpoint
         return
     files.save(model, work / (name or f"round-{state.done}.onnx"))
     if state.best_model is not None:
         files.save(state.best_model, work / "best.onnx")
-    files.write_text(work / "state.json", state.to_json(fingerprint))
+    files.write_text(work / "state.json", state.to_json(fingerprint, run_settings))
     logger.info("%s checkpointed in %s", f"round {state.done}" if name is None else "grow",
                 work)
 
@@ -140,13 +161,14 @@ def remove(work: Path) -> None:
         pass
 
 
-def load(work: Path, model: onnx.ModelProto, fingerprint: str):
+def load(work: Path, model: onnx.ModelProto, fingerprint: str,
+         run_settings: dict | None = None):
     """--resume: the saved state (``state.json``, as a dict), the best model so far (None
     before any) and the model the next round starts from: the last finished round's, else
     the grown one, else `model`."""
     saved = _saved(Path(work))
     if saved.get("fingerprint") != fingerprint:
-        raise InputError(f"--resume: {work} holds a run of another model or other settings - "
+        raise InputError(f"--resume: {work} holds a run of {_changed(saved, run_settings)} - "
                          "give the same model and options, or another --work-dir")
     _check_files(Path(work), saved)
     best = _checkpoint(Path(work) / "best.onnx") if saved["best"] is not None else None
@@ -157,6 +179,21 @@ def load(work: Path, model: onnx.ModelProto, fingerprint: str):
     else:
         current = model
     return saved, best, current
+
+
+def _changed(saved: dict, run_settings: dict | None) -> str:
+    """What differs from the saved run: the settings by name (the run's value, then
+    this one's), else the model; where the state predates saved settings, either."""
+    before = saved.get("settings")
+    if not isinstance(before, dict) or run_settings is None:
+        return "another model or other settings"
+    keys = sorted(k for k in set(before) | set(run_settings)
+                  if before.get(k) != run_settings.get(k))
+    if not keys:
+        return "another model (with these settings)"
+    named = ", ".join(f"{k} {before.get(k)!r} (now {run_settings.get(k)!r})"
+                      for k in keys[:3])
+    return "other settings: " + named + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
 def _checkpoint(path: Path) -> onnx.ModelProto:

@@ -108,7 +108,7 @@ def test_a_killed_run_resumes_after_its_last_finished_round(trained, tmp_path):
     assert 1 <= done < 3 and not out.exists()
     # the interrupted run's folder is neither overwritten nor continued with other settings
     for extra, message in (([], "pass --resume"),
-                           (["--resume", "--seed", "1"], "another model or other settings")):
+                           (["--resume", "--seed", "1"], "other settings: seed 0 (now 1)")):
         refused = subprocess.run(_cli(str(trained), "-o", str(out), *args, *extra), env=env,
                                  capture_output=True, text=True)
         assert refused.returncode == 2 and message in refused.stderr and not out.exists()

@@ -94,3 +94,18 @@ def test_the_number_of_workers_is_not_part_of_a_runs_fingerprint(trained):
     c = workdir.fingerprint(model, PruneConfig(data=DataOptions("digits", limit=100)),
                             GppOptions())
     assert a == b != c
+
+
+def test_resume_with_a_changed_setting_names_it(trained, tmp_path, capsys, monkeypatch):
+    """--resume after a setting changed was refused as 'another model or other settings',
+    naming neither; the refusal names the setting, its saved and its new value."""
+    out = tmp_path / "o.onnx"
+    monkeypatch.setattr(workdir, "remove", lambda work: None)   # keep the finished run's
+    assert _gpp(trained, out) == 0
+    out.unlink()
+    out.with_suffix(".report.json").unlink()
+    capsys.readouterr()
+    assert _gpp(trained, out, "--resume", "--acc-floor", "0.2") == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "acc_floor 0.05 (now 0.2)" in err and not out.exists()
+    assert _gpp(trained, out, "--resume") == 0
