@@ -266,7 +266,8 @@ def run_schedule(model: onnx.ModelProto, run: Run, fingerprint: str
     """All rounds (from the checkpoint when resuming); returns the best model and the state."""
     state = State()
     work = run.options.work_dir
-    settings = workdir.settings(run.config, run.options)   # named when --resume is refused
+    # named when --resume is refused
+    settings = workdir.settings(run.config, run.options) if work is not None else None
     if work is not None:
         model, state = _open_work(work, model, run, fingerprint, settings)
     if run.options.grow is not None and state.grown is None:
