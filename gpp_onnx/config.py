@@ -224,7 +224,8 @@ class PruneConfig:
         for name, cls in (("data", DataOptions), ("train", TrainOptions),
                           ("timing", LatencyOptions)):
             check_type(name, getattr(self, name), cls)
-        self.train.checked()
+        if self.train is not None:
+            self.train.checked()
         if isinstance(self.ignore, (str, bytes)):
             raise InputError(f"ignore={self.ignore!r} is one name - give a list of names, "
                              f"ignore=[{self.ignore!r}]")
