@@ -44,7 +44,7 @@ def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = 
     ds = dataset_for(view, opts.source, opts.mean, opts.std, opts.resize, opts.limit, config.seed,
                      opts.workers, opts.labels)
     if opts.val_split > 0:
-        train, val = split(ds, opts.val_split, config.seed)
+        train, val = _split(ds, opts.val_split, config.seed, opts.limit)
         if _short(train, per_class):
             # a class of exactly `per_class` images lost one to the held-out split (one of
             # every class is held out first), though it has what the discriminants need
@@ -79,6 +79,21 @@ def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = 
                 logger.warning("--distill 0 is ignored without labels: matching the "
                                "original's outputs is the fine-tune's only loss")
     return Splits(train, val, teacher)
+
+
+def _split(ds, fraction: float, seed: int, limit: int | None):
+    """`split`, naming --limit where it kept too few images of every class to hold any out
+    (5 images of each of 10 classes with --limit 8: one of 8 classes each, and the error
+    said 'give two or more of a class' of data that had them)."""
+    try:
+        return split(ds, fraction, seed)
+    except DataError:
+        if limit is None:
+            raise
+        kept, more = (("at most one image of each class", "above the number of classes")
+                      if ds.labelled else ("one image", "to 2 or more"))
+        raise DataError(f"{ds.source}: --limit {limit} keeps {kept}, so none can be held out; "
+                        f"raise --limit {more} (or give --val-split 0)") from None
 
 
 def _short(train, needed: int) -> bool:

@@ -196,3 +196,11 @@ def test_classes_named_like_splits_that_hold_images_are_classes(tmp_path, capsys
     src = tmp_path / "m.onnx"
     onnx.save(_cnn(), src)
     assert main(["evaluate", str(src), "--data", str(tmp_path / "d")]) == 0
+
+
+def test_limit_below_the_classes_names_limit(tmp_path, capsys):
+    """5 images of each of 10 classes, --limit 8: one image of 8 classes, none to hold out;
+    the error named the data ('give two or more of a class'), which had them."""
+    data = _npz(tmp_path / "d.npz", n=50, classes=10)
+    code, err = _prune(tmp_path, capsys, _cnn(classes=10), data, ["--limit", "8"])
+    assert code == 2 and "--limit 8" in err and "raise --limit" in err
