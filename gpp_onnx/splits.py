@@ -97,26 +97,23 @@ def _split(ds, fraction: float, seed: int, limit: int | None):
 
 
 def _short(train, needed: int) -> bool:
-    """Whether some class has fewer than `needed` training images."""
+    """Whether some class of the data has fewer than `needed` training images."""
     if needed <= 1 or not train.labelled:
         return False
-    return bool(np.bincount(np.asarray(train.y), minlength=int(train.num_classes)).min()
-                < needed)
+    return bool(np.unique(np.asarray(train.y), return_counts=True)[1].min() < needed)
 
 
 def _check_per_class(train, needed: int) -> None:
+    """Every class the labels use has `needed` training images. Labels index the model's
+    outputs, so classes the data lacks (a validation set without some) are simply absent
+    from the discriminants (they were refused, with advice to renumber the classes present,
+    which relabels the model's outputs)."""
     if needed <= 0 or not train.labelled:
         return
-    counts = np.bincount(np.asarray(train.y), minlength=int(train.num_classes))
-    if counts.min() == 0:
-        c, used = int(counts.argmin()), int((counts > 0).sum())
-        raise DataError(f"{train.source}: class {c} has no training images (the labels use "
-                        f"{used} of the class ids 0..{len(counts) - 1}); the class "
-                        f"discriminants need at least {needed} images of every class - give "
-                        "images of every class, or number the classes present 0, 1, 2, ...")
+    labels, counts = np.unique(np.asarray(train.y), return_counts=True)
     if counts.min() < needed:
-        c = int(counts.argmin())
-        raise DataError(f"{train.source}: class {c} has {counts[c]} training image(s); the "
+        c = int(labels[counts.argmin()])
+        raise DataError(f"{train.source}: class {c} has {counts.min()} training image(s); the "
                         f"class discriminants need at least {needed} of every class - "
                         "give more data (or a smaller --val-split)")
 
