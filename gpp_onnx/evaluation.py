@@ -108,10 +108,7 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
                                    layout="NHWC" if nhwc else "NCHW"))
     if not ds.labelled:
         return ds
-    out_shape = view.shape(view.output_names[0])
-    if out_shape is None or len(out_shape) != 2:
-        raise DataError(f"output '{view.output_names[0]}' has shape {out_shape}; a classifier "
-                        "gives (N, classes) - pass a classification model")
+    out_shape = check_class_scores(view)
     rows = view.probe_feeds[spec.name].shape[0]
     if out_shape[0] != rows:   # a graph that mixes its batch (kept fixed: model.normalize)
         raise DataError(f"output '{view.output_names[0]}' has {out_shape[0]} rows for a batch "
@@ -130,6 +127,15 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
                             "as the class scores: export the model with the class scores "
                             "first")
     return ds
+
+
+def check_class_scores(view: GraphView) -> tuple:
+    """The first output's shape, refused unless it is (N, classes): labels index its classes."""
+    out_shape = view.shape(view.output_names[0])
+    if out_shape is None or len(out_shape) != 2:
+        raise DataError(f"output '{view.output_names[0]}' has shape {out_shape}; a classifier "
+                        "gives (N, classes) - pass a classification model")
+    return out_shape
 
 
 EVAL_BYTES = 512 << 20   # about what one evaluation batch may hold, activations included

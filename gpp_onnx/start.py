@@ -15,7 +15,7 @@ from . import model as model_io
 from .analysis import Analysis, analyze_model
 from .config import DataOptions, PruneConfig
 from .errors import InputError, UnsupportedModelError
-from .evaluation import accuracy
+from .evaluation import accuracy, check_class_scores
 from .plan import model_digest
 from .sources import has_labels
 from .splits import load_data
@@ -102,7 +102,8 @@ def start_run(model, config: PruneConfig, per_class: int = 0, scores: bool = Tru
 
 def check_feature(analysis: Analysis, config: PruneConfig) -> None:
     """A criterion that reads the final hidden layer finds it before the data is loaded
-    (InputError naming --feature-tensor where it cannot)."""
+    (InputError naming --feature-tensor where it cannot), after labels are known to fit
+    the model's first output."""
     if config.data is None:
         return
     from .analysis.features import final_hidden_layer
@@ -110,6 +111,10 @@ def check_feature(analysis: Analysis, config: PruneConfig) -> None:
 
     if getattr(get_criterion(config.criterion, config.seed), "needs_feature", False) \
             or config.feature_tensor is not None:
+        # labels need (N, classes) scores: a per-position (N, T, K) output was sent to
+        # --feature-tensor first, which only led to this refusal
+        if config.data.labels:
+            check_class_scores(analysis.view)
         final_hidden_layer(analysis.view, config.feature_tensor)
 
 

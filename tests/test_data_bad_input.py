@@ -204,3 +204,18 @@ def test_limit_below_the_classes_names_limit(tmp_path, capsys):
     data = _npz(tmp_path / "d.npz", n=50, classes=10)
     code, err = _prune(tmp_path, capsys, _cnn(classes=10), data, ["--limit", "8"])
     assert code == 2 and "--limit 8" in err and "raise --limit" in err
+
+
+def test_per_position_output_with_labels_says_so_before_the_feature(tmp_path, capsys):
+    """A CTC-style (N, T, K) output and labelled data: the refusal says a classifier gives
+    (N, classes), with or without --feature-tensor (the first error sent the user to
+    --feature-tensor, which only led to this one)."""
+    b = GraphBuilder((1, 1, 8, 8), seed=0)
+    x = b.act(b.conv("input", 6), "Relu")
+    x = b.conv(b.op("MaxPool", [x], (1, 6, 1, 8), kernel_shape=[8, 1], strides=[8, 1]), 10, k=1)
+    x = b.op("Squeeze", [x, b.const(np.array([2], dtype=np.int64))], (1, 10, 8))
+    model = b.build(b.op("Transpose", [x], (1, 8, 10), perm=[0, 2, 1]))
+    data = _npz(tmp_path / "d.npz", n=40, classes=10)
+    for extra in ([], ["--feature-tensor", "relu2"]):
+        code, err = _prune(tmp_path, capsys, model, data, extra)
+        assert code == 2 and "a classifier gives (N, classes)" in err, err
