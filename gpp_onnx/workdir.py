@@ -49,6 +49,10 @@ def _settings(config, options) -> list:
         settings["data"].pop("workers", None)
     settings.pop("latency", None)
     settings.pop("timing", None)
+    # each process trains on its share of a batch (BatchNorm's statistics, the rounding of
+    # the averaged gradients): a 1-process run resumed by 2 ended with a model neither
+    # computes
+    settings["processes"] = distributed.world_size()
     opts = {"budget_epochs": options.budget_epochs, "push_share": options.push_share,
             "split": options.split,
             "acc_floor": options.acc_floor, "weights": vars(options.weights),

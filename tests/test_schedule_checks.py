@@ -109,3 +109,21 @@ def test_resume_with_a_changed_setting_names_it(trained, tmp_path, capsys, monke
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert "acc_floor 0.05 (now 0.2)" in err and not out.exists()
     assert _gpp(trained, out, "--resume") == 0
+
+
+def test_the_number_of_processes_is_part_of_a_runs_fingerprint(trained, monkeypatch):
+    """Each process trains on its share of a batch, so a run resumed under torchrun with
+    another number of processes ended with a model neither number computes: it was
+    accepted; the refusal names the number."""
+    import onnx
+
+    from gpp_onnx import DataOptions, GppOptions, distributed
+    from gpp_onnx.config import PruneConfig
+
+    model, config = onnx.load(trained), PruneConfig(data=DataOptions("digits"))
+    one = workdir.fingerprint(model, config, GppOptions())
+    saved = {"settings": workdir.settings(config, GppOptions())}
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert workdir.fingerprint(model, config, GppOptions()) != one
+    assert "processes 1 (now 2)" in workdir._changed(saved, workdir.settings(config,
+                                                                              GppOptions()))
