@@ -5,6 +5,7 @@ none: ``Outputs``)."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -78,33 +79,58 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, data: bytes | None = N
 class Outputs:
     """A run's output files, which appear together or not at all: a model, its report,
     its plan. Written inside ``with Outputs() as out:`` (``out.save``, ``out.text``), each
-    is removed again when the block does not finish (an interrupt between the model and
-    its report). A file that was there before is not restored."""
+    goes to a hidden folder beside its path (a model with its external weights) and all
+    are renamed to their paths when the block finishes; when it does not (an interrupt
+    between the model and its report), none is, and the files at those paths stay as they
+    were (the new model used to be removed with the one that had been at its path).
+    ``out.staged(path)``: where a file written in the block lies until then."""
 
     def __init__(self):
-        self.written: list[Path] = []
+        self.stages: dict[Path, Path] = {}    # path -> the hidden folder its file waits in
 
     def __enter__(self) -> "Outputs":
         return self
 
     def __exit__(self, kind, value, tb) -> None:
-        if kind is not None:
-            for path in self.written:
-                path.unlink(missing_ok=True)
+        try:
+            if kind is None:
+                for dest, stage in self.stages.items():
+                    for f in sorted(stage.iterdir(), reverse=True):  # weights, then model
+                        _replace(f, dest.parent / f.name, dest)
+        finally:
+            for stage in self.stages.values():
+                shutil.rmtree(stage, ignore_errors=True)
+
+    def staged(self, path: str | os.PathLike) -> Path:
+        dest = Path(path)
+        return self.stages[dest] / dest.name if dest in self.stages else dest
+
+    def _stage(self, path: str | os.PathLike) -> Path:
+        dest = Path(path)
+        if dest not in self.stages:
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self.stages[dest] = Path(tempfile.mkdtemp(prefix=f".{dest.name}.",
+                                                          suffix=".tmp", dir=dest.parent))
+            except OSError as err:
+                raise _unwritable(dest, err) from None
+        return self.staged(dest)
 
     def save(self, model: onnx.ModelProto, path: str | os.PathLike, data: bytes | None = None
              ) -> Path:
-        weights = Path(path).parent / (Path(path).name + ".data")
-        had_weights = weights.exists()
-        dest = save(model, path, data)
-        self.written.append(dest)
-        if weights.exists() and not had_weights:
-            self.written.append(weights)
-        return dest
+        save(model, self._stage(path), data)
+        return Path(path)
 
     def text(self, path: str | os.PathLike, text: str) -> Path:
-        self.written.append(write_text(path, text))
-        return self.written[-1]
+        write_text(self._stage(path), text)
+        return Path(path)
+
+
+def _replace(src: Path, dest: Path, named: Path) -> None:
+    try:
+        os.replace(src, dest)
+    except OSError as err:
+        raise _unwritable(named, err) from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

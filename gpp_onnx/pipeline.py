@@ -129,7 +129,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
         if dst is not None and writer:
             out.save(result_model, dst, source)
         sizes = (files.file_size(src) if src else start.loaded.as_read.ByteSize(),
-                 files.file_size(dst) if dst and writer else result_model.ByteSize())
+                 files.file_size(out.staged(dst)) if dst and writer else result_model.ByteSize())
         data_report = report.json_report(
             src or "<in-memory model>", dst, config, rounds, start.before, after, ratio,
             start.accuracy, time.perf_counter() - t0, start.loaded.to_dict(), tolerance,
