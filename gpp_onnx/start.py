@@ -95,7 +95,7 @@ def start_run(model, config: PruneConfig, per_class: int = 0, scores: bool = Tru
     data = load_data(analysis.view, config, analysis, per_class)
     acc = accuracy(normalized, data.val) if data is not None and data.val.labelled else None
     if acc is not None:
-        warn_if_chance(acc, data.val.num_classes)
+        warn_if_chance(acc, len(set(data.val.y.tolist())))  # the classes present
     return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc,
                  optimised)
 

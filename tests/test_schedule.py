@@ -440,3 +440,19 @@ def test_a_later_round_takes_no_coarser_block_than_the_earlier_cuts(tmp_path, mo
             target_macs=0.4, rounds=rounds, latency=False))
         assert widths(onnx.load(tmp_path / f"r{rounds}.onnx")) == [8, 24]
         assert 0.35 < res.after.macs / res.before.macs <= 0.4
+
+
+def test_chance_is_judged_by_the_classes_the_data_holds(trained, tmp_path, caplog):
+    """The even digits with each label moved to the next even class: the warning counts the
+    5 classes present, not 9 (one more than the highest label)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    even = digits.target % 2 == 0
+    np.savez(tmp_path / "even.npz", x=digits.images[even][:, None] / 16.0,
+             y=(digits.target[even] + 2) % 10)
+    with caplog.at_level("WARNING"):
+        gpp_onnx.prune(trained, config=PruneConfig(
+            ratio=0.5, latency=False, data=DataOptions(str(tmp_path / "even.npz"))))
+    said = [r.getMessage() for r in caplog.records if "about chance" in r.getMessage()]
+    assert said and "for 5 classes" in said[0]
