@@ -208,12 +208,16 @@ def main(argv=None) -> None:
     r.add_argument("report")
     r.add_argument("-o", "--out", required=True)
     args = p.parse_args(argv)
+    # a prune report and a profile's JSON both hold "groups": each kind is told by a key
+    # the other lacks (a profile given to 'widths' ended in a KeyError traceback)
     needs = {"rounds": ("report", ("epochs_used", "rounds"), "a gpp report (gpp-onnx gpp)"),
-             "widths": ("report", ("groups",), "a prune report (gpp-onnx prune)"),
-             "latency": ("profile", ("groups",), "'gpp-onnx profile --json' output")}
-    if args.cmd in needs:
-        attr, keys, what = needs[args.cmd]
-        path = getattr(args, attr)
+             "widths": ("report", ("groups", "ratios"), "a prune report (gpp-onnx prune)"),
+             "latency": ("profile", ("total_seconds", "groups"),
+                         "'gpp-onnx profile --json' output"),
+             "sweep": ("sweeps", ("model", "rows"), "a tools/fmnist_bench.py sweep JSON")}
+    attr, keys, what = needs[args.cmd]
+    paths = getattr(args, attr)
+    for path in paths if isinstance(paths, list) else [paths]:
         try:
             rep = json.loads(Path(path).read_text())
         except (OSError, ValueError) as err:
