@@ -197,3 +197,16 @@ def test_grow_in_python_without_data_inserts_only(tmp_path):
     _assert_same_function(base, res.model)
     with pytest.raises(Exception, match="one name"):
         grow(base, at="relu2")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(widths=(8, 8, 8)), "widths=(8, 8, 8) is not a Widths"),
+    (dict(widths=Widths(8.5)), "widths.b3x3=8.5 is not a whole number"),
+    (dict(min_gain="0.5"), "min_gain='0.5' is not a number"),
+    (dict(min_gain=float("nan")), "--min-gain nan must be >= 0"),
+    (dict(seed="1"), "seed='1' is not a whole number"),
+])
+def test_python_options_of_a_wrong_type_are_input_errors(options, message):
+    from gpp_onnx.errors import InputError
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _grown(digits_cnn(), max_modules=1, **options)

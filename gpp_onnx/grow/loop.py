@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field, replace
+from numbers import Integral, Real
 
 import onnx
 
@@ -62,6 +63,17 @@ class GrowConfig:
     def checked(self) -> "GrowConfig":
         check_type("data", self.data, DataOptions)
         check_type("train", self.train, TrainOptions)
+        if not isinstance(self.widths, Widths):
+            raise InputError(f"widths={self.widths!r} is not a Widths - give "
+                             "widths=gpp_onnx.grow.Widths(32, 16, 16)")
+        numbers = (("min_gain", self.min_gain, Real, "0.5"), ("seed", self.seed, Integral, "1"),
+                   *((f"widths.{k}", w, Integral, "16") for k, w in vars(self.widths).items()
+                     if w is not None))
+        for name, value, kind, example in numbers:
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise InputError(f"{name}={value!r} is not a "
+                                 f"{'whole number' if kind is Integral else 'number'} - "
+                                 f"e.g. {name}={example}")
         if isinstance(self.max_modules, bool) or not isinstance(self.max_modules, int):
             raise InputError(f"max_modules={self.max_modules!r} is not a whole number - e.g. "
                              "max_modules=2")
@@ -70,7 +82,7 @@ class GrowConfig:
                 epochs=2.0 if self.data is not None else 0.0)).checked()
         if self.max_modules < 1:
             raise InputError(f"--max-modules {self.max_modules} must be >= 1")
-        if self.min_gain < 0:
+        if not self.min_gain >= 0:   # NaN too: no gain would ever pass it
             raise InputError(f"--min-gain {self.min_gain} must be >= 0 (accuracy points)")
         self.train.checked()
         if self.train.epochs < 0:
