@@ -210,3 +210,27 @@ def test_python_options_of_a_wrong_type_are_input_errors(options, message):
     from gpp_onnx.errors import InputError
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _grown(digits_cnn(), max_modules=1, **options)
+
+
+def test_the_insertion_check_compares_the_logits_a_saturated_softmax_hides(monkeypatch):
+    """A consumer weight left slightly nonzero moves the logits by about 1e-3 relative; a
+    final Softmax saturated by large logits shows none of it (1e-36), so the check must
+    compare the logits in front of it too."""
+    from dataclasses import replace as dc_replace
+
+    from gpp_onnx.errors import VerificationError
+    from gpp_onnx.grow import module as grow_module
+
+    model = digits_cnn()
+    final = model.graph.node[-1]
+    weights = {t.name: t for t in model.graph.initializer}
+    w = weights[final.input[1]]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 300, w.name))
+    logits = final.output[0]
+    final.output[0] = "logits"
+    model.graph.node.append(onnx.helper.make_node("Softmax", ["logits"], [logits], axis=-1))
+    extended = grow_module.extended
+    monkeypatch.setattr(grow_module, "extended", lambda array, step: extended(
+        array, dc_replace(step, fill=1e-4) if step.fill == 0 else step))
+    with pytest.raises(VerificationError, match="does not compute what the base computes"):
+        _grown(model, max_modules=1)
