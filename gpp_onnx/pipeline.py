@@ -195,6 +195,10 @@ def _short_of_target(config: PruneConfig, before: ModelStats, last,
             return (f"the cut keeps {kept / max(total, 1):.3f} of the {what}, above "
                     f"{flag} {target:g}: {limits}")
     if last.params >= (cut_from or before).params and config.target_latency is None:
+        if getattr(getattr(last, "plan", None), "removed_channels", 0):
+            return (f"the cut holds {last.params} params, the input {before.params}: a "
+                    "weight that several nodes read gets a copy in each whose cut differs - "
+                    "cut more, or keep the groups that read it whole (--ignore)")
         return f"nothing was cut: {limits}"
     return None
 

@@ -315,3 +315,25 @@ def test_channel_mixing_ops_keep_channels_and_pruned_equals_masked(family, pruna
     assert group.prunable == prunable, group.reason
     result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion="l1")
     assert result.plan.removed_channels > 0 and bool(result.plan.removed.get("conv1")) == prunable
+
+
+def test_a_cut_that_unshares_a_weight_into_more_params_says_so(tmp_path):
+    """One 4x4 conv weight read by two convs: a cut that leaves their copies different holds
+    more params than the input. The run says why, not 'nothing was cut'."""
+    from gpp_onnx.graph import GraphView
+    from gpp_onnx.stats import count
+
+    b = GraphBuilder((1, 3, 8, 8), seed=0)
+    x = b.act(b.conv(b.act(b.conv("input", 2), "Relu"), 4), "Relu")
+    w = b.weight(4, 4, 3, 3)
+    x = b.act(b.op("Conv", [x, w, b.vector(4)], b.shapes[x], kernel_shape=[3, 3],
+                   pads=[1, 1, 1, 1]), "Relu")
+    x = b.op("Conv", [x, w], b.shapes[x], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    model = _head(b, x)
+    shared_out = [n.output[0] for n in model.graph.node if n.op_type == "Conv"][2:]
+    res = prune(model, tmp_path / "p.onnx", PruneConfig(ratio=0.25, round_to=1, latency=False,
+                                                        ignore=shared_out))
+    written = count(GraphView(onnx.load(tmp_path / "p.onnx")))
+    assert res.plan.removed_channels and written.params > res.before.params
+    assert any("gets a copy in each" in w for w in res.report["warnings"])
+    assert not any("nothing was cut" in w for w in res.report["warnings"])
