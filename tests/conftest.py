@@ -90,14 +90,55 @@ def assert_pruned_equals_masked(model: onnx.ModelProto, tmp_path: Path, expect_c
     return result
 
 
-@functools.lru_cache(maxsize=1)
-def zoo_tool():
-    """tools/zoo.py as a module (the exported torchvision families the e2e tests use)."""
-    path = Path(__file__).resolve().parents[1] / "tools" / "zoo.py"
-    spec = importlib.util.spec_from_file_location("gpp_zoo_tool", path)
+def assert_repaired_pruned_equals_masked(model: onnx.ModelProto, ratio: float, seed: int):
+    """The invariant with the least-squares repair's new weights and biases on both sides:
+    a random cut of the normalised `model`, the bias fold and the refit on 24 images (in
+    batches of the size its input fixes), pruned == masked; where float32 rounding amplified
+    by a refit (sums in another order) exceeds 1e-5, float64 decides, as in the tool."""
+    from hypothesis import assume
+
+    from gpp_onnx import repair, surgery
+    from gpp_onnx.analysis import analyze_model
+    from gpp_onnx.exact import FLOAT64_TOLERANCE, float64_outputs
+    from gpp_onnx.model import normalize
+    from gpp_onnx.plan import kept_elements, model_digest, plan_by_ratio
+
+    model = normalize(model)
+    analysis = analyze_model(model)
+    assume(analysis.prunable)
+    rng = np.random.default_rng(seed)
+    scores = {g.key: rng.random(g.width) for g in analysis.prunable}
+    kept = kept_elements(analysis, plan_by_ratio(analysis, scores, ratio, model_digest(model)))
+    assume(kept)
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    size = dims[0] if dims[0] > 0 else 64
+    images = rng.standard_normal((24, *dims[1:])).astype(np.float32)
+    batches = [images[i:i + size] for i in range(0, len(images), size)]
+    means = repair.channel_means(model, repair.values_to_measure(analysis, kept), batches)
+    deltas = repair.bias_deltas(analysis, kept, means)
+    weights, deltas = repair.reconstruct(analysis, kept, deltas, images, "cpu",
+                                         batch_size=size, seed=seed)
+    feeds = feeds_for(model, batch=3)
+    pruned = surgery.cut(analysis, kept, deltas, weights)
+    masked = surgery.mask(analysis, kept, deltas, weights)
+    if rel_err(run_model(pruned, feeds), run_model(masked, feeds)) >= 1e-5:
+        assert rel_err(float64_outputs(pruned, feeds),
+                       float64_outputs(masked, feeds)) < FLOAT64_TOLERANCE
+
+
+@functools.lru_cache(maxsize=None)
+def tool_module(name: str):
+    """tools/NAME.py as a module (the zoo's exported torchvision families, the plots)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"gpp_tool_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def zoo_tool():
+    """tools/zoo.py as a module (the exported torchvision families the e2e tests use)."""
+    return tool_module("zoo")
 
 
 @pytest.fixture

@@ -120,36 +120,9 @@ def test_random_graphs_pruned_equals_masked(model, ratio, criterion, tmp_path_fa
 @given(model=cnn_graphs(), ratio=st.sampled_from([0.25, 0.5, 0.75]), seed=st.integers(0, 99))
 def test_random_graphs_repaired_pruned_equals_repaired_masked(model, ratio, seed):
     """The invariant with the least-squares repair's new weights and biases on both sides."""
-    import numpy as np
-    from hypothesis import assume
+    from conftest import assert_repaired_pruned_equals_masked
 
-    from conftest import feeds_for, rel_err, run_model
-    from gpp_onnx import repair, surgery
-    from gpp_onnx.analysis import analyze_model
-    from gpp_onnx.model import normalize
-    from gpp_onnx.plan import kept_elements, model_digest, plan_by_ratio
-
-    model = normalize(model)
-    analysis = analyze_model(model)
-    assume(analysis.prunable)
-    rng = np.random.default_rng(seed)
-    scores = {g.key: rng.random(g.width) for g in analysis.prunable}
-    kept = kept_elements(analysis, plan_by_ratio(analysis, scores, ratio, model_digest(model)))
-    assume(kept)
-    images = rng.standard_normal((24, 3, 8, 8)).astype(np.float32)
-    means = repair.channel_means(model, repair.values_to_measure(analysis, kept), [images])
-    deltas = repair.bias_deltas(analysis, kept, means)
-    weights, deltas = repair.reconstruct(analysis, kept, deltas, images, "cpu", seed=seed)
-    feeds = feeds_for(model, batch=3)
-    pruned = surgery.cut(analysis, kept, deltas, weights)
-    masked = surgery.mask(analysis, kept, deltas, weights)
-    if rel_err(run_model(pruned, feeds), run_model(masked, feeds)) >= 1e-5:
-        # a refit can amplify float32 rounding (the order of sums differs between the two
-        # models); float64 decides, as in the tool's own check
-        from gpp_onnx.exact import FLOAT64_TOLERANCE, float64_outputs
-
-        assert rel_err(float64_outputs(pruned, feeds),
-                       float64_outputs(masked, feeds)) < FLOAT64_TOLERANCE
+    assert_repaired_pruned_equals_masked(model, ratio, seed)
 
 
 @st.composite

@@ -650,34 +650,6 @@ def test_target_macs_reports_what_the_written_model_costs(model, target, allocat
 def test_structures_repaired_pruned_equals_repaired_masked(model, ratio, seed):
     """The invariant with the bias fold and the least-squares refit on both sides (the
     refit of ConvTranspose, Conv1d and Gemm with B as (K, N) among them)."""
-    from hypothesis import assume
+    from conftest import assert_repaired_pruned_equals_masked
 
-    from conftest import feeds_for, rel_err, run_model
-    from gpp_onnx import repair, surgery
-    from gpp_onnx.analysis import analyze_model
-    from gpp_onnx.exact import FLOAT64_TOLERANCE, float64_outputs
-    from gpp_onnx.model import normalize
-    from gpp_onnx.plan import kept_elements, model_digest, plan_by_ratio
-
-    model = normalize(model)
-    analysis = analyze_model(model)
-    assume(analysis.prunable)
-    rng = np.random.default_rng(seed)
-    scores = {g.key: rng.random(g.width) for g in analysis.prunable}
-    kept = kept_elements(analysis, plan_by_ratio(analysis, scores, ratio, model_digest(model)))
-    assume(kept)
-    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    fixed = dims[0] > 0
-    images = rng.standard_normal((24, *dims[1:])).astype(np.float32)
-    size = dims[0] if fixed else 64
-    batches = [images[i:i + size] for i in range(0, len(images), size)]
-    means = repair.channel_means(model, repair.values_to_measure(analysis, kept), batches)
-    deltas = repair.bias_deltas(analysis, kept, means)
-    weights, deltas = repair.reconstruct(analysis, kept, deltas, images, "cpu",
-                                         batch_size=size, seed=seed)
-    feeds = feeds_for(model, batch=3)
-    pruned = surgery.cut(analysis, kept, deltas, weights)
-    masked = surgery.mask(analysis, kept, deltas, weights)
-    if rel_err(run_model(pruned, feeds), run_model(masked, feeds)) >= 1e-5:
-        assert rel_err(float64_outputs(pruned, feeds),
-                       float64_outputs(masked, feeds)) < FLOAT64_TOLERANCE
+    assert_repaired_pruned_equals_masked(model, ratio, seed)

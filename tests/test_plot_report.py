@@ -1,21 +1,17 @@
 """tools/plot_report.py refuses a JSON of another kind with one line and exit 2 (a prune
 report and a profile's JSON both hold "groups"; each given to the other's plot ended in a
 KeyError traceback)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+
+from conftest import tool_module
 
 pytest.importorskip("matplotlib")
 
 
 def _tool():
-    path = Path(__file__).resolve().parents[1] / "tools" / "plot_report.py"
-    spec = importlib.util.spec_from_file_location("plot_report", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module("plot_report")
 
 
 PRUNE = {"input": "m.onnx", "config": {"criterion": "l1"}, "ratios": {"macs": 0.5, "params": 0.5},
