@@ -49,7 +49,9 @@ def _channels_alone(s_in, s_out, a) -> int | None:
 
 def shape_dims_read(view, node) -> set[int] | None:
     """Dims of Shape(x) that its consumers read (Gather or Slice with constant indices);
-    None when some consumer may read any of them."""
+    None when some consumer may read any of them (or the model returns it)."""
+    if node.output[0] in view.output_names:
+        return None
     read: set[int] = set()
     for user in view.consumers.get(node.output[0], []):
         picked = _dims_read_by(view, node, user)
@@ -69,7 +71,10 @@ def _dims_read_by(view, node, user) -> set[int] | None:
 
 
 def _positions_read(view, value: str, n: int) -> set[int] | None:
-    """Positions of the shape vector `value` (length n) its consumers read; None: any."""
+    """Positions of the shape vector `value` (length n) its consumers read; None: any
+    (also where the model returns it)."""
+    if value in view.output_names:
+        return None
     read: set[int] = set()
     for user in view.consumers.get(value, []):
         sub = _user_reads(view, value, user, n)
@@ -105,6 +110,8 @@ def _reads_only_own_width(view, node, a: int) -> bool:
     a computed target shape of a Reshape of x itself (PyTorch's
     ``x.view(T * b, x.size(2))``): after a cut the runtime reads the new width there, so
     that shape follows the cut without being rewritten."""
+    if node.output[0] in view.output_names:   # the model returns the count itself
+        return False
     for user in view.consumers.get(node.output[0], []):
         dims = _dims_read_by(view, node, user)
         if dims is not None and a not in dims:

@@ -1,0 +1,52 @@
+"""Graph outputs that expose a prunable group in another form than the feature map itself
+(its shape, a weight of its conv): the group keeps its channels, the outputs stay as the
+file declares them."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from gpp_onnx import prune
+from gpp_onnx.analysis import analyze_model
+
+
+def two_convs(extra_nodes=(), extra_outputs=()) -> onnx.ModelProto:
+    """x (N,1,8,8) -> Conv 16 -> Relu (r1) -> Conv 16 -> Relu -> GAP -> Gemm 4."""
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    inits = [w("w1", 16, 1, 3, 3), w("b1", 16), w("w2", 16, 16, 3, 3), w("b2", 16),
+             w("wf", 4, 16), w("bf", 4)]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1] * 4),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], transB=1),
+             *extra_nodes]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4]), *extra_outputs],
+        inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _reasons(model):
+    return {g.key: g.reason for g in analyze_model(model).groups}
+
+
+def test_a_returned_shape_of_a_feature_map_keeps_its_channels():
+    """Shape(r1) as a graph output reads r1's channel count: the cut changed the returned
+    [N, 16, 8, 8] to [N, 8, 8, 8] and ended in 'please report this model'."""
+    model = two_convs([helper.make_node("Shape", ["r1"], ["shp"])],
+                      [helper.make_tensor_value_info("shp", TensorProto.INT64, [4])])
+    assert "Shape" in _reasons(model)["c1"]
+    res = prune(model, ratio=0.5, round_to=1, latency=False)
+    assert [o.name for o in res.model.graph.output] == ["logits", "shp"]
+    assert "c1" not in res.plan.removed and res.plan.removed["c2"]
+
