@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gpp_onnx import prune
 from gpp_onnx.analysis import analyze_model
+from gpp_onnx.cli import main
 
 
 def two_convs(extra_nodes=(), extra_outputs=()) -> onnx.ModelProto:
@@ -50,3 +51,18 @@ def test_a_returned_shape_of_a_feature_map_keeps_its_channels():
     assert [o.name for o in res.model.graph.output] == ["logits", "shp"]
     assert "c1" not in res.plan.removed and res.plan.removed["c2"]
 
+
+def test_a_returned_weight_keeps_its_group(tmp_path):
+    """A conv weight that is also a graph output: its group keeps its channels (the cut
+    failed the checker on the output's declared shape, exit 2 without a reason)."""
+    model = two_convs(extra_outputs=[helper.make_tensor_value_info(
+        "w1", TensorProto.FLOAT, [16, 1, 3, 3])])
+    assert "model output" in _reasons(model)["c1"]
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    assert main(["prune", str(src), "--ratio", "0.5", "--round-to", "1", "--no-latency",
+                 "-o", str(tmp_path / "o.onnx")]) == 0
+    out = onnx.load(tmp_path / "o.onnx")
+    assert [o.name for o in out.graph.output] == ["logits", "w1"]
+    w1 = next(t for t in out.graph.initializer if t.name == "w1")
+    assert list(w1.dims) == [16, 1, 3, 3]

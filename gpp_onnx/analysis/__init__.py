@@ -99,6 +99,9 @@ def analyze_model(model: onnx.ModelProto, input_shape=None) -> Analysis:
             blocked.setdefault(value, f"{reason} (node {node.name})")
     for name in view.output_names:
         blocked.setdefault(name, "model output")
+    for p in params:   # a weight the model also returns keeps its declared shape
+        if p.param in view.output_names:
+            blocked.setdefault(p.value, f"its weight '{p.param}' is a model output")
     widths = _widths(ctx)
     ties = [t for t in ties if t.a in widths and t.b in widths]
     params = [p for p in params if p.value in widths]
