@@ -69,6 +69,8 @@ def start_run(model, config: PruneConfig, per_class: int = 0, scores: bool = Tru
     be `scores`d, a criterion that cannot find its feature); measure the tolerance; load
     the data (every class with `per_class` training images) and the starting accuracy."""
     loaded, normalized, analysis = load(model, config.input_shape)
+    check_declared_shapes(normalized, "the model" if isinstance(model, onnx.ModelProto)
+                          else model)
     distributed.check_same("options", {"options": config.to_dict()},
                            "start every process with the same options")
     analysis = analysis.keeping(config.ignore)
@@ -98,6 +100,20 @@ def start_run(model, config: PruneConfig, per_class: int = 0, scores: bool = Tru
         warn_if_chance(acc, len(set(data.val.y.tolist())))  # the classes present
     return Start(loaded, normalized, analysis, tolerance, data, count(analysis.view), acc,
                  optimised)
+
+
+def check_declared_shapes(normalized: onnx.ModelProto, where) -> None:
+    """The outputs' declared shapes agree with what the nodes compute: the written model
+    keeps them and must pass the full checker, which otherwise refused it only after the
+    cut (and the scoring and repair before it), as a fault of the pruned model."""
+    try:
+        onnx.checker.check_model(normalized, full_check=True)
+    except onnx.shape_inference.InferenceError as err:
+        raise InputError(f"{where}: its declared shapes contradict what its nodes compute "
+                         f"({' '.join(str(err).split())[:200]}) - fix or remove the stale "
+                         "shapes of its outputs, or export it again") from None
+    except (onnx.checker.ValidationError, ValueError):
+        pass   # (checked as loaded; a model over 2 GB is checked when written)
 
 
 def check_feature(analysis: Analysis, config: PruneConfig) -> None:

@@ -66,3 +66,18 @@ def test_a_returned_weight_keeps_its_group(tmp_path):
     assert [o.name for o in out.graph.output] == ["logits", "w1"]
     w1 = next(t for t in out.graph.initializer if t.name == "w1")
     assert list(w1.dims) == [16, 1, 3, 3]
+
+
+def test_an_output_declared_with_a_wrong_width_is_refused_before_the_work(tmp_path, capsys):
+    """An output declared (N, 10) where the Gemm gives (N, 4): one line naming the
+    declared shapes, exit 2, before any cut (it was refused after the cut, scoring and
+    repair, as 'pruned model fails the ONNX checker')."""
+    model = two_convs()
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 10
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    assert main(["prune", str(src), "--ratio", "0.5", "--no-latency",
+                 "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "declared shapes" in err and "pruned model" not in err
+    assert "round 1" not in err and not (tmp_path / "o.onnx").exists()
