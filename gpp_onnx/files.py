@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import EncodeError
 
 from .errors import InputError
 
@@ -55,7 +56,7 @@ def serialize(model: onnx.ModelProto) -> bytes | None:
     (``ByteSize()`` costs as much as serialising, so the size is read off the bytes.)"""
     try:
         data = model.SerializeToString()
-    except ValueError:  # protobuf refuses messages over 2 GB
+    except (ValueError, EncodeError):  # protobuf refuses messages over 2 GB (upb: EncodeError)
         return None
     return data if len(data) < _TWO_GB else None
 
