@@ -66,15 +66,34 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, data: bytes | None = N
     `data`: the model's bytes when the caller already serialised it."""
     dest = Path(path)
     data = serialize(model) if data is None else data
+    if data is None:  # over 2 GB: weights beside the model
+        return _save_external(model, dest)
+    return write_atomic(dest, lambda tmp: tmp.write_bytes(data))
 
-    def write(tmp: Path) -> None:
-        if data is None:  # over 2 GB: weights beside the model
-            onnx.save(model, str(tmp), save_as_external_data=True,
-                      location=dest.name + ".data")
-        else:
-            tmp.write_bytes(data)
 
-    return write_atomic(dest, write)
+def _save_external(model: onnx.ModelProto, dest: Path) -> Path:
+    """`model` as `dest` with its weights in `dest.name + '.data'` beside it, both written
+    in a fresh folder and renamed there, weights first: onnx.save appends to a data file
+    already at its path (a second save to the same path, as gpp's checkpoints do, grew it
+    by a whole copy each time). onnx.save also moves the weights out of `model` (external,
+    no bytes); they are read back, so the caller's model keeps them."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as err:
+        raise _unwritable(dest, err) from None
+    try:
+        onnx.save(model, str(stage / dest.name), save_as_external_data=True,
+                  location=dest.name + ".data")
+        onnx.external_data_helper.load_external_data_for_model(model, str(stage))
+        for f in sorted(stage.iterdir(), reverse=True):  # weights, then model
+            os.chmod(f, 0o666 & ~_umask())
+            os.replace(f, dest.parent / f.name)
+    except OSError as err:
+        raise _unwritable(dest, err) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return dest
 
 
 class Outputs:

@@ -76,3 +76,21 @@ def test_a_model_over_the_limit_is_analysed(tmp_path, protobuf_limit, capsys):
     protobuf_limit(size * 9 // 10)
     assert main(["analyze", str(src)]) == 0
     assert "channel groups" in capsys.readouterr().out
+
+
+def test_a_save_over_the_limit_keeps_the_model_and_replaces_its_weights(tmp_path, monkeypatch):
+    """A model over 2 GB saved twice to one path (gpp's best.onnx after every round): the
+    .data file held both copies (onnx.save appends), and the saved ModelProto had lost its
+    weights (result.model of the Python API, gpp's best model kept in memory)."""
+    monkeypatch.setattr(files, "serialize", lambda model: None)
+    dest = tmp_path / "best.onnx"
+    first, second = sample_cnn(0), sample_cnn(1)
+    files.save(first, dest)
+    size = (tmp_path / "best.onnx.data").stat().st_size
+    files.save(second, dest)
+    assert (tmp_path / "best.onnx.data").stat().st_size == size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.onnx", "best.onnx.data"]
+    assert not any(onnx.external_data_helper.uses_external_data(t)
+                   for m in (first, second) for t in m.graph.initializer)
+    feeds = feeds_for(second)
+    assert rel_err(run_model(dest, feeds), run_model(second, feeds)) == 0
