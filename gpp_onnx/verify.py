@@ -34,12 +34,15 @@ Each check above also compares the logits in front of a final Softmax or Sigmoid
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import files
 from .errors import VerificationError
 from .logits import exposing, saturated_inputs
 from .session_inputs import typed_feeds
@@ -225,8 +228,19 @@ def _weights_as_inputs(source: Detached) -> bytes:
 
 
 def check(model: onnx.ModelProto | bytes, where: str = "pruned model") -> None:
+    """The full checker; a model over 2 GB (no protobuf holds it) is checked from a file."""
+    data = files.serialize(model) if isinstance(model, onnx.ModelProto) else model
+    if data is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            _check_model(files.save(model, Path(tmp) / "model.onnx"), where)
+    else:
+        _check_model(data, where)
+
+
+def _check_model(model: bytes | Path, where: str) -> None:
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(model if isinstance(model, bytes) else str(model),
+                                 full_check=True)
     except Exception as err:
         raise VerificationError(f"{where} fails the ONNX checker "
                                 f"({' '.join(str(err).split())[:200]})") from None

@@ -94,3 +94,29 @@ def test_a_save_over_the_limit_keeps_the_model_and_replaces_its_weights(tmp_path
                    for m in (first, second) for t in m.graph.initializer)
     feeds = feeds_for(second)
     assert rel_err(run_model(dest, feeds), run_model(second, feeds)) == 0
+
+
+@pytest.mark.parametrize("mask_only", [False, True])
+def test_a_pruned_model_over_the_limit_is_checked_and_written_with_its_weights(
+        tmp_path, protobuf_limit, mask_only):
+    """A cut that leaves the model over 2 GB ended in 'internal error: EncodeError'
+    (rounds: verify.serialized(pruned)); it is checked from a file and written as the
+    output and its .data, which run from any folder."""
+    src, size = _external(tmp_path, two_branch(width=1200))   # (onnx.save empties it)
+    model = two_branch(width=1200)
+    feeds = feeds_for(model)
+    want = run_model(model, feeds)
+    protobuf_limit(size * 3 // 4)   # below the cut's size too
+    out = tmp_path / "out" / "small.onnx"
+    args = ["prune", str(src), "--ratio", "0.5", "--no-latency", "-o", str(out)]
+    assert main(args + (["--mask-only"] if mask_only else [])) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "small.onnx", "small.onnx.data", "small.report.json"]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("small.onnx", "small.onnx.data"):
+        (out.parent / name).rename(moved / name)
+    onnx.checker.check_model(str(moved / "small.onnx"), full_check=True)
+    got = run_model(moved / "small.onnx", feeds)
+    assert rel_err(got[1:], want[1:]) == 0       # the untouched branch
+    assert sorted(p.name for p in src.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
