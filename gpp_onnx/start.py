@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from . import distributed, latency, preflight, verify
+from . import distributed, latency, preflight, skeleton, verify
 from . import model as model_io
 from .analysis import Analysis, analyze_model
 from .config import DataOptions, PruneConfig
@@ -103,17 +103,38 @@ def start_run(model, config: PruneConfig, per_class: int = 0, scores: bool = Tru
 
 
 def check_declared_shapes(normalized: onnx.ModelProto, where) -> None:
-    """The outputs' declared shapes agree with what the nodes compute: the written model
+    """The outputs' declared sizes agree with what the nodes compute: the written model
     keeps them and must pass the full checker, which otherwise refused it only after the
-    cut (and the scoring and repair before it), as a fault of the pruned model."""
+    cut (and the scoring and repair before it), as a fault of the pruned model. Inferred
+    on the skeleton with the outputs' shapes left open (the full checker on the whole
+    model cost 0.6 s of a resnet50 run)."""
+    bare = skeleton.strip(normalized)[0]
+    for out in bare.graph.output:
+        out.type.tensor_type.ClearField("shape")
     try:
-        onnx.checker.check_model(normalized, full_check=True)
-    except onnx.shape_inference.InferenceError as err:
-        raise InputError(f"{where}: its declared shapes contradict what its nodes compute "
-                         f"({' '.join(str(err).split())[:200]}) - fix or remove the stale "
-                         "shapes of its outputs, or export it again") from None
-    except (onnx.checker.ValidationError, ValueError):
-        pass   # (checked as loaded; a model over 2 GB is checked when written)
+        computed = onnx.shape_inference.infer_shapes(bare, strict_mode=False).graph.output
+    except Exception:   # (no inferable shapes: nothing to compare)
+        return
+    for said, got in zip(normalized.graph.output, computed):
+        a, b = _dims(said), _dims(got)
+        if a is None or b is None:
+            continue
+        if len(a) != len(b) or any(x and y and x != y for x, y in zip(a, b)):
+            raise InputError(f"{where}: output '{said.name}' is declared {_shown(a)} but its "
+                             f"nodes compute {_shown(b)}: its declared shapes contradict the "
+                             "graph - fix or remove the stale output shape, or export the "
+                             "model again")
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int] | None:
+    t = value.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+
+
+def _shown(dims: list[int]) -> str:
+    return "(" + ", ".join(str(d) if d else "?" for d in dims) + ")"
 
 
 def check_feature(analysis: Analysis, config: PruneConfig) -> None:
