@@ -5,6 +5,7 @@ taken (``start_run``)."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -188,5 +189,11 @@ def check_paths(model, src: Path | None, dst: Path | None, data: DataOptions | N
 
 
 def first_reasons(analysis: Analysis) -> str:
-    reasons = sorted({g.reason.split(": ", 1)[-1] for g in analysis.groups if g.reason})
-    return "; ".join(reasons[:3]) or "no channel groups"
+    """Up to three distinct reasons, each once however many nodes it names (a graph of
+    fused ops gave the same reason three times, for three nodes)."""
+    reasons: dict[str, str] = {}
+    for g in analysis.groups:
+        if g.reason:
+            reason = g.reason.split(": ", 1)[-1]
+            reasons.setdefault(re.sub(r" \(node [^)]*\)$", "", reason), reason)
+    return "; ".join(sorted(reasons.values())[:3]) or "no channel groups"

@@ -422,3 +422,22 @@ def test_a_float64_model_with_data_is_refused_in_one_line(command, tmp_path, cap
     assert code == 2
     assert len(err) == 1 and "float64" in err[0] and " - " in err[0]
     assert not out.exists()
+
+
+def test_an_onnxruntime_optimised_model_is_refused_naming_each_reason_once(tmp_path, capsys):
+    """A graph onnxruntime saved after its optimisations (FusedConv, FusedGemm): one line
+    that says so and names each reason once (it repeated the FusedConv reason per node)."""
+    import onnxruntime as ort
+
+    src, opt = tmp_path / "m.onnx", tmp_path / "optimised.onnx"
+    onnx.save(sample_cnn(), src)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(opt)
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    code, err = _run_cli(capsys, ["prune", str(opt), "--ratio", "0.5", "--no-latency",
+                                  "-o", str(tmp_path / "out.onnx")])
+    assert code == 2 and len(err) == 1
+    assert "prune the model saved before its optimisations" in err[0]
+    assert err[0].count("FusedConv") == 1
+    assert not (tmp_path / "out.onnx").exists()

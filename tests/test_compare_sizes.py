@@ -37,3 +37,42 @@ def test_free_and_fixed_copies_compare_at_the_fixed_size(tmp_path, capsys, free_
     macs = next(line for line in capsys.readouterr().out.splitlines()
                 if line.startswith("MACs")).split()
     assert macs[1:] == ["221.26k", "221.26k", "1.000"]    # 8 * 27 * 32 * 32 + 80
+
+
+def test_onnxruntime_optimised_copy_counts_its_fused_ops(tmp_path, capsys):
+    """A copy saved by onnxruntime at ORT_ENABLE_EXTENDED (Conv + Relu as com.microsoft
+    FusedConv, Gemm + Relu as FusedGemm) computes the same MACs; they were not counted
+    (0 MACs, ratio 0.000)."""
+    import onnxruntime as ort
+
+    model = _net([32, 32])
+    model.graph.node[-1].output[0] = "g"
+    model.graph.node.append(helper.make_node("Relu", ["g"], ["y"]))
+    src, opt = tmp_path / "float.onnx", tmp_path / "optimised.onnx"
+    onnx.save(model, src)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(opt)
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    assert {"FusedConv", "FusedGemm"} <= {n.op_type for n in onnx.load(opt).graph.node}
+    assert main(["-q", "compare", str(src), str(opt), "--repeats", "3"]) == 0
+    macs = next(line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("MACs")).split()
+    assert macs[1:] == ["221.26k", "221.26k", "1.000"]
+
+
+def test_analyze_shares_of_a_model_without_counted_macs(tmp_path, capsys):
+    """A model none of whose ops count MACs shows 0% MACs per group, not 100% (the share
+    was 1 - 0 / max(0, 1))."""
+    rng = np.random.default_rng(0)
+    scale = numpy_helper.from_array(rng.normal(size=(1, 8, 1, 1)).astype(np.float32), "s")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "s"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16, 16])], [scale])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    main(["-q", "analyze", str(path)])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("x ")]
+    assert [row[4:6] for row in rows] == [["100.0%", "0.0%"]]    # the scale is x's

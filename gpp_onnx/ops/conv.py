@@ -166,6 +166,21 @@ class ConvRule(_Weighted):
                 and _explicit_pads(node))
 
 
+OPTIMISED = "onnxruntime-optimised graph: prune the model saved before its optimisations"
+
+
+@register("FusedConv", domain="com.microsoft")
+class FusedConvRule(OpRule):
+    """onnxruntime's Conv + activation (ORT_ENABLE_EXTENDED writes it): its channels stay,
+    but it is a Conv and counts a Conv's MACs."""
+
+    def analyze(self, node, ctx):
+        return block_all(node, ctx, f"com.microsoft::FusedConv: {OPTIMISED}")
+
+    def macs(self, node, view):
+        return ConvRule.macs(self, node, view)
+
+
 @register("ConvTranspose")
 class ConvTransposeRule(_Weighted):
     def analyze(self, node, ctx):

@@ -59,6 +59,18 @@ class GemmRule(OpRule):
         return per_image and view.is_const(node.input[1]) and not attr(node, "transA", 0)
 
 
+@register("FusedGemm", domain="com.microsoft")
+class FusedGemmRule(OpRule):
+    """onnxruntime's Gemm + activation: its channels stay, it counts a Gemm's MACs."""
+
+    def analyze(self, node, ctx):
+        from .conv import OPTIMISED
+        return block_all(node, ctx, f"com.microsoft::FusedGemm: {OPTIMISED}")
+
+    def macs(self, node, view):
+        return _matrix_macs(node, view)
+
+
 @register("MatMul")
 class MatMulRule(OpRule):
     def analyze(self, node, ctx):
