@@ -45,6 +45,47 @@ def _quantized():
                        [w])
 
 
+def _quantized_head():
+    """A float Conv before a com.microsoft DynamicQuantizeMatMul head with int8 weights, as
+    onnxruntime's ORT_ENABLE_EXTENDED writes a dynamically quantized MatMul: none of the
+    standard quantized ops is left, and the model was pruned as a float one."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.integers(-9, 9, (8, 4)).astype(np.int8), "q"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("DynamicQuantizeMatMul", ["f", "q", "s", "z"], ["y"],
+                              domain="com.microsoft")]
+    model = _model_with(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                              ["N", 3, 8, 8])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                        inits)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def _int8_weights():
+    """Weight-only quantization written as int8 -> Cast -> Mul(scale): it was folded into
+    float32 weights and written four times its bytes."""
+    model = sample_cnn()
+    w = next(t for t in model.graph.initializer if len(t.dims) == 4)
+    q = np.round(numpy_helper.to_array(w) * 20).astype(np.int8)
+    name = w.name
+    w.CopyFrom(numpy_helper.from_array(q, name + ".q"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0.05, np.float32),
+                                                           name + ".s"))
+    nodes = [helper.make_node("Cast", [name + ".q"], [name + ".f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", [name + ".f", name + ".s"], [name]),
+             *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
 def _control_flow():
     def branch(value):
         out = helper.make_tensor_value_info("o", TensorProto.FLOAT, [1])
@@ -97,7 +138,8 @@ def _write(kind, path):
     elif kind == "truncated":
         path.write_bytes(good[: len(good) // 3])
     else:
-        onnx.save({"quantized": _quantized, "control_flow": _control_flow,
+        onnx.save({"quantized": _quantized, "quantized_head": _quantized_head,
+                   "int8_weights": _int8_weights, "control_flow": _control_flow,
                    "checker": _fails_checker, "nothing": _nothing_prunable,
                    "cycle": _cycle, "custom_op": _custom_op}[kind](), path)
 
@@ -108,6 +150,8 @@ CASES = [
     ("checker", [], "checker"),
     ("cycle", [], "has a cycle"),
     ("quantized", [], "quantized"),
+    ("quantized_head", [], "quantized (DynamicQuantizeMatMul)"),
+    ("int8_weights", [], "quantized (weights stored as integers"),
     ("control_flow", [], "control flow"),
     ("nothing", [], "nothing can be pruned"),
     ("custom_op", [], "onnxruntime cannot open it"),

@@ -579,3 +579,19 @@ def test_a_free_output_dim_keeps_its_name(tmp_path):
     prune(src, dst, ratio=0.5, latency=False)
     dims = onnx.load(dst).graph.output[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["T", "N", 5]
+
+
+def test_an_integer_mask_cast_to_floats_is_not_taken_for_quantized_weights(tmp_path):
+    """A uint8 mask cast to float32 that scales the input (no Conv/Gemm/MatMul weight) is
+    no weight-only quantization: the model prunes as a float one."""
+    model = sample_cnn()
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(dims[1:], np.uint8), "mask"))
+    first = model.graph.node[0]
+    nodes = [helper.make_node("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", [first.input[0], "maskf"], ["masked_x"])]
+    first.input[0] = "masked_x"
+    nodes += list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    assert_pruned_equals_masked(model, tmp_path, ratio=0.5)
