@@ -5,6 +5,7 @@ write atomically."""
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from .start import check_paths, check_precision, load, start_run
 from .push import PushReport, PushWeights, push_model
 from .splits import LDA_PER_CLASS, load_data
 from .schedule import GppOptions
+from .schedule_options import MIN_ROUND_STEPS
 from .stats import ModelStats
 from .teacher import fidelity
 
@@ -198,6 +200,9 @@ def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, budget: float = 4
     data = DataOptions("digits")
     model = digits_cnn(seed)
     splits = load_data(GraphView(model), PruneConfig(data=data, seed=seed))
+    # two rounds: the 1617 training digits give three rounds too few steps each
+    config = PruneConfig(ratio=ratio, data=data, rounds=2, seed=seed)
+    _check_demo_budget(config, budget, len(splits.train))
     logger.info("training the sample digits CNN (%g epochs)", epochs)
     trained = train_model(model, splits.train, TrainOptions(epochs=epochs, lr=0.05), seed,
                           desc="training")
@@ -207,6 +212,16 @@ def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, budget: float = 4
         logger.info("wrote the trained sample model to %s", src)
         shutil.rmtree(out.with_name(out.name + ".gpp-work"), ignore_errors=True)  # killed
     distributed.barrier()  # the other processes read it once rank 0 has written it
-    # two rounds: the 1617 training digits give three rounds too few steps each
-    config = PruneConfig(ratio=ratio, data=data, rounds=2, seed=seed)
     return gpp(src, out, config, GppOptions(budget_epochs=budget))
+
+
+def _check_demo_budget(config: PruneConfig, budget: float, train_size: int) -> None:
+    """gpp's own check of the steps per round, before the demo trains its CNN and in the
+    demo's flags: gpp's refusal came after the training and named --batch-size and
+    --rounds, which demo does not take."""
+    batches = math.ceil(train_size / config.train.batch_size)
+    if budget * batches / config.rounds < MIN_ROUND_STEPS:
+        enough = math.ceil(10 * MIN_ROUND_STEPS * config.rounds / batches) / 10
+        raise InputError(f"--budget-epochs {budget:g} gives the demo's {config.rounds} rounds "
+                         f"fewer than {MIN_ROUND_STEPS} training steps each ({batches} "
+                         f"batches an epoch) - use --budget-epochs {enough:g} or more")

@@ -129,6 +129,18 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert run_model(pruned, feeds_for(model))[0].shape == (2, 10)
 
 
+def test_demo_too_small_budget_is_refused_before_training(tmp_path, capsys):
+    """demo --budget-epochs 1 trained the CNN, wrote it, then failed in gpp's check naming
+    --batch-size and --rounds, flags demo does not take."""
+    assert main(["demo", "--out", str(tmp_path / "d"), "--budget-epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("gpp-onnx: error: --budget-epochs 1 ")
+    assert "--budget-epochs 1.6" in err and "--rounds" not in err and "--batch-size" not in err
+    assert not (tmp_path / "d" / "digits_cnn.onnx").exists()  # refused before the training
+    assert main(["-q", "demo", "--out", str(tmp_path / "d"), "--epochs", "0",
+                 "--budget-epochs", "1.6"]) == 0  # the budget it names is enough
+
+
 def test_prune_api_accepts_min_keep(tmp_path):
     from gpp_onnx import PruneConfig, prune
     b = GraphBuilder((1, 3, 8, 8), seed=0)
