@@ -78,16 +78,15 @@ def group_shares(analysis: Analysis) -> dict[str, GroupShare]:
     for g in analysis.groups:
         kept = {m.value: np.setdiff1d(np.arange(analysis.view.shape(m.value)[m.axis]),
                                       m.elements.ravel()) for m in g.members}
-        after = est.estimate(kept)
-        shares[g.key] = GroupShare(g.key, _share(base.params, after.params),
-                                   _share(base.macs, after.macs))
+        params, macs = est.removed(kept)
+        shares[g.key] = GroupShare(g.key, _share(base.params, params), _share(base.macs, macs))
     return shares
 
 
-def _share(base: int, after: int) -> float:
+def _share(base: int, removed: float) -> float:
     """The fraction of `base` a group's removal takes; 0 where there is nothing to take
     (a model whose MACs no op counts printed 100% for every group)."""
-    return (base - after) / base if base else 0.0
+    return removed / base if base else 0.0
 
 
 def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,

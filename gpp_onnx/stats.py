@@ -11,6 +11,7 @@ cut axis of its weight, which is exact for the ops above.
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -83,10 +84,15 @@ class Estimator:
                 if name in self.sizes:
                     self.users[name].append((node.name, i))
 
+        self.keys_of: dict[str, list] = defaultdict(list)   # value -> cut keys it slices
+        for key, slices in self.cuts.items():
+            for value in dict.fromkeys(p.value for p in slices):
+                self.keys_of[value].append(key)
+
     def _positions(self, kept: dict[str, np.ndarray]) -> dict[tuple[str, int, int], np.ndarray]:
         pos = {}
-        for key, slices in self.cuts.items():
-            for p in slices:
+        for key in {k for v in kept for k in self.keys_of.get(v, ())}:
+            for p in self.cuts[key]:
                 if p.value in kept:
                     pos[key] = p.positions(kept[p.value])
                     break
@@ -100,21 +106,38 @@ class Estimator:
                 f *= len(pos[key]) / self.dims[key]
         return f
 
+    def _param(self, name: str, size: int, pos) -> float:
+        slots = self.users.get(name, ())
+        if len(slots) <= 1:
+            return size * (self._slot_fraction(slots[0], pos) if slots else 1.0)
+        copies = {}
+        for slot in slots:
+            cut = tuple((axis, pos[(*slot, axis)].tobytes())
+                        for axis in self.slot_axes.get(slot, ()) if (*slot, axis) in pos)
+            copies.setdefault(cut, self._slot_fraction(slot, pos) if cut else 1.0)
+        return size * sum(copies.values())
+
     def estimate(self, kept: dict[str, np.ndarray]) -> ModelStats:
         pos = self._positions(kept)
-        params = 0.0
-        for name, size in self.sizes.items():
-            slots = self.users.get(name, ())
-            if len(slots) <= 1:
-                params += size * (self._slot_fraction(slots[0], pos) if slots else 1.0)
-                continue
-            copies = {}
-            for slot in slots:
-                cut = tuple((axis, pos[(*slot, axis)].tobytes())
-                            for axis in self.slot_axes.get(slot, ()) if (*slot, axis) in pos)
-                copies.setdefault(cut, self._slot_fraction(slot, pos) if cut else 1.0)
-            params += size * sum(copies.values())
+        params = sum(self._param(name, size, pos) for name, size in self.sizes.items())
         macs = 0.0
         for slot, m in self.macs.items():
             macs += m * self._slot_fraction(slot, pos)
         return ModelStats(int(round(params)), int(round(macs)))
+
+    def removed(self, kept: dict[str, np.ndarray]) -> tuple[float, float]:
+        """Params and MACs that cutting to `kept` removes: ``estimate({}) - estimate(kept)``
+        before rounding, summed over the slots the cut touches alone (a group's share in
+        a graph of thousands of nodes cost a walk over all of them per group)."""
+        pos = self._positions(kept)
+        slots = {key[:2] for key in pos}
+        names = {self.slot_param[s] for s in slots if s in self.slot_param}
+        params = sum(self._param(n, self.sizes[n], {}) - self._param(n, self.sizes[n], pos)
+                     for n in names)
+        macs = sum(self.macs[s] * (1 - self._slot_fraction(s, pos))
+                   for s in slots if s in self.macs)
+        return params, macs
+
+    @functools.cached_property
+    def slot_param(self) -> dict[tuple[str, int], str]:
+        return {slot: name for name, slots in self.users.items() for slot in slots}

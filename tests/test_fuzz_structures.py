@@ -653,3 +653,45 @@ def test_structures_repaired_pruned_equals_repaired_masked(model, ratio, seed):
     from conftest import assert_repaired_pruned_equals_masked
 
     assert_repaired_pruned_equals_masked(model, ratio, seed)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(model=st.one_of(structure_graphs(), conv1d_graphs()), ratio=st.sampled_from([0.25, 0.5]),
+       seed=st.integers(0, 99))
+def test_removed_params_and_macs_are_what_the_cut_removes(model, ratio, seed, tmp_path_factory):
+    """``Estimator.removed`` (the per-group shares of ``analyze``, summed over the slots a
+    cut touches alone) equals the counts of the uncut and the cut file, counted here. The
+    weights and biases get distinct values first, as trained ones have: fresh zero biases
+    of two widths cut to one width are the same bytes, and the written model shares them
+    (a saving no estimate of the cut sees)."""
+    from gpp_onnx import surgery
+    from gpp_onnx.analysis import analyze_model
+    from gpp_onnx.model import normalize
+    from gpp_onnx.plan import kept_elements, model_digest, plan_by_ratio
+    from gpp_onnx.stats import Estimator
+
+    tmp = tmp_path_factory.mktemp("removed")
+    rng = np.random.default_rng(seed)
+    weights = {n.input[i] for n in model.graph.node
+               if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+               for i in (1, 2) if i < len(n.input)}
+    for t in model.graph.initializer:
+        if t.name in weights and t.data_type == TensorProto.FLOAT:
+            w = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(
+                (w + rng.uniform(0.01, 0.02, w.shape)).astype(np.float32), t.name))
+    normalized = normalize(model)
+    analysis = analyze_model(normalized)
+    scores = {g.key: rng.random(g.width) for g in analysis.prunable}
+    kept = kept_elements(analysis, plan_by_ratio(analysis, scores, ratio,
+                                                 model_digest(normalized)))
+    onnx.save(normalized, tmp / "model.onnx")
+    onnx.save(surgery.cut(analysis, kept), tmp / "cut.onnx")
+    (_, m0), (_, m1) = count_written(tmp / "model.onnx"), count_written(tmp / "cut.onnx")
+    # params: float tensors of rank 1 or more (the written model shares equal scalars, such
+    # as two Clips' bounds, whether or not a cut touched them)
+    p0, p1 = (sum(int(np.prod(t.dims)) for t in onnx.load(tmp / f).graph.initializer
+                  if t.data_type == TensorProto.FLOAT and t.dims)
+              for f in ("model.onnx", "cut.onnx"))
+    params, macs = Estimator(analysis).removed(kept)
+    assert abs(params - (p0 - p1)) < 0.5 and abs(macs - (m0 - m1)) < 0.5
