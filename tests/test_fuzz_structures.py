@@ -688,10 +688,11 @@ def test_removed_params_and_macs_are_what_the_cut_removes(model, ratio, seed, tm
     onnx.save(normalized, tmp / "model.onnx")
     onnx.save(surgery.cut(analysis, kept), tmp / "cut.onnx")
     (_, m0), (_, m1) = count_written(tmp / "model.onnx"), count_written(tmp / "cut.onnx")
-    # params: float tensors of rank 1 or more (the written model shares equal scalars, such
-    # as two Clips' bounds, whether or not a cut touched them)
-    p0, p1 = (sum(int(np.prod(t.dims)) for t in onnx.load(tmp / f).graph.initializer
-                  if t.data_type == TensorProto.FLOAT and t.dims)
-              for f in ("model.onnx", "cut.onnx"))
+    # params: distinct float tensors (the written model shares equal constants, such as
+    # two Clips' bounds or two Resizes' scales, whether or not a cut touched them)
+    p0, p1 = (sum(int(np.prod(t.dims)) for t in {
+        (t.data_type, tuple(t.dims), onnx.numpy_helper.to_array(t).tobytes()): t
+        for t in onnx.load(tmp / f).graph.initializer if t.data_type == TensorProto.FLOAT
+    }.values()) for f in ("model.onnx", "cut.onnx"))
     params, macs = Estimator(analysis).removed(kept)
     assert abs(params - (p0 - p1)) < 0.5 and abs(macs - (m0 - m1)) < 0.5
