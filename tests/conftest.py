@@ -22,10 +22,30 @@ if os.environ.get("CI"):
 from gpp_onnx import PruneConfig, prune
 
 
+def _readable_make_model(graph, **kwargs) -> onnx.ModelProto:
+    """onnx.helper.make_model at the oldest IR version the model's opsets allow (unless the
+    test names one): onnx writes its newest by default, which an onnxruntime older than that
+    onnx cannot open (onnx 1.23 writes IR 14, onnxruntime 1.30 reads up to 13)."""
+    model = _make_model(graph, **kwargs)
+    if "ir_version" not in kwargs:
+        model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import),
+                                                               ignore_unknown=True)
+    return model
+
+
+_make_model, onnx.helper.make_model = onnx.helper.make_model, _readable_make_model
+
+
 def run_model(model_or_path, feeds: dict) -> list[np.ndarray]:
+    """The model's outputs in onnxruntime without graph optimisations: what the ONNX graph
+    computes. (onnxruntime before 1.32 fuses Pad(0) -> MaxPool into a MaxPool padded with
+    -inf, another function: an original and its pruned copy compared with the optimiser on
+    differed by 1e-2 where one of them kept that pattern.)"""
     data = (model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto)
             else str(model_or_path))
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
 
@@ -152,6 +172,19 @@ def _private_home(tmp_path_factory, monkeypatch):
     """Caches under ~ (the latency profiles) go to a folder of this test run, never the
     user's: no test reads what another run measured."""
     monkeypatch.setenv("HOME", str(tmp_path_factory.getbasetemp() / "home"))
+
+
+@pytest.fixture(autouse=True)
+def _cpu_paths(request, monkeypatch):
+    """The suite checks the CPU paths, bit for bit where it compares two runs; on a machine
+    with a GPU, device 'auto' would train on CUDA, whose kernels are not bitwise
+    reproducible (a resumed run differs from an uninterrupted one by rounding). The CUDA
+    paths have their own tests (test_cuda.py), which keep the GPU."""
+    if request.module.__name__ != "test_cuda":
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")   # and the processes tests start
 
 
 @pytest.fixture(scope="session")

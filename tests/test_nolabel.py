@@ -189,7 +189,7 @@ def test_teacher_targets_are_the_originals_outputs_per_batch(tmp_path):
         want = run_model(model, {"input": x})
         assert set(targets) == {target_key(o.name) for o in model.graph.output}
         for out, w in zip(model.graph.output, want):
-            np.testing.assert_allclose(targets[target_key(out.name)], w, rtol=1e-6)
+            np.testing.assert_allclose(targets[target_key(out.name)], w, rtol=1e-5, atol=1e-6)
 
 
 def test_distillation_moves_a_cut_model_towards_the_original(tmp_path):
