@@ -172,7 +172,8 @@ def declare(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProt
     `original` fixes it and `model` has it symbolic - for a model whose batch normalising
     freed (an input's dim 0); `model` itself otherwise. A model kept at its fixed batch
     keeps the output shapes inference gives it: an output's declared dim 0 need not be
-    the batch (a time-major (T, 1, K) output declared (1, T))."""
+    the batch (a time-major (T, 1, K) output declared (1, T)). The inputs `original`
+    declares with a default value are declared again too (``_defaults_back``)."""
     sizes = {}
     for value in [*original.graph.input, *original.graph.output]:
         dims = value.type.tensor_type.shape.dim
@@ -183,14 +184,49 @@ def declare(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProt
             and not v.type.tensor_type.shape.dim[0].HasField("dim_value")]
     inputs = {v.name for v in model.graph.input}
     if not any(v.name in inputs for v in todo):
-        return model
+        return _defaults_back(original, model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for value in [*out.graph.input, *out.graph.output]:
         dims = value.type.tensor_type.shape.dim
         if value.name in sizes and dims and not dims[0].HasField("dim_value"):
             dims[0].dim_value = sizes[value.name]
+    return _defaults_back(original, out)
+
+
+def _defaults_back(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the inputs `original` declares with a default value (an input that is
+    also an initializer, which a caller may feed instead: a temperature, say) declared
+    again where `model` holds that initializer unchanged; normalising made them
+    constants, and a caller feeding one got 'invalid input name'. Weights (what a layer
+    reads after its input) are not: old exporters listed every weight as an input, which
+    keeps onnxruntime from folding them, and a cut one is no longer what it was."""
+    inits = {t.name: t for t in original.graph.initializer}
+    weights = {name for node in original.graph.node if node.op_type in _WEIGHTED
+               for name in node.input[1:]}
+    held = {t.name: t for t in model.graph.initializer}
+    have = {v.name for v in model.graph.input}
+    todo = [v.name for v in original.graph.input
+            if v.name in inits and v.name in held and v.name not in have | weights
+            and _same_tensor(inits[v.name], held[v.name])]
+    if not todo:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for name in todo:
+        t = held[name]
+        out.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, t.dims))
     return out
+
+
+_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "PRelu",
+             "InstanceNormalization", "LayerNormalization", "GroupNormalization", "LSTM",
+             "GRU", "RNN"}
+
+
+def _same_tensor(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
+    return (a.data_type == b.data_type and list(a.dims) == list(b.dims)
+            and np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b)))
 
 
 def run_in_chunks(run, feeds: dict, b: int | None) -> list[np.ndarray]:

@@ -81,3 +81,30 @@ def test_an_output_declared_with_a_wrong_width_is_refused_before_the_work(tmp_pa
     err = capsys.readouterr().err
     assert "declared shapes" in err and "pruned model" not in err
     assert "round 1" not in err and not (tmp_path / "o.onnx").exists()
+
+
+def test_an_input_with_a_default_stays_an_input_and_listed_weights_do_not(tmp_path):
+    """An input the file also gives an initializer (a default a caller may override:
+    logits / temperature) is still an input of the pruned model, and feeding it still
+    scales the logits (it was dropped: 'invalid input name'). Weights an old exporter
+    listed as inputs are not declared again (onnxruntime would not fold them)."""
+    import onnxruntime as ort
+
+    model = two_convs()
+    model.graph.node[-1].output[0] = "z"
+    model.graph.node.append(helper.make_node("Div", ["z", "temperature"], ["logits"]))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1.0], np.float32),
+                                                           "temperature"))
+    model.graph.input.extend([helper.make_tensor_value_info("temperature", TensorProto.FLOAT,
+                                                            [1]),
+                              helper.make_tensor_value_info("w1", TensorProto.FLOAT,
+                                                            [16, 1, 3, 3])])
+    src, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(model, src)
+    prune(src, out, ratio=0.5, round_to=1, latency=False)
+    assert [v.name for v in onnx.load(out).graph.input] == ["x", "temperature"]
+    x = np.random.default_rng(1).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    plain = session.run(None, {"x": x})[0]
+    hot = session.run(None, {"x": x, "temperature": np.array([2.0], np.float32)})[0]
+    np.testing.assert_allclose(hot, plain / 2, rtol=1e-6)
