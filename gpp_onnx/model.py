@@ -225,7 +225,7 @@ def _normalize_any(model: onnx.ModelProto) -> onnx.ModelProto:
 def _normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 
-    model = _constants_to_initializers(model)
+    model = _constants_to_initializers(_inline_functions(model))
     sort_nodes(model.graph)
     name_nodes(model)  # onnx-graphsurgeon prints every node of a name it sees twice
     declared = {o.name: o.type for o in model.graph.output}
@@ -244,6 +244,22 @@ def _normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     sort_nodes(folded.graph)
     name_nodes(folded)
     return folded
+
+
+def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its local functions inlined (the same computation), so the layers in
+    them are counted, pruned and trained like any other: a function node was opaque (its
+    MACs and params went uncounted, its channels kept, and the torch backend refused it).
+    A function holding control flow stays a function: the If/Loop/Scan inside would be
+    refused at the top level, and as an opaque node it only keeps its channels."""
+    if not model.functions or any(n.op_type in CONTROL_FLOW
+                                  for f in model.functions for n in f.node):
+        return model
+    try:
+        from onnx.inliner import inline_local_functions
+    except ImportError:   # onnx before 1.16: the functions stay opaque
+        return model
+    return inline_local_functions(model)
 
 
 def _shuffles_to_gather(model: onnx.ModelProto) -> int:
