@@ -225,7 +225,7 @@ def _normalize_any(model: onnx.ModelProto) -> onnx.ModelProto:
 def _normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 
-    model = _constants_to_initializers(_inline_functions(model))
+    model = _constants_to_initializers(_inline_functions(_dense_initializers(model)))
     sort_nodes(model.graph)
     name_nodes(model)  # onnx-graphsurgeon prints every node of a name it sees twice
     declared = {o.name: o.type for o in model.graph.output}
@@ -244,6 +244,26 @@ def _normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     sort_nodes(folded.graph)
     name_nodes(folded)
     return folded
+
+
+def _dense_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each sparse initializer (values at linear or coordinate indices) as the
+    dense initializer it stands for: a weight stored so read as computed (not counted,
+    its layer not pruned). The written model stores it dense."""
+    if not model.graph.sparse_initializer:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for sparse in out.graph.sparse_initializer:
+        values = numpy_helper.to_array(sparse.values)
+        index = numpy_helper.to_array(sparse.indices).astype(np.int64)
+        dims = tuple(sparse.dims)
+        dense = np.zeros(int(np.prod(dims)), values.dtype)
+        dense[index if index.ndim == 1 else np.ravel_multi_index(index.T, dims)] = values
+        out.graph.initializer.append(numpy_helper.from_array(dense.reshape(dims),
+                                                             sparse.values.name))
+    del out.graph.sparse_initializer[:]
+    return out
 
 
 def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:

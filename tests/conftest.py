@@ -69,13 +69,16 @@ def rel_err(a, b) -> float:
 
 
 def n_params(path) -> int:
-    """Float weights held in initializers or Constant nodes."""
+    """Float weights held in initializers or Constant nodes (a sparse initializer counts
+    the elements of the dense tensor it stands for)."""
     model = onnx.load(str(path))
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
         if a.name == "value"]
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats)
+    return (sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats)
+            + sum(int(np.prod(s.dims)) for s in model.graph.sparse_initializer
+                  if s.values.data_type in floats))
 
 
 def prune_both(model: onnx.ModelProto, tmp_path: Path, **config):

@@ -648,3 +648,26 @@ def test_a_layer_in_a_local_function_is_counted_pruned_and_trained(tmp_path):
           PruneConfig(ratio=0.5, round_to=1, latency=False, data=gpp_onnx.DataOptions("digits"),
                       train=gpp_onnx.TrainOptions(epochs=0.2)))
     assert (tmp_path / "trained.onnx").exists()
+
+
+@pytest.mark.parametrize("coordinates", [False, True])
+def test_a_sparse_initializer_is_a_weight(tmp_path, coordinates):
+    """A conv weight stored as a sparse_initializer (half its values zero) is counted and
+    its layer pruned (it was taken for a computed weight: 'nothing can be pruned')."""
+    model = _conv_in_a_function()
+    model.functions.pop()
+    model.graph.node[0].CopyFrom(helper.make_node("Conv", ["x", "w1", "b1"], ["c1"],
+                                                  pads=[1] * 4))
+    model.graph.node.insert(1, helper.make_node("Relu", ["c1"], ["r1"]))
+    w2 = next(t for t in model.graph.initializer if t.name == "w2")
+    dense = numpy_helper.to_array(w2).copy()
+    dense[:, ::2] = 0
+    flat = np.flatnonzero(dense)
+    index = np.stack(np.unravel_index(flat, dense.shape), 1) if coordinates else flat
+    model.graph.initializer.remove(w2)
+    model.graph.sparse_initializer.append(helper.make_sparse_tensor(
+        numpy_helper.from_array(dense.ravel()[flat], "w2"),
+        numpy_helper.from_array(index.astype(np.int64), "w2_index"), list(dense.shape)))
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, round_to=1)
+    assert result.before.params == 16 * 9 + 16 + 16 * 16 * 9 + 16 + 10 * 16 + 10
+    assert result.plan.removed_channels == 16
