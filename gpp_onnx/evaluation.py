@@ -133,6 +133,13 @@ def check_class_scores(view: GraphView) -> tuple:
     """The first output's shape, refused unless it is (N, classes): labels index its classes."""
     out_shape = view.shape(view.output_names[0])
     if out_shape is None or len(out_shape) != 2:
+        scores = [n for n in view.output_names[1:]
+                  if (s := view.shape(n)) is not None and len(s) == 2]
+        if scores:
+            raise DataError(f"the model's first output '{view.output_names[0]}' has shape "
+                            f"{out_shape} and its output '{scores[0]}' "
+                            f"{view.shape(scores[0])} - gpp-onnx reads the first output as "
+                            "the class scores: export the model with the class scores first")
         raise DataError(f"output '{view.output_names[0]}' has shape {out_shape}; a classifier "
                         "gives (N, classes) - pass a classification model")
     return out_shape

@@ -108,3 +108,22 @@ def test_an_input_with_a_default_stays_an_input_and_listed_weights_do_not(tmp_pa
     plain = session.run(None, {"x": x})[0]
     hot = session.run(None, {"x": x, "temperature": np.array([2.0], np.float32)})[0]
     np.testing.assert_allclose(hot, plain / 2, rtol=1e-6)
+
+
+def test_feature_map_first_and_logits_second_with_labels_says_to_put_the_scores_first(
+        tmp_path, capsys):
+    """With labels, a model returning (feature map, logits) is refused naming the logits
+    output and the fix (it said 'pass a classification model')."""
+    model = two_convs(extra_outputs=[helper.make_tensor_value_info("r1", TensorProto.FLOAT,
+                                                                   ["N", 16, 8, 8])])
+    logits, feat = list(model.graph.output)
+    del model.graph.output[:]
+    model.graph.output.extend([feat, logits])
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    x = np.random.default_rng(0).random((40, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(40) % 4)
+    assert main(["-q", "prune", str(src), "--data", str(tmp_path / "d.npz"), "--ratio", "0.5",
+                 "--no-latency", "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'logits'" in err[0] and "class scores first" in err[0]
