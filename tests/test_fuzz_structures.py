@@ -661,9 +661,9 @@ def test_structures_repaired_pruned_equals_repaired_masked(model, ratio, seed):
 def test_removed_params_and_macs_are_what_the_cut_removes(model, ratio, seed, tmp_path_factory):
     """``Estimator.removed`` (the per-group shares of ``analyze``, summed over the slots a
     cut touches alone) equals the counts of the uncut and the cut file, counted here. The
-    weights and biases get distinct values first, as trained ones have: fresh zero biases
-    of two widths cut to one width are the same bytes, and the written model shares them
-    (a saving no estimate of the cut sees)."""
+    weights, biases and scales get distinct values first, as trained ones have: fresh zero
+    biases of two widths cut to one width, or two fresh BatchNorms' vectors, are the same
+    bytes, and the written model shares them (a saving no estimate of the cut sees)."""
     from gpp_onnx import surgery
     from gpp_onnx.analysis import analyze_model
     from gpp_onnx.model import normalize
@@ -672,11 +672,11 @@ def test_removed_params_and_macs_are_what_the_cut_removes(model, ratio, seed, tm
 
     tmp = tmp_path_factory.mktemp("removed")
     rng = np.random.default_rng(seed)
-    weights = {n.input[i] for n in model.graph.node
-               if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
-               for i in (1, 2) if i < len(n.input)}
+    weights = {name for n in model.graph.node if n.op_type in (
+        "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Mul", "Add", "PRelu")
+        for name in n.input[1:]}
     for t in model.graph.initializer:
-        if t.name in weights and t.data_type == TensorProto.FLOAT:
+        if t.name in weights and t.data_type == TensorProto.FLOAT and t.dims:
             w = onnx.numpy_helper.to_array(t)
             t.CopyFrom(onnx.numpy_helper.from_array(
                 (w + rng.uniform(0.01, 0.02, w.shape)).astype(np.float32), t.name))
