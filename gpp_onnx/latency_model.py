@@ -34,7 +34,7 @@ import numpy as np
 from . import allocate, latency, surgery
 from .config import LatencyOptions
 from .latency import channel_alignment
-from .errors import GppError
+from .errors import GppError, InputError
 from .files import write_text
 from .plan import PrunePlan, kept_elements, plan_for_target
 
@@ -148,20 +148,33 @@ def _kernel_times(model, feeds: dict, runs: int, options: LatencyOptions) -> dic
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if options.threads:
         opts.intra_op_num_threads = options.threads
-    with tempfile.TemporaryDirectory() as tmp:
+    try:
+        folder = tempfile.TemporaryDirectory()
+    except OSError as err:
+        raise _no_profile(tempfile.gettempdir(), err.strerror or type(err).__name__) from None
+    with folder as tmp:
         opts.profile_file_prefix = os.path.join(tmp, "profile")
         session = ort.InferenceSession(model.SerializeToString(), opts,
                                        providers=latency.providers_for(options))
         for _ in range(runs + 1):
             session.run(None, feeds)
-        with open(session.end_profiling()) as f:
-            events = json.load(f)
+        try:
+            with open(session.end_profiling()) as f:
+                events = json.load(f)
+        except (OSError, ValueError):   # onnxruntime cuts its profile short on a full disk
+            raise _no_profile(os.path.dirname(tmp), "incomplete - is its disk full?") from None
     per_kernel: dict[str, list[float]] = defaultdict(list)
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             per_kernel[e["name"][: -len("_kernel_time")]].append(e["dur"] * 1e-6)
     # the first run of a profiled session allocates: drop it
     return {k: statistics.median(v[1:] or v) for k, v in per_kernel.items()}
+
+
+def _no_profile(folder, why: str) -> InputError:
+    return InputError(f"onnxruntime's kernel profile in the temporary folder {folder} could "
+                      f"not be written ({why}) - free some space there or set TMPDIR to "
+                      "another folder")
 
 
 def _scaled_values(analysis, by_name: dict, kernel: str) -> tuple[str, ...]:

@@ -289,3 +289,26 @@ def test_cuda_without_onnxruntime_gpu_is_refused_before_the_work(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("onnxruntime-gpu" in line for line in err)
     assert not out.exists()
+
+
+def test_a_profile_cut_short_by_a_full_temporary_folder_is_a_one_line_error(
+        tmp_path, monkeypatch, capsys):
+    import onnxruntime as ort
+
+    real = ort.InferenceSession.end_profiling
+
+    def cut_short(self):       # what onnxruntime leaves on a full disk: the first 4 KiB
+        path = real(self)
+        with open(path, "r+b") as f:
+            f.truncate(4096)
+        return path
+
+    monkeypatch.setattr(ort.InferenceSession, "end_profiling", cut_short)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    src = tmp_path / "m.onnx"
+    onnx.save(_chain(widths=(32, 64, 64), side=32), src)
+    assert main(["-q", "profile", str(src), "--no-latency-cache"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TMPDIR" in err[0] and str(tmp_path) in err[0]
+    assert "internal error" not in err[0]
