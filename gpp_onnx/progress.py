@@ -52,6 +52,8 @@ class ProgressHandler(logging.StreamHandler):
                 self.stream.write("\n")
         else:
             step = max(total // 10, 1)
+            if done // step < self._shown.get(desc, -1):   # the loop again (a later round)
+                del self._shown[desc]
             if done == total or done // step > self._shown.get(desc, -1):
                 self._shown[desc] = done // step
                 self.stream.write(f"gpp-onnx: {desc} {done}/{total}\n")

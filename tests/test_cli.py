@@ -311,3 +311,26 @@ def test_an_op_the_torch_backend_lacks_names_the_prune_that_still_works(tmp_path
     assert "--criterion l1 --repair bias" in err[-1] and not out.exists()
     assert main([*argv, "--criterion", "l1", "--repair", "bias"]) == 0
     assert out.exists()
+
+
+def test_a_progress_loop_run_again_logs_its_steps_again_when_not_a_terminal(monkeypatch):
+    """A log file (no TTY) had one line for the second 'fine-tune' / 'push' / 'tracing'
+    loop of a run (rounds), its last: a long later fine-tune showed no progress at all."""
+    import io
+    import logging
+
+    from gpp_onnx import progress
+
+    monkeypatch.setattr(progress, "_INTERVAL_S", 0.0)
+    stream = io.StringIO()
+    log = logging.getLogger("gpp_onnx.test_progress")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(progress.ProgressHandler(stream))
+    for _ in range(2):
+        for _ in progress.track(range(20), "fine-tune", 20, log):
+            pass
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue()
+    assert len(lines) == 22 and lines[:11] == lines[11:]
+    assert lines[11] == "gpp-onnx: fine-tune 1/20"
