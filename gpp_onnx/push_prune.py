@@ -107,6 +107,13 @@ def gpp(model, output=None, config: PruneConfig | None = None,
                          "with labels (a folder, .npz, IDX file, fashion-mnist or digits); "
                          "without labels, prune with --finetune-epochs distils instead")
     src, dst, config, options = _gpp_checks(model, output, config, options)
+    with workdir.held(options.work_dir):
+        workdir.check_work(options)   # another run may have checkpointed here since the check
+        return _gpp(model, src, dst, config, options)
+
+
+def _gpp(model, src: Path | None, dst: Path | None, config: PruneConfig,
+         options: GppOptions) -> GppResult:
     t0 = time.perf_counter()
     start = start_run(model if src is None else src, replace(config, latency=False),
                       LDA_PER_CLASS)

@@ -3,9 +3,12 @@ round (``round-K.onnx``, ``best.onnx``, ``state.json``; ``grown.onnx`` after the
 phase) and the checks a fresh run or ``--resume`` makes before any work."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -118,6 +121,39 @@ def check_work(options, inputs: tuple[Path, ...] = (), outputs: tuple[Path, ...]
                          "leaves one) - remove it or choose another --work-dir")
     if options.resume:
         _check_files(Path(work), _saved(Path(work)))
+
+
+@contextlib.contextmanager
+def held(work: Path | None):
+    """The work folder, locked for this run (an advisory lock on the folder, dropped when
+    the process ends however it ends): a second run given the same folder (the same
+    --work-dir, or the same -o) is refused while this one runs, instead of both
+    checkpointing into it. A folder the lock created goes again if the run left it empty."""
+    if work is None or not distributed.is_writer():  # torchrun: rank 0 keeps the folder
+        yield
+        return
+    work = Path(work)
+    created = not work.exists()
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        fd = os.open(work, os.O_RDONLY)
+    except OSError as err:
+        raise InputError(f"cannot use the work folder {work} "
+                         f"({err.strerror or type(err).__name__}) - choose another --work-dir"
+                         ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(f"{work} is the work folder of another gpp run that is still "
+                             "running - wait for it to end, or give this one another -o or "
+                             "--work-dir") from None
+        yield
+    finally:
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                work.rmdir()
 
 
 def _check_files(work: Path, saved: dict) -> None:

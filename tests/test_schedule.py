@@ -456,3 +456,24 @@ def test_chance_is_judged_by_the_classes_the_data_holds(trained, tmp_path, caplo
             ratio=0.5, latency=False, data=DataOptions(str(tmp_path / "even.npz"))))
     said = [r.getMessage() for r in caplog.records if "about chance" in r.getMessage()]
     assert said and "for 5 classes" in said[0]
+
+
+def test_a_work_folder_another_run_is_using_is_refused(trained, tmp_path, capsys):
+    """Two runs given the same work folder (the same -o or --work-dir) both started and
+    checkpointed into it: the check for a run in it looked for state.json alone, which the
+    first run writes only after its first round."""
+    import fcntl
+
+    work = tmp_path / "o.onnx.gpp-work"
+    work.mkdir()
+    fd = os.open(work, os.O_RDONLY)      # the lock a running gpp holds on its folder
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = main(["gpp", str(trained), "--data", "digits", "--target-macs", "0.5",
+                     "--budget-epochs", "1", "--rounds", "1", "--no-latency",
+                     "-o", str(tmp_path / "o.onnx")])
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "still running" in err[-1] and "--work-dir" in err[-1]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["o.onnx.gpp-work"]
