@@ -126,6 +126,19 @@ def _run(args) -> int:
     return 0
 
 
+def _err(text: str) -> None:
+    """An error line on stderr. A stderr that has gone (`2>&1 | head -1`) keeps the exit
+    code as it is: the line raised BrokenPipeError, and the run exited 1, as for a bug."""
+    try:
+        print(text, file=sys.stderr)
+        sys.stderr.flush()
+    except (OSError, AttributeError, ValueError):   # broken, closed
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        except OSError:
+            pass
+
+
 def _quiet_onnxruntime(verbose: bool) -> None:
     """onnxruntime's optimizer logs warnings (e.g. "UnsqueezeElimination cannot remove
     node", 80 lines on shufflenet) through its process-wide logger, not the session's;
@@ -162,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         with _world(args):
             return _reporting(args)
     except GppError as err:  # the torchrun environment itself
-        print(f"gpp-onnx: error: {err}", file=sys.stderr)
+        _err(f"gpp-onnx: error: {err}")
         return 2
     finally:
         if ours:
@@ -179,10 +192,10 @@ def _reporting(args) -> int:
         return _run(args)
     except distributed.RanksDisagree as err:  # raised on every rank: rank 0 says it
         if distributed.is_writer():
-            print(f"gpp-onnx: error: {err}", file=sys.stderr)
+            _err(f"gpp-onnx: error: {err}")
         return 2
     except GppError as err:
-        print(f"gpp-onnx: error{_rank_tag()}: {err}", file=sys.stderr)
+        _err(f"gpp-onnx: error{_rank_tag()}: {err}")
         return _alone(2)
     except KeyboardInterrupt as err:
         work = (getattr(args, "work_dir", None)
@@ -190,7 +203,7 @@ def _reporting(args) -> int:
         kept = (f"; the finished rounds are kept in {work} - rerun with --resume to go on"
                 if work and (Path(work) / "state.json").exists() else "")
         if distributed.is_writer():  # Ctrl-C reaches every process; rank 0 says it once
-            print(f"gpp-onnx: interrupted; no output was written{kept}", file=sys.stderr)
+            _err(f"gpp-onnx: interrupted; no output was written{kept}")
         # under torchrun another process may sit in a collective step that would wait for
         # this one at the last barrier: end now (torchrun stops the others)
         return _alone(143 if isinstance(err, _Terminated) else 130)   # 128 + the signal
@@ -201,19 +214,19 @@ def _reporting(args) -> int:
         if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
             # the machine's memory, not a bug (torch's CUDA one is an OutOfMemoryError)
             text = " ".join(str(err).split())[:160]
-            print(f"gpp-onnx: error{_rank_tag()}: out of memory ({text}) - nothing was "
-                  "written; lower --batch-size, --limit or --input-shape, or use a machine "
-                  "with more memory", file=sys.stderr)
+            _err(f"gpp-onnx: error{_rank_tag()}: out of memory ({text}) - nothing was "
+                 "written; lower --batch-size, --limit or --input-shape, or use a machine "
+                 "with more memory")
             return _alone(2)
         if distributed.world_size() > 1 and (  # gloo: "Connection closed/reset by peer"
                 "by peer" in str(err) or type(err).__name__.startswith("Dist")):
-            print(f"gpp-onnx: error{_rank_tag()}: another process stopped (its error is "
-                  "above) - nothing was written", file=sys.stderr)
+            _err(f"gpp-onnx: error{_rank_tag()}: another process stopped (its error is "
+                 "above) - nothing was written")
             return _alone(2)
         if args.verbose:      # a bug: say so on one line; -v shows the traceback
             raise
-        print(f"gpp-onnx: internal error{_rank_tag()}: {type(err).__name__}: {err} - nothing "
-              "was written; rerun with -v for the traceback and please report it", file=sys.stderr)
+        _err(f"gpp-onnx: internal error{_rank_tag()}: {type(err).__name__}: {err} - nothing "
+             "was written; rerun with -v for the traceback and please report it")
         return _alone(1)
 
 
@@ -247,8 +260,8 @@ def _world(args):
             try:
                 distributed.teardown()
             except Exception:  # another process ended first (an error or Ctrl-C it met)
-                print(f"gpp-onnx: error{_rank_tag()}: another process stopped - nothing was "
-                      "written", file=sys.stderr)
+                _err(f"gpp-onnx: error{_rank_tag()}: another process stopped - nothing was "
+                     "written")
                 _alone(2)
 
 

@@ -334,3 +334,25 @@ def test_a_progress_loop_run_again_logs_its_steps_again_when_not_a_terminal(monk
     assert "\r" not in stream.getvalue()
     assert len(lines) == 22 and lines[:11] == lines[11:]
     assert lines[11] == "gpp-onnx: fine-tune 1/20"
+
+
+def _gpp_onnx(*args: str, **kwargs):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "gpp_onnx", *args], env=env, **kwargs)
+
+
+def test_bad_input_exits_2_when_stderr_has_gone(tmp_path):
+    """`gpp-onnx ... 2>&1 | head -1`: the error line met a closed pipe, and its
+    BrokenPipeError turned the exit code of bad input (2) into a bug's (1)."""
+    import subprocess
+
+    proc = _gpp_onnx("prune", str(tmp_path / "missing.onnx"), "--ratio", "0.5", "-o",
+                     str(tmp_path / "o.onnx"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc.stderr.close()            # the reader went away before the first line
+    assert proc.wait(timeout=300) == 2
