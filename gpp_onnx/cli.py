@@ -81,23 +81,23 @@ def _run(args) -> int:
 
         resolve_device("cuda")
     if args.command == "analyze":
-        print(report.analysis_table(pipeline.analyze(args.model, input_shape(args.input_shape))))
+        _out(report.analysis_table(pipeline.analyze(args.model, input_shape(args.input_shape))))
     elif args.command == "prune":
         result = pipeline.prune(args.model, args.output, _prune_config(args),
                                 plan_path=args.plan, plan_out=args.plan_out)
-        print(report.prune_summary(result))
+        _out(report.prune_summary(result))
     elif args.command == "gpp":
-        print(training_report.gpp_summary(push_prune.gpp(args.model, args.output, _prune_config(args),
+        _out(training_report.gpp_summary(push_prune.gpp(args.model, args.output, _prune_config(args),
                                               _gpp_options(args))))
     elif args.command == "profile":
         if args.json:
             preflight.check_side_output(Path(args.json), "--json", Path(args.model))
         prof = pipeline.profile(args.model, input_shape(args.input_shape), _timing(args),
                                 args.runs)
-        print(report.profile_table(prof))
+        _out(report.profile_table(prof))
         if args.json and distributed.is_writer():
             files.write_text(args.json, report.to_json(vars(prof)))
-            print(f"wrote {args.json}")
+            _out(f"wrote {args.json}")
     elif args.command == "push":
         res = push_prune.push(args.model, args.output, _data_options(args),
                             TrainOptions(epochs=args.epochs, lr=args.lr,
@@ -105,25 +105,42 @@ def _run(args) -> int:
                                          amp=args.amp),
                             PushWeights(args.sep, args.cov, args.align), args.feature_tensor,
                             args.seed, input_shape(args.input_shape))
-        print(training_report.push_summary(res))
+        _out(training_report.push_summary(res))
     elif args.command == "grow":
         from .grow import grow
 
-        print(training_report.grow_summary(grow(args.model, args.output, _grow_config(args))))
+        _out(training_report.grow_summary(grow(args.model, args.output, _grow_config(args))))
     elif args.command == "evaluate":
         if not args.data:
             raise InputError("evaluate needs --data (labelled images)")
         acc, n = pipeline.evaluate(args.model, _data_options(args),
                                    input_shape(args.input_shape))
-        print(f"top-1 accuracy {acc:.4f} on {n} images")
+        _out(f"top-1 accuracy {acc:.4f} on {n} images")
     elif args.command == "compare":
         cmp = pipeline.compare(args.model_a, args.model_b, input_shape(args.input_shape),
                                args.repeats, _data_options(args))
-        print(report.comparison_table(cmp, Path(args.model_a).name, Path(args.model_b).name))
+        _out(report.comparison_table(cmp, Path(args.model_a).name, Path(args.model_b).name))
     elif args.command == "demo":
         result = push_prune.demo(Path(args.out), args.ratio, args.epochs, args.budget_epochs)
-        print(training_report.gpp_summary(result))
+        _out(training_report.gpp_summary(result))
     return 0
+
+
+def _out(text: str) -> None:
+    """A result on stdout. A stdout that cannot take it (a log file on a full disk) is a
+    one-line error, not a bug that wrote nothing: the run's files are written by then."""
+    if sys.stdout is None:    # closed (>&-)
+        return
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # drop what is left
+        raise InputError(f"cannot write the results to standard output "
+                         f"({err.strerror or type(err).__name__}) - files the run wrote are "
+                         "complete; free some space where it goes, or redirect it") from None
 
 
 def _err(text: str) -> None:

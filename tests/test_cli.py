@@ -347,6 +347,24 @@ def _gpp_onnx(*args: str, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "gpp_onnx", *args], env=env, **kwargs)
 
 
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_under_stdout_is_a_one_line_error_that_keeps_the_written_files(
+        model_path, tmp_path):
+    """The summary printed to a log on a full disk after the model and report were written
+    was an internal error saying nothing was written (exit 1)."""
+    import subprocess
+
+    out = tmp_path / "small.onnx"
+    with open("/dev/full", "w") as full:
+        proc = _gpp_onnx("-q", "prune", str(model_path), "--ratio", "0.5", "--no-latency",
+                         "-o", str(out), stdout=full, stderr=subprocess.PIPE, text=True)
+        _, err = proc.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2, err
+    assert len(lines) == 1 and "standard output" in lines[0] and "nothing was written" not in err
+    assert out.is_file() and out.with_suffix(".report.json").is_file()
+
+
 def test_bad_input_exits_2_when_stderr_has_gone(tmp_path):
     """`gpp-onnx ... 2>&1 | head -1`: the error line met a closed pipe, and its
     BrokenPipeError turned the exit code of bad input (2) into a bug's (1)."""
