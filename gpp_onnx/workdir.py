@@ -4,13 +4,17 @@ phase) and the checks a fresh run or ``--resume`` makes before any work."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:   # (not POSIX: runs are not locked against each other)
+    fcntl = None
 
 import onnx
 
@@ -129,7 +133,7 @@ def held(work: Path | None):
     the process ends however it ends): a second run given the same folder (the same
     --work-dir, or the same -o) is refused while this one runs, instead of both
     checkpointing into it. A folder the lock created goes again if the run left it empty."""
-    if work is None or not distributed.is_writer():  # torchrun: rank 0 keeps the folder
+    if work is None or fcntl is None or not distributed.is_writer():  # torchrun: rank 0
         yield
         return
     work = Path(work)
