@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -234,6 +235,11 @@ def _reporting(args) -> int:
             _err(f"gpp-onnx: error{_rank_tag()}: out of memory ({text}) - nothing was "
                  "written; lower --batch-size, --limit or --input-shape, or use a machine "
                  "with more memory")
+            return _alone(2)
+        if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG:  # any path
+            name = str(err.filename or "a path")
+            _err(f"gpp-onnx: error{_rank_tag()}: {name[:60]}...: the name is too long for "
+                 "the file system - nothing was written; use a shorter path")
             return _alone(2)
         if distributed.world_size() > 1 and (  # gloo: "Connection closed/reset by peer"
                 "by peer" in str(err) or type(err).__name__.startswith("Dist")):

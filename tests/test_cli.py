@@ -374,3 +374,20 @@ def test_bad_input_exits_2_when_stderr_has_gone(tmp_path):
                      str(tmp_path / "o.onnx"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     proc.stderr.close()            # the reader went away before the first line
     assert proc.wait(timeout=300) == 2
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_a_path_too_long_for_the_file_system_is_a_one_line_error(tmp_path, capsys, side):
+    """A file name over the file system's limit (255 bytes) as the model or -o: one line,
+    exit 2 (it was an internal error, exit 1, 'please report it')."""
+    from gpp_onnx.samples import sample_cnn
+
+    src = tmp_path / "m.onnx"
+    onnx.save(sample_cnn(), src)
+    long = tmp_path / ("x" * 300 + ".onnx")
+    model, out = (long, tmp_path / "o.onnx") if side == "input" else (src, long)
+    assert main(["-q", "prune", str(model), "--ratio", "0.5", "--no-latency",
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "too long" in err[0] and "internal error" not in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
