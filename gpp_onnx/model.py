@@ -8,6 +8,8 @@ information. ``read`` says what it changed (``Loaded``).
 
 `normalize` rewrites the graph once, without changing what it computes:
 
+* local functions are inlined (one holding control flow stays whole) and sparse
+  initializers become the dense weights they stand for;
 * Constant nodes holding tensors become initializers;
 * constant sub-graphs are folded (onnx-graphsurgeon, evaluated by onnxruntime), which
   also removes Identity nodes in front of initializers and folds shape arithmetic on
@@ -32,7 +34,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
-from . import batch, skeleton
+from . import batch, refused, skeleton
 from .files import serialize
 from .edit import Editor, drop_dead_nodes, name_nodes
 from .dense import dense_to_gemm
@@ -40,17 +42,6 @@ from .compat import MIN_OPSET, Loaded, opset_version, sort_nodes, upgrade_opset
 from .errors import InputError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
-
-CONTROL_FLOW = {"If", "Loop", "Scan"}
-QUANTIZED = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul",
-             "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm",
-             # onnxruntime's contrib ops: ORT_ENABLE_EXTENDED fuses a dynamically quantized
-             # MatMul into DynamicQuantizeMatMul / MatMulIntegerToFloat, leaving none of the above
-             "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QAttention",
-             "DynamicQuantizeLSTM", "QLinearAdd", "QLinearMul", "QLinearConcat",
-             "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid",
-             "QLinearLeakyRelu", "QLinearSoftmax", "QLinearWhere", "QEmbedLayerNormalization"}
-
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
     """Read and validate an ONNX file (external data included); raise InputError on bad input."""
@@ -130,7 +121,8 @@ def _prepare(model: onnx.ModelProto, where: str, data: bytes | None = None) -> L
 
 
 def validate(model: onnx.ModelProto, where: str = "model", data: bytes | None = None) -> None:
-    """Checker, a default-domain opset, and ops gpp-onnx refuses (quantized, control flow).
+    """Checker, a default-domain opset, and what gpp-onnx refuses (``refused``: quantized,
+    control flow).
     `data`: `model` serialised, when the caller holds those bytes (else it is serialised
     here)."""
     try:
@@ -143,63 +135,7 @@ def validate(model: onnx.ModelProto, where: str = "model", data: bytes | None = 
     if opset_version(model) == 0:
         raise UnsupportedModelError(f"{where} imports no standard ONNX opset - export it "
                                     "with the standard ONNX operators")
-    ops = {n.op_type for n in model.graph.node}
-    if ops & CONTROL_FLOW:
-        raise UnsupportedModelError(
-            f"{where} contains control flow ({', '.join(sorted(ops & CONTROL_FLOW))}) - "
-            "export the classifier without data-dependent branches or loops")
-    if ops & QUANTIZED:
-        raise UnsupportedModelError(
-            f"{where} is quantized ({', '.join(sorted(ops & QUANTIZED))}) - "
-            "prune the float model first, then quantize the pruned model")
-    cast = _integer_weight(model)
-    if cast is not None:
-        raise UnsupportedModelError(
-            f"{where} is quantized (weights stored as integers and cast to float, e.g. "
-            f"'{cast}') - prune the float model first, then quantize the pruned model")
-
-
-INTEGER_WEIGHTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4,
-                   onnx.TensorProto.UINT4}
-
-
-def _integer_weight(model: onnx.ModelProto) -> str | None:
-    """The first int8/uint8/int4 tensor of more than one element that a Cast turns into
-    floats and that (through scaling and reshaping) is the weight of a Conv, ConvTranspose,
-    Gemm or MatMul: weight-only quantization written as Cast and Mul. Normalising folds it
-    into a float32 weight, so the written model was silently four times its bytes per
-    weight. (An integer mask or table cast to floats elsewhere is no weight.)"""
-    wide = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-            onnx.TensorProto.DOUBLE}
-    small = {t.name for t in model.graph.initializer
-             if t.data_type in INTEGER_WEIGHTS and np.prod(t.dims) > 1}
-    small |= {n.output[0] for n in model.graph.node
-              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
-              and n.attribute[0].t.data_type in INTEGER_WEIGHTS
-              and np.prod(n.attribute[0].t.dims) > 1}
-    users: dict[str, list] = {}
-    for n in model.graph.node:
-        for name in n.input:
-            users.setdefault(name, []).append(n)
-    for cast in model.graph.node:
-        if not (cast.op_type == "Cast" and cast.input and cast.input[0] in small
-                and any(a.name == "to" and a.i in wide for a in cast.attribute)):
-            continue
-        values, seen = [cast.output[0]], set()
-        while values:
-            value = values.pop()
-            seen.add(value)
-            for user in users.get(value, ()):
-                if user.op_type in _WEIGHT_READERS and user.input[1:2] == [value]:
-                    return cast.input[0]
-                if user.op_type in _DEQUANTIZING:
-                    values += [o for o in user.output if o not in seen]
-    return None
-
-
-_WEIGHT_READERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-_DEQUANTIZING = {"Mul", "Sub", "Add", "Div", "Reshape", "Transpose", "Identity", "Cast",
-                 "Unsqueeze", "Squeeze"}
+    refused.check(model, where)
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -272,7 +208,7 @@ def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     MACs and params went uncounted, its channels kept, and the torch backend refused it).
     A function holding control flow stays a function: the If/Loop/Scan inside would be
     refused at the top level, and as an opaque node it only keeps its channels."""
-    if not model.functions or any(n.op_type in CONTROL_FLOW
+    if not model.functions or any(n.op_type in refused.CONTROL_FLOW
                                   for f in model.functions for n in f.node):
         return model
     try:
