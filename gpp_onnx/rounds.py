@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import batch, distributed, exact, files, latency, logits, repair, report, surgery, verify
+from . import (batch, distributed, exact, files, latency, logits, repair, report, surgery,
+               verify, widened)
 from .allocate import fill, plan_global
 from .analysis import Analysis
 from .config import PruneConfig
@@ -262,7 +263,7 @@ def one_round(analysis: Analysis, config: PruneConfig, data: Splits | None, k: i
     err = verdict.error
     logger.info("verified: pruned == masked original (relative error %.1e < %.1e)", err,
                 verdict.tolerance.value)
-    wide = (verify.check_in_float32(pruned, masked.model, feeds)
+    wide = (widened.check_in_float32(pruned, masked.model, feeds)
             if verify.low_precision(pruned) is not None else None)
     stats = Estimator(analysis).estimate(kept)
     bare = None if deltas is None else surgery.cut(analysis, kept, None, None)

@@ -23,8 +23,9 @@ leaves room for the extra roundings along a deeper path.
 
 A float16 model's tolerance (1e-4 to 1e-2 on zoo nets) is as large as the effect of one
 wrongly zeroed weak channel, so such a model is also checked strictly: pruned and masked
-are both ``upcast`` to float32 (float16 -> float32 is exact; Casts to float16 become
-Casts to float32) and must agree within the float32 rule above (the masked copy's noise).
+are both upcast to float32 (``widened.py``; float16 -> float32 is exact; Casts to
+float16 become Casts to float32) and must agree within the float32 rule above (the masked
+copy's noise).
 Where the float32 rule fails or is widened by the model's noise, float64 decides
 (``exact.py``).
 
@@ -51,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 EQUIVALENCE_TOLERANCE = 1e-5  # the floor: a model whose own noise is small gets exactly this
 NOISE_FACTOR = 10
-_LOW_PRECISION = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+LOW_PRECISION = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
 EPSILON = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}  # machine epsilon
 
 
@@ -298,7 +299,7 @@ def low_precision(model: onnx.ModelProto) -> str | None:
     for node in model.graph.node:
         types |= {a.i for a in node.attribute if node.op_type == "Cast" and a.name == "to"}
         types |= {a.t.data_type for a in node.attribute if a.type == onnx.AttributeProto.TENSOR}
-    names = {_LOW_PRECISION[t] for t in types if t in _LOW_PRECISION}
+    names = {LOW_PRECISION[t] for t in types if t in LOW_PRECISION}
     return max(names, key=EPSILON.get) if names else None
 
 
@@ -352,56 +353,4 @@ def check_equivalent(got: list[np.ndarray], reference: list[np.ndarray],
                                 f"tolerance {tolerance.value:.1e}, the model's own noise "
                                 f"{tolerance.noise:.1e}); nothing was written - please "
                                 "report this model")
-    return err
-
-
-def upcast(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same graph computing in float32 where it holds float16/bfloat16 (weights
-    converted exactly, Casts and dtype attributes pointed at float32)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph, f32 = out.graph, onnx.TensorProto.FLOAT
-
-    def widened(t: onnx.TensorProto) -> onnx.TensorProto:
-        return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
-
-    for t in graph.initializer:
-        if t.data_type in _LOW_PRECISION:
-            t.CopyFrom(widened(t))
-    for v in [*graph.input, *graph.output]:
-        if v.type.tensor_type.elem_type in _LOW_PRECISION:
-            v.type.tensor_type.elem_type = f32
-    del graph.value_info[:]
-    for node in graph.node:
-        for a in node.attribute:
-            if a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT \
-                    and a.i in _LOW_PRECISION:
-                a.i = f32
-            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _LOW_PRECISION:
-                a.t.CopyFrom(widened(a.t))
-    return out
-
-
-def check_in_float32(pruned: onnx.ModelProto, masked: onnx.ModelProto, feeds: dict
-                     ) -> float | None:
-    """Pruned vs masked of a low-precision model, both computed in float32, within the
-    float32 tolerance of the masked copy (the 1e-5 floor unless its own noise is larger);
-    None (and a warning) when the float32 copies do not run."""
-    wide = {k: v.astype(np.float32) if v.dtype.kind == "f" and v.dtype.itemsize < 4 else v
-            for k, v in ((k, np.asarray(v)) for k, v in feeds.items())}
-    try:
-        reference32 = upcast(masked)
-        extra = saturated_inputs(reference32)
-        source = session_source(reference32)
-        reference = run(exposing(source, extra), wide, "masked model in float32")
-        tol = measure_tolerance(reference32, wide, "masked model in float32", source, reference)
-        got = run(exposing(session_source(upcast(pruned)), extra), wide,
-                  "pruned model in float32")
-    except VerificationError as err:
-        logger.warning("float32 check of the low-precision model skipped: %s", err)
-        return None
-    err = check_equivalent(got, reference, "pruned model (computed in float32)",
-                           "the masked original (computed in float32)", tol)
-    logger.info("verified in float32: pruned == masked original (relative error %.1e < %.1e)",
-                err, tol.value)
     return err

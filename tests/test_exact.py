@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import feeds_for, run_model
-from gpp_onnx import exact, logits, prune, surgery, verify
+from gpp_onnx import exact, logits, prune, surgery, verify, widened
 from gpp_onnx.errors import VerificationError
 from gpp_onnx.samples import GraphBuilder
 
@@ -221,9 +221,9 @@ def test_float32_check_of_a_float16_model_compares_the_logits():
     pruned = prune(model, **options).model
     masked = prune(model, mask_only=True, **options).model
     feeds = feeds_for(model, batch=2)
-    assert verify.check_in_float32(pruned, masked, feeds) < verify.EQUIVALENCE_TOLERANCE
+    assert widened.check_in_float32(pruned, masked, feeds) < verify.EQUIVALENCE_TOLERANCE
     with pytest.raises(VerificationError, match="computed in float32"):
-        verify.check_in_float32(_wrong_copy(pruned, 1.5), masked, feeds)
+        widened.check_in_float32(_wrong_copy(pruned, 1.5), masked, feeds)
 
 
 def _quiet_on_noise_classifier():

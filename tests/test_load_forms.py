@@ -21,8 +21,8 @@ from gpp_onnx.config import DataOptions, TrainOptions
 from gpp_onnx.cli import main
 from gpp_onnx.errors import InputError
 from gpp_onnx.samples import GraphBuilder, sample_cnn
-from gpp_onnx.verify import (Tolerance, VerificationError, check_equivalent, check_in_float32,
-                             measure_tolerance, upcast)
+from gpp_onnx.verify import Tolerance, VerificationError, check_equivalent, measure_tolerance
+from gpp_onnx.widened import check_in_float32, upcast
 
 
 def _hand_masked(model: onnx.ModelProto, zero: dict[str, np.ndarray]) -> onnx.ModelProto:
