@@ -15,6 +15,7 @@ before anything is written.
 from __future__ import annotations
 
 import logging
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
@@ -222,6 +223,14 @@ def _replace_initializers(model: onnx.ModelProto, source: onnx.ModelProto,
     return written
 
 
+def _little_endian_bytes(array: np.ndarray) -> bytes:
+    """``array``'s bytes in ONNX's little-endian order: what
+    ``numpy_helper.tobytes_little_endian`` does, which came only with onnx 1.20."""
+    if array.dtype.byteorder == ">" or (sys.byteorder == "big" and array.dtype.byteorder == "="):
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.tobytes()
+
+
 _PLAIN = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int64, np.int32,
                                 np.int16, np.int8, np.uint8, np.bool_)}
 
@@ -243,7 +252,7 @@ def _fill(tensor: onnx.TensorProto, array: np.ndarray, name: str, written: dict,
     if deferred is not None and verify.detached_in_sessions(tensor):
         deferred.add(name)
         return
-    tensor.raw_data = numpy_helper.tobytes_little_endian(array)
+    tensor.raw_data = _little_endian_bytes(array)
 
 
 def cut(analysis, kept: dict[str, np.ndarray],
@@ -326,7 +335,7 @@ class Deferred:
         out.CopyFrom(self.skeleton)
         for t in out.graph.initializer:
             if t.name in self.headers:
-                t.raw_data = numpy_helper.tobytes_little_endian(self.values(t.name))
+                t.raw_data = _little_endian_bytes(self.values(t.name))
         return out
 
 
