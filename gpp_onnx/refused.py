@@ -39,8 +39,9 @@ def check(model: onnx.ModelProto, where: str = "model") -> None:
             f"'{cast}') - prune the float model first, then quantize the pruned model")
 
 
-INTEGER_WEIGHTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4,
-                   onnx.TensorProto.UINT4}
+# INT4/UINT4 (22, 21) came with onnx 1.16: by number, so that importing works on onnx 1.15
+INTEGER_WEIGHTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+                   getattr(onnx.TensorProto, "INT4", 22), getattr(onnx.TensorProto, "UINT4", 21)}
 
 
 def _integer_weight(model: onnx.ModelProto) -> str | None:
