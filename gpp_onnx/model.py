@@ -296,8 +296,7 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(n.op_type == "Shape" for n in model.graph.node):
         return model
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        return _symbolic_shapes(model)
     except Exception as err:
         logger.debug("symbolic shape inference failed: %s", err)
     try:
@@ -305,6 +304,23 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as err:
         logger.debug("shape inference failed before folding: %s", err)
         return model
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's ``SymbolicShapeInference.infer_shapes(model, auto_merge=True)``
+    without its last step, which saves an incomplete result as sym_shape_infer_temp.onnx
+    into the current folder (the user's) before it raises."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    infer = SymbolicShapeInference(2**31 - 1, True, False, 0)
+    infer._preprocess(model)
+    done = False
+    while infer.run_:
+        done = infer._infer_impl()
+    infer._update_output_from_vi()
+    if not done:
+        raise ValueError("incomplete symbolic shape inference")
+    return infer.out_mp_
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

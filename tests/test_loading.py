@@ -200,3 +200,22 @@ def test_dedupe_shares_byte_identical_initializers_and_keeps_the_rest():
     onnx.checker.check_model(model)
     for got, want in zip(run_model(model, feeds), before):
         np.testing.assert_array_equal(got, want)
+
+
+def test_incomplete_shape_inference_leaves_no_file_in_the_current_folder(tmp_path,
+                                                                        monkeypatch):
+    """onnxruntime's symbolic shape inference saves an incomplete result as
+    sym_shape_infer_temp.onnx into the current folder (the user's) before it raises; a
+    model with an op it does not know, and a Shape to infer, left it there."""
+    nodes = [helper.make_node("Foo", ["x"], ["y"], domain="custom"),
+             helper.make_node("Shape", ["y"], ["s"]),
+             helper.make_node("Relu", ["y"], ["z"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("s", onnx.TensorProto.INT64, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("custom", 1)])
+    monkeypatch.chdir(tmp_path)
+    assert len(model_io.normalize(model).graph.node) == 3
+    assert list(tmp_path.iterdir()) == []
