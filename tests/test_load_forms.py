@@ -374,8 +374,13 @@ def _weights_behind_casts(model: onnx.ModelProto, low=np.float16) -> onnx.ModelP
     for t in out.graph.initializer:
         if t.data_type == TensorProto.FLOAT:
             name = t.name
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(low),
-                                               name + ".fp16"))
+            stored = numpy_helper.to_array(t).astype(low)
+            if stored.dtype == np.float16:
+                t.CopyFrom(numpy_helper.from_array(stored, name + ".fp16"))
+            else:  # bfloat16 by its bits: from_array takes ml_dtypes' type only from onnx 1.17
+                t.CopyFrom(helper.make_tensor(name + ".fp16", TensorProto.BFLOAT16, stored.shape,
+                                              stored.view(np.uint16).astype("<u2").tobytes(),
+                                              raw=True))
             casts.append(helper.make_node("Cast", [name + ".fp16"], [name],
                                           to=TensorProto.FLOAT))
     nodes = casts + list(out.graph.node)
