@@ -52,6 +52,9 @@ def test_parity_with_onnxruntime(op, extra, direction, case):
     assert rel_err(_torch(model, X), run_model(model, {"input": X})) < 1e-5
 
 
+@pytest.mark.skipif(tuple(int(p) for p in onnx.__version__.split(".")[:2]) < (1, 23),
+                    reason="the reference evaluator's RNNs run two directions from onnx 1.23 "
+                           "(before: NotImplementedError; onnx 1.16 also misreads layout = 1)")
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
 def test_batch_first_layout_matches_onnx_reference(op):
     """onnxruntime refuses layout = 1; the ONNX reference evaluator runs it (it ignores
