@@ -219,6 +219,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_hand_built_parity(case):
+    _skip_where_onnxruntime_is_wrong(case[0])
     _, nodes, inputs, inits, opset = case
     model = make_model(nodes, inputs, ["y"], inits, opset)
     (ref,) = ort_run(model, inputs)
@@ -228,6 +229,18 @@ def test_hand_built_parity(case):
 
 
 CASE = {c[0]: c for c in CASES}
+# cases older onnxruntime computes against the ONNX spec (its output differs from onnx's
+# reference evaluator, or the session raises), with the release that fixed each
+ORT_FIXED_IN = {"avgpool_ceil_include_pad": (1, 29), "reduce_l2_noop_empty_axes": (1, 24),
+                "reduce_sum_square_noop_empty_axes": (1, 24),
+                "reduce_log_sum_noop_empty_axes": (1, 24)}
+
+
+def _skip_where_onnxruntime_is_wrong(case_id):
+    fixed = ORT_FIXED_IN.get(case_id)
+    if fixed and tuple(int(p) for p in ort.__version__.split(".")[:2]) < fixed:
+        pytest.skip(f"onnxruntime {ort.__version__} computes {case_id} against the spec "
+                    f"(fixed in {fixed[0]}.{fixed[1]})")
 # differentiable ops among the cases: (case id, smooth away from x = 0, so that the
 # gradient must equal onnxruntime's central difference)
 GRADIENT_CASES = [
@@ -260,6 +273,7 @@ def test_gradients_flow_and_match_onnxruntime_differences(case_id, smooth):
     bias are Parameters), finite and nonzero; for an op smooth away from 0 its
     directional derivative equals onnxruntime's central difference (directions kept off
     the elements near 0, where |x| bends)."""
+    _skip_where_onnxruntime_is_wrong(case_id)
     model, module, x, w = _case_gradients(case_id)
     grads = [x.grad] + [p.grad for _, p in module.named_onnx_parameters()]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
