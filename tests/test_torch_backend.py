@@ -241,6 +241,8 @@ def _skip_where_onnxruntime_is_wrong(case_id):
     if fixed and tuple(int(p) for p in ort.__version__.split(".")[:2]) < fixed:
         pytest.skip(f"onnxruntime {ort.__version__} computes {case_id} against the spec "
                     f"(fixed in {fixed[0]}.{fixed[1]})")
+
+
 # differentiable ops among the cases: (case id, smooth away from x = 0, so that the
 # gradient must equal onnxruntime's central difference)
 GRADIENT_CASES = [
