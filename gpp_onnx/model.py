@@ -15,8 +15,8 @@ information. ``read`` says what it changed (``Loaded``).
   also removes Identity nodes in front of initializers and folds shape arithmetic on
   static dims (symbolic shape inference first, so only the batch size stays dynamic);
 * channel shuffles ``Reshape(N,g,C/g,H,W) -> Transpose(0,2,1,3,4) -> Reshape(N,C,H,W)``
-  become one ``Gather(axis=1, indices=pi)`` with ``pi[j*g+i] = i*(C/g)+j`` (the same
-  permutation as one op whose channels can be followed one by one);
+  become one ``Gather(axis=1)`` (``shuffle``: the same permutation as one op whose
+  channels can be followed one by one);
 * a dense layer written as ``MatMul(x, W) -> Add(b)`` (Paddle, tf2onnx) becomes
   ``Gemm(x, W, b)``, which the repairs refit (``dense``);
 * nodes are sorted topologically.
@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from . import batch, refused, skeleton
 from .files import serialize
-from .edit import Editor, drop_dead_nodes, name_nodes
+from .edit import name_nodes
 from .dense import dense_to_gemm
+from .shuffle import shuffles_to_gather
 from .compat import MIN_OPSET, Loaded, opset_version, sort_nodes, upgrade_opset
 from .errors import InputError, UnsupportedModelError
 
@@ -175,7 +176,7 @@ def _normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         kept = declared.get(out.name)  # 'floor(W/2 - 1/2) + 1'): the file's names stay
         if kept is not None and kept.tensor_type.HasField("shape"):
             out.type.CopyFrom(kept)
-    _shuffles_to_gather(folded)
+    shuffles_to_gather(folded)
     dense_to_gemm(folded)
     sort_nodes(folded.graph)
     name_nodes(folded)
@@ -216,76 +217,6 @@ def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     except ImportError:   # onnx before 1.16: the functions stay opaque
         return model
     return inline_local_functions(model)
-
-
-def _shuffles_to_gather(model: onnx.ModelProto) -> int:
-    """Reshape(N,g,C/g,H,W) -> Transpose(0,2,1,3,4) -> Reshape(N,C,H,W) => Gather(axis 1),
-    replaced through the graph editor (``edit.Editor``); returns the number replaced."""
-    editor = Editor(model)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
-    producer = {o: n for n in graph.node for o in n.output}
-    outputs = {o.name for o in graph.output}
-    replaced = 0
-    for last in list(graph.node):
-        chain = _shuffle_chain(last, producer, users, inits, outputs)
-        if chain is None:
-            continue
-        first, transpose, groups, per_group = chain
-        perm = np.arange(groups * per_group).reshape(groups, per_group).T.ravel()
-        base = last.name or last.output[0]
-        idx_name = editor.add_initializer(f"{base}.shuffle_indices", perm.astype(np.int64))
-        gather = helper.make_node("Gather", [first.input[0], idx_name], [last.output[0]],
-                                  name=f"{base}.shuffle", axis=1)
-        editor.replace([first, transpose, last], [gather])
-        replaced += 1
-    if replaced:
-        drop_dead_nodes(model)
-    return replaced
-
-
-def _shape_entries(name: str, producer, inits) -> list | None:
-    """Entries of a Reshape target: a constant, or a Concat of one-element pieces whose
-    dynamic pieces (e.g. the batch size read by Shape) are None."""
-    if name in inits:
-        return [int(v) for v in numpy_helper.to_array(inits[name]).ravel()]
-    node = producer.get(name)
-    if node is None or node.op_type != "Concat":
-        return None
-    entries = []
-    for piece in node.input:
-        value = numpy_helper.to_array(inits[piece]).ravel() if piece in inits else None
-        if value is not None and value.size != 1:
-            return None
-        entries.append(None if value is None else int(value[0]))
-    return entries
-
-
-def _shuffle_chain(last, producer, users, inits, outputs):
-    if last.op_type != "Reshape":
-        return None
-    transpose = producer.get(last.input[0])
-    if transpose is None or transpose.op_type != "Transpose":
-        return None
-    perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
-    first = producer.get(transpose.input[0])
-    if perm != [0, 2, 1, 3, 4] or first is None or first.op_type != "Reshape":
-        return None
-    if any(users.get(v, 0) != 1 or v in outputs for v in (first.output[0], transpose.output[0])):
-        return None
-    s1 = _shape_entries(first.input[1], producer, inits)
-    s2 = _shape_entries(last.input[1], producer, inits)
-    if s1 is None or s2 is None or len(s1) != 5 or len(s2) != 4:
-        return None
-    if None in s1[1:] or None in s2[1:] or s1[1] <= 0 or s1[2] <= 0:
-        return None
-    if s2[1] not in (-1, s1[1] * s1[2]) or s1[3:] != s2[2:]:
-        return None
-    return first, transpose, s1[1], s1[2]
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
