@@ -238,8 +238,9 @@ def _reporting(args) -> int:
             return _alone(2)
         if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG:  # any path
             name = str(err.filename or "a path")
-            _err(f"gpp-onnx: error{_rank_tag()}: {name[:60]}...: the name is too long for "
-                 "the file system - nothing was written; use a shorter path")
+            name = name if len(name) <= 60 else name[:60] + "..."
+            _err(f"gpp-onnx: error{_rank_tag()}: {name}: the name is too long for the file "
+                 "system - nothing was written; use a shorter path")
             return _alone(2)
         if distributed.world_size() > 1 and (  # gloo: "Connection closed/reset by peer"
                 "by peer" in str(err) or type(err).__name__.startswith("Dist")):
