@@ -5,7 +5,6 @@ write atomically."""
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -209,7 +208,8 @@ def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, budget: float = 4
     splits = load_data(GraphView(model), PruneConfig(data=data, seed=seed))
     # two rounds: the 1617 training digits give three rounds too few steps each
     config = PruneConfig(ratio=ratio, data=data, rounds=2, seed=seed)
-    _check_demo_budget(config, budget, len(splits.train))
+    options = GppOptions(budget_epochs=budget)
+    _check_demo_budget(options, config, len(splits.train))
     logger.info("training the sample digits CNN (%g epochs)", epochs)
     trained = train_model(model, splits.train, TrainOptions(epochs=epochs, lr=0.05), seed,
                           desc="training")
@@ -219,16 +219,16 @@ def demo(folder: Path, ratio: float = 0.5, epochs: float = 10, budget: float = 4
         logger.info("wrote the trained sample model to %s", src)
         shutil.rmtree(out.with_name(out.name + ".gpp-work"), ignore_errors=True)  # killed
     distributed.barrier()  # the other processes read it once rank 0 has written it
-    return gpp(src, out, config, GppOptions(budget_epochs=budget))
+    return gpp(src, out, config, options)
 
 
-def _check_demo_budget(config: PruneConfig, budget: float, train_size: int) -> None:
+def _check_demo_budget(options: GppOptions, config: PruneConfig, train_size: int) -> None:
     """gpp's own check of the steps per round, before the demo trains its CNN and in the
     demo's flags: gpp's refusal came after the training and named --batch-size and
     --rounds, which demo does not take."""
-    batches = math.ceil(train_size / config.train.batch_size)
-    if budget * batches / config.rounds < MIN_ROUND_STEPS:
-        enough = math.ceil(10 * MIN_ROUND_STEPS * config.rounds / batches) / 10
-        raise InputError(f"--budget-epochs {budget:g} gives the demo's {config.rounds} rounds "
-                         f"fewer than {MIN_ROUND_STEPS} training steps each ({batches} "
-                         f"batches an epoch) - use --budget-epochs {enough:g} or more")
+    steps, enough, batches = options.steps(config, train_size)
+    if steps["round"] < MIN_ROUND_STEPS:
+        raise InputError(f"--budget-epochs {options.budget_epochs:g} gives the demo's "
+                         f"{config.rounds} rounds fewer than {MIN_ROUND_STEPS} training steps "
+                         f"each ({batches} batches an epoch) - use --budget-epochs {enough:g} "
+                         "or more")

@@ -61,6 +61,18 @@ class GppOptions:
                              "grows with half of --budget-epochs")
         self.grow_settings(config).checked()
 
+    def steps(self, config: PruneConfig, train_size: int) -> tuple[dict, float, int]:
+        """Training steps per round (and per grown module), each in proportion to
+        --budget-epochs; the budget (to 0.1 epoch) that gives each MIN_ROUND_STEPS; the
+        batches an epoch of `train_size` images holds."""
+        batches = math.ceil(train_size / config.train.batch_size)
+        steps = {"round": self.round_budget() / config.rounds * batches}
+        if self.grow is not None:
+            steps["module"] = self.grow_settings(config).train.epochs * batches
+        enough = max(math.ceil(10 * self.budget_epochs * MIN_ROUND_STEPS / n) / 10
+                     for n in steps.values())
+        return steps, enough, batches
+
     def checked(self, config: PruneConfig, train_size: int) -> "GppOptions":
         if not 0.0 <= self.push_share <= 1.0:
             raise InputError(f"--push-share {self.push_share} is outside [0, 1] - e.g. "
@@ -70,14 +82,7 @@ class GppOptions:
             raise InputError(f"--split {self.split} is unknown - use one of {', '.join(SPLITS)}")
         if self.acc_floor < 0:
             raise InputError(f"--acc-floor {self.acc_floor} must be >= 0 (e.g. 0.05)")
-        batches = math.ceil(train_size / config.train.batch_size)
-        # steps per grown module and per round, each in proportion to --budget-epochs; the
-        # budget named in a refusal is enough for both
-        steps = {"round": self.round_budget() / config.rounds * batches}
-        if self.grow is not None:
-            steps["module"] = self.grow_settings(config).train.epochs * batches
-        enough = max(math.ceil(10 * self.budget_epochs * MIN_ROUND_STEPS / n) / 10
-                     for n in steps.values())
+        steps, enough, batches = self.steps(config, train_size)
         per = f"{batches} batches of {config.train.batch_size} an epoch"
         if steps.get("module", MIN_ROUND_STEPS) < MIN_ROUND_STEPS:
             raise InputError(
