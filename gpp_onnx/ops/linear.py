@@ -20,6 +20,7 @@ import numpy as np
 
 from .base import (ROLE_CHAN, ROLE_IN, ROLE_OUT, NodeChannels, OpRule, ParamSlice, attr,
                    block_all, register)
+from .conv import OPTIMISED
 
 
 @register("Gemm")
@@ -64,7 +65,6 @@ class FusedGemmRule(OpRule):
     """onnxruntime's Gemm + activation: its channels stay, it counts a Gemm's MACs."""
 
     def analyze(self, node, ctx):
-        from .conv import OPTIMISED
         return block_all(node, ctx, f"com.microsoft::FusedGemm: {OPTIMISED}")
 
     def macs(self, node, view):
