@@ -114,7 +114,8 @@ def _cached_kernel_times(model, feeds: dict, runs: int, options: LatencyOptions
             times = json.loads(path.read_text())["kernels"]
             if isinstance(times, dict) and all(
                     isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                    and math.isfinite(v) and v >= 0 for k, v in times.items()) and times:
+                    and math.isfinite(v) and v >= 0 for k, v in times.items()) \
+                    and sum(times.values()) > 0:        # an all-zero profile times nothing
                 logger.info("latency model: kernel times from %s", path)
                 return {k: float(v) for k, v in times.items()}
         except (OSError, ValueError, KeyError, TypeError):
@@ -278,7 +279,7 @@ def group_costs(analysis, model: LatencyModel, points: int = 8) -> list[dict]:
             plan = PrunePlan({g.key: tuple(range(g.width - keep))}, {g.key: g.width}, "")
             curve.append([keep, model.estimate(kept_elements(analysis, plan))])
         saved = model.total - curve[0][1]
-        rows.append({"key": g.key, "width": g.width, "share": saved / model.total,
+        rows.append({"key": g.key, "width": g.width, "share": saved / max(model.total, 1e-12),
                      "us_per_channel": 1e6 * saved / max(g.width - curve[0][0], 1),
                      "curve": curve})
     return sorted(rows, key=lambda r: -r["share"])

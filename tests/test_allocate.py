@@ -260,7 +260,8 @@ def test_a_groups_latency_share_does_not_depend_on_the_points_of_its_curve():
 
 @pytest.mark.parametrize("entry", ['[]', '"x"', '{"kernels": []}', '{"kernels": {"a": "b"}}',
                                    '{"kernels": {}}', "not json", '{"kernels": {"a": NaN}}',
-                                   '{"kernels": {"a": -1.0}}', '{"kernels": {"a": Infinity}}'])
+                                   '{"kernels": {"a": -1.0}}', '{"kernels": {"a": Infinity}}',
+                                   '{"kernels": {"a": 0.0, "b": 0}}'])
 def test_a_damaged_cache_entry_is_measured_again(entry, tmp_path):
     from gpp_onnx.config import LatencyOptions
 
