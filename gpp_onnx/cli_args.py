@@ -6,7 +6,7 @@ import argparse
 
 from .cli_types import (COUNT, FINITE, FRACTION, NONNEG, POSITIVE, SHARE, SOME, count,
                         floats, name_ratio, shape, widths)
-from .config import DISTILL, DataOptions, LatencyOptions, TrainOptions
+from .config import DISTILL, DataOptions, LatencyOptions, TrainOptions, user_cache
 from .grow.loop import MIN_GAIN
 from .importance import criterion_names
 from .push import PushWeights
@@ -296,12 +296,13 @@ def _timing_args(p: argparse.ArgumentParser, prefix: str) -> None:
     p.add_argument(f"--{prefix}batch", dest="timing_batch", type=COUNT, default=1,
                    help="images per timed run (models with a dynamic batch)")
     p.add_argument("--no-latency-cache", action="store_true",
-                   help="profile again instead of reusing ~/.cache/gpp-onnx")
+                   help="profile again instead of reusing the kernel profiles cached in "
+                        "$XDG_CACHE_HOME/gpp-onnx (default ~/.cache/gpp-onnx)")
 
 
 def _timing(args) -> LatencyOptions:
     return LatencyOptions(args.provider, args.timing_threads, args.timing_batch,
-                          None if args.no_latency_cache else LatencyOptions.cache)
+                          None if args.no_latency_cache else user_cache())
 
 
 def _data_args(p: argparse.ArgumentParser, held_out: bool = True,

@@ -1,7 +1,8 @@
 """One configuration object for a pruning run (instead of many keyword arguments)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import os
+from dataclasses import asdict, dataclass, field, replace
 from numbers import Integral, Real
 
 from .errors import InputError
@@ -114,13 +115,20 @@ def with_lr(train: TrainOptions, lr: float | None) -> TrainOptions:
     return train if lr is None else replace(train, lr=lr, renorm_lr=lr)
 
 
+def user_cache() -> str:
+    """gpp-onnx's cache folder: under $XDG_CACHE_HOME where that is set to an absolute
+    path (the freedesktop rule), else ~/.cache/gpp-onnx."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return os.path.join(base, "gpp-onnx") if os.path.isabs(base) else "~/.cache/gpp-onnx"
+
+
 @dataclass(frozen=True)
 class LatencyOptions:
     """How latency is measured (the summary's ratio, --target-latency, profile)."""
     provider: str = "cpu"               # cpu | cuda (needs onnxruntime-gpu)
     threads: int = 0                    # onnxruntime intra-op threads (0: its own choice)
     batch: int = 1                      # images per run (models with a dynamic batch)
-    cache: str | None = "~/.cache/gpp-onnx"   # kernel profiles per model and machine
+    cache: str | None = field(default_factory=user_cache)  # kernel profiles per model, machine
 
     def checked(self) -> "LatencyOptions":
         if self.provider not in ("cpu", "cuda"):

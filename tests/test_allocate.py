@@ -313,3 +313,16 @@ def test_a_profile_cut_short_by_a_full_temporary_folder_is_a_one_line_error(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "TMPDIR" in err[0] and str(tmp_path) in err[0]
     assert "internal error" not in err[0]
+
+
+def test_kernel_profiles_are_cached_under_xdg_cache_home_where_it_is_set(tmp_path, monkeypatch):
+    src = tmp_path / "m.onnx"
+    onnx.save(_chain(), src)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert main(["-q", "profile", str(src)]) == 0
+    assert len(list((tmp_path / "xdg" / "gpp-onnx" / "latency").glob("*.json"))) == 1
+    assert not (tmp_path / "home").exists()
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")    # ignored, as the rule says
+    assert main(["-q", "profile", str(src)]) == 0
+    assert len(list((tmp_path / "home" / ".cache" / "gpp-onnx" / "latency").glob("*.json"))) == 1

@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from _bench_common import GPP, machine, git_state, table, write_json  # noqa: E402
 
-DEFAULT_CACHE = Path.home() / ".cache" / "gpp-onnx" / "thirdparty"
+from gpp_onnx.config import user_cache  # noqa: E402
+
+DEFAULT_CACHE = Path(user_cache()).expanduser() / "thirdparty"
 
 
 @dataclass(frozen=True)
