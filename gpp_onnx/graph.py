@@ -198,7 +198,9 @@ def _input_spec(value: onnx.ValueInfoProto, input_shape: tuple[int, ...] | None)
     ttype = value.type.tensor_type
     dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type) if ttype.elem_type else np.float32
     dims = list(ttype.shape.dim)
-    free = not dims or not (dims[0].HasField("dim_value") and dims[0].dim_value > 0)
+    # a 0-D input (a scalar such as a temperature) has no batch dim to feed 2 of
+    free = (not dims and not ttype.HasField("shape")) or bool(dims) and not (
+        dims[0].HasField("dim_value") and dims[0].dim_value > 0)
     if input_shape is not None:
         if len(input_shape) != len(dims):
             raise InputError(f"--input-shape {','.join(map(str, input_shape))} has rank "

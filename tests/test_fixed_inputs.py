@@ -41,3 +41,34 @@ def test_check_feeds_keep_a_fixed_leading_dim():
 def test_model_with_a_fixed_second_input_prunes(tmp_path):
     # before, the check fed `row` as (2, 8) and the input model failed to run
     assert_pruned_equals_masked(two_inputs(), tmp_path, ratio=0.5, round_to=1, latency=False)
+
+
+def scalar_second_input() -> onnx.ModelProto:
+    """image (N, 3, 8, 8) -> conv -> relu -> conv -> relu -> GAP -> Gemm, divided by `T`,
+    a 0-D input (a temperature)."""
+    b = GraphBuilder((1, 3, 8, 8), seed=3)
+    x = b.act(b.conv("input", 8), "Relu")
+    x = b.act(b.conv(x, 16), "Relu")
+    logits = b.gemm(b.flatten(b.gap(x)), 5)
+    out = b.op("Div", [logits, "T"], (1, 5))
+    graph = helper.make_graph(
+        b.nodes, "scalar_input",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8]),
+         helper.make_tensor_value_info("T", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 5])], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_check_feeds_keep_a_scalar_input_scalar():
+    feeds = GraphView(scalar_second_input()).check_feeds()
+    assert feeds["input"].shape == (2, 3, 8, 8)
+    assert feeds["T"].shape == ()                 # no batch dim: was fed as (2,)
+
+
+def test_model_with_a_scalar_second_input_prunes(tmp_path):
+    # before, the check fed `T` as (2,) and the pruned model 'failed to run'
+    assert_pruned_equals_masked(scalar_second_input(), tmp_path, ratio=0.5, round_to=1,
+                                latency=False)
