@@ -271,7 +271,8 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
     view_a = GraphView(a, input_shape)
     # both counted at the sizes both run at: b's free sizes were counted at 224 where a
     # fixes 64 (MACs ratio 10.085 for two copies of one model)
-    input_shape = {spec.name: spec.shape for spec in view_a.inputs}
+    # (a 0-D input, such as a temperature, has no sizes to give: --input-shape refuses ())
+    input_shape = {spec.name: spec.shape for spec in view_a.inputs if spec.shape}
     sessions = [verify.make_session(a, str(path_a)), verify.make_session(b, str(path_b))]
     check_same_inputs(*sessions, str(path_a), str(path_b))
     ds = None
@@ -306,7 +307,7 @@ def _sizes_b_fixes(a: onnx.ModelProto, b: onnx.ModelProto) -> dict | None:
     if not any(p is None and q is not None for name, sizes in dims_a.items()
                for p, q in zip(sizes[1:], dims_b.get(name, [])[1:])):
         return None
-    return {spec.name: spec.shape for spec in GraphView(b).inputs}
+    return {spec.name: spec.shape for spec in GraphView(b).inputs if spec.shape}
 
 
 @dataclass(frozen=True)

@@ -76,3 +76,22 @@ def test_analyze_shares_of_a_model_without_counted_macs(tmp_path, capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith("x ")]
     assert [row[4:6] for row in rows] == [["100.0%", "0.0%"]]    # the scale is x's
+
+
+def _with_temperature(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its logits divided by `T`, a 0-D input (a temperature)."""
+    model.graph.node[-1].output[0] = "logits"
+    model.graph.node.append(helper.make_node("Div", ["logits", "T"], ["y"]))
+    model.graph.input.append(helper.make_tensor_value_info("T", TensorProto.FLOAT, []))
+    return model
+
+
+@pytest.mark.parametrize("sides_b", [["H", "W"], [32, 32]])
+def test_model_with_a_scalar_input_compares(tmp_path, capsys, sides_b):
+    # the 0-D input's shape () went into the sizes both run at, which --input-shape's
+    # check refused: '--input-shape T:() is not a shape', with no --input-shape given
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(_with_temperature(_net(["H", "W"])), a)
+    onnx.save(_with_temperature(_net(sides_b)), b)
+    assert main(["-q", "compare", str(a), str(b), "--repeats", "3"]) == 0
+    assert any(line.startswith("MACs") for line in capsys.readouterr().out.splitlines())
