@@ -207,13 +207,18 @@ def _input_spec(value: onnx.ValueInfoProto, input_shape: tuple[int, ...] | None)
                              f"{len(input_shape)} but "
                              f"input '{value.name}' has rank {len(dims)} - give one size per dim")
         return InputSpec(value.name, tuple(int(d) for d in input_shape), np.dtype(dtype), free)
+    fixed = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    # an NHWC image (last axis 1 or 3, axis 1 not; as evaluation.dataset_for reads it) has
+    # its free sides on axes 1 and 2: its H was refused, with and without --data
+    sides = (1, 2) if len(dims) == 4 and fixed[3] in (1, 3) and fixed[1] not in (1, 3) \
+        else (2, 3)
     shape = []
     for axis, dim in enumerate(dims):
-        if dim.HasField("dim_value") and dim.dim_value > 0:
-            shape.append(dim.dim_value)
+        if fixed[axis] is not None:
+            shape.append(fixed[axis])
         elif axis == 0:
             shape.append(1)
-        elif len(dims) == 4 and axis >= 2 or len(dims) == 3 and axis >= 1:
+        elif len(dims) == 4 and axis in sides or len(dims) == 3 and axis >= 1:
             shape.append(DEFAULT_IMAGE_SIDE)
         else:
             raise InputError(f"input '{value.name}' has a symbolic dim at axis {axis} - "

@@ -181,3 +181,29 @@ def test_a_criterion_without_its_feature_is_refused_before_the_data_is_read(tmp_
     code, lines = _run(tmp_path, capsys, model, data)
     assert code == 2 and "--feature-tensor" in lines[-1]
     assert not any("samples" in line for line in lines)
+
+
+def _nhwc_free_sides():
+    """(N, H, W, 3) -> Transpose -> conv -> relu -> GAP -> Gemm, H and W left free (as
+    tf2onnx writes a TensorFlow image model)."""
+    model = _cnn(channels=3)
+    model.graph.node.insert(0, helper.make_node("Transpose", ["nhwc"], ["input"],
+                                                perm=[0, 3, 1, 2]))
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info(
+        "nhwc", TensorProto.FLOAT, ["N", "H", "W", 3]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_an_nhwc_input_with_free_sides_runs_at_224(tmp_path, capsys):
+    from gpp_onnx.graph import GraphView
+
+    # its H (axis 1) was refused ('symbolic dim at axis 1 - pass --input-shape ... e.g.
+    # 1,3,224,224', a shape it then failed to run on), without data and with images over 224
+    assert GraphView(_nhwc_free_sides()).inputs[0].shape == (1, 224, 224, 3)
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_nhwc_free_sides(), src)
+    assert main(["prune", str(src), "-o", str(out), "--no-latency", "--ratio", "0.5",
+                 "--round-to", "1"]) == 0
+    dims = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["N", "H", "W", 3]
