@@ -79,6 +79,16 @@ def _array_input_shape(name: str, fixed: list, source: str) -> tuple | None:
     return tuple(shape)
 
 
+def check_single_input(view: GraphView) -> None:
+    """--data feeds one input: DataError for a model that takes several."""
+    if len(view.inputs) > 1:
+        names = ", ".join(s.name for s in view.inputs)
+        raise DataError(f"the model has {len(view.inputs)} inputs ({names}) and --data feeds "
+                        "one - data (evaluation, scoring, repair, training) needs a "
+                        "single-input model; this one can be pruned (magnitude criteria) "
+                        "and compared without --data")
+
+
 def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool = True,
                 limit: int | None = None, seed: int = 0, workers: int | None = None,
                 labels: bool | None = None) -> Dataset:
@@ -86,12 +96,7 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
     (`labels`: True requires them, False ignores them, None uses them where present).
     A 4-D input takes images, NCHW or NHWC (last axis 1 or 3 and axis 1 not); any other
     rank takes an .npz's rows as they are (:mod:`gpp_onnx.arrays`)."""
-    if len(view.inputs) > 1:
-        names = ", ".join(s.name for s in view.inputs)
-        raise DataError(f"the model has {len(view.inputs)} inputs ({names}) and --data feeds "
-                        "one - data (evaluation, scoring, repair, training) needs a "
-                        "single-input model; this one can be pruned (magnitude criteria) "
-                        "and compared without --data")
+    check_single_input(view)
     spec = view.inputs[0]
     if np.dtype(spec.dtype).kind != "f":
         raise DataError(f"input '{spec.name}' takes {np.dtype(spec.dtype).name} values and "

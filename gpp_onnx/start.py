@@ -145,7 +145,10 @@ def check_feature(analysis: Analysis, config: PruneConfig) -> None:
     if config.data is None:
         return
     from .analysis.features import final_hidden_layer
+    from .evaluation import check_single_input
     from .importance import get_criterion
+
+    check_single_input(analysis.view)   # the real problem, not the head it would name next
 
     if getattr(get_criterion(config.criterion, config.seed), "needs_feature", False) \
             or config.feature_tensor is not None:
