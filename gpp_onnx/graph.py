@@ -117,13 +117,16 @@ class GraphView:
         float sample drawn from U(0, 1), the scale of images fed as they are: channels
         that respond to image content stay silent on N(0, 1) noise alone (after a Relu,
         3 of a trained net's 32 were 0 on two N(0, 1) samples), and a cut that changed
-        one of them passed the check."""
+        one of them passed the check. A uint8 input's second sample is pixels 0..255
+        (its first, {0, 1} as other integers get, is a near-black image)."""
         feeds = random_feeds(self.inputs, batch=2 if self.dynamic_batch else None, seed=seed)
         rng = np.random.default_rng(seed + 1)
         for spec in self.inputs:
             x = feeds[spec.name]
             if spec.free_batch and np.issubdtype(x.dtype, np.floating) and len(x) > 1:
                 x[1] = rng.uniform(0.0, 1.0, x.shape[1:]).astype(x.dtype)
+            elif spec.free_batch and x.dtype == np.uint8 and len(x) > 1:
+                x[1] = rng.integers(0, 256, x.shape[1:], dtype=np.uint8)
         return feeds
 
     @property

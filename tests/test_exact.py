@@ -215,6 +215,25 @@ def _passes_then_refuses(model, options, corrupt, monkeypatch):
         prune(model, **options)
 
 
+def test_a_wrong_cut_of_a_uint8_models_channel_silent_on_0_and_1_is_refused(monkeypatch):
+    """The same classifier behind uint8 pixels (Cast, / 255, as tf2onnx models take
+    images): on the {0, 1} integer check input channel 0 stays at 0, so the second check
+    input is pixels 0..255."""
+    model, quiet = _quiet_on_noise_classifier()
+    graph = model.graph
+    graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    graph.initializer.append(numpy_helper.from_array(np.array(255, np.float32), "u8_scale"))
+    graph.node.insert(0, onnx.helper.make_node("Div", ["u8_float", "u8_scale"], ["u8_image"]))
+    graph.node.insert(0, onnx.helper.make_node("Cast", ["input"], ["u8_float"],
+                                               to=onnx.TensorProto.FLOAT))
+    for node in graph.node[2:]:
+        node.input[:] = ["u8_image" if i == "input" else i for i in node.input]
+    onnx.checker.check_model(model, full_check=True)
+
+    _passes_then_refuses(model, dict(ratio=0.25, round_to=1, latency=False, ignore=(quiet,)),
+                         _halve_the_1x1_convs_read_of_channel_0, monkeypatch)
+
+
 def test_float32_check_of_a_float16_model_compares_the_logits():
     model = _float16_edges(saturated_classifier())
     options = dict(ratio=0.125, round_to=1, latency=False)
@@ -238,18 +257,19 @@ def _quiet_on_noise_classifier():
     return b.build(b.gemm(b.flatten(b.act(b.conv(h, 8, k=1), "Relu")), 3)), h
 
 
+def _halve_the_1x1_convs_read_of_channel_0(pruned):
+    conv = [n for n in pruned.graph.node if n.op_type == "Conv"][1]
+    t = next(t for t in pruned.graph.initializer if t.name == conv.input[1])
+    array = numpy_helper.to_array(t).copy()
+    array[:, 0] *= 0.5
+    t.CopyFrom(numpy_helper.from_array(array, t.name))
+
+
 def test_a_wrong_cut_of_a_channel_silent_on_noise_is_refused(monkeypatch):
     """A surgery bug that halves how the 1x1 conv reads a kept channel that only images
     light up: invisible on two N(0, 1) check inputs, so the second one is drawn from
     U(0, 1), the scale of images fed as they are."""
     model, quiet = _quiet_on_noise_classifier()
 
-    def corrupt(pruned):
-        conv = [n for n in pruned.graph.node if n.op_type == "Conv"][1]
-        t = next(t for t in pruned.graph.initializer if t.name == conv.input[1])
-        array = numpy_helper.to_array(t).copy()
-        array[:, 0] *= 0.5
-        t.CopyFrom(numpy_helper.from_array(array, t.name))
-
     _passes_then_refuses(model, dict(ratio=0.25, round_to=1, latency=False, ignore=(quiet,)),
-                         corrupt, monkeypatch)
+                         _halve_the_1x1_convs_read_of_channel_0, monkeypatch)
