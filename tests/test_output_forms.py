@@ -75,6 +75,23 @@ def test_a_sigmoid_over_classes_is_binary_even_as_the_first_output():
     assert (k.kind, k.logits) == (BINARY, logits)
 
 
+@pytest.mark.parametrize("tail", [("Softmax", "Identity"), ("Sigmoid",), ("Sigmoid", "Identity")])
+def test_the_taylor_criterion_reads_the_logits_in_front_of_probabilities(tail):
+    """Its cross-entropy read the probabilities of a Sigmoid, and of a Softmax behind an
+    output Identity (tf2onnx's)."""
+    from gpp_onnx.importance.taylor import _logits_name
+
+    model = digits_cnn(0)
+    logits = model.graph.output[0].name
+    names = [logits, *[f"t{i}" for i in range(len(tail) - 1)], "probs"]
+    for op, a, b in zip(tail, names, names[1:]):
+        model.graph.node.append(helper.make_node(op, [a], [b], name=f"{op}_{b}"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("probs", TensorProto.FLOAT,
+                                                            ["N", 10]))
+    assert _logits_name(analyze_model(model)) == logits
+
+
 def test_an_output_named_y_is_distilled_next_to_the_labels(tmp_path):
     """The labels travel as "y" in a batch's targets; an output of that name used to
     overwrite them (an internal error in the KL)."""

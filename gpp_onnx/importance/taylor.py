@@ -180,8 +180,16 @@ class _FisherLoss:
 
 
 def _logits_name(analysis) -> str:
-    out = analysis.view.output_names[0]
-    node = analysis.view.producer.get(out)
+    """The first output, or the logits in front of the Softmax / LogSoftmax / Sigmoid that
+    makes it, behind Identities and Casts (cross-entropy on probabilities scores channels
+    by the wrong loss)."""
+    view = analysis.view
+    out = view.output_names[0]
+    node = view.producer.get(out)
+    while node is not None and node.op_type in ("Identity", "Cast"):
+        node = view.producer.get(node.input[0])
+    if node is not None and node.op_type == "Sigmoid":
+        return node.input[0]
     logits = None if node is None else analysis.rules[node.name].logits_input(node)
     return out if logits is None else logits
 
