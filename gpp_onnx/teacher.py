@@ -61,12 +61,13 @@ def output_kinds(analysis) -> tuple[OutputKind, ...]:
     """Each graph output of the analysed model with its kind (module docstring)."""
     view, kinds = analysis.view, []
     for i, name in enumerate(view.output_names):
-        shape, node = view.shape(name), view.producer.get(name)
+        shape, last = view.shape(name), view.producer.get(name)
+        node = _behind_copies(view, last)
         logits = None if node is None else analysis.rules[node.name].logits_input(node)
         axis = None if shape is None else (
             _softmax_axis(node, shape, opset_version(view.model)) if logits is not None
             else 1 if i == 0 and len(shape) == 2 else None)
-        moved = _moved_log_softmax_axis(view, node, shape)
+        moved = _moved_log_softmax_axis(view, last, shape)
         if not view.is_float(name):
             kinds.append(OutputKind(name, DISCRETE, name, "values"))
         elif moved is not None:
@@ -79,6 +80,19 @@ def output_kinds(analysis) -> tuple[OutputKind, ...]:
         else:
             kinds.append(OutputKind(name, REGRESSION, name, "values"))
     return tuple(kinds)
+
+
+def _behind_copies(view, node):
+    """`node`, or where it is an Identity or a float Cast (tf2onnx ends its outputs in an
+    Identity), the first node in front of such copies: a Softmax behind one was read as
+    logits (distillation and the fisher criterion on softmax(probabilities))."""
+    while node is not None and (node.op_type == "Identity" or (
+            node.op_type == "Cast" and view.is_float(node.output[0]))):
+        inner = view.producer.get(node.input[0])
+        if inner is None:
+            break
+        node = inner
+    return node
 
 
 def trainable(kinds: Iterable[OutputKind]) -> tuple[OutputKind, ...]:
