@@ -62,7 +62,7 @@ def output_kinds(analysis) -> tuple[OutputKind, ...]:
     view, kinds = analysis.view, []
     for i, name in enumerate(view.output_names):
         shape, last = view.shape(name), view.producer.get(name)
-        node = _behind_copies(view, last)
+        node = behind_copies(view, last)
         logits = None if node is None else analysis.rules[node.name].logits_input(node)
         axis = None if shape is None else (
             _softmax_axis(node, shape, opset_version(view.model)) if logits is not None
@@ -82,7 +82,7 @@ def output_kinds(analysis) -> tuple[OutputKind, ...]:
     return tuple(kinds)
 
 
-def _behind_copies(view, node):
+def behind_copies(view, node):
     """`node`, or where it is an Identity or a float Cast (tf2onnx ends its outputs in an
     Identity), the first node in front of such copies: a Softmax behind one was read as
     logits (distillation and the fisher criterion on softmax(probabilities))."""

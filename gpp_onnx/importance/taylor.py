@@ -53,6 +53,7 @@ from ..data import iter_batches
 from ..errors import DataError, InputError
 from ..ops import ROLE_CHAN, ROLE_OUT
 from ..progress import track
+from ..teacher import behind_copies
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +186,7 @@ def _logits_name(analysis) -> str:
     by the wrong loss)."""
     view = analysis.view
     out = view.output_names[0]
-    node = view.producer.get(out)
-    while node is not None and node.op_type in ("Identity", "Cast"):
-        node = view.producer.get(node.input[0])
+    node = behind_copies(view, view.producer.get(out))
     if node is not None and node.op_type == "Sigmoid":
         return node.input[0]
     logits = None if node is None else analysis.rules[node.name].logits_input(node)
