@@ -76,6 +76,8 @@ def test_last_layer_not_linear_names_the_way_out(tmp_path, capsys):
     data = _npz(tmp_path / "d.npz")
     code, err = _prune(tmp_path, capsys, _cnn(head="conv"), data)
     assert code == 2 and "--feature-tensor" in err
+    # the conv classifier's input, the name the next test passes, and the other way out
+    assert "'relu2'" in err and "--criterion taylor or l1" in err
 
 
 def test_feature_tensor_override_unknown_name(tmp_path, capsys):

@@ -31,6 +31,28 @@ def final_hidden_layer(view, override: str | None = None) -> str:
     if node is None or node.op_type not in ("Gemm", "MatMul") or not view.is_const(node.input[1]):
         what = "nothing" if node is None else \
             f"{node.op_type} node '{node.name}', value '{value}'"
+        layer = _weighted_input(view, node)
+        named = f" (e.g. '{layer}', the input of the layer that makes the class scores)" \
+            if layer else ""
         raise InputError(f"the model's last layer is not a linear classifier (found {what}) - "
-                         "pass --feature-tensor NAME with the final hidden layer's value name")
+                         f"pass --feature-tensor NAME with the final hidden layer's value "
+                         f"name{named}, or use a criterion that reads none (--criterion "
+                         "taylor or l1)")
     return node.input[0]
+
+
+def _weighted_input(view, node, steps: int = 4) -> str | None:
+    """The data input of the nearest layer with a constant weight (Conv, Gemm, MatMul) at
+    most `steps` single-input nodes in front of `node`: a conv classifier's (SqueezeNet's
+    1x1 conv -> Relu -> pool) features."""
+    for _ in range(steps):
+        if node is None:
+            return None
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 \
+                and view.is_const(node.input[1]):
+            return node.input[0]
+        data = [i for i in node.input if i and not view.is_const(i)]
+        if len(data) != 1:
+            return None
+        node = view.producer.get(data[0])
+    return None
