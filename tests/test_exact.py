@@ -270,6 +270,19 @@ def test_a_wrong_cut_of_a_channel_silent_on_noise_is_refused(monkeypatch):
     light up: invisible on two N(0, 1) check inputs, so the second one is drawn from
     U(0, 1), the scale of images fed as they are."""
     model, quiet = _quiet_on_noise_classifier()
-
     _passes_then_refuses(model, dict(ratio=0.25, round_to=1, latency=False, ignore=(quiet,)),
                          _halve_the_1x1_convs_read_of_channel_0, monkeypatch)
+
+
+def test_a_nan_where_the_other_side_has_a_number_fails_the_check():
+    """NaNs used to drop out of max(): a cut computing numbers where the masked original
+    computes NaN (a NaN weight in a removed channel, a --plan replayed) passed with
+    relative error 0 and 'verified: pruned == masked original' was printed."""
+    ref = np.array([[np.nan, 1.0], [2.0, np.inf]], np.float32)
+    got = np.array([[0.5, 1.0], [2.0, 3.0]], np.float32)
+    assert verify.relative_error([got], [ref]) == np.inf
+    assert verify.relative_error([ref], [got]) == np.inf
+    assert verify.relative_error([ref.copy()], [ref]) == 0.0   # same NaN, same inf, same numbers
+    assert verify.relative_error([ref * 2], [ref]) == pytest.approx(1.0)
+    with pytest.raises(VerificationError):
+        verify.check_equivalent([got], [ref])
