@@ -1,11 +1,14 @@
 """The models gpp-onnx refuses before any work, whatever the command: control flow
 (If, Loop, Scan: the channels a branch reads cannot be followed), and quantized models in
 any of the forms tools write them (the standard ops, onnxruntime's contrib ops, integer
-weights cast to floats): prune the float model, then quantize."""
+weights cast to floats): prune the float model, then quantize. Weights holding NaN or
+infinities are refused too: the model computes NaN, and the criteria, the data checks and
+the equivalence check each failed on it in their own words (or not at all)."""
 from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .errors import UnsupportedModelError
 
@@ -37,6 +40,11 @@ def check(model: onnx.ModelProto, where: str = "model") -> None:
         raise UnsupportedModelError(
             f"{where} is quantized (weights stored as integers and cast to float, e.g. "
             f"'{cast}') - prune the float model first, then quantize the pruned model")
+    broken = _nonfinite_weight(model)
+    if broken is not None:
+        raise UnsupportedModelError(
+            f"{where}: weight '{broken}' holds NaN or infinite values, so the model computes "
+            "NaN - fix the weights (re-export from a finite checkpoint) before pruning")
 
 
 # INT4/UINT4 (22, 21) came with onnx 1.16: by number, so that importing works on onnx 1.15
@@ -81,3 +89,26 @@ def _integer_weight(model: onnx.ModelProto) -> str | None:
 _WEIGHT_READERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 _DEQUANTIZING = {"Mul", "Sub", "Add", "Div", "Reshape", "Transpose", "Identity", "Cast",
                  "Unsqueeze", "Squeeze"}
+
+
+# ops whose inputs after the first are trained weights (a bias, a BatchNorm's statistics)
+_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
+             "InstanceNormalization", "LayerNormalization", "GroupNormalization", "PRelu"}
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def _nonfinite_weight(model: onnx.ModelProto) -> str | None:
+    """The first float initializer read as a weight by a Conv, Gemm, MatMul or
+    normalisation that holds a NaN or an infinity (constants elsewhere, such as an
+    attention mask's -inf, are left alone)."""
+    inits = {t.name: t for t in model.graph.initializer if t.data_type in _FLOATS}
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type not in _WEIGHTED:
+            continue
+        for name in node.input[1:]:
+            if name in inits and name not in seen:
+                seen.add(name)
+                if not np.isfinite(numpy_helper.to_array(inits[name])).all():
+                    return name
+    return None

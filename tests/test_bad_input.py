@@ -131,6 +131,17 @@ def _nothing_prunable():
     return b.build(b.gemm("input", 3))
 
 
+def _nan_weight():
+    """A NaN in one weight: the model computes NaN. It was refused only with --data, as
+    'check the input scaling', and without data as a criterion that 'gave ... scores'."""
+    model = sample_cnn()
+    t = next(t for t in model.graph.initializer if len(t.dims) == 4)
+    w = numpy_helper.to_array(t).copy()
+    w.flat[0] = np.nan
+    t.CopyFrom(numpy_helper.from_array(w, t.name))
+    return model
+
+
 def _write(kind, path):
     good = sample_cnn().SerializeToString()
     if kind == "text":
@@ -141,7 +152,8 @@ def _write(kind, path):
         onnx.save({"quantized": _quantized, "quantized_head": _quantized_head,
                    "int8_weights": _int8_weights, "control_flow": _control_flow,
                    "checker": _fails_checker, "nothing": _nothing_prunable,
-                   "cycle": _cycle, "custom_op": _custom_op}[kind](), path)
+                   "cycle": _cycle, "custom_op": _custom_op,
+                   "nan_weight": _nan_weight}[kind](), path)
 
 
 CASES = [
@@ -154,6 +166,8 @@ CASES = [
     ("int8_weights", [], "quantized (weights stored as integers"),
     ("control_flow", [], "control flow"),
     ("nothing", [], "nothing can be pruned"),
+    ("nan_weight", [], "NaN or infinite values"),
+    ("nan_weight", ["--criterion", "random"], "NaN or infinite values"),
     ("custom_op", [], "onnxruntime cannot open it"),
     ("good", ["--ratio", "1.0"], "outside [0, 1)"),
     ("good", ["--ratio", "-0.1"], "outside [0, 1)"),
