@@ -43,6 +43,7 @@ from .sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, ArrayPixels, che
 log = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = "digits"
+MAX_CLASSES = 1 << 20   # labels are class indices: one past this is a corrupt value
 __all__ = ["DEFAULT_SOURCE", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGE_EXTENSIONS",
            "DataSpec", "Dataset", "Images", "check_labels", "check_source", "iter_batches",
            "load_dataset", "resize_bilinear", "split"]
@@ -228,6 +229,11 @@ def _check_labels_of(raw, y: np.ndarray, limit: int | None, seed: int) -> np.nda
                         "label each")
     if y.min() < 0:
         raise DataError(f"{where}: negative label {y.min()}; labels must be class indices")
+    if raw.classes is None and y.max() >= MAX_CLASSES:
+        # the classes are named 0..max: one corrupt label (-1 stored as uint32) named 4.3
+        # billion of them and ran out of memory before the labels met the model's outputs
+        raise DataError(f"{where}: label {y.max()} is no class index (over {MAX_CLASSES} "
+                        "classes); fix or drop the labels that large (-1 stored unsigned?)")
     if raw.classes is not None and y.max() >= len(raw.classes):
         raise DataError(f"{where}: label {y.max()} but {len(raw.classes)} class names; the "
                         "labels or the names are wrong - fix the .npz's y or classes, or "

@@ -46,6 +46,7 @@ def _prune(tmp_path, capsys, model, data, extra=()):
     ("no_labels", "needs labels"),
     ("one_class", "class"),
     ("labels_too_big", "label"),
+    ("label_corrupt", "no class index"),
     ("wrong_channels", "channel"),
     ("nan", "NaN"),
 ])
@@ -57,6 +58,10 @@ def test_bad_data(kind, message, tmp_path, capsys):
         _npz(data, classes=1)
     elif kind == "labels_too_big":
         _npz(data, classes=5)
+    elif kind == "label_corrupt":   # -1 stored as uint32: ran out of memory naming classes
+        y = (np.arange(30) % 3).astype(np.uint32)
+        y[4] = np.uint32(0xFFFFFFFF)
+        np.savez(data, x=np.load(_npz(data))["x"], y=y)
     elif kind == "wrong_channels":
         _npz(data, channels=3)
     else:
