@@ -145,8 +145,14 @@ def check_class_scores(view: GraphView) -> tuple:
                             f"{out_shape} and its output '{scores[0]}' "
                             f"{view.shape(scores[0])} - gpp-onnx reads the first output as "
                             "the class scores: export the model with the class scores first")
-        raise DataError(f"output '{view.output_names[0]}' has shape {out_shape}; a classifier "
-                        "gives (N, classes) - pass a classification model")
+        shown = out_shape if out_shape is None or not view.dynamic_batch else \
+            "(N, " + ", ".join(map(str, out_shape[1:])) + ")"
+        fix = "end the model in a Flatten (a conv classifier's (N, classes, 1, 1))" \
+            if out_shape is not None and len(out_shape) == 4 and out_shape[2:] == (1, 1) \
+            else "pass a classification model"
+        raise DataError(f"output '{view.output_names[0]}' has shape {shown}; a classifier "
+                        f"gives (N, classes) - {fix}, or prune it without labels "
+                        "(--no-labels)")
     return out_shape
 
 
