@@ -11,6 +11,20 @@ from gpp_onnx.graph import GraphView
 from gpp_onnx.samples import GraphBuilder
 
 
+def _with_second_input(b: GraphBuilder, out: str, name: str, shape: list) -> onnx.ModelProto:
+    """`b`'s nodes as a model of the image (N, 3, 8, 8) and a float input `name` of
+    `shape`, with the (N, 5) output `out`."""
+    graph = helper.make_graph(
+        b.nodes, f"with_{name}",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8]),
+         helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 5])], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def two_inputs() -> onnx.ModelProto:
     """image (N, 3, 8, 8) -> conv -> + Reshape(row, (1, 8, 1, 1)) -> relu -> conv -> GAP
     -> Gemm, with `row` a second input of fixed shape (1, 8)."""
@@ -20,15 +34,7 @@ def two_inputs() -> onnx.ModelProto:
     x = b.act(b.binary("Add", b.conv("input", 8), shift), "Relu")
     x = b.act(b.conv(x, 16), "Relu")
     out = b.gemm(b.flatten(b.gap(x)), 5)
-    graph = helper.make_graph(
-        b.nodes, "two_inputs",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8]),
-         helper.make_tensor_value_info("row", TensorProto.FLOAT, [1, 8])],
-        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 5])], b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _with_second_input(b, out, "row", [1, 8])
 
 
 def test_check_feeds_keep_a_fixed_leading_dim():
@@ -51,15 +57,7 @@ def scalar_second_input() -> onnx.ModelProto:
     x = b.act(b.conv(x, 16), "Relu")
     logits = b.gemm(b.flatten(b.gap(x)), 5)
     out = b.op("Div", [logits, "T"], (1, 5))
-    graph = helper.make_graph(
-        b.nodes, "scalar_input",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8]),
-         helper.make_tensor_value_info("T", TensorProto.FLOAT, [])],
-        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 5])], b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _with_second_input(b, out, "T", [])
 
 
 def test_check_feeds_keep_a_scalar_input_scalar():
