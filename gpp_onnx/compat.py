@@ -249,6 +249,33 @@ def _cycle(nodes, users: list[set[int]]) -> list[str]:
     return [nodes[u].name or nodes[u].op_type for u, _ in nx.find_cycle(deps)]
 
 
+def free_negative_dims(model: onnx.ModelProto) -> list[str]:
+    """Sizes declared as a number <= 0 become named free sizes, in place; returns the
+    values changed. Old paddle2onnx writes -1 for a free size (PaddleOCR 2.x models):
+    onnxruntime runs such a file, but onnx's shape inference takes -1 as a size, so the
+    version converter's shapes, the declared-output check and the full checker of the
+    written model all failed on shapes computed from it ((-1, 1, 32, 32) for a
+    320x320 DB detector's map). The value_info of those values is dropped (inferred
+    again)."""
+    changed = []
+    g = model.graph
+    for v in list(g.input) + list(g.output):
+        dims = v.type.tensor_type.shape.dim if v.type.HasField("tensor_type") else []
+        bad = [i for i, d in enumerate(dims) if d.HasField("dim_value") and d.dim_value <= 0]
+        for i in bad:
+            dims[i].Clear()
+            dims[i].dim_param = f"{v.name}_dim{i}"
+        if bad:
+            changed.append(v.name)
+    keep = [v for v in g.value_info
+            if not any(d.HasField("dim_value") and d.dim_value <= 0
+                       for d in v.type.tensor_type.shape.dim)]
+    if len(keep) != len(g.value_info):
+        del g.value_info[:]
+        g.value_info.extend(keep)
+    return changed
+
+
 def upgrade_opset(model: onnx.ModelProto, where: str = "model") -> onnx.ModelProto:
     """`model` converted to TARGET_OPSET; raise InputError when the converter fails."""
     source = opset_version(model)
