@@ -39,6 +39,7 @@ import logging
 import numpy as np
 import onnx
 
+from . import batch
 from .ops import ROLE_IN
 from .ops.base import attr
 from .repair_rows import as_conv_weight, input_rows, rows_out
@@ -97,6 +98,7 @@ def bias_deltas(analysis, kept: dict[str, np.ndarray],
 
 LAMBDA_SCALES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # increasing: later = closer to W
 STAGED_BYTES = 1 << 30  # keep the pruned net's live activations for all images up to this
+BATCH_BYTES = 1 << 29   # one batch's activations (live, and the layers' outputs kept) at most
 
 
 def _image_bytes(view):
@@ -186,6 +188,17 @@ def _sample_positions(view, nodes, n_img: int, rows: int, rng) -> dict:
             pos, p = None, 1
         plans[node.name] = (pos, np.repeat(np.arange(n_img), p))
     return plans
+
+
+def _batch_size(view, work, nodes, size: int) -> int:
+    """`size`, made smaller where one batch would hold more than BATCH_BYTES: the target
+    pass keeps every fitted layer's whole output for its batch (a 320-px U-Net took 12 GB
+    for 36 images). A batch the model's input fixes stays as it is."""
+    if batch.fixed(view.model) is not None:
+        return size
+    size_of = _image_bytes(view)
+    per_image = work.peak_live(size_of) + sum(size_of(n.output[0]) for n in nodes)
+    return max(1, min(size, BATCH_BYTES // max(per_image, 1)))
 
 
 def _target_rows(original, input_name: str, nodes, plans: dict, batches) -> dict[str, list]:
@@ -313,6 +326,7 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
     masked = surgery.mask(analysis, kept, deltas)
     fittable = _own_weights(masked)
     work = OnnxModule(masked, device=device).eval()
+    batch_size = _batch_size(view, work, nodes, batch_size)
     original = OnnxModule(view.model, device=device).eval()
     rng = np.random.default_rng(seed)
     n_img = len(images)

@@ -267,3 +267,28 @@ def test_a_bias_shared_by_name_takes_its_repair_in_each_consumer():
     pruned = surgery.cut(analysis, kept, deltas)
     masked = surgery.mask(analysis, kept, deltas)
     assert rel_err(run_model(pruned, feeds), run_model(masked, feeds)) < 1e-5
+
+
+def test_large_activations_are_repaired_in_smaller_batches_with_the_same_fit(monkeypatch):
+    """One batch of the target pass holds every fitted layer's output: with a budget of
+    about one image's activations the batches shrink, and the fit stays the same."""
+    import gpp_onnx.repair as repair_module
+    from gpp_onnx.torch_backend import OnnxModule
+
+    model = _net(6)
+    whole = _cut_and_repair(model, seed=6)
+    sizes = []
+    run = OnnxModule.run
+
+    def spy(self, inputs, outputs=None):
+        sizes.append(len(next(iter(inputs.values()))))
+        return run(self, inputs, outputs)
+
+    monkeypatch.setattr(OnnxModule, "run", spy)
+    monkeypatch.setattr(repair_module, "STAGED_BYTES", 0)      # every pass through run
+    monkeypatch.setattr(repair_module, "BATCH_BYTES", 3 * 12 * 8 * 8 * 4 * 3)
+    small = _cut_and_repair(model, seed=6)
+    assert sizes and max(sizes) <= 3 < 64                        # 64: the default batch
+    assert whole[3] and set(whole[3]) == set(small[3])
+    for key in whole[3]:
+        np.testing.assert_allclose(small[3][key], whole[3][key], rtol=1e-4, atol=1e-5)
