@@ -167,7 +167,10 @@ class SliceRule(OpRule):
         width = edit.view.shape(x)[a]
         s = _clamp(starts[i], width)
         e = s + edit.view.shape(y)[a]
-        new_starts, new_ends = np.array(starts, np.int64), np.array(ends, np.int64)
+        # in the bounds' own index type: Slice's starts, ends, axes and steps share one
+        # (int32 or int64); int64 bounds beside int32 axes fail the checker
+        dtype = edit.view.const(node.input[1]).dtype
+        new_starts, new_ends = np.array(starts, dtype), np.array(ends, dtype)
         new_starts[i] = int(np.searchsorted(kept_x, s))
         new_ends[i] = int(np.searchsorted(kept_x, e))
         edit.set_input_const(node, 1, new_starts)

@@ -1,0 +1,48 @@
+"""Deterministic regressions found by fuzzing (explicit small models, no hypothesis)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import assert_pruned_equals_masked
+
+
+def _slice_model(index_dtype) -> onnx.ModelProto:
+    """conv (6 ch) -> Relu -> Slice channels 1:5 (bounds and axes in `index_dtype`) ->
+    conv -> GAP -> Gemm."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (rng.standard_normal((6, 3, 1, 1)).astype(np.float32), "w1"),
+        (np.array([1], index_dtype), "s"), (np.array([5], index_dtype), "e"),
+        (np.array([1], index_dtype), "ax"),
+        (rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w2"),
+        (rng.standard_normal((3, 4)).astype(np.float32), "fc")]]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Slice", ["r1", "s", "e", "ax"], ["sl"], name="slice"),
+             helper.make_node("Conv", ["sl", "w2"], ["c2"], name="conv2"),
+             helper.make_node("GlobalAveragePool", ["c2"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "slice_index_type",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_channel_slice_with_int32_bounds_keeps_their_type(tmp_path):
+    """Slice's starts, ends, axes and steps share one index type; the cut rewrote int32
+    bounds as int64 beside int32 axes, and the pruned model failed the ONNX checker
+    (VerificationError, nothing written)."""
+    result = assert_pruned_equals_masked(_slice_model(np.int32), tmp_path, ratio=0.5,
+                                         criterion="l1")
+    assert result.plan.removed_channels
+    pruned = onnx.load(str(tmp_path / "pruned.onnx"))
+    inits = {t.name: t for t in pruned.graph.initializer}
+    (node,) = [n for n in pruned.graph.node if n.op_type == "Slice"]
+    assert {inits[name].data_type for name in node.input[1:]} == {TensorProto.INT32}
+    onnx.checker.check_model(pruned, full_check=True)
