@@ -46,3 +46,35 @@ def test_channel_slice_with_int32_bounds_keeps_their_type(tmp_path):
     (node,) = [n for n in pruned.graph.node if n.op_type == "Slice"]
     assert {inits[name].data_type for name in node.input[1:]} == {TensorProto.INT32}
     onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_channel_pad_that_shifts_the_channels_keeps_them(tmp_path):
+    """Pad with pads -1 / +1 on the channel axis keeps the width but shifts the channels
+    (output k is input k-1): the rule tied them one to one, and the cut differed from the
+    masked model (VerificationError, 'please report this model'). Such channels stay; the
+    conv behind the Pad is still pruned."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (rng.standard_normal((5, 3, 1, 1)).astype(np.float32), "w1"),
+        (np.array([0, 1, 0, 0, 0, -1, 0, 0], np.int64), "pads"),
+        (rng.standard_normal((4, 5, 1, 1)).astype(np.float32), "w2"),
+        (rng.standard_normal((3, 4)).astype(np.float32), "fc")]]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Sigmoid", ["c1"], ["s1"], name="sigmoid1"),
+             helper.make_node("Pad", ["s1", "pads"], ["p"], name="pad", mode="constant"),
+             helper.make_node("Conv", ["p", "w2"], ["c2"], name="conv2"),
+             helper.make_node("GlobalAveragePool", ["c2"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "pad_shift",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion="l1")
+    assert result.plan.removed_channels
+    pruned = onnx.load(str(tmp_path / "pruned.onnx"))
+    weights = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    (conv1,) = [n for n in pruned.graph.node if n.name == "conv1"]
+    assert weights[conv1.input[1]][0] == 5     # the shifted channels stay

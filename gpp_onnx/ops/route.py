@@ -221,9 +221,28 @@ class PadRule(OpRule):
         a = ctx.axis(x)
         if a is None:
             return NodeChannels(out_axes={y: None})
-        if ctx.shape(y)[a] != ctx.shape(x)[a] or not ctx.is_const_param(node.input[1]):
+        if ctx.shape(y)[a] != ctx.shape(x)[a] or not ctx.is_const_param(node.input[1]) \
+                or _pads_channel_axis(node, ctx, a):
             return block_all(node, ctx, "Pad changes (or may change) the channel axis")
         return pass_through(node, ctx)
+
+
+def _pads_channel_axis(node, ctx, a: int) -> bool:
+    """True when the pads of channel axis `a` are not both 0 (or the axes input of
+    opset 18 is computed): begin -1 with end +1 keeps the width but shifts the channels,
+    so channel k of the output is not channel k of the input."""
+    rank = len(ctx.shape(node.input[0]))
+    pads = [int(v) for v in np.ravel(ctx.const(node.input[1]))]
+    axes = list(range(rank))
+    if len(node.input) > 3 and node.input[3]:
+        const = ctx.const(node.input[3])
+        if const is None:
+            return True
+        axes = [norm_axis(int(v), rank) for v in np.ravel(const)]
+    if a not in axes:
+        return False
+    i = axes.index(a)
+    return bool(pads[i] or pads[i + len(axes)])
 
 
 @register("Resize", "Upsample")
