@@ -78,3 +78,43 @@ def test_channel_pad_that_shifts_the_channels_keeps_them(tmp_path):
     weights = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
     (conv1,) = [n for n in pruned.graph.node if n.name == "conv1"]
     assert weights[conv1.input[1]][0] == 5     # the shifted channels stay
+
+
+def test_repair_writes_no_bias_into_a_gemm_with_beta_0(tmp_path):
+    """A Gemm head with beta 0 ignores its C: the bias repair wrote C = delta / beta, i.e.
+    infinities (NaN by the spec's 0 * inf, NaN in the torch backend's fine-tuning, and a
+    model gpp-onnx itself refuses at load). Now that Gemm gets no bias repair and no refit."""
+    from gpp_onnx import PruneConfig, prune
+    from gpp_onnx.config import DataOptions
+    from gpp_onnx.model import read
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w1"),
+        (rng.uniform(-0.1, 0.1, 6).astype(np.float32), "b1"),
+        (rng.standard_normal((4, 6)).astype(np.float32), "fc"),
+        (rng.uniform(-0.1, 0.1, 4).astype(np.float32), "fc_c")]]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1",
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("GlobalAveragePool", ["r1"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc", "fc_c"], ["logits"], name="fc", transB=1,
+                              beta=0.0)]
+    graph = helper.make_graph(
+        nodes, "gemm_beta0",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((80, 3, 8, 8)).astype(np.float32),
+             y=rng.integers(0, 4, 80))
+    for mode in ("bias", "lsq"):
+        out = tmp_path / f"{mode}.onnx"
+        prune(tmp_path / "m.onnx", out, PruneConfig(
+            ratio=0.5, criterion="l1", repair=mode, latency=False, round_to=1,
+            data=DataOptions(str(tmp_path / "d.npz"), per_class=4)))
+        for t in onnx.load(str(out)).graph.initializer:
+            assert np.all(np.isfinite(numpy_helper.to_array(t))), (mode, t.name)
+        read(out)   # gpp-onnx opens what it wrote (it refuses non-finite weights)

@@ -50,6 +50,8 @@ class GemmRule(OpRule):
         return _matrix_macs(node, view)
 
     def bias_delta(self, node, w, removed, means, p, in_shape):
+        if not _has_bias_term(node):   # beta 0: C is ignored, delta / beta is infinite
+            return None
         w = w.astype(np.float64)
         rows = w.T if attr(node, "transB", 0) else w              # (K, N)
         return attr(node, "alpha", 1.0) * (means @ rows[removed])
@@ -57,7 +59,14 @@ class GemmRule(OpRule):
     def refittable(self, node, view):
         """One row per image (not a sequence head's (T*b, F) rows), constant B, transA 0."""
         per_image = view.shape(node.input[0])[0] == view.inputs[0].shape[0]
-        return per_image and view.is_const(node.input[1]) and not attr(node, "transA", 0)
+        return (per_image and view.is_const(node.input[1]) and not attr(node, "transA", 0)
+                and _has_bias_term(node))   # the refit writes its bias as C = bias / beta
+
+
+def _has_bias_term(node) -> bool:
+    """False for beta 0: ``beta * C`` is no bias, so a repair has none to write (it wrote
+    C = delta / 0, infinities: NaN by the spec's 0 * inf, a model gpp-onnx refuses)."""
+    return float(attr(node, "beta", 1.0)) != 0.0
 
 
 @register("FusedGemm", domain="com.microsoft")
