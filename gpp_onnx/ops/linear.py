@@ -60,7 +60,8 @@ class GemmRule(OpRule):
         """One row per image (not a sequence head's (T*b, F) rows), constant B, transA 0."""
         per_image = view.shape(node.input[0])[0] == view.inputs[0].shape[0]
         return (per_image and view.is_const(node.input[1]) and not attr(node, "transA", 0)
-                and _has_bias_term(node))   # the refit writes its bias as C = bias / beta
+                and _has_bias_term(node)    # the refit writes its bias as C = bias / beta
+                and float(attr(node, "alpha", 1.0)) != 0.0)   # and its weight as W / alpha
 
 
 def _has_bias_term(node) -> bool:

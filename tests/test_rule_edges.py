@@ -1,4 +1,5 @@
-"""Deterministic regressions found by fuzzing (explicit small models, no hypothesis)."""
+"""Rare forms of ops the channel rules meet: int32 Slice bounds, channel-shifting pads, a
+Gemm with beta 0 (explicit small models)."""
 from __future__ import annotations
 
 import numpy as np
