@@ -145,6 +145,28 @@ def test_taylor_matches_gate_derivative_on_producer():
     assert expected[4:].min() > 1e-10  # the live channels really carry signal
 
 
+def test_taylor_over_chunks_of_a_batch_is_the_whole_batchs_score(monkeypatch):
+    """Where a batch's activations are too large for one backward pass, its gradient is
+    summed over chunks: the scores are still those of the whole mini-batches."""
+    from gpp_onnx.importance import taylor
+    from gpp_onnx.torch_backend import OnnxModule
+
+    analysis = analyze_model(normalize(_plain_model()))
+    data = _dataset()
+    ev = _evidence(data)
+    key, features, head = _plain_forward(analysis)
+    per_image = 8 * sum(int(np.prod(analysis.view.shape(o)[1:])) for n in analysis.view.nodes
+                        for o in n.output)
+    monkeypatch.setattr(taylor, "GRAD_BYTES", 3 * per_image)
+    sizes, run = [], OnnxModule.run
+    monkeypatch.setattr(OnnxModule, "run", lambda self, feeds, outputs=None: (
+        sizes.append(len(next(iter(feeds.values())))), run(self, feeds, outputs))[1])
+    scores = TaylorCriterion().score(analysis, ev)
+    assert max(sizes) == 3 < BATCH
+    expected = _gate_scores(data, ev, lambda x, y, g: head(features(x, g[0]), y), 1, 6)
+    np.testing.assert_allclose(scores[key], expected, rtol=1e-4, atol=1e-14)
+
+
 def test_taylor_consumer_variant_matches_gate_on_consumer_input():
     analysis = analyze_model(normalize(_plain_model()))
     data = _dataset()

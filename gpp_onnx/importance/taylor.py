@@ -90,14 +90,18 @@ class TaylorCriterion:
                 for g in analysis.prunable}
         n_batches = -(-len(data) // evidence.batch_size)
         batches = iter_batches(data, evidence.batch_size, shuffle=True, seed=evidence.seed)
+        chunk = _chunk_size(analysis.view, evidence.batch_size)
         for x, y in track(batches, self.name, n_batches, logger):
-            outs = module.run({input_name: torch.from_numpy(x).to(device)}, loss_of.names)
-            loss = loss_of(outs, y)
-            grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
-            wg = {}
-            for name, p, g in zip(names, wanted, grads):
-                if g is not None:
-                    wg[name] = p.detach().double() * g.detach().double()
+            wg: dict[str, torch.Tensor] = {}
+            for start in range(0, len(x), chunk):  # the batch's gradient, a chunk at a time
+                part = slice(start, start + chunk)
+                outs = module.run({input_name: torch.from_numpy(x[part]).to(device)},
+                                  loss_of.names)
+                loss = loss_of(outs, None if y is None else y[part]) * (len(x[part]) / len(x))
+                grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
+                for name, p, g in zip(names, wanted, grads):
+                    if g is not None:
+                        wg[name] = wg.get(name, 0) + p.detach().double() * g.detach().double()
             for key, slices in plan.items():
                 s = torch.zeros(sums[key].shape[0], dtype=torch.float64, device=device)
                 for name, axis, incidence in slices:
@@ -107,6 +111,25 @@ class TaylorCriterion:
                         s += incidence @ per_pos
                 sums[key] += s * s
         return {key: (total / n_batches).cpu().numpy() for key, total in sums.items()}
+
+
+GRAD_BYTES = 1 << 30   # the activations one backward pass may hold, about
+
+
+def _chunk_size(view, batch_size: int) -> int:
+    """Images per forward and backward pass: the batch, or fewer where autograd would hold
+    more than GRAD_BYTES of activations (every value kept, twice with its gradient: a
+    320-px U-Net scored a batch of 36 in 12.5 GB). A batch the model's input fixes stays."""
+    from .. import batch
+
+    if batch.fixed(view.model) is not None:
+        return batch_size
+    per_image = 0
+    for node in view.nodes:
+        for out in node.output:
+            shape = view.shape(out) if out else None
+            per_image += 8 * int(np.prod(shape[1:])) if shape else 0
+    return max(1, min(batch_size, GRAD_BYTES // max(per_image, 1)))
 
 
 def _plan(analysis, params: dict, roles, device) -> dict[str, list]:
