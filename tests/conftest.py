@@ -36,6 +36,14 @@ def _readable_make_model(graph, **kwargs) -> onnx.ModelProto:
 _make_model, onnx.helper.make_model = onnx.helper.make_model, _readable_make_model
 
 
+def child_env(**extra) -> dict:
+    """The environment of a `python -m gpp_onnx` child process: this repository first on
+    its PYTHONPATH, the caller's entries kept (packages installed beside the suite by path)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def run_model(model_or_path, feeds: dict) -> list[np.ndarray]:
     """The model's outputs in onnxruntime without graph optimisations: what the ONNX graph
     computes. (onnxruntime before 1.32 fuses Pad(0) -> MaxPool into a MaxPool padded with

@@ -337,14 +337,13 @@ def test_a_progress_loop_run_again_logs_its_steps_again_when_not_a_terminal(monk
 
 
 def _gpp_onnx(*args: str, **kwargs):
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "gpp_onnx", *args], env=env, **kwargs)
+    from conftest import child_env
+
+    return subprocess.Popen([sys.executable, "-m", "gpp_onnx", *args],
+                            env=child_env(OMP_NUM_THREADS="1"), **kwargs)
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")

@@ -3,7 +3,6 @@ steps against one process on the full batch, a prune where only rank 0 writes, a
 that see different data. Each launch starts two Python processes (~10-20 s)."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from gpp_onnx import distributed
 from gpp_onnx.data import DataSpec, iter_batches, load_dataset
 from gpp_onnx.samples import digits_cnn, sample_cnn
 
-from conftest import feeds_for, run_model
+from conftest import child_env, feeds_for, run_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -32,7 +31,7 @@ def _port() -> int:
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    env = child_env(OMP_NUM_THREADS="1", **extra)
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None) if key not in extra else None
     return env

@@ -17,6 +17,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from conftest import child_env
+
 import gpp_onnx
 from gpp_onnx import DataOptions, GppOptions, gpp
 from gpp_onnx.cli import main
@@ -25,8 +27,6 @@ from gpp_onnx.data import split
 from gpp_onnx.errors import DataError
 from gpp_onnx.graph import GraphView
 from gpp_onnx.stats import count
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def ort_accuracy(path: Path, ds) -> float:
@@ -89,7 +89,7 @@ def _cli(*args: str) -> list[str]:
 def test_a_killed_run_resumes_after_its_last_finished_round(trained, tmp_path):
     args = ["--data", "digits", "--target-macs", "0.4", "--rounds", "3", "--budget-epochs", "3",
             "--round-to", "1", "--no-latency"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = child_env()
     full = tmp_path / "full.onnx"
     subprocess.run(_cli(str(trained), "-o", str(full), *args), check=True, env=env,
                    capture_output=True)
