@@ -70,6 +70,16 @@ def channel_means(model: onnx.ModelProto, values: dict[str, int], batches) -> di
     return {name: sums[name] / max(count, 1) for name in names}
 
 
+def probe_batch(view, values, size: int) -> int:
+    """Images per run of the mean probe: `size`, or fewer where the values it exposes
+    (twice: onnxruntime's copy and the returned one) would pass BATCH_BYTES for one batch
+    (a 320-px U-Net's 25 maps took 12.5 GB for 36 images). A batch the model fixes stays."""
+    if batch.fixed(view.model) is not None:
+        return size
+    per_image = 2 * sum(_image_bytes(view)(v) for v in values)
+    return max(1, min(size, BATCH_BYTES // max(per_image, 1)))
+
+
 def values_to_measure(analysis, kept) -> dict[str, int]:
     return {p.value: analysis.axes[p.value] for p in analysis.params
             if p.role == ROLE_IN and p.value in kept}

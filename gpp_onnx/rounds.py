@@ -214,7 +214,8 @@ def _repair(analysis: Analysis, kept, data: Splits | None, config: PruneConfig):
     values = repair.values_to_measure(analysis, kept)
     size, sample = in_whole_batches(
         analysis, config, images_per_class(data.train, config.data.per_class, config.seed))
-    batches = (x for x, _ in iter_batches(sample, size))
+    probe = repair.probe_batch(analysis.view, values, size)
+    batches = (x for x, _ in iter_batches(sample, probe))
     means = repair.channel_means(analysis.view.model, values, batches)
     deltas = repair.bias_deltas(analysis, kept, means)
     if config.repair != "lsq":

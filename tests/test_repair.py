@@ -292,3 +292,32 @@ def test_large_activations_are_repaired_in_smaller_batches_with_the_same_fit(mon
     assert whole[3] and set(whole[3]) == set(small[3])
     for key in whole[3]:
         np.testing.assert_allclose(small[3][key], whole[3][key], rtol=1e-4, atol=1e-5)
+
+
+def test_the_mean_probe_runs_fewer_images_where_the_maps_are_large(tmp_path, monkeypatch):
+    """The mean probe exposes every measured map: where a batch of them would pass the
+    budget it runs fewer images at a time, and the cut and its repair stay the same."""
+    import onnx
+
+    import gpp_onnx.repair as repair_module
+    from gpp_onnx import prune
+    from gpp_onnx.config import DataOptions
+    from gpp_onnx.samples import digits_cnn
+
+    src = tmp_path / "digits.onnx"
+    onnx.save(digits_cnn(0), src)
+    config = PruneConfig(ratio=0.5, criterion="l1", repair="bias", latency=False,
+                         data=DataOptions("digits", per_class=8))
+    whole = prune(src, tmp_path / "a.onnx", config)
+    sizes, means = [], repair_module.channel_means
+
+    def spy(model, values, batches):
+        return means(model, values, (sizes.append(len(x)) or x for x in batches))
+
+    monkeypatch.setattr(repair_module, "channel_means", spy)
+    monkeypatch.setattr(repair_module, "BATCH_BYTES", 8 * 4 * 8 * 8 * 4)  # ~4 images' maps
+    small = prune(src, tmp_path / "b.onnx", config)
+    assert sizes and max(sizes) < 64
+    x = np.random.default_rng(0).random((5, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(small.model, {"input": x})[0],
+                               run(whole.model, {"input": x})[0], rtol=1e-5, atol=1e-6)
