@@ -330,8 +330,7 @@ def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndar
         return {}, deltas
     given, deltas = set(deltas), dict(deltas)
     for node in nodes:  # every fitted node gets its own bias input in the masked model
-        out = view.shape(node.output[0])[1]
-        deltas.setdefault(node.name, np.zeros(out))
+        deltas.setdefault(node.name, np.zeros(view.shape(node.output[0])[1]))
     device = resolve_device(device)
     masked = surgery.mask(analysis, kept, deltas)
     fittable = _own_weights(masked)

@@ -9,6 +9,17 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import assert_pruned_equals_masked
 
 
+def _model(nodes, inits, name: str, side: int, classes: int) -> onnx.ModelProto:
+    """A checked opset-17 model of `nodes` from input (N, 3, side, side) to logits."""
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, side, side])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def _slice_model(index_dtype) -> onnx.ModelProto:
     """conv (6 ch) -> Relu -> Slice channels 1:5 (bounds and axes in `index_dtype`) ->
     conv -> GAP -> Gemm."""
@@ -26,13 +37,7 @@ def _slice_model(index_dtype) -> onnx.ModelProto:
              helper.make_node("GlobalAveragePool", ["c2"], ["g"], name="gap"),
              helper.make_node("Flatten", ["g"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1)]
-    graph = helper.make_graph(
-        nodes, "slice_index_type",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _model(nodes, inits, "slice_index_type", 4, 3)
 
 
 def test_channel_slice_with_int32_bounds_keeps_their_type(tmp_path):
@@ -67,12 +72,7 @@ def test_channel_pad_that_shifts_the_channels_keeps_them(tmp_path):
              helper.make_node("GlobalAveragePool", ["c2"], ["g"], name="gap"),
              helper.make_node("Flatten", ["g"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1)]
-    graph = helper.make_graph(
-        nodes, "pad_shift",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model, full_check=True)
+    model = _model(nodes, inits, "pad_shift", 4, 3)
     result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion="l1")
     assert result.plan.removed_channels
     pruned = onnx.load(str(tmp_path / "pruned.onnx"))
@@ -102,12 +102,7 @@ def test_repair_writes_no_bias_into_a_gemm_with_beta_0(tmp_path):
              helper.make_node("Flatten", ["g"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "fc", "fc_c"], ["logits"], name="fc", transB=1,
                               beta=0.0)]
-    graph = helper.make_graph(
-        nodes, "gemm_beta0",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model, full_check=True)
+    model = _model(nodes, inits, "gemm_beta0", 8, 4)
     onnx.save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((80, 3, 8, 8)).astype(np.float32),
              y=rng.integers(0, 4, 80))
