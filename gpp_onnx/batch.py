@@ -30,6 +30,14 @@ SYMBOL = "batch"
 SAME = 1e-4   # relative error between the batched and the per-chunk outputs (float noise)
 
 
+def within(model: onnx.ModelProto, size: int, per_image: int, budget: int) -> int:
+    """Images per pass: `size`, or fewer where `per_image` bytes each would pass `budget`
+    (large maps); a batch the model's input fixes stays as it is."""
+    if fixed(model) is not None:
+        return size
+    return max(1, min(size, budget // max(per_image, 1)))
+
+
 def fixed(model: onnx.ModelProto) -> int | None:
     """The batch size b every input of `model` fixes (dim 0 of each non-initializer input,
     all equal), or None where one leaves it free or they differ."""

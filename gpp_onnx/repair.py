@@ -71,13 +71,11 @@ def channel_means(model: onnx.ModelProto, values: dict[str, int], batches) -> di
 
 
 def probe_batch(view, values, size: int) -> int:
-    """Images per run of the mean probe: `size`, or fewer where the values it exposes
-    (twice: onnxruntime's copy and the returned one) would pass BATCH_BYTES for one batch
-    (a 320-px U-Net's 25 maps took 12.5 GB for 36 images). A batch the model fixes stays."""
-    if batch.fixed(view.model) is not None:
-        return size
+    """Images per run of the mean probe: fewer than `size` where the maps it exposes
+    (twice: onnxruntime's copy and the returned one) would pass BATCH_BYTES a batch (a
+    320-px U-Net's 25 maps, for a batch of 36)."""
     per_image = 2 * sum(_image_bytes(view)(v) for v in values)
-    return max(1, min(size, BATCH_BYTES // max(per_image, 1)))
+    return batch.within(view.model, size, per_image, BATCH_BYTES)
 
 
 def values_to_measure(analysis, kept) -> dict[str, int]:
@@ -201,14 +199,11 @@ def _sample_positions(view, nodes, n_img: int, rows: int, rng) -> dict:
 
 
 def _batch_size(view, work, nodes, size: int) -> int:
-    """`size`, made smaller where one batch would hold more than BATCH_BYTES: the target
-    pass keeps every fitted layer's whole output for its batch (a 320-px U-Net took 12 GB
-    for 36 images). A batch the model's input fixes stays as it is."""
-    if batch.fixed(view.model) is not None:
-        return size
+    """Images per pass of the refit: fewer than `size` where a batch would hold more than
+    BATCH_BYTES (the target pass keeps every fitted layer's whole output for its batch)."""
     size_of = _image_bytes(view)
     per_image = work.peak_live(size_of) + sum(size_of(n.output[0]) for n in nodes)
-    return max(1, min(size, BATCH_BYTES // max(per_image, 1)))
+    return batch.within(view.model, size, per_image, BATCH_BYTES)
 
 
 def _target_rows(original, input_name: str, nodes, plans: dict, batches) -> dict[str, list]:
