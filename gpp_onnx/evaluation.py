@@ -11,7 +11,7 @@ from . import distributed
 from .arrays import load_arrays
 from .data import DataSpec, Dataset, check_labels, iter_batches, load_dataset
 from .errors import DataError
-from .graph import DEFAULT_IMAGE_SIDE, GraphView
+from .graph import DEFAULT_IMAGE_SIDE, GraphView, is_nhwc
 from .verify import make_session, outputs
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def data_input_shape(model, input_shape, source: str | None):
              for d in inputs[0].type.tensor_type.shape.dim]
     if len(fixed) != 4:
         return _array_input_shape(inputs[0].name, fixed, source)
-    nhwc = fixed[3] in (1, 3) and fixed[1] not in (1, 3)
+    nhwc = is_nhwc(fixed)
     sides, channel = ((1, 2), 3) if nhwc else ((2, 3), 1)
     if all(fixed[a] is not None for a in sides):
         return None
@@ -106,7 +106,7 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
     if len(spec.shape) != 4:
         ds = load_arrays(source, spec.shape[1:], spec.name, labels, limit, seed)
     else:
-        nhwc = spec.shape[3] in (1, 3) and spec.shape[1] not in (1, 3)
+        nhwc = is_nhwc(spec.shape)
         c, h, w = (spec.shape[3], *spec.shape[1:3]) if nhwc else spec.shape[1:]
         ds = load_dataset(DataSpec(source, c, h, w, mean=mean, std=std, resize=resize,
                                    limit=limit, seed=seed, workers=workers, labels=labels,

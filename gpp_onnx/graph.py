@@ -211,10 +211,9 @@ def _input_spec(value: onnx.ValueInfoProto, input_shape: tuple[int, ...] | None)
                              f"input '{value.name}' has rank {len(dims)} - give one size per dim")
         return InputSpec(value.name, tuple(int(d) for d in input_shape), np.dtype(dtype), free)
     fixed = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
-    # an NHWC image (last axis 1 or 3, axis 1 not; as evaluation.dataset_for reads it) has
-    # its free sides on axes 1 and 2: its H was refused, with and without --data
-    sides = (1, 2) if len(dims) == 4 and fixed[3] in (1, 3) and fixed[1] not in (1, 3) \
-        else (2, 3)
+    # an NHWC image has its free sides on axes 1 and 2: its H was refused, with and
+    # without --data
+    sides = (1, 2) if len(dims) == 4 and is_nhwc(fixed) else (2, 3)
     shape = []
     for axis, dim in enumerate(dims):
         if fixed[axis] is not None:
@@ -228,6 +227,12 @@ def _input_spec(value: onnx.ValueInfoProto, input_shape: tuple[int, ...] | None)
                              "pass --input-shape with concrete sizes, e.g. 1,3,224,224 "
                              f"(or {value.name}:1,3,224,224 per input)")
     return InputSpec(value.name, tuple(shape), np.dtype(dtype), free)
+
+
+def is_nhwc(dims) -> bool:
+    """A 4-D image input's sizes (None where free) read as NHWC: its last axis holds 1 or
+    3 channels and axis 1 does not."""
+    return dims[3] in (1, 3) and dims[1] not in (1, 3)
 
 
 def random_feeds(inputs: list[InputSpec], batch: int | None = None, seed: int = 0) -> dict:
