@@ -92,8 +92,8 @@ _DEQUANTIZING = {"Mul", "Sub", "Add", "Div", "Reshape", "Transpose", "Identity",
 
 
 # ops whose inputs after the first are trained weights (a bias, a BatchNorm's statistics)
-_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
-             "InstanceNormalization", "LayerNormalization", "GroupNormalization", "PRelu"}
+_WEIGHTED = _WEIGHT_READERS | {"BatchNormalization", "InstanceNormalization",
+                               "LayerNormalization", "GroupNormalization", "PRelu"}
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 
 
