@@ -198,6 +198,10 @@ CASES = [
                                     N("LpNormalization", ["z"], ["y"], axis=1)], X4, {}, 17),
     ("mvn_default_axes", [N("MeanVarianceNormalization", ["x"], ["y"])], X4, {}, 13),
     ("mvn_channel_axes_opset9", [N("MeanVarianceNormalization", ["x"], ["y"], axes=[1, -1])], X4, {}, 9),
+    # LRN (onnxruntime takes odd sizes only)
+    ("lrn_alexnet", [N("LRN", ["x"], ["y"], size=5, alpha=1e-4, beta=0.75, bias=1.0)], X4, {}, 7),
+    ("lrn_size3_strong", [N("LRN", ["x"], ["y"], size=3, alpha=2.0, beta=0.5, bias=2.0)],
+     X4, {}, 13),
     # Lp pooling: opset 18 adds dilations and ceil_mode
     ("lp_pool_p3_pads_strides", [N("LpPool", ["x"], ["y"], kernel_shape=[3, 2], strides=[2, 2],
                                    pads=[1, 0, 0, 1], p=3)], X4, {}, 11),
@@ -251,6 +255,7 @@ GRADIENT_CASES = [
     ("group_norm_opset18_per_group", True), ("group_norm_opset21_per_channel", True),
     ("lp_normalization_default", True), ("lp_normalization_p1_axis1", True),
     ("mvn_default_axes", True), ("mvn_channel_axes_opset9", True),
+    ("lrn_alexnet", True), ("lrn_size3_strong", True),
     ("lp_pool_p3_pads_strides", True), ("lp_pool_ceil_dilations", True),
     ("global_lp_pool_default", True), ("global_lp_pool_p3", True),
     ("reduce_log_sum_opset13_axes", True), ("reduce_log_sum_noop_empty_axes", True),

@@ -53,3 +53,17 @@ def mean_variance_normalization(node: Node, x):
     dims = tuple(sorted({a % x.dim() for a in node.attr("axes", [0, 2, 3])}))
     centred = x - x.mean(dims, keepdim=True)
     return centred / torch.sqrt((centred * centred).mean(dims, keepdim=True))
+
+
+@register("LRN")
+def lrn(node: Node, x):
+    """Local response normalization across channels (AlexNet, GoogLeNet, CaffeNet):
+    ``x / (bias + alpha / size * s) ** beta``, ``s`` the sum of squares over channels
+    ``c - floor((size - 1) / 2) .. c + ceil((size - 1) / 2)`` (those in range; torch's
+    ``local_response_norm`` puts an even size's window the other way round)."""
+    size = node.attr("size")
+    below = (size - 1) // 2
+    squares = F.pad((x * x).movedim(1, -1), (below, size - 1 - below))
+    window = sum(squares[..., i:i + x.shape[1]] for i in range(size)).movedim(-1, 1)
+    return x / (node.attr("bias", 1.0) + node.attr("alpha", 1e-4) / size * window) \
+        ** node.attr("beta", 0.75)
