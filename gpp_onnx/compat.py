@@ -285,6 +285,14 @@ def upgrade_opset(model: onnx.ModelProto, where: str = "model") -> onnx.ModelPro
     # new constants are not; the target opset needs a newer IR anyway.
     target_ir = helper.find_min_ir_version_for([helper.make_opsetid("", TARGET_OPSET)])
     staged.ir_version = max(staged.ir_version, target_ir)
+    _decompose_image_scalers(staged)
+    gone = sorted({n.op_type for n in staged.graph.node
+                   if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)})
+    if gone:
+        raise InputError(f"{where} uses opset {source} and its experimental op "
+                         f"{', '.join(gone)}, which no opset from {MIN_OPSET} on has - write it "
+                         "with standard ops (e.g. Mul and Add) or export the model at opset "
+                         f"{MIN_OPSET} or newer")
     try:
         upgraded = onnx.version_converter.convert_version(staged, TARGET_OPSET)
         _keep_old_resize_semantics(upgraded)
@@ -297,6 +305,31 @@ def upgrade_opset(model: onnx.ModelProto, where: str = "model") -> onnx.ModelPro
     logger.info("upgraded %s from opset %d to %d (onnx.version_converter)", where, source,
                 TARGET_OPSET)
     return upgraded
+
+
+def _decompose_image_scalers(model: onnx.ModelProto) -> None:
+    """ImageScaler (experimental until opset 9: ``scale * x + bias[c]``, the preprocessing
+    of the model zoo's opset 7/8 classics) has no schema the converter knows: it becomes
+    Mul and Add of constants, in place."""
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "ImageScaler" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        scale = np.array(attrs.get("scale", 1.0), np.float32)
+        stem = node.output[0]
+        scaled = f"{stem}__scaled" if attrs.get("bias") else stem
+        model.graph.initializer.append(onnx.numpy_helper.from_array(scale, f"{stem}__scale"))
+        nodes.append(helper.make_node("Mul", [node.input[0], f"{stem}__scale"], [scaled],
+                                      name=f"{node.name or stem}_scale"))
+        if attrs.get("bias"):
+            bias = np.array(attrs["bias"], np.float32).reshape(1, -1, 1, 1)
+            model.graph.initializer.append(onnx.numpy_helper.from_array(bias, f"{stem}__bias"))
+            nodes.append(helper.make_node("Add", [scaled, f"{stem}__bias"], [stem],
+                                          name=f"{node.name or stem}_bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def _keep_old_resize_semantics(model: onnx.ModelProto) -> None:

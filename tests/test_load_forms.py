@@ -109,6 +109,46 @@ def test_opset9_model_is_upgraded_pruned_and_reported(tmp_path):
     assert rel_err(run_model(model, {"x": x}), run_model(masked, {"x": x})) > 1e-3
 
 
+def _image_scaler_model(op="ImageScaler", **attrs) -> onnx.ModelProto:
+    """Opset 8, the model zoo's preprocessing op first (tiny-yolov2, emotion-ferplus)."""
+    inits = [numpy_helper.from_array(_x(shape, seed=i), name) for i, (name, shape) in
+             enumerate([("w1", (4, 3, 3, 3)), ("w2", (4, 4, 3, 3)), ("fc", (2, 4)), ("fb", (2,))])]
+    nodes = [helper.make_node(op, ["x"], ["s"], **attrs),
+             helper.make_node("Conv", ["s", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc", "fb"], ["y"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "scaler8", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 4
+    return model
+
+
+@pytest.mark.parametrize("attrs", [{"scale": 0.5, "bias": [-1.0, 0.5, 2.0]}, {"bias": [.1, .2, .3]}])
+def test_an_image_scaler_is_upgraded_as_mul_and_add(tmp_path, attrs):
+    """onnx's converter knows no ImageScaler schema: the upgrade was refused with
+    "Op '%s' has no registered schema", naming no op."""
+    model = _image_scaler_model(**attrs)
+    src = tmp_path / "old.onnx"
+    onnx.save(model, src)
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=1, latency=False))
+    x = _x((2, 3, 8, 8))
+    masked = _hand_masked(model, {"w2": result.plan.removed["c1"],
+                                  "fc": result.plan.removed["c2"]})
+    assert rel_err(run_model(tmp_path / "p.onnx", {"x": x}), run_model(masked, {"x": x})) < 1e-5
+
+
+def test_an_experimental_op_without_schema_is_named():
+    model = _image_scaler_model("Scale", scale=0.5)
+    with pytest.raises(InputError, match="experimental op Scale") as err:
+        gpp_onnx.model.accept(model)
+    assert "\n" not in str(err.value)
+
+
 def test_an_upgraded_upsample_adds_no_params(tmp_path):
     """The converter's Resize roi (a float constant no computation reads) is neither
     counted as a parameter nor written: the report counted 8 floats more than this
