@@ -78,7 +78,15 @@ class Loaded:
             logger.info("normalised model: the input's graph with constants' Identity nodes "
                         "folded (same nodes, same weights), so it computes the same")
             return
-        reference = _run(self.as_read, feeds, "input model")
+        try:
+            reference = _run(self.as_read, feeds, "input model")
+        except verify.VerificationError as err:
+            if not self.upgraded:
+                raise
+            raise InputError(f"onnxruntime cannot run the model as read at opset "
+                             f"{self.opset_read}, so its upgrade cannot be checked "
+                             f"({str(err).split('(', 1)[-1].rstrip(')')}) - export the model at "
+                             f"opset {MIN_OPSET} or newer") from None
         if self.upgraded:
             got = _run(self.model, feeds, "upgraded model")
             err = verify.relative_error(got, reference)

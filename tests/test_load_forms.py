@@ -149,6 +149,22 @@ def test_an_experimental_op_without_schema_is_named():
     assert "\n" not in str(err.value)
 
 
+def test_an_opset6_file_onnxruntime_cannot_run_is_refused_with_the_fix(tmp_path):
+    """CaffeNet's Gemm-6 (broadcast=1): onnxruntime has no kernel for it, so the upgrade
+    cannot be checked; the refusal was a VerificationError line naming no fix."""
+    model = _image_scaler_model("Identity")
+    model.opset_import[0].version = 6
+    gemm = model.graph.node[-1]
+    gemm.attribute.append(helper.make_attribute("broadcast", 1))
+    for value in (model.graph.input[0], model.graph.output[0]):  # the converter's Gemm-6
+        value.type.tensor_type.shape.dim[0].dim_value = 1        # adapter wants fixed sizes
+    src = tmp_path / "old.onnx"
+    onnx.save(model, src)
+    with pytest.raises(InputError, match="at opset 6.*export the model at opset 11"):
+        prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=1, latency=False))
+    assert not (tmp_path / "p.onnx").exists()
+
+
 def test_an_upgraded_upsample_adds_no_params(tmp_path):
     """The converter's Resize roi (a float constant no computation reads) is neither
     counted as a parameter nor written: the report counted 8 floats more than this
