@@ -135,8 +135,12 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
 
 
 def check_class_scores(view: GraphView) -> tuple:
-    """The first output's shape, refused unless it is (N, classes): labels index its classes."""
+    """The first output's shape as (N, classes), refused unless it is (N, classes) or a
+    conv classifier's (N, classes, 1, 1) (SqueezeNet, the model zoo's caffe2 classics),
+    read as its (N, classes) scores (``class_scores``): labels index its classes."""
     out_shape = view.shape(view.output_names[0])
+    if out_shape is not None and len(out_shape) > 2 and all(d == 1 for d in out_shape[2:]):
+        return tuple(out_shape[:2])
     if out_shape is None or len(out_shape) != 2:
         scores = [n for n in view.output_names[1:]
                   if (s := view.shape(n)) is not None and len(s) == 2]
@@ -147,13 +151,16 @@ def check_class_scores(view: GraphView) -> tuple:
                             "the class scores: export the model with the class scores first")
         shown = out_shape if out_shape is None or not view.dynamic_batch else \
             "(N, " + ", ".join(map(str, out_shape[1:])) + ")"
-        fix = "end the model in a Flatten (a conv classifier's (N, classes, 1, 1))" \
-            if out_shape is not None and len(out_shape) == 4 and out_shape[2:] == (1, 1) \
-            else "pass a classification model"
         raise DataError(f"output '{view.output_names[0]}' has shape {shown}; a classifier "
-                        f"gives (N, classes) - {fix}, or prune it without labels "
-                        "(--no-labels)")
+                        "gives (N, classes) - pass a classification model, or prune it "
+                        "without labels (--no-labels)")
     return out_shape
+
+
+def class_scores(logits):
+    """(N, classes) scores of a classifier's first output: a conv classifier's (N, classes,
+    1, 1) flattened (``check_class_scores`` admits no other extra axes); numpy or torch."""
+    return logits.reshape(logits.shape[0], -1) if logits.ndim > 2 else logits
 
 
 EVAL_BYTES = 512 << 20   # about what one evaluation batch may hold, activations included
@@ -196,5 +203,5 @@ def accuracy(model: onnx.ModelProto, ds: Dataset, batch_size: int = 256) -> floa
         if not np.all(np.isfinite(logits)):
             raise DataError("the model produced NaN/inf outputs on the data - check the "
                             "input scaling (--mean/--std)")
-        correct += int((logits.argmax(axis=1) == y).sum())
+        correct += int((class_scores(logits).argmax(axis=1) == y).sum())
     return distributed.all_sum(correct) / total

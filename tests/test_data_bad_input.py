@@ -228,10 +228,11 @@ def test_per_position_output_with_labels_says_so_before_the_feature(tmp_path, ca
         assert code == 2 and "a classifier gives (N, classes)" in err, err
 
 
-def test_class_scores_left_as_a_map_name_the_flatten_and_the_batch(tmp_path, capsys):
-    """A conv classifier ending in (N, classes, 1, 1), no Flatten: the refusal showed the
-    probe's batch of 1 and gave no way out."""
+def test_a_score_map_is_refused_with_the_batch_shown_and_a_way_out(tmp_path, capsys):
+    """An output that is a map (N, 3, 8, 8), not class scores: the refusal showed the
+    probe's batch of 1 and gave no way out. (A conv classifier's (N, classes, 1, 1) is
+    read as its scores: tests/test_output_forms.py.)"""
     b = GraphBuilder((1, 1, 8, 8), seed=0)
-    model = b.build(b.gap(b.conv(b.act(b.conv("input", 6), "Relu"), 3, k=1)))
+    model = b.build(b.conv(b.act(b.conv("input", 6), "Relu"), 3, k=1))
     code, err = _prune(tmp_path, capsys, model, _npz(tmp_path / "d.npz"))
-    assert code == 2 and "(N, 3, 1, 1)" in err and "Flatten" in err and "--no-labels" in err
+    assert code == 2 and "(N, 3, 8, 8)" in err and "--no-labels" in err

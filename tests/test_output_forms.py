@@ -185,3 +185,31 @@ def test_a_fixed_batch_runs_in_chunks_joined_along_each_outputs_batch_axis():
     assert got.shape == (8, 3, 5)
     np.testing.assert_array_equal(got, one_by_one)
 
+
+
+def test_a_conv_classifiers_class_map_is_read_as_its_class_scores(tmp_path, capsys):
+    """A conv classifier ending in (N, classes, 1, 1) (SqueezeNet, the model zoo's caffe2
+    classics) was refused with labels: its map is now read as the (N, classes) scores.
+    Reference: the labels are the original's own top class in onnxruntime, so accuracy
+    is 1, and 0 with every label moved to the next class."""
+    from gpp_onnx.cli import main
+
+    b = GraphBuilder((1, 1, 8, 8), seed=0)
+    model = b.build(b.gap(b.conv(b.act(b.conv(b.act(b.conv("input", 8), "Relu"), 8),
+                                       "Relu"), 3, k=1)))
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    x = np.random.default_rng(1).random((48, 1, 8, 8), dtype=np.float32) - 0.5
+    scores = np.concatenate([_session(model).run(None, {"input": x[i:i + 1]})[0]
+                             for i in range(len(x))])
+    assert scores.shape == (48, 3, 1, 1)
+    top = scores.reshape(48, 3).argmax(1)   # two classes of the three here
+    for labels, expected in ((top, 1.0), ((top + 1) % 3, 0.0)):
+        np.savez(tmp_path / "d.npz", x=x, y=labels)
+        assert main(["evaluate", str(src), "--data", str(tmp_path / "d.npz")]) == 0
+        assert f"top-1 accuracy {expected:.4f}" in capsys.readouterr().out
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(src), "--data", str(tmp_path / "d.npz"), "--ratio", "0.5",
+                 "--round-to", "1", "--criterion", "taylor", "--finetune-epochs", "1",
+                 "--no-latency", "-o", str(out)]) == 0
+    assert _session(onnx.load(out)).run(None, {"input": x[:1]})[0].shape == (1, 3, 1, 1)

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..errors import DataError
+from ..evaluation import class_scores
 
 
 class CrossEntropy:
@@ -70,6 +71,7 @@ class CrossEntropy:
 
     def __call__(self, logits, targets, values) -> tuple[torch.Tensor, dict]:
         y = labels(targets, self.name)
+        logits = class_scores(logits)
         world = distributed.world_size()
         if world == 1:
             loss = F.cross_entropy(logits, y)
