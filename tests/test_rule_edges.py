@@ -114,3 +114,73 @@ def test_repair_writes_no_bias_into_a_gemm_with_beta_0(tmp_path):
         for t in onnx.load(str(out)).graph.initializer:
             assert np.all(np.isfinite(numpy_helper.to_array(t))), (mode, t.name)
         read(out)   # gpp-onnx opens what it wrote (it refuses non-finite weights)
+
+
+def test_computed_channel_factor_read_twice_keeps_its_channels(tmp_path):
+    """A per-channel factor computed as ``gamma * map`` (a channel-free map) that scales two
+    branches: its constant gamma was cut with each branch's channels, and two different
+    cuts of it stopped the prune ('conflicting cuts', nothing written); read by a conv
+    instead, the cut shrank its input (the pruned model failed to run). The branches it
+    scales now keep their channels; the convs behind them are pruned."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in [
+        (rng.standard_normal((6, 3, 1, 1)), "w1"), (rng.standard_normal((6, 6, 1, 1)), "w2"),
+        (rng.uniform(0.5, 1.5, (1, 6, 1, 1)), "gamma"),
+        (rng.standard_normal((4, 6, 1, 1)), "w3"), (rng.standard_normal((4, 6, 1, 1)), "w4"),
+        (rng.standard_normal((3, 4)), "fc")]]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("ReduceMean", ["input"], ["t"], name="mean", axes=[1]),
+             helper.make_node("Mul", ["gamma", "t"], ["s"], name="factor"),
+             helper.make_node("Mul", ["r1", "s"], ["ya"], name="scale_a"),
+             helper.make_node("Mul", ["r2", "s"], ["yb"], name="scale_b"),
+             helper.make_node("Conv", ["ya", "w3"], ["c3"], name="conv3"),
+             helper.make_node("Conv", ["yb", "w4"], ["c4"], name="conv4"),
+             helper.make_node("Add", ["c3", "c4"], ["a"], name="add"),
+             helper.make_node("GlobalAveragePool", ["a"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1)]
+    model = _model(nodes, inits, "shared_factor", 4, 3)
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion="l1")
+    assert result.plan.removed_channels
+    pruned = onnx.load(str(tmp_path / "pruned.onnx"))
+    weights = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert weights["gamma"] == (1, 6, 1, 1)      # the factor's channels stay
+
+
+def test_a_broadcast_token_read_twice_keeps_its_channels(tmp_path):
+    """A learned token (1, 6, 1, 4) expanded over a batch read from the input and joined
+    (Concat along H) to two maps that are cut on their own: the token was cut with each
+    map's channels, and two different cuts of it stopped the prune ('conflicting cuts')."""
+    rng = np.random.default_rng(0)
+    f32 = [(rng.standard_normal((6, 3, 1, 1)), "w1"), (rng.standard_normal((6, 6, 1, 1)), "w2"),
+           (rng.standard_normal((1, 6, 1, 4)), "token"),
+           (rng.standard_normal((4, 6, 1, 1)), "w3"), (rng.standard_normal((4, 6, 1, 1)), "w4"),
+           (rng.standard_normal((3, 4)), "fc")]
+    i64 = [(np.array([0]), "zero"), (np.array([1]), "one"), (np.array([1, 1, 4]), "rest")]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in f32] + \
+        [numpy_helper.from_array(a.astype(np.int64), n) for a, n in i64]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Shape", ["input"], ["shape"], name="shape"),
+             helper.make_node("Slice", ["shape", "zero", "one"], ["n"], name="batch"),
+             helper.make_node("Concat", ["n", "rest"], ["target"], name="target", axis=0),
+             helper.make_node("Expand", ["token", "target"], ["tok"], name="expand"),
+             helper.make_node("Concat", ["r1", "tok"], ["ja"], name="join_a", axis=2),
+             helper.make_node("Concat", ["r2", "tok"], ["jb"], name="join_b", axis=2),
+             helper.make_node("Conv", ["ja", "w3"], ["c3"], name="conv3"),
+             helper.make_node("Conv", ["jb", "w4"], ["c4"], name="conv4"),
+             helper.make_node("Add", ["c3", "c4"], ["a"], name="add"),
+             helper.make_node("GlobalAveragePool", ["a"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1)]
+    model = _model(nodes, inits, "shared_token", 4, 3)
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion="l1")
+    assert result.plan.removed_channels
+    pruned = onnx.load(str(tmp_path / "pruned.onnx"))
+    weights = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert weights["token"] == (1, 6, 1, 4)      # the token's channels stay

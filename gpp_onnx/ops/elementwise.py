@@ -15,7 +15,7 @@ only: a scalar stays a constant).
 """
 from __future__ import annotations
 
-from .base import ROLE_CHAN, NodeChannels, OpRule, ParamSlice, block_all, register
+from .base import ROLE_CHAN, NodeChannels, OpRule, ParamSlice, block_all, read_once, register
 
 UNARY = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu",
          "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Clip",
@@ -30,9 +30,11 @@ BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Wh
 def _scaled_params(x: str, axis: int, ctx):
     """`x` computed as per-channel constants combined with values that broadcast along
     `axis` (a LayerNorm's ``scale * rsqrt(var)`` as jax2tf writes it): the constants'
-    slices ``(node, input index, param, axis)``, cut with the channels; None otherwise."""
+    slices ``(node, input index, param, axis)``, cut with the channels; None otherwise, also
+    where another node (or the model's output) reads `x`: the cut would shrink it there too."""
     node = ctx.view.producer.get(x)
-    if node is None or node.op_type not in ("Mul", "Add", "Sub", "Div"):
+    if node is None or node.op_type not in ("Mul", "Add", "Sub", "Div") \
+            or not read_once(x, ctx):
         return None
     rank = len(ctx.shape(x))
     found = []

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import (ROLE_CHAN, NodeChannels, OpRule, ParamSlice, attr, block_all, norm_axis,
-                   pass_through, register)
+                   pass_through, read_once, register)
 
 
 def _same_axis(node, ctx, res: NodeChannels, axis: int) -> NodeChannels:
@@ -69,9 +69,11 @@ class ConcatRule(OpRule):
 def _broadcast_token(x: str, a: int, ctx):
     """The Expand that repeats a learned constant over the batch (a ViT class token,
     ``(1, 1, C)`` expanded to ``(N, 1, C)``), when its target leaves axis `a` alone (1
-    there); its constant is then sliced with the channels. None for anything else."""
+    there); its constant is then sliced with the channels. None for anything else, also
+    where another node (or the model's output) reads `x`: the cut would shrink it there too."""
     node = ctx.view.producer.get(x)
-    if node is None or node.op_type != "Expand" or not ctx.is_const_param(node.input[0]):
+    if node is None or node.op_type != "Expand" or not ctx.is_const_param(node.input[0]) \
+            or not read_once(x, ctx):
         return None
     token, target = ctx.shape(node.input[0]), ctx.view.probed(node.input[1])
     if target is None:
