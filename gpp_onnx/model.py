@@ -39,8 +39,8 @@ from .files import serialize
 from .edit import name_nodes
 from .dense import dense_to_gemm
 from .shuffle import shuffles_to_gather
-from .compat import (MIN_OPSET, Loaded, free_negative_dims, opset_version, sort_nodes,
-                     upgrade_opset)
+from .compat import (MIN_OPSET, Loaded, explicit_default_axes, free_negative_dims,
+                     opset_version, sort_nodes, upgrade_opset)
 from .errors import InputError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ def _prepare(model: onnx.ModelProto, where: str, data: bytes | None = None) -> L
         logger.info("%s: nodes were not in topological order; sorted them", where)
         data = None
     validate(model, where, data)
+    explicit_default_axes(model)
     freed = free_negative_dims(model)
     if freed:
         logger.info("%s: sizes declared as -1 (%s) are free sizes for this run and in the "

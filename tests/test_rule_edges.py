@@ -184,3 +184,27 @@ def test_a_broadcast_token_read_twice_keeps_its_channels(tmp_path):
     pruned = onnx.load(str(tmp_path / "pruned.onnx"))
     weights = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
     assert weights["token"] == (1, 6, 1, 4)      # the token's channels stay
+
+
+def test_mean_variance_normalization_with_its_default_axes_is_pruned(tmp_path):
+    """MeanVarianceNormalization without ``axes`` (default [0, 2, 3]: per channel) is valid
+    and onnxruntime runs it, but onnx's full checker fails on it; the model was scored,
+    cut and verified, then refused at the end ('pruned model fails the ONNX checker')."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in [
+        (rng.standard_normal((8, 3, 3, 3)), "w1"), (rng.standard_normal((8, 8, 3, 3)), "w2"),
+        (rng.standard_normal((3, 8)), "fc")]]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("MeanVarianceNormalization", ["r1"], ["m"], name="mvn"),
+             helper.make_node("Conv", ["m", "w2"], ["c2"], name="conv2", pads=[1] * 4),
+             helper.make_node("GlobalAveragePool", ["c2"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "mvn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion="l1")
+    assert result.plan.removed_channels
