@@ -208,3 +208,50 @@ def test_mean_variance_normalization_with_its_default_axes_is_pruned(tmp_path):
     onnx.checker.check_model(model)
     result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion="l1")
     assert result.plan.removed_channels
+
+
+def _returned_shape_model(tail, returned: str, length: int, i64: dict) -> onnx.ModelProto:
+    """conv1 -> Relu -> conv2 -> Relu (r2, 8 channels) -> `tail` nodes (from r2 to
+    'pooled' (N, 8)) -> Gemm; the int64 shape value `returned` is a model output too."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in [
+        (rng.standard_normal((8, 3, 3, 3)), "w1"), (rng.standard_normal((8, 8, 3, 3)), "w2"),
+        (rng.standard_normal((4, 8)), "fc")]] + \
+        [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in i64.items()]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1] * 4),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Shape", ["r2"], ["shape"], name="shape"), *tail,
+             helper.make_node("Gemm", ["pooled", "fc"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "returned_shape",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info(returned, TensorProto.INT64, [length])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _conv_widths(tmp_path) -> dict[str, int]:
+    pruned = onnx.load(str(tmp_path / "pruned.onnx"))
+    weights = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    return {n.name: weights[n.input[1]][0] for n in pruned.graph.node if n.op_type == "Conv"}
+
+
+def test_reshape_target_the_model_returns_keeps_its_channels(tmp_path):
+    """A Reshape to a computed target ``Concat(N, 8, -1)`` whose channel entry surgery
+    rewrites to the kept count: where the model also returns that target, the returned
+    value changed too, and the prune stopped ('pruned model differs', please report). The
+    reshaped channels now stay; conv1 is still pruned."""
+    tail = [helper.make_node("Slice", ["shape", "zero", "one"], ["n"], name="batch"),
+            helper.make_node("Concat", ["n", "eight", "m1"], ["target"], name="target", axis=0),
+            helper.make_node("Reshape", ["r2", "target"], ["seq"], name="reshape"),
+            helper.make_node("ReduceMean", ["seq"], ["pooled"], name="pool", axes=[2],
+                             keepdims=0)]
+    model = _returned_shape_model(tail, "target", 3,
+                                  {"zero": [0], "one": [1], "eight": [8], "m1": [-1]})
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion="l1")
+    assert result.plan.removed_channels
+    assert _conv_widths(tmp_path) == {"conv1": 4, "conv2": 8}

@@ -103,7 +103,7 @@ class ReshapeRule(OpRule):
 def _shape_piece(view, node, axis: int, s_out):
     """(Concat, constant piece) when a computed target shape is a Concat of one-entry
     pieces whose entry `axis` is the constant -1 or the channel count itself (which only
-    this Reshape reads, so surgery may rewrite it); else None."""
+    this Reshape reads and the model does not return, so surgery may rewrite it); else None."""
     prod = view.producer.get(node.input[1])
     if prod is None or prod.op_type != "Concat" or len(prod.input) != len(s_out):
         return None
@@ -115,7 +115,8 @@ def _shape_piece(view, node, axis: int, s_out):
     if piece.size != 1:
         return None
     value = int(piece.ravel()[0])
-    if value == -1 or (value == s_out[axis] and len(view.consumers.get(node.input[1], [])) == 1):
+    if value == -1 or (value == s_out[axis] and len(view.consumers.get(node.input[1], [])) == 1
+                       and node.input[1] not in view.output_names):
         return prod, piece
     return None
 
