@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import assert_pruned_equals_masked
@@ -252,6 +253,30 @@ def test_reshape_target_the_model_returns_keeps_its_channels(tmp_path):
                              keepdims=0)]
     model = _returned_shape_model(tail, "target", 3,
                                   {"zero": [0], "one": [1], "eight": [8], "m1": [-1]})
+    result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion="l1")
+    assert result.plan.removed_channels
+    assert _conv_widths(tmp_path) == {"conv1": 4, "conv2": 8}
+
+
+@pytest.mark.parametrize("returned", ["sizes", "nc", "sizes_id"])
+def test_resize_sizes_the_model_returns_keep_their_channels(tmp_path, returned):
+    """``F.interpolate(x, size=...)``: Resize(x, sizes=Concat(Shape(x)[0:2], hw)), whose
+    sizes follow a cut of x at run time. Where the model also returns the sizes (or
+    Shape(x)[0:2], or the sizes through an Identity), the returned value changed with the
+    cut and the prune stopped ('pruned model differs', please report). The resized
+    channels now stay; conv1 is still pruned."""
+    tail = [helper.make_node("Slice", ["shape", "zero", "two"], ["nc"], name="nc"),
+            helper.make_node("Concat", ["nc", "hw"], ["sizes"], name="sizes", axis=0),
+            helper.make_node("Identity", ["sizes"], ["sizes_id"], name="sizes_id"),
+            helper.make_node("Resize", ["r2", "", "", "sizes_id"], ["up"], name="resize",
+                             mode="nearest"),
+            helper.make_node("GlobalAveragePool", ["up"], ["g"], name="gap"),
+            helper.make_node("Flatten", ["g"], ["pooled"], name="flat")]
+    if returned != "sizes_id":   # the Resize reads the sizes themselves
+        del tail[2]
+        tail[2].input[3] = "sizes"
+    model = _returned_shape_model(tail, returned, 2 if returned == "nc" else 4,
+                                  {"zero": [0], "two": [2], "hw": [16, 16]})
     result = assert_pruned_equals_masked(model, tmp_path, ratio=0.5, criterion="l1")
     assert result.plan.removed_channels
     assert _conv_widths(tmp_path) == {"conv1": 4, "conv2": 8}

@@ -127,18 +127,22 @@ def _reads_only_own_width(view, node, a: int) -> bool:
 def _into_own_resizes(view, user, x: str, a: int) -> bool:
     """The shape vector `user` passes on (through constant Slices and Casts) ends in one
     Concat whose result is only the ``sizes`` of Resizes of x itself that hold x's own
-    channel count there (``resize_keeps_own_width``)."""
+    channel count there (``resize_keeps_own_width``); the model returns none of these
+    values (after a cut they hold the new width)."""
     node = user
     while node.op_type in ("Slice", "Cast", "Identity"):
         users = view.consumers.get(node.output[0], [])
-        if len(users) != 1:
+        if len(users) != 1 or node.output[0] in view.output_names:
             return False
         node = users[0]
     if node.op_type != "Concat":
         return False
     resizes, todo = [], [node.output[0]]
     while todo:
-        for u in view.consumers.get(todo.pop(), []):
+        value = todo.pop()
+        if value in view.output_names:
+            return False
+        for u in view.consumers.get(value, []):
             if u.op_type in ("Cast", "Identity"):
                 todo.append(u.output[0])
             else:
