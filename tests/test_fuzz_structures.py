@@ -6,7 +6,9 @@ that change the width, ConvTranspose (grouped, depthwise, output_padding), Resiz
 scales and by constant sizes, Upsample (opset 9), reductions over the channels and
 keepdims 0, MatMul and Gemm (transB 0) heads, Concat of one tensor twice, Pad of the
 channel axis, NHWC constants, one weight read by two convs, several outputs, map
-outputs, Conv1d. Each example is a random composition. Checked: pruned == the tool's
+outputs, Conv1d, and values a rule looks through (a computed per-channel factor, an
+expanded token, a computed Reshape target or Resize sizes) read by a second node or
+returned. Each example is a random composition. Checked: pruned == the tool's
 masked model (conftest), pruned == a masked model built here (a 0/1 Mul behind every
 value that loses channels), the same with the repair's refit on both sides, and for
 MACs targets the params and MACs reported before and after against a count of the files
@@ -37,6 +39,8 @@ class Builder(GraphBuilder):
     so that many initializers hold the same bytes."""
 
     fresh = False
+    returned: list[str] = []          # values a block makes model outputs (fan-out)
+    out_types: dict[str, int] = {}    # element type of an output other than float
 
     def vector(self, n, lo=-0.1, hi=0.1):
         if self.fresh:
@@ -49,7 +53,8 @@ class Builder(GraphBuilder):
         for name in outputs:
             shape = list(self.shapes[name])
             shape[0] = "N" if self.dynamic_batch else shape[0]
-            outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+            outs.append(helper.make_tensor_value_info(
+                name, self.out_types.get(name, TensorProto.FLOAT), shape))
         graph = helper.make_graph(
             self.nodes, self.name,
             [helper.make_tensor_value_info("input", TensorProto.FLOAT, ins)], outs, self.inits)
@@ -368,6 +373,79 @@ def block_concat_const(b, x, w, draw):
     return b.sliced(y, [1], [h + 1], axes=[2])
 
 
+def _second_reader(b, v, x, form, draw):
+    """`x` combined with a second read of the looked-through value `v` (same shape as x)."""
+    if form == "branch":      # another branch, cut on its own, reads v the same way
+        y = _act(b, b.conv(x, b.channels(x), k=1), draw)
+        return b.binary("Add", x, b.binary("Mul", y, v))
+    if form == "conv":
+        return b.binary("Add", x, b.conv(v, b.channels(x), k=1))
+    if form == "identity":
+        return b.binary("Add", x, b.op("Identity", [v], b.shapes[v]))
+    if form == "output":
+        b.returned = [*b.returned, v]
+        return x
+    if form == "shape":       # the size of v (with the batch: not folded) scales x
+        shape = b.op("Shape", [v], (len(b.shapes[v]),))
+        size = b.op("Cast", [shape], (len(b.shapes[v]),), to=TensorProto.FLOAT)
+        size = b.reduce("ReduceSum", size, [0], keepdims=0)
+        return b.binary("Mul", x, b.binary("Mul", size, b.const(np.float32(0.01))))
+    return b.binary("Add", x, b.op("Sum", [v, v], b.shapes[v]))   # one node reads it twice
+
+
+def block_fan_out(b, x, w, draw):
+    """Values that a channel rule looks through, read by a second node: a per-channel
+    factor computed as gamma * map (scaling x), a learned token expanded over the batch
+    (joined to x along H), a computed Reshape target (N, C, -1) or Resize sizes
+    Concat(Shape(x)[0:2], hw); the second reader is another branch, a conv, an Identity, a
+    Shape, the same node twice or the model's outputs. Whatever reads them twice keeps its
+    channels; the rest is pruned (a cut made for one reader shrank the value for all)."""
+    x = _act(b, b.conv(x, w), draw)
+    n, c, h, wd = b.shapes[x]
+    kind = draw(st.sampled_from(["factor", "target", "sizes"] +
+                                (["token"] if b.dynamic_batch else [])))
+    shape = b.op("Shape", [x], (4,))
+    batch = b.sliced(shape, [0], [1])
+    if kind == "factor":
+        t = b.reduce("ReduceSum", "input", [1])                          # (N, 1, H, W)
+        v = b.binary("Mul", b.const(b.rng.uniform(0.5, 1.5, (1, c, 1, 1)).astype(np.float32)),
+                     b.act(t, "Sigmoid"))
+        form = draw(st.sampled_from(["branch", "conv", "identity", "output", "shape", "twice"]))
+        return _second_reader(b, v, b.binary("Mul", x, v), form, draw)
+    if kind == "token":
+        target = b.concat([batch, b.const(_i64([1, 1, wd]))], axis=0)
+        b.shapes[target] = (4,)
+        v = b.op("Expand", [b.const(b.rng.standard_normal((1, c, 1, wd)).astype(np.float32)),
+                            target], (n, c, 1, wd))
+        y = b.sliced(b.concat([x, v], axis=2), [1], [h + 1], axes=[2])
+        form = draw(st.sampled_from(["branch", "identity", "output"]))
+        if form == "branch":
+            z = _act(b, b.conv(x, c, k=1), draw)
+            return b.binary("Add", y, b.sliced(b.concat([z, v], axis=2), [0], [h], axes=[2]))
+        if form == "identity":
+            v = b.op("Identity", [v], b.shapes[v])
+            return b.binary("Add", y, b.sliced(b.concat([x, v], axis=2), [0], [h], axes=[2]))
+        return _second_reader(b, v, y, form, draw)
+    if kind == "target":
+        target = b.concat([batch, b.const(_i64([c])), b.const(_i64([-1]))], axis=0)
+        b.shapes[target] = (3,)
+        y = b.op("Reshape", [x, target], (n, c, h * wd))
+        y = b.op("Reshape", [b.act(y, "Relu"), b.const(_i64([-1, c, h, wd]))], (n, c, h, wd))
+    else:
+        nc = b.sliced(shape, [0], [2])
+        target = b.concat([nc, b.const(_i64([2 * h, 2 * wd]))], axis=0)
+        b.shapes[target] = (4,)
+        roi = "" if b.opset >= 13 else b.const(np.zeros(0, dtype=np.float32))
+        empty = "" if b.opset >= 13 else b.const(np.zeros(0, dtype=np.float32))
+        y = b.pool(b.op("Resize", [x, roi, empty, target], (n, c, 2 * h, 2 * wd), mode="nearest"))
+    form = draw(st.sampled_from(["output", "identity", "none"]))
+    if form != "none":
+        v = target if form == "output" else b.op("Identity", [target], b.shapes[target])
+        b.returned = [*b.returned, v]
+        b.out_types = {**b.out_types, v: TensorProto.INT64}
+    return y
+
+
 BLOCKS = [block_conv_forms, block_gather_spatial, block_concat_const, block_gather,
           block_depthwise_multiplier, block_grouped_width, block_deconv,
           block_resize, block_split, block_slice, block_channel_reduce, block_concat_twice,
@@ -456,6 +534,21 @@ def structure_graphs(draw):
             outs.append(x)
     outs = draw(st.sampled_from(HEADS))(b, x, draw) + outs
     return b.build_outputs(outs)
+
+
+@st.composite
+def fan_out_graphs(draw):
+    """block_fan_out once or twice, maybe after another block, then a head; the values
+    it returns are outputs after the head's."""
+    opset = draw(st.sampled_from(OPSETS))
+    b = Builder((1, 3, 8, 8), seed=draw(st.integers(0, 2 ** 16)), opset=opset,
+                dynamic_batch=draw(st.integers(0, 3)) > 0)
+    x = b.act(b.conv("input", draw(st.integers(2, 6))), "Relu")
+    if draw(st.booleans()):
+        x = draw(st.sampled_from(BLOCKS))(b, x, draw(st.integers(2, 6)), draw)
+    for _ in range(draw(st.integers(1, 2))):
+        x = block_fan_out(b, x, draw(st.integers(2, 6)), draw)
+    return b.build_outputs(draw(st.sampled_from(HEADS))(b, x, draw) + b.returned)
 
 
 @st.composite
@@ -572,6 +665,15 @@ def check_invariant(model, tmp, **config):
 @given(model=structure_graphs(), ratio=st.sampled_from([0.25, 0.5, 0.75]),
        criterion=st.sampled_from(["l1", "l2", "random"]))
 def test_structures_pruned_equals_masked(model, ratio, criterion, tmp_path_factory):
+    check_invariant(model, tmp_path_factory.mktemp("fuzz"), ratio=ratio, criterion=criterion)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(model=fan_out_graphs(), ratio=st.sampled_from([0.25, 0.5, 0.75]),
+       criterion=st.sampled_from(["l1", "random"]))
+def test_fan_out_pruned_equals_masked(model, ratio, criterion, tmp_path_factory):
+    """Looked-through values read twice (block_fan_out): no 'conflicting cuts', no pruned
+    model that fails to run, pruned == masked."""
     check_invariant(model, tmp_path_factory.mktemp("fuzz"), ratio=ratio, criterion=criterion)
 
 
