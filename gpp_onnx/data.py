@@ -65,6 +65,7 @@ class DataSpec:
     workers: int | None = None
     labels: bool | None = None     # True: required, False: ignored, None: used if present
     layout: str = "NCHW"           # the model input's layout: NCHW or NHWC
+    pixels: bool = False           # the input takes uint8 pixels 0..255 (cast in the graph)
 
     def __post_init__(self) -> None:
         if min(self.channels, self.height, self.width) < 1:
@@ -86,6 +87,9 @@ class DataSpec:
                                 "numbers, e.g. 0.5")
         if self.std is not None and min(self.std) <= 0:
             raise DataError(f"--std {self.std} must be all positive")
+        if self.pixels and (self.mean is not None or self.std is not None):
+            raise DataError("the model takes uint8 pixels and normalises them itself - leave "
+                            "out --mean and --std")
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,7 +100,6 @@ class Images:
     pixels: ArrayPixels | FilePixels
     spec: DataSpec
     index: np.ndarray
-    dtype = np.dtype(np.float32)
 
     @classmethod
     def from_array(cls, x: np.ndarray, source: str = "memory") -> Images:
@@ -132,7 +135,7 @@ class Images:
         spec = self.spec
         blocks = [_adapt(block, spec, self.pixels) for block in self.pixels.read(pos)]
         if not blocks:
-            return np.zeros((0, *self.shape[1:]), np.float32)
+            return np.zeros((0, *self.shape[1:]), self.dtype)
         x = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
         if spec.mean is not None:
             x = x - np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
@@ -140,7 +143,13 @@ class Images:
             x = x / np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
         if spec.layout == "NHWC":
             x = x.transpose(0, 2, 3, 1)
+        if spec.pixels:
+            return np.ascontiguousarray(np.clip(np.rint(x * 255), 0, 255), np.uint8)
         return np.ascontiguousarray(x, np.float32)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint8 if self.spec.pixels else np.float32)
 
 
 @dataclass(frozen=True, eq=False)

@@ -98,11 +98,12 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
     rank takes an .npz's rows as they are (:mod:`gpp_onnx.arrays`)."""
     check_single_input(view)
     spec = view.inputs[0]
-    if np.dtype(spec.dtype).kind != "f":
+    pixels = np.dtype(spec.dtype) == np.uint8 and len(spec.shape) == 4
+    if np.dtype(spec.dtype).kind != "f" and not pixels:
         raise DataError(f"input '{spec.name}' takes {np.dtype(spec.dtype).name} values and "
-                        "--data feeds float32 (images scaled to [0, 1]) - export the model "
-                        "with a float input (the cast and scaling outside the graph), or "
-                        "prune it without --data (magnitude criteria)")
+                        "--data feeds float32 (images scaled to [0, 1]) or uint8 images - "
+                        "export the model with a float input (the cast and scaling outside "
+                        "the graph), or prune it without --data (magnitude criteria)")
     if len(spec.shape) != 4:
         ds = load_arrays(source, spec.shape[1:], spec.name, labels, limit, seed)
     else:
@@ -110,7 +111,7 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
         c, h, w = (spec.shape[3], *spec.shape[1:3]) if nhwc else spec.shape[1:]
         ds = load_dataset(DataSpec(source, c, h, w, mean=mean, std=std, resize=resize,
                                    limit=limit, seed=seed, workers=workers, labels=labels,
-                                   layout="NHWC" if nhwc else "NCHW"))
+                                   layout="NHWC" if nhwc else "NCHW", pixels=pixels))
     if not ds.labelled:
         return ds
     out_shape = check_class_scores(view)

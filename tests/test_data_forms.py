@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -29,18 +30,46 @@ def _run(tmp_path, capsys, model, data, extra=(), out_name="o.onnx"):
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-def test_an_integer_input_is_refused_before_the_work(tmp_path, capsys):
-    model = _cnn()
-    raw = helper.make_tensor_value_info("raw", TensorProto.UINT8, ["N", 1, 8, 8])
+def _integer_input(model, dtype):
+    raw = helper.make_tensor_value_info("raw", dtype, ["N", 1, 8, 8])
     model.graph.node.insert(0, helper.make_node("Cast", ["raw"], ["input"], to=TensorProto.FLOAT))
     model.graph.input[0].CopyFrom(raw)
     onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_an_integer_input_other_than_uint8_images_is_refused_before_the_work(tmp_path, capsys):
+    model = _integer_input(_cnn(), TensorProto.INT64)
     data = tmp_path / "d.npz"
     np.savez(data, x=np.zeros((20, 8, 8), np.uint8), y=np.arange(20) % 3)
     code, lines = _run(tmp_path, capsys, model, data)
-    assert code == 2 and "takes uint8" in lines[-1] and "float input" in lines[-1]
+    assert code == 2 and "takes int64" in lines[-1] and "float input" in lines[-1]
     assert not any("scores" in line or "Traceback" in line for line in lines)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_uint8_pixels_are_fed_as_stored_and_the_model_pruned(tmp_path, capsys):
+    """A model that takes uint8 pixels and casts them itself was refused with --data. The
+    stored pixels are its input now: with the labels its own top class on them (computed
+    here in onnxruntime), evaluate reports accuracy 1."""
+    b = GraphBuilder((1, 1, 8, 8), seed=4)   # its top class varies over these images
+    model = b.build(b.gemm(b.flatten(b.gap(b.act(b.conv("input", 6), "Relu"))), 3))
+    model = _integer_input(model, TensorProto.UINT8)
+    x = np.random.default_rng(0).integers(0, 256, (40, 8, 8)).astype(np.uint8)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    top = session.run(None, {"raw": x[:, None]})[0].argmax(1)
+    assert len(np.unique(top)) >= 2
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x, y=top)
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["evaluate", str(tmp_path / "m.onnx"), "--data", str(data)]) == 0
+    assert "top-1 accuracy 1.0000" in capsys.readouterr().out
+    code, lines = _run(tmp_path, capsys, model, data, ["--finetune-epochs", "1"])
+    assert code == 0, lines[-1]
+    written = onnx.load(tmp_path / "o.onnx").graph.input[0].type.tensor_type.elem_type
+    assert written == TensorProto.UINT8
+    code, lines = _run(tmp_path, capsys, model, data, ["--mean", "0.5"], out_name="m2.onnx")
+    assert code == 2 and "--mean" in lines[-1] and not (tmp_path / "m2.onnx").exists()
 
 
 def test_an_empty_float_array_is_named_empty(tmp_path, capsys):
