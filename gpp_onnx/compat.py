@@ -309,6 +309,7 @@ def upgrade_opset(model: onnx.ModelProto, where: str = "model") -> onnx.ModelPro
     target_ir = helper.find_min_ir_version_for([helper.make_opsetid("", TARGET_OPSET)])
     staged.ir_version = max(staged.ir_version, target_ir)
     _decompose_image_scalers(staged)
+    _spatial_batchnorm_on_vectors(staged)
     gone = sorted({n.op_type for n in staged.graph.node
                    if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)})
     if gone:
@@ -353,6 +354,20 @@ def _decompose_image_scalers(model: onnx.ModelProto) -> None:
                                           name=f"{node.name or stem}_bias"))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+
+
+def _spatial_batchnorm_on_vectors(model: onnx.ModelProto) -> None:
+    """BatchNormalization with spatial=0 (before opset 9; CNTK writes it after a dense
+    layer) whose statistics are vectors normalises an (N, C) input, where per activation is
+    per channel: spatial=1 computes the same, and the converter only upgrades that."""
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        spatial = [a for a in node.attribute if a.name == "spatial"]
+        if spatial and spatial[0].i == 0 and len(node.input) == 5 \
+                and all(ranks.get(name) == 1 for name in node.input[1:]):
+            spatial[0].i = 1
 
 
 def _keep_old_resize_semantics(model: onnx.ModelProto) -> None:

@@ -142,6 +142,38 @@ def test_an_image_scaler_is_upgraded_as_mul_and_add(tmp_path, attrs):
     assert rel_err(run_model(tmp_path / "p.onnx", {"x": x}), run_model(masked, {"x": x})) < 1e-5
 
 
+def test_an_opset8_batchnorm_per_activation_after_a_dense_layer_is_upgraded(tmp_path):
+    """CNTK writes BatchNormalization spatial=0 after a dense layer: on an (N, C) input
+    that is per channel, but the converter upgrades spatial=1 only, and the model was
+    refused ("Attribute spatial must have value 1 - export at opset 11")."""
+    inits = [numpy_helper.from_array(_x(shape, seed=i), name) for i, (name, shape) in
+             enumerate([("w1", (4, 3, 3, 3)), ("fc", (6, 4)), ("fb", (6,)), ("bs", (6,)),
+                        ("bb", (6,)), ("bm", (6,)), ("oc", (2, 6)), ("ob", (2,))])]
+    inits.append(numpy_helper.from_array(np.abs(_x((6,), seed=9)) + 0.5, "bv"))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("GlobalAveragePool", ["r1"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc", "fb"], ["h"], transB=1),
+             helper.make_node("BatchNormalization", ["h", "bs", "bb", "bm", "bv"], ["n"],
+                              spatial=0),
+             helper.make_node("Relu", ["n"], ["r2"]),
+             helper.make_node("Gemm", ["r2", "oc", "ob"], ["y"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "cntk8", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 4
+    src = tmp_path / "old.onnx"
+    onnx.save(model, src)
+    result = prune(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=1, latency=False))
+    removed = result.plan.removed
+    assert len(removed["c1"]) == 2 and len(removed["h"]) == 3
+    masked = _hand_masked(model, {"fc": removed["c1"], "oc": removed["h"]})
+    x = _x((2, 3, 8, 8))
+    assert rel_err(run_model(tmp_path / "p.onnx", {"x": x}), run_model(masked, {"x": x})) < 1e-5
+
+
 def test_an_experimental_op_without_schema_is_named():
     model = _image_scaler_model("Scale", scale=0.5)
     with pytest.raises(InputError, match="experimental op Scale") as err:
