@@ -15,6 +15,8 @@ def _cnn(classes=3, size=8, channels=1, head="gemm"):
     x = b.act(b.conv("input", 6), "Relu")
     if head == "gemm":
         return b.build(b.gemm(b.flatten(b.gap(x)), classes))
+    if head == "pooled_conv":  # Gluon's MobileNet: 1x1 conv on the pooled map, Flatten
+        return b.build(b.flatten(b.conv(b.gap(x), classes, k=1)))
     return b.build(b.flatten(b.gap(b.conv(x, classes, k=1))))  # conv classifier, no Gemm
 
 
@@ -97,6 +99,17 @@ def test_feature_tensor_override_makes_a_conv_classifier_usable(tmp_path, capsys
     onnx.save(_cnn(head="conv"), src)
     assert main(["-q", "prune", str(src), "-o", str(out), "--data", str(data), "--no-latency",
                  "--feature-tensor", "relu2"]) == 0
+    assert out.exists()
+
+
+def test_a_1x1_conv_on_the_pooled_map_is_a_linear_classifier(tmp_path, capsys):
+    """Gluon's MobileNet v1/v2 end in pool -> 1x1 conv -> Flatten: linear in the pooled
+    channels like a Gemm, but the default criterion refused them (exit 2)."""
+    data = _npz(tmp_path / "d.npz")
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_cnn(head="pooled_conv"), src)
+    assert main(["-q", "prune", str(src), "-o", str(out), "--data", str(data), "--no-latency",
+                 "--round-to", "1"]) == 0
     assert out.exists()
 
 

@@ -2,7 +2,7 @@
 
 It is the input of the last linear classifier: walking back from the model's first
 output through shape-only and monotone ops (Identity, Softmax, Flatten, Reshape, an Add
-of a constant, ...: those whose rule says ``feature_pass``), the first Gemm or MatMul with a constant weight; its input A is the feature tensor. A
+of a constant, ...: those whose rule says ``feature_pass``), the first Gemm or MatMul with a constant weight (or a Conv with one whose output is 1x1: a conv classifier on the pooled map); its input A is the feature tensor. A
 feature tensor with spatial dims is average-pooled to one value per channel by the
 criteria that read it. ``--feature-tensor NAME`` overrides the search.
 """
@@ -28,7 +28,7 @@ def final_hidden_layer(view, override: str | None = None) -> str:
     while node is not None and lookup(node, opset).feature_pass(node, view):
         value = next(i for i in node.input if i and not view.is_const(i))
         node = view.producer.get(value)
-    if node is None or node.op_type not in ("Gemm", "MatMul") or not view.is_const(node.input[1]):
+    if node is None or not _linear_classifier(view, node):
         what = "nothing" if node is None else \
             f"{node.op_type} node '{node.name}', value '{value}'"
         layer = _weighted_input(view, node)
@@ -39,6 +39,19 @@ def final_hidden_layer(view, override: str | None = None) -> str:
                          f"name{named}, or use a criterion that reads none (--criterion "
                          "taylor or l1)")
     return node.input[0]
+
+
+def _linear_classifier(view, node) -> bool:
+    """A Gemm or MatMul with a constant weight, or a Conv with one (Gluon's MobileNet: 1x1
+    conv on the pooled 1x1 map, then Flatten) whose output has no spatial extent: each
+    class score is then a linear function of the input's channels."""
+    if len(node.input) < 2 or not view.is_const(node.input[1]):
+        return False
+    if node.op_type in ("Gemm", "MatMul"):
+        return True
+    shape = view.shape(node.output[0])
+    return node.op_type == "Conv" and shape is not None and len(shape) > 2 \
+        and all(d == 1 for d in shape[2:])
 
 
 def _weighted_input(view, node, steps: int = 4) -> str | None:
