@@ -5,7 +5,8 @@ output through shape-only and monotone ops (Identity, Softmax, Flatten, Reshape,
 of a constant, ...: those whose rule says ``feature_pass``), the first Gemm or MatMul
 with a constant weight (or a Conv with one whose output is 1x1: a conv classifier on the
 pooled map); its input A is the feature tensor. A feature tensor with spatial dims is
-average-pooled to one value per channel by the criteria that read it. ``--feature-tensor NAME`` overrides the search.
+average-pooled to one value per channel by the criteria that read it.
+``--feature-tensor NAME`` overrides the search.
 """
 from __future__ import annotations
 
