@@ -60,6 +60,12 @@ class GraphView:
         self._arrays: dict[str, np.ndarray] = {}
 
     # -- constants ---------------------------------------------------------------
+    def read_once(self, name: str) -> bool:
+        """One node reads `name` and the model does not return it: a value a channel rule
+        may rewrite, or cut a constant folded into it, for that reader alone (another
+        reader, or the caller of the model, would get the changed value too)."""
+        return len(self.consumers.get(name, [])) == 1 and name not in self.output_names
+
     def is_const(self, name: str) -> bool:
         return name in self.init_protos
 

@@ -223,12 +223,6 @@ def block_all(node: onnx.NodeProto, ctx: AnalysisContext, reason: str) -> NodeCh
 _REGISTRY: dict[tuple[str, str], list[tuple[int, int, OpRule]]] = {}
 
 
-def read_once(x: str, ctx: AnalysisContext) -> bool:
-    """True when one node reads `x`, once, and the model does not return it: a constant
-    folded into `x` may then be cut with the channels of that one reader."""
-    return len(ctx.view.consumers.get(x, [])) == 1 and x not in ctx.view.output_names
-
-
 def register(*op_types: str, domain: str = "", since: int = 1, until: int = 10 ** 6
              ) -> Callable[[type], type]:
     """Class decorator: one rule instance serves `op_types` for opsets [since, until]."""

@@ -15,7 +15,7 @@ only: a scalar stays a constant).
 """
 from __future__ import annotations
 
-from .base import ROLE_CHAN, NodeChannels, OpRule, ParamSlice, block_all, read_once, register
+from .base import ROLE_CHAN, NodeChannels, OpRule, ParamSlice, block_all, register
 
 UNARY = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu",
          "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Clip",
@@ -34,7 +34,7 @@ def _scaled_params(x: str, axis: int, ctx):
     where another node (or the model's output) reads `x`: the cut would shrink it there too."""
     node = ctx.view.producer.get(x)
     if node is None or node.op_type not in ("Mul", "Add", "Sub", "Div") \
-            or not read_once(x, ctx):
+            or not ctx.view.read_once(x):
         return None
     rank = len(ctx.shape(x))
     found = []

@@ -115,8 +115,7 @@ def _shape_piece(view, node, axis: int, s_out):
     if piece.size != 1:
         return None
     value = int(piece.ravel()[0])
-    if value == -1 or (value == s_out[axis] and len(view.consumers.get(node.input[1], [])) == 1
-                       and node.input[1] not in view.output_names):
+    if value == -1 or (value == s_out[axis] and view.read_once(node.input[1])):
         return prod, piece
     return None
 

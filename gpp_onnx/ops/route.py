@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import (ROLE_CHAN, NodeChannels, OpRule, ParamSlice, attr, block_all, norm_axis,
-                   pass_through, read_once, register)
+                   pass_through, register)
 
 
 def _same_axis(node, ctx, res: NodeChannels, axis: int) -> NodeChannels:
@@ -73,7 +73,7 @@ def _broadcast_token(x: str, a: int, ctx):
     where another node (or the model's output) reads `x`: the cut would shrink it there too."""
     node = ctx.view.producer.get(x)
     if node is None or node.op_type != "Expand" or not ctx.is_const_param(node.input[0]) \
-            or not read_once(x, ctx):
+            or not ctx.view.read_once(x):
         return None
     token, target = ctx.shape(node.input[0]), ctx.view.probed(node.input[1])
     if target is None:

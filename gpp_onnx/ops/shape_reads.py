@@ -131,10 +131,9 @@ def _into_own_resizes(view, user, x: str, a: int) -> bool:
     values (after a cut they hold the new width)."""
     node = user
     while node.op_type in ("Slice", "Cast", "Identity"):
-        users = view.consumers.get(node.output[0], [])
-        if len(users) != 1 or node.output[0] in view.output_names:
+        if not view.read_once(node.output[0]):
             return False
-        node = users[0]
+        node = view.consumers[node.output[0]][0]
     if node.op_type != "Concat":
         return False
     resizes, todo = [], [node.output[0]]
@@ -197,7 +196,7 @@ def _own_width_dim(view, value: str, x: str) -> int | None:
     only on that path, else None."""
     prod = view.producer.get(value)
     if prod is not None and prod.op_type == "Unsqueeze":
-        if len(view.consumers.get(prod.input[0], [])) != 1:
+        if not view.read_once(prod.input[0]):
             return None
         prod = view.producer.get(prod.input[0])
     if prod is None or prod.op_type != "Gather":
