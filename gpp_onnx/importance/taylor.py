@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from ..data import iter_batches
 from ..errors import DataError, InputError
+from ..evaluation import class_scores
 from ..ops import ROLE_CHAN, ROLE_OUT
 from ..progress import track
 from ..teacher import behind_copies
@@ -163,7 +164,7 @@ class _CrossEntropyLoss:
         logits = outs[self.logits]
         target = torch.from_numpy(y).to(logits.device)
         _check_logits(logits, target, self.logits)
-        return F.cross_entropy(logits.flatten(1) if logits.dim() > 2 else logits, target)
+        return F.cross_entropy(class_scores(logits), target)
 
 
 class _FisherLoss:
