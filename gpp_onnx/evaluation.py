@@ -153,8 +153,8 @@ def check_class_scores(view: GraphView) -> tuple:
         shown = out_shape if out_shape is None or not view.dynamic_batch else \
             "(N, " + ", ".join(map(str, out_shape[1:])) + ")"
         raise DataError(f"output '{view.output_names[0]}' has shape {shown}; a classifier "
-                        "gives (N, classes) - pass a classification model, or prune it "
-                        "without labels (--no-labels)")
+                        "gives (N, classes) - pass a classification model; other models "
+                        "work without labels (prune --no-labels, compare A B --data)")
     return out_shape
 
 

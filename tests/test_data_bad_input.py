@@ -249,3 +249,14 @@ def test_a_score_map_is_refused_with_the_batch_shown_and_a_way_out(tmp_path, cap
     model = b.build(b.conv(b.act(b.conv("input", 6), "Relu"), 3, k=1))
     code, err = _prune(tmp_path, capsys, model, _npz(tmp_path / "d.npz"))
     assert code == 2 and "(N, 3, 8, 8)" in err and "--no-labels" in err
+
+
+def test_evaluate_on_a_score_map_names_a_command_that_takes_no_labels(tmp_path, capsys):
+    """evaluate (accuracy: labels are its point) was told to use --no-labels, an option it
+    does not have; the refusal now names the commands that work without labels."""
+    b = GraphBuilder((1, 1, 8, 8), seed=0)
+    src = tmp_path / "m.onnx"
+    onnx.save(b.build(b.conv(b.act(b.conv("input", 6), "Relu"), 3, k=1)), src)
+    assert main(["evaluate", str(src), "--data", str(_npz(tmp_path / "d.npz"))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "(N, 3, 8, 8)" in err and "compare A B --data" in err
