@@ -1,5 +1,6 @@
-"""Image data for gpp-onnx: a dataset that reads, scales, resizes and batches its
-images on demand, so memory is bounded by a batch, not by the data set (numpy only).
+"""Image data for gpp-onnx: a dataset that reads, scales and resizes its images on demand,
+batch by batch (:mod:`gpp_onnx.batching`), so memory is bounded by a batch, not by the data
+set (numpy only).
 
 Sources for :func:`load_dataset` (``DataSpec.source``; an existing path wins over a name; how
 each is read lazily is in :mod:`gpp_onnx.sources`):
@@ -30,11 +31,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .errors import DataError, GppError
+from .batching import iter_batches
+from .errors import DataError
 from .report import plural
 from .image_files import IMAGE_EXTENSIONS, FilePixels
 from .sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, ArrayPixels, check_source,
@@ -293,59 +295,6 @@ def check_labels(ds: Dataset, num_outputs: int) -> None:
                         f"model has {num_outputs}; use data whose classes match the model")
     if ds.num_classes != num_outputs:
         log.warning("%s: %d classes for %d model outputs", ds.source, ds.num_classes, num_outputs)
-
-
-def iter_batches(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
-                 part: tuple[int, int] = (0, 1)
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """Yield (x, y) numpy batches of at most ``batch_size`` (y None without labels),
-    prepared as they are needed
-    (by ``ds.workers`` processes, a few batches ahead, when it has any); shuffled
-    deterministically by seed. ``part=(i, k)``: of each batch of n, only the i-th of k
-    contiguous shares, ``[n*i//k, n*(i+1)//k)``, is prepared and yielded (one process of
-    a distributed run); batches with fewer than k images are skipped on every share."""
-    if batch_size < 1:
-        raise DataError(f"batch size {batch_size} must be at least 1")
-    order = np.random.default_rng(seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
-    chunks = [order[start:start + batch_size] for start in range(0, len(ds), batch_size)]
-    i, k = part
-    if k > 1:
-        chunks = [c[len(c) * i // k: len(c) * (i + 1) // k] for c in chunks if len(c) >= k]
-    if ds.workers > 0 and len(chunks) > 1:
-        yield from _with_workers(ds, chunks)
-        return
-    for chunk in chunks:
-        yield ds.x[chunk], None if ds.y is None else ds.y[chunk]
-
-
-@dataclass(frozen=True, eq=False)
-class _Batches:
-    """Map-style view for torch's DataLoader: one item is one whole batch, as a tensor so
-    that it comes back through shared memory instead of a pickle."""
-    ds: Dataset
-
-    def __getitem__(self, chunk: np.ndarray):
-        import torch
-
-        try:
-            return torch.from_numpy(self.ds.x[chunk]), chunk
-        except GppError as err:  # sent back as itself, not as the worker's traceback
-            return err, chunk
-
-
-def _as_is(batch):
-    return batch
-
-
-def _with_workers(ds: Dataset, chunks: list[np.ndarray]):
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(_Batches(ds), sampler=chunks, batch_size=None, collate_fn=_as_is,
-                        num_workers=ds.workers, prefetch_factor=2)
-    for x, chunk in loader:
-        if isinstance(x, GppError):
-            raise x
-        yield x.numpy(), None if ds.y is None else ds.y[chunk]
 
 
 def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
