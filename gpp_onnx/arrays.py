@@ -1,11 +1,17 @@
-"""Model inputs that are not images (audio features, embeddings, tabular rows): an ``.npz``
-whose ``x`` holds one sample per row, taken as it is.
+"""Model inputs that are not images (audio features, embeddings, tabular rows), and the
+inputs of a model that takes several: an ``.npz`` holding one sample per row, taken as it is.
 
 For a model input of shape (N, d_1, ..., d_k) of any rank but 4 (images go through
 :mod:`gpp_onnx.data`), ``x`` must be (N, d_1, ..., d_k): no scaling, resizing or
 normalisation is applied, since nothing says what a feature's range should be. ``y``
 (class indices) is optional, as for images. Rows are read per batch from the (memory-
 mapped where stored uncompressed) array, so memory is bounded by the batch.
+
+A model with several inputs (:func:`load_inputs`) takes one array per input, stored under
+the input's name (``numpy.savez(path, image=..., im_info=..., y=labels)``), each (N, ...)
+with the per-sample shape the input takes, of any rank, taken as it is too: which input is
+an image, and how it is scaled, is the model's business. Float inputs are fed float32 (a
+float16 input is cast at the run), integer and boolean inputs the type they declare.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import numpy as np
 
 from .data import Dataset, select
 from .errors import DataError
-from .sources import ArrayPixels, Raw, as_labels, check_source, read_npz
+from .sources import ArrayPixels, Raw, as_labels, check_source, read_npz, read_npz_arrays
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +80,101 @@ def load_arrays(source: str, dims: tuple[int, ...], input_name: str, labels: boo
     log.info("%d samples %s from %s, %s numbers each, taken as they are", len(ds),
              f"of {ds.num_classes} classes" if ds.labelled else "without labels", path, dims)
     return ds
+
+
+@dataclass(frozen=True, eq=False)
+class Inputs:
+    """Rows of several inputs' arrays, read when indexed: ``x[a:b]`` and ``x[idx]`` return
+    ``{input name: rows}``, each in the type its input takes."""
+    arrays: dict[str, np.ndarray]
+    dtypes: dict[str, np.dtype]
+    index: np.ndarray
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(samples, numbers per sample over all inputs): the size memory budgets read."""
+        return len(self), sum(int(np.prod(a.shape[1:])) for a in self.arrays.values())
+
+    @property
+    def spec(self) -> tuple:
+        """Each input's name, per-sample shape and type (what the processes of a
+        distributed run agree on)."""
+        return tuple((k, a.shape[1:], str(self.dtypes[k])) for k, a in self.arrays.items())
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> Inputs:
+        return replace(self, index=self.index[np.asarray(idx)])
+
+    def __getitem__(self, key) -> dict[str, np.ndarray]:
+        pos = np.atleast_1d(self.index[key])
+        return {k: np.asarray(a[pos], self.dtypes[k]) for k, a in self.arrays.items()}
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Inputs are read on demand: index them (x[a:b], x[idx])")
+
+
+def load_inputs(source: str, specs, labels: bool | None, limit: int | None = None,
+                seed: int = 0) -> Dataset:
+    """An ``.npz`` source's rows for each of a model's inputs (`specs`: the model's
+    ``graph.InputSpec`` list, shapes concrete)."""
+    path, arrays, dtypes, y, classes = read_inputs(source, specs)
+    names = [s.name for s in specs]
+    if "y" in names:
+        if labels:
+            raise DataError(f"{path}: the model's input 'y' takes the array y, so the .npz "
+                            "holds no labels - use a command that works without labels "
+                            "(prune, compare)")
+        y = classes = None
+    classes = None if "classes" in names else classes     # an input's array, not names
+    y = None if labels is False else y
+    raw = Raw(None if y is None else as_labels(y, str(path)),
+              ArrayPixels(arrays[names[0]], 1.0, str(path)),
+              str(path), None if classes is None else tuple(map(str, classes)))
+    y, idx = select(raw, labels, limit, seed)
+    classes = () if y is None else raw.classes or tuple(str(i) for i in range(int(y.max()) + 1))
+    ds = Dataset(Inputs(arrays, dtypes, idx, str(path)), None if y is None else y[idx],
+                 classes, str(path))
+    log.info("%d samples %s from %s for %d inputs (%s), taken as they are", len(ds),
+             f"of {ds.num_classes} classes" if ds.labelled else "without labels", path,
+             len(names), ", ".join(f"{k} {tuple(a.shape[1:])}" for k, a in arrays.items()))
+    return ds
+
+
+def read_inputs(source: str, specs) -> tuple:
+    """(path, {input: array as stored}, {input: the type it is fed}, y or None, class names
+    or None) of an ``.npz`` for the inputs `specs`; DataError where an input's array is
+    missing or does not fit it (reads array headers, no rows, where they are stored
+    uncompressed)."""
+    names = [s.name for s in specs]
+    usage = "numpy.savez(path, " + ", ".join(
+        f"{n}=..." if n.isidentifier() else f"**{{'{n}': ...}}" for n in names) + ", y=labels)"
+    check_source(source)
+    path = Path(source).expanduser()
+    if not (path.is_file() and path.suffix.lower() == ".npz"):
+        raise DataError(f"the model has {len(specs)} inputs ({', '.join(names)}) and --data "
+                        f"{source} is not an .npz - give an .npz with one array per input, "
+                        f"named as the inputs: {usage}")
+    arrays, y, classes = read_npz_arrays(path, tuple(names), f"store one array per input, "
+                                         f"named as the inputs: {usage}")
+    dtypes, rows = {}, {}
+    for spec in specs:
+        a, want = arrays[spec.name], tuple(spec.shape[1:])
+        if a.ndim != len(spec.shape) or tuple(a.shape[1:]) != want:
+            raise DataError(f"{path}: {spec.name} holds samples of shape {tuple(a.shape[1:])} "
+                            f"but input '{spec.name}' takes {want}; store it as (N, "
+                            + ", ".join(map(str, want)) + ")")
+        kind = np.dtype(spec.dtype).kind
+        if a.dtype.kind not in ("iub" if kind in "iub" else "iubf"):
+            raise DataError(f"{path}: {spec.name} has dtype {a.dtype} but input '{spec.name}' "
+                            f"takes {np.dtype(spec.dtype).name}; store "
+                            + ("integers" if kind in "iub" else "numbers"))
+        dtypes[spec.name] = np.dtype(np.float32) if kind == "f" else np.dtype(spec.dtype)
+        rows[spec.name] = len(a)
+    if len(set(rows.values())) > 1:
+        raise DataError(f"{path}: the inputs' arrays hold different numbers of samples ("
+                        + ", ".join(f"{k} {n}" for k, n in rows.items())
+                        + "); give each input one row per sample")
+    return path, arrays, dtypes, y, classes

@@ -1,6 +1,11 @@
 """A dataset's batches: in order or shuffled by seed, one process's share of each in a
 distributed run, prepared in this process or, for decoded files, by torch DataLoader
-workers a few batches ahead (:func:`iter_batches`; ``gpp_onnx.data`` exports it)."""
+workers a few batches ahead (:func:`iter_batches`; ``gpp_onnx.data`` exports it).
+
+A batch's ``x`` is one array for a model with one input, or ``{input name: array}`` for a
+model with several (:class:`gpp_onnx.arrays.Inputs`), each array one row per sample. Code
+that runs a batch takes both through the helpers below (rows, parts, padding, feeds,
+tensors), never ``len(x)``, which counts a dict's inputs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +17,49 @@ from .errors import DataError, GppError
 
 if TYPE_CHECKING:
     from .data import Dataset
+
+
+def rows(x) -> int:
+    """The samples in batch `x`."""
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def part(x, key):
+    """Rows `key` (a slice or indices) of batch `x`."""
+    return {k: v[key] for k, v in x.items()} if isinstance(x, dict) else x[key]
+
+
+def padded(x, n: int):
+    """Batch `x` with zero rows appended up to `n` rows (a model that fixes its batch)."""
+    def pad(a):
+        return np.concatenate([a, np.zeros((n - len(a), *a.shape[1:]), a.dtype)])
+    return {k: pad(v) for k, v in x.items()} if isinstance(x, dict) else pad(x)
+
+
+def feeds(x, name: str) -> dict:
+    """Batch `x` as a run's inputs by name: `x` for the input `name` where it is one array
+    (numpy or torch), else as it is."""
+    return dict(x) if isinstance(x, dict) else {name: x}
+
+
+def tensors(x, device=None):
+    """Batch `x` as torch tensors on `device` (the same structure)."""
+    import torch
+
+    def one(a):
+        t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+        return t if device is None else t.to(device)
+    return {k: one(v) for k, v in x.items()} if isinstance(x, dict) else one(x)
+
+
+def arrays(x):
+    """Batch `x` of torch tensors as numpy arrays (the same structure)."""
+    return {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else x.numpy()
+
+
+def module_inputs(x):
+    """Batch `x` of tensors as ``OnnxModule.run``'s inputs: by name, or the one input."""
+    return x if isinstance(x, dict) else [x]
 
 
 def iter_batches(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
@@ -44,10 +92,8 @@ class _Batches:
     ds: Dataset
 
     def __getitem__(self, chunk: np.ndarray):
-        import torch
-
         try:
-            return torch.from_numpy(self.ds.x[chunk]), chunk
+            return tensors(self.ds.x[chunk]), chunk
         except GppError as err:  # sent back as itself, not as the worker's traceback
             return err, chunk
 
@@ -64,4 +110,4 @@ def _with_workers(ds: Dataset, chunks: list[np.ndarray]):
     for x, chunk in loader:
         if isinstance(x, GppError):
             raise x
-        yield x.numpy(), None if ds.y is None else ds.y[chunk]
+        yield arrays(x), None if ds.y is None else ds.y[chunk]

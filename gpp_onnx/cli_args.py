@@ -312,7 +312,8 @@ def _data_args(p: argparse.ArgumentParser, held_out: bool = True,
     p.add_argument("--data", help="images: a class-per-folder directory (or a folder of "
                    "images, no labels), an .npz with x (and y), IDX files, a CIFAR-10/100 "
                    "folder (FOLDER:test for its test split), 'fashion-mnist[:test]' or "
-                   "'digits'")
+                   "'digits'; a model with several inputs: an .npz with an array named as "
+                   "each input (and y)")
     if held_out:
         p.add_argument("--val-split", type=FRACTION, default=DataOptions.val_split,
                        help="fraction of the images held out for accuracy, fidelity and the "

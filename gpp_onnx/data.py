@@ -13,6 +13,9 @@ each is read lazily is in :mod:`gpp_onnx.sources`):
 * ``fashion-mnist[:test]``: Debian's copy in /usr/share/datasets/fashion-mnist (default: train).
 * ``digits``: scikit-learn's bundled 8x8 digits, the embedded default (:data:`DEFAULT_SOURCE`).
 
+Inputs that are not images (another rank), and the inputs of a model that takes several,
+come from an ``.npz`` taken as it is (:mod:`gpp_onnx.arrays`).
+
 Without labels (a folder of images with no class sub-folders, an ``.npz`` with only ``x``,
 an IDX images file alone, or any source with ``DataSpec.labels=False``) the dataset's ``y``
 is None: label-free pruning distils the original model's outputs instead.

@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 
 from . import distributed
-from .arrays import load_arrays
+from .arrays import load_arrays, load_inputs, read_inputs
+from .batching import feeds, padded, rows
 from .data import DataSpec, Dataset, check_labels, iter_batches, load_dataset
 from .errors import DataError
 from .graph import DEFAULT_IMAGE_SIDE, GraphView, is_nhwc
@@ -35,7 +36,7 @@ def data_input_shape(model, input_shape, source: str | None):
     inits = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in inits]
     if len(inputs) != 1:
-        return None
+        return _inputs_shape(inputs, source)
     fixed = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
              for d in inputs[0].type.tensor_type.shape.dim]
     if len(fixed) != 4:
@@ -79,14 +80,38 @@ def _array_input_shape(name: str, fixed: list, source: str) -> tuple | None:
     return tuple(shape)
 
 
-def check_single_input(view: GraphView) -> None:
-    """--data feeds one input: DataError for a model that takes several."""
+def _inputs_shape(inputs: list, source: str) -> dict | None:
+    """The inputs of a model with several whose sizes are free besides the batch's, at
+    the sizes of the .npz arrays named as them (``arrays.load_inputs``), where it has
+    them all; None otherwise (loading the data says what is wrong)."""
+    from .sources import read_npz_arrays
+
+    path = Path(source).expanduser()
+    free = {}
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in dims[1:]):
+            free[value.name] = len(dims)
+    if not free or not (path.is_file() and path.suffix.lower() == ".npz"):
+        return None
+    try:
+        arrays = read_npz_arrays(path, tuple(v.name for v in inputs), "")[0]
+    except DataError:
+        return None
+    if any(arrays[name].ndim != rank for name, rank in free.items()):
+        return None
+    shapes = {name: (1, *map(int, arrays[name].shape[1:])) for name in free}
+    logger.info("inputs %s take any size on some axes: run at the data's %s (--input-shape "
+                "NAME:... sets another)", ", ".join(shapes),
+                ", ".join(str(s[1:]) for s in shapes.values()))
+    return shapes
+
+
+def check_inputs_source(view: GraphView, source: str) -> None:
+    """A model with several inputs takes --data as an .npz holding an array under each
+    input's name (``arrays.load_inputs``): DataError, before any work, where it is not."""
     if len(view.inputs) > 1:
-        names = ", ".join(s.name for s in view.inputs)
-        raise DataError(f"the model has {len(view.inputs)} inputs ({names}) and --data feeds "
-                        "one - data (evaluation, scoring, repair, training) needs a "
-                        "single-input model; this one can be pruned (magnitude criteria) "
-                        "and compared without --data")
+        read_inputs(source, view.inputs)
 
 
 def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool = True,
@@ -95,9 +120,12 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
     """Load `source` shaped for the model's input and check labels fit its output
     (`labels`: True requires them, False ignores them, None uses them where present).
     A 4-D input takes images, NCHW or NHWC (last axis 1 or 3 and axis 1 not); any other
-    rank takes an .npz's rows as they are (:mod:`gpp_onnx.arrays`)."""
-    check_single_input(view)
+    rank takes an .npz's rows as they are (:mod:`gpp_onnx.arrays`), and so do the inputs
+    of a model with several (an array per input, named as the input)."""
     spec = view.inputs[0]
+    if len(view.inputs) > 1:
+        ds = load_inputs(source, view.inputs, labels, limit, seed)
+        return _checked_labels(view, ds, spec)
     pixels = np.dtype(spec.dtype) == np.uint8 and len(spec.shape) == 4
     if np.dtype(spec.dtype).kind != "f" and not pixels:
         raise DataError(f"input '{spec.name}' takes {np.dtype(spec.dtype).name} values and "
@@ -112,6 +140,11 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
         ds = load_dataset(DataSpec(source, c, h, w, mean=mean, std=std, resize=resize,
                                    limit=limit, seed=seed, workers=workers, labels=labels,
                                    layout="NHWC" if nhwc else "NCHW", pixels=pixels))
+    return _checked_labels(view, ds, spec)
+
+
+def _checked_labels(view: GraphView, ds: Dataset, spec) -> Dataset:
+    """`ds`, whose labels (where it has them) fit the model's first output."""
     if not ds.labelled:
         return ds
     out_shape = check_class_scores(view)
@@ -198,9 +231,9 @@ def accuracy(model: onnx.ModelProto, ds: Dataset, batch_size: int = 256) -> floa
         batch_size = eval_batch_size(np.shape(ds.x)[1:], batch_size)
     correct = 0
     for x, y in iter_batches(ds, batch_size):
-        if len(x) != batch_size and isinstance(fixed_batch, int):
-            x = np.concatenate([x, np.zeros((batch_size - len(x), *x.shape[1:]), x.dtype)])
-        logits = outputs(session, {name: x})[0][: len(y)]
+        if rows(x) != batch_size and isinstance(fixed_batch, int):
+            x = padded(x, batch_size)
+        logits = outputs(session, feeds(x, name))[0][: len(y)]
         if not np.all(np.isfinite(logits)):
             raise DataError("the model produced NaN/inf outputs on the data - check the "
                             "input scaling (--mean/--std)")

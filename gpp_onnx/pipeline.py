@@ -95,7 +95,7 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     smaller model as ``result.model``. With `output` it is also written there, atomically,
     with its JSON report beside it; without, nothing is written. `options` are PruneConfig
     fields: ``prune(m, ratio=0.5)``."""
-    config = with_label_mode(replace(config or PruneConfig(), **options))
+    config = with_label_mode(replace(config or PruneConfig(), **options), model)
     _check_plan_args(config, plan_path, plan_out)   # before the defaults fill in a ratio
     config = config.checked()
     src = None if isinstance(model, onnx.ModelProto) else model_io.model_path(model)

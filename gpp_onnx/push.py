@@ -78,6 +78,7 @@ def offdiag_share(model: onnx.ModelProto, ds, feature: str, batch_size: int = 25
     discriminants that lie on neuron axes), or the features do not vary within a class."""
     import torch
 
+    from .batching import module_inputs, tensors
     from .data import iter_batches
     from .importance.lda import scatter
     from .torch_backend import OnnxModule
@@ -87,7 +88,7 @@ def offdiag_share(model: onnx.ModelProto, ds, feature: str, batch_size: int = 25
     feats = []
     with torch.no_grad():
         for x, _ in iter_batches(ds, batch_size):
-            feats.append(pooled(module.run([torch.from_numpy(x)], [feature])[feature]))
+            feats.append(pooled(module.run(module_inputs(tensors(x)), [feature])[feature]))
     s_w, _ = scatter(torch.cat(feats).double(), torch.from_numpy(np.asarray(ds.y)))
     off = s_w - torch.diag(torch.diagonal(s_w))
     total = (s_w ** 2).sum()

@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 
 from . import batch
+from .batching import feeds, rows as batch_rows, tensors
 from .ops import ROLE_IN
 from .ops.base import attr
 from .repair_rows import as_conv_weight, input_rows, rows_out
@@ -65,8 +66,8 @@ def channel_means(model: onnx.ModelProto, values: dict[str, int], batches) -> di
         by_name = dict(zip([o.name for o in session.get_outputs()], got))
         for name in names:
             v = np.moveaxis(by_name[name].astype(np.float64), values[name], 0)
-            sums[name] = sums.get(name, 0) + v.reshape(v.shape[0], -1).mean(axis=1) * len(x)
-        count += len(x)
+            sums[name] = sums.get(name, 0) + v.reshape(v.shape[0], -1).mean(axis=1) * batch_rows(x)
+        count += batch_rows(x)
     return {name: sums[name] / max(count, 1) for name in names}
 
 
@@ -213,10 +214,10 @@ def _target_rows(original, input_name: str, nodes, plans: dict, batches) -> dict
     targets: dict[str, list] = {n.name: [] for n in nodes}
     with torch.no_grad():
         for start, x in batches:
-            out = original.run({input_name: x}, [n.output[0] for n in nodes])
+            out = original.run(feeds(x, input_name), [n.output[0] for n in nodes])
             for node in nodes:
                 pos = plans[node.name][0]
-                sl = None if pos is None else pos[start:start + len(x)]
+                sl = None if pos is None else pos[start:start + batch_rows(x)]
                 targets[node.name].append(rows_out(out[node.output[0]], sl).float().cpu())
     return targets
 
@@ -259,24 +260,22 @@ class _Batches:
     its activations fit in memory (each layer's inputs then come from the already
     refitted layers before it), else a fresh pass up to each value asked for."""
 
-    def __init__(self, work, view, images: np.ndarray, size: int, device):
+    def __init__(self, work, view, images, size: int, device):
         self.work, self.images, self.size, self.device = work, images, size, device
         self.input_name = view.input_names[0]
         self.steppers = None
         if work.peak_live(_image_bytes(view)) * len(images) <= STAGED_BYTES:
-            self.steppers = [work.stepper({self.input_name: x}) for _, x in self]
+            self.steppers = [work.stepper(feeds(x, self.input_name)) for _, x in self]
 
     def __iter__(self):
-        import torch
-
         for start in range(0, len(self.images), self.size):
-            yield start, torch.from_numpy(self.images[start:start + self.size]).to(self.device)
+            yield start, tensors(self.images[start:start + self.size], self.device)
 
     def values(self, name: str):
         """`name`'s value on each batch, from `work` as it is now."""
         if self.steppers is not None:
             return (step.advance_to(name) for step in self.steppers)
-        return (self.work.run({self.input_name: x}, [name])[name] for _, x in self)
+        return (self.work.run(feeds(x, self.input_name), [name])[name] for _, x in self)
 
 
 def _own_weights(masked: onnx.ModelProto) -> dict[str, tuple[str, str]]:
@@ -307,7 +306,7 @@ def _apply(view, node, fit, w_param, b_param) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reconstruct(analysis, kept: dict[str, np.ndarray], deltas: dict[str, np.ndarray],
-                images: np.ndarray, device="cpu", rows: int = 16384, max_dim: int = 4096,
+                images, device="cpu", rows: int = 16384, max_dim: int = 4096,
                 batch_size: int = 64, seed: int = 0):
     """Least-squares repair (see the module docstring).
 

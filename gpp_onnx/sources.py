@@ -94,14 +94,16 @@ def check_source(source: str) -> None:
         raise DataError(f"data source {path} is not readable; fix its permissions or copy it")
 
 
-def has_labels(source: str) -> bool:
+def has_labels(source: str, inputs: tuple[str, ...] = ()) -> bool:
     """Whether ``source`` comes with labels; reads names and headers, no pixels (an IDX
-    directory resolves its pair)."""
+    directory resolves its pair). `inputs`: the names of a model's several inputs, whose
+    arrays an .npz holds under those names; an input named y takes the array y, so it
+    holds no labels then."""
     kind, path, split_name = _locate(source)
     if kind == "npz":
         try:
             with zipfile.ZipFile(path) as zf:
-                return "y.npy" in zf.namelist()
+                return "y.npy" in zf.namelist() and "y" not in inputs
         except (OSError, zipfile.BadZipFile) as err:
             raise DataError(f"cannot read {path}: {err}; save it with "
                             "numpy.savez(path, x=images, y=labels)") from None
@@ -311,26 +313,39 @@ def _load_npz(path: Path, labels: bool = True, channels: int | None = None) -> R
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(x as stored, memory-mapped where it can be; y or None; class names or None)."""
+    found, y, names = read_npz_arrays(path, ("x",), "save images as x, labels as y")
+    return found["x"], y, names
+
+
+def read_npz_arrays(path: Path, wanted: tuple[str, ...], fix: str
+                    ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]:
+    """The arrays `wanted` (as stored, memory-mapped where they can be), y or None, class
+    names or None; DataError naming the arrays missing and `fix` where some are."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            found = ", ".join(sorted(archive.files)) or "none"
-            if "x" not in archive.files:
-                raise DataError(f"{path}: no array 'x' (found: {found}); save images as x, "
-                                "labels as y")
+            missing = [w for w in wanted if w not in archive.files]
+            if missing:
+                found = ", ".join(sorted(archive.files)) or "none"
+                raise DataError(f"{path}: no array {', '.join(map(repr, missing))} (found: "
+                                f"{found}); {fix}")
             y = archive["y"] if "y" in archive.files else None
             names = archive["classes"] if "classes" in archive.files else None
+            arrays = {}
             with zipfile.ZipFile(path) as zf:
-                names_in_zip = set(zf.namelist())
-                x = _npz_member_map(path, zf.getinfo("x.npy")) if "x.npy" in names_in_zip \
-                    else None
-            if x is None:
-                log.info("%s: x is compressed, so its raw pixels are read into memory; "
-                         "numpy.savez (uncompressed) lets them be memory-mapped", path)
-                x = archive["x"]
+                members = set(zf.namelist())
+                for w in wanted:
+                    member = w + ".npy"
+                    arrays[w] = _npz_member_map(path, zf.getinfo(member)) \
+                        if member in members else None
+            for w in wanted:
+                if arrays[w] is None:
+                    log.info("%s: %s is compressed, so it is read into memory; numpy.savez "
+                             "(uncompressed) lets it be memory-mapped", path, w)
+                    arrays[w] = archive[w]
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
         raise DataError(f"cannot read {path}: {err}; save it with "
                         "numpy.savez(path, x=images, y=labels)") from None
-    return x, y, names
+    return arrays, y, names
 
 
 def _labels_beside(path: Path) -> tuple[str, list[Path]]:

@@ -39,14 +39,33 @@ def load(model, input_shape) -> tuple[model_io.Loaded, onnx.ModelProto, Analysis
     return loaded, normalized, analysis
 
 
-def with_label_mode(config: PruneConfig) -> PruneConfig:
+def with_label_mode(config: PruneConfig, model=None) -> PruneConfig:
     """Settle whether the data's labels are used (DataOptions.labels None: where the source
-    has them), before the criterion is chosen and anything is loaded."""
+    has them), before the criterion is chosen and anything is loaded (`model`, a path or
+    a ModelProto: the names of its inputs where it has several, ``sources.has_labels``)."""
     data = config.data
     if not isinstance(data, DataOptions) or data.labels is not None:
         return config   # (a data= of another type is refused by PruneConfig.checked)
     preflight.check_data(data.source)
-    return replace(config, data=replace(data, labels=has_labels(data.source)))
+    labels = has_labels(data.source)
+    if labels and str(data.source).lower().endswith(".npz"):   # its y may be an input's
+        labels = has_labels(data.source, _several_inputs(model))
+    return replace(config, data=replace(data, labels=labels))
+
+
+def _several_inputs(model) -> tuple[str, ...]:
+    """The names of `model`'s inputs where it has several (none where it has one or cannot
+    be read: loading it says why)."""
+    if model is None:
+        return ()
+    try:
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load_model(
+            str(model), load_external_data=False)
+    except Exception:
+        return ()
+    inits = {t.name for t in proto.graph.initializer}
+    names = tuple(v.name for v in proto.graph.input if v.name not in inits)
+    return names if len(names) > 1 else ()
 
 
 @dataclass(frozen=True)
@@ -145,10 +164,10 @@ def check_feature(analysis: Analysis, config: PruneConfig) -> None:
     if config.data is None:
         return
     from .analysis.features import final_hidden_layer
-    from .evaluation import check_single_input
+    from .evaluation import check_inputs_source
     from .importance import get_criterion
 
-    check_single_input(analysis.view)   # the real problem, not the head it would name next
+    check_inputs_source(analysis.view, config.data.source)   # before the head is looked at
 
     if getattr(get_criterion(config.criterion, config.seed), "needs_feature", False) \
             or config.feature_tensor is not None:

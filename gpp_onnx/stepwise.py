@@ -36,7 +36,8 @@ class StepPruner:
         base = replace(config or PruneConfig(), **options)
         self.config = with_label_mode(replace(base, rounds=steps, latency=False,
                                               mask_only=False,
-                                              train=replace(base.train, epochs=0.0))).checked()
+                                              train=replace(base.train, epochs=0.0)),
+                                      model).checked()
         self.start = start_run(model, self.config)
         self.model: onnx.ModelProto = self.start.normalized
         self.widths = {g.key: g.width for g in self.start.analysis.groups}  # the steps' goal

@@ -36,6 +36,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .batching import feeds, padded, part, rows
 from .compat import opset_version
 from .errors import DataError
 from .ops.base import attr
@@ -149,10 +150,10 @@ class Teacher:
     def __init__(self, model, kinds: tuple[OutputKind, ...], where: str = "original model"):
         self.session = make_session(model, where)
         self.kinds = kinds
-        self.input_name = self.session.get_inputs()[0].name
         self.names = [o.name for o in self.session.get_outputs()]
 
-    def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def outputs(self, x) -> dict[str, np.ndarray]:
+        """Its outputs by name for batch `x` (``gpp_onnx.batching``)."""
         return dict(zip(self.names, run_rows(self.session, x, "original model")))
 
     def with_targets(self, batches: Iterable[tuple[np.ndarray, np.ndarray | None]]
@@ -204,22 +205,21 @@ def fidelity(teacher: Teacher, model, batches: Iterable[np.ndarray],
     return {k.name: _row(k, err[k.name], ref[k.name], *agree[k.name]) for k in teacher.kinds}
 
 
-def run_rows(session, x: np.ndarray, where: str) -> list[np.ndarray]:
-    """The session's outputs for the rows of `x`; a model with a fixed batch size b runs
-    them in chunks of b (the last one zero-padded), each output's chunks cut and joined
-    along its batch axis: its first axis of size b (a time-major (T, b, K) output's axis
-    1), else axis 0."""
+def run_rows(session, x, where: str) -> list[np.ndarray]:
+    """The session's outputs for the rows of batch `x` (``batching``); a model with a fixed
+    batch size b runs them in chunks of b (the last one zero-padded), each output's chunks
+    cut and joined along its batch axis: its first axis of size b (a time-major (T, b, K)
+    output's axis 1), else axis 0."""
     spec = session.get_inputs()[0]
-    fixed = spec.shape[0] if spec.shape else None
-    if not isinstance(fixed, int) or fixed < 1 or fixed == len(x):
-        return outputs(session, {spec.name: x}, where)
+    fixed, n = spec.shape[0] if spec.shape else None, rows(x)
+    if not isinstance(fixed, int) or fixed < 1 or fixed == n:
+        return outputs(session, feeds(x, spec.name), where)
     parts, axes = [], None
-    for start in range(0, len(x), fixed):
-        chunk = x[start:start + fixed]
-        pad = np.zeros((fixed - len(chunk), *x.shape[1:]), x.dtype)
-        got = outputs(session, {spec.name: np.concatenate([chunk, pad])}, where)
+    for start in range(0, n, fixed):
+        chunk = part(x, slice(start, start + fixed))
+        got = outputs(session, feeds(padded(chunk, fixed), spec.name), where)
         axes = axes or [next((a for a, d in enumerate(g.shape) if d == fixed), 0) for g in got]
-        parts.append([np.take(g, np.arange(len(chunk)), a) for g, a in zip(got, axes)])
+        parts.append([np.take(g, np.arange(rows(chunk)), a) for g, a in zip(got, axes)])
     return [np.concatenate(p, a) for p, a in zip(zip(*parts), axes)]
 
 

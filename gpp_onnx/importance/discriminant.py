@@ -41,6 +41,7 @@ import logging
 import numpy as np
 import torch
 
+from ..batching import feeds, tensors
 from ..errors import DataError, InputError
 from ..progress import track
 from .lda import LdaResult, lda_utility
@@ -151,7 +152,7 @@ class DiscriminantCriterion:
         feats = []
         with torch.no_grad():
             for x, _ in _batches(evidence.data, batch):
-                h = module.run({input_name: torch.from_numpy(x).to(device)},
+                h = module.run(feeds(tensors(x, device), input_name),
                                [evidence.feature])[evidence.feature]
                 feats.append(_pool(h).double().cpu().numpy())
         features = np.concatenate(feats)
@@ -174,7 +175,7 @@ class DiscriminantCriterion:
         sums: dict[str, torch.Tensor] = {}
         n_batches = -(-len(evidence.data.y) // batch)
         for x, y in track(_batches(evidence.data, batch), "tracing", n_batches, logger):
-            out = module.run({input_name: torch.from_numpy(x).to(device)},
+            out = module.run(feeds(tensors(x, device), input_name),
                              [evidence.feature, *values])
             h = out[evidence.feature]
             # values no gradient reaches (a Dropout's boolean mask, integer outputs) score 0

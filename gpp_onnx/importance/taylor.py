@@ -49,6 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..batching import feeds, rows, tensors
+from ..batching import part as batch_part
 from ..data import iter_batches
 from ..errors import DataError, InputError
 from ..evaluation import class_scores
@@ -94,11 +96,12 @@ class TaylorCriterion:
         chunk = _chunk_size(analysis.view, evidence.batch_size)
         for x, y in track(batches, self.name, n_batches, logger):
             wg: dict[str, torch.Tensor] = {}
-            for start in range(0, len(x), chunk):  # the batch's gradient, a chunk at a time
+            n = rows(x)
+            for start in range(0, n, chunk):  # the batch's gradient, a chunk at a time
                 part = slice(start, start + chunk)
-                outs = module.run({input_name: torch.from_numpy(x[part]).to(device)},
+                outs = module.run(feeds(tensors(batch_part(x, part), device), input_name),
                                   loss_of.names)
-                loss = loss_of(outs, None if y is None else y[part]) * (len(x[part]) / len(x))
+                loss = loss_of(outs, None if y is None else y[part]) * (min(chunk, n - start) / n)
                 grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
                 for name, p, g in zip(names, wanted, grads):
                     if g is not None:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..batching import module_inputs
 from ..ops.elementwise import UNARY
 from .scale import MOVES
 
@@ -131,7 +132,7 @@ class Renorm(nn.Module):
         counts = dict.fromkeys(self.nodes, 0)
         values = [node.outputs[0] for node in self.nodes.values()]
         for x in xs:
-            got = module.run([x], values)
+            got = module.run(module_inputs(x), values)
             for key, node in self.nodes.items():
                 y = got[node.outputs[0]].double()
                 dims = [0, *range(2, y.dim())]

@@ -36,11 +36,11 @@ LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 def input_layers(module) -> list[tuple[str, str]]:
     """(weight, data input) ONNX names of the layers whose data input comes from the
-    model's first input through parameter-free ops only (module docstring), in graph
-    order; only trainable weights."""
+    model's inputs (each, for a model with several) through parameter-free ops only
+    (module docstring), in graph order; only trainable weights."""
     params = {name for name, _ in module.named_onnx_parameters()}
     constants = set(module.constant_names)
-    raw = set(module.input_names[:1])
+    raw = set(module.input_names)
     found: list[tuple[str, str]] = []
     for node in module.nodes:
         if node.op_type in ARITHMETIC:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..batching import module_inputs, rows, tensors
 from ..config import TrainOptions
 from ..errors import DataError
 from ..progress import track
@@ -71,9 +72,10 @@ class Tapped(nn.Module):
         self.names = tuple(dict.fromkeys(names))
         self.logits = logits_value(module)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`x`: the input's tensor, or ``{input name: tensor}`` (``gpp_onnx.batching``)."""
         out = self.logits
-        values = self.module.run([x], [out, *[n for n in self.names if n != out]])
+        values = self.module.run(module_inputs(x), [out, *[n for n in self.names if n != out]])
         return values[out], values
 
 
@@ -156,7 +158,7 @@ class Trainer:
             for _ in range(self.accumulate):
                 x, targets = next(batches)
                 targets = targets if isinstance(targets, dict) else {"y": targets}
-                parts.append((torch.from_numpy(x).to(device),
+                parts.append((tensors(x, device),
                               {k: torch.from_numpy(np.asarray(v)).to(device)
                                for k, v in targets.items()}))
             logs.append(self.step_on(parts, desc))
@@ -185,7 +187,7 @@ class Trainer:
     def step_on(self, batches: list[tuple[torch.Tensor, dict]], desc: str = "train") -> dict:
         """One optimiser step on the summed gradients of `batches` (x, targets), each
         batch's loss weighted by its share of the images (the mean over all of them)."""
-        images = sum(len(x) for x, _ in batches)
+        images = sum(rows(x) for x, _ in batches)
         if self.input_scales is None:
             self.input_scales = self._input_scales([x for x, _ in batches])
         if self.renorm is not None and not self.renorm.started:
@@ -212,7 +214,7 @@ class Trainer:
                     raise DataError(f"{desc} diverged (loss {float(total.detach())} at step "
                                     f"{self.step_no + 1} of {self.steps}) - lower --lr "
                                     f"(now {self.lr:g})")
-                share = total * (len(x) / images)
+                share = total * (rows(x) / images)
                 (self.scaler.scale(share) if self.scaler else share).backward()
             total_loss += float(share.detach())
         if self.scaler:
@@ -243,7 +245,7 @@ class Trainer:
         squares, counts = dict.fromkeys(values, 0.0), dict.fromkeys(values, 0)
         with torch.no_grad(), _inference(self.module):
             for x in xs:
-                got = self.module.run([x], values)
+                got = self.module.run(module_inputs(x), values)
                 for value in values:
                     squares[value] += float(got[value].double().pow(2).sum())
                     counts[value] += got[value].numel()

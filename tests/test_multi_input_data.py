@@ -1,0 +1,242 @@
+"""Data for models with several inputs: an .npz holding one array per input, named as the
+input. The reference throughout is the trained digits net with one input: wrapped so that
+its image is multiplied by a second input `gain` (1 in the data), it computes the same
+function on the same pixels, so every data path must score, cut, repair and train it as it
+does the one-input net on `--data digits`; accuracies and agreement are checked against
+onnxruntime runs made here on the arrays themselves."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from gpp_onnx.cli import main
+from conftest import run_model
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return (bunch.images[:, None] / 16.0).astype(np.float32), bunch.target.astype(np.int64)
+
+
+def _with_gain(path, gain_type=TensorProto.FLOAT) -> onnx.ModelProto:
+    """The one-input net at `path` taking (image, gain): its input is image * gain (gain
+    cast to float first where it is an integer input)."""
+    model = onnx.load(str(path))
+    old = model.graph.input[0].name
+    for node in model.graph.node:
+        node.input[:] = ["scaled" if name == old else name for name in node.input]
+    gain = "gain"
+    front = []
+    if gain_type != TensorProto.FLOAT:
+        front.append(helper.make_node("Cast", ["gain"], ["gain_f"], to=TensorProto.FLOAT))
+        gain = "gain_f"
+    front.append(helper.make_node("Mul", ["image", gain], ["scaled"]))
+    for node in reversed(front):
+        model.graph.node.insert(0, node)
+    del model.graph.input[:]
+    model.graph.input.extend([
+        helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8]),
+        helper.make_tensor_value_info("gain", gain_type, ["N", 1, 1, 1])])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def two(trained, tmp_path_factory):
+    """(folder, the one-input net, the two-input net, labelled .npz, x-only .npz)."""
+    d = tmp_path_factory.mktemp("multi")
+    x, y = _digits()
+    gain = np.ones((len(x), 1, 1, 1), np.float32)
+    onnx.save(_with_gain(trained), d / "two.onnx")
+    np.savez(d / "xy.npz", image=x, gain=gain, y=y)
+    np.savez(d / "x.npz", image=x, gain=gain)
+    return d, trained, d / "two.onnx", d / "xy.npz", d / "x.npz"
+
+
+def _accuracy(model, feeds: dict, y) -> float:
+    logits = run_model(model, feeds)[0]
+    return float((logits.argmax(1) == y).mean())
+
+
+def _report(path):
+    return json.loads(path.with_suffix(".report.json").read_text())
+
+
+def test_evaluate_reads_every_input_from_the_npz(two, capsys):
+    d, one, model, xy, _ = two
+    x, y = _digits()
+    want = _accuracy(model, {"image": x, "gain": np.ones((len(x), 1, 1, 1), np.float32)}, y)
+    assert want > 0.85          # the trained net, unchanged by the unit gain
+    assert main(["evaluate", str(model), "--data", str(xy)]) == 0
+    assert f"top-1 accuracy {want:.4f} on {len(y)} images" in capsys.readouterr().out
+    # the gain reaches the model: halved, the accuracy is that of the halved images
+    half = np.full((len(x), 1, 1, 1), 0.5, np.float32)
+    np.savez(d / "half.npz", image=x, gain=half, y=y)
+    assert main(["evaluate", str(model), "--data", str(d / "half.npz")]) == 0
+    got = capsys.readouterr().out
+    assert f"top-1 accuracy {_accuracy(one, {'input': x * 0.5}, y):.4f}" in got
+
+
+@pytest.mark.parametrize("extra", [[], ["--criterion", "taylor", "--finetune-epochs", "1"]],
+                         ids=["gpp", "taylor-finetune"])
+def test_prune_with_labels_cuts_as_the_one_input_net_does(two, extra, tmp_path):
+    """Criterion, repair and fine-tuning see the same numbers through both inputs: the cut
+    and the written model's accuracy equal the one-input net's on --data digits."""
+    _, one, model, xy, _ = two
+    common = ["--ratio", "0.5", "--no-latency", "--round-to", "1", *extra]
+    a, b = tmp_path / "one.onnx", tmp_path / "two.onnx"
+    assert main(["prune", str(one), "--data", "digits", "-o", str(a), *common]) == 0
+    assert main(["prune", str(model), "--data", str(xy), "-o", str(b), *common]) == 0
+    ra, rb = _report(a), _report(b)
+    assert rb["plan"]["removed"] == ra["plan"]["removed"]
+    assert sum(len(v) for v in rb["plan"]["removed"].values()) > 0
+    x, y = _digits()
+    got = _accuracy(b, {"image": x, "gain": np.ones((len(x), 1, 1, 1), np.float32)}, y)
+    assert got == pytest.approx(_accuracy(a, {"input": x}, y), abs=2 / len(y))
+
+
+def test_prune_without_labels_distils_through_both_inputs(two, tmp_path):
+    """--no-labels: the fisher criterion, the repair and distillation on the x-only .npz
+    give the fidelity the one-input net gets on the digits without their labels."""
+    _, one, model, _, xo = two
+    common = ["--ratio", "0.5", "--no-latency", "--round-to", "1", "--finetune-epochs", "1"]
+    a, b = tmp_path / "one.onnx", tmp_path / "two.onnx"
+    assert main(["prune", str(one), "--data", "digits", "--no-labels", "-o", str(a),
+                 *common]) == 0
+    assert main(["prune", str(model), "--data", str(xo), "-o", str(b), *common]) == 0
+    ra, rb = _report(a), _report(b)
+    assert rb["plan"]["removed"] == ra["plan"]["removed"]
+    fa, fb = ra["fidelity"], rb["fidelity"]
+    assert list(fa) == list(fb) and len(fa) >= 3        # before, cut, repair/fine-tune
+    for stage in fa:
+        for out in fa[stage]:
+            for key, value in fa[stage][out].items():
+                assert fb[stage][out][key] == pytest.approx(value, abs=1e-4), (stage, key)
+
+
+def test_compare_reports_the_agreement_onnxruntime_measures(two, tmp_path, capsys):
+    d, _, model, _, xo = two
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(model), "-o", str(out), "--ratio", "0.5", "--no-latency"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(model), str(out), "--data", str(xo)]) == 0
+    text = capsys.readouterr().out
+    x, _ = _digits()
+    feeds = {"image": x, "gain": np.ones((len(x), 1, 1, 1), np.float32)}
+    want = run_model(model, feeds)[0].argmax(1) == run_model(out, feeds)[0].argmax(1)
+    line = next(s for s in text.splitlines() if "top-1 agreement" in s)
+    assert float(line.split()[-1]) == pytest.approx(want.mean(), abs=5e-5)
+
+
+def test_an_integer_input_takes_integers(trained, tmp_path, capsys):
+    model = tmp_path / "int.onnx"
+    onnx.save(_with_gain(trained, TensorProto.INT64), model)
+    x, y = _digits()
+    np.savez(tmp_path / "ints.npz", image=x, gain=np.ones((len(x), 1, 1, 1), np.int64), y=y)
+    assert main(["evaluate", str(model), "--data", str(tmp_path / "ints.npz")]) == 0
+    feeds = {"image": x, "gain": np.ones((len(x), 1, 1, 1), np.int64)}
+    assert f"top-1 accuracy {_accuracy(model, feeds, y):.4f}" in capsys.readouterr().out
+    np.savez(tmp_path / "floats.npz", image=x, gain=np.ones((len(x), 1, 1, 1), np.float32), y=y)
+    assert main(["evaluate", str(model), "--data", str(tmp_path / "floats.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "gain has dtype float32 but input 'gain' takes int64; store integers" in err
+
+
+def test_free_sizes_are_taken_from_the_arrays(tmp_path, capsys):
+    """A model with several inputs whose sides are free runs at its arrays' sizes."""
+    from test_load_forms import _two_inputs
+
+    model = _two_inputs()
+    src = tmp_path / "two.onnx"
+    onnx.save(model, src)
+    rng = np.random.default_rng(0)
+    feeds = {"input": rng.normal(size=(30, 3, 8, 8)).astype(np.float32),
+             "aux": rng.normal(size=(30, 3, 4, 4)).astype(np.float32)}
+    y = rng.integers(0, 4, 30)
+    np.savez(tmp_path / "d.npz", **feeds, y=y)
+    assert main(["evaluate", str(src), "--data", str(tmp_path / "d.npz")]) == 0
+    assert f"top-1 accuracy {_accuracy(model, feeds, y):.4f}" in capsys.readouterr().out
+
+
+def _bad_sources(d):
+    x, y = _digits()
+    ones = np.ones((len(x), 1, 1, 1), np.float32)
+    np.savez(d / "no_gain.npz", image=x, y=y)
+    np.savez(d / "flat_gain.npz", image=x, gain=ones.reshape(-1, 1), y=y)
+    np.savez(d / "short.npz", image=x, gain=ones[:-1], y=y)
+    np.savez(d / "x_only.npz", x=x, y=y)
+    return [
+        ("digits", "is not an .npz - give an .npz with one array per input"),
+        (str(d / "no_gain.npz"), "no array 'gain' (found: image, y); store one array per "
+                                 "input, named as the inputs: numpy.savez(path, image=..., "
+                                 "gain=..., y=labels)"),
+        (str(d / "x_only.npz"), "no array 'image', 'gain'"),
+        (str(d / "flat_gain.npz"), "gain holds samples of shape (1,) but input 'gain' takes "
+                                   "(1, 1, 1)"),
+        (str(d / "short.npz"), "hold different numbers of samples (image 1797, gain 1796)"),
+    ]
+
+
+@pytest.mark.parametrize("command", ["prune", "evaluate"])
+def test_bad_sources_are_one_line_exit_2_nothing_written(two, command, tmp_path, capsys):
+    _, _, model, _, _ = two
+    for source, message in _bad_sources(tmp_path):
+        out = tmp_path / "p.onnx"
+        extra = ["-o", str(out), "--no-latency"] if command == "prune" else []
+        before = sorted(p.name for p in tmp_path.iterdir())
+        assert main([command, str(model), "--data", source, *extra]) == 2, source
+        lines = capsys.readouterr().err.strip().splitlines()
+        errors = [s for s in lines if s.startswith("gpp-onnx: error:")]
+        assert len(errors) == 1 and lines[-1] == errors[0], lines
+        assert message in errors[0], (message, errors[0])
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_float16_input_is_fed_its_type(two, tmp_path, capsys):
+    """Float arrays are fed float32 and cast where an input declares float16."""
+    _, _, model, xy, _ = two
+    m = onnx.load(str(model))
+    m.graph.input[1].type.tensor_type.elem_type = TensorProto.FLOAT16
+    m.graph.node.insert(0, helper.make_node("Cast", ["gain"], ["gain32"], to=TensorProto.FLOAT))
+    mul = next(n for n in m.graph.node if n.op_type == "Mul" and "gain" in n.input)
+    mul.input[:] = ["gain32" if s == "gain" else s for s in mul.input]
+    path = tmp_path / "half_gain.onnx"
+    onnx.save(m, path)
+    x, y = _digits()
+    assert main(["evaluate", str(path), "--data", str(xy)]) == 0
+    want = _accuracy(path, {"image": x, "gain": np.ones((len(x), 1, 1, 1), np.float16)}, y)
+    assert f"top-1 accuracy {want:.4f}" in capsys.readouterr().out
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.type for i in session.get_inputs()] == ["tensor(float)", "tensor(float16)"]
+
+
+def test_an_input_named_y_takes_the_array_y_and_the_run_goes_without_labels(two, tmp_path,
+                                                                            capsys):
+    """The .npz's y is the input's array, not labels: prune runs label-free (the plan of the
+    one-input net with --no-labels), evaluate asks for a command that needs none."""
+    _, one, model, _, _ = two
+    m = onnx.load(str(model))
+    m.graph.input[1].name = "y"
+    for node in m.graph.node:
+        node.input[:] = ["y" if s == "gain" else s for s in node.input]
+    src = tmp_path / "named_y.onnx"
+    onnx.save(m, src)
+    x, _ = _digits()
+    np.savez(tmp_path / "d.npz", image=x, y=np.ones((len(x), 1, 1, 1), np.float32))
+    common = ["--ratio", "0.5", "--no-latency", "--round-to", "1"]
+    a, b = tmp_path / "one.onnx", tmp_path / "b.onnx"
+    assert main(["prune", str(one), "--data", "digits", "--no-labels", "-o", str(a),
+                 *common]) == 0
+    assert main(["prune", str(src), "--data", str(tmp_path / "d.npz"), "-o", str(b),
+                 *common]) == 0
+    assert _report(b)["plan"]["removed"] == _report(a)["plan"]["removed"]
+    capsys.readouterr()
+    assert main(["evaluate", str(src), "--data", str(tmp_path / "d.npz")]) == 2
+    assert "input 'y' takes the array y, so the .npz holds no labels" in capsys.readouterr().err
