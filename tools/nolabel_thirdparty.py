@@ -22,6 +22,12 @@ fine-tuning. With ``--variants`` (default) it also writes the cut alone (``--rep
 (``--plan``), and measures all three against the original on the test folder
 (``gpp_onnx.pipeline.compare``, the same fidelity as ``gpp-onnx compare --data``).
 
+A model with several inputs that another model's outputs feed (CRAFT's link refiner takes
+the detector's score maps and features) is given them as a user would: the images go
+through the feeding model (``Setup.feeder``, with the images' --mean/--std), and its
+outputs, named as the refiner's inputs, are stored in one ``.npz`` for training and one
+for testing (``gpp-onnx prune M --data train.npz``: one array per input, taken as it is).
+
 The bar: repair improves on the cut and distillation improves on the repair, on every
 output (relative error down, top-1 agreement of class outputs not down).
 """
@@ -53,6 +59,7 @@ class Setup:
     gray: bool = False
     model: str | None = None      # the thirdparty.py entry, where the name differs
     extra: tuple = ()             # more gpp-onnx prune arguments
+    feeder: str | None = None     # the thirdparty.py entry whose outputs are the inputs
 
 
 # PP-OCRv4's DB head ends in two ConvTranspose layers, which the least-squares repair does
@@ -68,6 +75,7 @@ MODELS = {
     "open_nsfw": Setup("photo", "0.40784314,0.45882353,0.48235294",
                        "0.003921569,0.003921569,0.003921569"),         # BGR - caffe means
     "layout_cdla": Setup("page", *IMAGENET),
+    "craft_refinenet": Setup("text", *IMAGENET, feeder="craftnet"),    # 2 inputs: the maps
 }
 DEFAULT_MODELS = "ppocrv4_det,ppocrv4_rec,nudenet_320n,ddddocr_det,orientation"
 STAGES = (("cut", "after_cut"), ("repair", "after_repair"), ("distil", "after_finetune"))
@@ -78,12 +86,14 @@ def _hw(shape: str, nhwc: bool) -> tuple[int, int]:
     return (dims[1], dims[2]) if nhwc else (dims[2], dims[3])
 
 
-def _prune(src: Path, dst: Path, data: Path, shape: str, setup: Setup, args, extra=()) -> dict:
+def _prune(src: Path, dst: Path, data: Path, shapes: tuple, setup: Setup, args,
+           extra=()) -> dict:
     ratio = [] if "--plan" in extra else ["--ratio", str(args.ratio)]  # a plan fixes the cut
     cmd = [*GPP, "prune", str(src), "--data", str(data), *ratio,
-           "--input-shape", shape, "--batch-size", str(args.batch_size), "--no-latency",
+           *[a for shape in shapes for a in ("--input-shape", shape)],
+           "--batch-size", str(args.batch_size), "--no-latency",
            "--val-split", str(args.val_split), "-o", str(dst), *setup.extra, *extra]
-    if setup.mean:
+    if setup.mean and not setup.feeder:
         cmd += ["--mean", setup.mean, "--std", setup.std]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True,
@@ -96,13 +106,17 @@ def _prune(src: Path, dst: Path, data: Path, shape: str, setup: Setup, args, ext
     return {"report": rep, "seconds": round(seconds, 1)}
 
 
-def _compare(src: Path, model: Path, test: Path, shape: str, setup: Setup) -> dict:
+def _compare(src: Path, model: Path, test: Path, shapes: tuple, setup: Setup) -> dict:
     from gpp_onnx import pipeline
     from gpp_onnx.config import DataOptions, checked_input_shape
 
     mean = tuple(float(v) for v in setup.mean.split(",")) if setup.mean else None
     std = tuple(float(v) for v in setup.std.split(",")) if setup.std else None
-    cmp = pipeline.compare(src, model, checked_input_shape(_shape_tuple(shape)), repeats=1,
+    if setup.feeder:          # the arrays are the inputs as they are
+        mean = std = None
+    shape = (_shape_tuple(shapes[0]) if len(shapes) == 1
+             else {s.rpartition(":")[0]: _shape_tuple(s) for s in shapes})
+    cmp = pipeline.compare(src, model, checked_input_shape(shape), repeats=1,
                            data=DataOptions(str(test), mean, std, batch_size=16))
     return cmp.fidelity
 
@@ -111,20 +125,49 @@ def _shape_tuple(shape: str):
     return tuple(int(v) for v in shape.split(":")[-1].split(","))
 
 
+def _fed(feeder: Path, images: Path, setup: Setup, h: int, w: int, out: Path) -> Path:
+    """An .npz of `feeder`'s outputs on the images in folder `images` (prepared with the
+    setup's mean and std), one array per output, under the output's name."""
+    import numpy as np
+
+    from gpp_onnx.data import DataSpec, iter_batches, load_dataset
+    from gpp_onnx.verify import make_session
+
+    mean = tuple(float(v) for v in setup.mean.split(",")) if setup.mean else None
+    std = tuple(float(v) for v in setup.std.split(",")) if setup.std else None
+    ds = load_dataset(DataSpec(str(images), 3, h, w, mean=mean, std=std, labels=False))
+    session = make_session(str(feeder), "feeding model")
+    name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    parts: dict[str, list] = {n: [] for n in names}
+    for x, _ in iter_batches(ds, 1):          # the feeder fixes batch 1
+        for n, v in zip(names, session.run(names, {name: x})):
+            parts[n].append(v)
+    np.savez(out, **{n: np.concatenate(v) for n, v in parts.items()})
+    return out
+
+
 def run_model(name: str, args) -> dict:
     setup = MODELS[name]
     entry = next(e for e in MANIFEST if e.name == (setup.model or name))
-    shape = entry.inputs[0]
+    shapes = entry.inputs
     src = model_path(Path(args.cache).expanduser(), entry)
-    if not src.exists():
-        raise RuntimeError(f"{src} missing; run `python tools/thirdparty.py fetch`")
-    nhwc = _shape_tuple(shape)[-1] == 3
-    h, w = _hw(shape, nhwc)
+    feeder = next((e for e in MANIFEST if e.name == setup.feeder), None)
+    for path in (src, *([model_path(Path(args.cache).expanduser(), feeder)] if feeder else [])):
+        if not path.exists():
+            raise RuntimeError(f"{path} missing; run `python tools/thirdparty.py fetch`")
+    image_shape = (feeder or entry).inputs[0]
+    nhwc = _shape_tuple(image_shape)[-1] == 3
+    h, w = _hw(image_shape, nhwc)
     work = Path(args.out) / name
     train = make_images(setup.images, args.images, h, w, work / "train", 0, setup.gray)
     test = make_images(setup.images, args.test_images, h, w, work / "test", 1, setup.gray)
+    if feeder:
+        fpath = model_path(Path(args.cache).expanduser(), feeder)
+        train = _fed(fpath, train, setup, h, w, work / "train.npz")
+        test = _fed(fpath, test, setup, h, w, work / "test.npz")
     final = work / "final.onnx"
-    run = _prune(src, final, train, shape, setup, args,
+    run = _prune(src, final, train, shapes, setup, args,
                  ["--finetune-epochs", str(args.finetune_epochs), "--lr", str(args.lr),
                   "--plan-out", str(work / "plan.json")])
     rep = run["report"]
@@ -138,10 +181,10 @@ def run_model(name: str, args) -> dict:
         models = {"distil": final}
         for stage, extra in (("cut", ["--repair", "none"]), ("repair", [])):
             dst = work / f"{stage}.onnx"
-            _prune(src, dst, train, shape, setup, args,
+            _prune(src, dst, train, shapes, setup, args,
                    ["--finetune-epochs", "0", "--plan", str(work / "plan.json"), *extra])
             models[stage] = dst
-        row["test"] = {stage: _compare(src, models[stage], test, shape, setup)
+        row["test"] = {stage: _compare(src, models[stage], test, shapes, setup)
                        for stage, _ in STAGES}
     return row
 
