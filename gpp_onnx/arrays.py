@@ -10,8 +10,11 @@ mapped where stored uncompressed) array, so memory is bounded by the batch.
 A model with several inputs (:func:`load_inputs`) takes one array per input, stored under
 the input's name (``numpy.savez(path, image=..., im_info=..., y=labels)``), each (N, ...)
 with the per-sample shape the input takes, of any rank, taken as it is too: which input is
-an image, and how it is scaled, is the model's business. Float inputs are fed float32 (a
-float16 input is cast at the run), integer and boolean inputs the type they declare.
+an image, and how it is scaled, is the model's business. An input without a batch axis
+(a scalar such as a sample rate, or one whose first size is fixed while the others'
+batch is free, such as a recurrent net's initial state) takes one array of exactly its
+shape, fed whole with every batch. Float inputs are fed float32 (a float16 input is cast
+at the run), integer and boolean inputs the type they declare.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .batching import Feeds
 from .data import Dataset, select
 from .errors import DataError
 from .sources import ArrayPixels, Raw, as_labels, check_source, read_npz, read_npz_arrays
@@ -85,11 +89,13 @@ def load_arrays(source: str, dims: tuple[int, ...], input_name: str, labels: boo
 @dataclass(frozen=True, eq=False)
 class Inputs:
     """Rows of several inputs' arrays, read when indexed: ``x[a:b]`` and ``x[idx]`` return
-    ``{input name: rows}``, each in the type its input takes."""
+    ``Feeds`` {input name: rows}, each in the type its input takes, the ``whole`` inputs'
+    arrays whole."""
     arrays: dict[str, np.ndarray]
     dtypes: dict[str, np.dtype]
     index: np.ndarray
     source: str
+    whole: frozenset = frozenset()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -97,20 +103,24 @@ class Inputs:
     @property
     def shape(self) -> tuple[int, int]:
         """(samples, numbers per sample over all inputs): the size memory budgets read."""
-        return len(self), sum(int(np.prod(a.shape[1:])) for a in self.arrays.values())
+        return len(self), sum(int(np.prod(a.shape[1:])) for k, a in self.arrays.items()
+                              if k not in self.whole)
 
     @property
     def spec(self) -> tuple:
         """Each input's name, per-sample shape and type (what the processes of a
         distributed run agree on)."""
-        return tuple((k, a.shape[1:], str(self.dtypes[k])) for k, a in self.arrays.items())
+        return tuple((k, a.shape if k in self.whole else a.shape[1:], str(self.dtypes[k]))
+                     for k, a in self.arrays.items())
 
     def take(self, idx: Sequence[int] | np.ndarray) -> Inputs:
         return replace(self, index=self.index[np.asarray(idx)])
 
-    def __getitem__(self, key) -> dict[str, np.ndarray]:
+    def __getitem__(self, key) -> Feeds:
         pos = np.atleast_1d(self.index[key])
-        return {k: np.asarray(a[pos], self.dtypes[k]) for k, a in self.arrays.items()}
+        return Feeds({k: np.array(a, self.dtypes[k]) if k in self.whole  # a copy: writable
+                      else np.asarray(a[pos], self.dtypes[k]) for k, a in self.arrays.items()},
+                     self.whole)
 
     def __array__(self, *args, **kwargs):
         raise TypeError("Inputs are read on demand: index them (x[a:b], x[idx])")
@@ -120,8 +130,9 @@ def load_inputs(source: str, specs, labels: bool | None, limit: int | None = Non
                 seed: int = 0) -> Dataset:
     """An ``.npz`` source's rows for each of a model's inputs (`specs`: the model's
     ``graph.InputSpec`` list, shapes concrete)."""
-    path, arrays, dtypes, y, classes = read_inputs(source, specs)
+    path, arrays, dtypes, whole, y, classes = read_inputs(source, specs)
     names = [s.name for s in specs]
+    first = next(n for n in names if n not in whole)
     if "y" in names:
         if labels:
             raise DataError(f"{path}: the model's input 'y' takes the array y, so the .npz "
@@ -131,23 +142,32 @@ def load_inputs(source: str, specs, labels: bool | None, limit: int | None = Non
     classes = None if "classes" in names else classes     # an input's array, not names
     y = None if labels is False else y
     raw = Raw(None if y is None else as_labels(y, str(path)),
-              ArrayPixels(arrays[names[0]], 1.0, str(path)),
+              ArrayPixels(arrays[first], 1.0, str(path)),
               str(path), None if classes is None else tuple(map(str, classes)))
     y, idx = select(raw, labels, limit, seed)
     classes = () if y is None else raw.classes or tuple(str(i) for i in range(int(y.max()) + 1))
-    ds = Dataset(Inputs(arrays, dtypes, idx, str(path)), None if y is None else y[idx],
+    ds = Dataset(Inputs(arrays, dtypes, idx, str(path), whole), None if y is None else y[idx],
                  classes, str(path))
     log.info("%d samples %s from %s for %d inputs (%s), taken as they are", len(ds),
              f"of {ds.num_classes} classes" if ds.labelled else "without labels", path,
-             len(names), ", ".join(f"{k} {tuple(a.shape[1:])}" for k, a in arrays.items()))
+             len(names), ", ".join(f"{k} {tuple(a.shape)} whole" if k in whole
+                                   else f"{k} {tuple(a.shape[1:])}" for k, a in arrays.items()))
     return ds
 
 
+def whole_inputs(specs) -> frozenset:
+    """The inputs of `specs` fed whole (module docstring): the scalars, and those whose
+    first size is fixed where another input's is free (the batch)."""
+    batch = any(s.free_batch and len(s.shape) for s in specs)
+    return frozenset(s.name for s in specs
+                     if not s.shape or (batch and not s.free_batch))
+
+
 def read_inputs(source: str, specs) -> tuple:
-    """(path, {input: array as stored}, {input: the type it is fed}, y or None, class names
-    or None) of an ``.npz`` for the inputs `specs`; DataError where an input's array is
-    missing or does not fit it (reads array headers, no rows, where they are stored
-    uncompressed)."""
+    """(path, {input: array as stored}, {input: the type it is fed}, the inputs fed whole,
+    y or None, class names or None) of an ``.npz`` for the inputs `specs`; DataError where
+    an input's array is missing or does not fit it (reads array headers, no rows, where
+    they are stored uncompressed)."""
     names = [s.name for s in specs]
     usage = "numpy.savez(path, " + ", ".join(
         f"{n}=..." if n.isidentifier() else f"**{{'{n}': ...}}" for n in names) + ", y=labels)"
@@ -159,10 +179,15 @@ def read_inputs(source: str, specs) -> tuple:
                         f"named as the inputs: {usage}")
     arrays, y, classes = read_npz_arrays(path, tuple(names), f"store one array per input, "
                                          f"named as the inputs: {usage}")
-    dtypes, rows = {}, {}
+    dtypes, rows, whole = {}, {}, whole_inputs(specs)
     for spec in specs:
         a, want = arrays[spec.name], tuple(spec.shape[1:])
-        if a.ndim != len(spec.shape) or tuple(a.shape[1:]) != want:
+        if spec.name in whole:
+            if tuple(a.shape) != tuple(spec.shape):
+                raise DataError(f"{path}: {spec.name} has shape {tuple(a.shape)} but input "
+                                f"'{spec.name}' has no batch axis and takes {tuple(spec.shape)}"
+                                " whole (fed with every batch); store one array of that shape")
+        elif a.ndim != len(spec.shape) or tuple(a.shape[1:]) != want:
             raise DataError(f"{path}: {spec.name} holds samples of shape {tuple(a.shape[1:])} "
                             f"but input '{spec.name}' takes {want}; store it as (N, "
                             + ", ".join(map(str, want)) + ")")
@@ -172,9 +197,10 @@ def read_inputs(source: str, specs) -> tuple:
                             f"takes {np.dtype(spec.dtype).name}; store "
                             + ("integers" if kind in "iub" else "numbers"))
         dtypes[spec.name] = np.dtype(np.float32) if kind == "f" else np.dtype(spec.dtype)
-        rows[spec.name] = len(a)
+        if spec.name not in whole:
+            rows[spec.name] = len(a)
     if len(set(rows.values())) > 1:
         raise DataError(f"{path}: the inputs' arrays hold different numbers of samples ("
                         + ", ".join(f"{k} {n}" for k, n in rows.items())
                         + "); give each input one row per sample")
-    return path, arrays, dtypes, y, classes
+    return path, arrays, dtypes, whole, y, classes

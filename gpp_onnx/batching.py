@@ -2,10 +2,12 @@
 distributed run, prepared in this process or, for decoded files, by torch DataLoader
 workers a few batches ahead (:func:`iter_batches`; ``gpp_onnx.data`` exports it).
 
-A batch's ``x`` is one array for a model with one input, or ``{input name: array}`` for a
-model with several (:class:`gpp_onnx.arrays.Inputs`), each array one row per sample. Code
-that runs a batch takes both through the helpers below (rows, parts, padding, feeds,
-tensors), never ``len(x)``, which counts a dict's inputs."""
+A batch's ``x`` is one array for a model with one input, or a :class:`Feeds` for a model
+with several (:class:`gpp_onnx.arrays.Inputs`): each input's array, one row per sample,
+except the inputs without a batch axis (a scalar, a recurrent net's initial state), fed
+the same array in every batch. Code that runs a batch takes both through the helpers
+below (rows, parts, padding, feeds, tensors), never ``len(x)``, which counts a dict's
+inputs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,21 +21,47 @@ if TYPE_CHECKING:
     from .data import Dataset
 
 
+class Feeds(dict):
+    """A batch of a model with several inputs: {input name: array (numpy or torch)};
+    ``whole``: the inputs fed their whole array (no rows to take)."""
+
+    def __init__(self, values, whole=frozenset()):
+        super().__init__(values)
+        self.whole = frozenset(whole)
+
+    def per_row(self, fn) -> Feeds:
+        """`fn` applied to each input's rows, the whole inputs as they are."""
+        return Feeds({k: v if k in self.whole else fn(v) for k, v in self.items()},
+                     self.whole)
+
+    def each(self, fn) -> Feeds:
+        return Feeds({k: fn(v) for k, v in self.items()}, self.whole)
+
+
+def row_input(inputs, x):
+    """Of a session's `inputs`, the first that batch `x` (or ``Inputs``) gives rows of: its
+    dim 0 is the batch."""
+    whole = getattr(x, "whole", ())
+    return next(i for i in inputs if i.name not in whole)
+
+
 def rows(x) -> int:
     """The samples in batch `x`."""
-    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    if isinstance(x, Feeds):
+        return len(next(v for k, v in x.items() if k not in x.whole))
+    return len(x)
 
 
 def part(x, key):
     """Rows `key` (a slice or indices) of batch `x`."""
-    return {k: v[key] for k, v in x.items()} if isinstance(x, dict) else x[key]
+    return x.per_row(lambda v: v[key]) if isinstance(x, Feeds) else x[key]
 
 
 def padded(x, n: int):
     """Batch `x` with zero rows appended up to `n` rows (a model that fixes its batch)."""
     def pad(a):
         return np.concatenate([a, np.zeros((n - len(a), *a.shape[1:]), a.dtype)])
-    return {k: pad(v) for k, v in x.items()} if isinstance(x, dict) else pad(x)
+    return x.per_row(pad) if isinstance(x, Feeds) else pad(x)
 
 
 def feeds(x, name: str) -> dict:
@@ -49,12 +77,12 @@ def tensors(x, device=None):
     def one(a):
         t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
         return t if device is None else t.to(device)
-    return {k: one(v) for k, v in x.items()} if isinstance(x, dict) else one(x)
+    return x.each(one) if isinstance(x, Feeds) else one(x)
 
 
 def arrays(x):
     """Batch `x` of torch tensors as numpy arrays (the same structure)."""
-    return {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else x.numpy()
+    return x.each(lambda v: v.numpy()) if isinstance(x, Feeds) else x.numpy()
 
 
 def module_inputs(x):

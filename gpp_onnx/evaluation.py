@@ -9,7 +9,7 @@ import onnx
 
 from . import distributed
 from .arrays import load_arrays, load_inputs, read_inputs
-from .batching import feeds, padded, rows
+from .batching import feeds, padded, row_input, rows
 from .data import DataSpec, Dataset, check_labels, iter_batches, load_dataset
 from .errors import DataError
 from .graph import DEFAULT_IMAGE_SIDE, GraphView, is_nhwc
@@ -86,21 +86,23 @@ def _inputs_shape(inputs: list, source: str) -> dict | None:
     them all; None otherwise (loading the data says what is wrong)."""
     from .sources import read_npz_arrays
 
+    def fixed(d) -> bool:
+        return d.HasField("dim_value") and d.dim_value > 0
+
     path = Path(source).expanduser()
-    free = {}
-    for value in inputs:
-        dims = value.type.tensor_type.shape.dim
-        if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in dims[1:]):
-            free[value.name] = len(dims)
+    dims = {v.name: v.type.tensor_type.shape.dim for v in inputs}
+    free = {name: len(d) for name, d in dims.items() if not all(map(fixed, d[1:]))}
     if not free or not (path.is_file() and path.suffix.lower() == ".npz"):
         return None
     try:
-        arrays = read_npz_arrays(path, tuple(v.name for v in inputs), "")[0]
+        arrays = read_npz_arrays(path, tuple(dims), "")[0]
     except DataError:
         return None
     if any(arrays[name].ndim != rank for name, rank in free.items()):
         return None
-    shapes = {name: (1, *map(int, arrays[name].shape[1:])) for name in free}
+    batch = any(d and not fixed(d[0]) for d in dims.values())     # arrays.whole_inputs
+    shapes = {name: tuple(map(int, arrays[name].shape)) if batch and fixed(dims[name][0])
+              else (1, *map(int, arrays[name].shape[1:])) for name in free}
     logger.info("inputs %s take any size on some axes: run at the data's %s (--input-shape "
                 "NAME:... sets another)", ", ".join(shapes),
                 ", ".join(str(s[1:]) for s in shapes.values()))
@@ -125,7 +127,7 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
     spec = view.inputs[0]
     if len(view.inputs) > 1:
         ds = load_inputs(source, view.inputs, labels, limit, seed)
-        return _checked_labels(view, ds, spec)
+        return _checked_labels(view, ds, view.batch_input)
     pixels = np.dtype(spec.dtype) == np.uint8 and len(spec.shape) == 4
     if np.dtype(spec.dtype).kind != "f" and not pixels:
         raise DataError(f"input '{spec.name}' takes {np.dtype(spec.dtype).name} values and "
@@ -223,8 +225,8 @@ def accuracy(model: onnx.ModelProto, ds: Dataset, batch_size: int = 256) -> floa
     if k > 1:
         ds = ds.subset(np.arange(total * i // k, total * (i + 1) // k))
     session = make_session(model, "model under evaluation")
-    name = session.get_inputs()[0].name
-    fixed_batch = session.get_inputs()[0].shape[0]
+    first = row_input(session.get_inputs(), ds.x)
+    name, fixed_batch = first.name, first.shape[0]
     if isinstance(fixed_batch, int) and fixed_batch > 0:
         batch_size = fixed_batch
     else:

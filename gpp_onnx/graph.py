@@ -136,6 +136,15 @@ class GraphView:
         return feeds
 
     @property
+    def batch_input(self) -> InputSpec:
+        """The input whose dim 0 is the batch: the first that leaves it free, else the
+        first with any axis (scalars and a recurrent state's fixed (1, 1, H) have none
+        where another input's batch is free: ``arrays.whole_inputs``)."""
+        ranked = [s for s in self.inputs if s.shape]
+        return next((s for s in ranked if s.free_batch), ranked[0] if ranked else
+                    self.inputs[0])
+
+    @property
     def probe_feeds(self) -> dict:
         """The random inputs of the shape probe (batch 1 unless the input fixes it)."""
         return self._probe_run[0]

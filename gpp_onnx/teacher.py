@@ -36,7 +36,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .batching import feeds, padded, part, rows
+from .batching import feeds, padded, part, row_input, rows
 from .compat import opset_version
 from .errors import DataError
 from .ops.base import attr
@@ -210,7 +210,7 @@ def run_rows(session, x, where: str) -> list[np.ndarray]:
     batch size b runs them in chunks of b (the last one zero-padded), each output's chunks
     cut and joined along its batch axis: its first axis of size b (a time-major (T, b, K)
     output's axis 1), else axis 0."""
-    spec = session.get_inputs()[0]
+    spec = row_input(session.get_inputs(), x)
     fixed, n = spec.shape[0] if spec.shape else None, rows(x)
     if not isinstance(fixed, int) or fixed < 1 or fixed == n:
         return outputs(session, feeds(x, spec.name), where)

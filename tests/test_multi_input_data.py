@@ -240,3 +240,57 @@ def test_an_input_named_y_takes_the_array_y_and_the_run_goes_without_labels(two,
     capsys.readouterr()
     assert main(["evaluate", str(src), "--data", str(tmp_path / "d.npz")]) == 2
     assert "input 'y' takes the array y, so the .npz holds no labels" in capsys.readouterr().err
+
+
+def _with_temperature(path) -> onnx.ModelProto:
+    """The one-input net at `path` taking (temperature, image, bias): its logits / t + bias,
+    t a scalar and bias (1, 10), neither with a batch axis."""
+    model = onnx.load(str(path))
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = ["logits" if s == out else s for s in node.output]
+    model.graph.node.extend([helper.make_node("Div", ["logits", "t"], ["cooled"]),
+                             helper.make_node("Add", ["cooled", "bias"], [out])])
+    image = model.graph.input[0]
+    image.name, old = "image", image.name
+    for node in model.graph.node:
+        node.input[:] = ["image" if s == old else s for s in node.input]
+    model.graph.input.insert(0, helper.make_tensor_value_info("t", TensorProto.FLOAT, []))
+    model.graph.input.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [1, 10]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_inputs_without_a_batch_axis_are_fed_whole(trained, tmp_path, capsys):
+    """A scalar and a (1, 10) input take one array each, fed with every batch: the net then
+    cuts as the one-input net does, and the arrays' values reach it."""
+    src = tmp_path / "t.onnx"
+    onnx.save(_with_temperature(trained), src)
+    x, y = _digits()
+    np.savez(tmp_path / "d.npz", image=x, t=np.float32(1.0), bias=np.zeros((1, 10), np.float32),
+             y=y)
+    # the head is no longer a lone linear layer: the final hidden layer is named
+    hidden = next(n.input[0] for n in reversed(onnx.load(str(trained)).graph.node)
+                  if n.op_type == "Gemm")
+    common = ["--ratio", "0.5", "--no-latency", "--round-to", "1", "--feature-tensor", hidden]
+    a, b = tmp_path / "one.onnx", tmp_path / "b.onnx"
+    assert main(["prune", str(trained), "--data", "digits", "-o", str(a), *common]) == 0
+    assert main(["prune", str(src), "--data", str(tmp_path / "d.npz"), "-o", str(b),
+                 *common]) == 0
+    assert _report(b)["plan"]["removed"] == _report(a)["plan"]["removed"]
+    # a bias that favours class 3 reaches the model: the accuracy onnxruntime gives it
+    bias = np.zeros((1, 10), np.float32)
+    bias[0, 3] = 2.0
+    np.savez(tmp_path / "b3.npz", image=x, t=np.float32(2.0), bias=bias, y=y)
+    capsys.readouterr()
+    assert main(["evaluate", str(src), "--data", str(tmp_path / "b3.npz")]) == 0
+    want = _accuracy(src, {"image": x, "t": np.array(2.0, np.float32), "bias": bias}, y)
+    assert want < _accuracy(src, {"image": x, "t": np.array(1.0, np.float32),
+                                  "bias": np.zeros((1, 10), np.float32)}, y)
+    assert f"top-1 accuracy {want:.4f}" in capsys.readouterr().out
+    # stored per sample, the scalar is refused with the shape it takes
+    np.savez(tmp_path / "rows.npz", image=x, t=np.ones(len(x), np.float32),
+             bias=np.zeros((1, 10), np.float32), y=y)
+    assert main(["evaluate", str(src), "--data", str(tmp_path / "rows.npz")]) == 2
+    assert ("t has shape (1797,) but input 't' has no batch axis and takes () whole"
+            in capsys.readouterr().err)

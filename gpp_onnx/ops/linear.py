@@ -58,7 +58,7 @@ class GemmRule(OpRule):
 
     def refittable(self, node, view):
         """One row per image (not a sequence head's (T*b, F) rows), constant B, transA 0."""
-        per_image = view.shape(node.input[0])[0] == view.inputs[0].shape[0]
+        per_image = view.shape(node.input[0])[0] == view.batch_input.shape[0]
         return (per_image and view.is_const(node.input[1]) and not attr(node, "transA", 0)
                 and _has_bias_term(node)    # the refit writes its bias as C = bias / beta
                 and float(attr(node, "alpha", 1.0)) != 0.0)   # and its weight as W / alpha
