@@ -256,10 +256,26 @@ def pad(node: Node, x, pads=None, value=None, axes=None):
     mode = _PAD_MODES[node.attr("mode", "constant")]
     if mode == "constant":
         return F.pad(x, torch_pad(pairs), value=value)
-    if any(p != (0, 0) for p in pairs[:2]) or not 3 <= x.dim() <= 5:
-        raise node.fail(f"mode '{node.attr('mode')}' is supported on the spatial dims of a 3-5-D "
-                        "tensor only; pad batch/channel dims in constant mode")
-    return F.pad(x, torch_pad(pairs[2:]), mode=mode)
+    if all(p == (0, 0) for p in pairs[:2]) and 3 <= x.dim() <= 5 and min(map(min, pairs)) >= 0:
+        return F.pad(x, torch_pad(pairs[2:]), mode=mode)
+    for axis, (b, e) in enumerate(pairs):   # any axis (an audio frontend's (N, T)), crops
+        if (b, e) != (0, 0):
+            x = x.index_select(axis, _pad_index(node, mode, b, e, x.shape[axis], x.device))
+    return x
+
+
+def _pad_index(node: Node, mode: str, b: int, e: int, size: int, device) -> torch.Tensor:
+    """The input index of each output position along one axis padded by (b, e) (negative:
+    cropped) in `mode`."""
+    j = torch.arange(-b, size + e, device=device)
+    if mode == "replicate":
+        return j.clamp(0, size - 1)
+    if mode == "circular":
+        return j.remainder(size)
+    if max(b, e) > size - 1:
+        raise node.fail(f"mode 'reflect' pads by {max(b, e)} an axis of size {size}; "
+                        "a reflection pads by less than the axis' size")
+    return (size - 1) - (j.abs() - (size - 1)).abs()   # reflected at both ends
 
 
 _COORD_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
