@@ -180,6 +180,9 @@ def read_inputs(source: str, specs) -> tuple:
     arrays, y, classes = read_npz_arrays(path, tuple(names), f"store one array per input, "
                                          f"named as the inputs: {usage}")
     dtypes, rows, whole = {}, {}, whole_inputs(specs)
+    if len(whole) == len(specs):
+        raise DataError(f"none of the model's inputs ({', '.join(names)}) has a batch axis, "
+                        "so no data set can be fed in batches - prune it without --data")
     for spec in specs:
         a, want = arrays[spec.name], tuple(spec.shape[1:])
         if spec.name in whole:

@@ -294,3 +294,18 @@ def test_inputs_without_a_batch_axis_are_fed_whole(trained, tmp_path, capsys):
     assert main(["evaluate", str(src), "--data", str(tmp_path / "rows.npz")]) == 2
     assert ("t has shape (1797,) but input 't' has no batch axis and takes () whole"
             in capsys.readouterr().err)
+
+
+def test_a_model_whose_inputs_have_no_batch_axis_takes_no_data(tmp_path, capsys):
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["s"])], "scalars",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in ("a", "b")],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])])
+    src = tmp_path / "s.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), src)
+    np.savez(tmp_path / "d.npz", a=np.float32(1), b=np.float32(2))
+    assert main(["compare", str(src), str(src), "--data", str(tmp_path / "d.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gpp-onnx: error: none of the model's inputs (a, b) has a "
+                              "batch axis")
