@@ -75,6 +75,7 @@ def load_arrays(source: str, dims: tuple[int, ...], input_name: str, labels: boo
                         + ", ".join(map(str, dims)) + ")")
     if x.dtype.kind not in "iubf":
         raise DataError(f"{path}: x has dtype {x.dtype}; store numbers (float or int)")
+    check_finite(x, f"{path}: x")
     y = None if labels is False else y        # labels not used are not checked either
     raw = Raw(None if y is None else as_labels(y, str(path)), ArrayPixels(x, 1.0, str(path)),
               str(path), None if names is None else tuple(map(str, names)))
@@ -131,6 +132,8 @@ def load_inputs(source: str, specs, labels: bool | None, limit: int | None = Non
     """An ``.npz`` source's rows for each of a model's inputs (`specs`: the model's
     ``graph.InputSpec`` list, shapes concrete)."""
     path, arrays, dtypes, whole, y, classes = read_inputs(source, specs)
+    for name, a in arrays.items():
+        check_finite(a, f"{path}: {name}")
     names = [s.name for s in specs]
     first = next(n for n in names if n not in whole)
     if "y" in names:
@@ -153,6 +156,24 @@ def load_inputs(source: str, specs, labels: bool | None, limit: int | None = Non
              len(names), ", ".join(f"{k} {tuple(a.shape)} whole" if k in whole
                                    else f"{k} {tuple(a.shape[1:])}" for k, a in arrays.items()))
     return ds
+
+
+SCAN_ROWS_BYTES = 64 << 20   # how much of an array one step of the NaN scan reads
+
+
+def check_finite(a: np.ndarray, where: str) -> None:
+    """DataError where float array `a` holds NaN or infinite values (scanned a few rows at a
+    time, so a memory map is never read whole): they reach scoring, the repair's least
+    squares and the fidelity figures, which then fail or print nan."""
+    if a.dtype.kind != "f" or a.size == 0:
+        return
+    flat = a.reshape(1, -1) if a.ndim == 0 else a.reshape(len(a), -1)
+    step = max(1, SCAN_ROWS_BYTES // max(flat.shape[1] * a.dtype.itemsize, 1))
+    for start in range(0, len(flat), step):
+        bad = ~np.isfinite(np.asarray(flat[start:start + step])).all(axis=1)
+        if bad.any():
+            raise DataError(f"{where} holds NaN or infinite values (sample "
+                            f"{start + int(np.argmax(bad))}); clean or drop those samples")
 
 
 def whole_inputs(specs) -> frozenset:
