@@ -178,10 +178,14 @@ def check_finite(a: np.ndarray, where: str) -> None:
 
 def whole_inputs(specs) -> frozenset:
     """The inputs of `specs` fed whole (module docstring): the scalars, and those whose
-    first size is fixed where another input's is free (the batch)."""
-    batch = any(s.free_batch and len(s.shape) for s in specs)
-    return frozenset(s.name for s in specs
-                     if not s.shape or (batch and not s.free_batch))
+    first size is fixed where another input's is free (the batch), or, where every input
+    fixes it, differs from the batch's (the largest: a (1, K) state beside images an
+    export fixed at batch 4)."""
+    ranked = [s for s in specs if len(s.shape)]
+    if any(s.free_batch for s in ranked):
+        return frozenset(s.name for s in specs if not s.shape or not s.free_batch)
+    batch = max((s.shape[0] for s in ranked), default=None)
+    return frozenset(s.name for s in specs if not s.shape or s.shape[0] != batch)
 
 
 def read_inputs(source: str, specs) -> tuple:

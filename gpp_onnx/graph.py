@@ -138,11 +138,11 @@ class GraphView:
     @property
     def batch_input(self) -> InputSpec:
         """The input whose dim 0 is the batch: the first that leaves it free, else the
-        first with any axis (scalars and a recurrent state's fixed (1, 1, H) have none
-        where another input's batch is free: ``arrays.whole_inputs``)."""
+        first with the largest dim 0 (scalars and a recurrent state's fixed (1, 1, H) have
+        none where another input's batch is free or larger: ``arrays.whole_inputs``)."""
         ranked = [s for s in self.inputs if s.shape]
-        return next((s for s in ranked if s.free_batch), ranked[0] if ranked else
-                    self.inputs[0])
+        return next((s for s in ranked if s.free_batch),
+                    max(ranked, key=lambda s: s.shape[0]) if ranked else self.inputs[0])
 
     @property
     def probe_feeds(self) -> dict:

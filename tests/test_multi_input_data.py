@@ -314,6 +314,27 @@ def test_inputs_without_a_batch_axis_are_fed_whole(trained, tmp_path, capsys):
             in capsys.readouterr().err)
 
 
+def test_an_input_beside_images_an_export_fixed_at_batch_4_is_fed_whole(trained, tmp_path,
+                                                                           capsys):
+    """Every input fixes dim 0 (an export at batch 4): the (1, 10) bias has no batch axis
+    and takes one array, as beside a free batch (it was counted as 1 sample of 1797)."""
+    model = _with_temperature(trained)
+    for value in (model.graph.input[1], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 4
+    src = tmp_path / "b4.onnx"
+    onnx.save(model, src)
+    x, y = _digits()
+    bias = np.zeros((1, 10), np.float32)
+    bias[0, 3] = 2.0
+    np.savez(tmp_path / "d.npz", t=np.float32(2.0), image=x, bias=bias, y=y)
+    assert main(["evaluate", str(src), "--data", str(tmp_path / "d.npz")]) == 0
+    padded = np.concatenate([x, np.zeros((3, *x.shape[1:]), np.float32)])
+    logits = np.concatenate([run_model(src, {"t": np.array(2.0, np.float32), "bias": bias,
+                                             "image": padded[i:i + 4]})[0]
+                             for i in range(0, len(x), 4)])[:len(x)]
+    assert f"top-1 accuracy {(logits.argmax(1) == y).mean():.4f}" in capsys.readouterr().out
+
+
 def test_a_model_whose_inputs_have_no_batch_axis_takes_no_data(tmp_path, capsys):
     graph = helper.make_graph(
         [helper.make_node("Add", ["a", "b"], ["s"])], "scalars",
