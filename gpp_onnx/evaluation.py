@@ -53,7 +53,7 @@ def data_input_shape(model, input_shape, source: str | None):
                     "%d on each free side (--input-shape sets another size)", inputs[0].name,
                     h, w, DEFAULT_IMAGE_SIDE)
         return None
-    shape = [1, *fixed[1:]]
+    shape = [fixed[0] or 1, *fixed[1:]]      # a batch the model fixes stays
     for axis, size in zip((channel, *sides), (c, h, w)):
         shape[axis] = size if shape[axis] is None else shape[axis]
     logger.info("input '%s' takes images of any size: run at the data's %dx%d "
@@ -74,7 +74,8 @@ def _array_input_shape(name: str, fixed: list, source: str) -> tuple | None:
     x = read_npz(path)[0]
     if x.ndim != len(fixed):
         return None
-    shape = [1] + [d if d is not None else int(n) for d, n in zip(fixed[1:], x.shape[1:])]
+    shape = [fixed[0] or 1] + [d if d is not None else int(n)
+                               for d, n in zip(fixed[1:], x.shape[1:])]
     logger.info("input '%s' takes any size on some axes: run at the data's %s "
                 "(--input-shape sets another)", name, tuple(shape[1:]))
     return tuple(shape)
@@ -100,9 +101,10 @@ def _inputs_shape(inputs: list, source: str) -> dict | None:
         return None
     if any(arrays[name].ndim != rank for name, rank in free.items()):
         return None
-    batch = any(d and not fixed(d[0]) for d in dims.values())     # arrays.whole_inputs
-    shapes = {name: tuple(map(int, arrays[name].shape)) if batch and fixed(dims[name][0])
-              else (1, *map(int, arrays[name].shape[1:])) for name in free}
+    # dim 0 as the model fixes it (a batch, or the size of an input fed whole:
+    # ``arrays.whole_inputs``), else 1
+    shapes = {name: (dims[name][0].dim_value if fixed(dims[name][0]) else 1,
+                     *map(int, arrays[name].shape[1:])) for name in free}
     logger.info("inputs %s take any size on some axes: run at the data's %s (--input-shape "
                 "NAME:... sets another)", ", ".join(shapes),
                 ", ".join(str(s[1:]) for s in shapes.values()))

@@ -165,6 +165,27 @@ def test_free_sizes_are_taken_from_the_arrays(tmp_path, capsys):
     assert f"top-1 accuracy {_accuracy(model, feeds, y):.4f}" in capsys.readouterr().out
 
 
+def test_free_sizes_beside_a_fixed_batch_are_taken_from_the_arrays(tmp_path, capsys):
+    """A model that fixes its batch (4) and leaves its sides free: the arrays' sizes at that
+    batch (the probe ran at batch 1, which the model refused)."""
+    from test_load_forms import _two_inputs
+
+    model = _two_inputs()
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 4
+    src = tmp_path / "two.onnx"
+    onnx.save(model, src)
+    rng = np.random.default_rng(0)
+    feeds = {"input": rng.normal(size=(32, 3, 8, 8)).astype(np.float32),
+             "aux": rng.normal(size=(32, 3, 4, 4)).astype(np.float32)}
+    y = rng.integers(0, 4, 32)
+    np.savez(tmp_path / "d.npz", **feeds, y=y)
+    assert main(["evaluate", str(src), "--data", str(tmp_path / "d.npz")]) == 0
+    logits = np.concatenate([run_model(model, {k: v[i:i + 4] for k, v in feeds.items()})[0]
+                             for i in range(0, 32, 4)])
+    assert f"top-1 accuracy {(logits.argmax(1) == y).mean():.4f}" in capsys.readouterr().out
+
+
 def _bad_sources(d):
     x, y = _digits()
     ones = np.ones((len(x), 1, 1, 1), np.float32)
