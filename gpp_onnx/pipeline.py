@@ -304,8 +304,9 @@ def _sizes_b_fixes(a: onnx.ModelProto, b: onnx.ModelProto) -> dict | None:
                          for d in v.type.tensor_type.shape.dim]
                 for v in model.graph.input if v.name not in inits}
     dims_a, dims_b = fixed(a), fixed(b)
+    # the batch too: b exported at batch 4 refused the probe's batch of 1
     if not any(p is None and q is not None for name, sizes in dims_a.items()
-               for p, q in zip(sizes[1:], dims_b.get(name, [])[1:])):
+               for p, q in zip(sizes, dims_b.get(name, []))):
         return None
     return {spec.name: spec.shape for spec in GraphView(b).inputs if spec.shape}
 

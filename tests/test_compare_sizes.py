@@ -39,6 +39,23 @@ def test_free_and_fixed_copies_compare_at_the_fixed_size(tmp_path, capsys, free_
     assert macs[1:] == ["221.26k", "221.26k", "1.000"]    # 8 * 27 * 32 * 32 + 80
 
 
+@pytest.mark.parametrize("free_first", [True, False])
+def test_free_and_fixed_batch_copies_compare(tmp_path, capsys, free_first):
+    """A copy exported at batch 4 beside one with a free batch: the free one was probed at
+    batch 1, which the fixed one refused with an internal error."""
+    fixed_model = _net([32, 32])
+    for value in (*fixed_model.graph.input, *fixed_model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 4
+    free, fixed = tmp_path / "free.onnx", tmp_path / "fixed.onnx"
+    onnx.save(_net([32, 32]), free)
+    onnx.save(fixed_model, fixed)
+    a, b = (free, fixed) if free_first else (fixed, free)
+    assert main(["-q", "compare", str(a), str(b), "--repeats", "3"]) == 0
+    macs = next(line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("MACs")).split()
+    assert macs[1:] == ["221.26k", "221.26k", "1.000"]    # per sample, as above
+
+
 def test_onnxruntime_optimised_copy_counts_its_fused_ops(tmp_path, capsys):
     """A copy saved by onnxruntime at ORT_ENABLE_EXTENDED (Conv + Relu as com.microsoft
     FusedConv, Gemm + Relu as FusedGemm) computes the same MACs; they were not counted
