@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .batching import Feeds
+from .batching import Feeds, rows
 from .data import Dataset, select
 from .errors import DataError
 from .sources import ArrayPixels, Raw, as_labels, check_source, read_npz, read_npz_arrays
@@ -128,10 +128,11 @@ class Inputs:
 
 
 def load_inputs(source: str, specs, labels: bool | None, limit: int | None = None,
-                seed: int = 0) -> Dataset:
+                seed: int = 0, whole: frozenset | None = None) -> Dataset:
     """An ``.npz`` source's rows for each of a model's inputs (`specs`: the model's
-    ``graph.InputSpec`` list, shapes concrete)."""
-    path, arrays, dtypes, whole, y, classes = read_inputs(source, specs)
+    ``graph.InputSpec`` list, shapes concrete, or those the data holds; `whole`: the
+    model's inputs fed whole, ``whole_inputs`` of `specs` by default)."""
+    path, arrays, dtypes, whole, y, classes = read_inputs(source, specs, whole)
     for name, a in arrays.items():
         check_finite(a, f"{path}: {name}")
     names = [s.name for s in specs]
@@ -188,7 +189,7 @@ def whole_inputs(specs) -> frozenset:
     return frozenset(s.name for s in specs if not s.shape or s.shape[0] != batch)
 
 
-def read_inputs(source: str, specs) -> tuple:
+def read_inputs(source: str, specs, whole: frozenset | None = None) -> tuple:
     """(path, {input: array as stored}, {input: the type it is fed}, the inputs fed whole,
     y or None, class names or None) of an ``.npz`` for the inputs `specs`; DataError where
     an input's array is missing or does not fit it (reads array headers, no rows, where
@@ -199,12 +200,14 @@ def read_inputs(source: str, specs) -> tuple:
     check_source(source)
     path = Path(source).expanduser()
     if not (path.is_file() and path.suffix.lower() == ".npz"):
-        raise DataError(f"the model has {len(specs)} inputs ({', '.join(names)}) and --data "
-                        f"{source} is not an .npz - give an .npz with one array per input, "
-                        f"named as the inputs: {usage}")
+        raise DataError(f"--data {source} is not an .npz but must hold the model's inputs "
+                        f"{', '.join(names)} - give an .npz with one array per input, "
+                        f"named as the inputs: {usage}, or images for one input and "
+                        "--feed NAME=VALUES for the others")
     arrays, y, classes = read_npz_arrays(path, tuple(names), f"store one array per input, "
                                          f"named as the inputs: {usage}")
-    dtypes, rows, whole = {}, {}, whole_inputs(specs)
+    dtypes, rows = {}, {}
+    whole = whole_inputs(specs) if whole is None else whole & set(names)
     if len(whole) == len(specs):
         raise DataError(f"none of the model's inputs ({', '.join(names)}) has a batch axis, "
                         "so no data set can be fed in batches - prune it without --data")
@@ -232,3 +235,74 @@ def read_inputs(source: str, specs) -> tuple:
                         + ", ".join(f"{k} {n}" for k, n in rows.items())
                         + "); give each input one row per sample")
     return path, arrays, dtypes, whole, y, classes
+
+
+@dataclass(frozen=True, eq=False)
+class Fed:
+    """A data set's rows for some inputs of a model with several (``x``: images or arrays
+    for the input `name`, or ``Inputs``) and the same values for the others (--feed:
+    ``constants``, per-sample rows (1, ...) repeated for each sample, or the whole inputs'
+    arrays): indexed, a ``Feeds`` of every input."""
+    x: object
+    name: str
+    constants: dict[str, np.ndarray]
+    whole: frozenset
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def index(self) -> np.ndarray:
+        return self.x.index
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(samples, numbers per sample over all inputs): the size memory budgets read."""
+        fed = sum(v.size for k, v in self.constants.items() if k not in self.whole)
+        return len(self), int(np.prod(self.x.shape[1:])) + fed
+
+    @property
+    def spec(self) -> tuple:
+        return (getattr(self.x, "spec", self.x.shape[1:]),
+                tuple((k, v.shape, v.tobytes()) for k, v in self.constants.items()))
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> Fed:
+        return replace(self, x=self.x.take(idx))
+
+    def __getitem__(self, key) -> Feeds:
+        got = self.x[key]
+        feeds = Feeds(got, got.whole) if isinstance(got, Feeds) else Feeds({self.name: got})
+        n = rows(feeds)
+        for k, v in self.constants.items():
+            feeds[k] = v.copy() if k in self.whole else np.repeat(v, n, axis=0)
+        return Feeds(feeds, feeds.whole | (self.whole & set(self.constants)))
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Fed inputs are read on demand: index them (x[a:b], x[idx])")
+
+
+def constants_for(specs, feeds, whole: frozenset) -> dict[str, np.ndarray]:
+    """--feed values as arrays for the inputs they name (`specs`: the model's): an input fed
+    whole takes its whole shape, another one sample's, as (1, ...); one value fills it."""
+    by_name = {s.name: s for s in specs}
+    out = {}
+    for name, values in dict(feeds).items():
+        spec = by_name.get(name)
+        if spec is None:
+            raise DataError(f"--feed names '{name}', which is not an input of the model - its "
+                            f"inputs are {', '.join(by_name)}")
+        shape = tuple(spec.shape) if name in whole else (1, *spec.shape[1:])
+        size = int(np.prod(shape))
+        values = np.asarray(values, np.float64)
+        if values.size not in (1, size):
+            raise DataError(f"--feed {name} has {values.size} values but input '{name}' takes "
+                            f"{shape[1:] if name not in whole else shape}"
+                            f"{' per sample' if name not in whole else ''}: give {size} "
+                            "(or one for all)")
+        kind = np.dtype(spec.dtype).kind
+        if kind in "iub" and not np.all(values == np.round(values)):
+            raise DataError(f"--feed {name}: input '{name}' takes {np.dtype(spec.dtype).name} "
+                            "values; give whole numbers")
+        dtype = np.float32 if kind == "f" else spec.dtype
+        out[name] = np.broadcast_to(values, shape).astype(dtype)
+    return out

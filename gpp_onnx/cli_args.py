@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .cli_types import (COUNT, FINITE, FRACTION, NONNEG, POSITIVE, SHARE, SOME, count,
-                        floats, name_ratio, shape, widths)
+                        floats, name_ratio, name_values, shape, widths)
 from .config import DISTILL, DataOptions, LatencyOptions, TrainOptions, user_cache
 from .grow.loop import MIN_GAIN
 from .importance import criterion_names
@@ -313,7 +313,10 @@ def _data_args(p: argparse.ArgumentParser, held_out: bool = True,
                    "images, no labels), an .npz with x (and y), IDX files, a CIFAR-10/100 "
                    "folder (FOLDER:test for its test split), 'fashion-mnist[:test]' or "
                    "'digits'; a model with several inputs: an .npz with an array named as "
-                   "each input (and y)")
+                   "each input (and y), or images for one input and --feed for the others")
+    p.add_argument("--feed", type=name_values, action="append", metavar="NAME=VALUES",
+                   help="an input of a model with several that the data does not hold, the "
+                   "same values for every sample, e.g. scale_factor=1,1 (repeat per input)")
     if held_out:
         p.add_argument("--val-split", type=FRACTION, default=DataOptions.val_split,
                        help="fraction of the images held out for accuracy, fidelity and the "
@@ -338,4 +341,5 @@ def _data_options(args) -> DataOptions | None:
     return DataOptions(args.data, args.mean, args.std, not args.no_resize, args.limit,
                        getattr(args, "val_split", DataOptions.val_split),
                        getattr(args, "per_class", DataOptions.per_class), args.batch_size,
-                       args.workers, False if getattr(args, "no_labels", False) else None)
+                       args.workers, False if getattr(args, "no_labels", False) else None,
+                       tuple(args.feed or ()))

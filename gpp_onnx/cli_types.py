@@ -94,6 +94,21 @@ def name_ratio(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"'{text}' is not NAME=RATIO, e.g. conv1=0.25") from None
 
 
+def name_values(text: str) -> tuple[str, tuple[float, ...]]:
+    """'NAME=V1,V2,...' (the name may hold '=' but not end in it)."""
+    name, sep, values = text.rpartition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        numbers = tuple(float(v) for v in values.split(","))
+        if not all(map(math.isfinite, numbers)):
+            raise ValueError
+        return name, numbers
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not NAME=VALUES, e.g. "
+                                         "scale_factor=1,1 (finite numbers)") from None
+
+
 def floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))

@@ -22,6 +22,9 @@ class DataOptions:
     workers: int | None = None           # batch-preparing processes (None: by source)
     labels: bool | None = None           # False: ignore labels (--no-labels); None: use
     #                                      them where the source has them (prune resolves it)
+    # (input name, values) for the inputs of a model with several that the data does not
+    # hold (--feed): the same values for every sample
+    feeds: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

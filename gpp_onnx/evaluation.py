@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from . import distributed
-from .arrays import load_arrays, load_inputs, read_inputs
+from .arrays import Fed, constants_for, load_arrays, load_inputs, read_inputs, whole_inputs
 from .batching import feeds, padded, row_input, rows
 from .data import DataSpec, Dataset, check_labels, iter_batches, load_dataset
 from .errors import DataError
@@ -18,14 +19,16 @@ from .verify import make_session, outputs
 logger = logging.getLogger(__name__)
 
 
-def data_input_shape(model, input_shape, source: str | None):
+def data_input_shape(model, input_shape, source: str | None, feeds=()):
     """`input_shape`, or, where it is None and the model's one 4-D image input leaves its
     height and width free, that input at the size of `source`'s images (as stored; an image
     folder: its first image's) when they are no larger than 224 on either side. Without
     data a free side is probed at 224 (``graph.DEFAULT_IMAGE_SIDE``); blowing small images
     (28x28) up to it would run the model on another size than its data, at many times the
     cost, while larger images stay resized down to it, which bounds time and memory
-    (--input-shape sets any size). `model`: a ModelProto or a path."""
+    (--input-shape sets any size). A model with several inputs: the sizes of the arrays
+    named as its inputs, or, where `feeds` (--feed) leave one input for images, that
+    input's as above. `model`: a ModelProto or a path."""
     if input_shape is not None or source is None:
         return input_shape
     if not isinstance(model, onnx.ModelProto):
@@ -35,12 +38,21 @@ def data_input_shape(model, input_shape, source: str | None):
             return None
     inits = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in inits]
-    if len(inputs) != 1:
-        return _inputs_shape(inputs, source)
+    fed = dict(feeds)
+    data = [v for v in inputs if v.name not in fed]
+    if len(inputs) > 1 and (len(data) != 1 or _is_npz(source)):
+        return _inputs_shape(data, source)
+    shape = _one_input_shape(data[0], source) if data else None
+    return shape if len(inputs) == 1 or shape is None else {data[0].name: shape}
+
+
+def _one_input_shape(value, source: str) -> tuple | None:
+    """The shape of input `value` (a ValueInfoProto) at `source`'s sizes where it leaves
+    some free (``data_input_shape``), else None."""
     fixed = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-             for d in inputs[0].type.tensor_type.shape.dim]
+             for d in value.type.tensor_type.shape.dim]
     if len(fixed) != 4:
-        return _array_input_shape(inputs[0].name, fixed, source)
+        return _array_input_shape(value.name, fixed, source)
     nhwc = is_nhwc(fixed)
     sides, channel = ((1, 2), 3) if nhwc else ((2, 3), 1)
     if all(fixed[a] is not None for a in sides):
@@ -50,14 +62,14 @@ def data_input_shape(model, input_shape, source: str | None):
     c, h, w = native_shape(source)
     if max(h, w) > DEFAULT_IMAGE_SIDE:
         logger.info("input '%s' takes images of any size: the data's (%dx%d) are resized to "
-                    "%d on each free side (--input-shape sets another size)", inputs[0].name,
+                    "%d on each free side (--input-shape sets another size)", value.name,
                     h, w, DEFAULT_IMAGE_SIDE)
         return None
     shape = [fixed[0] or 1, *fixed[1:]]      # a batch the model fixes stays
     for axis, size in zip((channel, *sides), (c, h, w)):
         shape[axis] = size if shape[axis] is None else shape[axis]
     logger.info("input '%s' takes images of any size: run at the data's %dx%d "
-                "(--input-shape sets another)", inputs[0].name, shape[sides[0]],
+                "(--input-shape sets another)", value.name, shape[sides[0]],
                 shape[sides[1]])
     return tuple(shape)
 
@@ -111,25 +123,56 @@ def _inputs_shape(inputs: list, source: str) -> dict | None:
     return shapes
 
 
-def check_inputs_source(view: GraphView, source: str) -> None:
+def check_inputs_source(view: GraphView, source: str, feeds=()) -> None:
     """A model with several inputs takes --data as an .npz holding an array under each
-    input's name (``arrays.load_inputs``): DataError, before any work, where it is not."""
+    input's name (``arrays.load_inputs``), or as images for the one input `feeds` (--feed)
+    leaves: DataError, before any work, where it does not."""
     if len(view.inputs) > 1:
-        read_inputs(source, view.inputs)
+        rest = _data_inputs(view, feeds)[0]
+        if len(rest) > 1 or _is_npz(source):
+            read_inputs(source, rest, whole_inputs(view.inputs))
+
+
+def _is_npz(source: str) -> bool:
+    path = Path(source).expanduser()
+    return path.is_file() and path.suffix.lower() == ".npz"
+
+
+def _data_inputs(view: GraphView, feeds) -> tuple[list, dict]:
+    """(the inputs the data feeds, --feed values as arrays for the others); DataError for
+    --feed on a one-input model or on every input."""
+    if not feeds:
+        return view.inputs, {}
+    names = ", ".join(s.name for s in view.inputs)
+    if len(view.inputs) < 2:
+        raise DataError(f"--feed gives the inputs of a model with several, and this one has "
+                        f"one ({names}) - leave --feed out")
+    constants = constants_for(view.inputs, feeds, whole_inputs(view.inputs))
+    rest = [s for s in view.inputs if s.name not in constants]
+    if not rest:
+        raise DataError(f"--feed gives every input ({names}), so the data feeds none - leave "
+                        "out the --feed of the input the data holds")
+    return rest, constants
 
 
 def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool = True,
                 limit: int | None = None, seed: int = 0, workers: int | None = None,
-                labels: bool | None = None) -> Dataset:
+                labels: bool | None = None, feeds=()) -> Dataset:
     """Load `source` shaped for the model's input and check labels fit its output
     (`labels`: True requires them, False ignores them, None uses them where present).
     A 4-D input takes images, NCHW or NHWC (last axis 1 or 3 and axis 1 not); any other
     rank takes an .npz's rows as they are (:mod:`gpp_onnx.arrays`), and so do the inputs
-    of a model with several (an array per input, named as the input)."""
-    spec = view.inputs[0]
-    if len(view.inputs) > 1:
-        ds = load_inputs(source, view.inputs, labels, limit, seed)
+    of a model with several (an array per input, named as the input), except those given
+    the same values for every sample by `feeds` ((name, values) pairs, --feed); where
+    they leave one input and the source is no .npz, it is read as for a one-input model."""
+    rest, constants = _data_inputs(view, feeds)
+    if len(view.inputs) > 1 and (len(rest) > 1 or _is_npz(source)):
+        whole = whole_inputs(view.inputs)
+        ds = load_inputs(source, rest, labels, limit, seed, whole)
+        if constants:
+            ds = replace(ds, x=Fed(ds.x, "", constants, whole))
         return _checked_labels(view, ds, view.batch_input)
+    spec = rest[0]
     pixels = np.dtype(spec.dtype) == np.uint8 and len(spec.shape) == 4
     if np.dtype(spec.dtype).kind != "f" and not pixels:
         raise DataError(f"input '{spec.name}' takes {np.dtype(spec.dtype).name} values and "
@@ -144,7 +187,9 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
         ds = load_dataset(DataSpec(source, c, h, w, mean=mean, std=std, resize=resize,
                                    limit=limit, seed=seed, workers=workers, labels=labels,
                                    layout="NHWC" if nhwc else "NCHW", pixels=pixels))
-    return _checked_labels(view, ds, spec)
+    if len(view.inputs) > 1:
+        ds = replace(ds, x=Fed(ds.x, spec.name, constants, whole_inputs(view.inputs)))
+    return _checked_labels(view, ds, view.batch_input)
 
 
 def _checked_labels(view: GraphView, ds: Dataset, spec) -> Dataset:

@@ -104,8 +104,8 @@ def prune(model, output=None, config: PruneConfig | None = None, plan_path=None,
     if plan_path is not None and dst is not None:
         preflight.check_not_over(dst, Path(plan_path), "plan")
     if config.data is not None:
-        config = replace(config, input_shape=data_input_shape(model, config.input_shape,
-                                                              config.data.source))
+        config = replace(config, input_shape=data_input_shape(
+            model, config.input_shape, config.data.source, config.data.feeds))
     if config.latency or config.target_latency is not None:
         latency.providers_for(config.timing)  # a provider that is not there: say so first
     if plan_out is not None:
@@ -267,7 +267,8 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
                       for p, n in ((path_a, "a"), (path_b, "b")))
     if input_shape is None:
         input_shape = _sizes_b_fixes(a, b)
-    input_shape = data_input_shape(a, input_shape, data.source if data is not None else None)
+    input_shape = data_input_shape(a, input_shape, data.source if data is not None else None,
+                                   data.feeds if data is not None else ())
     view_a = GraphView(a, input_shape)
     # both counted at the sizes both run at: b's free sizes were counted at 224 where a
     # fixes 64 (MACs ratio 10.085 for two copies of one model)
@@ -278,7 +279,7 @@ def compare(path_a, path_b, input_shape=None, repeats: int = 30,
     ds = None
     if data is not None:
         ds = dataset_for(view_a, data.source, data.mean, data.std, data.resize, data.limit,
-                         workers=data.workers, labels=False)
+                         workers=data.workers, labels=False, feeds=data.feeds)
     la, lb = latency.medians(sessions, view_a.probe_feeds, min_runs=repeats, max_runs=repeats)
     paired = latency.paired_ratio(sessions, view_a.probe_feeds, budget_s=latency.TARGET_BUDGET_S)
     # counted and analysed on the normalised graphs (a weight behind a Cast is a constant
@@ -338,7 +339,7 @@ def evaluate(path, data: DataOptions, input_shape=None) -> tuple[float, int]:
     """Top-1 accuracy of the model at `path` on all of `data` (onnxruntime)."""
     preflight.check_data(data.source)
     model = model_io.open_model(path).model
-    view = GraphView(model, data_input_shape(model, input_shape, data.source))
+    view = GraphView(model, data_input_shape(model, input_shape, data.source, data.feeds))
     ds = dataset_for(view, data.source, data.mean, data.std, data.resize,
-                     data.limit, workers=data.workers, labels=True)
+                     data.limit, workers=data.workers, labels=True, feeds=data.feeds)
     return accuracy(model, ds, data.batch_size), len(ds)

@@ -58,7 +58,7 @@ def push(model, output=None, data: DataOptions | None = None,
     src = None if isinstance(model, onnx.ModelProto) else model_io.model_path(model)
     dst = None if output is None else Path(output)
     check_paths(model, src, dst, data)
-    input_shape = data_input_shape(model, input_shape, data.source)
+    input_shape = data_input_shape(model, input_shape, data.source, data.feeds)
     loaded, normalized, analysis = load(model if src is None else src, input_shape)
     config = PruneConfig(data=replace(data, labels=True), seed=seed, train=train).checked()
     check_precision(normalized, config)
@@ -175,7 +175,7 @@ def _gpp_checks(model, output, config: PruneConfig, options: GppOptions):
         options = replace(options, work_dir=dst.with_name(dst.name + ".gpp-work"))
     check_paths(model, src, dst, config.data)
     config = replace(config, input_shape=data_input_shape(model, config.input_shape,
-                                                          config.data.source))
+                                                          config.data.source, config.data.feeds))
     workdir.check_work(options, tuple(files.stored_files(src) if src else ()),
                        () if dst is None else (dst, dst.with_suffix(".report.json")))
     if options.work_dir is not None:

@@ -42,7 +42,7 @@ def load_data(view: GraphView, config: PruneConfig, analysis: Analysis | None = 
         return None
     opts = config.data
     ds = dataset_for(view, opts.source, opts.mean, opts.std, opts.resize, opts.limit, config.seed,
-                     opts.workers, opts.labels)
+                     opts.workers, opts.labels, opts.feeds)
     if opts.val_split > 0:
         train, val = _split(ds, opts.val_split, config.seed, opts.limit)
         if _short(train, per_class):

@@ -167,7 +167,7 @@ def check_feature(analysis: Analysis, config: PruneConfig) -> None:
     from .evaluation import check_inputs_source
     from .importance import get_criterion
 
-    check_inputs_source(analysis.view, config.data.source)   # before the head is looked at
+    check_inputs_source(analysis.view, config.data.source, config.data.feeds)   # first
 
     if getattr(get_criterion(config.criterion, config.seed), "needs_feature", False) \
             or config.feature_tensor is not None:

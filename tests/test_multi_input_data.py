@@ -197,7 +197,8 @@ def _bad_sources(d):
     nan[5, 0, 3, 3] = np.nan
     np.savez(d / "nan.npz", image=nan, gain=ones, y=y)
     return [
-        ("digits", "is not an .npz - give an .npz with one array per input"),
+        ("digits", "--data digits is not an .npz but must hold the model's inputs image, "
+                   "gain - give an .npz with one array per input"),
         (str(d / "no_gain.npz"), "no array 'gain' (found: image, y); store one array per "
                                  "input, named as the inputs: numpy.savez(path, image=..., "
                                  "gain=..., y=labels)"),
@@ -369,3 +370,78 @@ def test_a_model_whose_inputs_have_no_batch_axis_takes_no_data(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("gpp-onnx: error: none of the model's inputs (a, b) has a "
                               "batch axis")
+
+
+# -- images for one input, --feed for the others -------------------------------------------
+def test_feed_gives_the_other_inputs_beside_images(two, tmp_path, capsys):
+    """`--data digits --feed gain=1`: the images feed `image`, the gain is 1 for every
+    sample; the net cuts as the one-input net does, and a gain of 0.5 reaches it."""
+    _, one, model, _, _ = two
+    common = ["--ratio", "0.5", "--no-latency", "--round-to", "1"]
+    a, b = tmp_path / "one.onnx", tmp_path / "two.onnx"
+    assert main(["prune", str(one), "--data", "digits", "-o", str(a), *common]) == 0
+    assert main(["prune", str(model), "--data", "digits", "--feed", "gain=1", "-o", str(b),
+                 *common]) == 0
+    assert _report(b)["plan"]["removed"] == _report(a)["plan"]["removed"]
+    capsys.readouterr()
+    x, y = _digits()
+    assert main(["evaluate", str(model), "--data", "digits", "--feed", "gain=0.5"]) == 0
+    assert f"top-1 accuracy {_accuracy(one, {'input': x * 0.5}, y):.4f}" in \
+        capsys.readouterr().out
+
+
+def test_feed_with_an_image_folder_read_by_worker_processes(two, tmp_path, capsys):
+    """Decoded by DataLoader workers, the batches carry the fed input too."""
+    from PIL import Image
+
+    _, _, model, _, _ = two
+    x, y = _digits()
+    for i in range(120):
+        folder = tmp_path / "images" / str(y[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[i, 0] * 255).round().astype(np.uint8)).save(folder / f"{i}.png")
+    assert main(["evaluate", str(model), "--data", str(tmp_path / "images"), "--feed",
+                 "gain=1", "--workers", "2", "--batch-size", "16"]) == 0
+    pixels = (x[:120] * 255).round() / 255
+    classes = sorted(str(c) for c in set(y[:120]))       # folders sorted by name
+    labels = np.array([classes.index(str(c)) for c in y[:120]])
+    logits = run_model(model, {"image": pixels.astype(np.float32),
+                               "gain": np.ones((120, 1, 1, 1), np.float32)})[0]
+    assert sorted(classes, key=int) == classes            # the digits sort as numbers too
+    want = float((logits.argmax(1) == labels).mean())
+    assert f"top-1 accuracy {want:.4f} on 120 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--feed", "nope=1"], "--feed names 'nope', which is not an input of the model - its "
+                           "inputs are image, gain"),
+    (["--feed", "gain=1,2"], "--feed gain has 2 values but input 'gain' takes (1, 1, 1) per "
+                             "sample: give 1 (or one for all)"),
+    (["--feed", "gain=1", "--feed", "image=0"], "--feed gives every input (image, gain)"),
+    (["--feed", "gain=nan"], "is not NAME=VALUES"),
+])
+def test_bad_feeds_are_one_line_exit_2(two, extra, message, tmp_path, capsys):
+    _, _, model, _, _ = two
+    out = tmp_path / "p.onnx"
+    try:
+        code = main(["prune", str(model), "--data", "digits", "-o", str(out), "--no-latency",
+                     *extra])
+    except SystemExit as stop:       # the option's form, refused by the parser
+        code = stop.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1] and not out.exists()
+
+
+def test_feed_on_a_one_input_model_or_a_non_integer_for_an_integer_input(two, trained,
+                                                                         tmp_path, capsys):
+    assert main(["evaluate", str(trained), "--data", "digits", "--feed", "gain=1"]) == 2
+    assert "--feed gives the inputs of a model with several, and this one has one" in \
+        capsys.readouterr().err
+    src = tmp_path / "int.onnx"
+    onnx.save(_with_gain(trained, TensorProto.INT64), src)
+    assert main(["evaluate", str(src), "--data", "digits", "--feed", "gain=1.5"]) == 2
+    assert "input 'gain' takes int64 values; give whole numbers" in capsys.readouterr().err
+    x, y = _digits()
+    assert main(["evaluate", str(src), "--data", "digits", "--feed", "gain=2"]) == 0
+    feeds = {"image": x, "gain": np.full((len(x), 1, 1, 1), 2, np.int64)}
+    assert f"top-1 accuracy {_accuracy(src, feeds, y):.4f}" in capsys.readouterr().out

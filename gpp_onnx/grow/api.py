@@ -52,8 +52,8 @@ def grow(model, output=None, config: GrowConfig | None = None, **options) -> Gro
         preflight.check_output(src, dst, model.ByteSize() if src is None else 0)
     preflight.check_data(config.data.source if config.data is not None else None, dst)
     if config.data is not None:
-        config = replace(config, input_shape=data_input_shape(model, config.input_shape,
-                                                              config.data.source))
+        config = replace(config, input_shape=data_input_shape(
+            model, config.input_shape, config.data.source, config.data.feeds))
     t0 = time.perf_counter()
     loaded = model_io.accept(model) if src is None else model_io.read(src)
     if verify.low_precision(loaded.model) is not None:
