@@ -304,5 +304,7 @@ def constants_for(specs, feeds, whole: frozenset) -> dict[str, np.ndarray]:
             raise DataError(f"--feed {name}: input '{name}' takes {np.dtype(spec.dtype).name} "
                             "values; give whole numbers")
         dtype = np.float32 if kind == "f" else spec.dtype
+        # all of them in the input's layout, or one for every element (a scalar input too)
+        values = values.reshape(shape if values.size == size else ())
         out[name] = np.broadcast_to(values, shape).astype(dtype)
     return out

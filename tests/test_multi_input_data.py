@@ -445,3 +445,37 @@ def test_feed_on_a_one_input_model_or_a_non_integer_for_an_integer_input(two, tr
     assert main(["evaluate", str(src), "--data", "digits", "--feed", "gain=2"]) == 0
     feeds = {"image": x, "gain": np.full((len(x), 1, 1, 1), 2, np.int64)}
     assert f"top-1 accuracy {_accuracy(src, feeds, y):.4f}" in capsys.readouterr().out
+
+
+def test_feed_fills_a_scalar_and_an_input_of_several_axes(trained, tmp_path, capsys):
+    """--feed on a scalar input (t, shape ()) and on the (1, 10) bias given all ten values:
+    both reach the model (a ValueError from numpy's broadcast before)."""
+    src = tmp_path / "t.onnx"
+    onnx.save(_with_temperature(trained), src)
+    x, y = _digits()
+    bias = np.zeros((1, 10), np.float32)
+    bias[0, 3] = 2.0
+    assert main(["evaluate", str(src), "--data", "digits", "--feed", "t=2",
+                 "--feed", "bias=" + ",".join(str(v) for v in bias.ravel())]) == 0
+    want = _accuracy(src, {"image": x, "t": np.array(2.0, np.float32), "bias": bias}, y)
+    assert f"top-1 accuracy {want:.4f}" in capsys.readouterr().out
+    # a per-sample input of two axes, (N, 2, 5), given its ten values
+    model = _with_temperature(trained)
+    model.graph.input[2].type.tensor_type.shape.Clear()
+    for d in ("N", 2, 5):
+        dim = model.graph.input[2].type.tensor_type.shape.dim.add()
+        if isinstance(d, str):
+            dim.dim_param = d
+        else:
+            dim.dim_value = d
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, 10]), "shp"))
+    model.graph.node.insert(0, helper.make_node("Reshape", ["bias", "shp"], ["bias10"]))
+    add = next(n for n in model.graph.node if n.op_type == "Add" and "bias" in n.input)
+    add.input[:] = ["bias10" if s == "bias" else s for s in add.input]
+    src = tmp_path / "rows.onnx"
+    onnx.save(model, src)
+    assert main(["evaluate", str(src), "--data", "digits", "--feed", "t=2",
+                 "--feed", "bias=" + ",".join(str(v) for v in bias.ravel())]) == 0
+    want = _accuracy(src, {"image": x, "t": np.array(2.0, np.float32),
+                           "bias": np.repeat(bias.reshape(1, 2, 5), len(x), 0)}, y)
+    assert f"top-1 accuracy {want:.4f}" in capsys.readouterr().out
