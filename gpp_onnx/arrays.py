@@ -285,8 +285,13 @@ def constants_for(specs, feeds, whole: frozenset) -> dict[str, np.ndarray]:
     """--feed values as arrays for the inputs they name (`specs`: the model's): an input fed
     whole takes its whole shape, another one sample's, as (1, ...); one value fills it."""
     by_name = {s.name: s for s in specs}
+    pairs = tuple(feeds.items() if isinstance(feeds, dict) else feeds)
+    names = [name for name, _ in pairs]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise DataError(f"--feed gives '{twice}' twice - give each input one --feed")
     out = {}
-    for name, values in dict(feeds).items():
+    for name, values in pairs:
         spec = by_name.get(name)
         if spec is None:
             raise DataError(f"--feed names '{name}', which is not an input of the model - its "

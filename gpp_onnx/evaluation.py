@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def check_inputs_source(view: GraphView, source: str, feeds=()) -> None:
     input's name (``arrays.load_inputs``), or as images for the one input `feeds` (--feed)
     leaves: DataError, before any work, where it does not."""
     if len(view.inputs) > 1:
-        rest = _data_inputs(view, feeds)[0]
+        rest = _data_inputs(view, feeds, source)[0]
         if len(rest) > 1 or _is_npz(source):
             read_inputs(source, rest, whole_inputs(view.inputs))
 
@@ -138,9 +139,20 @@ def _is_npz(source: str) -> bool:
     return path.is_file() and path.suffix.lower() == ".npz"
 
 
-def _data_inputs(view: GraphView, feeds) -> tuple[list, dict]:
+def _npz_names(source: str) -> tuple[str, ...]:
+    """The arrays of `source` where it is a readable .npz, else () (its loader says why)."""
+    if not _is_npz(source):
+        return ()
+    try:
+        with np.load(Path(source).expanduser(), allow_pickle=False) as archive:
+            return tuple(archive.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return ()
+
+
+def _data_inputs(view: GraphView, feeds, source: str) -> tuple[list, dict]:
     """(the inputs the data feeds, --feed values as arrays for the others); DataError for
-    --feed on a one-input model or on every input."""
+    --feed on a one-input model or on every input, or of an input `source` holds."""
     if not feeds:
         return view.inputs, {}
     names = ", ".join(s.name for s in view.inputs)
@@ -152,6 +164,10 @@ def _data_inputs(view: GraphView, feeds) -> tuple[list, dict]:
     if not rest:
         raise DataError(f"--feed gives every input ({names}), so the data feeds none - leave "
                         "out the --feed of the input the data holds")
+    held = [n for n in constants if n != "y" and n in _npz_names(source)]
+    if held:
+        raise DataError(f"--feed gives '{held[0]}', which {source} also holds - leave out the "
+                        "--feed or the array")
     return rest, constants
 
 
@@ -165,7 +181,7 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
     of a model with several (an array per input, named as the input), except those given
     the same values for every sample by `feeds` ((name, values) pairs, --feed); where
     they leave one input and the source is no .npz, it is read as for a one-input model."""
-    rest, constants = _data_inputs(view, feeds)
+    rest, constants = _data_inputs(view, feeds, source)
     if len(view.inputs) > 1 and (len(rest) > 1 or _is_npz(source)):
         whole = whole_inputs(view.inputs)
         ds = load_inputs(source, rest, labels, limit, seed, whole)

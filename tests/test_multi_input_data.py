@@ -479,3 +479,21 @@ def test_feed_fills_a_scalar_and_an_input_of_several_axes(trained, tmp_path, cap
     want = _accuracy(src, {"image": x, "t": np.array(2.0, np.float32),
                            "bias": np.repeat(bias.reshape(1, 2, 5), len(x), 0)}, y)
     assert f"top-1 accuracy {want:.4f}" in capsys.readouterr().out
+
+
+def test_two_values_for_one_input_are_refused(two, tmp_path, capsys):
+    """Two --feed of one input, or a --feed of an input the .npz holds: one line, exit 2,
+    nothing written (the last --feed, and the --feed over the file's array, were taken)."""
+    _, _, model, xy, _ = two
+    out = tmp_path / "p.onnx"
+    for data, feeds, message in (
+            ("digits", ["gain=1", "gain=0.5"], "--feed gives 'gain' twice"),
+            (str(xy), ["gain=0.5"], f"--feed gives 'gain', which {xy} also holds")):
+        for command in (["prune", "-o", str(out), "--no-latency"], ["evaluate"]):
+            args = [command[0], str(model), "--data", data, *command[1:]]
+            for feed in feeds:
+                args += ["--feed", feed]
+            assert main(args) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert message in err[-1] and err[-1].startswith("gpp-onnx: error:"), err
+            assert not out.exists()
