@@ -308,6 +308,13 @@ def constants_for(specs, feeds, whole: frozenset) -> dict[str, np.ndarray]:
         if kind in "iub" and not np.all(values == np.round(values)):
             raise DataError(f"--feed {name}: input '{name}' takes {np.dtype(spec.dtype).name} "
                             "values; give whole numbers")
+        info = np.finfo(spec.dtype) if kind == "f" else np.iinfo(spec.dtype) \
+            if kind in "iu" else None
+        if not np.all(np.isfinite(values)) or info is not None and (
+                values.min() < info.min or values.max() > info.max):
+            span = "" if info is None else f" from {info.min:g} to {info.max:g}"
+            raise DataError(f"--feed {name}: input '{name}' takes {np.dtype(spec.dtype).name} "
+                            f"values{span}; give finite numbers in that range")
         dtype = np.float32 if kind == "f" else spec.dtype
         # all of them in the input's layout, or one for every element (a scalar input too)
         values = values.reshape(shape if values.size == size else ())

@@ -497,3 +497,34 @@ def test_two_values_for_one_input_are_refused(two, tmp_path, capsys):
             err = capsys.readouterr().err.strip().splitlines()
             assert message in err[-1] and err[-1].startswith("gpp-onnx: error:"), err
             assert not out.exists()
+
+
+@pytest.mark.parametrize("gain_type,value,message", [
+    (TensorProto.FLOAT, "1e40", "input 'gain' takes float32 values from -3.40282e+38 to "
+                                "3.40282e+38"),
+    (TensorProto.UINT8, "300", "input 'gain' takes uint8 values from 0 to 255"),
+    (TensorProto.INT64, "1e20", "input 'gain' takes int64 values from"),
+])
+def test_a_value_the_input_type_cannot_hold_is_refused(trained, gain_type, value, message,
+                                                       tmp_path, capsys):
+    """It was cast on: inf for a float32 input (a nan fidelity in a written report), 44 for
+    300 in a uint8 input, -2**63 for 1e20 in an int64 input."""
+    src = tmp_path / "g.onnx"
+    onnx.save(_with_gain(trained, gain_type), src)
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(src), "--data", "digits", "--feed", f"gain={value}",
+                 "--criterion", "taylor", "--no-latency", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and not out.exists(), err
+
+
+def test_a_nan_feed_from_python_is_refused(two, tmp_path):
+    from gpp_onnx import prune
+    from gpp_onnx.config import DataOptions
+    from gpp_onnx.errors import DataError
+
+    _, _, model, _, _ = two
+    with pytest.raises(DataError, match="input 'gain' takes float32 values"):
+        prune(str(model), str(tmp_path / "p.onnx"),
+              data=DataOptions("digits", feeds={"gain": float("nan")}), latency=False)
+    assert not (tmp_path / "p.onnx").exists()
