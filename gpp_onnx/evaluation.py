@@ -41,7 +41,7 @@ def data_input_shape(model, input_shape, source: str | None, feeds=()):
     inputs = [v for v in model.graph.input if v.name not in inits]
     fed = dict(feeds)
     data = [v for v in inputs if v.name not in fed]
-    if len(inputs) > 1 and (len(data) != 1 or _is_npz(source)):
+    if len(inputs) > 1 and (len(data) != 1 or _by_name(source, data)):
         return _inputs_shape(data, source)
     shape = _one_input_shape(data[0], source) if data else None
     return shape if len(inputs) == 1 or shape is None else {data[0].name: shape}
@@ -130,13 +130,23 @@ def check_inputs_source(view: GraphView, source: str, feeds=()) -> None:
     leaves: DataError, before any work, where it does not."""
     if len(view.inputs) > 1:
         rest = _data_inputs(view, feeds, source)[0]
-        if len(rest) > 1 or _is_npz(source):
+        if _by_name(source, rest):
             read_inputs(source, rest, whole_inputs(view.inputs))
 
 
 def _is_npz(source: str) -> bool:
     path = Path(source).expanduser()
     return path.is_file() and path.suffix.lower() == ".npz"
+
+
+def _by_name(source: str, rest) -> bool:
+    """Whether `source` is read as an array per input named as the input (`rest`: the
+    inputs the data feeds): for several, and for one unless it is an image source (no
+    .npz, or an .npz with x and no array of that input's name)."""
+    if len(rest) > 1 or not _is_npz(source):
+        return len(rest) > 1
+    names = _npz_names(source)
+    return "x" not in names or rest[0].name in names
 
 
 def _npz_names(source: str) -> tuple[str, ...]:
@@ -180,9 +190,10 @@ def dataset_for(view: GraphView, source: str, mean=None, std=None, resize: bool 
     rank takes an .npz's rows as they are (:mod:`gpp_onnx.arrays`), and so do the inputs
     of a model with several (an array per input, named as the input), except those given
     the same values for every sample by `feeds` ((name, values) pairs, --feed); where
-    they leave one input and the source is no .npz, it is read as for a one-input model."""
+    they leave one input and the source is no .npz, or an .npz with x and no array of that
+    input's name, it is read as for a one-input model."""
     rest, constants = _data_inputs(view, feeds, source)
-    if len(view.inputs) > 1 and (len(rest) > 1 or _is_npz(source)):
+    if len(view.inputs) > 1 and _by_name(source, rest):
         whole = whole_inputs(view.inputs)
         ds = load_inputs(source, rest, labels, limit, seed, whole)
         if constants:

@@ -528,3 +528,19 @@ def test_a_nan_feed_from_python_is_refused(two, tmp_path):
         prune(str(model), str(tmp_path / "p.onnx"),
               data=DataOptions("digits", feeds={"gain": float("nan")}), latency=False)
     assert not (tmp_path / "p.onnx").exists()
+
+
+def test_feed_beside_an_npz_of_images_as_x(two, tmp_path, capsys):
+    """An .npz with x (and y) is an image source like the others: beside --feed it feeds
+    the one input left, as digits does (it was asked for an array named 'image')."""
+    _, one, model, _, _ = two
+    x, y = _digits()
+    np.savez(tmp_path / "xy.npz", x=x, y=y)
+    assert main(["evaluate", str(model), "--data", str(tmp_path / "xy.npz"), "--feed",
+                 "gain=0.5"]) == 0
+    assert f"top-1 accuracy {_accuracy(one, {'input': x * 0.5}, y):.4f} on {len(y)} images" \
+        in capsys.readouterr().out
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(model), "--data", str(tmp_path / "xy.npz"), "--feed", "gain=1",
+                 "--ratio", "0.5", "--no-latency", "-o", str(out)]) == 0
+    assert out.exists()
