@@ -7,6 +7,7 @@ import argparse
 from .cli_types import (COUNT, FINITE, FRACTION, NONNEG, POSITIVE, SHARE, SOME, count,
                         floats, name_ratio, name_values, shape, widths)
 from .config import DISTILL, DataOptions, LatencyOptions, TrainOptions, user_cache
+from .errors import InputError
 from .grow.loop import MIN_GAIN
 from .importance import criterion_names
 from .push import PushWeights
@@ -335,8 +336,19 @@ def _data_args(p: argparse.ArgumentParser, held_out: bool = True,
                    help="refuse images whose size differs from the model input")
 
 
+# options that only say how the data is read: given without --data they were ignored
+_DATA_ONLY = (("feed", "--feed"), ("mean", "--mean"), ("std", "--std"), ("limit", "--limit"),
+              ("no_resize", "--no-resize"), ("workers", "--workers"),
+              ("no_labels", "--no-labels"))
+
+
 def _data_options(args) -> DataOptions | None:
     if not args.data:
+        given = [opt for attr, opt in _DATA_ONLY
+                 if getattr(args, attr, None) is not None and getattr(args, attr) is not False]
+        if given:
+            raise InputError(f"{given[0]} says how to read the data, and no --data was "
+                             "given - add --data or leave it out")
         return None
     return DataOptions(args.data, args.mean, args.std, not args.no_resize, args.limit,
                        getattr(args, "val_split", DataOptions.val_split),

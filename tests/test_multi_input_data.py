@@ -544,3 +544,17 @@ def test_feed_beside_an_npz_of_images_as_x(two, tmp_path, capsys):
     assert main(["prune", str(model), "--data", str(tmp_path / "xy.npz"), "--feed", "gain=1",
                  "--ratio", "0.5", "--no-latency", "-o", str(out)]) == 0
     assert out.exists()
+
+
+@pytest.mark.parametrize("option", [["--feed", "gain=1"], ["--mean", "0.5"], ["--limit", "10"],
+                                    ["--workers", "0"], ["--no-labels"], ["--no-resize"]])
+def test_data_options_without_data_are_refused(two, option, tmp_path, capsys):
+    """They were ignored: a --feed or --mean given without --data changed nothing and said
+    nothing."""
+    _, _, model, _, _ = two
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(model), "-o", str(out), "--no-latency", *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"gpp-onnx: error: {option[0]} says how to read the data, and no "
+                       "--data was given - add --data or leave it out")
+    assert not out.exists()
