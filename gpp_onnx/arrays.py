@@ -28,7 +28,8 @@ import numpy as np
 from .batching import Feeds, rows
 from .data import Dataset, select
 from .errors import DataError
-from .sources import ArrayPixels, Raw, as_labels, check_source, read_npz, read_npz_arrays
+from .npz import read_npz, read_npz_arrays
+from .sources import ArrayPixels, Raw, as_labels, check_source
 
 log = logging.getLogger(__name__)
 

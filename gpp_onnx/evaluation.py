@@ -78,7 +78,7 @@ def _one_input_shape(value, source: str) -> tuple | None:
 def _array_input_shape(name: str, fixed: list, source: str) -> tuple | None:
     """A non-image input with free axes besides the batch's (audio features of any
     length): those axes at the size of an .npz's x, where its rank fits."""
-    from .sources import read_npz
+    from .npz import read_npz
 
     path = Path(source).expanduser()
     if len(fixed) < 2 or None not in fixed[1:] or not (path.is_file() and
@@ -98,7 +98,7 @@ def _inputs_shape(inputs: list, source: str) -> dict | None:
     """The inputs of a model with several whose sizes are free besides the batch's, at
     the sizes of the .npz arrays named as them (``arrays.load_inputs``), where it has
     them all; None otherwise (loading the data says what is wrong)."""
-    from .sources import read_npz_arrays
+    from .npz import read_npz_arrays
 
     def fixed(d) -> bool:
         return d.HasField("dim_value") and d.dim_value > 0

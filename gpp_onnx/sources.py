@@ -5,9 +5,9 @@ without ``y``, an IDX images file without its labels file beside it.
 
 * IDX (MNIST layout): an uncompressed file is memory-mapped; a ``.gz`` one is decompressed
   once to its raw pixels (uint8 for MNIST, 47 MB for Fashion-MNIST's 60k train images).
-* ``.npz``: ``x`` is memory-mapped when stored uncompressed (``numpy.savez``: the member's
-  bytes are located through its zip local header); ``numpy.savez_compressed`` cannot be
-  mapped, so its raw ``x`` is read once. ``y`` and ``classes`` are small and read whole.
+* ``.npz`` (npz.py): ``x`` is memory-mapped when stored uncompressed (``numpy.savez``);
+  ``numpy.savez_compressed`` cannot be mapped, so its raw ``x`` is read once. ``y`` and
+  ``classes`` are small and read whole.
 * CIFAR-10/100, python or binary layout (cifar.py): a split's batches are read into
   memory once (150 MB of uint8 for CIFAR-10's 50k training images).
 * ImageFolder: file paths are listed once and each file's header is probed up front
@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import struct
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from . import cifar
 from .errors import DataError
 from .idx import read_idx
+from .npz import read_npz
 from .image_files import (IMAGE_EXTENSIONS, FilePixels, images_under, pil, probe, unit_scale,
                           warn_once)
 
@@ -271,28 +271,6 @@ def _refuse_split_folders(root: Path, class_dirs: list[Path]) -> None:
                         f"folders: give one split, e.g. --data {first}")
 
 
-def _npz_member_map(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
-    """A read-only memory map of an uncompressed .npy member, or None if it cannot be mapped."""
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)
-        if local[:4] != b"PK\x03\x04":
-            return None
-        f.seek(info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30])))
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            return None
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read_header(f)
-        offset = f.tell()
-    if dtype.hasobject or int(np.prod(shape)) == 0:
-        return None
-    return np.memmap(path, dtype, "r", offset, shape, order="F" if fortran else "C")
-
-
 def _load_npz(path: Path, labels: bool = True, channels: int | None = None) -> Raw:
     x, y, names = read_npz(path)
     y = y if labels else None
@@ -309,43 +287,6 @@ def _load_npz(path: Path, labels: bool = True, channels: int | None = None) -> R
     classes = tuple(map(str, names)) if names is not None else None
     labels = None if y is None else as_labels(y, str(path))
     return Raw(labels, ArrayPixels(x, unit_scale(x, str(path)), str(path)), str(path), classes)
-
-
-def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(x as stored, memory-mapped where it can be; y or None; class names or None)."""
-    found, y, names = read_npz_arrays(path, ("x",), "save images as x, labels as y")
-    return found["x"], y, names
-
-
-def read_npz_arrays(path: Path, wanted: tuple[str, ...], fix: str
-                    ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]:
-    """The arrays `wanted` (as stored, memory-mapped where they can be), y or None, class
-    names or None; DataError naming the arrays missing and `fix` where some are."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [w for w in wanted if w not in archive.files]
-            if missing:
-                found = ", ".join(sorted(archive.files)) or "none"
-                raise DataError(f"{path}: no array {', '.join(map(repr, missing))} (found: "
-                                f"{found}); {fix}")
-            y = archive["y"] if "y" in archive.files else None
-            names = archive["classes"] if "classes" in archive.files else None
-            arrays = {}
-            with zipfile.ZipFile(path) as zf:
-                members = set(zf.namelist())
-                for w in wanted:
-                    member = w + ".npy"
-                    arrays[w] = _npz_member_map(path, zf.getinfo(member)) \
-                        if member in members else None
-            for w in wanted:
-                if arrays[w] is None:
-                    log.info("%s: %s is compressed, so it is read into memory; numpy.savez "
-                             "(uncompressed) lets it be memory-mapped", path, w)
-                    arrays[w] = archive[w]
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        raise DataError(f"cannot read {path}: {err}; save it with "
-                        "numpy.savez(path, x=images, y=labels)") from None
-    return arrays, y, names
 
 
 def _labels_beside(path: Path) -> tuple[str, list[Path]]:

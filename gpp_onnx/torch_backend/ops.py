@@ -60,7 +60,8 @@ def register(*op_types: str, check: CheckFn | None = None) -> Callable[[OpFn], O
 
 def registry() -> dict[str, OpFn]:
     """All registered ops by op_type (imports the op modules on first use)."""
-    from . import ops_math, ops_nn, ops_norm, ops_rnn, ops_tensor  # noqa: F401  (registration)
+    from . import (ops_math, ops_nn, ops_norm, ops_resize, ops_rnn,  # noqa: F401
+                   ops_tensor)  # (registration)
 
     return _OPS
 
