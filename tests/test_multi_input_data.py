@@ -149,30 +149,16 @@ def test_an_integer_input_takes_integers(trained, tmp_path, capsys):
     assert "gain has dtype float32 but input 'gain' takes int64; store integers" in err
 
 
-def test_free_sizes_are_taken_from_the_arrays(tmp_path, capsys):
-    """A model with several inputs whose sides are free runs at its arrays' sizes."""
+@pytest.mark.parametrize("batch", [None, 4], ids=["free-batch", "fixed-batch-4"])
+def test_free_sizes_are_taken_from_the_arrays(batch, tmp_path, capsys):
+    """A model with several inputs whose sides are free runs at its arrays' sizes, at the
+    batch it fixes where it fixes one (the probe ran at batch 1, which such a model
+    refused)."""
     from test_load_forms import _two_inputs
 
     model = _two_inputs()
-    src = tmp_path / "two.onnx"
-    onnx.save(model, src)
-    rng = np.random.default_rng(0)
-    feeds = {"input": rng.normal(size=(30, 3, 8, 8)).astype(np.float32),
-             "aux": rng.normal(size=(30, 3, 4, 4)).astype(np.float32)}
-    y = rng.integers(0, 4, 30)
-    np.savez(tmp_path / "d.npz", **feeds, y=y)
-    assert main(["evaluate", str(src), "--data", str(tmp_path / "d.npz")]) == 0
-    assert f"top-1 accuracy {_accuracy(model, feeds, y):.4f}" in capsys.readouterr().out
-
-
-def test_free_sizes_beside_a_fixed_batch_are_taken_from_the_arrays(tmp_path, capsys):
-    """A model that fixes its batch (4) and leaves its sides free: the arrays' sizes at that
-    batch (the probe ran at batch 1, which the model refused)."""
-    from test_load_forms import _two_inputs
-
-    model = _two_inputs()
-    for value in (*model.graph.input, *model.graph.output):
-        value.type.tensor_type.shape.dim[0].dim_value = 4
+    for value in (*model.graph.input, *model.graph.output) if batch else ():
+        value.type.tensor_type.shape.dim[0].dim_value = batch
     src = tmp_path / "two.onnx"
     onnx.save(model, src)
     rng = np.random.default_rng(0)
