@@ -28,7 +28,7 @@ import numpy as np
 from .batching import Feeds, rows
 from .data import Dataset, select
 from .errors import DataError
-from .npz import read_npz, read_npz_arrays
+from .npz import is_npz, read_npz, read_npz_arrays
 from .sources import ArrayPixels, Raw, as_labels, check_source
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def load_arrays(source: str, dims: tuple[int, ...], input_name: str, labels: boo
     """An ``.npz`` source's rows for a model input of per-sample shape `dims`."""
     check_source(source)
     path = Path(source).expanduser()
-    if not (path.is_file() and path.suffix.lower() == ".npz"):
+    if not is_npz(path):
         raise DataError(f"input '{input_name}' takes {dims} numbers per sample, not images - "
                         "give an .npz whose x is (N, " + ", ".join(map(str, dims)) + ")")
     x, y, names = read_npz(path)
@@ -200,7 +200,7 @@ def read_inputs(source: str, specs, whole: frozenset | None = None) -> tuple:
         f"{n}=..." if n.isidentifier() else f"**{{'{n}': ...}}" for n in names) + ", y=labels)"
     check_source(source)
     path = Path(source).expanduser()
-    if not (path.is_file() and path.suffix.lower() == ".npz"):
+    if not is_npz(path):
         raise DataError(f"--data {source} is not an .npz but must hold the model's inputs "
                         f"{', '.join(names)} - give an .npz with one array per input, "
                         f"named as the inputs: {usage}, or images for one input and "

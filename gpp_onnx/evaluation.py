@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from .batching import feeds, padded, row_input, rows
 from .data import DataSpec, Dataset, check_labels, iter_batches, load_dataset
 from .errors import DataError
 from .graph import DEFAULT_IMAGE_SIDE, GraphView, is_nhwc
+from .npz import is_npz, npz_names, read_npz, read_npz_arrays
 from .verify import make_session, outputs
 
 logger = logging.getLogger(__name__)
@@ -78,13 +78,9 @@ def _one_input_shape(value, source: str) -> tuple | None:
 def _array_input_shape(name: str, fixed: list, source: str) -> tuple | None:
     """A non-image input with free axes besides the batch's (audio features of any
     length): those axes at the size of an .npz's x, where its rank fits."""
-    from .npz import read_npz
-
-    path = Path(source).expanduser()
-    if len(fixed) < 2 or None not in fixed[1:] or not (path.is_file() and
-                                                       path.suffix.lower() == ".npz"):
+    if len(fixed) < 2 or None not in fixed[1:] or not is_npz(source):
         return None
-    x = read_npz(path)[0]
+    x = read_npz(Path(source).expanduser())[0]
     if x.ndim != len(fixed):
         return None
     shape = [fixed[0] or 1] + [d if d is not None else int(n)
@@ -98,15 +94,13 @@ def _inputs_shape(inputs: list, source: str) -> dict | None:
     """The inputs of a model with several whose sizes are free besides the batch's, at
     the sizes of the .npz arrays named as them (``arrays.load_inputs``), where it has
     them all; None otherwise (loading the data says what is wrong)."""
-    from .npz import read_npz_arrays
-
     def fixed(d) -> bool:
         return d.HasField("dim_value") and d.dim_value > 0
 
     path = Path(source).expanduser()
     dims = {v.name: v.type.tensor_type.shape.dim for v in inputs}
     free = {name: len(d) for name, d in dims.items() if not all(map(fixed, d[1:]))}
-    if not free or not (path.is_file() and path.suffix.lower() == ".npz"):
+    if not free or not is_npz(path):
         return None
     try:
         arrays = read_npz_arrays(path, tuple(dims), "")[0]
@@ -134,30 +128,14 @@ def check_inputs_source(view: GraphView, source: str, feeds=()) -> None:
             read_inputs(source, rest, whole_inputs(view.inputs))
 
 
-def _is_npz(source: str) -> bool:
-    path = Path(source).expanduser()
-    return path.is_file() and path.suffix.lower() == ".npz"
-
-
 def _by_name(source: str, rest) -> bool:
     """Whether `source` is read as an array per input named as the input (`rest`: the
     inputs the data feeds): for several, and for one unless it is an image source (no
     .npz, or an .npz with x and no array of that input's name)."""
-    if len(rest) > 1 or not _is_npz(source):
+    if len(rest) > 1 or not is_npz(source):
         return len(rest) > 1
-    names = _npz_names(source)
+    names = npz_names(source)
     return "x" not in names or rest[0].name in names
-
-
-def _npz_names(source: str) -> tuple[str, ...]:
-    """The arrays of `source` where it is a readable .npz, else () (its loader says why)."""
-    if not _is_npz(source):
-        return ()
-    try:
-        with np.load(Path(source).expanduser(), allow_pickle=False) as archive:
-            return tuple(archive.files)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        return ()
 
 
 def _data_inputs(view: GraphView, feeds, source: str) -> tuple[list, dict]:
@@ -174,7 +152,7 @@ def _data_inputs(view: GraphView, feeds, source: str) -> tuple[list, dict]:
     if not rest:
         raise DataError(f"--feed gives every input ({names}), so the data feeds none - leave "
                         "out the --feed of the input the data holds")
-    held = [n for n in constants if n != "y" and n in _npz_names(source)]
+    held = [n for n in constants if n != "y" and n in npz_names(source)]
     if held:
         raise DataError(f"--feed gives '{held[0]}', which {source} also holds - leave out the "
                         "--feed or the array")

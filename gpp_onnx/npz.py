@@ -16,6 +16,23 @@ from .errors import DataError
 log = logging.getLogger(__name__)
 
 
+def is_npz(source) -> bool:
+    """Whether `source` names an existing ``.npz`` file."""
+    path = Path(source).expanduser()
+    return path.is_file() and path.suffix.lower() == ".npz"
+
+
+def npz_names(source) -> tuple[str, ...]:
+    """The arrays of `source` where it is a readable .npz, else () (its loader says why)."""
+    if not is_npz(source):
+        return ()
+    try:
+        with np.load(Path(source).expanduser(), allow_pickle=False) as archive:
+            return tuple(archive.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return ()
+
+
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(x as stored, memory-mapped where it can be; y or None; class names or None)."""
     found, y, names = read_npz_arrays(path, ("x",), "save images as x, labels as y")

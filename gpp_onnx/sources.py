@@ -32,7 +32,7 @@ import numpy as np
 from . import cifar
 from .errors import DataError
 from .idx import read_idx
-from .npz import read_npz
+from .npz import is_npz, read_npz
 from .image_files import (IMAGE_EXTENSIONS, FilePixels, images_under, pil, probe, unit_scale,
                           warn_once)
 
@@ -171,7 +171,7 @@ def _locate(source: str) -> tuple[str, Path | None, str | None]:
     path = Path(source).expanduser()
     if path.is_dir():
         return "dir", path, None
-    if path.is_file() and path.suffix.lower() == ".npz":
+    if is_npz(path):
         return "npz", path, None
     if path.is_file() and _IDX_IMAGES.search(path.name):
         return "idx", path, None
